@@ -1,0 +1,86 @@
+"""Monitoring callbacks: what the synchronization costs and how far the replicas drift."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+
+def _localsgd_strategy(trainer: Trainer, who: str) -> Any:
+    from lightning_localsgd.strategy import LocalSGDStrategy
+
+    if not isinstance(trainer.strategy, LocalSGDStrategy):
+        raise TypeError(f"{who} reads the local-SGD strategy's counters: use it with Trainer(strategy='localsgd')")
+    return trainer.strategy
+
+
+class CommStats(Callback):
+    """Log this rank's communication through Lightning's logger every training batch.
+
+    Logged (rank 0's values): ``comm/MB_sent`` (cumulative estimated megabytes this rank sent,
+    see :mod:`lightning_localsgd.comm`), ``comm/seconds`` (cumulative wall-clock inside
+    collectives), ``comm/syncs`` (world synchronizations so far).
+
+    Example::
+
+        Trainer(strategy="localsgd", callbacks=[CommStats()], log_every_n_steps=10)
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _localsgd_strategy(trainer, type(self).__name__)
+
+    def summary(self, trainer: Trainer) -> dict[str, float]:
+        """The current totals as a dict (also what gets logged)."""
+        strategy = _localsgd_strategy(trainer, type(self).__name__)
+        counters = strategy.comm.counters
+        algorithm = strategy.algorithm
+        return {
+            "comm/MB_sent": counters.bytes_sent / 1e6,
+            "comm/seconds": counters.seconds,
+            "comm/syncs": float(algorithm.num_syncs if algorithm is not None else 0),
+        }
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        pl_module.log_dict(self.summary(trainer), on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+class ReplicaDrift(Callback):
+    """Log the distance of the replicas from their consensus just before each sync.
+
+    At every sync each rank computes ``d_i = ||x_i − x̄||₂`` over the synchronized tensors (from the
+    buffers the sync already holds); one all-gather of one scalar per rank (only when this callback
+    is present) gives ``replica_drift/mean`` and ``replica_drift/max`` over ranks, logged on the
+    next training batch end. Node-level syncs of hierarchical averaging are logged under
+    ``replica_drift/node_mean`` and ``replica_drift/node_max``.
+    """
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self._fresh = False
+        self._strategy: Any = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._strategy = _localsgd_strategy(trainer, type(self).__name__)
+
+    def observe(self, step: int, node: bool, local: Tensor, mean: Tensor) -> None:
+        strategy = self._strategy
+        group = strategy.node_group if node else strategy.world_group
+        dist_local = torch.linalg.vector_norm((local - mean).double()).reshape(1).float()
+        all_d = strategy.comm.all_gather(dist_local, group, kind="monitor").flatten()
+        prefix = "replica_drift/node_" if node else "replica_drift/"
+        self.last[prefix + "mean"] = float(all_d.mean())
+        self.last[prefix + "max"] = float(all_d.max())
+        self.last["replica_drift/step"] = float(step)
+        self._fresh = True
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._fresh:
+            values = {k: v for k, v in self.last.items() if math.isfinite(v)}
+            pl_module.log_dict(values, on_step=True, on_epoch=False, rank_zero_only=True)
+            self._fresh = False

@@ -1,0 +1,102 @@
+"""Pure tensor math on lists of parameters: no communication happens here.
+
+Everything an algorithm synchronizes is a list of tensors taken from the module by
+:func:`sync_tensors`; the helpers below flatten, snapshot and combine such lists so that the
+collectives in :mod:`lightning_localsgd.comm` can move one flat buffer per sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+BufferPolicy = Literal["average", "broadcast", "local"]
+BUFFER_POLICIES: tuple[str, ...] = ("average", "broadcast", "local")
+
+
+def float_buffers(module: nn.Module) -> list[Tensor]:
+    """Floating-point buffers (e.g. BatchNorm running mean/var), in ``module.buffers()`` order.
+
+    Integer buffers such as ``num_batches_tracked`` are excluded: averaging a counter
+    arithmetically is meaningless, so they always stay local.
+    """
+    return [b for b in module.buffers() if torch.is_floating_point(b)]
+
+
+def sync_tensors(module: nn.Module, buffers: BufferPolicy) -> tuple[list[Tensor], list[Tensor]]:
+    """Split the module's state into ``(averaged, broadcast)`` tensor lists for a sync.
+
+    Parameters are always averaged; floating buffers follow ``buffers``: ``"average"`` puts them
+    with the parameters, ``"broadcast"`` takes rank 0's copy, ``"local"`` leaves them out.
+    """
+    params = [p for p in module.parameters()]
+    bufs = float_buffers(module)
+    if buffers == "average":
+        return params + bufs, []
+    if buffers == "broadcast":
+        return params, bufs
+    return params, []
+
+
+def flatten(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """Concatenate ``tensors`` into one new 1-D tensor (detached), optionally cast to ``dtype``."""
+    if not tensors:
+        return torch.empty(0, dtype=dtype or torch.float32)
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    return flat if dtype is None else flat.to(dtype)
+
+
+@torch.no_grad()
+def unflatten_(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    """Copy the 1-D ``flat`` back into ``tensors`` in place (casting to each tensor's dtype)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat buffer has {flat.numel()} values but the tensors hold {offset}")
+
+
+def snapshot(tensors: Sequence[Tensor], device: torch.device | str | None = None) -> list[Tensor]:
+    """Detached fp32-or-wider copies of ``tensors`` (the anchor an outer optimizer works on)."""
+    out = []
+    for t in tensors:
+        dtype = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+        out.append(t.detach().to(device=device or t.device, dtype=dtype, copy=True))
+    return out
+
+
+@torch.no_grad()
+def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """``dst[k] ← src[k]`` for every k (casting and moving as needed)."""
+    for d, s in zip(dst, src, strict=True):
+        d.copy_(s)
+
+
+@torch.no_grad()
+def lerp_(x: Sequence[Tensor], target: Sequence[Tensor], weight: float) -> None:
+    """``x ← (1 − weight)·x + weight·target`` in place."""
+    for a, b in zip(x, target, strict=True):
+        a.lerp_(b.to(a.dtype), weight)
+
+
+def pseudo_gradient(anchor: Sequence[Tensor], local: Sequence[Tensor]) -> list[Tensor]:
+    """``anchor − local`` per tensor: the "gradient" an outer optimizer steps on (DiLoCo)."""
+    return [a - b.to(a.dtype) for a, b in zip(anchor, local, strict=True)]
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """True when no tensor holds NaN or ±Inf."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def sq_distance(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """``Σ_k ||a_k − b_k||²`` as a Python float (accumulated in float64)."""
+    total = 0.0
+    for x, y in zip(a, b, strict=True):
+        total += float((x.detach().double() - y.detach().double()).pow(2).sum())
+    return total
