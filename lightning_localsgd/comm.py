@@ -131,10 +131,10 @@ class Collectives:
         """Stack every rank's 1-D ``local`` into a ``(group.size, numel)`` tensor (group order)."""
         if group.size == 1:
             return local.unsqueeze(0).clone()
-        out = torch.empty(group.size, local.numel(), dtype=local.dtype, device=local.device)
+        out = torch.empty(group.size * local.numel(), dtype=local.dtype, device=local.device)
         nbytes = (group.size - 1) * local.numel() * local.element_size()
-        self._timed(kind, nbytes, lambda: dist.all_gather_into_tensor(out, local.contiguous(), group=group.handle))
-        return out
+        self._timed(kind, nbytes, lambda: dist.all_gather_into_tensor(out, local.reshape(-1), group=group.handle))
+        return out.view(group.size, local.numel())
 
     def gather_object(self, obj: Any, group: Group, kind: str) -> list[Any] | None:
         """Every rank's picklable ``obj`` on the group's first rank (``None`` elsewhere)."""

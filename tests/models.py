@@ -26,12 +26,14 @@ class TinyNet(LightningModule):
         self.net = nn.Sequential(*layers)
         self.lr, self.momentum = lr, momentum
         self.val_params: list[Tensor] = []
+        self.seen: list[float] = []  # sum of each training batch's inputs, to check the data order
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).squeeze(-1)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
+        self.seen.append(float(x.sum()))
         return nn.functional.mse_loss(self(x), y)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -91,15 +93,19 @@ class Recorder(Callback):
     def __init__(self) -> None:
         self.after: list[Tensor] = []
         self.before_update: list[tuple[Tensor, Tensor]] = []  # (params, grads) right before the update
+        self.buffers_before: list[dict[str, Tensor]] = []  # buffers after the forward, before any sync
+        self.buffers_after: list[dict[str, Tensor]] = []
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         params = [p for p in pl_module.parameters()]
         self.before_update.append(
             (flat_params(pl_module), torch.cat([p.grad.detach().reshape(-1).clone() for p in params]))
         )
+        self.buffers_before.append({k: b.detach().clone() for k, b in pl_module.named_buffers()})
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self.after.append(flat_params(pl_module))
+        self.buffers_after.append({k: b.detach().clone() for k, b in pl_module.named_buffers()})
 
 
 def trainer_kwargs(devices: int, num_nodes: int, **overrides: Any) -> dict[str, Any]:

@@ -27,3 +27,19 @@ def test_warmup_steps_equal_ddp_then_local_steps():
     assert r0["bytes"]["grad"] == 3 * grad_bytes
     assert r0["calls"]["sync"] == 2  # step 7 (= 3 + 4), and the final average at step 8
     assert torch.equal(r0["final"], r1["final"])  # the consensus on every rank after fit
+
+
+def test_local_gd_reaches_min_norm_interpolator_for_any_H():
+    """Seed 000, Theorem 1: overparameterized least squares (8 points, 40 dims), different data on each
+    rank, full-batch GD from zero: the consensus converges to pinv(X)·y of ALL the data, for any H."""
+    from tests.scenarios_core import least_squares_shards
+
+    runs = [(1, 300), (10, 800), (100, 3000)]
+    r0, r1 = run_ranks("tests.scenarios_core:local_gd_least_squares", world=2, runs=runs, lr=0.15)
+    xs, ys = least_squares_shards()
+    w_star = torch.linalg.pinv(torch.cat(xs)) @ torch.cat(ys)
+    for H, _ in runs:
+        assert torch.equal(r0[H], r1[H])
+        assert (r0[H] - w_star).abs().max() <= 1e-6, (H, (r0[H] - w_star).abs().max())
+    # the min-norm interpolator is not the trivial answer: it fits every point of both shards
+    assert (torch.cat(xs) @ w_star - torch.cat(ys)).abs().max() < 1e-10

@@ -1,0 +1,703 @@
+"""Step time and bytes per step of data-parallel strategies on the same run and the same machine.
+
+Every variant trains timm's resnet18 (random init, 10 classes) on synthetic 32×32 inputs with a
+per-rank batch of 32 and SGD (momentum 0.9) on ``--world`` CPU processes (gloo, 127.0.0.1), for
+``--warmup`` unmeasured optimizer steps followed by ``--steps`` measured ones:
+
+==================  ============================================================================
+floor               ``LocalSGDStrategy(sync_every=<longer than the run>)``: two processes, same
+                    code path, never communicate inside the measured window
+ddp                 Lightning's ``DDPStrategy`` (gradient allreduce every step)
+postlocal_sgd       Lightning's post-local SGD: ``DDPStrategy(ddp_comm_state=PostLocalSGDState(...),
+                    ddp_comm_hook=post_localSGD_hook, model_averaging_period=8)``; on CPU the hook is
+                    not registered, so DDP's per-step allreduce stays and averaging comes on top
+localsgd_H{h}       ``LocalSGDStrategy(sync_every=h)`` for every ``h`` in ``--hs``
+localsgd_H{h}_bf16  ``LocalSGDStrategy(sync_every=h, comm_dtype="bfloat16")`` for ``h`` = ``--bf16-h``
+==================  ============================================================================
+
+Measured per variant:
+
+* step time: a callback times ``on_train_batch_start → on_train_batch_end`` with
+  ``time.perf_counter`` on every rank (forward, backward, optimizer step, and any sync inside it);
+  mean and median over the measured steps of all ranks (and repeats);
+* bytes per step from the library's counter (``strategy.comm.counters.bytes_sent``, estimated
+  bytes this rank sent), LocalSGDStrategy variants only;
+* bytes per step from the loopback interface (``lo`` tx bytes in ``/proc/net/dev``) read by rank 0
+  at the start of the first and the end of the last measured step. Every rank's traffic crosses
+  ``lo`` once, so the per-rank figure is ``Δtx / steps / world``.
+
+Run (the variants run one after another, ``--world`` processes each)::
+
+    python -m benchmarks.step_time                     # all variants, results/step_time/
+    python -m benchmarks.step_time --steps 6 --warmup 2 --name smoke   # a quick check
+
+Writes ``benchmarks/results/<name>/step_time.json`` (raw numbers and ratios) and
+``step_time.png``, and prints a table. Nothing is asserted: the targets are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ====================================================================== shared helpers
+def read_lo() -> tuple[int, int] | None:
+    """``(rx_bytes, tx_bytes)`` of the loopback interface, or ``None`` where /proc/net/dev is missing."""
+    try:
+        with open("/proc/net/dev") as f:
+            for line in f:
+                name, sep, rest = line.partition(":")
+                if sep and name.strip() == "lo":
+                    fields = rest.split()
+                    return int(fields[0]), int(fields[8])
+    except OSError:
+        pass
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def variant_specs(hs: list[int], bf16_h: list[int], postlocal_period: int) -> dict[str, dict[str, Any]]:
+    specs: dict[str, dict[str, Any]] = {
+        "floor": {"kind": "floor"},
+        "ddp": {"kind": "ddp"},
+        "postlocal_sgd": {"kind": "postlocal", "period": postlocal_period},
+    }
+    for h in hs:
+        specs[f"localsgd_H{h}"] = {"kind": "localsgd", "H": h, "comm_dtype": None}
+    for h in bf16_h:
+        specs[f"localsgd_H{h}_bf16"] = {"kind": "localsgd", "H": h, "comm_dtype": "bfloat16"}
+    return specs
+
+
+# ====================================================================== one rank (worker process)
+def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train one variant on this rank and return its measurements (called in a launched process)."""
+    import warnings
+    from datetime import timedelta
+
+    warnings.filterwarnings("ignore")
+    import timm
+    import torch
+    import torch.nn.functional as F
+    from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_localsgd import LocalSGDStrategy
+
+    torch.set_num_threads(1)
+    world = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["NODE_RANK"]) * world + int(os.environ["LOCAL_RANK"])  # one node
+    spec = cfg["variant"]
+    warmup, steps = cfg["warmup"], cfg["steps"]
+    total = warmup + steps
+    timeout = timedelta(seconds=cfg["collective_timeout"])
+
+    class Batches(torch.utils.data.IterableDataset):
+        """``total`` batches cycled from a small pool of random tensors (different on every rank)."""
+
+        def __init__(self) -> None:
+            g = torch.Generator().manual_seed(1000 * cfg["seed"] + rank)
+            size, b = cfg["image_size"], cfg["batch_size"]
+            self.pool = [
+                (torch.randn(b, 3, size, size, generator=g), torch.randint(0, cfg["num_classes"], (b,), generator=g))
+                for _ in range(min(8, total))
+            ]
+
+        def __iter__(self):
+            for i in range(total):
+                yield self.pool[i % len(self.pool)]
+
+        def __len__(self) -> int:
+            return total
+
+    class Net(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = timm.create_model(cfg["model"], pretrained=False, num_classes=cfg["num_classes"])
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=cfg["lr"], momentum=0.9)
+
+    class StepTimer(Callback):
+        """Times every training batch; snapshots the counters around the measured window."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []  # every step, warm-up included
+            self.start: dict[str, Any] = {}
+            self.end: dict[str, Any] = {}
+            self._t0 = 0.0
+
+        @staticmethod
+        def snapshot(trainer: Trainer) -> dict[str, Any]:
+            comm = getattr(trainer.strategy, "comm", None)
+            c = comm.counters if comm is not None else None
+            return {
+                "lo": read_lo() if rank == 0 else None,
+                "counter_bytes": dict(c.bytes_by_kind) if c else None,
+                "counter_seconds": dict(c.seconds_by_kind) if c else None,
+                "counter_calls": dict(c.calls_by_kind) if c else None,
+                "perf_counter": time.perf_counter(),
+            }
+
+        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+            if trainer.global_step == warmup:  # first measured step: counters before the clock starts
+                self.start = self.snapshot(trainer)
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+            self.times.append(time.perf_counter() - self._t0)
+            if trainer.global_step == total:  # last measured step done
+                self.end = self.snapshot(trainer)
+
+    seed_everything(cfg["seed"], verbose=False)  # same initial model on every rank
+    model = Net()
+    kind = spec["kind"]
+    if kind == "floor":
+        strategy: Any = LocalSGDStrategy(sync_every=total + 1, timeout=timeout)
+    elif kind == "localsgd":
+        strategy = LocalSGDStrategy(sync_every=spec["H"], comm_dtype=spec["comm_dtype"], timeout=timeout)
+    elif kind == "ddp":
+        strategy = DDPStrategy(timeout=timeout)
+    elif kind == "postlocal":
+        from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import (
+            PostLocalSGDState,
+            post_localSGD_hook,
+        )
+
+        strategy = DDPStrategy(
+            ddp_comm_state=PostLocalSGDState(process_group=None, subgroup=None, start_localSGD_iter=cfg["postlocal_start"]),
+            ddp_comm_hook=post_localSGD_hook,
+            model_averaging_period=spec["period"],
+            timeout=timeout,
+        )
+    else:
+        raise ValueError(kind)
+
+    timer = StepTimer()
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=world,
+        num_nodes=1,
+        strategy=strategy,
+        max_steps=total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
+    seed_everything(cfg["seed"] + rank, verbose=False)
+    trainer.fit(model, torch.utils.data.DataLoader(Batches(), batch_size=None))
+    if not timer.end:
+        raise RuntimeError(f"the run stopped at step {trainer.global_step} before the measured window ended")
+
+    def delta(key: str) -> dict[str, float] | None:
+        a, b = timer.start[key], timer.end[key]
+        if a is None or b is None:
+            return None
+        return {k: b[k] - a.get(k, 0) for k in b if b[k] - a.get(k, 0) != 0}
+
+    lo = None
+    if timer.start["lo"] is not None and timer.end["lo"] is not None:
+        lo = {"rx": timer.end["lo"][0] - timer.start["lo"][0], "tx": timer.end["lo"][1] - timer.start["lo"][1]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "rank": rank,
+        "step_times_all": timer.times,
+        "step_times": timer.times[warmup:],
+        "window_seconds": timer.end["perf_counter"] - timer.start["perf_counter"],
+        "lo_bytes": lo,
+        "counter_bytes": delta("counter_bytes"),
+        "counter_seconds": delta("counter_seconds"),
+        "counter_calls": delta("counter_calls"),
+        "num_params": sum(p.numel() for p in params),
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "num_float_buffers": sum(b.numel() for b in model.buffers() if b.is_floating_point()),
+    }
+
+
+def worker_main(cfg_path: str) -> None:
+    cfg = json.loads(Path(cfg_path).read_text())
+    result = run_rank(cfg)
+    Path(cfg["out_dir"], f"rank{result['rank']}.json").write_text(json.dumps(result))
+
+
+# ====================================================================== the launcher (parent process)
+def launch(name: str, cfg: dict[str, Any], world: int, timeout: float) -> tuple[list[dict[str, Any]] | None, str]:
+    """Run one variant on ``world`` fresh processes; return every rank's result (or None and the logs)."""
+    with tempfile.TemporaryDirectory(prefix=f"step_time_{name}_") as tmp:
+        cfg = dict(cfg, out_dir=tmp)
+        cfg_path = Path(tmp) / "cfg.json"
+        cfg_path.write_text(json.dumps(cfg))
+        port = free_port()
+        procs = []
+        for rank in range(world):
+            env = dict(os.environ)
+            env.update(
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                WORLD_SIZE=str(world),
+                NODE_RANK="0",
+                LOCAL_RANK=str(rank),
+                OMP_NUM_THREADS="1",
+                MKL_NUM_THREADS="1",
+                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+            )
+            for key in ("GROUP_RANK", "LOCAL_WORLD_SIZE", "RANK"):
+                env.pop(key, None)
+            log = open(Path(tmp) / f"rank{rank}.log", "w")
+            cmd = [sys.executable, "-m", "benchmarks.step_time", "--worker", str(cfg_path)]
+            procs.append((subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+        failed: Any = None
+        deadline = time.monotonic() + timeout
+        try:
+            for rank, (p, _) in enumerate(procs):
+                rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                if rc != 0 and failed is None:
+                    failed = rank
+        except subprocess.TimeoutExpired:
+            failed = "timeout"
+        finally:
+            for p, log in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                log.close()
+        if failed is not None:
+            logs = "\n".join(
+                f"----- rank {r} -----\n" + (Path(tmp) / f"rank{r}.log").read_text()[-4000:] for r in range(world)
+            )
+            return None, f"rank {failed} failed:\n{logs}"
+        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)], ""
+
+
+def background_lo_rate(seconds: float) -> float | None:
+    """Loopback tx bytes per second while no variant runs (other processes' traffic on lo)."""
+    if seconds <= 0:
+        return None
+    a = read_lo()
+    time.sleep(seconds)
+    b = read_lo()
+    return None if a is None or b is None else (b[1] - a[1]) / seconds
+
+
+def summarize(name: str, spec: dict[str, Any], runs: list[dict[str, Any]], steps: int, world: int) -> dict[str, Any]:
+    """Pool the repeats of one variant."""
+    ok = [r for r in runs if r["ranks"] is not None]
+    out: dict[str, Any] = {"variant": name, "spec": spec, "repeats_ok": len(ok), "repeats": len(runs)}
+    if not ok:
+        return out
+    pooled = [t for r in ok for rank in r["ranks"] for t in rank["step_times"]]
+    per_rank_means = [statistics.fmean(rank["step_times"]) for r in ok for rank in r["ranks"]]
+    out["step_time_mean_s"] = statistics.fmean(pooled)
+    out["step_time_median_s"] = statistics.median(pooled)
+    out["step_time_stdev_s"] = statistics.stdev(pooled) if len(pooled) > 1 else 0.0
+    out["step_time_rank_means_s"] = per_rank_means
+    out["wall_per_step_s"] = statistics.fmean(r["ranks"][0]["window_seconds"] / steps for r in ok)
+    measured = steps * len(ok)
+    # library counter: mean over ranks of each rank's bytes sent
+    if all(rank["counter_bytes"] is not None for r in ok for rank in r["ranks"]):
+        per_rank = [sum(rank["counter_bytes"].values()) for r in ok for rank in r["ranks"]]
+        out["counter_bytes_per_step"] = statistics.fmean(per_rank) / steps
+        kinds: dict[str, float] = {}
+        secs: dict[str, float] = {}
+        calls: dict[str, float] = {}
+        for r in ok:
+            for rank in r["ranks"]:
+                for k, v in rank["counter_bytes"].items():
+                    kinds[k] = kinds.get(k, 0.0) + v / (world * measured)
+                for k, v in (rank["counter_seconds"] or {}).items():
+                    secs[k] = secs.get(k, 0.0) + v / (world * measured)
+                for k, v in (rank["counter_calls"] or {}).items():
+                    calls[k] = calls.get(k, 0.0) + v / (world * measured)
+        out["counter_bytes_per_step_by_kind"] = kinds
+        out["counter_seconds_per_step_by_kind"] = secs
+        out["counter_calls_per_step_by_kind"] = calls
+    else:
+        out["counter_bytes_per_step"] = None
+    # loopback: rank 0's reading of the machine-wide counter, divided by world (every rank's sends)
+    los = [r["ranks"][0]["lo_bytes"] for r in ok]
+    if all(lo is not None for lo in los):
+        tx = sum(lo["tx"] for lo in los)
+        out["lo_tx_bytes_total"] = tx
+        out["lo_bytes_per_step_per_rank"] = tx / measured / world
+        rates = [r["background_lo_bytes_per_s"] for r in ok if r["background_lo_bytes_per_s"] is not None]
+        if rates:
+            window = statistics.fmean(r["ranks"][0]["window_seconds"] for r in ok)
+            out["lo_background_bytes_per_step_per_rank_estimate"] = statistics.fmean(rates) * window / steps / world
+    else:
+        out["lo_bytes_per_step_per_rank"] = None
+    if spec["kind"] == "localsgd":
+        # steps that ended with a sync (global step s, 1-based, is step_times_all[s - 1]) vs the others
+        h, warmup = spec["H"], len(ok[0]["ranks"][0]["step_times_all"]) - steps
+        window = range(warmup + 1, warmup + steps + 1)
+        sync_t = [r_["step_times_all"][s - 1] for r in ok for r_ in r["ranks"] for s in window if s % h == 0]
+        local_t = [r_["step_times_all"][s - 1] for r in ok for r_ in r["ranks"] for s in window if s % h != 0]
+        if sync_t:
+            out["sync_step_time_mean_s"] = statistics.fmean(sync_t)
+            out["local_step_time_mean_s"] = statistics.fmean(local_t) if local_t else None
+            n_sync = len(sync_t) / world  # sync steps per rank, all repeats
+            coll = out.get("counter_seconds_per_step_by_kind", {}).get("sync")
+            out["collective_seconds_per_sync"] = coll * measured / n_sync if coll is not None else None
+    first = ok[0]["ranks"][0]
+    out["num_params"] = first["num_params"]
+    out["param_bytes"] = first["param_bytes"]
+    out["num_float_buffers"] = first["num_float_buffers"]
+    if spec["kind"] == "localsgd":
+        out["expected_bytes_ratio_vs_ddp"] = (0.5 if spec["comm_dtype"] == "bfloat16" else 1.0) / spec["H"]
+    elif spec["kind"] == "floor":
+        out["expected_bytes_ratio_vs_ddp"] = 0.0
+    return out
+
+
+def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]:
+    """Step time / floor's and bytes per step / DDP's, in place; returns the targets' verdicts."""
+    floor = summary.get("floor", {})
+    ddp = summary.get("ddp", {})
+    ddp_estimate = None
+    any_ok = next((s for s in summary.values() if "param_bytes" in s), None)
+    if any_ok is not None:
+        # what the library's counter formula books for one fp32 gradient allreduce per step (ring)
+        ddp_estimate = 2.0 * (world - 1) / world * any_ok["param_bytes"]
+    for s in summary.values():
+        if "step_time_mean_s" not in s:
+            continue
+        if "step_time_mean_s" in floor:
+            s["step_time_ratio_mean_vs_floor"] = s["step_time_mean_s"] / floor["step_time_mean_s"]
+            s["step_time_ratio_median_vs_floor"] = s["step_time_median_s"] / floor["step_time_median_s"]
+        lo, ddp_lo = s.get("lo_bytes_per_step_per_rank"), ddp.get("lo_bytes_per_step_per_rank")
+        if lo is not None and ddp_lo:
+            s["bytes_ratio_lo_vs_ddp"] = lo / ddp_lo
+        if s.get("counter_bytes_per_step") is not None and ddp_estimate:
+            s["bytes_ratio_counter_vs_ddp_estimate"] = s["counter_bytes_per_step"] / ddp_estimate
+        if s.get("counter_bytes_per_step") and lo is not None:
+            s["lo_over_counter"] = lo / s["counter_bytes_per_step"]
+        if "sync_step_time_mean_s" in s:
+            # what a sync adds to its step, against the same run's local steps (or the floor's for H=1),
+            # split into time inside the collective and the rest (flatten, checks, copies, casts)
+            base = s.get("local_step_time_mean_s") or floor.get("step_time_mean_s")
+            if base is not None:
+                s["sync_extra_seconds"] = s["sync_step_time_mean_s"] - base
+                if s.get("collective_seconds_per_sync") is not None:
+                    s["sync_extra_outside_collective_seconds"] = s["sync_extra_seconds"] - s["collective_seconds_per_sync"]
+    targets: dict[str, Any] = {"ddp_bytes_per_step_estimate": ddp_estimate}
+    h8 = summary.get("localsgd_H8", {})
+    if "step_time_ratio_mean_vs_floor" in h8:
+        targets["localsgd_H8_step_time_vs_floor"] = {
+            "target": "<= 1.10",
+            "mean": h8["step_time_ratio_mean_vs_floor"],
+            "median": h8["step_time_ratio_median_vs_floor"],
+            "met_mean": h8["step_time_ratio_mean_vs_floor"] <= 1.10,
+            "met_median": h8["step_time_ratio_median_vs_floor"] <= 1.10,
+        }
+    targets["bytes_1_over_H"] = {
+        name: {
+            "expected": s["expected_bytes_ratio_vs_ddp"],
+            "lo": s.get("bytes_ratio_lo_vs_ddp"),
+            "counter": s.get("bytes_ratio_counter_vs_ddp_estimate"),
+        }
+        for name, s in summary.items()
+        if s.get("spec", {}).get("kind") == "localsgd" and "expected_bytes_ratio_vs_ddp" in s
+    }
+    for name, s in summary.items():
+        spec = s.get("spec", {})
+        if spec.get("comm_dtype") == "bfloat16":
+            fp32 = summary.get(f"localsgd_H{spec['H']}", {})
+            pair: dict[str, Any] = {"target": 0.5}
+            if s.get("counter_bytes_per_step") and fp32.get("counter_bytes_per_step"):
+                pair["counter"] = s["counter_bytes_per_step"] / fp32["counter_bytes_per_step"]
+            if s.get("lo_bytes_per_step_per_rank") and fp32.get("lo_bytes_per_step_per_rank"):
+                pair["lo"] = s["lo_bytes_per_step_per_rank"] / fp32["lo_bytes_per_step_per_rank"]
+            targets[f"{name}_bytes_vs_fp32"] = pair
+    return targets
+
+
+# ====================================================================== output
+def _fmt(v: Any, scale: float = 1.0, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v * scale:.{digits}f}"
+
+
+def table(summary: dict[str, dict[str, Any]]) -> str:
+    head = (
+        f"{'variant':<20} {'mean ms':>8} {'median':>8} {'x floor':>8} {'(med)':>6} "
+        f"{'counter MB/step':>15} {'lo MB/step/rank':>15} {'bytes x DDP lo':>14} {'counter':>8} {'expected':>8} {'lo/ctr':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, s in summary.items():
+        if "step_time_mean_s" not in s:
+            lines.append(f"{name:<20} FAILED")
+            continue
+        lines.append(
+            f"{name:<20} {_fmt(s['step_time_mean_s'], 1e3, 1):>8} {_fmt(s['step_time_median_s'], 1e3, 1):>8} "
+            f"{_fmt(s.get('step_time_ratio_mean_vs_floor')):>8} {_fmt(s.get('step_time_ratio_median_vs_floor'), 1, 2):>6} "
+            f"{_fmt(s.get('counter_bytes_per_step'), 1e-6, 3):>15} {_fmt(s.get('lo_bytes_per_step_per_rank'), 1e-6, 3):>15} "
+            f"{_fmt(s.get('bytes_ratio_lo_vs_ddp'), 1, 4):>14} {_fmt(s.get('bytes_ratio_counter_vs_ddp_estimate'), 1, 4):>8} "
+            f"{_fmt(s.get('expected_bytes_ratio_vs_ddp'), 1, 4):>8} {_fmt(s.get('lo_over_counter'), 1, 3):>6}"
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, s in summary.items() if "step_time_mean_s" in s]
+    x = list(range(len(names)))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+
+    ratios = [summary[n].get("step_time_ratio_mean_vs_floor", float("nan")) for n in names]
+    medians = [summary[n].get("step_time_ratio_median_vs_floor", float("nan")) for n in names]
+    bars = ax1.bar(x, ratios, color="tab:blue", label="mean step time / floor")
+    ax1.plot(x, medians, "kD", markersize=4, label="median / floor's median")
+    ax1.axhline(1.0, color="gray", lw=0.8)
+    ax1.axhline(1.10, color="tab:red", ls="--", lw=1, label="target for H=8: 1.10")
+    for b, r in zip(bars, ratios):
+        if not math.isnan(r):
+            ax1.annotate(f"{r:.2f}", (b.get_x() + b.get_width() / 2, r), xytext=(0, -4), textcoords="offset points",
+                         ha="center", va="top", fontsize=8, color="white")
+    finite = [r for r in ratios + medians if not math.isnan(r)]
+    ax1.set_ylim(0, max(finite + [1.1]) * 1.3)
+    ax1.set_xticks(x, names, rotation=30, ha="right")
+    ax1.set_ylabel("step time ÷ floor's")
+    ax1.set_title("Step time (lower is better)")
+    ax1.legend(fontsize=8, loc="upper right")
+
+    w = 0.38
+    lo = [summary[n].get("bytes_ratio_lo_vs_ddp") for n in names]
+    ctr = [summary[n].get("bytes_ratio_counter_vs_ddp_estimate") for n in names]
+    exp = [summary[n].get("expected_bytes_ratio_vs_ddp") for n in names]
+    positive = [v for v in exp if v is not None and v > 0]
+    floor_y = min(positive + [0.1]) / 4  # bottom of the log axis; smaller values are drawn as "≈0"
+    for i, (a, c, e) in enumerate(zip(lo, ctr, exp)):
+        for off, v, color, label in ((-w / 2, a, "tab:green", "loopback (/proc/net/dev)"), (w / 2, c, "tab:orange", "library counter")):
+            if v is None:
+                continue
+            shown = max(v, floor_y)
+            ax2.bar(i + off, shown, w, color=color, label=label if i == 0 or label not in ax2.get_legend_handles_labels()[1] else None)
+            text = f"{v:.3g}" if v >= floor_y else "≈0"
+            ax2.annotate(text, (i + off, shown), ha="center", va="bottom", fontsize=7, rotation=90)
+        if e is not None and e > 0:
+            ax2.plot([i - w, i + w], [e, e], color="black", lw=1.5, label="expected (1/H, ×½ for bf16)" if "expected (1/H, ×½ for bf16)" not in ax2.get_legend_handles_labels()[1] else None)
+    ax2.set_yscale("log")
+    ax2.set_ylim(floor_y, 40)
+    ax2.set_xticks(x, names, rotation=30, ha="right")
+    ax2.set_ylabel("bytes per step ÷ DDP's")
+    ax2.set_title("Bytes per step per rank (log scale)")
+    ax2.legend(fontsize=8, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ====================================================================== CLI
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.step_time",
+        description="Step time and bytes per step: floor, DDP, Lightning post-local SGD, LocalSGDStrategy.",
+    )
+    p.add_argument("--name", default="step_time", help="results go to benchmarks/results/<name>/")
+    p.add_argument("--steps", type=int, default=128, help="measured optimizer steps (a multiple of every H)")
+    p.add_argument("--warmup", type=int, default=8, help="unmeasured optimizer steps first")
+    p.add_argument("--repeats", type=int, default=1, help="run the whole list this many times (order rotated)")
+    p.add_argument("--world", type=int, default=2, help="processes per variant (one node, gloo, 127.0.0.1)")
+    p.add_argument("--variants", default=None, help="comma-separated subset of the variant names (default: all)")
+    p.add_argument("--hs", default="1,8,64", help="sync periods H of the LocalSGDStrategy variants")
+    p.add_argument("--bf16-h", default="8", help="H of the comm_dtype='bfloat16' variants ('' for none)")
+    p.add_argument("--postlocal-period", type=int, default=8, help="model_averaging_period of post-local SGD")
+    p.add_argument("--postlocal-start", type=int, default=None, help="start_localSGD_iter K (default: --warmup)")
+    p.add_argument("--model", default="resnet18", help="timm model name (random init)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="per rank")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--idle-probe", type=float, default=1.0, help="seconds to sample background lo traffic before each variant")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per variant launch (default: 120 + 2 s/step)")
+    p.add_argument("--collective-timeout", type=float, default=300.0, help="seconds, every collective")
+    p.add_argument("--report-only", action="store_true", help="redo table, ratios and plot from results/<name>/step_time.json")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return 0
+    out_dir = RESULTS / args.name
+    if args.report_only:
+        result = json.loads((out_dir / "step_time.json").read_text())
+        report(result, out_dir)
+        return 0
+    ints = lambda s: [int(v) for v in s.split(",") if v.strip()]  # noqa: E731
+    hs, bf16_h = ints(args.hs), ints(args.bf16_h)
+    specs = variant_specs(hs, bf16_h, args.postlocal_period)
+    names = list(specs) if not args.variants else [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        print(f"unknown variant(s) {unknown}; choose from {list(specs)}", file=sys.stderr)
+        return 2
+    if args.steps < 1 or args.warmup < 0 or args.world < 2 or args.repeats < 1:
+        print("need --steps >= 1, --warmup >= 0, --world >= 2, --repeats >= 1", file=sys.stderr)
+        return 2
+    periods = {n: specs[n].get("H") or specs[n].get("period") for n in names if specs[n]["kind"] in ("localsgd", "postlocal")}
+    uneven = {n: h for n, h in periods.items() if args.steps % h}
+    if uneven:
+        print(f"note: --steps {args.steps} is not a multiple of the period of {uneven}: their bytes per step "
+              "are not exactly 1/H of DDP's (the window holds a whole number of syncs)")
+    postlocal_start = args.warmup if args.postlocal_start is None else args.postlocal_start
+    timeout = args.timeout if args.timeout is not None else 120.0 + 2.0 * (args.steps + args.warmup)
+    base_cfg = {
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "model": args.model,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "num_classes": args.num_classes,
+        "lr": args.lr,
+        "seed": args.seed,
+        "postlocal_start": postlocal_start,
+        "collective_timeout": args.collective_timeout,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.time()
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    failures: list[str] = []
+    for rep in range(args.repeats):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            bg = background_lo_rate(args.idle_probe)
+            load = os.getloadavg() if hasattr(os, "getloadavg") else None
+            t = time.time()
+            ranks, logs = launch(name, dict(base_cfg, variant=specs[name]), args.world, timeout)
+            elapsed = time.time() - t
+            runs[name].append({
+                "repeat": rep,
+                "launch_seconds": elapsed,
+                "loadavg_before": load,
+                "background_lo_bytes_per_s": bg,
+                "ranks": ranks,
+                "error": logs or None,
+            })
+            status = "ok" if ranks is not None else "FAILED"
+            print(f"[repeat {rep + 1}/{args.repeats}] {name:<20} {status} in {elapsed:.1f} s", flush=True)
+            if ranks is None:
+                failures.append(name)
+                print(logs, file=sys.stderr)
+
+    import lightning
+    import timm
+    import torch
+
+    result = {
+        "benchmark": "step_time",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "total_seconds": time.time() - started,
+        "config": dict(base_cfg, world=args.world, repeats=args.repeats, variants=names, specs={n: specs[n] for n in names},
+                       hs=hs, bf16_h=bf16_h, postlocal_period=args.postlocal_period, momentum=0.9, optimizer="SGD",
+                       data="synthetic randn, a pool of 8 batches per rank"),
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "timm": timm.__version__,
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+        "notes": NOTES,
+        "runs": runs,
+    }
+    report(result, out_dir)
+    return 1 if failures else 0
+
+
+NOTES = {
+    "floor": "LocalSGDStrategy(sync_every=warmup+steps+1): same processes and code path, no collective "
+    "inside the measured window (one setup broadcast before it, one final average after it)",
+    "step_time": "perf_counter from on_train_batch_start to on_train_batch_end on every rank, warm-up "
+    "steps excluded; mean/median pool every measured step of every rank and repeat",
+    "counter_bytes_per_step": "strategy.comm.counters.bytes_sent delta over the window / steps, mean over "
+    "ranks (estimated bytes one rank sends; ring formula 2(m-1)/m*B for an allreduce)",
+    "lo_bytes_per_step_per_rank": "rank 0 reads the lo tx bytes of /proc/net/dev before the first and after "
+    "the last measured step; every rank's sends cross lo once, so delta / steps / world. Includes TCP/IP "
+    "headers, gloo control messages and any other process's loopback traffic in that window "
+    "(see lo_background_bytes_per_step_per_rank_estimate)",
+    "bytes_ratio_counter_vs_ddp_estimate": "counter bytes / (2(m-1)/m * fp32 parameter bytes): the library's "
+    "formula applied to DDP's one gradient allreduce per step, since DDP has no library counter",
+    "sync_extra_seconds": "LocalSGD variants: mean time of the steps that ended with a sync minus the mean of the "
+    "other measured steps (the floor's mean for H=1); sync_extra_outside_collective_seconds subtracts the time "
+    "the counter saw inside the allreduce (flatten, finiteness check, casts, copies)",
+}
+
+
+def report(result: dict[str, Any], out_dir: Path) -> None:
+    """Summaries, ratios, JSON, PNG and the printed table from the raw ``result["runs"]``."""
+    cfg = result["config"]
+    steps, world = cfg["steps"], cfg["world"]
+    runs = result["runs"]
+    summary = {n: summarize(n, cfg["specs"][n], runs[n], steps, world) for n in cfg["variants"]}
+    result["targets"] = add_ratios(summary, world)
+    result["summary"] = summary
+    json_path = out_dir / "step_time.json"
+    json_path.write_text(json.dumps(result, indent=1))
+    png_path = out_dir / "step_time.png"
+    title = (f"{cfg['model']}, {cfg['image_size']}×{cfg['image_size']}, batch {cfg['batch_size']}/rank, {world} CPU "
+             f"ranks (gloo), {steps} measured steps after {cfg['warmup']}, repeats {cfg['repeats']}")
+    plot(summary, png_path, title)
+    targets = result["targets"]
+    print()
+    print(table(summary))
+    print()
+    h8 = targets.get("localsgd_H8_step_time_vs_floor")
+    if h8:
+        print(f"target LocalSGD H=8 step time <= 1.10x floor: mean {h8['mean']:.3f}x, median {h8['median']:.3f}x")
+    for name, v in targets.get("bytes_1_over_H", {}).items():
+        print(f"target {name} bytes/step vs DDP: expected {v['expected']:.4f}, lo {_fmt(v['lo'], 1, 4)}, "
+              f"counter {_fmt(v['counter'], 1, 4)}")
+    for key, v in targets.items():
+        if key.endswith("_bytes_vs_fp32"):
+            print(f"target {key}: 0.5, counter {_fmt(v.get('counter'), 1, 3)}, lo {_fmt(v.get('lo'), 1, 3)}")
+    for name, s in summary.items():
+        if "sync_extra_seconds" in s:
+            print(f"sync cost {name}: a sync step takes {_fmt(s['sync_extra_seconds'], 1e3, 1)} ms longer, "
+                  f"{_fmt(s.get('collective_seconds_per_sync'), 1e3, 1)} ms of it inside the allreduce, "
+                  f"{_fmt(s.get('sync_extra_outside_collective_seconds'), 1e3, 1)} ms outside")
+    print(f"\nwrote {json_path}\nwrote {png_path}\ntotal {result['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

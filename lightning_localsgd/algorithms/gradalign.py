@@ -1,0 +1,182 @@
+"""GradAlign and its local-steps form FedGA: gradient-alignment regularization (seed 002)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loops.optimization.closure import AbstractClosure
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from lightning_localsgd.algorithms.base import check_positive_int
+from lightning_localsgd.params import copy_, flatten, unflatten_
+
+
+def _grads(params: list[Tensor]) -> Tensor:
+    """The parameters' gradients as one flat copy (zeros for a parameter without a gradient)."""
+    return flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    a, b = a.double(), b.double()
+    return (a @ b) / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)).clamp_min(1e-300)
+
+
+class GradAlign(Callback):
+    r"""Gradient alignment: each rank displaces itself against its gradient's misalignment.
+
+    .. math::
+        g_i = \nabla f_i(x),\qquad g = \tfrac1n \textstyle\sum_j g_j \quad\text{(allreduce 1)},\qquad
+        x_i' = x - \beta\,(g - g_i)
+
+    **K = 1 form** (the consensus algorithm's ``sync_every`` is 1, e.g. ``PeriodicAveraging(1)``):
+
+    .. math::
+        x \leftarrow \text{optimizer\_step}\bigl(x,\ \tfrac1n \textstyle\sum_i \nabla f_i(x_i')\bigr)
+        \quad\text{(allreduce 2)}
+
+    Per update: forward/backward at x (gradient :math:`g_i`), allreduce 1, displace to
+    :math:`x_i'`, a second forward/backward on the *same batch* at :math:`x_i'`, allreduce 2 of
+    those gradients, restore x exactly; the user's optimizer then steps from x with the averaged
+    displaced gradient, so the replicas stay equal. For quadratic :math:`f_i` this is exactly the
+    gradient of :math:`f + \frac{\beta}{2}\,\frac1n\sum_i \lVert\nabla f_i - \nabla f\rVert^2`
+    (to first order in general): an explicit penalty on gradient misalignment, the regularizer
+    small-batch SGD has implicitly (Dandi et al., "Implicit Gradient Alignment in Distributed and
+    Federated Learning", AAAI 2022).
+
+    **FedGA, K > 1 local steps** (``sync_every = K > 1``): only the first step of each round (the
+    first step after a sync, or after warm-up) is special: forward/backward at the round's start
+    :math:`x_i` gives :math:`g_i`, allreduce 1 gives g, the rank moves *for good* to
+    :math:`x_i' = x_i - \beta(g - g_i)`, and a second forward/backward on the same batch at
+    :math:`x_i'` gives the gradient of that step. The round is then K ordinary local steps starting
+    at :math:`x_i'`, and the consensus algorithm syncs as usual. With plain SGD and K = 1 the two
+    forms coincide. Under LeaderSGD or ElasticAveraging the replicas differ at a round start and x
+    is each rank's own replica.
+
+    ``every = r`` applies this to every r-th update (K = 1) or round (FedGA) only; the others are
+    ordinary steps. Nothing happens during the algorithm's warm-up (gradients are averaged there).
+    Buffers (BatchNorm statistics) are put back after the second pass to their values after the
+    first, so each batch updates them once. The loss Lightning reports (``outputs["loss"]``,
+    progress bar) is the first pass's, at x; ``self.log`` calls in ``training_step`` run in both
+    passes, so on-step values logged there show the second, displaced pass.
+
+    The mean cosine :math:`\frac1n\sum_i \cos(g_i, g)` is logged as ``gradalign/alignment``
+    (K = 1: it rides in allreduce 2; FedGA: one all-gather of a scalar per round).
+
+    **Cost.** K = 1: 2 forward/backward passes and 2 allreduces of P values per update (about 2×
+    DDP's bytes and compute); the consensus algorithm's own sync comes on top (with
+    ``PeriodicAveraging(1)`` it averages equal replicas). FedGA: 1 extra forward/backward and 1
+    allreduce of P values per round. Memory: about three model-sized vectors during an update.
+
+    Example::
+
+        # GradAlign (K = 1), beta = lr / 2 as in the paper
+        Trainer(strategy="localsgd", callbacks=[PeriodicAveraging(sync_every=1), GradAlign(beta=0.025)])
+        # FedGA: a displacement per round of 16 local steps
+        Trainer(strategy="localsgd", callbacks=[PeriodicAveraging(sync_every=16), GradAlign(beta=0.025)])
+
+    Args:
+        beta: β >= 0, the displacement size (the paper uses half the learning rate).
+        every: apply the alignment to every ``every``-th update (K = 1) or round (FedGA).
+        log_alignment: log ``gradalign/alignment`` (FedGA: costs one scalar all-gather per round).
+    """
+
+    def __init__(self, beta: float, every: int = 1, log_alignment: bool = True) -> None:
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not math.isfinite(beta) or beta < 0:
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r} (the paper uses beta = lr / 2)")
+        if beta == 0:
+            rank_zero_warn("GradAlign(beta=0) only averages gradients (K = 1) at twice DDP's cost; use beta > 0.")
+        self.beta = float(beta)
+        self.every = check_positive_int("every", every)
+        self.log_alignment = bool(log_alignment)
+        self.alignment: float | None = None  # mean cosine of the last aligned update
+        self.num_updates = 0
+        self._strategy: Any = None
+        self._fresh = False
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        from lightning_localsgd.strategy import LocalSGDStrategy
+
+        if stage != "fit":
+            return
+        if not isinstance(trainer.strategy, LocalSGDStrategy):
+            raise TypeError(
+                "GradAlign needs the local-SGD strategy: use Trainer(strategy='localsgd', callbacks=["
+                f"PeriodicAveraging(sync_every=1), GradAlign(...)]) instead of strategy={type(trainer.strategy).__name__}"
+            )
+        if not pl_module.automatic_optimization:
+            raise ValueError("GradAlign re-runs the training-step closure: use automatic optimization")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "GradAlign's second pass can only re-run the last micro-batch: use accumulate_grad_batches=1 "
+                "and a larger batch size instead"
+            )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError("GradAlign does not support fp16 loss scaling: use precision='bf16-mixed' or '32-true'")
+        self._strategy = trainer.strategy
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._fresh and self.log_alignment and self.alignment is not None:
+            pl_module.log("gradalign/alignment", self.alignment, on_step=True, on_epoch=False)
+        self._fresh = False
+
+    # ------------------------------------------------------------------ driven by the strategy
+    def wrap_closure(self, closure: Callable[[], Any], step: int) -> Callable[[], Any]:
+        """Called by the strategy before optimizer step ``step``: replace the closure on aligned steps."""
+        algorithm = self._strategy.algorithm if self._strategy is not None else None
+        if algorithm is None or algorithm.in_warmup(step):
+            return closure
+        offset = step - 1 - algorithm.warmup_steps  # steps since local steps began
+        rounds, within = divmod(offset, algorithm.sync_every)
+        if within != 0 or rounds % self.every != 0:
+            return closure
+        return partial(self._aligned, closure, step, algorithm.sync_every == 1)
+
+    def _aligned(self, closure: Callable[[], Any], step: int, k1: bool) -> Any:
+        strategy = self._strategy
+        module = strategy.lightning_module
+        params = [p for p in module.parameters() if p.requires_grad]
+        loss = closure()  # pass 1 at x: .grad = g_i
+        local = _grads(params)
+        mean = local.clone()
+        strategy.comm.mean_([mean], strategy.world_group, kind="gradalign", step=step)  # allreduce 1: g
+        cosine = _cosine(local, mean)
+        x = [p.detach().clone() for p in params] if k1 else []
+        buffers = [b.detach().clone() for b in module.buffers()]
+        with torch.no_grad():
+            displacement = (mean - local).mul_(self.beta)  # x_i' = x − β(g − g_i)
+            del local, mean
+            offset = 0
+            for p in params:
+                p.sub_(displacement[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+            del displacement
+        for p in params:
+            p.grad = None
+        # pass 2 at x_i'; AbstractClosure.closure() leaves Lightning's cached result (pass 1's) alone
+        closure.closure() if isinstance(closure, AbstractClosure) else closure()
+        copy_(list(module.buffers()), buffers)
+        if k1:
+            second = _grads(params)
+            if self.log_alignment:
+                second = torch.cat([second, cosine.to(second.dtype).reshape(1)])
+            strategy.comm.mean_([second], strategy.world_group, kind="gradalign", step=step)  # allreduce 2
+            copy_(params, x)  # restore x exactly
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            n = sum(p.numel() for p in params)
+            unflatten_(second[:n], [p.grad for p in params])
+            self.alignment = float(second[n]) if self.log_alignment else None
+        elif self.log_alignment:
+            everyone = strategy.comm.all_gather(cosine.reshape(1), strategy.world_group, kind="monitor")
+            self.alignment = float(everyone.mean())
+        self.num_updates += 1
+        self._fresh = True
+        return loss

@@ -1,0 +1,282 @@
+"""LSGD: Leader Stochastic Gradient Descent, single- and multi-leader (Teng et al., NeurIPS 2019)."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from lightning_localsgd.algorithms.base import ConsensusAlgorithm, check_positive_int
+from lightning_localsgd.comm import Group, NonFinitePolicy, NonFiniteReplicaError
+from lightning_localsgd.params import BufferPolicy, all_finite, copy_, flatten, lerp_
+
+Evaluate = Literal["average", "leader"]
+
+
+def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """``flat`` cut into views shaped like ``like`` (no copy)."""
+    return [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in like]), like, strict=True)]
+
+
+def _fraction(name: str, value: Any, *, upper_open: bool = False) -> float:
+    bound = "[0, 1)" if upper_open else "[0, 1]"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1 or (upper_open and value == 1):
+        raise ValueError(f"{name} must be a number in {bound}, got {value!r} (e.g. {name}=0.1)")
+    return float(value)
+
+
+class LeaderSGD(ConsensusAlgorithm):
+    r"""LSGD: every ``sync_every`` steps each replica is pulled toward the current best replica.
+
+    .. math::
+        \text{every step:}\quad & x_i \leftarrow \text{inner\_step}(x_i);\quad
+            x_i \leftarrow x_i - \lambda\,(x_i - \tilde x_{\text{last}})\\
+        \text{every } \tau_{\text{node}} \text{ steps:}\quad & x_i \leftarrow (1 - c_{\text{node}})\,x_i
+            + c_{\text{node}}\,\tilde x_{\text{node}(i)}\\
+        \text{every } \tau \text{ steps:}\quad & x_i \leftarrow (1 - c)\,x_i + c\,\tilde x,
+            \qquad \tilde x = x_{\ell},\ \ \ell = \arg\min_j \tfrac1k \textstyle\sum_{b=1}^{k} L_j^{(t-b)}
+
+    The leader :math:`\ell` is the rank whose training loss, averaged over its last ``k =
+    loss_window`` batches, is lowest (ties go to the lowest rank; a rank with no loss yet reports
+    +inf). The loss is the one Lightning reports for a batch (``outputs["loss"]`` in
+    ``on_train_batch_end``), so the window of a pull at step t holds the batches *before* t's.
+    :math:`\tilde x_{\text{node}(i)}` is the leader among the ranks of i's node. When a node pull
+    and a global pull fall on one step only the global one runs. The per-step pull toward the last
+    received leader copy :math:`\tilde x_{\text{last}}` (the paper's :math:`\lambda` term, ``step_pull``;
+    off by default, as in the authors' code) runs after the inner step and before that step's
+    scheduled pull, from the first pull on. Floating buffers follow ``buffers``: ``"average"``
+    pulls them like parameters, ``"broadcast"`` replaces them by the leader's, ``"local"`` keeps them.
+
+    Evaluation during fit, the model after fit and a checkpoint's ``state_dict`` are the
+    ``evaluate="average"`` of the replicas (the paper evaluates this center variable) or the
+    current global ``"leader"``'s replica; the replicas are restored exactly after evaluation.
+
+    **Cost.** Election: one all-gather of two float64 numbers per rank (windowed loss, "holds
+    NaN/Inf" flag). Pull: *one* broadcast of P values from the leader (about (m−1)/m·P values sent
+    per rank of an m-rank group, half an allreduce); global pulls cost 1/τ of DDP's bytes per step
+    at most. Memory: a P-sized receive buffer during a pull, kept as the leader copy when
+    ``step_pull > 0``; the loss window (k floats).
+
+    Example::
+
+        # 2 nodes x 4 GPUs: node leaders every 4 steps, the global leader every 16
+        trainer = Trainer(strategy="localsgd", num_nodes=2, devices=4,
+                          callbacks=[LeaderSGD(sync_every=16, node_sync_every=4)])
+
+    Args:
+        sync_every: τ, optimizer steps between global leader pulls.
+        pull: c, strength of the global pull (1: every rank becomes the leader; 0: no pull).
+        loss_window: k, batches in the windowed loss that elects leaders.
+        node_sync_every: τ_node, steps between node-leader pulls (``None``: single leader).
+        node_pull: c_node (default 0.1); only with ``node_sync_every``.
+        step_pull: λ in [0, 1), per-step pull toward the last received leader copy (0: off).
+        evaluate: ``"average"`` or ``"leader"``: the model used for evaluation, returned and saved.
+        warmup_steps: DDP-style gradient averaging for this many first steps.
+        buffers: ``"average"``, ``"broadcast"`` or ``"local"`` floating buffers (see above).
+        nonfinite: a replica holding NaN/Inf at a pull: ``"raise"``, or ``"skip"`` it (it is never
+            the leader and takes the leader's copy whole).
+    """
+
+    def __init__(
+        self,
+        sync_every: int = 4,
+        pull: float = 0.1,
+        loss_window: int = 10,
+        node_sync_every: int | None = None,
+        node_pull: float | None = None,
+        step_pull: float = 0.0,
+        evaluate: Evaluate = "average",
+        *,
+        warmup_steps: int = 0,
+        buffers: BufferPolicy = "average",
+        nonfinite: NonFinitePolicy = "raise",
+    ) -> None:
+        super().__init__(sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite)
+        self.pull = _fraction("pull", pull)
+        self.loss_window = check_positive_int("loss_window", loss_window)
+        if node_sync_every is not None:
+            check_positive_int("node_sync_every", node_sync_every)
+            if node_sync_every >= sync_every or sync_every % node_sync_every != 0:
+                raise ValueError(
+                    f"node_sync_every={node_sync_every} must be smaller than sync_every={sync_every} and divide it "
+                    f"(e.g. node_sync_every={max(1, sync_every // 4)}, sync_every={sync_every})"
+                )
+        elif node_pull is not None:
+            raise ValueError("node_pull has no effect without node_sync_every: pass node_sync_every=... or drop it")
+        self.node_sync_every = node_sync_every
+        self.node_pull = _fraction("node_pull", 0.1 if node_pull is None else node_pull)
+        self.step_pull = _fraction("step_pull", step_pull, upper_open=True)
+        if evaluate not in ("average", "leader"):
+            raise ValueError(f"evaluate must be 'average' or 'leader', got {evaluate!r}")
+        self.evaluate: Evaluate = evaluate
+        if self.pull == 0 and self.step_pull == 0 and node_sync_every is None:
+            rank_zero_warn("LeaderSGD(pull=0, step_pull=0): the replicas never interact; use pull > 0 unless "
+                           "this is meant as an independent-workers baseline.")
+        self.num_node_syncs = 0
+        self.leader: int | None = None  # global rank of the last global leader
+        self.leader_loss = math.inf
+        self.leader_counts: dict[int, int] = {}
+        self._losses: deque[float] = deque(maxlen=self.loss_window)
+        self._copy: Tensor | None = None  # last received leader copy (flat), kept when step_pull > 0
+        self._log_leader = False
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.strategy.comm.comm_dtype is not None:
+            raise ValueError(
+                "LeaderSGD sends the leader's raw parameters, which a reduced comm_dtype would round: use "
+                "LocalSGDStrategy(comm_dtype=None) with LeaderSGD"
+            )
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, Tensor):
+            raise ValueError(
+                "LeaderSGD elects the leader by training loss: return the loss (a tensor, or a dict with 'loss') "
+                "from training_step"
+            )
+        self._losses.append(float(loss.detach()))
+        if self._log_leader:
+            values = {"leader/rank": float(self.leader or 0), "leader/loss": self.leader_loss}
+            pl_module.log_dict(values, on_step=True, on_epoch=False, rank_zero_only=True)
+            self._log_leader = False
+
+    # ------------------------------------------------------------------ driven by the strategy
+    def attach(self, strategy: Any) -> None:
+        super().attach(strategy)
+        node = strategy.node_group
+        if self.node_sync_every is not None and node.size in (1, strategy.world_group.size):
+            rank_zero_warn(
+                f"node_sync_every={self.node_sync_every} has no effect: the node groups have {node.size} process(es) "
+                f"out of {strategy.world_group.size}. Use it with num_nodes > 1 and devices > 1, or drop it."
+            )
+        self._losses.clear()  # per-rank state: restored by load_rank_state_dict when resuming
+        self._copy = None
+
+    def after_step(self, step: int) -> None:
+        if self.in_warmup(step):
+            self.last_sync_step = step  # gradients were averaged: the replicas are still equal
+            return
+        if self.step_pull > 0 and self._copy is not None:
+            averaged, _ = self.tensors()
+            lerp_(averaged, _views(self._copy, averaged), self.step_pull)
+        if self.is_due(step, self.sync_every):
+            self.sync(step)
+            self.num_syncs += 1
+        elif self.node_sync_every is not None and self.is_due(step, self.node_sync_every):
+            self.pull_toward_leader(step, node=True)
+            self.num_node_syncs += 1
+
+    def sync(self, step: int) -> None:
+        self.pull_toward_leader(step, node=False)
+
+    def window_loss(self) -> float:
+        """This rank's mean loss over its last ``loss_window`` batches (+inf before the first)."""
+        return sum(self._losses) / len(self._losses) if self._losses else math.inf
+
+    def elect(self, group: Group, step: int | None = None) -> tuple[int, list[int]]:
+        """``(leader's global rank, ranks holding NaN/Inf)`` in ``group``: one all-gather, same on all ranks."""
+        averaged, _ = self.tensors()
+        local = torch.tensor([self.window_loss(), 0.0 if all_finite(averaged) else 1.0], dtype=torch.float64)
+        table = self.strategy.comm.all_gather(local.to(averaged[0].device), group, kind="leader").cpu()
+        losses, bad = table[:, 0].clone(), table[:, 1] != 0
+        bad_ranks = [group.ranks[j] for j in range(group.size) if bad[j]]
+        if bad_ranks and (self.nonfinite == "raise" or len(bad_ranks) == group.size):
+            where = f" at step {step}" if step is not None else ""
+            raise NonFiniteReplicaError(
+                f"the replica of rank(s) {bad_ranks} holds NaN/Inf{where}; no replica was changed. Lower the learning "
+                "rate or clip gradients, or pass nonfinite='skip' to LeaderSGD to let them take the leader's copy."
+            )
+        losses[torch.isnan(losses) | bad] = math.inf
+        j = int(torch.argmin(losses))  # the first minimum: ties go to the lowest rank
+        if group is self.strategy.world_group:
+            self.leader_loss = float(losses[j])
+        return group.ranks[j], bad_ranks
+
+    def pull_toward_leader(self, step: int, *, node: bool) -> None:
+        """Elect the (node or global) leader, broadcast its replica, pull every rank toward it."""
+        strategy = self.strategy
+        group = strategy.node_group if node else strategy.world_group
+        leader, bad = self.elect(group, step)
+        averaged, copied = self.tensors()
+        flat = flatten(averaged + copied)
+        strategy.comm.broadcast_(flat, src=leader, group=group, kind="sync")
+        target = _views(flat, averaged + copied)
+        mine = group.ranks[group.rank]
+        weight = 1.0 if mine in bad else (self.node_pull if node else self.pull)
+        lerp_(averaged, target[: len(averaged)], weight)
+        copy_(copied, target[len(averaged) :])
+        if self.step_pull > 0:
+            self._copy = flat[: sum(t.numel() for t in averaged)]
+        if not node:
+            self.leader = leader
+            self.leader_counts[leader] = self.leader_counts.get(leader, 0) + 1
+            self._log_leader = True
+            if self.pull == 1.0:
+                self.last_sync_step = step  # c = 1: every replica is the leader now
+
+    # ------------------------------------------------------------------ the consensus model
+    def _leader_state(self, kind: str) -> dict[str, Tensor]:
+        """The global leader's parameters and floating buffers, by state-dict name (collective)."""
+        named = self._named_state()
+        leader, _ = self.elect(self.strategy.world_group)
+        flat = flatten(list(named.values()))
+        self.strategy.comm.broadcast_(flat, src=leader, group=self.strategy.world_group, kind=kind)
+        return dict(zip(named.keys(), _views(flat, list(named.values())), strict=True))
+
+    def begin_evaluation(self) -> None:
+        if self.evaluate == "average":
+            return super().begin_evaluation()
+        if self.is_synced() or self._stash is not None:
+            return
+        named = self._named_state()
+        self._stash = {name: t.detach().clone() for name, t in named.items()}
+        copy_(list(named.values()), list(self._leader_state("eval").values()))
+
+    def consensus_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if self.evaluate == "average":
+            return super().consensus_state_dict(state_dict)
+        if self.is_synced() or self._stash is not None:
+            return state_dict
+        out = dict(state_dict)
+        out.update((k, v.clone()) for k, v in self._leader_state("checkpoint").items())
+        return out
+
+    def finalize(self, step: int) -> None:
+        if self.is_synced():
+            return
+        named = list(self._named_state().values())
+        if self.evaluate == "average":
+            self.strategy.comm.mean_(named, self.strategy.world_group, kind="sync", nonfinite=self.nonfinite, step=step)
+        else:
+            copy_(named, list(self._leader_state("sync").values()))
+        self.last_sync_step = step
+        self.num_syncs += 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(num_node_syncs=self.num_node_syncs, leader=self.leader, leader_counts=dict(self.leader_counts))
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.num_node_syncs = int(state_dict.get("num_node_syncs", 0))
+        self.leader = state_dict.get("leader")
+        self.leader_counts = dict(state_dict.get("leader_counts", {}))
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        copy = None if self._copy is None else self._copy.detach().cpu().clone()
+        return {"losses": list(self._losses), "leader_copy": copy}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        self._losses = deque((float(v) for v in state.get("losses", [])), maxlen=self.loss_window)
+        copy = state.get("leader_copy")
+        self._copy = None if copy is None else copy.to(next(self.module.parameters()).device)

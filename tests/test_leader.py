@@ -1,0 +1,210 @@
+"""LeaderSGD: unit tests with fake collectives, and runs on 2 and 4 (2 nodes × 2) gloo ranks."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_localsgd.algorithms.leader import LeaderSGD
+from lightning_localsgd.comm import Group, NonFiniteReplicaError
+from tests.launch import run_ranks
+from tests.scenarios_leader import shard_batch, tinynet_start
+
+LR, P = 0.1, 57  # TinyNet's SGD learning rate and parameter count
+
+
+# ---------------------------------------------------------------------------------------------- unit tests
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(pull=1.5), "pull must be a number in"),
+        (dict(pull=True), "pull must be a number in"),
+        (dict(loss_window=0), "loss_window must be an integer >= 1"),
+        (dict(sync_every=4, node_sync_every=3), "must be smaller than sync_every=4 and divide it"),
+        (dict(sync_every=4, node_sync_every=4), "must be smaller than sync_every=4 and divide it"),
+        (dict(node_pull=0.3), "node_pull has no effect without node_sync_every"),
+        (dict(step_pull=1.0), "step_pull must be a number in"),
+        (dict(evaluate="center"), "evaluate must be 'average' or 'leader'"),
+    ],
+)
+def test_arguments_are_validated_with_a_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LeaderSGD(**kwargs)
+
+
+class FakeComm:
+    """Three ranks; this process is rank 1. The other ranks' election rows and the leader's
+    parameters are given; the byte counters are not used here."""
+
+    def __init__(self, rows: dict[int, list[float]], leader_params: dict[int, torch.Tensor]) -> None:
+        self.rows, self.leader_params, self.comm_dtype, self.broadcasts = rows, leader_params, None, []
+
+    def all_gather(self, local, group, kind):
+        return torch.stack([local if r == 1 else torch.tensor(self.rows[r], dtype=local.dtype) for r in group.ranks])
+
+    def broadcast_(self, flat, src, group, kind):
+        self.broadcasts.append((src, kind))
+        if src != 1:
+            flat.copy_(self.leader_params[src])
+        return flat
+
+
+def attached(algo: LeaderSGD, comm: FakeComm, x: list[float]) -> nn.Module:
+    module = nn.Linear(1, 1, bias=True).double()
+    with torch.no_grad():
+        module.weight.fill_(x[0]), module.bias.fill_(x[1])
+    module.trainer = SimpleNamespace(global_step=0)
+    world = Group(None, [0, 1, 2], 1)
+    algo._strategy = SimpleNamespace(lightning_module=module, comm=comm, world_group=world, node_group=world)
+    return module
+
+
+def test_election_is_the_argmin_of_windowed_losses_and_the_pull_is_a_lerp():
+    algo = LeaderSGD(sync_every=2, pull=0.25, loss_window=2)
+    comm = FakeComm({0: [0.9, 0.0], 2: [0.5, 0.0]}, {2: torch.tensor([4.0, -8.0], dtype=torch.float64)})
+    module = attached(algo, comm, [0.0, 0.0])
+    for loss in (0.1, 0.6, 0.8):  # window of 2: mean(0.6, 0.8) = 0.7 > rank 2's 0.5
+        algo._losses.append(loss)
+    assert algo.window_loss() == pytest.approx(0.7)
+    algo.pull_toward_leader(step=2, node=False)
+    assert comm.broadcasts == [(2, "sync")] and algo.leader == 2
+    assert module.weight.item() == 1.0 and module.bias.item() == -2.0  # 0.75·0 + 0.25·(4, −8)
+
+
+def test_election_ties_go_to_the_lowest_rank_and_nan_never_leads():
+    algo = LeaderSGD(pull=1.0, nonfinite="skip")
+    comm = FakeComm({0: [math.nan, 0.0], 2: [0.3, 1.0]}, {})
+    attached(algo, comm, [1.0, 2.0])
+    algo._losses.append(0.4)
+    assert algo.elect(algo.strategy.world_group) == (1, [2])  # rank 0 NaN, rank 2 holds NaN/Inf
+    comm.rows = {0: [0.4, 0.0], 2: [0.4, 0.0]}
+    assert algo.elect(algo.strategy.world_group) == (0, [])  # three-way tie
+    algo.nonfinite = "raise"
+    comm.rows = {0: [0.4, 0.0], 2: [0.1, 1.0]}
+    with pytest.raises(NonFiniteReplicaError, match=r"rank\(s\) \[2\] holds NaN/Inf at step 7"):
+        algo.elect(algo.strategy.world_group, step=7)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def post_step(run: dict, s: int) -> torch.Tensor:
+    """Rank's parameters right after the inner SGD step of step s (1-based), before any pull."""
+    return run["before"][s - 1] - LR * run["grads"][s - 1]
+
+
+def leader_of(runs: list[dict], ranks: list[int], batches: int, k: int) -> tuple[int, list[float]]:
+    """argmin (lowest rank on ties) of the mean of each rank's last k of its first ``batches`` losses."""
+    means = [sum(w) / len(w) if (w := runs[r]["losses"][:batches][-k:]) else math.inf for r in ranks]
+    return ranks[min(range(len(ranks)), key=lambda j: (means[j], j))], means
+
+
+def plain_sgd(rank: int, world: int, steps: int) -> list[torch.Tensor]:
+    model = tinynet_start()
+    out = []
+    for s in range(steps):
+        x, y = shard_batch(s, rank, world)
+        model.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= LR * p.grad
+        out.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- 2 ranks
+@pytest.fixture(scope="module")
+def two_ranks():
+    configs = [
+        dict(sync_every=2, pull=1.0, loss_window=3, evaluate="average"),
+        dict(sync_every=2, pull=0.0, loss_window=3, evaluate="leader"),
+    ]
+    per_rank = run_ranks("tests.scenarios_leader:leader_runs", world=2, steps=8, configs=configs, validate=[True, True])
+    return [[per_rank[r][i] for r in range(2)] for i in range(len(configs))]  # [config][rank]
+
+
+def test_pull_1_makes_every_rank_the_leader_elected_by_windowed_loss(two_ranks):
+    runs = two_ranks[0]
+    leaders = []
+    for s in range(1, 9):
+        if s % 2:  # a local step: the replicas differ
+            assert (runs[0]["after"][s - 1] - runs[1]["after"][s - 1]).abs().max() > 1e-4
+            continue
+        leader, means = leader_of(runs, [0, 1], s - 1, 3)  # the window holds the batches before step s
+        assert abs(means[0] - means[1]) > 1e-6 and runs[0]["attrs"]["leader"][s - 1] == leader
+        leaders.append(leader)
+        for r in (0, 1):
+            assert (runs[r]["after"][s - 1] - post_step(runs[leader], s)).abs().max() <= 1e-12
+    assert set(leaders) == {0, 1}  # both ranks lead at some point
+    # evaluate="average": validation after step 3 sees the mean replica, after step 6 the (equal) replicas
+    assert [r["val_steps"] for r in runs] == [[3, 6], [3, 6]]
+    mean3 = (runs[0]["after"][2] + runs[1]["after"][2]) / 2
+    assert (runs[0]["val_params"][0] - mean3).abs().max() <= 1e-12
+    assert torch.equal(runs[0]["val_params"][1], runs[0]["after"][5])
+
+
+def test_pull_is_one_broadcast_not_an_allreduce(two_ranks):
+    calls, sent = two_ranks[0][0]["calls"], two_ranks[0][0]["bytes"]
+    assert calls == {"setup": 1, "leader": 4, "sync": 4, "eval": 1}
+    assert sent["sync"] == 4 * (1 / 2) * P * 8  # broadcast: (m−1)/m·B; an allreduce would send 2·(m−1)/m·B
+    assert sent["leader"] == 4 * 1 * 2 * 8  # all-gather of (loss, flag) in float64
+    assert sent["eval"] == 2 * (1 / 2) * (P * 8 + 2 * 8)  # the averaged evaluation: an allreduce with flags
+
+
+def test_pull_0_leaves_ranks_independent_and_evaluate_leader(two_ranks):
+    runs = two_ranks[1]
+    for r in (0, 1):
+        ref = plain_sgd(r, 2, 8)
+        assert max((a - b).abs().max() for a, b in zip(runs[r]["after"], ref)) <= 1e-9
+    for i, s in enumerate((3, 6)):  # validation on the leader's replica, elected on batches 1..s
+        leader, _ = leader_of(runs, [0, 1], s, 3)
+        assert (runs[0]["val_params"][i] - runs[leader]["after"][s - 1]).abs().max() <= 1e-12
+    leader, _ = leader_of(runs, [0, 1], 8, 3)
+    for r in (0, 1):  # after fit every rank holds the final leader's replica
+        assert torch.equal(runs[r]["final"], runs[leader]["after"][7])
+    assert runs[0]["calls"] == {"setup": 1, "leader": 4 + 2 + 1, "sync": 4 + 1, "eval": 2}
+
+
+# ---------------------------------------------------------------------------------------------- 2 nodes × 2
+def test_multi_leader_on_two_nodes_of_two_against_hand_computed_pulls():
+    cfg = dict(sync_every=4, node_sync_every=2, pull=0.5, node_pull=0.3, loss_window=3)
+    runs = [r[0] for r in run_ranks("tests.scenarios_leader:leader_runs", world=4, nodes=2, steps=8, configs=[cfg])]
+    nodes, seen = [[0, 1], [2, 3]], set()
+    for s in range(1, 9):
+        y = [post_step(runs[r], s) for r in range(4)]
+        expected = list(y)
+        if s % 4 == 0:  # global pull toward the best of all four
+            leader, _ = leader_of(runs, [0, 1, 2, 3], s - 1, 3)
+            expected = [0.5 * y[r] + 0.5 * y[leader] for r in range(4)]
+            seen.add(("global", leader))
+        elif s % 2 == 0:  # node pulls toward each node's best
+            for node in nodes:
+                leader, _ = leader_of(runs, node, s - 1, 3)
+                for r in node:
+                    expected[r] = 0.7 * y[r] + 0.3 * y[leader]
+                seen.add(("node", leader))
+        for r in range(4):
+            assert (runs[r]["after"][s - 1] - expected[r]).abs().max() <= 1e-12, (s, r)
+    assert len(seen) >= 3
+    calls, sent = runs[0]["calls"], runs[0]["bytes"]
+    assert calls == {"setup": 1, "leader": 4, "sync": 4 + 1}  # 2 node + 2 global pulls, the final average
+    node_pull, global_pull = (1 / 2) * P * 8, (3 / 4) * P * 8
+    final_average = 2 * (3 / 4) * (P * 8 + 4 * 8)
+    assert sent["sync"] == 2 * node_pull + 2 * global_pull + final_average
+    assert sent["leader"] == 2 * (1 * 16) + 2 * (3 * 16)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_resume_restores_per_rank_state_exactly():
+    cfg = dict(sync_every=3, pull=0.5, loss_window=5, step_pull=0.1)
+    for r in run_ranks("tests.scenarios_leader:leader_resume", world=2, cfg=cfg):
+        saved, restored = r["saved_state"], r["restored_state"]
+        assert len(saved["losses"]) == 5 and saved["losses"] == restored["losses"]
+        assert torch.equal(saved["leader_copy"], restored["leader_copy"])
+        full, resumed, dropped = (torch.stack(r[k]["after"]) for k in ("full", "resumed", "dropped"))
+        assert full.shape == (16, P) and resumed.shape == dropped.shape == (8, P)
+        assert (full[8:] - resumed).abs().max() <= 1e-9
+        assert (full[8:] - dropped).abs().max() > 1e-6  # the per-rank state matters
