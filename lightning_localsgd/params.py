@@ -52,13 +52,14 @@ def flatten(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tens
 @torch.no_grad()
 def unflatten_(flat: Tensor, tensors: Sequence[Tensor]) -> None:
     """Copy the 1-D ``flat`` back into ``tensors`` in place (casting to each tensor's dtype)."""
+    total = sum(t.numel() for t in tensors)
+    if total != flat.numel():
+        raise ValueError(f"flat buffer has {flat.numel()} values but the tensors hold {total}")
     offset = 0
     for t in tensors:
         n = t.numel()
         t.copy_(flat[offset : offset + n].view_as(t))
         offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat buffer has {flat.numel()} values but the tensors hold {offset}")
 
 
 def snapshot(tensors: Sequence[Tensor], device: torch.device | str | None = None) -> list[Tensor]:

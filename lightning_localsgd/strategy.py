@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm, check_positive_int
-from lightning_localsgd.comm import Collectives, Group
+from lightning_localsgd.comm import Collectives, Group, NonFinitePolicy
 from lightning_localsgd.params import BufferPolicy
 
 _UNSET: Any = object()
@@ -44,7 +44,7 @@ class LocalSGDStrategy(DDPStrategy):
     a consensus algorithm (a callback such as :class:`~lightning_localsgd.PeriodicAveraging` or
     :class:`~lightning_localsgd.DiLoCo`) brings the replicas together on its schedule. With no
     algorithm among the callbacks, ``PeriodicAveraging(sync_every, warmup_steps, node_sync_every,
-    buffers)`` is used with the arguments given here.
+    buffers, nonfinite)`` is used with the arguments given here.
 
     Guarantees:
 
@@ -68,6 +68,7 @@ class LocalSGDStrategy(DDPStrategy):
         warmup_steps: DDP-style gradient averaging for this many first steps (default algorithm).
         node_sync_every: node-local averaging period of the default algorithm (hierarchical).
         buffers: buffer policy of the default algorithm: ``"average"``, ``"broadcast"``, ``"local"``.
+        nonfinite: NaN/Inf policy of the default algorithm: ``"raise"`` (default) or ``"skip"``.
         comm_dtype: dtype on the wire for syncs, e.g. ``"bfloat16"`` (replica − anchor travels;
             the mean is added back in fp32). ``None`` keeps the parameters' own dtype.
         bucket_mb: largest single collective in megabytes.
@@ -87,6 +88,7 @@ class LocalSGDStrategy(DDPStrategy):
         warmup_steps: int | None = None,
         node_sync_every: int | None = None,
         buffers: BufferPolicy | None = None,
+        nonfinite: NonFinitePolicy | None = None,
         comm_dtype: str | torch.dtype | None = None,
         bucket_mb: float = 256.0,
         save_replicas: bool = True,
@@ -113,7 +115,11 @@ class LocalSGDStrategy(DDPStrategy):
         self._default_kwargs = {
             k: v
             for k, v in dict(
-                sync_every=sync_every, warmup_steps=warmup_steps, node_sync_every=node_sync_every, buffers=buffers
+                sync_every=sync_every,
+                warmup_steps=warmup_steps,
+                node_sync_every=node_sync_every,
+                buffers=buffers,
+                nonfinite=nonfinite,
             ).items()
             if v is not None
         }

@@ -16,15 +16,40 @@ from tests.models import Recorder, TinyNet, loader, regression_data, trainer_kwa
 TIMEOUT = timedelta(seconds=60)
 
 
-def ddp_equivalence(out_dir: str, devices: int, num_nodes: int, steps: int, localsgd: dict[str, Any]) -> dict[str, Any]:
+class ManualTinyNet(TinyNet):
+    """TinyNet with manual optimization: zero_grad, manual_backward, step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        opt.step()
+
+
+def ddp_equivalence(
+    out_dir: str,
+    devices: int,
+    num_nodes: int,
+    steps: int,
+    localsgd: dict[str, Any],
+    manual: bool = False,
+    trainer: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train TinyNet with Lightning DDP, then with LocalSGDStrategy(**localsgd), same data and seed."""
     out: dict[str, Any] = {}
+    overrides = trainer or {}
     for name in ("ddp", "localsgd"):
         seed_everything(0)
-        model = TinyNet()
+        model = ManualTinyNet() if manual else TinyNet()
         rec = Recorder()
         strategy = DDPStrategy(timeout=TIMEOUT) if name == "ddp" else LocalSGDStrategy(timeout=TIMEOUT, **localsgd)
-        trainer = Trainer(strategy=strategy, max_steps=steps, callbacks=[rec], **trainer_kwargs(devices, num_nodes))
+        trainer = Trainer(
+            strategy=strategy, max_steps=steps, callbacks=[rec], **trainer_kwargs(devices, num_nodes, **overrides)
+        )
         trainer.fit(model, loader(regression_data(64)))
         out[name] = torch.stack(rec.after)
         if name == "localsgd":

@@ -43,3 +43,27 @@ def test_local_gd_reaches_min_norm_interpolator_for_any_H():
         assert (r0[H] - w_star).abs().max() <= 1e-6, (H, (r0[H] - w_star).abs().max())
     # the min-norm interpolator is not the trivial answer: it fits every point of both shards
     assert (torch.cat(xs) @ w_star - torch.cat(ys)).abs().max() < 1e-10
+
+
+def test_gradient_accumulation_counts_optimizer_steps():
+    """accumulate_grad_batches=2: H counts optimizer steps (global_step), and H=1 still equals DDP."""
+    r0, r1 = run_ranks(
+        "tests.scenarios_core:ddp_equivalence",
+        world=2,
+        steps=4,
+        localsgd={"sync_every": 1},
+        trainer={"accumulate_grad_batches": 2},
+    )
+    for r in (r0, r1):
+        assert r["ddp"].shape[0] == r["localsgd"].shape[0] == 8  # 8 batches, 4 optimizer steps
+        assert (r["ddp"] - r["localsgd"]).abs().max() <= 1e-9
+    assert r0["calls"]["sync"] == 4  # one sync per optimizer step, not per batch
+
+
+def test_manual_optimization_with_one_optimizer_equals_ddp():
+    r0, r1 = run_ranks(
+        "tests.scenarios_core:ddp_equivalence", world=2, steps=5, localsgd={"sync_every": 1}, manual=True
+    )
+    for r in (r0, r1):
+        assert (r["ddp"] - r["localsgd"]).abs().max() <= 1e-9
+    assert r0["calls"]["sync"] == 5
