@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both create .venv when missing).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned to the build this machine serves from local disk; elsewhere `pip install -e .`
+# takes any torch >= 2.4 (see pyproject.toml).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m recipes.demo
+
+bench: install
+	$(PY) -m benchmarks.step_time
+
+clean:
+	rm -rf $(VENV) .pytest_cache lightning_logs
