@@ -3,7 +3,9 @@
 Design rules (see docs/design.md):
 
 * **One collective per sync.** Tensors are flattened into one buffer and reduced in buckets of at
-  most ``bucket_mb`` megabytes, never one call per parameter.
+  most ``bucket_mb`` megabytes, never one call per parameter. The flat buffers persist between
+  syncs (one model-sized buffer; two with a reduced-precision transport) because allocating
+  them anew costs more than a loopback allreduce.
 * **SUM, then divide.** gloo has no ``ReduceOp.AVG``; the division happens locally in the tensors'
   own precision.
 * **Reduced-precision transport.** With ``comm_dtype=torch.bfloat16`` only the *difference* from a
@@ -32,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_localsgd.params import all_finite, flatten, unflatten_
+from lightning_localsgd.params import all_finite, flatten, flatten_into, unflatten_
 
 NonFinitePolicy = Literal["raise", "skip"]
 
@@ -97,6 +99,7 @@ class Collectives:
         self.comm_dtype = comm_dtype
         self.bucket_mb = float(bucket_mb)
         self.counters = CommCounters()
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
 
     # ------------------------------------------------------------------ primitives
     def _timed(self, kind: str, nbytes: float, fn: Callable[[], Any]) -> Any:
@@ -153,7 +156,7 @@ class Collectives:
         group: Group,
         *,
         kind: str = "sync",
-        anchor: Sequence[Tensor] | None = None,
+        anchor: Tensor | Sequence[Tensor] | None = None,
         nonfinite: NonFinitePolicy = "raise",
         step: int | None = None,
         observer: Callable[[Tensor, Tensor], None] | None = None,
@@ -164,7 +167,8 @@ class Collectives:
             tensors: this rank's tensors; overwritten with the mean.
             group: who averages.
             kind: the counter the bytes are booked under.
-            anchor: a copy of the tensors that is identical on every rank (the last consensus).
+            anchor: a copy of the tensors (a list, or one flat tensor) that is identical on every rank
+                (the last consensus). Without an anchor the tensors travel in their own dtype.
                 When given and ``comm_dtype`` is set, ``tensors − anchor`` travels in ``comm_dtype``
                 and the mean is ``anchor + mean(tensors − anchor)``, computed in full precision.
             nonfinite: ``"raise"`` a :class:`NonFiniteReplicaError` naming the offending ranks, or
@@ -175,39 +179,62 @@ class Collectives:
         """
         if group.size == 1 or not tensors:
             return
-        local = flatten(tensors)
-        wire = self.comm_dtype or local.dtype
-        if wire != local.dtype and anchor is None:
-            raise ValueError("averaging in a reduced comm_dtype needs an anchor (the last consensus) on every rank")
-        base = flatten(anchor).to(local.dtype) if anchor is not None else None
-        payload = (local - base) if base is not None else local
-        bad = torch.zeros(group.size, dtype=wire, device=local.device)
-        bad[group.rank] = 0.0 if all_finite(tensors) else 1.0
-        buf = torch.cat([payload.to(wire), bad])
+        n, m = sum(t.numel() for t in tensors), group.size
+        dtype, device = tensors[0].dtype, tensors[0].device
+        # Reduced precision only for deltas from an anchor; raw values (e.g. gradients) travel as they are.
+        wire = self.comm_dtype if (self.comm_dtype is not None and anchor is not None) else dtype
+        # Persistent work buffers: a model-sized allocation per sync would page-fault every time.
+        buf = self._scratch("wire", wire, n + m, device)
+        local = buf[:n] if wire == dtype else self._scratch("local", dtype, n, device)
+        flatten_into(tensors, local)
+        finite = bool(torch.isfinite(local.sum())) or all_finite(tensors)  # a finite sum means all finite
+        local_copy = local.clone() if observer is not None else None
+        base = None
+        if anchor is not None:
+            base = anchor if isinstance(anchor, Tensor) else flatten(anchor)
+            local.sub_(base)  # the delta from the shared anchor travels
+        if wire != dtype:
+            buf[:n].copy_(local)
+        buf[n:].zero_()
+        buf[n + group.rank] = 0.0 if finite else 1.0
         self.all_reduce_sum_(buf, group, kind)
-        flags = buf[-group.size :]
-        bad_ranks = [group.ranks[i] for i in range(group.size) if float(flags[i]) != 0.0]
-        divisor = group.size
+        bad_ranks = [group.ranks[i] for i in range(m) if float(buf[n + i]) != 0.0]
+        divisor = m
         if bad_ranks:
             where = f" at step {step}" if step is not None else ""
-            if nonfinite == "raise" or len(bad_ranks) == group.size:
+            if nonfinite == "raise" or len(bad_ranks) == m:
                 raise NonFiniteReplicaError(
                     f"the replica of rank(s) {bad_ranks} holds NaN/Inf{where}; no replica was changed. Lower the "
                     "learning rate or clip gradients, or pass nonfinite='skip' to the algorithm to average the "
                     "finite replicas only."
                 )
             # Repeat without the bad replicas: they contribute zeros and the divisor shrinks.
-            if bad[group.rank] != 0:
-                payload = torch.zeros_like(payload)
-            buf = payload.to(wire)
-            self.all_reduce_sum_(buf, group, kind)
-            divisor = group.size - len(bad_ranks)
-        mean = buf[: local.numel()].to(local.dtype) / divisor
+            retry = buf[:n]
+            if finite:
+                flatten_into(tensors, local)
+                if base is not None:
+                    local.sub_(base)
+                retry.copy_(local)
+            else:
+                retry.zero_()
+            self.all_reduce_sum_(retry, group, kind)
+            divisor = m - len(bad_ranks)
+        if wire != dtype:
+            local.copy_(buf[:n])
+        local.div_(divisor)
         if base is not None:
-            mean = mean + base
+            local.add_(base)
         if observer is not None:
-            observer(local, mean)
-        unflatten_(mean, tensors)
+            observer(local_copy, local)
+        unflatten_(local, tensors)
+
+    def _scratch(self, name: str, dtype: torch.dtype, numel: int, device: torch.device) -> Tensor:
+        """A reusable 1-D buffer (one per name/dtype/device), reallocated only when the size changes."""
+        key = (name, dtype, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() != numel:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf
 
     @torch.no_grad()
     def broadcast_tensors_(self, tensors: Sequence[Tensor], src: int, group: Group, kind: str) -> None:
@@ -217,3 +244,32 @@ class Collectives:
         flat = flatten(tensors)
         self.broadcast_(flat, src, group, kind)
         unflatten_(flat, tensors)
+
+    # ------------------------------------------------------------------ point to point (async parameter server)
+    def send(self, tensor: Tensor, dst: int, group: Group, kind: str, tag: int = 0) -> None:
+        """Blocking send of a contiguous tensor to global rank ``dst``.
+
+        Counts ``numel · element_size`` bytes (what this rank puts on the wire) and the seconds until
+        the receiver has taken it. Fails after the group's timeout, or at once if ``dst`` is gone.
+        """
+        nbytes = float(tensor.numel() * tensor.element_size())
+        self._timed(kind, nbytes, lambda: dist.send(tensor, dst=dst, group=group.handle, tag=tag))
+
+    def recv_(self, tensor: Tensor, src: int | None, group: Group, kind: str, tag: int = 0) -> int:
+        """Blocking receive into ``tensor`` from global rank ``src`` (``None``: from any rank).
+
+        Returns the sender's global rank. Counts 0 bytes (bytes are booked by the sender) and the
+        seconds spent waiting, which include the time until the sender sent. Fails after the group's
+        timeout: with gloo a timed-out receive also closes the connection, so it is final.
+        """
+        return int(self._timed(kind, 0.0, lambda: dist.recv(tensor, src=src, group=group.handle, tag=tag)))
+
+
+def new_group(ranks: list[int], rank: int, timeout: Any = None) -> Group:
+    """A new process group over ``ranks`` (every process must call this, in the same order).
+
+    ``rank`` is this process's global rank; ``timeout`` (a ``timedelta``) bounds every operation on
+    the group, including point-to-point receives.
+    """
+    handle = dist.new_group(ranks, timeout=timeout)
+    return Group(handle, list(ranks), ranks.index(rank) if rank in ranks else -1)

@@ -50,6 +50,19 @@ def flatten(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tens
 
 
 @torch.no_grad()
+def flatten_into(tensors: Sequence[Tensor], out: Tensor) -> Tensor:
+    """Copy ``tensors`` into the preallocated 1-D ``out`` (casting), without allocating."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        out[offset : offset + n].copy_(t.detach().reshape(-1))
+        offset += n
+    if offset != out.numel():
+        raise ValueError(f"out has {out.numel()} values but the tensors hold {offset}")
+    return out
+
+
+@torch.no_grad()
 def unflatten_(flat: Tensor, tensors: Sequence[Tensor]) -> None:
     """Copy the 1-D ``flat`` back into ``tensors`` in place (casting to each tensor's dtype)."""
     total = sum(t.numel() for t in tensors)

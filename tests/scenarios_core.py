@@ -185,16 +185,18 @@ def resume_and_evaluate(out_dir: str, devices: int, num_nodes: int, steps: int, 
     data = regression_data(4 * devices * num_nodes)
     out: dict[str, Any] = {}
 
-    def fit(name: str, validate: bool, save: bool, ckpt_path: str | None = None) -> TinyNet:
+    def fit(name: str, validate: bool, save: bool, ckpt_path: str | None = None, comm_dtype: str | None = None) -> TinyNet:
         seed_everything(0)
         model = TinyNet(momentum=0.9).double()  # built in float64 so loading a checkpoint does not round
         rec = Recorder()
         callbacks: list[Any] = [rec, PeriodicAveraging(sync_every=sync_every)]
         if save:
-            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", save_top_k=-1, every_n_epochs=1))
+            callbacks.append(
+                ModelCheckpoint(dirpath=ckpt_dir / name, filename="{step}", save_top_k=-1, every_n_epochs=1)
+            )
         kwargs = trainer_kwargs(devices, num_nodes, enable_checkpointing=save)
         trainer = Trainer(
-            strategy=LocalSGDStrategy(timeout=TIMEOUT),
+            strategy=LocalSGDStrategy(timeout=TIMEOUT, comm_dtype=comm_dtype),
             max_steps=steps,
             callbacks=callbacks,
             limit_val_batches=1.0 if validate else 0,
@@ -215,6 +217,9 @@ def resume_and_evaluate(out_dir: str, devices: int, num_nodes: int, steps: int, 
     fit("full", validate=True, save=True)
     fit("plain", validate=False, save=False)
     for s in (4, 6):
-        fit(f"resumed_{s}", validate=False, save=False, ckpt_path=str(ckpt_dir / f"step={s}.ckpt"))
-    out["checkpoints"] = {s: torch.load(ckpt_dir / f"step={s}.ckpt", weights_only=False) for s in (3, 4, 6)}
+        fit(f"resumed_{s}", validate=False, save=False, ckpt_path=str(ckpt_dir / "full" / f"step={s}.ckpt"))
+    out["checkpoints"] = {s: torch.load(ckpt_dir / "full" / f"step={s}.ckpt", weights_only=False) for s in (3, 4, 6)}
+    # the bf16 transport keeps an anchor: it must come back from the checkpoint too
+    fit("bf16_full", validate=False, save=True, comm_dtype="bfloat16")
+    fit("bf16_resumed_4", False, False, str(ckpt_dir / "bf16_full" / "step=4.ckpt"), comm_dtype="bfloat16")
     return out

@@ -54,14 +54,18 @@ def test_bf16_transport_sends_deltas_from_the_anchor(fake_allreduce):
     other.append(torch.tensor([1.5, 0.75, 0.0, 0.0]))  # rank 1's deltas -> replica [101.5, -49.25]
     c = Collectives(comm_dtype=torch.bfloat16)
     c.mean_([x], RANK0_OF_2, anchor=anchor)
+    assert anchor[0].tolist() == [100.0, -50.0]  # the anchor is read, never written
     assert calls[0].dtype == torch.bfloat16 and calls[0].tolist() == [0.5, -0.25, 0.0, 0.0]
     assert x.tolist() == [101.0, -49.75]  # anchor + mean delta, in fp32
     assert c.counters.bytes_by_kind["sync"] == 4 * 2  # 4 bf16 values, ring factor 1 for 2 ranks
 
 
-def test_reduced_precision_without_anchor_is_refused():
-    with pytest.raises(ValueError, match="anchor"):
-        Collectives(comm_dtype=torch.bfloat16).mean_([torch.ones(2)], RANK0_OF_2)
+def test_without_an_anchor_values_travel_in_full_precision(fake_allreduce):
+    calls, other = fake_allreduce
+    x = torch.tensor([1.0 + 2**-20])  # not representable in bf16
+    other.append(torch.tensor([3.0, 0.0, 0.0]))
+    Collectives(comm_dtype=torch.bfloat16).mean_([x], RANK0_OF_2)  # e.g. warm-up gradients
+    assert calls[0].dtype == torch.float32 and x.item() == (4.0 + 2**-20) / 2
 
 
 def test_nonfinite_flag_names_the_rank_and_changes_nothing(fake_allreduce):

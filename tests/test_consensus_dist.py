@@ -41,6 +41,11 @@ def test_consensus_in_evaluation_checkpoints_and_after_fit_and_exact_resume():
             assert resumed.shape[0] == steps - s
             assert (resumed - r["full"]["after"][s:]).abs().max() <= 1e-9, s
 
+    # the same with the bf16 transport, whose fp32 anchor travels in the checkpoint
+    for r in (r0, r1):
+        assert not torch.equal(r["bf16_full"]["after"], r["full"]["after"])  # bf16 really was on the wire
+        assert (r["bf16_resumed_4"]["after"] - r["bf16_full"]["after"][4:]).abs().max() <= 1e-9
+
     # after fit every rank holds the same model: the average of the last replicas
     final_mean = (pre_final(full[0]) + pre_final(full[1])) / 2
     assert torch.equal(r0["full"]["final"], r1["full"]["final"])

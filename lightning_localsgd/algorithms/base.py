@@ -111,7 +111,9 @@ class ConsensusAlgorithm(Callback):
         """``(averaged, broadcast)`` tensors of the module under this algorithm's buffer policy."""
         return sync_tensors(self.module, self.buffers)
 
-    def average_(self, tensors: list[Tensor], step: int, *, node: bool = False, anchor: list[Tensor] | None = None) -> None:
+    def average_(
+        self, tensors: list[Tensor], step: int, *, node: bool = False, anchor: Tensor | list[Tensor] | None = None
+    ) -> None:
         """Average ``tensors`` over the world (or this node) with the strategy's transport."""
         strategy = self.strategy
         strategy.comm.mean_(

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm, check_positive_int
 from lightning_localsgd.comm import NonFinitePolicy
-from lightning_localsgd.params import BufferPolicy, copy_, flatten, snapshot, unflatten_
+from lightning_localsgd.params import BufferPolicy, flatten, flatten_into, snapshot
 
 
 class PeriodicAveraging(ConsensusAlgorithm):
@@ -68,7 +68,7 @@ class PeriodicAveraging(ConsensusAlgorithm):
                 )
         self.node_sync_every = node_sync_every
         self.num_node_syncs = 0
-        self._anchor: list[Tensor] | None = None  # last world consensus, kept for reduced-precision transport
+        self._anchor: Tensor | None = None  # flat last world consensus, kept for reduced-precision transport
         self._pending_anchor: Tensor | None = None  # anchor read from a checkpoint, applied at attach
 
     def attach(self, strategy: Any) -> None:
@@ -82,11 +82,11 @@ class PeriodicAveraging(ConsensusAlgorithm):
         self._anchor = None
         if strategy.comm.comm_dtype is not None:
             averaged, _ = self.tensors()
-            self._anchor = snapshot(averaged)
+            self._anchor = flatten(snapshot(averaged))  # one flat fp32 (or fp64) copy
             if self._pending_anchor is not None:  # restored from a checkpoint
-                unflatten_(self._pending_anchor.to(self._anchor[0].device), self._anchor)
+                self._anchor.copy_(self._pending_anchor)
             elif not self.is_synced():  # restored mid-period from a checkpoint without one: agree on one
-                strategy.comm.mean_(self._anchor, strategy.world_group, kind="setup")
+                strategy.comm.mean_([self._anchor], strategy.world_group, kind="setup")
         self._pending_anchor = None
 
     def after_step(self, step: int) -> None:
@@ -106,13 +106,13 @@ class PeriodicAveraging(ConsensusAlgorithm):
         self.average_(averaged, step, anchor=self._anchor)
         self.broadcast_buffers_(broadcast)
         if self._anchor is not None:
-            copy_(self._anchor, averaged)
+            flatten_into(averaged, self._anchor)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["num_node_syncs"] = self.num_node_syncs
         if self._anchor is not None:
-            state["anchor"] = flatten(self._anchor).cpu()
+            state["anchor"] = self._anchor.detach().cpu().clone()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
