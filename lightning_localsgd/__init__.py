@@ -4,7 +4,7 @@ Importing the package registers the strategy names ``"localsgd"``, ``"localsgd_s
 ``"localsgd_bf16"`` with Lightning, so ``Trainer(strategy="localsgd")`` works.
 """
 
-from lightning_localsgd.algorithms import ConsensusAlgorithm, PeriodicAveraging
+from lightning_localsgd.algorithms import ConsensusAlgorithm, DiLoCo, ModifiedLocalGD, PeriodicAveraging
 from lightning_localsgd.comm import CommCounters, NonFiniteReplicaError
 from lightning_localsgd.monitors import CommStats, ReplicaDrift
 from lightning_localsgd.strategy import LocalSGDStrategy
@@ -15,7 +15,9 @@ __all__ = [
     "CommCounters",
     "CommStats",
     "ConsensusAlgorithm",
+    "DiLoCo",
     "LocalSGDStrategy",
+    "ModifiedLocalGD",
     "NonFiniteReplicaError",
     "PeriodicAveraging",
     "ReplicaDrift",

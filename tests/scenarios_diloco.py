@@ -106,7 +106,8 @@ def resume(out_dir: str, devices: int, num_nodes: int, steps: int, save_at: tupl
     out: dict[str, Any] = {}
     for start in (0, *save_at):
         seed_everything(0)
-        model, rec, alg = TinyNet(momentum=0.9), Recorder(), ALGORITHMS[algorithm](**kwargs)
+        # float64 before the checkpoint is loaded: Lightning restores weights before precision="64-true" converts
+        model, rec, alg = TinyNet(momentum=0.9).double(), Recorder(), ALGORITHMS[algorithm](**kwargs)
         saver = SaveAt(save_at if start == 0 else (), out_dir)
         ckpt = str(Path(out_dir) / f"step{start}.ckpt") if start else None
         fit(model, alg, full_batches(x, y, 10_000), steps, devices, num_nodes, [rec, saver], ckpt_path=ckpt)

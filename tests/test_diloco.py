@@ -20,6 +20,10 @@ def attached(algorithm: DiLoCo, comm_dtype: torch.dtype | None = None) -> tuple[
     return module, comm
 
 
+def assert_params(module: Toy, expected: list[float], atol: float = 1e-12) -> None:
+    torch.testing.assert_close(module.flat(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=atol)
+
+
 def local_round(module: Toy, comm: FakeComm, mine: list[float], other: list[float]) -> None:
     """This rank's replica after its local steps, and what the other rank will contribute."""
     module.set_(mine)
@@ -34,8 +38,7 @@ def test_two_syncs_are_nesterov_steps_on_the_mean_pseudo_gradient():
     assert torch.equal(module.flat(), torch.tensor(X0, dtype=torch.float64)) and not comm.sent  # a local step
     alg.after_step(2)
     # buf = Δ; θ ← θ − 0.7·(Δ + 0.9·buf) = [1, 2, 0.5] − 1.33·[0.3, 0, 0.2]
-    expected = torch.tensor([0.601, 2.0, 0.234], dtype=torch.float64)
-    torch.testing.assert_close(module.flat(), expected, rtol=0, atol=1e-12)
+    assert_params(module, [0.601, 2.0, 0.234])
     assert len(comm.sent) == 1 and comm.sent[0].numel() == 3 + 2  # one allreduce: payload + one flag per rank
     torch.testing.assert_close(comm.sent[0][:3], torch.tensor(X0, dtype=torch.float64), rtol=0, atol=0)
 
@@ -45,7 +48,7 @@ def test_two_syncs_are_nesterov_steps_on_the_mean_pseudo_gradient():
     alg.finalize(3)  # end of fit on a partial period: one more outer step
     # buf = 0.9·[0.3, 0, 0.2] + Δ₂ = [0.37, 0.2, 0.08]; step = Δ₂ + 0.9·buf = [0.433, 0.38, −0.028]
     # θ = [0.601, 2.0, 0.234] − 0.7·[0.433, 0.38, −0.028]
-    torch.testing.assert_close(module.flat(), torch.tensor([0.2979, 1.734, 0.2536], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert_params(module, [0.2979, 1.734, 0.2536])
     assert alg.num_syncs == 2 and len(comm.sent) == 2
 
 
@@ -60,8 +63,29 @@ def test_any_stock_outer_optimizer(spec):
     local_round(module, comm, X0, OTHER0)
     alg.after_step(1)
     # Adam's first step moves each coordinate by lr·Δ/(|Δ| + eps): 0.1 against the sign of Δ = [0.3, 0, 0.2]
-    torch.testing.assert_close(module.flat(), torch.tensor([0.9, 2.0, 0.4], dtype=torch.float64), rtol=0, atol=1e-8)
+    assert_params(module, [0.9, 2.0, 0.4], atol=1e-8)
     assert isinstance(alg.outer, torch.optim.Adam)
+
+
+def test_lightning_cli_yaml_builds_the_outer_optimizer():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    from lightning.pytorch import Callback
+
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--callbacks", type=list[Callback])
+    yaml = """
+    callbacks:
+      - class_path: lightning_localsgd.algorithms.diloco.DiLoCo
+        init_args:
+          sync_every: 1
+          outer_optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.1}}
+    """
+    (alg,) = parser.instantiate(parser.parse_string(yaml)).callbacks
+    module, comm = attached(alg)
+    local_round(module, comm, X0, OTHER0)
+    alg.after_step(1)
+    assert isinstance(alg.outer, torch.optim.Adam) and alg.outer.defaults["lr"] == 0.1
+    assert_params(module, [0.9, 2.0, 0.4], atol=1e-8)
 
 
 def test_anchor_is_retaken_at_the_end_of_warmup_and_kept_in_fp32_on_anchor_device():
@@ -71,7 +95,7 @@ def test_anchor_is_retaken_at_the_end_of_warmup_and_kept_in_fp32_on_anchor_devic
     alg.after_step(1)
     local_round(module, comm, X0, OTHER0)
     alg.after_step(3)  # first sync at warmup + H: Δ = [0.9, 2.1, 0.6] − [0.7, 2.0, 0.3] = [0.2, 0.1, 0.3]
-    torch.testing.assert_close(module.flat(), torch.tensor([0.634, 1.967, 0.201], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert_params(module, [0.634, 1.967, 0.201])
     assert all(a.device.type == "cpu" and a.dtype == torch.float64 for a in alg._anchor)
 
     half = DiLoCo(sync_every=2)
@@ -91,7 +115,7 @@ def test_reduced_precision_transport_sends_replica_minus_anchor():
     sent = comm.sent[0]
     assert sent.dtype == torch.bfloat16
     assert torch.equal(sent[:3], (torch.tensor(X0, dtype=torch.float64) - anchor).to(torch.bfloat16))
-    torch.testing.assert_close(module.flat(), torch.tensor([0.601, 2.0, 0.234], dtype=torch.float64), rtol=0, atol=3e-3)
+    assert_params(module, [0.601, 2.0, 0.234], atol=3e-3)
 
 
 def test_state_dict_round_trip_continues_the_outer_momentum():
@@ -109,7 +133,7 @@ def test_state_dict_round_trip_continues_the_outer_momentum():
     fake_attach(resumed, module2, comm2)
     local_round(module2, comm2, X1, OTHER1)
     resumed.after_step(4)
-    torch.testing.assert_close(module2.flat(), torch.tensor([0.2979, 1.734, 0.2536], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert_params(module2, [0.2979, 1.734, 0.2536])
 
 
 @pytest.mark.parametrize(
@@ -121,7 +145,7 @@ def test_state_dict_round_trip_continues_the_outer_momentum():
         ({"outer_momentum": 1.0}, r"outer_momentum must be a number in \[0, 1\)"),
         ({"nesterov": "yes"}, "nesterov must be True or False"),
         ({"outer_momentum": 0.0}, "pass nesterov=False"),
-        ({"outer_optimizer": functools.partial(torch.optim.Adam), "outer_lr": 0.5}, "outer_lr=0.5 would have no effect"),
+        ({"outer_optimizer": functools.partial(torch.optim.Adam), "outer_lr": 0.5}, "outer_lr=0.5 would have no"),
         ({"outer_optimizer": {"class_path": "torch.optim.SGD"}, "nesterov": False}, "nesterov=False would have no"),
         ({"outer_optimizer": {"class_path": "torch.optim.Nope"}}, "is not a torch.optim.Optimizer"),
         ({"outer_optimizer": {"class": "torch.optim.Adam"}}, "takes the keys 'class_path' and 'init_args'"),

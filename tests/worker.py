@@ -17,6 +17,9 @@ def main() -> None:
     result = fn(out_dir=out_dir, devices=int(devices), num_nodes=int(nodes), **kwargs)
     rank = int(os.environ["NODE_RANK"]) * int(devices) + int(os.environ["LOCAL_RANK"])
     torch.save(result, Path(out_dir) / f"result{rank}.pt")
+    if torch.distributed.is_initialized():
+        # gloo can abort at interpreter exit when a group is still alive (pytorch/pytorch#190489)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

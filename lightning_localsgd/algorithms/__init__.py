@@ -1,6 +1,8 @@
-"""Consensus algorithms: one file per algorithm, the math in each docstring."""
+"""Consensus algorithms (one per run) and gradient modifiers: one file each, the math in each docstring."""
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
+from lightning_localsgd.algorithms.diloco import DiLoCo
+from lightning_localsgd.algorithms.modified_localgd import ModifiedLocalGD
 from lightning_localsgd.algorithms.periodic import PeriodicAveraging
 
-__all__ = ["ConsensusAlgorithm", "PeriodicAveraging"]
+__all__ = ["ConsensusAlgorithm", "DiLoCo", "ModifiedLocalGD", "PeriodicAveraging"]

@@ -28,7 +28,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from lightning_localsgd.comm import NonFinitePolicy
-from lightning_localsgd.params import BUFFER_POLICIES, BufferPolicy, copy_, flatten, snapshot, sync_tensors
+from lightning_localsgd.params import BUFFER_POLICIES, BufferPolicy, copy_, sync_tensors
 
 if TYPE_CHECKING:
     from lightning_localsgd.strategy import LocalSGDStrategy
@@ -238,7 +238,3 @@ class ConsensusAlgorithm(Callback):
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`rank_state_dict` returned on this rank."""
 
-
-def flat_snapshot(tensors: list[Tensor]) -> Tensor:
-    """One fp32-or-wider flat copy of ``tensors`` (compact checkpoint form of an anchor)."""
-    return flatten(snapshot(tensors))

@@ -34,12 +34,15 @@ def outer_optimizer_factory(spec: OuterOptimizer | Mapping[str, Any]) -> OuterOp
         except (ImportError, AttributeError):
             cls = None
         if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
-            raise ValueError(f"outer_optimizer class_path {path!r} is not a torch.optim.Optimizer: use e.g. 'torch.optim.SGD'")
+            raise ValueError(
+                f"outer_optimizer class_path {path!r} is not a torch.optim.Optimizer: use e.g. 'torch.optim.SGD'"
+            )
         return functools.partial(cls, **dict(spec.get("init_args") or {}))
     if not callable(spec):
         raise TypeError(
-            f"outer_optimizer must be a callable params -> Optimizer such as functools.partial(torch.optim.Adam, lr=1e-3), "
-            f"or a dict with 'class_path' and 'init_args'; got {type(spec).__name__}"
+            "outer_optimizer must be a callable params -> Optimizer such as "
+            "functools.partial(torch.optim.Adam, lr=1e-3), or a dict with 'class_path' and 'init_args'; "
+            f"got {type(spec).__name__}"
         )
     return spec
 
@@ -117,7 +120,8 @@ class DiLoCo(ConsensusAlgorithm):
         super().__init__(sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite)
         if isinstance(outer_lr, bool) or not isinstance(outer_lr, (int, float)) or not outer_lr > 0:
             raise ValueError(f"outer_lr must be a positive number such as 0.7, got {outer_lr!r}")
-        if isinstance(outer_momentum, bool) or not isinstance(outer_momentum, (int, float)) or not 0 <= outer_momentum < 1:
+        momentum_ok = isinstance(outer_momentum, (int, float)) and not isinstance(outer_momentum, bool)
+        if not momentum_ok or not 0 <= outer_momentum < 1:
             raise ValueError(f"outer_momentum must be a number in [0, 1) such as 0.9, got {outer_momentum!r}")
         if not isinstance(nesterov, bool):
             raise ValueError(f"nesterov must be True or False, got {nesterov!r}")

@@ -72,7 +72,9 @@ class ModifiedLocalGD(ConsensusAlgorithm):
     ) -> None:
         super().__init__(sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite)
         if isinstance(prox, bool) or not isinstance(prox, (int, float)) or not 0 < prox < float("inf"):
-            raise ValueError(f"prox must be a positive number such as 0.01 (for prox=0 use PeriodicAveraging), got {prox!r}")
+            raise ValueError(
+                f"prox must be a positive number such as 0.01 (for prox=0 use PeriodicAveraging), got {prox!r}"
+            )
         if not isinstance(correction, bool):
             raise ValueError(f"correction must be True or False, got {correction!r}")
         self.prox = float(prox)
