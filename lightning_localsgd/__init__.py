@@ -4,7 +4,15 @@ Importing the package registers the strategy names ``"localsgd"``, ``"localsgd_s
 ``"localsgd_bf16"`` with Lightning, so ``Trainer(strategy="localsgd")`` works.
 """
 
-from lightning_localsgd.algorithms import ConsensusAlgorithm, DiLoCo, ModifiedLocalGD, PeriodicAveraging
+from lightning_localsgd.algorithms import (
+    ConsensusAlgorithm,
+    DiLoCo,
+    ElasticAveraging,
+    GradAlign,
+    LeaderSGD,
+    ModifiedLocalGD,
+    PeriodicAveraging,
+)
 from lightning_localsgd.comm import CommCounters, NonFiniteReplicaError
 from lightning_localsgd.monitors import CommStats, ReplicaDrift
 from lightning_localsgd.strategy import LocalSGDStrategy
@@ -16,6 +24,9 @@ __all__ = [
     "CommStats",
     "ConsensusAlgorithm",
     "DiLoCo",
+    "ElasticAveraging",
+    "GradAlign",
+    "LeaderSGD",
     "LocalSGDStrategy",
     "ModifiedLocalGD",
     "NonFiniteReplicaError",

@@ -3,17 +3,17 @@ and the plain-torch pieces the tests recompute them with."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_localsgd import LocalSGDStrategy, PeriodicAveraging
 from lightning_localsgd.algorithms.elastic import ElasticAveraging
@@ -50,8 +50,9 @@ def _fit(devices: int, num_nodes: int, algorithms: list[Callback], steps: int,
     seed_everything(0)
     model = make()
     rec, log = Recorder(), StepLog(algorithms[-1] if algorithms else None, attrs)
-    trainer = Trainer(strategy=LocalSGDStrategy(timeout=TIMEOUT), max_steps=steps,
-                      callbacks=[*algorithms, rec, log, *(extra or [])], **trainer_kwargs(devices, num_nodes, **overrides))
+    callbacks = [*algorithms, rec, log, *(extra or [])]
+    trainer = Trainer(strategy=LocalSGDStrategy(timeout=TIMEOUT), max_steps=steps, callbacks=callbacks,
+                      **trainer_kwargs(devices, num_nodes, **overrides))
     trainer.fit(model, train if train is not None else loader(regression_data(64)), val, ckpt_path=ckpt_path)
     counters = trainer.strategy.comm.counters
     return {
@@ -60,6 +61,7 @@ def _fit(devices: int, num_nodes: int, algorithms: list[Callback], steps: int,
         "val_params": getattr(model, "val_params", []), "final": flat_params(model),
         "calls": dict(counters.calls_by_kind), "bytes": dict(counters.bytes_by_kind),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "training_step_calls": getattr(model, "training_step_calls", None),
     }
 
 
@@ -75,12 +77,14 @@ def leader_runs(out_dir: str, devices: int, num_nodes: int, steps: int, configs:
     return out
 
 
-class SaveAtEpochEnd(Callback):
-    def __init__(self, path: str, algorithm: LeaderSGD) -> None:
-        self.path, self.algorithm, self.saved_state = path, algorithm, None
+class SaveAtStep(Callback):
+    """``trainer.save_checkpoint`` at the end of batch ``step`` (what ModelCheckpoint(every_n_train_steps) does)."""
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.current_epoch == 0:
+    def __init__(self, path: str, step: int, algorithm: LeaderSGD) -> None:
+        self.path, self.step, self.algorithm, self.saved_state = path, step, algorithm, None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
             trainer.save_checkpoint(self.path)
             self.saved_state = self.algorithm.rank_state_dict()
 
@@ -94,19 +98,21 @@ class RankStateAtStart(Callback):
 
 
 def leader_resume(out_dir: str, devices: int, num_nodes: int, cfg: dict[str, Any]) -> dict[str, Any]:
-    """16 steps (8 per epoch) uninterrupted, saving at the end of epoch 0; then resume from it
+    """16 steps (8 per epoch) uninterrupted, saving after step 8; then resume from it
     (and once more with the per-rank state dropped, to show that it matters)."""
     path = str(Path(out_dir) / "lsgd.ckpt")
-    kw = dict(limit_val_batches=0)
+    # float64 from construction: Lightning restores a checkpoint before converting the module to
+    # float64 ("64-true"), so an fp32-built module would round the restored replica to fp32.
+    kw: dict[str, Any] = dict(limit_val_batches=0, make=lambda: TinyNet(momentum=0.9).double())
     algo = LeaderSGD(**cfg)
-    saver = SaveAtEpochEnd(path, algo)
-    full = _fit(devices, num_nodes, [algo], 16, make=partial(TinyNet, momentum=0.9), extra=[saver], **kw)
+    saver = SaveAtStep(path, 8, algo)
+    full = _fit(devices, num_nodes, [algo], 16, extra=[saver], **kw)
     algo = LeaderSGD(**cfg)
     probe = RankStateAtStart(algo)
-    resumed = _fit(devices, num_nodes, [algo], 16, make=partial(TinyNet, momentum=0.9), ckpt_path=path, extra=[probe], **kw)
+    resumed = _fit(devices, num_nodes, [algo], 16, ckpt_path=path, extra=[probe], **kw)
     algo = LeaderSGD(**cfg)
     algo.load_rank_state_dict = lambda state: None  # type: ignore[method-assign]
-    dropped = _fit(devices, num_nodes, [algo], 16, make=partial(TinyNet, momentum=0.9), ckpt_path=path, **kw)
+    dropped = _fit(devices, num_nodes, [algo], 16, ckpt_path=path, **kw)
     return {"full": full, "resumed": resumed, "dropped": dropped, "saved_state": saver.saved_state,
             "restored_state": probe.state}
 
@@ -114,7 +120,8 @@ def leader_resume(out_dir: str, devices: int, num_nodes: int, cfg: dict[str, Any
 # ---------------------------------------------------------------------------------------------- ElasticAveraging
 def elastic_run(out_dir: str, devices: int, num_nodes: int, steps: int, cfg: dict[str, Any]) -> dict[str, Any]:
     algo = ElasticAveraging(**cfg)
-    out = _fit(devices, num_nodes, [algo], steps, make=partial(TinyNet, momentum=0.5), val=loader(regression_data(8, seed=1)),
+    val = loader(regression_data(8, seed=1))
+    out = _fit(devices, num_nodes, [algo], steps, make=partial(TinyNet, momentum=0.5), val=val,
                val_check_interval=5, limit_val_batches=1)
     out["center"] = torch.cat([c.reshape(-1) for c in algo.center])
     out["state_center"] = algo.state_dict()["center"]
@@ -133,8 +140,10 @@ class Quadratic(LightningModule):
         super().__init__()
         self.x = nn.Parameter(torch.zeros(2, dtype=torch.float64))
         self.lr = lr
+        self.training_step_calls = 0
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.training_step_calls += 1
         r = self.x - B[self.global_rank]
         return 0.5 * r @ A[self.global_rank] @ r
 
@@ -163,11 +172,13 @@ def gradalign_runs(out_dir: str, devices: int, num_nodes: int, beta: float, lr: 
 
 # ---------------------------------------------------------------------------------------------- plain torch
 def shard_batch(step: int, rank: int, world: int, n: int = 64, batch: int = 4) -> tuple[Tensor, Tensor]:
-    """Batch ``step`` (0-based) of ``rank`` under Lightning's DistributedSampler(shuffle=False)."""
+    """Batch ``step`` (0-based) of ``rank``: Lightning shards a training loader with
+    DistributedSampler(shuffle=True, seed=0) and calls set_epoch(epoch) every epoch."""
     x, y = regression_data(n).tensors
-    idx = torch.arange(rank, n, world)
-    per_epoch = len(idx) // batch
-    sel = idx[(step % per_epoch) * batch : (step % per_epoch + 1) * batch]
+    sampler = DistributedSampler(TensorDataset(x, y), num_replicas=world, rank=rank, shuffle=True, seed=0)
+    per_epoch = len(sampler) // batch
+    sampler.set_epoch(step // per_epoch)
+    sel = torch.tensor(list(sampler))[(step % per_epoch) * batch : (step % per_epoch + 1) * batch]
     return x[sel], y[sel]
 
 

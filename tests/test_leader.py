@@ -36,6 +36,14 @@ def test_arguments_are_validated_with_a_fix(kwargs, message):
         LeaderSGD(**kwargs)
 
 
+def test_a_reduced_comm_dtype_is_refused():
+    from lightning_localsgd import LocalSGDStrategy
+
+    trainer = SimpleNamespace(strategy=LocalSGDStrategy(comm_dtype="bfloat16"))
+    with pytest.raises(ValueError, match=r"would have no effect.*LocalSGDStrategy\(comm_dtype=None\)"):
+        LeaderSGD().setup(trainer, None, "fit")
+
+
 class FakeComm:
     """Three ranks; this process is rank 1. The other ranks' election rows and the leader's
     parameters are given; the byte counters are not used here."""
@@ -87,6 +95,41 @@ def test_election_ties_go_to_the_lowest_rank_and_nan_never_leads():
     comm.rows = {0: [0.4, 0.0], 2: [0.1, 1.0]}
     with pytest.raises(NonFiniteReplicaError, match=r"rank\(s\) \[2\] holds NaN/Inf at step 7"):
         algo.elect(algo.strategy.world_group, step=7)
+
+
+def test_step_pull_moves_toward_the_last_leader_copy_before_the_scheduled_pull():
+    algo = LeaderSGD(sync_every=2, pull=0.25, step_pull=0.5)
+    comm = FakeComm({0: [0.9, 0.0], 2: [0.5, 0.0]}, {2: torch.tensor([4.0, -8.0], dtype=torch.float64)})
+    module = attached(algo, comm, [0.0, 0.0])
+    algo._losses.append(0.7)
+    algo.after_step(1)  # no leader copy yet: nothing happens
+    assert [module.weight.item(), module.bias.item()] == [0.0, 0.0]
+    algo.after_step(2)  # pull: 0.75·(0, 0) + 0.25·(4, −8)
+    assert [module.weight.item(), module.bias.item()] == [1.0, -2.0]
+    algo.after_step(3)  # λ-pull toward the copy (4, −8): (1, −2) + 0.5·((4, −8) − (1, −2))
+    assert [module.weight.item(), module.bias.item()] == [2.5, -5.0]
+    algo.after_step(4)  # λ-pull to (3.25, −6.5), then the scheduled pull: 0.75·(3.25, −6.5) + 0.25·(4, −8)
+    assert [module.weight.item(), module.bias.item()] == [3.4375, -6.875]
+    state = algo.rank_state_dict()
+    assert state["losses"] == [0.7] and state["leader_copy"].tolist() == [4.0, -8.0] and algo.num_syncs == 2
+
+
+def test_evaluate_leader_uses_the_leaders_replica_everywhere():
+    algo = LeaderSGD(sync_every=2, pull=0.5, evaluate="leader")
+    comm = FakeComm({0: [0.9, 0.0], 2: [0.5, 0.0]}, {2: torch.tensor([4.0, -8.0], dtype=torch.float64)})
+    module = attached(algo, comm, [1.0, 2.0])
+    module.trainer.global_step = 3  # a local step since the last sync
+    algo._losses.append(0.7)
+    algo.begin_evaluation()
+    assert [module.weight.item(), module.bias.item()] == [4.0, -8.0]
+    algo.end_evaluation()  # the replica comes back exactly
+    assert [module.weight.item(), module.bias.item()] == [1.0, 2.0]
+    saved = algo.consensus_state_dict(module.state_dict())
+    assert [float(saved["weight"]), float(saved["bias"])] == [4.0, -8.0]
+    assert [module.weight.item(), module.bias.item()] == [1.0, 2.0]
+    algo.finalize(3)
+    assert [module.weight.item(), module.bias.item()] == [4.0, -8.0] and algo.is_synced()
+    assert comm.broadcasts == [(2, "eval"), (2, "checkpoint"), (2, "sync")]
 
 
 # ---------------------------------------------------------------------------------------------- helpers

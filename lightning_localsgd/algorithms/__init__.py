@@ -2,7 +2,18 @@
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.algorithms.diloco import DiLoCo
+from lightning_localsgd.algorithms.elastic import ElasticAveraging
+from lightning_localsgd.algorithms.gradalign import GradAlign
+from lightning_localsgd.algorithms.leader import LeaderSGD
 from lightning_localsgd.algorithms.modified_localgd import ModifiedLocalGD
 from lightning_localsgd.algorithms.periodic import PeriodicAveraging
 
-__all__ = ["ConsensusAlgorithm", "DiLoCo", "ModifiedLocalGD", "PeriodicAveraging"]
+__all__ = [
+    "ConsensusAlgorithm",
+    "DiLoCo",
+    "ElasticAveraging",
+    "GradAlign",
+    "LeaderSGD",
+    "ModifiedLocalGD",
+    "PeriodicAveraging",
+]

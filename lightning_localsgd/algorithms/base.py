@@ -75,6 +75,7 @@ class ConsensusAlgorithm(Callback):
         self._strategy: LocalSGDStrategy | None = None
         self._loaded = False  # state came from a checkpoint: do not re-snapshot anchors
         self._stash: dict[str, Tensor] | None = None  # replicas parked during evaluation
+        self._grads_averaged_at = -1  # step whose update used world-averaged gradients (GradAlign K = 1)
 
     # ------------------------------------------------------------------ Lightning callback hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -177,6 +178,10 @@ class ConsensusAlgorithm(Callback):
             self.sync(step)
             self.last_sync_step = step
             self.num_syncs += 1
+
+    def note_gradients_averaged(self, step: int) -> None:
+        """A gradient modifier (GradAlign K = 1) averaged step ``step``'s gradients over the world."""
+        self._grads_averaged_at = step
 
     def sync(self, step: int) -> None:
         """Make the replicas agree; called on every rank at the same step."""

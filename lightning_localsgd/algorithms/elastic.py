@@ -25,7 +25,8 @@ class ElasticAveraging(ConsensusAlgorithm):
         \text{every step:}\quad & x_i \leftarrow \text{inner\_step}(x_i) \qquad\text{(no communication)}\\
         \text{every } \tau \text{ steps:}\quad & m = \tfrac1n \textstyle\sum_j x_j \qquad\text{(one allreduce)}\\
             & x_i \leftarrow x_i - \alpha\,(x_i - \tilde x)\\
-            & \tilde x \leftarrow \tilde x + \beta\,(m - \tilde x) = \tilde x + \beta\,\tfrac1n \textstyle\sum_j (x_j - \tilde x)
+            & \tilde x \leftarrow \tilde x + \beta\,(m - \tilde x)
+              = \tilde x + \beta\,\tfrac1n \textstyle\sum_j (x_j - \tilde x)
 
     Both updates use the values from *before* the sync: the mean m is taken first, then the workers
     move toward the old center, then the center moves toward m. The default
@@ -115,8 +116,10 @@ class ElasticAveraging(ConsensusAlgorithm):
         else:  # nonfinite="skip" (else mean_ raised): this replica restarts from the center
             copy_(averaged, center)
         sizes = [t.numel() for t in center]
-        lerp_(center, [c.view_as(t) for c, t in zip(mean.split(sizes), center)], self.beta)  # x̃ ← x̃ + β(m − x̃)
-        self.broadcast_buffers_(broadcast)
+        m = [c.view_as(t) for c, t in zip(mean.split(sizes), center, strict=True)]
+        lerp_(center, m, self.beta)  # x̃ ← x̃ + β(m − x̃)
+        if broadcast:  # buffers="broadcast": rank 0's
+            self.broadcast_buffers_(broadcast)
 
     def _center(self) -> list[Tensor]:
         if self.center is None:
@@ -139,7 +142,8 @@ class ElasticAveraging(ConsensusAlgorithm):
         self._stash = {name: t.detach().clone() for name, t in named.items()}
         averaged, broadcast = self.tensors()
         copy_(averaged, self._center())
-        self.broadcast_buffers_(broadcast)
+        if broadcast:  # buffers="broadcast": rank 0's
+            self.broadcast_buffers_(broadcast)
 
     def consensus_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         out = dict(state_dict)

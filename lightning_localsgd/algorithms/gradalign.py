@@ -69,8 +69,8 @@ class GradAlign(Callback):
     (K = 1: it rides in allreduce 2; FedGA: one all-gather of a scalar per round).
 
     **Cost.** K = 1: 2 forward/backward passes and 2 allreduces of P values per update (about 2×
-    DDP's bytes and compute); the consensus algorithm's own sync comes on top (with
-    ``PeriodicAveraging(1)`` it averages equal replicas). FedGA: 1 extra forward/backward and 1
+    DDP's bytes and compute); ``PeriodicAveraging(1)`` then skips its parameter average (the
+    replicas took the same step and are still equal) and only syncs floating buffers. FedGA: 1 extra forward/backward and 1
     allreduce of P values per round. Memory: about three model-sized vectors during an update.
 
     Example::
@@ -107,8 +107,8 @@ class GradAlign(Callback):
             return
         if not isinstance(trainer.strategy, LocalSGDStrategy):
             raise TypeError(
-                "GradAlign needs the local-SGD strategy: use Trainer(strategy='localsgd', callbacks=["
-                f"PeriodicAveraging(sync_every=1), GradAlign(...)]) instead of strategy={type(trainer.strategy).__name__}"
+                "GradAlign needs the local-SGD strategy: use Trainer(strategy='localsgd', callbacks=[PeriodicAveraging("
+                f"sync_every=1), GradAlign(...)]) instead of strategy={type(trainer.strategy).__name__}"
             )
         if not pl_module.automatic_optimization:
             raise ValueError("GradAlign re-runs the training-step closure: use automatic optimization")
@@ -160,7 +160,10 @@ class GradAlign(Callback):
         for p in params:
             p.grad = None
         # pass 2 at x_i'; AbstractClosure.closure() leaves Lightning's cached result (pass 1's) alone
-        closure.closure() if isinstance(closure, AbstractClosure) else closure()
+        if isinstance(closure, AbstractClosure):
+            closure.closure()
+        else:
+            closure()
         copy_(list(module.buffers()), buffers)
         if k1:
             second = _grads(params)
@@ -173,6 +176,7 @@ class GradAlign(Callback):
                     p.grad = torch.zeros_like(p)
             n = sum(p.numel() for p in params)
             unflatten_(second[:n], [p.grad for p in params])
+            strategy.algorithm.note_gradients_averaged(step)  # equal replicas stay equal: no parameter sync
             self.alignment = float(second[n]) if self.log_alignment else None
         elif self.log_alignment:
             everyone = strategy.comm.all_gather(cosine.reshape(1), strategy.world_group, kind="monitor")

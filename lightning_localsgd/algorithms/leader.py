@@ -1,4 +1,4 @@
-"""LSGD: Leader Stochastic Gradient Descent, single- and multi-leader (Teng et al., NeurIPS 2019)."""
+"""LSGD: Leader Stochastic Gradient Descent, single- and multi-leader (Teng et al., NeurIPS 2019, arXiv 1905.10395)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
 
 def _fraction(name: str, value: Any, *, upper_open: bool = False) -> float:
     bound = "[0, 1)" if upper_open else "[0, 1]"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1 or (upper_open and value == 1):
+    number = not isinstance(value, bool) and isinstance(value, int | float)
+    if not number or not 0 <= value <= 1 or (upper_open and value == 1):
         raise ValueError(f"{name} must be a number in {bound}, got {value!r} (e.g. {name}=0.1)")
     return float(value)
 
@@ -59,9 +60,9 @@ class LeaderSGD(ConsensusAlgorithm):
 
     **Cost.** Election: one all-gather of two float64 numbers per rank (windowed loss, "holds
     NaN/Inf" flag). Pull: *one* broadcast of P values from the leader (about (m−1)/m·P values sent
-    per rank of an m-rank group, half an allreduce); global pulls cost 1/τ of DDP's bytes per step
-    at most. Memory: a P-sized receive buffer during a pull, kept as the leader copy when
-    ``step_pull > 0``; the loss window (k floats).
+    per rank of an m-rank group: half an allreduce), so Comm/DDP ≈ 1/(2τ) for the global pulls,
+    plus node-local traffic every τ_node steps. Memory: a P-sized receive buffer during a pull, kept
+    as the leader copy when ``step_pull > 0``; the loss window (k floats).
 
     Example::
 
@@ -131,8 +132,9 @@ class LeaderSGD(ConsensusAlgorithm):
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and trainer.strategy.comm.comm_dtype is not None:
             raise ValueError(
-                "LeaderSGD sends the leader's raw parameters, which a reduced comm_dtype would round: use "
-                "LocalSGDStrategy(comm_dtype=None) with LeaderSGD"
+                f"comm_dtype={trainer.strategy.comm.comm_dtype} would have no effect: LeaderSGD broadcasts the "
+                "leader's raw parameters (there is no shared anchor to send differences against). Use "
+                "LocalSGDStrategy(comm_dtype=None) with LeaderSGD."
             )
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:

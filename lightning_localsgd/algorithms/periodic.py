@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm, check_positive_int
 from lightning_localsgd.comm import NonFinitePolicy
-from lightning_localsgd.params import BufferPolicy, flatten, flatten_into, snapshot
+from lightning_localsgd.params import BufferPolicy, flatten, flatten_into, float_buffers, snapshot
 
 
 class PeriodicAveraging(ConsensusAlgorithm):
@@ -90,6 +90,16 @@ class PeriodicAveraging(ConsensusAlgorithm):
         self._pending_anchor = None
 
     def after_step(self, step: int) -> None:
+        if self._grads_averaged_at == step and self.last_sync_step == step - 1 and not self.in_warmup(step):
+            # Equal replicas took the same averaged-gradient step (GradAlign K = 1): they are still
+            # equal, so only the floating buffers (updated by each rank's own forward) need a sync.
+            buffers = float_buffers(self.module)
+            if self.buffers == "average":
+                self.average_(buffers, step)
+            elif self.buffers == "broadcast":
+                self.broadcast_buffers_(buffers)
+            self.last_sync_step = step
+            return
         super().after_step(step)
         if (
             self.node_sync_every is not None

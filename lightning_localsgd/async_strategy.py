@@ -1,0 +1,434 @@
+"""AsyncLocalSGDStrategy: asynchronous Local-SGD with a parameter server on rank 0 (seed 001)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch import Trainer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_localsgd.algorithms.base import ConsensusAlgorithm, check_positive_int
+from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, ServerOptimizer
+from lightning_localsgd.async_server import AsyncTrainingError, Kind, LocalClient, ParameterServer, RemoteClient, Reply, Status
+from lightning_localsgd.comm import Collectives, Group, new_group
+from lightning_localsgd.params import flatten, unflatten_
+from lightning_localsgd.strategy import LocalSGDStrategy
+
+_CHECKPOINT_KEY = "async_localsgd"
+
+
+@dataclass
+class _Worker:
+    """This rank's side of the protocol."""
+
+    anchor: Tensor  # x_pulled: [θ | buffers] at the last pull; the pseudo-gradient is anchor − replica
+    local_steps: int  # H_i of the current round
+    speed: float = 0.0  # EMA of optimizer steps per second
+    pushes: int = 0
+    steps: int = 0
+    staleness: int = 0  # of the last push
+    steps_since_pull: int = 0
+    round_time: float = 0.0
+    step_start: float = 0.0
+
+
+class AsyncLocalSGDStrategy(LocalSGDStrategy):
+    r"""Asynchronous Local-SGD (``strategy="async_localsgd"``): workers never wait for each other.
+
+    Every rank is a worker: it runs :math:`H_i` local optimizer steps from the global model it last
+    pulled, pushes its pseudo-gradient :math:`g = x_\text{pulled} - x_i` to the parameter server on
+    rank 0 and continues from the model the server sends back. The server applies every push once,
+    in arrival order, with ``outer_optimizer`` (:class:`~lightning_localsgd.DelayedNesterov` by default;
+    :class:`~lightning_localsgd.algorithms.delayed_nesterov.OuterSGD` for the naive baselines). The
+    staleness of a push is the number of server updates since that worker's pull. With
+    ``dynamic_local_steps`` (DyLU) :math:`H_i = \max(1, \lfloor H v_i / \max_j v_j \rfloor)`, where
+    :math:`v` is each worker's measured optimizer steps per second, so all workers push at about the
+    same rate. Design, protocol, limits and restrictions: ``docs/async.md``.
+
+    * **End of training.** A worker ends by its own ``max_steps``/``max_epochs``, or when the server
+      has applied ``max_updates`` pushes (the workers then finish their current round: the total is
+      between ``max_updates`` and ``max_updates + n − 1``). Its last partial round is pushed too, and
+      after ``fit`` every rank holds the final global model.
+    * **Validation** during ``fit`` pulls the current global model and puts the replica back after.
+    * **Checkpoints** (written by rank 0 at any point) carry the global model as ``state_dict`` and the
+      server's state (θ, momentum, Δ, t, speeds, counters) taken between two pushes; resuming
+      restores the server exactly and every worker starts a fresh round from θ (see docs/async.md).
+    * **Lockstep collectives** are impossible while ranks run at their own pace: during training
+      ``barrier`` and ``broadcast`` are local, ``reduce_boolean_decision`` returns the local
+      decision, ``self.log(sync_dist=True)`` logs the local value (with a warning) and
+      ``all_gather`` raises.
+
+    Example::
+
+        Trainer(devices=4, strategy=AsyncLocalSGDStrategy(sync_every=20, max_updates=2000))
+
+    Args:
+        sync_every: H, local steps per round (the fastest worker's under DyLU).
+        outer_optimizer: the server's optimizer; default ``DelayedNesterov(lr=0.07, momentum=0.9)``.
+        dynamic_local_steps: DyLU on (``True``) or every worker runs H steps per round.
+        slowdown: ``{rank: factor}``: after each optimizer step that rank sleeps ``factor − 1`` times the
+            step's measured time, to show heterogeneous workers on one machine.
+        max_updates: end training once the server applied this many pushes (``None``: each worker
+            stops at its own ``max_steps``/``max_epochs``).
+        speed_smoothing: weight of the previous speed estimate in the EMA, in [0, 1).
+        poll_interval: seconds between "is everyone done?" requests of a finished worker.
+        timeout: of every server message; a worker silent for longer (dead or stalled) ends the run
+            with :class:`~lightning_localsgd.async_server.AsyncTrainingError`. Must exceed the longest
+            round of local steps and the longest validation.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+        process_group_backend, start_method: as in ``DDPStrategy``.
+    """
+
+    strategy_name = "async_localsgd"
+
+    def __init__(
+        self,
+        sync_every: int = 20,
+        outer_optimizer: ServerOptimizer | None = None,
+        dynamic_local_steps: bool = True,
+        slowdown: Mapping[int, float] | None = None,
+        max_updates: int | None = None,
+        speed_smoothing: float = 0.5,
+        poll_interval: float = 0.05,
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.sync_every = check_positive_int("sync_every", sync_every)
+        if outer_optimizer is None:
+            outer_optimizer = DelayedNesterov(lr=0.07, momentum=0.9)
+        if not isinstance(outer_optimizer, ServerOptimizer):
+            raise TypeError(
+                "outer_optimizer must be a server optimizer such as DelayedNesterov(lr=0.07) or "
+                f"OuterSGD(lr=0.07, momentum=0.9, nesterov=True), got {type(outer_optimizer).__name__}"
+            )
+        self.outer_optimizer = outer_optimizer
+        if not isinstance(dynamic_local_steps, bool):
+            raise ValueError(f"dynamic_local_steps must be True or False, got {dynamic_local_steps!r}")
+        self.dynamic_local_steps = dynamic_local_steps
+        self.slowdown = {int(r): float(f) for r, f in dict(slowdown or {}).items()}
+        if any(f < 1 for f in self.slowdown.values()) or any(r < 0 for r in self.slowdown):
+            raise ValueError(f"slowdown maps ranks >= 0 to factors >= 1 (e.g. {{1: 3.0}}), got {slowdown!r}")
+        self.max_updates = None if max_updates is None else check_positive_int("max_updates", max_updates)
+        if not 0 <= speed_smoothing < 1:
+            raise ValueError(f"speed_smoothing must be in [0, 1) such as 0.5, got {speed_smoothing!r}")
+        if not poll_interval > 0:
+            raise ValueError(f"poll_interval must be a positive number of seconds such as 0.05, got {poll_interval!r}")
+        self.speed_smoothing, self.poll_interval = float(speed_smoothing), float(poll_interval)
+        self.server: ParameterServer | None = None  # rank 0 only
+        self.server_comm = Collectives()  # the server thread's own counters (bytes rank 0 sends as replies)
+        self.server_group = Group(None, [0], 0)
+        self.push_observers: list[Callable[[Any, Tensor], None]] = []  # handed to the server (tests, monitors)
+        self._client: LocalClient | RemoteClient | None = None
+        self._worker: _Worker | None = None
+        self._names: list[str] = []
+        self._num_params = 0
+        self._stash: list[Tensor] | None = None
+        self._restored_server: dict[str, Any] | None = None
+        self._active = False
+        self._warned_reduce = False
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        if self.world_size > 1:  # used only by the server protocol, so it never mixes with other traffic
+            self.server_group = new_group(list(range(self.world_size)), self.global_rank, timeout=self._timeout)
+
+    def _resolve_algorithm(self, trainer: Trainer) -> None:
+        found = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, ConsensusAlgorithm) or hasattr(cb, "wrap_closure")]
+        if found:
+            raise ValueError(
+                f"AsyncLocalSGDStrategy runs its own parameter server and cannot drive {', '.join(found)}: remove "
+                "them from callbacks, or use strategy='localsgd' for synchronous training with them"
+            )
+        if any(hasattr(cb, "observe") for cb in trainer.callbacks):
+            rank_zero_warn("ReplicaDrift has no effect with AsyncLocalSGDStrategy (there are no synchronous syncs)")
+        self.algorithm = None
+        if any(r >= self.world_size for r in self.slowdown):
+            raise ValueError(f"slowdown names ranks {sorted(self.slowdown)} but the run has ranks 0..{self.world_size - 1}")
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        super(LocalSGDStrategy, self).setup(trainer)  # DDPStrategy.setup; LocalSGDStrategy's attaches an algorithm
+        if trainer.state.fn == TrainerFn.FITTING and len(self.optimizers) != 1:
+            raise ValueError(
+                f"AsyncLocalSGDStrategy supports exactly one optimizer, got {len(self.optimizers)}; "
+                "combine parameter groups into one optimizer instead"
+            )
+
+    def _tensors(self) -> list[Tensor]:
+        """The state workers push and pull: trainable parameters, then floating buffers."""
+        module = self.lightning_module
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        buffers = [(n, b) for n, b in module.named_buffers() if torch.is_floating_point(b)]
+        self._names = [n for n, _ in params + buffers]
+        self._num_params = sum(p.numel() for _, p in params)
+        return [t for _, t in params + buffers]
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return
+        tensors = self._tensors()
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        state = flatten(tensors, dtype)
+        restored, rank = self._restored_server, self.global_rank
+        if rank == 0:
+            self.server = ParameterServer(
+                state.clone(), self._num_params, self.outer_optimizer, self.world_size,
+                sync_every=self.sync_every, dynamic_local_steps=self.dynamic_local_steps,
+                max_updates=self.max_updates, timeout=self._timeout_seconds(),
+            )  # fmt: skip
+            if restored is not None:
+                self.server.load_state_dict(restored)
+            self.server.observers = self.push_observers
+            if self.world_size > 1:
+                self.server.start(self.server_comm, self.server_group)
+            self._client = LocalClient(self.server, rank)
+        else:
+            self._client = RemoteClient(self.comm, self.server_group, state.numel(), dtype, rank)
+        w = self._worker = _Worker(anchor=state, local_steps=self.sync_every, step_start=time.monotonic())
+        if restored is not None:  # continue this worker's counters and DyLU state
+            w.pushes, w.steps = restored["pushes"][rank], restored["steps"][rank]
+            w.speed, w.local_steps = restored["speeds"][rank], restored["local_steps"][rank]
+        self._restored_server = None
+        self._set_active(True)
+
+    def _set_active(self, active: bool) -> None:
+        """Enter/leave the asynchronous phase, where no lockstep collective may run."""
+        self._active = active
+        # Lightning broadcasts a SIGTERM flag from rank 0 before every training batch: with ranks at
+        # different steps that pairs unrelated batches (lockstep, and hangs at the end). Check locally.
+        loop = self.lightning_module.trainer.fit_loop.epoch_loop
+        if active:
+            loop._broadcast_sigterm_tensor = self._local_sigterm_check
+        else:
+            loop.__dict__.pop("_broadcast_sigterm_tensor", None)
+
+    def _local_sigterm_check(self) -> None:
+        if getattr(self.lightning_module.trainer, "received_sigterm", False):
+            raise SIGTERMException()
+
+    def _timeout_seconds(self) -> float:
+        return self._timeout.total_seconds() if self._timeout is not None else default_pg_timeout.total_seconds()
+
+    # ------------------------------------------------------------------ the worker loop
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        w = self._worker
+        if not self._active or w is None:
+            return out
+        factor = self.slowdown.get(self.global_rank, 1.0)
+        if factor > 1:  # emulate a slower device: this step takes `factor` times as long
+            time.sleep((factor - 1) * (time.monotonic() - w.step_start))
+        w.round_time += time.monotonic() - w.step_start
+        w.steps_since_pull += 1
+        w.steps += 1
+        if self.server is not None:
+            self.server.check(self.global_rank)  # heartbeat; raises if another worker died or stalled
+        if w.steps_since_pull >= w.local_steps:
+            self._push()
+        w.step_start = time.monotonic()
+        return out
+
+    @torch.no_grad()
+    def _push(self) -> Reply:
+        w, client = self._worker, self._client
+        assert w is not None and client is not None
+        measured = w.steps_since_pull / max(w.round_time, 1e-9)
+        w.speed = measured if w.speed == 0 else self.speed_smoothing * w.speed + (1 - self.speed_smoothing) * measured
+        payload = flatten(self._tensors(), w.anchor.dtype)
+        payload[: self._num_params].neg_().add_(w.anchor[: self._num_params])  # g = x_pulled − x_i; buffers as they are
+        reply = client.request(Kind.PUSH, w.steps_since_pull, w.speed, payload)
+        assert reply is not None and reply.state is not None
+        self._adopt(reply.state)
+        w.pushes += 1
+        w.staleness, w.local_steps = reply.staleness, reply.local_steps
+        w.steps_since_pull, w.round_time = 0, 0.0
+        if reply.stop:
+            self.lightning_module.trainer.should_stop = True
+        self.lightning_module.log_dict(self.async_metrics(), on_step=True, on_epoch=False, batch_size=1)
+        return reply
+
+    def _adopt(self, state: Tensor) -> None:
+        assert self._worker is not None
+        unflatten_(state, self._tensors())
+        self._worker.anchor = state
+
+    def async_metrics(self) -> dict[str, float]:
+        """This worker's H_i, speed, pushes and last staleness; on rank 0 also the server's view per worker."""
+        w = self._worker
+        out: dict[str, float] = {}
+        if w is not None:
+            out.update({"async/local_steps": w.local_steps, "async/speed": w.speed, "async/pushes": w.pushes,
+                        "async/staleness": w.staleness})  # fmt: skip
+        server = self.server
+        if server is not None:
+            with server.lock:
+                for r in range(server.n):
+                    out[f"async/local_steps_rank{r}"] = server.local_steps[r]
+                    out[f"async/speed_rank{r}"] = server.speeds[r]
+                    out[f"async/pushes_rank{r}"] = server.pushes[r]
+                out["async/updates"] = server.updates
+                out["async/staleness_mean"] = server.staleness_sum / max(server.updates, 1)
+                out["async/staleness_max"] = server.staleness_max
+        return {k: float(v) for k, v in out.items()}
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        w, client = self._worker, self._client
+        if not self._active or w is None or client is None:
+            return
+        if w.steps_since_pull > 0:
+            self._push()  # the last, partial round
+        reply = client.request(Kind.DONE)
+        while reply is not None and reply.status == Status.WAIT:
+            client.wait(self.poll_interval)
+            reply = client.request(Kind.POLL)
+        assert reply is not None and reply.state is not None
+        self._adopt(reply.state)  # the final global model, on every rank
+        self._set_active(False)
+        if self.server is not None and self.server.thread is not None:
+            self.server.thread.join(self._timeout_seconds())
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        if not self._active:
+            return
+        self._set_active(False)
+        if self.server is not None:
+            self.server.abort(f"rank 0 failed: {type(exception).__name__}: {exception}")
+        elif self._client is not None and not isinstance(exception, AsyncTrainingError):
+            try:  # tell the server at once instead of letting it time out on this rank
+                self._client.request(Kind.FAIL)
+            except AsyncTrainingError:
+                pass
+
+    # ------------------------------------------------------------------ validation on the global model
+    @override
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if self._active and self._client is not None:
+            reply = self._client.request(Kind.PULL)
+            assert reply is not None and reply.state is not None
+            tensors = self._tensors()
+            self._stash = [t.detach().clone() for t in tensors]
+            unflatten_(reply.state, tensors)
+
+    @override
+    def on_validation_end(self) -> None:
+        if self._stash is not None:
+            for t, saved in zip(self._tensors(), self._stash, strict=True):
+                t.data.copy_(saved)
+            self._stash = None
+            if self._worker is not None:
+                self._worker.step_start = time.monotonic()  # validation time is not step time
+        super().on_validation_end()
+
+    # ------------------------------------------------------------------ no lockstep collectives while async
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if not self._active:  # ranks are at different steps: a barrier would pair unrelated calls
+            super().barrier(*args, **kwargs)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj if self._active else super().broadcast(obj, src)
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        return decision if self._active else super().reduce_boolean_decision(decision, all)
+
+    @override
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        if not self._active:
+            return super().reduce(tensor, group, reduce_op)
+        if not self._warned_reduce:
+            self._warned_reduce = True
+            rank_zero_warn(
+                "self.log(..., sync_dist=True) and strategy.reduce during async_localsgd training return each rank's "
+                "own value: the ranks are not in lockstep. Log without sync_dist to silence this."
+            )
+        return tensor
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
+        if self._active:
+            raise RuntimeError(
+                "all_gather during async_localsgd training would deadlock (ranks are at different steps): gather "
+                "after fit, or use strategy='localsgd' for lockstep training"
+            )
+        return super().all_gather(tensor, group, sync_grads)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        # Rank 0 writes: the server's consistent cut, and the global model as the state_dict. No collective.
+        if self.server is not None:
+            saved = self.server.state_dict()
+            state_dict = dict(checkpoint["state_dict"])
+            theta = saved["optimizer"]["theta"][0]
+            flat = torch.cat([theta, saved["buffers"]])
+            targets = [state_dict[name].clone() for name in self._names]
+            unflatten_(flat, targets)
+            state_dict.update(zip(self._names, targets))
+            checkpoint["state_dict"] = state_dict
+            checkpoint[_CHECKPOINT_KEY] = saved
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        self._restored_server = checkpoint.get(_CHECKPOINT_KEY) if fitting else None
+        super().load_model_state_dict(checkpoint, strict)
+
+    # ------------------------------------------------------------------ registration
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name, start_method in (("async_localsgd", "popen"), ("async_localsgd_spawn", "spawn")):
+            if name in strategy_registry:
+                continue  # imported twice (e.g. reloaded): keep the first registration
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"Asynchronous Local SGD with a parameter server on rank 0, start_method={start_method!r}",
+                start_method=start_method,
+            )
+
+
+AsyncLocalSGDStrategy.register_strategies(StrategyRegistry)
