@@ -161,6 +161,7 @@ def record_run(
         "calls": dict(counters.calls_by_kind),
         "bytes": dict(counters.bytes_by_kind),
         "drifts": drifts,
+        "logged": {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("comm/")},
         "error": error,
         "lr": net.lr,
         "final": [p.detach().clone() for p in net.parameters()],

@@ -79,6 +79,10 @@ def test_hierarchical_averaging_two_nodes_of_two():
     world_sync = 2 * 3 / 4 * (P + 4) * 8
     node_sync = 2 * 1 / 2 * (P + 2) * 8
     assert ranks[0]["bytes"]["sync"] == pytest.approx(2 * world_sync + 2 * node_sync)
+    # CommStats logs the same counters (MB; every byte this rank sent: setup broadcast, syncs, monitor)
+    logged = ranks[0]["logged"]
+    assert logged["comm/MB_sent"] == pytest.approx(sum(ranks[0]["bytes"].values()) / 1e6, rel=1e-6)
+    assert logged["comm/syncs"] == 2  # world syncs at steps 4 and 8; node syncs are not world syncs
 
 
 def test_nonfinite_replica_raises_naming_rank_and_step():
