@@ -1,24 +1,11 @@
-"""The parameter server of :class:`~lightning_localsgd.AsyncLocalSGDStrategy` and its wire protocol.
+"""The parameter server of :class:`~lightning_localsgd.AsyncLocalSGDStrategy` (rank 0).
 
 The server state is one flat vector ``[θ | float buffers]``; the outer optimizer steps θ once per
-push, buffers are replaced by the pushing worker's (last writer wins). :meth:`ParameterServer.handle`
-is the whole logic and does no communication: rank 0's own worker calls it directly, remote workers
-reach it through :meth:`ParameterServer.serve` (a thread on rank 0) and :class:`RemoteClient`.
-
-Every request gets exactly one reply (except ``FAIL``), so the server never sends to a worker that is
-not waiting for it, and a worker only ever waits for the answer to its own request:
-
-=========  ====================================  ===============================================
-request    payload                               reply
-=========  ====================================  ===============================================
-PUSH       steps, speed, ``[g | buffers]``       MODEL + new state, its H_i, staleness, stop flag
-PULL       –                                     MODEL + current state (validation; no update)
-DONE       –                                     FINAL + state when every worker is done, else WAIT
-POLL       –                                     as DONE (sent every ``poll_interval`` after WAIT)
-FAIL       –                                     none: the server aborts the run
-=========  ====================================  ===============================================
-
-After an abort every request is answered ``ABORT``. Headers are 6 float64 values.
+push, in arrival order; buffers are replaced by the pushing worker's (last writer wins).
+:meth:`ParameterServer.handle` is the whole logic and does no communication: rank 0's own worker
+calls it directly, remote workers reach it through :meth:`ParameterServer.serve`, a thread on
+rank 0 speaking the protocol of :mod:`lightning_localsgd.async_protocol`. One lock guards the
+state, so a push is applied completely or not at all, and a checkpoint is a cut between two pushes.
 """
 
 from __future__ import annotations
@@ -28,47 +15,24 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_localsgd.algorithms.delayed_nesterov import ServerOptimizer
+from lightning_localsgd.async_protocol import (
+    HEADER,
+    TAG_MODEL,
+    TAG_PUSH,
+    TAG_REPLY,
+    TAG_REQUEST,
+    AsyncTrainingError,
+    Kind,
+    Reply,
+    Status,
+)
 from lightning_localsgd.comm import Collectives, Group
-
-HEADER = 6
-TAG_REQUEST, TAG_PUSH, TAG_REPLY, TAG_MODEL = 11, 12, 13, 14
-
-
-class AsyncTrainingError(RuntimeError):
-    """Asynchronous training cannot continue: a worker or the parameter server died, stalled or failed."""
-
-
-class Kind(IntEnum):
-    PUSH = 1
-    PULL = 2
-    DONE = 3
-    POLL = 4
-    FAIL = 5
-
-
-class Status(IntEnum):
-    MODEL = 1
-    WAIT = 2
-    FINAL = 3
-    ABORT = 4
-
-
-@dataclass
-class Reply:
-    status: Status
-    state: Tensor | None = None  # [θ | buffers] for MODEL and FINAL
-    updates: int = 0  # pushes the server has applied so far
-    local_steps: int = 0  # H_i for the worker's next round
-    staleness: int = 0  # of the push this replies to
-    stop: bool = False  # max_updates reached: finish the current round and stop
-
 
 @dataclass
 class PushRecord:
@@ -105,7 +69,8 @@ class ParameterServer:
         self.state, self.num_params, self.n = state, num_params, num_workers
         self.optimizer = optimizer
         optimizer.bind([state[:num_params]], num_workers)  # a view: θ is stepped inside the flat state
-        self.sync_every, self.dynamic, self.max_updates, self.timeout = sync_every, dynamic_local_steps, max_updates, timeout
+        self.sync_every, self.dynamic = sync_every, dynamic_local_steps
+        self.max_updates, self.timeout = max_updates, timeout
         self.updates = 0
         self.pushes, self.steps = [0] * num_workers, [0] * num_workers
         self.speeds, self.local_steps = [0.0] * num_workers, [sync_every] * num_workers
@@ -119,7 +84,10 @@ class ParameterServer:
         self.thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the logic (no communication)
-    def handle(self, kind: Kind, worker: int, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None) -> Reply | None:
+    def handle(
+        self, kind: Kind, worker: int, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None
+    ) -> Reply | None:
+        """Answer one request of ``worker`` (``None`` for FAIL); a PUSH is applied here, once."""
         with self.lock:
             self.last_heard[worker] = time.monotonic()
             if kind == Kind.FAIL:
@@ -253,7 +221,7 @@ class ParameterServer:
                 reply = self.handle(kind, src, steps, speed, payload if kind == Kind.PUSH else None)
                 if reply is None:
                     continue
-                comm.send(encode(reply), src, group, kind="pull", tag=TAG_REPLY)
+                comm.send(reply.header(), src, group, kind="pull", tag=TAG_REPLY)
                 if reply.state is not None:
                     comm.send(reply.state, src, group, kind="pull", tag=TAG_MODEL)
         except Exception as err:  # noqa: BLE001 - reported to rank 0's worker by check()
@@ -261,65 +229,3 @@ class ParameterServer:
                 self._check_stalls()  # a timed-out receive: name the silent worker if there is one
             waiting = [w for w in remote if not self.final_sent[w]]
             self.abort(f"the parameter server thread failed while workers {waiting} were running: {err}")
-
-
-def encode(reply: Reply) -> Tensor:
-    values = [float(reply.status), reply.updates, reply.local_steps, reply.staleness, float(reply.stop), 0.0]
-    return torch.tensor(values, dtype=torch.float64)
-
-
-class LocalClient:
-    """Rank 0's own worker: calls the server in-process (no network)."""
-
-    def __init__(self, server: ParameterServer, rank: int = 0) -> None:
-        self.server, self.rank = server, rank
-
-    def request(self, kind: Kind, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None) -> Reply | None:
-        reply = self.server.handle(kind, self.rank, steps, speed, payload)
-        if reply is not None and reply.status == Status.ABORT:
-            raise AsyncTrainingError(f"asynchronous training aborted: {self.server.abort_reason}")
-        return reply
-
-    def wait(self, seconds: float) -> None:
-        self.server.wait(self.rank, seconds)
-
-
-class RemoteClient:
-    """A worker on rank > 0: requests over the server's dedicated process group, replies from rank 0."""
-
-    def __init__(self, comm: Collectives, group: Group, state_numel: int, dtype: torch.dtype, rank: int) -> None:
-        self.comm, self.group, self.rank = comm, group, rank
-        self.server_rank = group.ranks[0]
-        self.state = torch.empty(state_numel, dtype=dtype)
-
-    def request(self, kind: Kind, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None) -> Reply | None:
-        header = torch.tensor([float(kind), steps, speed, 0.0, 0.0, 0.0], dtype=torch.float64)
-        what = "push" if kind == Kind.PUSH else "control"
-        try:
-            self.comm.send(header, self.server_rank, self.group, kind=what, tag=TAG_REQUEST)
-            if payload is not None:
-                self.comm.send(payload, self.server_rank, self.group, kind=what, tag=TAG_PUSH)
-            if kind == Kind.FAIL:
-                return None
-            self.comm.recv_(header, self.server_rank, self.group, kind="wait", tag=TAG_REPLY)
-            status = Status(int(header[0]))
-            state = None
-            if status in (Status.MODEL, Status.FINAL):
-                self.comm.recv_(self.state, self.server_rank, self.group, kind="wait", tag=TAG_MODEL)
-                state = self.state.clone()
-        except RuntimeError as err:
-            raise AsyncTrainingError(
-                f"rank {self.rank} lost the parameter server on rank {self.server_rank} during a {kind.name}: {err}. "
-                f"Rank {self.server_rank} died or stalled (see its log), or the strategy's timeout is shorter than "
-                "the server's longest silence."
-            ) from err
-        if status == Status.ABORT:
-            raise AsyncTrainingError(
-                f"asynchronous training aborted by the parameter server on rank {self.server_rank}: another worker "
-                "died, stalled or failed (rank 0's error names it)"
-            )
-        values = header.tolist()
-        return Reply(status, state, int(values[1]), int(values[2]), int(values[3]), bool(values[4]))
-
-    def wait(self, seconds: float) -> None:
-        time.sleep(seconds)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -15,7 +13,6 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -23,7 +20,10 @@ from typing_extensions import override
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm, check_positive_int
 from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, ServerOptimizer
-from lightning_localsgd.async_server import AsyncTrainingError, Kind, LocalClient, ParameterServer, RemoteClient, Reply, Status
+from lightning_localsgd.async_guards import LockstepGuards
+from lightning_localsgd.async_protocol import AsyncTrainingError, Kind, LocalClient, RemoteClient
+from lightning_localsgd.async_server import ParameterServer
+from lightning_localsgd.async_worker import AsyncWorker, state_dtype
 from lightning_localsgd.comm import Collectives, Group, new_group
 from lightning_localsgd.params import flatten, unflatten_
 from lightning_localsgd.strategy import LocalSGDStrategy
@@ -31,22 +31,7 @@ from lightning_localsgd.strategy import LocalSGDStrategy
 _CHECKPOINT_KEY = "async_localsgd"
 
 
-@dataclass
-class _Worker:
-    """This rank's side of the protocol."""
-
-    anchor: Tensor  # x_pulled: [θ | buffers] at the last pull; the pseudo-gradient is anchor − replica
-    local_steps: int  # H_i of the current round
-    speed: float = 0.0  # EMA of optimizer steps per second
-    pushes: int = 0
-    steps: int = 0
-    staleness: int = 0  # of the last push
-    steps_since_pull: int = 0
-    round_time: float = 0.0
-    step_start: float = 0.0
-
-
-class AsyncLocalSGDStrategy(LocalSGDStrategy):
+class AsyncLocalSGDStrategy(LockstepGuards, LocalSGDStrategy):
     r"""Asynchronous Local-SGD (``strategy="async_localsgd"``): workers never wait for each other.
 
     Every rank is a worker: it runs :math:`H_i` local optimizer steps from the global model it last
@@ -68,9 +53,8 @@ class AsyncLocalSGDStrategy(LocalSGDStrategy):
       server's state (θ, momentum, Δ, t, speeds, counters) taken between two pushes; resuming
       restores the server exactly and every worker starts a fresh round from θ (see docs/async.md).
     * **Lockstep collectives** are impossible while ranks run at their own pace: during training
-      ``barrier`` and ``broadcast`` are local, ``reduce_boolean_decision`` returns the local
-      decision, ``self.log(sync_dist=True)`` logs the local value (with a warning) and
-      ``all_gather`` raises.
+      ``barrier`` and ``broadcast`` are local, ``self.log(sync_dist=True)`` logs the local value
+      (with a warning) and ``all_gather`` raises (:class:`~lightning_localsgd.async_guards.LockstepGuards`).
 
     Example::
 
@@ -148,14 +132,10 @@ class AsyncLocalSGDStrategy(LocalSGDStrategy):
         self.server_comm = Collectives()  # the server thread's own counters (bytes rank 0 sends as replies)
         self.server_group = Group(None, [0], 0)
         self.push_observers: list[Callable[[Any, Tensor], None]] = []  # handed to the server (tests, monitors)
-        self._client: LocalClient | RemoteClient | None = None
-        self._worker: _Worker | None = None
+        self.worker: AsyncWorker | None = None
         self._names: list[str] = []
         self._num_params = 0
-        self._stash: list[Tensor] | None = None
         self._restored_server: dict[str, Any] | None = None
-        self._active = False
-        self._warned_reduce = False
 
     # ------------------------------------------------------------------ setup
     @override
@@ -165,7 +145,8 @@ class AsyncLocalSGDStrategy(LocalSGDStrategy):
             self.server_group = new_group(list(range(self.world_size)), self.global_rank, timeout=self._timeout)
 
     def _resolve_algorithm(self, trainer: Trainer) -> None:
-        found = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, ConsensusAlgorithm) or hasattr(cb, "wrap_closure")]
+        lockstep = [cb for cb in trainer.callbacks if isinstance(cb, ConsensusAlgorithm) or hasattr(cb, "wrap_closure")]
+        found = [type(cb).__name__ for cb in lockstep]
         if found:
             raise ValueError(
                 f"AsyncLocalSGDStrategy runs its own parameter server and cannot drive {', '.join(found)}: remove "
@@ -175,7 +156,9 @@ class AsyncLocalSGDStrategy(LocalSGDStrategy):
             rank_zero_warn("ReplicaDrift has no effect with AsyncLocalSGDStrategy (there are no synchronous syncs)")
         self.algorithm = None
         if any(r >= self.world_size for r in self.slowdown):
-            raise ValueError(f"slowdown names ranks {sorted(self.slowdown)} but the run has ranks 0..{self.world_size - 1}")
+            raise ValueError(
+                f"slowdown names ranks {sorted(self.slowdown)} but the run has ranks 0..{self.world_size - 1}"
+            )
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -201,9 +184,9 @@ class AsyncLocalSGDStrategy(LocalSGDStrategy):
         if self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
             return
         tensors = self._tensors()
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-        state = flatten(tensors, dtype)
+        state = flatten(tensors, state_dtype(tensors))
         restored, rank = self._restored_server, self.global_rank
+        client: LocalClient | RemoteClient
         if rank == 0:
             self.server = ParameterServer(
                 state.clone(), self._num_params, self.outer_optimizer, self.world_size,
@@ -215,30 +198,16 @@ class AsyncLocalSGDStrategy(LocalSGDStrategy):
             self.server.observers = self.push_observers
             if self.world_size > 1:
                 self.server.start(self.server_comm, self.server_group)
-            self._client = LocalClient(self.server, rank)
+            client = LocalClient(self.server, rank)
         else:
-            self._client = RemoteClient(self.comm, self.server_group, state.numel(), dtype, rank)
-        w = self._worker = _Worker(anchor=state, local_steps=self.sync_every, step_start=time.monotonic())
-        if restored is not None:  # continue this worker's counters and DyLU state
-            w.pushes, w.steps = restored["pushes"][rank], restored["steps"][rank]
-            w.speed, w.local_steps = restored["speeds"][rank], restored["local_steps"][rank]
+            client = RemoteClient(self.comm, self.server_group, state.numel(), state.dtype, rank)
+        self.worker = AsyncWorker(
+            client, self._tensors, self._num_params, state, sync_every=self.sync_every,
+            slowdown=self.slowdown.get(rank, 1.0), speed_smoothing=self.speed_smoothing,
+            poll_interval=self.poll_interval, restored=restored, rank=rank,
+        )  # fmt: skip
         self._restored_server = None
         self._set_active(True)
-
-    def _set_active(self, active: bool) -> None:
-        """Enter/leave the asynchronous phase, where no lockstep collective may run."""
-        self._active = active
-        # Lightning broadcasts a SIGTERM flag from rank 0 before every training batch: with ranks at
-        # different steps that pairs unrelated batches (lockstep, and hangs at the end). Check locally.
-        loop = self.lightning_module.trainer.fit_loop.epoch_loop
-        if active:
-            loop._broadcast_sigterm_tensor = self._local_sigterm_check
-        else:
-            loop.__dict__.pop("_broadcast_sigterm_tensor", None)
-
-    def _local_sigterm_check(self) -> None:
-        if getattr(self.lightning_module.trainer, "received_sigterm", False):
-            raise SIGTERMException()
 
     def _timeout_seconds(self) -> float:
         return self._timeout.total_seconds() if self._timeout is not None else default_pg_timeout.total_seconds()
@@ -247,82 +216,37 @@ class AsyncLocalSGDStrategy(LocalSGDStrategy):
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
-        w = self._worker
-        if not self._active or w is None:
-            return out
-        factor = self.slowdown.get(self.global_rank, 1.0)
-        if factor > 1:  # emulate a slower device: this step takes `factor` times as long
-            time.sleep((factor - 1) * (time.monotonic() - w.step_start))
-        w.round_time += time.monotonic() - w.step_start
-        w.steps_since_pull += 1
-        w.steps += 1
-        if self.server is not None:
-            self.server.check(self.global_rank)  # heartbeat; raises if another worker died or stalled
-        if w.steps_since_pull >= w.local_steps:
-            self._push()
-        w.step_start = time.monotonic()
+        if self._active and self.worker is not None:
+            reply = self.worker.after_step()
+            if reply is not None:
+                if reply.stop:  # max_updates reached on the server
+                    self.lightning_module.trainer.should_stop = True
+                self.lightning_module.log_dict(self.async_metrics(), on_step=True, on_epoch=False, batch_size=1)
         return out
-
-    @torch.no_grad()
-    def _push(self) -> Reply:
-        w, client = self._worker, self._client
-        assert w is not None and client is not None
-        measured = w.steps_since_pull / max(w.round_time, 1e-9)
-        w.speed = measured if w.speed == 0 else self.speed_smoothing * w.speed + (1 - self.speed_smoothing) * measured
-        payload = flatten(self._tensors(), w.anchor.dtype)
-        payload[: self._num_params].neg_().add_(w.anchor[: self._num_params])  # g = x_pulled − x_i; buffers as they are
-        reply = client.request(Kind.PUSH, w.steps_since_pull, w.speed, payload)
-        assert reply is not None and reply.state is not None
-        self._adopt(reply.state)
-        w.pushes += 1
-        w.staleness, w.local_steps = reply.staleness, reply.local_steps
-        w.steps_since_pull, w.round_time = 0, 0.0
-        if reply.stop:
-            self.lightning_module.trainer.should_stop = True
-        self.lightning_module.log_dict(self.async_metrics(), on_step=True, on_epoch=False, batch_size=1)
-        return reply
-
-    def _adopt(self, state: Tensor) -> None:
-        assert self._worker is not None
-        unflatten_(state, self._tensors())
-        self._worker.anchor = state
 
     def async_metrics(self) -> dict[str, float]:
         """This worker's H_i, speed, pushes and last staleness; on rank 0 also the server's view per worker."""
-        w = self._worker
-        out: dict[str, float] = {}
-        if w is not None:
-            out.update({"async/local_steps": w.local_steps, "async/speed": w.speed, "async/pushes": w.pushes,
-                        "async/staleness": w.staleness})  # fmt: skip
+        out = self.worker.metrics() if self.worker is not None else {}
         server = self.server
         if server is not None:
             with server.lock:
                 for r in range(server.n):
-                    out[f"async/local_steps_rank{r}"] = server.local_steps[r]
+                    out[f"async/local_steps_rank{r}"] = float(server.local_steps[r])
                     out[f"async/speed_rank{r}"] = server.speeds[r]
-                    out[f"async/pushes_rank{r}"] = server.pushes[r]
-                out["async/updates"] = server.updates
+                    out[f"async/pushes_rank{r}"] = float(server.pushes[r])
+                out["async/updates"] = float(server.updates)
                 out["async/staleness_mean"] = server.staleness_sum / max(server.updates, 1)
-                out["async/staleness_max"] = server.staleness_max
-        return {k: float(v) for k, v in out.items()}
+                out["async/staleness_max"] = float(server.staleness_max)
+        return out
 
     @override
     def on_train_end(self) -> None:
         super().on_train_end()
-        w, client = self._worker, self._client
-        if not self._active or w is None or client is None:
-            return
-        if w.steps_since_pull > 0:
-            self._push()  # the last, partial round
-        reply = client.request(Kind.DONE)
-        while reply is not None and reply.status == Status.WAIT:
-            client.wait(self.poll_interval)
-            reply = client.request(Kind.POLL)
-        assert reply is not None and reply.state is not None
-        self._adopt(reply.state)  # the final global model, on every rank
-        self._set_active(False)
-        if self.server is not None and self.server.thread is not None:
-            self.server.thread.join(self._timeout_seconds())
+        if self._active and self.worker is not None:
+            self.worker.finish()  # last push, DONE, and the final global model on every rank
+            self._set_active(False)
+            if self.server is not None and self.server.thread is not None:
+                self.server.thread.join(self._timeout_seconds())
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -332,9 +256,9 @@ class AsyncLocalSGDStrategy(LocalSGDStrategy):
         self._set_active(False)
         if self.server is not None:
             self.server.abort(f"rank 0 failed: {type(exception).__name__}: {exception}")
-        elif self._client is not None and not isinstance(exception, AsyncTrainingError):
+        elif self.worker is not None and not isinstance(exception, AsyncTrainingError):
             try:  # tell the server at once instead of letting it time out on this rank
-                self._client.request(Kind.FAIL)
+                self.worker.client.request(Kind.FAIL)
             except AsyncTrainingError:
                 pass
 
@@ -342,57 +266,14 @@ class AsyncLocalSGDStrategy(LocalSGDStrategy):
     @override
     def on_validation_start(self) -> None:
         super().on_validation_start()
-        if self._active and self._client is not None:
-            reply = self._client.request(Kind.PULL)
-            assert reply is not None and reply.state is not None
-            tensors = self._tensors()
-            self._stash = [t.detach().clone() for t in tensors]
-            unflatten_(reply.state, tensors)
+        if self._active and self.worker is not None:
+            self.worker.begin_evaluation()  # the server's current global model; the replica is parked
 
     @override
     def on_validation_end(self) -> None:
-        if self._stash is not None:
-            for t, saved in zip(self._tensors(), self._stash, strict=True):
-                t.data.copy_(saved)
-            self._stash = None
-            if self._worker is not None:
-                self._worker.step_start = time.monotonic()  # validation time is not step time
+        if self.worker is not None:
+            self.worker.end_evaluation()
         super().on_validation_end()
-
-    # ------------------------------------------------------------------ no lockstep collectives while async
-    @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if not self._active:  # ranks are at different steps: a barrier would pair unrelated calls
-            super().barrier(*args, **kwargs)
-
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return obj if self._active else super().broadcast(obj, src)
-
-    @override
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        return decision if self._active else super().reduce_boolean_decision(decision, all)
-
-    @override
-    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
-        if not self._active:
-            return super().reduce(tensor, group, reduce_op)
-        if not self._warned_reduce:
-            self._warned_reduce = True
-            rank_zero_warn(
-                "self.log(..., sync_dist=True) and strategy.reduce during async_localsgd training return each rank's "
-                "own value: the ranks are not in lockstep. Log without sync_dist to silence this."
-            )
-        return tensor
-
-    @override
-    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
-        if self._active:
-            raise RuntimeError(
-                "all_gather during async_localsgd training would deadlock (ranks are at different steps): gather "
-                "after fit, or use strategy='localsgd' for lockstep training"
-            )
-        return super().all_gather(tensor, group, sync_grads)
 
     # ------------------------------------------------------------------ checkpoints
     @override

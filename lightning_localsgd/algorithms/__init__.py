@@ -1,6 +1,7 @@
 """Consensus algorithms (one per run) and gradient modifiers: one file each, the math in each docstring."""
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
+from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, OuterSGD, ServerOptimizer
 from lightning_localsgd.algorithms.diloco import DiLoCo
 from lightning_localsgd.algorithms.elastic import ElasticAveraging
 from lightning_localsgd.algorithms.gradalign import GradAlign
@@ -10,10 +11,13 @@ from lightning_localsgd.algorithms.periodic import PeriodicAveraging
 
 __all__ = [
     "ConsensusAlgorithm",
+    "DelayedNesterov",
     "DiLoCo",
     "ElasticAveraging",
     "GradAlign",
     "LeaderSGD",
     "ModifiedLocalGD",
+    "OuterSGD",
     "PeriodicAveraging",
+    "ServerOptimizer",
 ]

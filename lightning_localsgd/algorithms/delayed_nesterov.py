@@ -95,8 +95,12 @@ class DelayedNesterov(ServerOptimizer):
     ) -> None:
         super().__init__(lr)
         self.momentum = _check_number("momentum", momentum, 0.0, 1.0, "0.9", open_high=True)
-        if buffer_size is not None and (isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1):
-            raise ValueError(f"buffer_size must be None (the number of workers) or an integer >= 1, got {buffer_size!r}")
+        if buffer_size is not None and (
+            isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1
+        ):
+            raise ValueError(
+                f"buffer_size must be None (the number of workers) or an integer >= 1, got {buffer_size!r}"
+            )
         self.buffer_size = buffer_size
         self.activation = _check_number("activation", activation, 0.0, 1.0 / (buffer_size or 1), "0.0")
         self.n = buffer_size or 1  # N in use, fixed at bind

@@ -1,0 +1,138 @@
+"""The request/reply protocol between asynchronous workers and the parameter server on rank 0.
+
+Every request gets exactly one reply (except ``FAIL``), so the server never sends to a worker that is
+not waiting for it, and a worker only ever waits for the answer to its own request:
+
+=========  ====================================  ===============================================
+request    payload                               reply
+=========  ====================================  ===============================================
+PUSH       steps, speed, ``[g | buffers]``       MODEL + new state, its H_i, staleness, stop flag
+PULL       –                                     MODEL + current state (validation; no update)
+DONE       –                                     FINAL + state when every worker is done, else WAIT
+POLL       –                                     as DONE (sent every ``poll_interval`` after WAIT)
+FAIL       –                                     none: the server aborts the run
+=========  ====================================  ===============================================
+
+After an abort every request is answered ``ABORT``. Headers are 6 float64 values; a request travels
+as header (+ payload) with tags ``TAG_REQUEST``/``TAG_PUSH``, a reply as header (+ state) with
+``TAG_REPLY``/``TAG_MODEL``, all on a process group used by nothing else. Rank 0's own worker skips
+the network: :class:`LocalClient` calls :meth:`ParameterServer.handle` in-process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from lightning_localsgd.comm import Collectives, Group
+
+if TYPE_CHECKING:
+    from lightning_localsgd.async_server import ParameterServer
+
+HEADER = 6
+TAG_REQUEST, TAG_PUSH, TAG_REPLY, TAG_MODEL = 11, 12, 13, 14
+
+
+class AsyncTrainingError(RuntimeError):
+    """Asynchronous training cannot continue: a worker or the parameter server died, stalled or failed."""
+
+
+class Kind(IntEnum):
+    PUSH = 1
+    PULL = 2
+    DONE = 3
+    POLL = 4
+    FAIL = 5
+
+
+class Status(IntEnum):
+    MODEL = 1
+    WAIT = 2
+    FINAL = 3
+    ABORT = 4
+
+
+@dataclass
+class Reply:
+    status: Status
+    state: Tensor | None = None  # [θ | buffers] for MODEL and FINAL
+    updates: int = 0  # pushes the server has applied so far
+    local_steps: int = 0  # H_i for the worker's next round
+    staleness: int = 0  # of the push this replies to
+    stop: bool = False  # max_updates reached: finish the current round and stop
+
+    def header(self) -> Tensor:
+        values = [float(self.status), self.updates, self.local_steps, self.staleness, float(self.stop), 0.0]
+        return torch.tensor(values, dtype=torch.float64)
+
+    @classmethod
+    def from_header(cls, header: Tensor, state: Tensor | None) -> Reply:
+        status, updates, local_steps, staleness, stop, _ = header.tolist()
+        return cls(Status(int(status)), state, int(updates), int(local_steps), int(staleness), bool(stop))
+
+
+class LocalClient:
+    """Rank 0's own worker: calls the server in-process (no network)."""
+
+    def __init__(self, server: ParameterServer, rank: int = 0) -> None:
+        self.server, self.rank = server, rank
+
+    def request(self, kind: Kind, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None) -> Reply | None:
+        reply = self.server.handle(kind, self.rank, steps, speed, payload)
+        if reply is not None and reply.status == Status.ABORT:
+            raise AsyncTrainingError(f"asynchronous training aborted: {self.server.abort_reason}")
+        return reply
+
+    def check(self) -> None:
+        """Heartbeat; raises if the run was aborted (e.g. a remote worker went silent)."""
+        self.server.check(self.rank)
+
+    def wait(self, seconds: float) -> None:
+        self.server.wait(self.rank, seconds)
+
+
+class RemoteClient:
+    """A worker on rank > 0: requests over the server's dedicated process group, replies from its first rank."""
+
+    def __init__(self, comm: Collectives, group: Group, state_numel: int, dtype: torch.dtype, rank: int) -> None:
+        self.comm, self.group, self.rank = comm, group, rank
+        self.server_rank = group.ranks[0]
+        self.state = torch.empty(state_numel, dtype=dtype)
+
+    def request(self, kind: Kind, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None) -> Reply | None:
+        header = torch.tensor([float(kind), steps, speed, 0.0, 0.0, 0.0], dtype=torch.float64)
+        what = "push" if kind == Kind.PUSH else "control"
+        try:
+            self.comm.send(header, self.server_rank, self.group, kind=what, tag=TAG_REQUEST)
+            if payload is not None:
+                self.comm.send(payload, self.server_rank, self.group, kind=what, tag=TAG_PUSH)
+            if kind == Kind.FAIL:
+                return None
+            self.comm.recv_(header, self.server_rank, self.group, kind="wait", tag=TAG_REPLY)
+            reply = Reply.from_header(header, None)
+            if reply.status in (Status.MODEL, Status.FINAL):
+                self.comm.recv_(self.state, self.server_rank, self.group, kind="wait", tag=TAG_MODEL)
+                reply.state = self.state.clone()
+        except RuntimeError as err:
+            raise AsyncTrainingError(
+                f"rank {self.rank} lost the parameter server on rank {self.server_rank} during a {kind.name}: {err}. "
+                f"Rank {self.server_rank} died or stalled (see its log), or the strategy's timeout is shorter than "
+                "the server's longest silence."
+            ) from err
+        if reply.status == Status.ABORT:
+            raise AsyncTrainingError(
+                f"asynchronous training aborted by the parameter server on rank {self.server_rank}: another worker "
+                "died, stalled or failed (rank 0's error names it)"
+            )
+        return reply
+
+    def check(self) -> None:
+        """Nothing to check locally: a lost server shows at the next request."""
+
+    def wait(self, seconds: float) -> None:
+        time.sleep(seconds)

@@ -1,0 +1,133 @@
+"""One rank's side of asynchronous Local-SGD: rounds of local steps, pushes and pulls (no Lightning here)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_localsgd.async_protocol import Kind, LocalClient, RemoteClient, Reply, Status
+from lightning_localsgd.params import flatten, unflatten_
+
+
+def state_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of the global state: float64 for a float64 model, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class AsyncWorker:
+    r"""Runs :math:`H_i` local steps from the last pulled model, then pushes :math:`g = x_\text{pulled} - x_i`.
+
+    Speed :math:`v_i` is optimizer steps per second of the last round (step time = wall-clock from
+    the end of the previous step to the end of this one, validation and communication excluded),
+    smoothed as :math:`v \leftarrow s\,v + (1 - s)\,v_\text{round}`; the server turns it into the
+    next :math:`H_i`. With ``slowdown = f > 1`` every step is followed by a sleep of
+    :math:`(f - 1)\times` its measured time, so this rank is ``f`` times slower.
+
+    Args:
+        client: the way to the server (in-process on rank 0, point-to-point elsewhere).
+        tensors: returns the synchronized tensors (trainable parameters, then floating buffers).
+        num_params: how many leading values of the flat state are parameters.
+        anchor: the flat state every worker starts from (the global model).
+        sync_every: H, the first round's length (the server assigns the next ones).
+        slowdown: this rank's slowdown factor.
+        speed_smoothing: s, weight of the previous speed estimate.
+        poll_interval: seconds between POLL requests while waiting for the other workers at the end.
+        restored: the checkpoint's server state; this worker continues its counters and speed.
+        rank: this worker's global rank.
+    """
+
+    def __init__(
+        self,
+        client: LocalClient | RemoteClient,
+        tensors: Callable[[], list[Tensor]],
+        num_params: int,
+        anchor: Tensor,
+        *,
+        sync_every: int,
+        slowdown: float = 1.0,
+        speed_smoothing: float = 0.5,
+        poll_interval: float = 0.05,
+        restored: dict[str, Any] | None = None,
+        rank: int = 0,
+    ) -> None:
+        self.client, self.tensors, self.num_params, self.anchor = client, tensors, num_params, anchor
+        self.slowdown, self.speed_smoothing, self.poll_interval = slowdown, speed_smoothing, poll_interval
+        self.local_steps, self.speed, self.pushes, self.steps, self.staleness = sync_every, 0.0, 0, 0, 0
+        if restored is not None:  # continue this worker's counters and DyLU state
+            self.pushes, self.steps = int(restored["pushes"][rank]), int(restored["steps"][rank])
+            self.speed, self.local_steps = float(restored["speeds"][rank]), int(restored["local_steps"][rank])
+        self.steps_since_pull, self.round_time = 0, 0.0
+        self.step_start = time.monotonic()
+        self._stash: list[Tensor] | None = None
+
+    def after_step(self) -> Reply | None:
+        """Call after every optimizer step; pushes (and returns the server's reply) when the round is over."""
+        if self.slowdown > 1:  # emulate a slower device: this step takes `slowdown` times as long
+            time.sleep((self.slowdown - 1) * (time.monotonic() - self.step_start))
+        self.round_time += time.monotonic() - self.step_start
+        self.steps_since_pull += 1
+        self.steps += 1
+        self.client.check()  # rank 0: heartbeat, and fail fast if another worker died or stalled
+        reply = self.push() if self.steps_since_pull >= self.local_steps else None
+        self.step_start = time.monotonic()
+        return reply
+
+    @torch.no_grad()
+    def push(self) -> Reply:
+        measured = self.steps_since_pull / max(self.round_time, 1e-9)
+        s = self.speed_smoothing
+        self.speed = measured if self.speed == 0 else s * self.speed + (1 - s) * measured
+        payload = flatten(self.tensors(), self.anchor.dtype)
+        payload[: self.num_params].neg_().add_(self.anchor[: self.num_params])  # g = x_pulled − x_i; buffers as is
+        reply = self.client.request(Kind.PUSH, self.steps_since_pull, self.speed, payload)
+        assert reply is not None and reply.state is not None
+        self.adopt(reply.state)
+        self.pushes += 1
+        self.staleness, self.local_steps = reply.staleness, reply.local_steps
+        self.steps_since_pull, self.round_time = 0, 0.0
+        return reply
+
+    def adopt(self, state: Tensor) -> None:
+        """Load the server's state into the module; it is the new anchor."""
+        unflatten_(state, self.tensors())
+        self.anchor = state
+
+    def finish(self) -> None:
+        """Push the last partial round, say DONE, wait for the others and adopt the final global model."""
+        if self.steps_since_pull > 0:
+            self.push()
+        reply = self.client.request(Kind.DONE)
+        while reply is not None and reply.status == Status.WAIT:
+            self.client.wait(self.poll_interval)
+            reply = self.client.request(Kind.POLL)
+        assert reply is not None and reply.state is not None
+        self.adopt(reply.state)
+
+    def begin_evaluation(self) -> None:
+        """Swap the replica for the server's current global model (no update on the server)."""
+        reply = self.client.request(Kind.PULL)
+        assert reply is not None and reply.state is not None
+        tensors = self.tensors()
+        self._stash = [t.detach().clone() for t in tensors]
+        unflatten_(reply.state, tensors)
+
+    def end_evaluation(self) -> None:
+        if self._stash is None:
+            return
+        with torch.no_grad():
+            for t, saved in zip(self.tensors(), self._stash, strict=True):
+                t.copy_(saved)
+        self._stash = None
+        self.step_start = time.monotonic()  # validation time is not step time
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "async/local_steps": float(self.local_steps),
+            "async/speed": self.speed,
+            "async/pushes": float(self.pushes),
+            "async/staleness": float(self.staleness),
+        }
