@@ -1,0 +1,51 @@
+"""The demo's bookkeeping: time to accuracy, the summary table and the --sync-every overlays."""
+
+import yaml
+
+from recipes.demo import CONFIGS, format_table, overlay_for, parse_args, summarize, time_to
+
+
+def run(values, seconds, mb, syncs, source="library counter"):
+    records = [{"value": v, "train_seconds": t, "MB_sent": m, "syncs": s, "step": 8 * (i + 1)}
+               for i, (v, t, m, s) in enumerate(zip(values, seconds, mb, syncs))]  # fmt: skip
+    final = {"train_seconds": seconds[-1], "MB_sent": mb[-1], "syncs": syncs[-1], "step": 8 * len(values)}
+    return {"records": records, "final": final, "bytes_source": source, "process_seconds": seconds[-1] + 20,
+            "loadavg_before": 2.0, "loadavg_after": 2.5}
+
+
+def test_time_to_is_the_first_record_at_or_above_the_target():
+    recs = run([0.5, 0.9, 0.8, 0.95], [1, 2, 3, 4], [0] * 4, [0] * 4)["records"]
+    assert time_to(recs, 0.9) == 2 and time_to(recs, 0.91) == 4 and time_to(recs, 0.99) is None
+
+
+def test_summary_speedup_against_ddps_final_accuracy():
+    runs = {
+        "ddp": run([0.90, 0.97, 0.980, 0.985], [10, 20, 30, 40], [100, 200, 300, 400], [8, 16, 24, 32], "closed form"),
+        "localsgd": run([0.92, 0.981, 0.99, 0.99], [6, 12, 18, 24], [12, 25, 37, 50], [1, 2, 3, 4]),
+        "diloco": run([0.5, 0.6, 0.7, 0.8], [6, 12, 18, 24], [12, 25, 37, 50], [1, 2, 3, 4]),
+    }
+    s = summarize(runs, slack=0.005)
+    assert s["target_acc"] == 0.98  # DDP's final 0.985 − 0.005
+    ddp, local, diloco = (s["rows"][k] for k in ("ddp", "localsgd", "diloco"))
+    assert ddp["seconds_to_target"] == 30 and local["seconds_to_target"] == 12
+    assert ddp["steps_to_target"] == 24 and local["steps_to_target"] == 16
+    assert local["speedup_vs_ddp"] == 2.5 and ddp["speedup_vs_ddp"] == 1.0
+    assert diloco["seconds_to_target"] is None and diloco["speedup_vs_ddp"] is None
+    assert (local["final_acc"], local["MB_sent"], local["syncs"]) == (0.99, 50, 4)
+    table = format_table(s).splitlines()
+    assert "s to 98.0%" in table[0]
+    # 24 s over 32 steps = 750 ms/step
+    assert table[3].split() == ["localsgd", "99.00%", "24.0", "44", "50.0", "4", "12.0", "2.50x", "16", "750", "2.0>2.5"]
+    assert table[4].split()[-5:] == ["never", "-", "-", "750", "2.0>2.5"]
+
+
+def test_sync_every_override_rewrites_only_sync_every(tmp_path):
+    args = parse_args(["--sync-every", "4", "--results-dir", str(tmp_path)])
+    path = overlay_for("diloco", args, tmp_path)
+    original = yaml.safe_load((CONFIGS / "diloco.yaml").read_text())
+    cfg = yaml.safe_load(path.read_text())
+    (cb,) = cfg["trainer"]["callbacks+"]
+    assert cb["init_args"]["sync_every"] == 4
+    original["trainer"]["callbacks+"][0]["init_args"]["sync_every"] = 4
+    assert cfg == original
+    assert overlay_for("ddp", parse_args([]), tmp_path) == CONFIGS / "ddp.yaml"
