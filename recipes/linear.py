@@ -6,12 +6,15 @@ whole shard. Every rank's loss is the *mean* over its shard and the shards are e
 the global objective is ``f = mean_i f_i``, the loss of one process holding all the data.
 
     python -m recipes.linear fit --config configs/linear/base.yaml --config configs/linear/localgd.yaml
-    python -m recipes.linear fit --config configs/linear/base.yaml --config configs/linear/separable.yaml \
-        --config configs/linear/modified_localgd.yaml
+    python -m recipes.linear fit --config configs/linear/base.yaml --config configs/linear/modified_localgd.yaml \
+        --data.source=separable --data.dim=50 --data.samples_per_shard=20
+    python -m recipes.linear fit --config configs/linear/base.yaml --trainer.devices=1 --trainer.strategy=auto
 
 ``LinearModel`` takes its shape and loss from the data (``num_features``, ``num_outputs`` and
 ``task`` are linked by :class:`LinearCLI`). ``LinearDataModule`` makes or loads the data and gives
-each rank its own shard, so ``trainer.use_distributed_sampler`` must be ``false``.
+each rank its own shard, so ``trainer.use_distributed_sampler`` must be ``false``. The last line
+above is the centralized reference: one process holding both shards. :class:`Trajectory` records
+the consensus at every sync (``benchmarks/seed000.py`` uses it).
 """
 
 from __future__ import annotations
@@ -185,7 +188,9 @@ class LinearDataModule(LightningDataModule):
         if source not in ("regression", "separable", "features"):
             raise ValueError(f"source must be 'regression', 'separable' or 'features', got {source!r}")
         if (source == "features") != (features_file is not None):
-            raise ValueError("source='features' needs features_file (an .npz), and features_file needs source='features'")
+            raise ValueError(
+                "source='features' needs features_file (an .npz), and features_file needs source='features'"
+            )
         if source == "features" and not Path(features_file).expanduser().is_file():
             raise FileNotFoundError(f"features_file {features_file!r} does not exist")
         if num_shards is not None and num_shards < 1:

@@ -175,9 +175,9 @@ def regularized_logistic(shards, prox: float) -> torch.Tensor:
 def test_two_rank_recipe_runs_reach_the_centralized_references():
     r"""``python -m recipes.linear fit`` with the repository's YAMLs on 2 gloo ranks, twice in one launch:
 
-    1. base + localgd, H = 10, 1000 steps (100 rounds): Local-GD on the overparameterized
+    1. base + localgd, H = 10, 600 steps (60 rounds): Local-GD on the overparameterized
        regression shards must reach the minimum-norm interpolator pinv(X)·y of all the data
-       (Theorem 1 of seed 000). Plain-torch simulation of the same rounds: 2.2e-15 after 100 rounds.
+       (Theorem 1 of seed 000). The benchmark's run of the same rounds: 1.2e-11 after 50 rounds.
     2. base + modified_localgd + SEPARABLE, H = 50, 2000 steps (40 rounds), prox 1e-3: the consensus
        must reach argmin mean_i f_i + (prox/2)||w||² (L-BFGS here). Simulation: 2.0e-5 after 40 rounds.
 
@@ -186,7 +186,7 @@ def test_two_rank_recipe_runs_reach_the_centralized_references():
     c = {n: str(CONFIGS / f"{n}.yaml") for n in ("base", "localgd", "modified_localgd")}
     runs = [
         ["--config", c["base"], "--config", c["localgd"],
-         "--trainer.max_steps=1000", "--trainer.callbacks.sync_every=10"],
+         "--trainer.max_steps=600", "--trainer.callbacks.sync_every=10"],
         ["--config", c["base"], "--config", c["modified_localgd"], *SEPARABLE,
          "--trainer.max_steps=2000", "--trainer.callbacks.sync_every=50"],
     ]  # fmt: skip
@@ -198,13 +198,13 @@ def test_two_rank_recipe_runs_reach_the_centralized_references():
     shards, _ = LinearDataModule(source="regression", dim=200, samples_per_shard=10).shards(2)
     x, y = torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards])
     w_min_norm = torch.linalg.pinv(x) @ y
-    assert regression["steps"] == list(range(0, 1001, 10)) and regression["num_syncs"] == 100
+    assert regression["steps"] == list(range(0, 601, 10)) and regression["num_syncs"] == 60
     err = float((regression["final"] - w_min_norm).norm() / w_min_norm.norm())
     assert err < 1e-10, err
-    sim = simulate_rounds(shards, least_squares_grad, lr=4.0, H=10, rounds=100)
+    sim = simulate_rounds(shards, least_squares_grad, lr=4.0, H=10, rounds=60)
     assert (regression["weights"] - sim).norm(dim=1).max() < 1e-10 * w_min_norm.norm()
-    # bytes: 100 syncs of 200 float64 values plus one "non-finite" flag per rank; ring factor 2(n−1)/n = 1
-    assert regression["bytes"]["sync"] == 100 * 8 * (200 + 2)
+    # bytes: 60 syncs of 200 float64 values plus one "non-finite" flag per rank; ring factor 2(n−1)/n = 1
+    assert regression["bytes"]["sync"] == 60 * 8 * (200 + 2)
 
     shards, _ = LinearDataModule(source="separable", dim=50, samples_per_shard=20).shards(2)
     w_reg = regularized_logistic(shards, prox=1e-3)
