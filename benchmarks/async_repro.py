@@ -49,25 +49,18 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from lightning_localsgd.local_launch import run_local_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_STEP_SECONDS = [0.58, 0.75, 1.51, 3.33]
 VARIANTS = ["sync_diloco", "async_nesterov", "async_dn", "async_dn_dylu"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ====================================================================== one rank
@@ -214,35 +207,11 @@ def launch(cfg: dict[str, Any], world: int, limit: float) -> list[dict[str, Any]
         cfg = dict(cfg, out_dir=tmp)
         cfg_path = Path(tmp) / "cfg.json"
         cfg_path.write_text(json.dumps(cfg))
-        port, procs = free_port(), []
-        for rank in range(world):
-            env = dict(os.environ)
-            env.update(
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
-                LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-            )  # fmt: skip
-            env.pop("GROUP_RANK", None)
-            log = open(Path(tmp) / f"rank{rank}.log", "w")
-            cmd = [sys.executable, "-m", "benchmarks.async_repro", "--worker", str(cfg_path)]
-            procs.append((subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
-        failed = None
-        deadline = time.monotonic() + limit
+        cmd = [sys.executable, "-m", "benchmarks.async_repro", "--worker", str(cfg_path)]
         try:
-            for rank, (p, _) in enumerate(procs):
-                if p.wait(timeout=max(1.0, deadline - time.monotonic())) != 0 and failed is None:
-                    failed = rank
-        except subprocess.TimeoutExpired:
-            failed = "timeout"
-        finally:
-            for p, log in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-                log.close()
-        if failed is not None:
-            logs = "\n".join(f"--- rank {r}\n" + (Path(tmp) / f"rank{r}.log").read_text()[-4000:] for r in range(world))
-            raise RuntimeError(f"{cfg['variant']} failed (rank {failed}):\n{logs}")
+            run_local_ranks(cmd, world, log_dir=tmp, timeout=limit, cwd=ROOT, pythonpath=ROOT, log_tail=4000)
+        except RuntimeError as err:
+            raise RuntimeError(f"{cfg['variant']} failed: {err}") from None
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)]
 
 

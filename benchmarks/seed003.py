@@ -65,15 +65,14 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from lightning_localsgd.local_launch import read_loopback_bytes, run_local_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,26 +83,6 @@ TRAIN_KINDS = ("sync", "grad", "leader", "gradalign")
 
 
 # ====================================================================== shared helpers (also used by seed002)
-def read_lo() -> tuple[int, int] | None:
-    """``(rx_bytes, tx_bytes)`` of the loopback interface, or ``None`` where /proc/net/dev is missing."""
-    try:
-        with open("/proc/net/dev") as f:
-            for line in f:
-                name, sep, rest = line.partition(":")
-                if sep and name.strip() == "lo":
-                    fields = rest.split()
-                    return int(fields[0]), int(fields[8])
-    except OSError:
-        pass
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def loadavg() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
@@ -116,48 +95,15 @@ def launch(module: str, cfg: dict[str, Any], world: int, nodes: int, timeout: fl
     result in rank order, or ``None`` and the tail of every rank's log.
     """
     per_node = world // nodes
-    assert per_node * nodes == world, "world must be a multiple of nodes"
     with tempfile.TemporaryDirectory(prefix=f"{module.rsplit('.', 1)[-1]}_") as tmp:
         cfg = dict(cfg, out_dir=tmp, world=world, nodes=nodes, per_node=per_node)
         cfg_path = Path(tmp) / "cfg.json"
         cfg_path.write_text(json.dumps(cfg))
-        port = free_port()
-        procs = []
-        for rank in range(world):
-            env = dict(os.environ)
-            env.update(
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                WORLD_SIZE=str(world),
-                NODE_RANK=str(rank // per_node),
-                LOCAL_RANK=str(rank % per_node),
-                OMP_NUM_THREADS="1",
-                MKL_NUM_THREADS="1",
-                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-            )
-            for key in ("GROUP_RANK", "LOCAL_WORLD_SIZE", "RANK"):
-                env.pop(key, None)
-            log = open(Path(tmp) / f"rank{rank}.log", "w")
-            cmd = [sys.executable, "-m", module, "--worker", str(cfg_path)]
-            procs.append((subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
-        failed: Any = None
-        deadline = time.monotonic() + timeout
+        cmd = [sys.executable, "-m", module, "--worker", str(cfg_path)]
         try:
-            for rank, (p, _) in enumerate(procs):
-                rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
-                if rc != 0 and failed is None:
-                    failed = rank
-        except subprocess.TimeoutExpired:
-            failed = "timeout"
-        finally:
-            for p, log in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-                log.close()
-        if failed is not None:
-            logs = "\n".join(f"----- rank {r} -----\n" + (Path(tmp) / f"rank{r}.log").read_text()[-4000:] for r in range(world))
-            return None, f"failed (rank {failed}):\n{logs}"
+            run_local_ranks(cmd, world, nodes, log_dir=tmp, timeout=timeout, cwd=ROOT, pythonpath=ROOT, log_tail=4000)
+        except RuntimeError as err:
+            return None, str(err)
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)], ""
 
 
@@ -263,7 +209,7 @@ def make_probe_callback(rank: int, world: int, extra: Any = None) -> Any:
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             self.counter0 = self._counter(trainer)
-            self.lo0 = read_lo() if rank == 0 else None
+            self.lo0 = read_loopback_bytes() if rank == 0 else None
             self.eval_seconds = 0.0
             self.t0 = time.perf_counter()
 
@@ -312,7 +258,7 @@ def make_probe_callback(rank: int, world: int, extra: Any = None) -> Any:
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             self.train_seconds = time.perf_counter() - self.t0 - self.eval_seconds
-            self.lo1 = read_lo() if rank == 0 else None
+            self.lo1 = read_loopback_bytes() if rank == 0 else None
 
         def lo_tx(self) -> int | None:
             return None if self.lo0 is None or self.lo1 is None else self.lo1[1] - self.lo0[1]

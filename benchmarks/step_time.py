@@ -42,41 +42,20 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from lightning_localsgd.local_launch import read_loopback_bytes, run_local_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ====================================================================== shared helpers
-def read_lo() -> tuple[int, int] | None:
-    """``(rx_bytes, tx_bytes)`` of the loopback interface, or ``None`` where /proc/net/dev is missing."""
-    try:
-        with open("/proc/net/dev") as f:
-            for line in f:
-                name, sep, rest = line.partition(":")
-                if sep and name.strip() == "lo":
-                    fields = rest.split()
-                    return int(fields[0]), int(fields[8])
-    except OSError:
-        pass
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def variant_specs(hs: list[int], bf16_h: list[int], postlocal_period: int) -> dict[str, dict[str, Any]]:
     specs: dict[str, dict[str, Any]] = {
         "floor": {"kind": "floor"},
@@ -157,7 +136,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
             comm = getattr(trainer.strategy, "comm", None)
             c = comm.counters if comm is not None else None
             return {
-                "lo": read_lo() if rank == 0 else None,
+                "lo": read_loopback_bytes() if rank == 0 else None,
                 "counter_bytes": dict(c.bytes_by_kind) if c else None,
                 "counter_seconds": dict(c.seconds_by_kind) if c else None,
                 "counter_calls": dict(c.calls_by_kind) if c else None,
@@ -256,45 +235,11 @@ def launch(name: str, cfg: dict[str, Any], world: int, timeout: float) -> tuple[
         cfg = dict(cfg, out_dir=tmp)
         cfg_path = Path(tmp) / "cfg.json"
         cfg_path.write_text(json.dumps(cfg))
-        port = free_port()
-        procs = []
-        for rank in range(world):
-            env = dict(os.environ)
-            env.update(
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                WORLD_SIZE=str(world),
-                NODE_RANK="0",
-                LOCAL_RANK=str(rank),
-                OMP_NUM_THREADS="1",
-                MKL_NUM_THREADS="1",
-                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-            )
-            for key in ("GROUP_RANK", "LOCAL_WORLD_SIZE", "RANK"):
-                env.pop(key, None)
-            log = open(Path(tmp) / f"rank{rank}.log", "w")
-            cmd = [sys.executable, "-m", "benchmarks.step_time", "--worker", str(cfg_path)]
-            procs.append((subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
-        failed: Any = None
-        deadline = time.monotonic() + timeout
+        cmd = [sys.executable, "-m", "benchmarks.step_time", "--worker", str(cfg_path)]
         try:
-            for rank, (p, _) in enumerate(procs):
-                rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
-                if rc != 0 and failed is None:
-                    failed = rank
-        except subprocess.TimeoutExpired:
-            failed = "timeout"
-        finally:
-            for p, log in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-                log.close()
-        if failed is not None:
-            logs = "\n".join(
-                f"----- rank {r} -----\n" + (Path(tmp) / f"rank{r}.log").read_text()[-4000:] for r in range(world)
-            )
-            return None, f"rank {failed} failed:\n{logs}"
+            run_local_ranks(cmd, world, log_dir=tmp, timeout=timeout, cwd=ROOT, pythonpath=ROOT, log_tail=4000)
+        except RuntimeError as err:
+            return None, str(err)
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)], ""
 
 
@@ -302,9 +247,9 @@ def background_lo_rate(seconds: float) -> float | None:
     """Loopback tx bytes per second while no variant runs (other processes' traffic on lo)."""
     if seconds <= 0:
         return None
-    a = read_lo()
+    a = read_loopback_bytes()
     time.sleep(seconds)
-    b = read_lo()
+    b = read_loopback_bytes()
     return None if a is None or b is None else (b[1] - a[1]) / seconds
 
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from tests.launch import ROOT, free_port
+from lightning_localsgd.local_launch import free_port
+from tests.launch import ROOT
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 STEPS = 16  # the localsgd overlay syncs every 8 steps: syncs at 8 and 16
