@@ -65,8 +65,8 @@ def test_image_classification_base(tmp_path):
     assert isinstance(cli.model, ImageClassifier) and isinstance(cli.datamodule, DigitsDataModule)
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 10  # linked from the data
     assert cli.model.net.get_classifier().out_features == 10
-    assert cli.datamodule.batch_size == 16 and cli.datamodule.partition == "iid"
-    assert cli.trainer.max_steps == 176 and cli.trainer.val_check_interval == 16
+    assert cli.datamodule.batch_size == 8 and cli.datamodule.partition == "iid"
+    assert cli.trainer.max_steps == 352 and cli.trainer.val_check_interval == 8
     assert cli.trainer._accelerator_connector.use_distributed_sampler is False
 
 

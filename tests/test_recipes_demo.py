@@ -2,7 +2,7 @@
 
 import yaml
 
-from recipes.demo import CONFIGS, format_table, overlay_for, parse_args, summarize, time_to
+from recipes.demo import CONFIGS, format_table, overlay_for, parse_args, summarize, time_held, time_to, verdict_line
 
 
 def run(values, seconds, mb, syncs, source="library counter"):
@@ -18,6 +18,14 @@ def test_time_to_is_the_first_record_at_or_above_the_target():
     assert time_to(recs, 0.9) == 2 and time_to(recs, 0.91) == 4 and time_to(recs, 0.99) is None
 
 
+def test_time_held_is_the_first_record_after_which_all_stay_at_or_above():
+    recs = run([0.5, 0.9, 0.8, 0.95, 0.9], [1, 2, 3, 4, 5], [0] * 5, [0] * 5)["records"]
+    assert time_held(recs, 0.9) == 4  # 0.9 at t=2 does not count: 0.8 follows
+    assert time_held(recs, 0.8) == 2 and time_held(recs, 0.5) == 1
+    assert time_held(recs, 0.91) is None  # the last record is below
+    assert time_held(recs, 0.9, clock="step") == 32
+
+
 def test_summary_speedup_against_ddps_final_accuracy():
     runs = {
         "ddp": run([0.90, 0.97, 0.980, 0.985], [10, 20, 30, 40], [100, 200, 300, 400], [8, 16, 24, 32], "closed form"),
@@ -30,13 +38,29 @@ def test_summary_speedup_against_ddps_final_accuracy():
     assert ddp["seconds_to_target"] == 30 and local["seconds_to_target"] == 12
     assert ddp["steps_to_target"] == 24 and local["steps_to_target"] == 16
     assert local["speedup_vs_ddp"] == 2.5 and ddp["speedup_vs_ddp"] == 1.0
+    # held: DDP stays >= 0.98 from t=30; localsgd from t=12 (0.981, 0.99, 0.99)
+    assert local["seconds_to_held"] == 12 and local["held_speedup_vs_ddp"] == 2.5
     assert diloco["seconds_to_target"] is None and diloco["speedup_vs_ddp"] is None
     assert (local["final_acc"], local["MB_sent"], local["syncs"]) == (0.99, 50, 4)
     table = format_table(s).splitlines()
     assert "s to 98.0%" in table[0]
     # 24 s over 32 steps = 750 ms/step
-    assert table[3].split() == ["localsgd", "99.00%", "24.0", "44", "50.0", "4", "12.0", "2.50x", "16", "750", "2.0>2.5"]
-    assert table[4].split()[-5:] == ["never", "-", "-", "750", "2.0>2.5"]
+    assert table[3].split() == [
+        "localsgd", "99.00%", "24.0", "44", "50.0", "4", "12.0", "2.50x", "16", "2.50x", "750", "2.0>2.5"
+    ]  # fmt: skip
+    assert table[4].split()[-6:] == ["never", "-", "-", "-", "750", "2.0>2.5"]
+    met, sentence = verdict_line(s, slack=0.005)
+    assert met is True and "reached it 2.50x sooner" in sentence and "(98.00%)" in sentence
+
+
+def test_verdict_needs_the_speedup_not_just_the_accuracy():
+    runs = {
+        "ddp": run([0.97, 0.985], [10, 20], [1, 2], [1, 2], "closed form"),
+        "localsgd": run([0.95, 0.984], [8, 16], [1, 2], [1, 2]),  # 20/16 = 1.25x < 1.3x
+    }
+    met, sentence = verdict_line(summarize(runs, slack=0.005), slack=0.005)
+    assert met is False and "1.25x" in sentence and "NOT met" in sentence
+    assert verdict_line(summarize({"ddp": runs["ddp"]}, 0.005), 0.005)[0] is None
 
 
 def test_sync_every_override_rewrites_only_sync_every(tmp_path):

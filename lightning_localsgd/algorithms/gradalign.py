@@ -23,8 +23,10 @@ def _grads(params: list[Tensor]) -> Tensor:
 
 
 def _cosine(a: Tensor, b: Tensor) -> Tensor:
-    a, b = a.double(), b.double()
-    return (a @ b) / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)).clamp_min(1e-300)
+    """cos(a, b) in the vectors' own dtype (a logged diagnostic; a float64 copy of two model-sized
+    vectors cost ~90 ms per round for resnet18 on one CPU thread), returned as float64."""
+    norms = (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)).double()
+    return (a @ b).double() / norms.clamp_min(1e-300)
 
 
 class GradAlign(Callback):

@@ -111,10 +111,15 @@ class ModifiedLocalGD(ConsensusAlgorithm):
                 return out
             assert self._z is not None
             with torch.no_grad():
-                for p, z in zip(self._trainable(), self._z, strict=True):
+                params = self._trainable()
+                for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                    p.grad.add_(p - z.to(p.dtype), alpha=self.prox)  # ∇ of (λ/2)||w − z_i||²
+                grads = [p.grad for p in params]
+                centers = [z.to(p.dtype) for p, z in zip(params, self._z, strict=True)]
+                # ∇ of (λ/2)||w − z_i||² = λw − λz_i, added in place (no model-sized temporary)
+                torch._foreach_add_(grads, params, alpha=self.prox)
+                torch._foreach_add_(grads, centers, alpha=-self.prox)
             return out
 
         return closure_with_prox
