@@ -73,3 +73,24 @@ def test_sync_every_override_rewrites_only_sync_every(tmp_path):
     original["trainer"]["callbacks+"][0]["init_args"]["sync_every"] = 4
     assert cfg == original
     assert overlay_for("ddp", parse_args([]), tmp_path) == CONFIGS / "ddp.yaml"
+
+
+def test_replot_recomputes_the_summary_from_demo_json_without_running(tmp_path, capsys):
+    import json
+
+    from recipes.demo import main
+
+    runs = {
+        "ddp": run([0.90, 0.985], [10, 20], [100, 200], [8, 16], "closed form"),
+        "localsgd": run([0.60, 0.99], [6, 12], [12, 25], [1, 2]),  # 0.60: below the plot's floor
+    }
+    settings = {"target_slack": 0.005, "model": "resnet18", "image_size": 32, "steps": 16, "batch_size": 8,
+                "lr": 0.025, "val_every": 8, "seed": 0}  # fmt: skip
+    doc = {"settings": settings, "runs": runs, "summary": {}, "demo_seconds": 1.0, "pretrain": {}, "machine": {}}
+    (tmp_path / "demo.json").write_text(json.dumps(doc))
+    out = main(["--replot", "--results-dir", str(tmp_path)])
+    rows = out["summary"]["rows"]
+    assert out["summary"]["target_acc"] == 0.98 and rows["localsgd"]["speedup_vs_ddp"] == 20 / 12
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "reached it 1.67x sooner" in printed and "target 1.3x: met" in printed
