@@ -62,16 +62,17 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.seed003 import (
-    DOCS_IMG,
     RESULTS,
     _fmt,
     build_module,
     ddp_closed_form_bytes_per_step,
     environment,
     launch,
+    load_text,
     loadavg,
     make_probe_callback,
     mnist_split,
+    write_report,
 )
 
 
@@ -351,24 +352,12 @@ def plot(result: dict[str, Any], summary: dict[str, Any], path: Path, title: str
 
 def report(result: dict[str, Any], out_dir: Path, docs: bool = False) -> None:
     summary = summarize(result)
-    result["summary"] = summary
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "seed002.json"
-    json_path.write_text(json.dumps(result, indent=1))
     cfg = result["config"]
-    loads = [l for s in summary["variants"].values() for l in s["loadavg_before_each"] if l]
-    load_txt = f", load avg {min(l[0] for l in loads):.1f}-{max(l[0] for l in loads):.1f}" if loads else ""
     title = (f"seed 002: MNIST-5k CNN, label skew (2-3 classes per rank), {cfg['world']} CPU ranks, batch {cfg['batch_size']}/rank, "
-             f"SGD lr {cfg['lr']} constant, beta {cfg['beta']}, {cfg['steps']} steps, {cfg['repeats']} seed(s){load_txt}")
-    png = out_dir / "seed002.png"
-    plot(result, summary, png, title)
-    if docs:
-        DOCS_IMG.mkdir(parents=True, exist_ok=True)
-        plot(result, summary, DOCS_IMG / "seed002_accuracy_alignment.png", title, dpi=75)
-    print()
-    print("classes per rank:", summary["classes_per_rank"])
-    print(table(summary))
-    print(f"\nwrote {json_path}\nwrote {png}\ntotal {result.get('total_seconds', 0):.0f} s")
+             f"SGD lr {cfg['lr']} constant, beta {cfg['beta']}, {cfg['steps']} steps, {cfg['repeats']} seed(s){load_text(summary)}")
+    docs_png = "seed002_accuracy_alignment.png" if docs else None
+    text = f"classes per rank: {summary['classes_per_rank']}\n{table(summary)}"
+    write_report(result, summary, out_dir, "seed002", title, plot, text, docs_png)
 
 
 # ====================================================================== CLI

@@ -572,25 +572,39 @@ def plot(result: dict[str, Any], summary: dict[str, Any], path: Path, title: str
     plt.close(fig)
 
 
-def report(result: dict[str, Any], out_dir: Path, docs: bool = False) -> None:
-    summary = summarize(result)
+def load_text(summary: dict[str, Any]) -> str:
+    """", load avg a-b on N cores" over the variants' launches (empty when none was recorded)."""
+    loads = [l for s in summary["variants"].values() for l in s["loadavg_before_each"] if l]
+    return f", load avg {min(l[0] for l in loads):.1f}-{max(l[0] for l in loads):.1f} on {os.cpu_count()} cores" if loads else ""
+
+
+def write_report(
+    result: dict[str, Any], summary: dict[str, Any], out_dir: Path, name: str, title: str,
+    plot_fn: Any, table_text: str, docs_png: str | None,
+) -> None:  # fmt: skip
+    """Shared tail of the seed benchmarks' reports: ``<name>.json``, ``<name>.png`` (and a small copy
+    ``docs/results/img/<docs_png>``), then the table."""
     result["summary"] = summary
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "seed003.json"
+    json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(result, indent=1))
-    cfg = result["config"]
-    loads = [l for s in summary["variants"].values() for l in s["loadavg_before_each"] if l]
-    load_txt = f", load avg {min(l[0] for l in loads):.1f}-{max(l[0] for l in loads):.1f} on {os.cpu_count()} cores" if loads else ""
-    title = (f"seed 003: MNIST-5k CNN ({summary['num_params']} params), 2 nodes x 2 CPU ranks, batch {cfg['batch_size']}/rank, "
-             f"SGD lr {cfg['lr']} Nesterov, {cfg['steps']} steps, {cfg['repeats']} repeat(s){load_txt}")
-    png = out_dir / "seed003.png"
-    plot(result, summary, png, title)
-    if docs:
+    png = out_dir / f"{name}.png"
+    plot_fn(result, summary, png, title)
+    if docs_png is not None:
         DOCS_IMG.mkdir(parents=True, exist_ok=True)
-        plot(result, summary, DOCS_IMG / "seed003_error_vs_time_bytes.png", title, dpi=75)
+        plot_fn(result, summary, DOCS_IMG / docs_png, title, dpi=75)
     print()
-    print(table(summary))
+    print(table_text)
     print(f"\nwrote {json_path}\nwrote {png}\ntotal {result.get('total_seconds', 0):.0f} s")
+
+
+def report(result: dict[str, Any], out_dir: Path, docs: bool = False) -> None:
+    summary = summarize(result)
+    cfg = result["config"]
+    title = (f"seed 003: MNIST-5k CNN ({summary['num_params']} params), 2 nodes x 2 CPU ranks, batch {cfg['batch_size']}/rank, "
+             f"SGD lr {cfg['lr']} Nesterov, {cfg['steps']} steps, {cfg['repeats']} repeat(s){load_text(summary)}")
+    docs_png = "seed003_error_vs_time_bytes.png" if docs else None
+    write_report(result, summary, out_dir, "seed003", title, plot, table(summary), docs_png)
 
 
 # ====================================================================== CLI
