@@ -55,7 +55,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from lightning_localsgd.local_launch import run_local_ranks
+from lightning_localsgd.local_launch import run_local_ranks, run_rank_from_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -195,12 +195,6 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return result
 
 
-def worker_main(cfg_path: str) -> None:
-    cfg = json.loads(Path(cfg_path).read_text())
-    result = run_rank(cfg)
-    Path(cfg["out_dir"], f"rank{result['rank']}.json").write_text(json.dumps(result))
-
-
 # ====================================================================== launcher
 def launch(cfg: dict[str, Any], world: int, limit: float) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,7 +292,7 @@ def main() -> None:
     ap.add_argument("--limit", type=float, default=600, help="seconds before a variant's run is killed")
     args = ap.parse_args()
     if args.worker:
-        worker_main(args.worker)
+        run_rank_from_file(args.worker, run_rank)
         return
     world = 4
     cfg = {

@@ -61,6 +61,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lightning_localsgd.local_launch import run_rank_from_file
 from benchmarks.seed003 import (
     RESULTS,
     _fmt,
@@ -215,16 +216,6 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
             print(f"[rank 0] repeat {rep} {name:<12} {probe.train_seconds:6.1f} s, test acc {1 - last['test_error']:.4f}, "
                   f"alignment {last['alignment']:.3f}", flush=True)
     return {"rank": rank, "records": records}
-
-
-def worker_main(cfg_path: str) -> None:
-    import torch.distributed as dist
-
-    cfg = json.loads(Path(cfg_path).read_text())
-    result = run_rank(cfg)
-    Path(cfg["out_dir"], f"rank{result['rank']}.json").write_text(json.dumps(result))
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # ====================================================================== summaries
@@ -390,7 +381,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        worker_main(args.worker)
+        run_rank_from_file(args.worker, run_rank)
         return 0
     out_dir = RESULTS / args.name
     if args.merge:

@@ -72,7 +72,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from lightning_localsgd.local_launch import read_loopback_bytes, run_local_ranks
+from lightning_localsgd.local_launch import read_loopback_bytes, run_local_ranks, run_rank_from_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -401,16 +401,6 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"rank": rank, "records": records}
 
 
-def worker_main(cfg_path: str) -> None:
-    import torch.distributed as dist
-
-    cfg = json.loads(Path(cfg_path).read_text())
-    result = run_rank(cfg)
-    Path(cfg["out_dir"], f"rank{result['rank']}.json").write_text(json.dumps(result))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 # ====================================================================== summaries
 def interp_error_at(points: list[dict[str, Any]], t: float) -> float:
     """Test error of the last evaluation at or before training wall-clock ``t`` (a step function)."""
@@ -641,7 +631,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        worker_main(args.worker)
+        run_rank_from_file(args.worker, run_rank)
         return 0
     out_dir = RESULTS / args.name
     if args.report_only:

@@ -49,7 +49,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from lightning_localsgd.local_launch import read_loopback_bytes, run_local_ranks
+from lightning_localsgd.local_launch import read_loopback_bytes, run_local_ranks, run_rank_from_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -220,12 +220,6 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "num_float_buffers": sum(b.numel() for b in model.buffers() if b.is_floating_point()),
     }
-
-
-def worker_main(cfg_path: str) -> None:
-    cfg = json.loads(Path(cfg_path).read_text())
-    result = run_rank(cfg)
-    Path(cfg["out_dir"], f"rank{result['rank']}.json").write_text(json.dumps(result))
 
 
 # ====================================================================== the launcher (parent process)
@@ -499,7 +493,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        worker_main(args.worker)
+        run_rank_from_file(args.worker, run_rank)
         return 0
     out_dir = RESULTS / args.name
     if args.report_only:

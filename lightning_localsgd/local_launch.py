@@ -9,12 +9,14 @@ tests, the benchmarks and the demo; handy for trying the library on a laptop.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -96,3 +98,16 @@ def run_local_ranks(
             f"----- rank {r} -----\n" + (Path(log_dir) / f"rank{r}.log").read_text()[-log_tail:] for r in range(world)
         )
         raise RuntimeError(f"distributed run failed (rank {failed}):\n{logs}")
+
+
+def run_rank_from_file(cfg_path: str | Path, run_rank: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """The worker side of :func:`run_local_ranks` for the benchmarks: read the JSON config at
+    ``cfg_path``, call ``run_rank(cfg)`` (its result carries ``"rank"``), write the result to
+    ``cfg["out_dir"]/rank<r>.json`` and destroy the process group if one was created."""
+    import torch.distributed as dist
+
+    cfg = json.loads(Path(cfg_path).read_text())
+    result = run_rank(cfg)
+    Path(cfg["out_dir"], f"rank{result['rank']}.json").write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.destroy_process_group()
