@@ -55,7 +55,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from lightning_localsgd.local_launch import run_local_ranks, run_rank_from_file
+from recipes.launch import run_local_ranks, run_rank_from_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

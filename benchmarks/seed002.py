@@ -61,7 +61,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lightning_localsgd.local_launch import run_rank_from_file
+from recipes.launch import run_rank_from_file
 from benchmarks.seed003 import (
     RESULTS,
     _fmt,

@@ -49,7 +49,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from lightning_localsgd.local_launch import read_loopback_bytes, run_local_ranks, run_rank_from_file
+from recipes.launch import read_loopback_bytes, run_local_ranks, run_rank_from_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

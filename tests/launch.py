@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lightning_localsgd.local_launch import run_local_ranks
+from recipes.launch import run_local_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 

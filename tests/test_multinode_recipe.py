@@ -19,7 +19,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_localsgd.local_launch import free_port
+from recipes.launch import free_port
 from tests.launch import ROOT
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
