@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make demo` and `make test` (both create .venv when missing).
+# Two commands on a fresh machine: `make demo` and `make test` (both create .venv when missing);
+# `make test-fast` is the unit loop (no process launches, under a minute).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,19 +7,22 @@ PY := $(VENV)/bin/python
 # takes any torch >= 2.4 (see pyproject.toml).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[recipes,dev]"
 	touch $@
 
 install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not launches"
 
 demo: install
 	$(PY) -m recipes.demo

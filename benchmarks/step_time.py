@@ -15,6 +15,13 @@ localsgd_H{h}       ``LocalSGDStrategy(sync_every=h)`` for every ``h`` in ``--hs
 localsgd_H{h}_bf16  ``LocalSGDStrategy(sync_every=h, comm_dtype="bfloat16")`` for ``h`` = ``--bf16-h``
 ==================  ============================================================================
 
+Any other LocalSGD variant can be named in ``--variants``; the name is the spec::
+
+    {localsgd|diloco}_H{h}[_P{fragments}][_tau{overlap_steps}][_{bfloat16|bf16|int8|int4}]
+
+e.g. ``localsgd_H8_tau7`` (PeriodicAveraging(8, overlap_steps=7)), ``localsgd_H32_tau31_int8``,
+``localsgd_H8_P4`` (4 staggered fragments), ``diloco_H32_P4_tau3_int8`` (Streaming DiLoCo).
+
 Measured per variant:
 
 * step time: a callback times ``on_train_batch_start → on_train_batch_end`` with
@@ -26,10 +33,20 @@ Measured per variant:
   at the start of the first and the end of the last measured step. Every rank's traffic crosses
   ``lo`` once, so the per-rank figure is ``Δtx / steps / world``.
 
+**A slow link.** ``--link 1gbit`` (or ``100mbit``...) runs every variant's ranks inside a private
+network namespace whose loopback is shaped by ``tc ... tbf rate 1gbit burst 256kb latency 200ms``
+(:func:`recipes.launch.shaped_link`); the loopback counter is then the namespace's own, so other
+processes' traffic does not show. Without root or iproute2 the benchmark says so and stops.
+
+**Per step.** Every rank also records the counter's bytes after every step and rank 0 the
+loopback bytes, so the largest single step's bytes (``peak_*``) show what fragments buy.
+
 Run (the variants run one after another, ``--world`` processes each)::
 
     python -m benchmarks.step_time                     # all variants, results/step_time/
     python -m benchmarks.step_time --steps 6 --warmup 2 --name smoke   # a quick check
+    python -m benchmarks.step_time --link 1gbit --name link_1gbit \
+        --variants floor,ddp,localsgd_H8,localsgd_H8_tau7            # the overlap issue's first target
 
 Writes ``benchmarks/results/<name>/step_time.json`` (raw numbers and ratios) and
 ``step_time.png``, and prints a table. Nothing is asserted: the targets are reported.
@@ -49,7 +66,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from recipes.launch import read_loopback_bytes, run_local_ranks, run_rank_from_file
+import re
+
+from recipes.launch import LinkUnavailable, check_link_support, describe_link, read_loopback_bytes, run_local_ranks
+from recipes.launch import run_rank_from_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,6 +89,20 @@ def variant_specs(hs: list[int], bf16_h: list[int], postlocal_period: int) -> di
     return specs
 
 
+_VARIANT = re.compile(r"^(localsgd|diloco)_H(\d+)(?:_P(\d+))?(?:_tau(\d+))?(?:_(bfloat16|bf16|int8|int4))?$")
+
+
+def parse_variant(name: str) -> dict[str, Any] | None:
+    """The spec a variant name spells (see the module docstring), or ``None``."""
+    m = _VARIANT.match(name)
+    if m is None:
+        return None
+    algorithm, h, p, tau, dtype = m.groups()
+    dtype = "bfloat16" if dtype == "bf16" else dtype
+    return {"kind": "localsgd", "algorithm": "periodic" if algorithm == "localsgd" else "diloco", "H": int(h),
+            "fragments": int(p or 1), "overlap_steps": int(tau or 0), "comm_dtype": dtype}  # fmt: skip
+
+
 # ====================================================================== one rank (worker process)
 def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one variant on this rank and return its measurements (called in a launched process)."""
@@ -86,7 +120,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     world = int(os.environ["WORLD_SIZE"])
-    rank = int(os.environ["NODE_RANK"]) * world + int(os.environ["LOCAL_RANK"])  # one node
+    rank = int(os.environ["NODE_RANK"]) * (world // cfg["nodes"]) + int(os.environ["LOCAL_RANK"])
     spec = cfg["variant"]
     warmup, steps = cfg["warmup"], cfg["steps"]
     total = warmup + steps
@@ -127,9 +161,13 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
 
         def __init__(self) -> None:
             self.times: list[float] = []  # every step, warm-up included
+            self.step_bytes: list[float] = []  # counter bytes booked during each step (this rank)
+            self.step_lo: list[int] = []  # rank 0: loopback tx bytes during each step (every rank's)
             self.start: dict[str, Any] = {}
             self.end: dict[str, Any] = {}
             self._t0 = 0.0
+            self._bytes0 = 0.0
+            self._lo0 = 0
 
         @staticmethod
         def snapshot(trainer: Trainer) -> dict[str, Any]:
@@ -143,21 +181,39 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
                 "perf_counter": time.perf_counter(),
             }
 
+        @staticmethod
+        def bytes_now(trainer: Trainer) -> float:
+            comm = getattr(trainer.strategy, "comm", None)
+            return comm.counters.bytes_sent if comm is not None else 0.0
+
         def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
             if trainer.global_step == warmup:  # first measured step: counters before the clock starts
                 self.start = self.snapshot(trainer)
+            self._bytes0 = self.bytes_now(trainer)
+            lo = read_loopback_bytes() if rank == 0 else None
+            self._lo0 = lo[1] if lo else 0
             self._t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
             self.times.append(time.perf_counter() - self._t0)
+            self.step_bytes.append(self.bytes_now(trainer) - self._bytes0)
+            lo = read_loopback_bytes() if rank == 0 else None
+            self.step_lo.append(lo[1] - self._lo0 if lo else 0)
             if trainer.global_step == total:  # last measured step done
                 self.end = self.snapshot(trainer)
 
     seed_everything(cfg["seed"], verbose=False)  # same initial model on every rank
     model = Net()
     kind = spec["kind"]
+    callbacks: list[Any] = []
     if kind == "floor":
         strategy: Any = LocalSGDStrategy(sync_every=total + 1, timeout=timeout)
+    elif kind == "localsgd" and "algorithm" in spec:
+        from lightning_localsgd import DiLoCo, PeriodicAveraging
+
+        algorithm_cls = PeriodicAveraging if spec["algorithm"] == "periodic" else DiLoCo
+        callbacks.append(algorithm_cls(spec["H"], fragments=spec["fragments"], overlap_steps=spec["overlap_steps"]))
+        strategy = LocalSGDStrategy(comm_dtype=spec["comm_dtype"], timeout=timeout)
     elif kind == "localsgd":
         strategy = LocalSGDStrategy(sync_every=spec["H"], comm_dtype=spec["comm_dtype"], timeout=timeout)
     elif kind == "ddp":
@@ -190,7 +246,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[timer],
+        callbacks=[timer, *callbacks],
     )
     seed_everything(cfg["seed"] + rank, verbose=False)
     trainer.fit(model, torch.utils.data.DataLoader(Batches(), batch_size=None))
@@ -211,6 +267,9 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         "rank": rank,
         "step_times_all": timer.times,
         "step_times": timer.times[warmup:],
+        "step_bytes": timer.step_bytes[warmup:],
+        "step_lo_bytes": timer.step_lo[warmup:] if rank == 0 else None,
+        "wait_seconds": trainer.strategy.comm.counters.wait_seconds if hasattr(trainer.strategy, "comm") else None,
         "window_seconds": timer.end["perf_counter"] - timer.start["perf_counter"],
         "lo_bytes": lo,
         "counter_bytes": delta("counter_bytes"),
@@ -223,15 +282,16 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # ====================================================================== the launcher (parent process)
-def launch(name: str, cfg: dict[str, Any], world: int, timeout: float) -> tuple[list[dict[str, Any]] | None, str]:
-    """Run one variant on ``world`` fresh processes; return every rank's result (or None and the logs)."""
+def launch(name: str, cfg: dict[str, Any], world: int, timeout: float, link: str | None = None
+           ) -> tuple[list[dict[str, Any]] | None, str]:  # fmt: skip
+    """Run one variant on ``world`` fresh processes (behind ``link``); return every rank's result (or None and the logs)."""
     with tempfile.TemporaryDirectory(prefix=f"step_time_{name}_") as tmp:
         cfg = dict(cfg, out_dir=tmp)
         cfg_path = Path(tmp) / "cfg.json"
         cfg_path.write_text(json.dumps(cfg))
         cmd = [sys.executable, "-m", "benchmarks.step_time", "--worker", str(cfg_path)]
         try:
-            run_local_ranks(cmd, world, log_dir=tmp, timeout=timeout, cwd=ROOT, pythonpath=ROOT, log_tail=4000)
+            run_local_ranks(cmd, world, log_dir=tmp, timeout=timeout, cwd=ROOT, pythonpath=ROOT, log_tail=4000, link=link)
         except RuntimeError as err:
             return None, str(err)
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)], ""
@@ -293,12 +353,22 @@ def summarize(name: str, spec: dict[str, Any], runs: list[dict[str, Any]], steps
             out["lo_background_bytes_per_step_per_rank_estimate"] = statistics.fmean(rates) * window / steps / world
     else:
         out["lo_bytes_per_step_per_rank"] = None
+    # the largest single step's bytes: what fragments are for
+    out["peak_counter_bytes_per_step"] = max((max(rank["step_bytes"]) for r in ok for rank in r["ranks"]
+                                              if rank.get("step_bytes")), default=None)  # fmt: skip
+    peaks_lo = [max(r["ranks"][0]["step_lo_bytes"]) / world for r in ok if r["ranks"][0].get("step_lo_bytes")]
+    out["peak_lo_bytes_per_step_per_rank"] = max(peaks_lo) if peaks_lo else None
+    waits = [rank["wait_seconds"] for r in ok for rank in r["ranks"] if rank.get("wait_seconds") is not None]
+    out["wait_seconds_total_mean_over_ranks"] = statistics.fmean(waits) if waits else None
     if spec["kind"] == "localsgd":
-        # steps that ended with a sync (global step s, 1-based, is step_times_all[s - 1]) vs the others
+        # steps that ended with a sync landing (global step s, 1-based, is step_times_all[s - 1]) vs the others
         h, warmup = spec["H"], len(ok[0]["ranks"][0]["step_times_all"]) - steps
         window = range(warmup + 1, warmup + steps + 1)
-        sync_t = [r_["step_times_all"][s - 1] for r in ok for r_ in r["ranks"] for s in window if s % h == 0]
-        local_t = [r_["step_times_all"][s - 1] for r in ok for r_ in r["ranks"] for s in window if s % h != 0]
+        p_, tau = spec.get("fragments", 1), spec.get("overlap_steps", 0)
+        landing = {(k + 1) * h // p_ + tau for k in range(p_)}
+        lands = lambda s: any(s >= o and (s - o) % h == 0 for o in landing)  # noqa: E731
+        sync_t = [r_["step_times_all"][s - 1] for r in ok for r_ in r["ranks"] for s in window if lands(s)]
+        local_t = [r_["step_times_all"][s - 1] for r in ok for r_ in r["ranks"] for s in window if not lands(s)]
         if sync_t:
             out["sync_step_time_mean_s"] = statistics.fmean(sync_t)
             out["local_step_time_mean_s"] = statistics.fmean(local_t) if local_t else None
@@ -310,7 +380,8 @@ def summarize(name: str, spec: dict[str, Any], runs: list[dict[str, Any]], steps
     out["param_bytes"] = first["param_bytes"]
     out["num_float_buffers"] = first["num_float_buffers"]
     if spec["kind"] == "localsgd":
-        out["expected_bytes_ratio_vs_ddp"] = (0.5 if spec["comm_dtype"] == "bfloat16" else 1.0) / spec["H"]
+        per_value = {"bfloat16": 0.5, "int8": (1 + 4 / 128) / 4, "int4": (0.5 + 4 / 128) / 4}
+        out["expected_bytes_ratio_vs_ddp"] = per_value.get(spec["comm_dtype"], 1.0) / spec["H"]
     elif spec["kind"] == "floor":
         out["expected_bytes_ratio_vs_ddp"] = 0.0
     return out
@@ -367,9 +438,24 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
     }
     for name, s in summary.items():
         spec = s.get("spec", {})
-        if spec.get("comm_dtype") == "bfloat16":
-            fp32 = summary.get(f"localsgd_H{spec['H']}", {})
-            pair: dict[str, Any] = {"target": 0.5}
+        if spec.get("overlap_steps") and "step_time_ratio_mean_vs_floor" in s:
+            targets[f"{name}_step_time_vs_floor"] = {"mean": s["step_time_ratio_mean_vs_floor"],
+                                                      "median": s["step_time_ratio_median_vs_floor"]}  # fmt: skip
+        if spec.get("fragments", 1) > 1:
+            full = summary.get(f"localsgd_H{spec['H']}", {})
+            whole = 2.0 * (world - 1) / world * s.get("param_bytes", 0) + 8.0 * (world - 1)  # one full fp32 sync
+            targets[f"{name}_peak_bytes_vs_full_sync"] = {
+                "target": 1 / spec["fragments"],
+                "counter": s["peak_counter_bytes_per_step"] / whole if s.get("peak_counter_bytes_per_step") else None,
+                "lo": (s["peak_lo_bytes_per_step_per_rank"] / full["peak_lo_bytes_per_step_per_rank"]
+                       if s.get("peak_lo_bytes_per_step_per_rank") and full.get("peak_lo_bytes_per_step_per_rank")
+                       else None),
+            }  # fmt: skip
+        if spec.get("comm_dtype") in ("bfloat16", "int8", "int4"):
+            stem = name.rsplit("_", 1)[0] if name.endswith(spec["comm_dtype"]) or name.endswith("bf16") else name
+            fp32 = summary.get(stem, {}) or summary.get(f"localsgd_H{spec['H']}", {})
+            pair: dict[str, Any] = {"target": {"bfloat16": 0.5, "int8": 0.29, "int4": 0.15}[spec["comm_dtype"]],
+                                    "against": stem if stem in summary else f"localsgd_H{spec['H']}"}  # fmt: skip
             if s.get("counter_bytes_per_step") and fp32.get("counter_bytes_per_step"):
                 pair["counter"] = s["counter_bytes_per_step"] / fp32["counter_bytes_per_step"]
             if s.get("lo_bytes_per_step_per_rank") and fp32.get("lo_bytes_per_step_per_rank"):
@@ -485,6 +571,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle-probe", type=float, default=1.0, help="seconds to sample background lo traffic before each variant")
     p.add_argument("--timeout", type=float, default=None, help="seconds per variant launch (default: 120 + 2 s/step)")
     p.add_argument("--collective-timeout", type=float, default=300.0, help="seconds, every collective")
+    p.add_argument("--link", default=None, help="run the ranks behind a shaped loopback of this rate, e.g. 1gbit, 100mbit")
     p.add_argument("--report-only", action="store_true", help="redo table, ratios and plot from results/<name>/step_time.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -504,10 +591,20 @@ def main(argv: list[str] | None = None) -> int:
     hs, bf16_h = ints(args.hs), ints(args.bf16_h)
     specs = variant_specs(hs, bf16_h, args.postlocal_period)
     names = list(specs) if not args.variants else [v.strip() for v in args.variants.split(",") if v.strip()]
+    for n in names:
+        if n not in specs and parse_variant(n) is not None:
+            specs[n] = parse_variant(n)
     unknown = [n for n in names if n not in specs]
     if unknown:
-        print(f"unknown variant(s) {unknown}; choose from {list(specs)}", file=sys.stderr)
+        print(f"unknown variant(s) {unknown}; choose from {list(specs)} or spell one as "
+              "{localsgd|diloco}_H<h>[_P<fragments>][_tau<overlap>][_<bf16|int8|int4>]", file=sys.stderr)
         return 2
+    if args.link is not None:
+        try:
+            check_link_support()
+        except LinkUnavailable as err:
+            print(f"skipped: {err}", file=sys.stderr)
+            return 0
     if args.steps < 1 or args.warmup < 0 or args.world < 2 or args.repeats < 1:
         print("need --steps >= 1, --warmup >= 0, --world >= 2, --repeats >= 1", file=sys.stderr)
         return 2
@@ -529,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "postlocal_start": postlocal_start,
         "collective_timeout": args.collective_timeout,
+        "nodes": 1,
+        "link": args.link,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -541,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             bg = background_lo_rate(args.idle_probe)
             load = os.getloadavg() if hasattr(os, "getloadavg") else None
             t = time.time()
-            ranks, logs = launch(name, dict(base_cfg, variant=specs[name]), args.world, timeout)
+            ranks, logs = launch(name, dict(base_cfg, variant=specs[name]), args.world, timeout, link=args.link)
             elapsed = time.time() - t
             runs[name].append({
                 "repeat": rep,
@@ -614,11 +713,12 @@ def report(result: dict[str, Any], out_dir: Path) -> None:
     json_path = out_dir / "step_time.json"
     json_path.write_text(json.dumps(result, indent=1))
     png_path = out_dir / "step_time.png"
+    link = describe_link(cfg.get("link"))
     title = (f"{cfg['model']}, {cfg['image_size']}×{cfg['image_size']}, batch {cfg['batch_size']}/rank, {world} CPU "
-             f"ranks (gloo), {steps} measured steps after {cfg['warmup']}, repeats {cfg['repeats']}")
+             f"ranks (gloo), {steps} measured steps after {cfg['warmup']}, repeats {cfg['repeats']}\nlink: {link}")
     plot(summary, png_path, title)
     targets = result["targets"]
-    print()
+    print(f"\nlink: {link}")
     print(table(summary))
     print()
     h8 = targets.get("localsgd_H8_step_time_vs_floor")
@@ -629,7 +729,12 @@ def report(result: dict[str, Any], out_dir: Path) -> None:
               f"counter {_fmt(v['counter'], 1, 4)}")
     for key, v in targets.items():
         if key.endswith("_bytes_vs_fp32"):
-            print(f"target {key}: 0.5, counter {_fmt(v.get('counter'), 1, 3)}, lo {_fmt(v.get('lo'), 1, 3)}")
+            print(f"target {key} (vs {v['against']}): <= {v['target']}, counter {_fmt(v.get('counter'), 1, 3)}, "
+                  f"lo {_fmt(v.get('lo'), 1, 3)}")
+        elif key.endswith("_peak_bytes_vs_full_sync"):
+            print(f"target {key}: <= {v['target']:.3f}, counter {_fmt(v.get('counter'), 1, 3)}, lo {_fmt(v.get('lo'), 1, 3)}")
+        elif key.endswith("_step_time_vs_floor") and key != "localsgd_H8_step_time_vs_floor":
+            print(f"{key}: mean {v['mean']:.3f}x, median {v['median']:.3f}x")
     for name, s in summary.items():
         if "sync_extra_seconds" in s:
             print(f"sync cost {name}: a sync step takes {_fmt(s['sync_extra_seconds'], 1e3, 1)} ms longer, "

@@ -1,8 +1,9 @@
 """lightning-localsgd: communication-efficient data-parallel training for PyTorch Lightning.
 
 Importing the package registers the strategy names ``"localsgd"``, ``"localsgd_spawn"``,
-``"localsgd_bf16"``, ``"async_localsgd"`` and ``"async_localsgd_spawn"`` with Lightning, so
-``Trainer(strategy="localsgd")`` works.
+``"localsgd_bf16"``, ``"async_localsgd"`` and ``"async_localsgd_spawn"`` with the Trainer and
+``"localsgd"``, ``"localsgd_spawn"`` with Fabric, so ``Trainer(strategy="localsgd")`` and
+``Fabric(strategy="localsgd")`` work. The Fabric strategy is ``lightning_localsgd.fabric.LocalSGDStrategy``.
 """
 
 from lightning_localsgd.algorithms import (
@@ -20,8 +21,12 @@ from lightning_localsgd.algorithms import (
 from lightning_localsgd.async_protocol import AsyncTrainingError
 from lightning_localsgd.async_strategy import AsyncLocalSGDStrategy
 from lightning_localsgd.comm import CommCounters, NonFiniteReplicaError
+from lightning_localsgd.contract import GradientModifier, RoundPosition, StepReport, SyncContext, SyncEvent, SyncObserver
+from lightning_localsgd.engine import SyncEngine
 from lightning_localsgd.monitors import CommStats, ReplicaDrift
 from lightning_localsgd.strategy import LocalSGDStrategy
+
+from lightning_localsgd import fabric  # noqa: E402  (registers Fabric's "localsgd")
 
 __version__ = "0.1.0"
 
@@ -35,6 +40,7 @@ __all__ = [
     "DiLoCo",
     "ElasticAveraging",
     "GradAlign",
+    "GradientModifier",
     "LeaderSGD",
     "LocalSGDStrategy",
     "ModifiedLocalGD",
@@ -42,5 +48,11 @@ __all__ = [
     "OuterSGD",
     "PeriodicAveraging",
     "ReplicaDrift",
+    "RoundPosition",
     "ServerOptimizer",
+    "StepReport",
+    "SyncContext",
+    "SyncEngine",
+    "SyncEvent",
+    "SyncObserver",
 ]

@@ -15,6 +15,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 
+SIGTERM_BROADCAST = "_broadcast_sigterm_tensor"  # Lightning's per-batch collective (training_epoch_loop.py)
+
+
 class LockstepGuards:
     """Mixin for a DDP-derived strategy (put it first among the bases).
 
@@ -37,13 +40,20 @@ class LockstepGuards:
     def _set_active(self, active: bool) -> None:
         """Enter/leave the asynchronous phase."""
         self._active = active
-        # Lightning broadcasts a SIGTERM flag from rank 0 before every training batch, straight through
-        # torch.distributed; with ranks at different steps that would put them back in lockstep.
+        # The one use of a private Lightning attribute in this library: Lightning (2.x) broadcasts a
+        # SIGTERM flag from rank 0 before every training batch, straight through torch.distributed;
+        # with ranks at different steps that would put them back in lockstep. The instance attribute
+        # shadows the method for this loop only; tests/test_async.py fails if Lightning renames it.
         loop = self.lightning_module.trainer.fit_loop.epoch_loop
+        if not callable(getattr(type(loop), SIGTERM_BROADCAST, None)):
+            raise RuntimeError(
+                f"this Lightning version has no {type(loop).__name__}.{SIGTERM_BROADCAST}: the async strategy cannot "
+                "keep the per-batch SIGTERM broadcast from putting ranks back in lockstep; use lightning 2.4-2.6"
+            )
         if active:
-            loop._broadcast_sigterm_tensor = self._local_sigterm_check
+            setattr(loop, SIGTERM_BROADCAST, self._local_sigterm_check)
         else:
-            loop.__dict__.pop("_broadcast_sigterm_tensor", None)
+            loop.__dict__.pop(SIGTERM_BROADCAST, None)
 
     def _local_sigterm_check(self) -> None:
         if getattr(self.lightning_module.trainer, "received_sigterm", False):

@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
@@ -18,20 +17,21 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_localsgd.algorithms.base import ConsensusAlgorithm, check_positive_int
+from lightning_localsgd.algorithms.base import check_positive_int
 from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, ServerOptimizer
 from lightning_localsgd.async_guards import LockstepGuards
 from lightning_localsgd.async_protocol import AsyncTrainingError, Kind, LocalClient, RemoteClient
 from lightning_localsgd.async_server import ParameterServer
 from lightning_localsgd.async_worker import AsyncWorker, state_dtype
 from lightning_localsgd.comm import Collectives, Group, new_group
+from lightning_localsgd.engine import SyncEngine
 from lightning_localsgd.params import flatten, unflatten_
-from lightning_localsgd.strategy import LocalSGDStrategy
+from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy
 
 _CHECKPOINT_KEY = "async_localsgd"
 
 
-class AsyncLocalSGDStrategy(LockstepGuards, LocalSGDStrategy):
+class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     r"""Asynchronous Local-SGD (``strategy="async_localsgd"``): workers never wait for each other.
 
     Every rank is a worker: it runs :math:`H_i` local optimizer steps from the global model it last
@@ -94,7 +94,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, LocalSGDStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         super().__init__(
@@ -144,29 +144,23 @@ class AsyncLocalSGDStrategy(LockstepGuards, LocalSGDStrategy):
         if self.world_size > 1:  # used only by the server protocol, so it never mixes with other traffic
             self.server_group = new_group(list(range(self.world_size)), self.global_rank, timeout=self._timeout)
 
-    def _resolve_algorithm(self, trainer: Trainer) -> None:
-        lockstep = [cb for cb in trainer.callbacks if isinstance(cb, ConsensusAlgorithm) or hasattr(cb, "wrap_closure")]
-        found = [type(cb).__name__ for cb in lockstep]
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if not self.fitting():
+            return
+        algorithms, modifiers, observers = SyncEngine.find(self.lightning_module.trainer.callbacks)
+        found = [type(cb).__name__ for cb in algorithms + modifiers]
         if found:
             raise ValueError(
                 f"AsyncLocalSGDStrategy runs its own parameter server and cannot drive {', '.join(found)}: remove "
                 "them from callbacks, or use strategy='localsgd' for synchronous training with them"
             )
-        if any(hasattr(cb, "observe") for cb in trainer.callbacks):
+        if observers:
             rank_zero_warn("ReplicaDrift has no effect with AsyncLocalSGDStrategy (there are no synchronous syncs)")
-        self.algorithm = None
         if any(r >= self.world_size for r in self.slowdown):
             raise ValueError(
                 f"slowdown names ranks {sorted(self.slowdown)} but the run has ranks 0..{self.world_size - 1}"
-            )
-
-    @override
-    def setup(self, trainer: Trainer) -> None:
-        super(LocalSGDStrategy, self).setup(trainer)  # DDPStrategy.setup; LocalSGDStrategy's attaches an algorithm
-        if trainer.state.fn == TrainerFn.FITTING and len(self.optimizers) != 1:
-            raise ValueError(
-                f"AsyncLocalSGDStrategy supports exactly one optimizer, got {len(self.optimizers)}; "
-                "combine parameter groups into one optimizer instead"
             )
 
     def _tensors(self) -> list[Tensor]:
@@ -210,7 +204,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, LocalSGDStrategy):
         self._set_active(True)
 
     def _timeout_seconds(self) -> float:
-        return self._timeout.total_seconds() if self._timeout is not None else default_pg_timeout.total_seconds()
+        return (self._timeout or DEFAULT_TIMEOUT).total_seconds()
 
     # ------------------------------------------------------------------ the worker loop
     @override

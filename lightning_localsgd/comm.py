@@ -12,6 +12,18 @@ Design rules (see docs/design.md):
   shared fp32 anchor travels (replicas minus the last consensus are small numbers, so bf16 loses
   little), and the mean is added back to the fp32 anchor on the receiving side. Sending raw
   parameters in bf16 would round every weight to 3 significant digits.
+* **Integer transport with error feedback.** ``comm_dtype="int8"`` / ``"int4"``: the difference
+  from the anchor plus this rank's *residual* (what rounding dropped at earlier syncs) is quantized
+  per block of 128 values (:mod:`lightning_localsgd.quantize`) and reduced in two steps, each
+  moving (m−1)/m of the packet per rank like a ring: an all-to-all sends chunk j of every rank's
+  packet to rank j, which sums the m dequantized copies, re-quantizes the sum and keeps that
+  rounding in its residual; an all-gather returns every summed chunk to everyone. Every rank
+  dequantizes the same bytes, so every rank gets the same mean, and nothing rounding drops is lost:
+  it travels at a later sync.
+* **Background syncs.** :meth:`Collectives.start_mean` runs the same averaging on a worker thread
+  over a process group reserved for it (so it never interleaves with the training thread's
+  collectives) and returns a :class:`PendingMean`; the training thread goes on and calls
+  :meth:`PendingMean.wait` when it needs the result. Errors raised on the thread surface there.
 * **Non-finite replicas are caught.** Each rank appends a one-hot "I hold NaN/Inf" flag to the
   buffer; the flags ride in the same allreduce, so every rank learns *which* rank went bad and
   raises the same error, or (``nonfinite="skip"``) repeats the reduction without those ranks.
@@ -24,9 +36,11 @@ Design rules (see docs/design.md):
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,12 +49,37 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_localsgd.params import all_finite, flatten, flatten_into, unflatten_
+from lightning_localsgd.quantize import BLOCK, IntFormat, dequantize, packet_bytes, quantize
 
 NonFinitePolicy = Literal["raise", "skip"]
+CommDtype = torch.dtype | IntFormat
+"""What travels at a sync: a floating dtype, or ``"int8"`` / ``"int4"`` (per-block integers)."""
+INT_FORMATS: tuple[str, ...] = ("int8", "int4")
+
+
+def parse_comm_dtype(value: str | torch.dtype | None) -> CommDtype | None:
+    """``None``, a floating dtype (or its name, e.g. ``"bfloat16"``), ``"int8"`` or ``"int4"``."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value in INT_FORMATS:
+        return value  # type: ignore[return-value]
+    if isinstance(value, torch.dtype):
+        dtype: Any = value
+    else:
+        dtype = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"comm_dtype must be None, a floating dtype such as 'bfloat16' or 'float16', or 'int8' / 'int4', got {value!r}"
+        )
+    return dtype
 
 
 class NonFiniteReplicaError(FloatingPointError):
     """A replica held NaN or Inf when it was about to be synchronized."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; the message names this rank, the operation and the peers."""
 
 
 @dataclass
@@ -50,6 +89,8 @@ class CommCounters:
     bytes_by_kind: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     seconds_by_kind: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    wait_seconds: float = 0.0  # the training thread waiting for background syncs (not in ``seconds``)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def bytes_sent(self) -> float:
@@ -64,9 +105,10 @@ class CommCounters:
         return int(sum(self.calls_by_kind.values()))
 
     def add(self, kind: str, nbytes: float, seconds: float) -> None:
-        self.bytes_by_kind[kind] += nbytes
-        self.seconds_by_kind[kind] += seconds
-        self.calls_by_kind[kind] += 1
+        with self._lock:  # the background thread books its collectives too
+            self.bytes_by_kind[kind] += nbytes
+            self.seconds_by_kind[kind] += seconds
+            self.calls_by_kind[kind] += 1
 
 
 @dataclass
@@ -82,29 +124,64 @@ class Group:
         return len(self.ranks)
 
 
+class PendingMean:
+    """A mean running on the background thread; :meth:`wait` returns it (a flat tensor)."""
+
+    def __init__(self, future: Future[Tensor], counters: CommCounters) -> None:
+        self._future = future
+        self._counters = counters
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> Tensor:
+        """Block until the mean is known; re-raises what the background thread raised."""
+        start = time.perf_counter()
+        out = self._future.result()
+        self._counters.wait_seconds += time.perf_counter() - start
+        return out
+
+
 class Collectives:
     """Flat, bucketed, counted collectives over :class:`Group` objects.
 
     Args:
-        comm_dtype: dtype on the wire for averaging (``None``: the tensors' own dtype). A lower
-            precision requires an ``anchor`` in :meth:`mean_`.
+        comm_dtype: what travels when averaging against an anchor: ``None`` (the tensors' own dtype),
+            a floating dtype (``torch.bfloat16``), or ``"int8"`` / ``"int4"`` (needs a residual for
+            error feedback). Raw values (no anchor, e.g. gradients) always travel in their own dtype.
         bucket_mb: largest single collective, in megabytes; bigger buffers go in several calls.
     """
 
-    def __init__(self, comm_dtype: torch.dtype | None = None, bucket_mb: float = 256.0) -> None:
-        if comm_dtype is not None and not (isinstance(comm_dtype, torch.dtype) and comm_dtype.is_floating_point):
-            raise ValueError(f"comm_dtype must be a floating torch dtype such as torch.bfloat16, got {comm_dtype!r}")
+    def __init__(self, comm_dtype: str | torch.dtype | None = None, bucket_mb: float = 256.0) -> None:
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
-        self.comm_dtype = comm_dtype
+        self.comm_dtype: CommDtype | None = parse_comm_dtype(comm_dtype)
         self.bucket_mb = float(bucket_mb)
         self.counters = CommCounters()
         self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """Whether syncs against an anchor travel as integers (``"int8"`` / ``"int4"``)."""
+        return isinstance(self.comm_dtype, str)
 
     # ------------------------------------------------------------------ primitives
-    def _timed(self, kind: str, nbytes: float, fn: Callable[[], Any]) -> Any:
+    def _timed(self, kind: str, nbytes: float, fn: Callable[[], Any], op: str = "a collective",
+               group: Group | None = None) -> Any:  # fmt: skip
         start = time.perf_counter()
-        out = fn()
+        try:
+            out = fn()
+        except RuntimeError as err:  # gloo/NCCL timeouts and closed connections
+            if isinstance(err, CollectiveError):
+                raise
+            me = dist.get_rank() if dist.is_initialized() else "?"
+            peers = f" with ranks {group.ranks}" if group is not None else ""
+            raise CollectiveError(
+                f"rank {me} gave up on {op} ({kind}){peers} after {time.perf_counter() - start:.0f} s: {err}. "
+                "A peer died or stalled (its own log says why), or it is slower than the timeout: raise "
+                "the strategy's timeout=... if it is only slow."
+            ) from err
         self.counters.add(kind, nbytes, time.perf_counter() - start)
         return out
 
@@ -119,15 +196,25 @@ class Collectives:
             for chunk in flat.split(per_bucket):
                 dist.all_reduce(chunk, op=dist.ReduceOp.SUM, group=group.handle)
 
-        self._timed(kind, nbytes, run)
+        self._timed(kind, nbytes, run, "an allreduce", group)
         return flat
+
+    def all_to_all_(self, out: Tensor, local: Tensor, group: Group, kind: str) -> Tensor:
+        """Chunk j of ``local`` goes to the group's j-th rank; ``out`` receives every rank's chunk (group order)."""
+        if group.size == 1:
+            out.copy_(local)
+            return out
+        nbytes = (group.size - 1) / group.size * local.numel() * local.element_size()
+        self._timed(kind, nbytes, lambda: dist.all_to_all_single(out, local, group=group.handle), "an all-to-all", group)
+        return out
 
     def broadcast_(self, flat: Tensor, src: int, group: Group, kind: str) -> Tensor:
         """In-place broadcast of a 1-D tensor from global rank ``src`` to ``group``."""
         if group.size == 1:
             return flat
         nbytes = (group.size - 1) / group.size * flat.numel() * flat.element_size()
-        self._timed(kind, nbytes, lambda: dist.broadcast(flat, src=src, group=group.handle))
+        self._timed(kind, nbytes, lambda: dist.broadcast(flat, src=src, group=group.handle), f"a broadcast from {src}",
+                    group)  # fmt: skip
         return flat
 
     def all_gather(self, local: Tensor, group: Group, kind: str) -> Tensor:
@@ -136,7 +223,7 @@ class Collectives:
             return local.unsqueeze(0).clone()
         out = torch.empty(group.size * local.numel(), dtype=local.dtype, device=local.device)
         nbytes = (group.size - 1) * local.numel() * local.element_size()
-        self._timed(kind, nbytes, lambda: dist.all_gather_into_tensor(out, local.reshape(-1), group=group.handle))
+        self._timed(kind, nbytes, lambda: _all_gather_flat(out, local.reshape(-1), group.handle), "an all-gather", group)
         return out.view(group.size, local.numel())
 
     def gather_object(self, obj: Any, group: Group, kind: str) -> list[Any] | None:
@@ -145,7 +232,8 @@ class Collectives:
             return [obj]
         dst = group.ranks[0]
         out: list[Any] | None = [None] * group.size if group.rank == 0 else None
-        self._timed(kind, 0.0, lambda: dist.gather_object(obj, out, dst=dst, group=group.handle))
+        self._timed(kind, 0.0, lambda: dist.gather_object(obj, out, dst=dst, group=group.handle),
+                    f"gathering objects on rank {dst}", group)  # fmt: skip
         return out
 
     # ------------------------------------------------------------------ averaging
@@ -157,6 +245,7 @@ class Collectives:
         *,
         kind: str = "sync",
         anchor: Tensor | Sequence[Tensor] | None = None,
+        residual: Tensor | None = None,
         nonfinite: NonFinitePolicy = "raise",
         step: int | None = None,
         observer: Callable[[Tensor, Tensor], None] | None = None,
@@ -171,6 +260,8 @@ class Collectives:
                 (the last consensus). Without an anchor the tensors travel in their own dtype.
                 When given and ``comm_dtype`` is set, ``tensors − anchor`` travels in ``comm_dtype``
                 and the mean is ``anchor + mean(tensors − anchor)``, computed in full precision.
+            residual: this rank's error-feedback residual (flat, the anchor's dtype), required with
+                an integer ``comm_dtype``; updated in place with what rounding dropped.
             nonfinite: ``"raise"`` a :class:`NonFiniteReplicaError` naming the offending ranks, or
                 ``"skip"`` them (average the finite replicas only; every rank gets that average).
             step: the optimizer step, for the error message.
@@ -180,38 +271,116 @@ class Collectives:
         if group.size == 1 or not tensors:
             return
         n, m = sum(t.numel() for t in tensors), group.size
-        dtype, device = tensors[0].dtype, tensors[0].device
+        buf = self._scratch("local", tensors[0].dtype, n + m, tensors[0].device)
+        flatten_into(tensors, buf[:n])
+        local_copy = buf[:n].clone() if observer is not None else None
+
+        def refill(out: Tensor) -> None:
+            flatten_into(tensors, out)
+
+        mean = self._mean_flat(buf, n, group, kind, anchor, residual, nonfinite, step, refill, "")
+        if observer is not None:
+            observer(local_copy, mean)
+        unflatten_(mean, tensors)
+
+    def start_mean(
+        self,
+        local: Tensor,
+        group: Group,
+        *,
+        kind: str = "sync",
+        anchor: Tensor | None = None,
+        residual: Tensor | None = None,
+        nonfinite: NonFinitePolicy = "raise",
+        step: int | None = None,
+    ) -> PendingMean:
+        """Start averaging the flat ``local`` over ``group`` on the background thread.
+
+        Same arithmetic as :meth:`mean_`. ``local`` (and ``anchor``, ``residual``) belong to the
+        background thread until :meth:`PendingMean.wait` returns: do not touch them before. The
+        mean comes back in a new flat tensor. Use a group that nothing else uses concurrently.
+        """
+        n = local.numel()
+        buf = torch.empty(n + group.size, dtype=local.dtype, device=local.device)
+        buf[:n].copy_(local)
+
+        def refill(out: Tensor) -> None:
+            out.copy_(local)
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localsgd-sync")
+        future = self._executor.submit(
+            self._mean_flat, buf, n, group, kind, anchor, residual, nonfinite, step, refill, "background/"
+        )
+        return PendingMean(future, self.counters)
+
+    def close(self) -> None:
+        """Stop the background thread (after the syncs it runs have finished)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _mean_flat(
+        self,
+        buf: Tensor,
+        n: int,
+        group: Group,
+        kind: str,
+        anchor: Tensor | Sequence[Tensor] | None,
+        residual: Tensor | None,
+        nonfinite: NonFinitePolicy,
+        step: int | None,
+        refill: Callable[[Tensor], None],
+        scratch: str,
+    ) -> Tensor:
+        """The mean over ``group`` of the values in ``buf[:n]`` (``buf[n:]``: m free slots), in ``buf[:n]``."""
+        with torch.no_grad():
+            m, local = group.size, buf[:n]
+            finite = bool(torch.isfinite(local.sum())) or all_finite([local])  # a finite sum means all finite
+            base = None
+            if anchor is not None:
+                base = anchor if isinstance(anchor, Tensor) else flatten(anchor)
+                local.sub_(base)  # the delta from the shared anchor travels
+            if self.quantized and base is not None:
+                divisor = self._quantized_sum_(local, residual, group, kind, finite, nonfinite, step, scratch)
+            else:
+                divisor = self._float_sum_(buf, n, group, kind, base, finite, nonfinite, step, refill, scratch)
+            local.div_(divisor)
+            if base is not None:
+                local.add_(base)
+            return local
+
+    def _float_sum_(
+        self,
+        buf: Tensor,
+        n: int,
+        group: Group,
+        kind: str,
+        base: Tensor | None,
+        finite: bool,
+        nonfinite: NonFinitePolicy,
+        step: int | None,
+        refill: Callable[[Tensor], None],
+        scratch: str,
+    ) -> int:
+        """Sum ``buf[:n]`` over the group in the wire dtype, the NaN/Inf flags riding in the same call."""
+        m, local, dtype = group.size, buf[:n], buf.dtype
         # Reduced precision only for deltas from an anchor; raw values (e.g. gradients) travel as they are.
-        wire = self.comm_dtype if (self.comm_dtype is not None and anchor is not None) else dtype
-        # Persistent work buffers: a model-sized allocation per sync would page-fault every time.
-        buf = self._scratch("wire", wire, n + m, device)
-        local = buf[:n] if wire == dtype else self._scratch("local", dtype, n, device)
-        flatten_into(tensors, local)
-        finite = bool(torch.isfinite(local.sum())) or all_finite(tensors)  # a finite sum means all finite
-        local_copy = local.clone() if observer is not None else None
-        base = None
-        if anchor is not None:
-            base = anchor if isinstance(anchor, Tensor) else flatten(anchor)
-            local.sub_(base)  # the delta from the shared anchor travels
-        if wire != dtype:
-            buf[:n].copy_(local)
-        buf[n:].zero_()
-        buf[n + group.rank] = 0.0 if finite else 1.0
-        self.all_reduce_sum_(buf, group, kind)
-        bad_ranks = [group.ranks[i] for i in range(m) if float(buf[n + i]) != 0.0]
+        wire_dtype = self.comm_dtype if (isinstance(self.comm_dtype, torch.dtype) and base is not None) else dtype
+        wire = buf if wire_dtype == dtype else self._scratch(scratch + "wire", wire_dtype, n + m, buf.device)
+        if wire is not buf:
+            wire[:n].copy_(local)
+        wire[n:].zero_()
+        wire[n + group.rank] = 0.0 if finite else 1.0
+        self.all_reduce_sum_(wire, group, kind)
+        bad_ranks = [group.ranks[i] for i in range(m) if float(wire[n + i]) != 0.0]
         divisor = m
         if bad_ranks:
-            where = f" at step {step}" if step is not None else ""
-            if nonfinite == "raise" or len(bad_ranks) == m:
-                raise NonFiniteReplicaError(
-                    f"the replica of rank(s) {bad_ranks} holds NaN/Inf{where}; no replica was changed. Lower the "
-                    "learning rate or clip gradients, or pass nonfinite='skip' to the algorithm to average the "
-                    "finite replicas only."
-                )
+            self._check_skippable(bad_ranks, m, nonfinite, step)
             # Repeat without the bad replicas: they contribute zeros and the divisor shrinks.
-            retry = buf[:n]
+            retry = wire[:n]
             if finite:
-                flatten_into(tensors, local)
+                refill(local)
                 if base is not None:
                     local.sub_(base)
                 retry.copy_(local)
@@ -219,14 +388,69 @@ class Collectives:
                 retry.zero_()
             self.all_reduce_sum_(retry, group, kind)
             divisor = m - len(bad_ranks)
-        if wire != dtype:
-            local.copy_(buf[:n])
-        local.div_(divisor)
-        if base is not None:
-            local.add_(base)
-        if observer is not None:
-            observer(local_copy, local)
-        unflatten_(local, tensors)
+        if wire is not buf:
+            local.copy_(wire[:n])
+        return divisor
+
+    def _quantized_sum_(
+        self,
+        local: Tensor,
+        residual: Tensor | None,
+        group: Group,
+        kind: str,
+        finite: bool,
+        nonfinite: NonFinitePolicy,
+        step: int | None,
+        scratch: str,
+    ) -> int:
+        """Sum ``local`` (deltas) over the group as integers with error feedback; see the module docs."""
+        fmt: IntFormat = self.comm_dtype  # type: ignore[assignment]
+        if residual is None:
+            raise ValueError(f"comm_dtype={fmt!r} needs an error-feedback residual: pass residual= to mean_")
+        m, n, dtype = group.size, local.numel(), local.dtype
+        flags = torch.zeros(m, dtype=torch.float32, device=local.device)
+        flags[group.rank] = 0.0 if finite else 1.0
+        self.all_reduce_sum_(flags, group, kind)
+        bad_ranks = [group.ranks[i] for i in range(m) if float(flags[i]) != 0.0]
+        if bad_ranks:
+            self._check_skippable(bad_ranks, m, nonfinite, step)
+        chunk = -(-n // (m * BLOCK)) * BLOCK  # values per rank's chunk, a whole number of blocks
+        padded = self._scratch(scratch + "padded", dtype, m * chunk, local.device)
+        padded.zero_()
+        if finite:
+            padded[:n].copy_(local).add_(residual)  # what this rank owes: the delta plus the residual
+        sent = torch.cat([quantize(c, fmt) for c in padded.split(chunk)])
+        if finite:
+            residual.copy_(padded[:n]).sub_(self._dequantized(sent, chunk, fmt, dtype)[:n])
+        per_packet = packet_bytes(chunk, fmt)
+        received = torch.empty_like(sent)
+        self.all_to_all_(received, sent, group, kind)  # chunk j of every rank's packet lands on rank j
+        mine = self._dequantized(received, chunk, fmt, dtype).view(m, chunk).sum(dim=0)
+        summed = quantize(mine, fmt)
+        lo = group.rank * chunk
+        own = residual[lo : min(lo + chunk, n)]
+        own.add_((mine - dequantize(summed, chunk, fmt, dtype))[: own.numel()])  # the sum's rounding, owed again
+        everyone = torch.empty(m * per_packet, dtype=torch.uint8, device=local.device)
+        nbytes = (m - 1) * per_packet
+        self._timed(kind, nbytes, lambda: _all_gather_flat(everyone, summed, group.handle), "an all-gather", group)
+        local.copy_(self._dequantized(everyone, chunk, fmt, dtype)[:n])
+        return m - len(bad_ranks)
+
+    @staticmethod
+    def _dequantized(packets: Tensor, chunk: int, fmt: IntFormat, dtype: torch.dtype) -> Tensor:
+        """Consecutive packets of ``chunk`` values each, dequantized into one flat tensor."""
+        size = packet_bytes(chunk, fmt)
+        return torch.cat([dequantize(p, chunk, fmt, dtype) for p in packets.split(size)])
+
+    @staticmethod
+    def _check_skippable(bad_ranks: list[int], m: int, nonfinite: NonFinitePolicy, step: int | None) -> None:
+        if nonfinite == "raise" or len(bad_ranks) == m:
+            where = f" at step {step}" if step is not None else ""
+            raise NonFiniteReplicaError(
+                f"the replica of rank(s) {bad_ranks} holds NaN/Inf{where}; no replica was changed. Lower the "
+                "learning rate or clip gradients, or pass nonfinite='skip' to the algorithm to average the "
+                "finite replicas only."
+            )
 
     def _scratch(self, name: str, dtype: torch.dtype, numel: int, device: torch.device) -> Tensor:
         """A reusable 1-D buffer (one per name/dtype/device), reallocated only when the size changes."""
@@ -253,7 +477,7 @@ class Collectives:
         the receiver has taken it. Fails after the group's timeout, or at once if ``dst`` is gone.
         """
         nbytes = float(tensor.numel() * tensor.element_size())
-        self._timed(kind, nbytes, lambda: dist.send(tensor, dst=dst, group=group.handle, tag=tag))
+        self._timed(kind, nbytes, lambda: dist.send(tensor, dst=dst, group=group.handle, tag=tag), f"a send to {dst}")
 
     def recv_(self, tensor: Tensor, src: int | None, group: Group, kind: str, tag: int = 0) -> int:
         """Blocking receive into ``tensor`` from global rank ``src`` (``None``: from any rank).
@@ -262,7 +486,14 @@ class Collectives:
         seconds spent waiting, which include the time until the sender sent. Fails after the group's
         timeout: with gloo a timed-out receive also closes the connection, so it is final.
         """
-        return int(self._timed(kind, 0.0, lambda: dist.recv(tensor, src=src, group=group.handle, tag=tag)))
+        what = f"a receive from {src}" if src is not None else "a receive"
+        return int(self._timed(kind, 0.0, lambda: dist.recv(tensor, src=src, group=group.handle, tag=tag), what))
+
+
+def _all_gather_flat(out: Tensor, local: Tensor, handle: Any) -> None:
+    """Every rank's ``local`` into ``out``, in group order (torch >= 2.14 renamed the call)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, local, group=handle)
 
 
 def new_group(ranks: list[int], rank: int, timeout: Any = None) -> Group:

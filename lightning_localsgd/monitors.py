@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor
+
+from lightning_localsgd.contract import SyncEvent, SyncObserver
 
 
 def _localsgd_strategy(trainer: Trainer, who: str) -> Any:
@@ -23,7 +24,9 @@ class CommStats(Callback):
 
     Logged (rank 0's values): ``comm/MB_sent`` (cumulative estimated megabytes this rank sent,
     see :mod:`lightning_localsgd.comm`), ``comm/seconds`` (cumulative wall-clock inside
-    collectives), ``comm/syncs`` (world synchronizations so far).
+    collectives, including those running in the background), ``comm/wait_seconds`` (the training
+    thread waiting for background syncs), ``comm/syncs`` (synchronizations so far; each fragment's
+    counts once).
 
     Example::
 
@@ -42,6 +45,7 @@ class CommStats(Callback):
         return {
             "comm/MB_sent": counters.bytes_sent / 1e6,
             "comm/seconds": counters.seconds,
+            "comm/wait_seconds": counters.wait_seconds,
             "comm/syncs": float(algorithm.num_syncs if algorithm is not None else 0),
         }
 
@@ -49,34 +53,32 @@ class CommStats(Callback):
         pl_module.log_dict(self.summary(trainer), on_step=True, on_epoch=False, rank_zero_only=True)
 
 
-class ReplicaDrift(Callback):
+class ReplicaDrift(SyncObserver):
     """Log the distance of the replicas from their consensus just before each sync.
 
     At every sync each rank computes ``d_i = ||x_i − x̄||₂`` over the synchronized tensors (from the
     buffers the sync already holds); one all-gather of one scalar per rank (only when this callback
     is present) gives ``replica_drift/mean`` and ``replica_drift/max`` over ranks, logged on the
     next training batch end. Node-level syncs of hierarchical averaging are logged under
-    ``replica_drift/node_mean`` and ``replica_drift/node_max``.
+    ``replica_drift/node_mean`` and ``replica_drift/node_max``. With fragments, the distance is
+    over the fragment that was synced.
     """
 
     def __init__(self) -> None:
         self.last: dict[str, float] = {}
         self._fresh = False
-        self._strategy: Any = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._strategy = _localsgd_strategy(trainer, type(self).__name__)
+            _localsgd_strategy(trainer, type(self).__name__)
 
-    def observe(self, step: int, node: bool, local: Tensor, mean: Tensor) -> None:
-        strategy = self._strategy
-        group = strategy.node_group if node else strategy.world_group
-        dist_local = torch.linalg.vector_norm((local - mean).double()).reshape(1).float()
-        all_d = strategy.comm.all_gather(dist_local, group, kind="monitor").flatten()
-        prefix = "replica_drift/node_" if node else "replica_drift/"
+    def on_sync(self, event: SyncEvent) -> None:
+        dist_local = torch.linalg.vector_norm((event.local - event.mean).double()).reshape(1).float()
+        all_d = event.comm.all_gather(dist_local, event.group, kind="monitor").flatten()
+        prefix = "replica_drift/node_" if event.node else "replica_drift/"
         self.last[prefix + "mean"] = float(all_d.mean())
         self.last[prefix + "max"] = float(all_d.max())
-        self.last["replica_drift/step"] = float(step)
+        self.last["replica_drift/step"] = float(event.step)
         self._fresh = True
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:

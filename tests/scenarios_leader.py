@@ -124,7 +124,7 @@ def elastic_run(out_dir: str, devices: int, num_nodes: int, steps: int, cfg: dic
     out = _fit(devices, num_nodes, [algo], steps, make=partial(TinyNet, momentum=0.5), val=val,
                val_check_interval=5, limit_val_batches=1)
     out["center"] = torch.cat([c.reshape(-1) for c in algo.center])
-    out["state_center"] = algo.state_dict()["center"]
+    out["state_center"] = algo.state_dict()["anchor"]
     return out
 
 

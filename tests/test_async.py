@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -160,8 +159,12 @@ def test_registered_and_refuses_consensus_algorithms():
     AsyncLocalSGDStrategy.register_strategies(StrategyRegistry)  # a second registration is a no-op
     trainer = Trainer(strategy="async_localsgd", accelerator="cpu", devices=2, logger=False)
     assert isinstance(trainer.strategy, AsyncLocalSGDStrategy)
-    with pytest.raises(ValueError, match="cannot drive PeriodicAveraging"):
-        AsyncLocalSGDStrategy()._resolve_algorithm(SimpleNamespace(callbacks=[PeriodicAveraging(4)]))
+    from tests.models import TinyNet, loader, regression_data, trainer_kwargs
+
+    trainer = Trainer(strategy=AsyncLocalSGDStrategy(), callbacks=[PeriodicAveraging(4)], max_steps=2,
+                      **trainer_kwargs(1, 1))  # fmt: skip
+    with pytest.raises(ValueError, match="cannot drive PeriodicAveraging: remove them from callbacks"):
+        trainer.fit(TinyNet(), loader(regression_data(8)))
 
 
 # ---------------------------------------------------------------------------------------------- the server
@@ -404,3 +407,16 @@ trainer:
     assert strategy.slowdown == {1: 3.0}
     opt = strategy.outer_optimizer
     assert isinstance(opt, DelayedNesterov) and (opt.lr, opt.momentum, opt.activation) == (0.07, 0.9, 0.1)
+
+
+def test_the_one_private_lightning_attribute_the_async_strategy_shadows_still_exists():
+    """Fails when Lightning renames or drops its per-batch SIGTERM broadcast (see async_guards.py)."""
+    import inspect
+
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    from lightning_localsgd.async_guards import SIGTERM_BROADCAST
+
+    method = getattr(_TrainingEpochLoop, SIGTERM_BROADCAST)
+    assert "torch.distributed.broadcast" in inspect.getsource(method)
+    assert SIGTERM_BROADCAST in inspect.getsource(_TrainingEpochLoop.advance)

@@ -1,5 +1,7 @@
 """Checkpoint contents and the documented fallback when the world size changes (one process)."""
 
+import copy
+
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -28,20 +30,26 @@ def test_resume_on_a_different_world_size_starts_every_rank_from_the_consensus(t
     fit(tmp_path, 2, save=True)
     ckpt = torch.load(tmp_path / "one_rank.ckpt", weights_only=False)
     assert ckpt["localsgd"]["world_size"] == 1 and len(ckpt["localsgd"]["ranks"]) == 1
-    # Pretend two ranks wrote it: two different replicas, the consensus as the model.
+    # Pretend two ranks wrote it: two different replicas and momenta, the consensus as the model.
     mine = ckpt["localsgd"]["ranks"][0]
     other = {k: v + 1.0 for k, v in mine["model"].items()}
-    ckpt["localsgd"] = {"world_size": 2, "ranks": [mine, dict(mine, model=other)]}
+    momentum = mine["optimizer_states"][0]["state"][0]["momentum_buffer"]
+    tripled = copy.deepcopy(mine["optimizer_states"])
+    tripled[0]["state"][0]["momentum_buffer"] = 3 * momentum
+    ckpt["localsgd"] = {"world_size": 2, "ranks": [mine, dict(mine, model=other, optimizer_states=tripled)]}
     ckpt["state_dict"] = {k: v + 0.5 for k, v in mine["model"].items()}
     torch.save(ckpt, tmp_path / "two_ranks.ckpt")
 
-    with pytest.warns(UserWarning, match="replicas of 2 ranks but this run has 1"):
+    with pytest.warns(UserWarning, match="replicas of 2 ranks but this run has 1.*averaged over the saved ranks"):
         model, rec = fit(tmp_path, 3, ckpt_path=tmp_path / "two_ranks.ckpt")
     expected = torch.cat([v.reshape(-1) for k, v in ckpt["state_dict"].items() if "net" in k])
     assert torch.equal(rec.before_update[0][0], expected)  # the consensus, not rank 0's replica
-    # rank 0's inner optimizer state came along (momentum buffer of the first weight)
-    opt_state = model.trainer.optimizers[0].state_dict()["state"][0]["momentum_buffer"]
-    assert opt_state.abs().sum() > 0
+    # the inner optimizer state is the ranks' average, (m + 3m) / 2, not rank 0's: check it through the
+    # first update, x' = x − lr·(0.9·buf + g) with buf the averaged momentum
+    params, grads = rec.before_update[0]
+    buf = torch.cat([(2 * momentum).reshape(-1), torch.cat([
+        s["momentum_buffer"].reshape(-1) for i, s in sorted(mine["optimizer_states"][0]["state"].items()) if i > 0])])
+    torch.testing.assert_close(rec.after[0], params - 0.1 * (0.9 * buf + grads), rtol=0, atol=1e-15)
 
 
 @pytest.mark.filterwarnings("ignore:.*nothing to synchronize.*")

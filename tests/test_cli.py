@@ -48,10 +48,16 @@ trainer:
     assert (algo.sync_every, algo.warmup_steps, algo.buffers) == (16, 100, "broadcast")
 
 
-def test_bad_yaml_value_is_reported(tmp_path):
-    with pytest.raises((SystemExit, ValueError)):
+def test_bad_yaml_value_is_reported_with_the_algorithms_own_message(tmp_path):
+    with pytest.raises(ValueError, match="sync_every must be an integer >= 1, got 0"):
         cli(
             tmp_path,
             "trainer:\n  callbacks:\n    - class_path: lightning_localsgd.PeriodicAveraging\n"
             "      init_args:\n        sync_every: 0\n",
+        )
+    with pytest.raises(ValueError, match=r"overlap_steps=8 must be smaller than sync_every=8"):
+        cli(
+            tmp_path,
+            "trainer:\n  callbacks:\n    - class_path: lightning_localsgd.DiLoCo\n"
+            "      init_args:\n        sync_every: 8\n        overlap_steps: 8\n",
         )

@@ -7,6 +7,7 @@ build are checked.
 """
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -46,12 +47,16 @@ def algorithm(cli):
     return algo
 
 
-def test_the_configs_exist():
-    assert (IMAGE / "base.yaml").is_file()
-    for recipe in {p.parent for p in OVERLAYS}:
-        assert (recipe / "base.yaml").is_file(), f"{recipe} has overlays but no base.yaml"
-    names = {p.stem for p in OVERLAYS if p.parent == IMAGE}
-    assert {"ddp", "localsgd", "localsgd_bf16", "diloco"} <= names
+def test_every_config_the_docs_name_is_one_that_parses_here():
+    root = CONFIGS.parent
+    named = set()
+    for doc in [root / "README.md", *sorted((root / "docs").rglob("*.md")), root / "benchmarks" / "README.md"]:
+        named |= set(re.findall(r"configs/[\w/]+\.yaml", doc.read_text()))
+    assert len(named) >= 5, named  # the docs do point at configs
+    on_disk = {str(p.relative_to(root)) for p in CONFIGS.glob("*/*.yaml")}
+    assert named <= on_disk, f"docs name configs that do not exist: {sorted(named - on_disk)}"
+    for recipe in {p.parent for p in OVERLAYS}:  # every overlay has the base it is parsed on top of
+        assert str((recipe / "base.yaml").relative_to(root)) in on_disk
 
 
 @pytest.mark.parametrize("base", sorted(CONFIGS.glob("*/base.yaml")), ids=lambda p: p.parent.name)

@@ -7,16 +7,17 @@ import torch
 
 from lightning_localsgd.algorithms.diloco import DiLoCo
 from tests.launch import run_ranks
-from tests.scenarios_diloco import FakeComm, Toy, fake_attach, least_squares_shard
+from tests.fakes import FakeCollectives, Toy, bind_fake
+from tests.scenarios_diloco import least_squares_shard
 
 # The other rank's replicas and the expected anchors were worked out by hand (see each test).
 X0, OTHER0 = [0.8, 2.2, 0.4], [0.6, 1.8, 0.2]  # mean [0.7, 2.0, 0.3]; anchor [1, 2, 0.5] → Δ = [0.3, 0, 0.2]
 X1, OTHER1 = [0.5, 1.9, 0.3], [0.502, 1.7, 0.368]  # mean [0.501, 1.8, 0.334] → Δ₂ = [0.1, 0.2, −0.1]
 
 
-def attached(algorithm: DiLoCo, comm_dtype: torch.dtype | None = None) -> tuple[Toy, FakeComm]:
-    module, comm = Toy(), FakeComm(comm_dtype)
-    fake_attach(algorithm, module, comm)
+def attached(algorithm: DiLoCo, comm_dtype: torch.dtype | None = None) -> tuple[Toy, FakeCollectives]:
+    module, comm = Toy(), FakeCollectives(comm_dtype)
+    bind_fake(algorithm, module, comm)
     return module, comm
 
 
@@ -24,7 +25,7 @@ def assert_params(module: Toy, expected: list[float], atol: float = 1e-12) -> No
     torch.testing.assert_close(module.flat(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=atol)
 
 
-def local_round(module: Toy, comm: FakeComm, mine: list[float], other: list[float]) -> None:
+def local_round(module: Toy, comm: FakeCollectives, mine: list[float], other: list[float]) -> None:
     """This rank's replica after its local steps, and what the other rank will contribute."""
     module.set_(mine)
     comm.other = torch.tensor(other, dtype=torch.float64)
@@ -44,7 +45,6 @@ def test_two_syncs_are_nesterov_steps_on_the_mean_pseudo_gradient():
 
     local_round(module, comm, X1, OTHER1)
     alg.after_step(3)
-    module.trainer.global_step = 3
     alg.finalize(3)  # end of fit on a partial period: one more outer step
     # buf = 0.9·[0.3, 0, 0.2] + Δ₂ = [0.37, 0.2, 0.08]; step = Δ₂ + 0.9·buf = [0.433, 0.38, −0.028]
     # θ = [0.601, 2.0, 0.234] − 0.7·[0.433, 0.38, −0.028]
@@ -96,13 +96,12 @@ def test_anchor_is_retaken_at_the_end_of_warmup_and_kept_in_fp32_on_anchor_devic
     local_round(module, comm, X0, OTHER0)
     alg.after_step(3)  # first sync at warmup + H: Δ = [0.9, 2.1, 0.6] − [0.7, 2.0, 0.3] = [0.2, 0.1, 0.3]
     assert_params(module, [0.634, 1.967, 0.201])
-    assert all(a.device.type == "cpu" and a.dtype == torch.float64 for a in alg._anchor)
+    assert alg.anchor.device.type == "cpu" and alg.anchor.dtype == torch.float64
 
     half = DiLoCo(sync_every=2)
-    module, comm = attached(half)
-    module.half()
-    half.attach(half.strategy)
-    assert [a.dtype for a in half._anchor] == [torch.float32, torch.float32]  # fp32 anchor for a fp16 model
+    module, comm = Toy().half(), FakeCollectives()
+    bind_fake(half, module, comm)
+    assert half.anchor.dtype == torch.float32  # fp32 anchor for a fp16 model
 
 
 def test_reduced_precision_transport_sends_replica_minus_anchor():
@@ -128,9 +127,8 @@ def test_state_dict_round_trip_continues_the_outer_momentum():
 
     resumed = DiLoCo(sync_every=2)
     resumed.load_state_dict(state)
-    module2, comm2 = Toy(), FakeComm()  # fresh parameters: the anchor must come from the checkpoint
-    module2.trainer.global_step = 2
-    fake_attach(resumed, module2, comm2)
+    module2, comm2 = Toy(), FakeCollectives()  # fresh parameters: the anchor must come from the checkpoint
+    bind_fake(resumed, module2, comm2, step=2)
     local_round(module2, comm2, X1, OTHER1)
     resumed.after_step(4)
     assert_params(module2, [0.2979, 1.734, 0.2536])

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
 from lightning_localsgd.algorithms.elastic import ElasticAveraging
-from lightning_localsgd.comm import Group
-from lightning_localsgd.params import flatten, unflatten_
+from tests.fakes import FakeCollectives, bind_fake
 from tests.launch import run_ranks
 from tests.scenarios_leader import shard_batch, tinynet_start
 
@@ -29,33 +26,21 @@ def test_arguments_are_validated_with_a_fix(kwargs, message):
         ElasticAveraging(**kwargs)
 
 
-class FakeComm:
-    """Two ranks; this is rank 0 and rank 1 holds ``other``. Averages as the real transport does
-    with an anchor: anchor + mean(x − anchor)."""
-
-    comm_dtype = None
-
-    def __init__(self, other: list[float]) -> None:
-        self.other = torch.tensor(other, dtype=torch.float64)
-        self.calls: list[str] = []
-
-    def mean_(self, tensors, group, *, kind, anchor=None, nonfinite="raise", step=None, observer=None):
-        self.calls.append(kind)
-        base = flatten(anchor) if anchor is not None else torch.zeros_like(self.other)
-        unflatten_(base + ((flatten(tensors) - base) + (self.other - base)) / 2, tensors)
-
-
 def attached(algo: ElasticAveraging, x: list[float], center: list[float], other: list[float]):
+    """This rank (0 of 2) holds ``x``, rank 1 holds ``other``, the center is ``center``."""
     module = nn.Linear(1, 1).double()
-    module.trainer = SimpleNamespace(global_step=0)
-    comm = FakeComm(other)
-    algo._strategy = SimpleNamespace(lightning_module=module, comm=comm, world_group=Group(None, [0, 1], 0),
-                                     sync_observer=lambda step, node=False: None)
-    algo.attach(algo._strategy)
+    comm = FakeCollectives()
+    bind_fake(algo, module, comm)
     with torch.no_grad():
         module.weight.fill_(x[0]), module.bias.fill_(x[1])
-        algo.center[0].fill_(center[0]), algo.center[1].fill_(center[1])
+        algo.anchor.copy_(torch.tensor(center, dtype=torch.float64))
+    set_other(algo, comm, other)
     return module, comm
+
+
+def set_other(algo: ElasticAveraging, comm: FakeCollectives, other: list[float]) -> None:
+    """Rank 1 holds ``other``: it sends its replica minus the current center."""
+    comm.other = torch.tensor(other, dtype=torch.float64) - algo.anchor
 
 
 def values(tensors) -> list[float]:
@@ -68,10 +53,9 @@ def test_easgd_update_by_hand():
     module, comm = attached(algo, x=[3.0, 0.0], center=[1.0, 2.0], other=[1.0, 4.0])
     assert algo.moving_rate == 0.25
     algo.after_step(1)
-    assert comm.calls == [] and values(module.parameters()) == [3.0, 0.0]  # a local step
-    module.trainer.global_step = 2
+    assert comm.sent == [] and values(module.parameters()) == [3.0, 0.0]  # a local step
     algo.after_step(2)
-    assert comm.calls == ["sync"]
+    assert len(comm.sent) == 1
     assert values(module.parameters()) == [2.5, 0.5]  # x_0 − 0.25·(x_0 − x̃) with the old x̃
     assert values(algo.center) == [1.5, 2.0]  # x̃ + 0.5·(m − x̃) with the old x_i
     assert algo.num_syncs == 1 and algo.last_sync_step == 2
@@ -80,22 +64,22 @@ def test_easgd_update_by_hand():
 def test_explicit_alpha_and_the_model_is_the_center():
     algo = ElasticAveraging(sync_every=2, alpha=0.5, beta=0.5)
     module, comm = attached(algo, x=[3.0, 0.0], center=[1.0, 2.0], other=[1.0, 4.0])
-    module.trainer.global_step = 2
     algo.after_step(2)
     assert values(module.parameters()) == [2.0, 1.0] and values(algo.center) == [1.5, 2.0]
     # evaluation swaps in the center and back, exactly; the checkpoint stores the center; no communication
-    algo.begin_evaluation()
+    algo.begin_evaluation(2)
     assert values(module.parameters()) == [1.5, 2.0]
     algo.end_evaluation()
     assert values(module.parameters()) == [2.0, 1.0]
-    saved = algo.consensus_state_dict(module.state_dict())
-    assert float(saved["weight"]) == 1.5 and float(saved["bias"]) == 2.0 and comm.calls == ["sync"]
-    assert algo.state_dict()["center"].tolist() == [1.5, 2.0]
+    saved = algo.consensus_state_dict(module.state_dict(), 2)
+    assert float(saved["weight"]) == 1.5 and float(saved["bias"]) == 2.0 and len(comm.sent) == 1
+    assert values(module.parameters()) == [2.0, 1.0]
+    assert algo.state_dict()["anchor"].tolist() == [1.5, 2.0]
     # fit ends after a local step: one last elastic update (other rank at (1, 4)), then x ← x̃
-    module.trainer.global_step = 3
+    set_other(algo, comm, [1.0, 4.0])
     algo.finalize(3)
     # m = ((2, 1) + (1, 4)) / 2 = (1.5, 2.5); x̃ = (1.5, 2) + 0.5·((1.5, 2.5) − (1.5, 2)) = (1.5, 2.25)
-    assert comm.calls == ["sync", "sync"] and values(algo.center) == [1.5, 2.25]
+    assert len(comm.sent) == 2 and values(algo.center) == [1.5, 2.25]
     assert values(module.parameters()) == [1.5, 2.25]
 
 

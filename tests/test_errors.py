@@ -30,8 +30,11 @@ def test_bad_algorithm_arguments(kwargs, message):
 
 
 def test_bad_comm_dtype():
-    with pytest.raises(ValueError, match="floating dtype such as 'bfloat16'"):
-        LocalSGDStrategy(comm_dtype="int8")
+    for bad in ("int16", "uint8", torch.int8, "float8"):
+        with pytest.raises(ValueError, match="floating dtype such as 'bfloat16' or 'float16', or 'int8' / 'int4'"):
+            LocalSGDStrategy(comm_dtype=bad)
+    assert LocalSGDStrategy(comm_dtype="int8").comm.comm_dtype == "int8"
+    assert LocalSGDStrategy(comm_dtype="int4").comm.quantized
     assert LocalSGDStrategy(comm_dtype="bfloat16").comm.comm_dtype is torch.bfloat16
     assert LocalSGDStrategy(comm_dtype=torch.float16).comm.comm_dtype is torch.float16
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ from torch import nn
 
 from lightning_localsgd.algorithms.leader import LeaderSGD
 from lightning_localsgd.comm import Group, NonFiniteReplicaError
+from lightning_localsgd.contract import StepReport
+from tests.fakes import FakeCollectives, bind_fake
 from tests.launch import run_ranks
 from tests.scenarios_leader import shard_batch, tinynet_start
 
@@ -37,99 +38,97 @@ def test_arguments_are_validated_with_a_fix(kwargs, message):
 
 
 def test_a_reduced_comm_dtype_is_refused():
-    from lightning_localsgd import LocalSGDStrategy
-
-    trainer = SimpleNamespace(strategy=LocalSGDStrategy(comm_dtype="bfloat16"))
     with pytest.raises(ValueError, match=r"would have no effect.*LocalSGDStrategy\(comm_dtype=None\)"):
-        LeaderSGD().setup(trainer, None, "fit")
+        bind_fake(LeaderSGD(), nn.Linear(1, 1), FakeCollectives("bfloat16"))
 
 
-class FakeComm:
-    """Three ranks; this process is rank 1. The other ranks' election rows and the leader's
-    parameters are given; the byte counters are not used here."""
-
-    def __init__(self, rows: dict[int, list[float]], leader_params: dict[int, torch.Tensor]) -> None:
-        self.rows, self.leader_params, self.comm_dtype, self.broadcasts = rows, leader_params, None, []
-
-    def all_gather(self, local, group, kind):
-        return torch.stack([local if r == 1 else torch.tensor(self.rows[r], dtype=local.dtype) for r in group.ranks])
-
-    def broadcast_(self, flat, src, group, kind):
-        self.broadcasts.append((src, kind))
-        if src != 1:
-            flat.copy_(self.leader_params[src])
-        return flat
+def fake(rows: dict[int, list[float]], leader_params: dict[int, torch.Tensor]) -> FakeCollectives:
+    """Three ranks; this process is rank 1. The other ranks' election rows and the leader's parameters."""
+    comm = FakeCollectives()
+    comm.rows, comm.broadcasts = rows, leader_params
+    return comm
 
 
-def attached(algo: LeaderSGD, comm: FakeComm, x: list[float]) -> nn.Module:
+def attached(algo: LeaderSGD, comm: FakeCollectives, x: list[float]) -> nn.Module:
     module = nn.Linear(1, 1, bias=True).double()
+    bind_fake(algo, module, comm, world=Group(None, [0, 1, 2], 1))
     with torch.no_grad():
         module.weight.fill_(x[0]), module.bias.fill_(x[1])
-    module.trainer = SimpleNamespace(global_step=0)
-    world = Group(None, [0, 1, 2], 1)
-    algo._strategy = SimpleNamespace(lightning_module=module, comm=comm, world_group=world, node_group=world)
     return module
 
 
 def test_election_is_the_argmin_of_windowed_losses_and_the_pull_is_a_lerp():
     algo = LeaderSGD(sync_every=2, pull=0.25, loss_window=2)
-    comm = FakeComm({0: [0.9, 0.0], 2: [0.5, 0.0]}, {2: torch.tensor([4.0, -8.0], dtype=torch.float64)})
+    comm = fake({0: [0.9, 0.0], 2: [0.5, 0.0]}, {2: torch.tensor([4.0, -8.0], dtype=torch.float64)})
     module = attached(algo, comm, [0.0, 0.0])
     for loss in (0.1, 0.6, 0.8):  # window of 2: mean(0.6, 0.8) = 0.7 > rank 2's 0.5
         algo._losses.append(loss)
     assert algo.window_loss() == pytest.approx(0.7)
     algo.pull_toward_leader(step=2, node=False)
-    assert comm.broadcasts == [(2, "sync")] and algo.leader == 2
+    assert comm.broadcast_log == [(2, "sync")] and algo.leader == 2
     assert module.weight.item() == 1.0 and module.bias.item() == -2.0  # 0.75·0 + 0.25·(4, −8)
 
 
 def test_election_ties_go_to_the_lowest_rank_and_nan_never_leads():
     algo = LeaderSGD(pull=1.0, nonfinite="skip")
-    comm = FakeComm({0: [math.nan, 0.0], 2: [0.3, 1.0]}, {})
+    comm = fake({0: [math.nan, 0.0], 2: [0.3, 1.0]}, {})
     attached(algo, comm, [1.0, 2.0])
     algo._losses.append(0.4)
-    assert algo.elect(algo.strategy.world_group) == (1, [2])  # rank 0 NaN, rank 2 holds NaN/Inf
+    assert algo.elect(algo.world) == (1, [2])  # rank 0 NaN, rank 2 holds NaN/Inf
     comm.rows = {0: [0.4, 0.0], 2: [0.4, 0.0]}
-    assert algo.elect(algo.strategy.world_group) == (0, [])  # three-way tie
+    assert algo.elect(algo.world) == (0, [])  # three-way tie
     algo.nonfinite = "raise"
     comm.rows = {0: [0.4, 0.0], 2: [0.1, 1.0]}
     with pytest.raises(NonFiniteReplicaError, match=r"rank\(s\) \[2\] holds NaN/Inf at step 7"):
-        algo.elect(algo.strategy.world_group, step=7)
+        algo.elect(algo.world, step=7)
 
 
 def test_step_pull_moves_toward_the_last_leader_copy_before_the_scheduled_pull():
     algo = LeaderSGD(sync_every=2, pull=0.25, step_pull=0.5)
-    comm = FakeComm({0: [0.9, 0.0], 2: [0.5, 0.0]}, {2: torch.tensor([4.0, -8.0], dtype=torch.float64)})
+    comm = fake({0: [0.9, 0.0], 2: [0.5, 0.0]}, {2: torch.tensor([4.0, -8.0], dtype=torch.float64)})
     module = attached(algo, comm, [0.0, 0.0])
-    algo._losses.append(0.7)
-    algo.after_step(1)  # no leader copy yet: nothing happens
+    algo.after_step(1, StepReport(1, loss=0.7))  # no leader copy yet: nothing happens
     assert [module.weight.item(), module.bias.item()] == [0.0, 0.0]
-    algo.after_step(2)  # pull: 0.75·(0, 0) + 0.25·(4, −8)
+    algo.after_step(2, StepReport(2, loss=0.6))  # pull: 0.75·(0, 0) + 0.25·(4, −8)
     assert [module.weight.item(), module.bias.item()] == [1.0, -2.0]
-    algo.after_step(3)  # λ-pull toward the copy (4, −8): (1, −2) + 0.5·((4, −8) − (1, −2))
+    algo.after_step(3, StepReport(3, loss=0.5))  # λ-pull toward the copy (4, −8): (1, −2) + 0.5·((4, −8) − (1, −2))
     assert [module.weight.item(), module.bias.item()] == [2.5, -5.0]
-    algo.after_step(4)  # λ-pull to (3.25, −6.5), then the scheduled pull: 0.75·(3.25, −6.5) + 0.25·(4, −8)
+    algo.after_step(4, StepReport(4, loss=0.4))  # λ-pull to (3.25, −6.5), then the pull: 0.75·(3.25, −6.5) + 0.25·(4, −8)
     assert [module.weight.item(), module.bias.item()] == [3.4375, -6.875]
     state = algo.rank_state_dict()
-    assert state["losses"] == [0.7] and state["leader_copy"].tolist() == [4.0, -8.0] and algo.num_syncs == 2
+    assert state["losses"] == [0.7, 0.6, 0.5, 0.4] and state["leader_copy"].tolist() == [4.0, -8.0]
+    assert algo.num_syncs == 2
+
+
+def test_the_step_loss_enters_the_window_after_the_election():
+    algo = LeaderSGD(sync_every=1, pull=0.5, loss_window=2)
+    comm = fake({0: [0.9, 0.0], 2: [0.5, 0.0]}, {2: torch.tensor([3.0, 0.0], dtype=torch.float64)})
+    module = attached(algo, comm, [1.0, 2.0])
+    algo.after_step(1, StepReport(1, loss=0.1))  # window empty at the election (+inf): rank 2 leads
+    assert algo.leader == 2 and algo.window_loss() == pytest.approx(0.1)
+    assert [module.weight.item(), module.bias.item()] == [2.0, 1.0]  # 0.5·(1, 2) + 0.5·(3, 0)
+    algo.after_step(2, StepReport(2, loss=0.3))  # window (0.1) < 0.5: this rank leads, nothing moves
+    assert algo.leader == 1 and algo.window_loss() == pytest.approx(0.2)
+    assert [module.weight.item(), module.bias.item()] == [2.0, 1.0]
+    with pytest.raises(ValueError, match="elects the leader by training loss"):
+        algo.after_step(3, StepReport(3))
 
 
 def test_evaluate_leader_uses_the_leaders_replica_everywhere():
     algo = LeaderSGD(sync_every=2, pull=0.5, evaluate="leader")
-    comm = FakeComm({0: [0.9, 0.0], 2: [0.5, 0.0]}, {2: torch.tensor([4.0, -8.0], dtype=torch.float64)})
+    comm = fake({0: [0.9, 0.0], 2: [0.5, 0.0]}, {2: torch.tensor([4.0, -8.0], dtype=torch.float64)})
     module = attached(algo, comm, [1.0, 2.0])
-    module.trainer.global_step = 3  # a local step since the last sync
     algo._losses.append(0.7)
-    algo.begin_evaluation()
+    algo.begin_evaluation(3)  # a local step since the last sync
     assert [module.weight.item(), module.bias.item()] == [4.0, -8.0]
     algo.end_evaluation()  # the replica comes back exactly
     assert [module.weight.item(), module.bias.item()] == [1.0, 2.0]
-    saved = algo.consensus_state_dict(module.state_dict())
+    saved = algo.consensus_state_dict(module.state_dict(), 3)
     assert [float(saved["weight"]), float(saved["bias"])] == [4.0, -8.0]
     assert [module.weight.item(), module.bias.item()] == [1.0, 2.0]
     algo.finalize(3)
-    assert [module.weight.item(), module.bias.item()] == [4.0, -8.0] and algo.is_synced()
-    assert comm.broadcasts == [(2, "eval"), (2, "checkpoint"), (2, "sync")]
+    assert [module.weight.item(), module.bias.item()] == [4.0, -8.0] and algo.is_synced(3)
+    assert comm.broadcast_log == [(2, "eval"), (2, "checkpoint"), (2, "sync")]
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -5,14 +5,15 @@ import torch
 
 from lightning_localsgd.algorithms.modified_localgd import ModifiedLocalGD
 from tests.launch import run_ranks
-from tests.scenarios_diloco import FakeComm, Toy, fake_attach, logistic_loss, separable_shards
+from tests.fakes import FakeCollectives, Toy, bind_fake
+from tests.scenarios_diloco import logistic_loss, separable_shards
 
 F64 = torch.float64
 
 
-def attached(algorithm: ModifiedLocalGD) -> tuple[Toy, FakeComm]:
-    module, comm = Toy(), FakeComm()
-    fake_attach(algorithm, module, comm)
+def attached(algorithm: ModifiedLocalGD) -> tuple[Toy, FakeCollectives]:
+    module, comm = Toy(), FakeCollectives()
+    bind_fake(algorithm, module, comm)
     return module, comm
 
 
@@ -83,8 +84,8 @@ def test_warmup_averages_gradients_without_prox_and_starts_the_round_after_it():
 
 def test_reduced_precision_transport_and_skipped_nonfinite_replica():
     alg = ModifiedLocalGD(sync_every=1, prox=0.5)
-    module, comm = Toy(), FakeComm(torch.bfloat16)
-    fake_attach(alg, module, comm)  # anchor = x̄₀ = [1, 2, 0.5]
+    module, comm = Toy(), FakeCollectives(torch.bfloat16)
+    bind_fake(alg, module, comm)  # anchor = x̄₀ = [1, 2, 0.5]
     module.set_([0.8, 2.2, 0.4])
     comm.other = torch.tensor([-0.4, -0.2, -0.3]).to(torch.bfloat16)  # the other rank's replica − anchor
     alg.after_step(1)
@@ -93,7 +94,7 @@ def test_reduced_precision_transport_and_skipped_nonfinite_replica():
     torch.testing.assert_close(module.flat(), torch.tensor([0.7, 2.0, 0.3], dtype=F64), rtol=0, atol=3e-3)
     q = alg.rank_state_dict()["q"]  # computed locally in full precision
     torch.testing.assert_close(q, torch.tensor([0.2, -0.2, 0.1], dtype=F64), rtol=0, atol=1e-15)
-    assert torch.equal(torch.cat(alg._anchor), module.flat())  # the next anchor is the new consensus
+    assert torch.equal(alg.anchor, module.flat())  # the next anchor is the new consensus
 
     skip = ModifiedLocalGD(sync_every=1, prox=0.5, nonfinite="skip")
     module, comm = attached(skip)

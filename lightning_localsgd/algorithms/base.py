@@ -1,37 +1,69 @@
-"""The contract between :class:`~lightning_localsgd.LocalSGDStrategy` and a consensus algorithm.
+"""ConsensusAlgorithm: the base of every algorithm that keeps the replicas together (one per run).
 
 A consensus algorithm is a Lightning :class:`~lightning.pytorch.callbacks.Callback` (so it sits in
-``Trainer(callbacks=[...])`` and its state rides in the checkpoint) that the strategy *drives*:
+``callbacks=[...]`` and its global state rides in the checkpoint) that a front end *drives* through
+the calls below; it never reads the Trainer. The front end is
+:class:`~lightning_localsgd.LocalSGDStrategy` (Trainer) or
+:class:`lightning_localsgd.fabric.LocalSGDStrategy` (Fabric), through
+:class:`~lightning_localsgd.engine.SyncEngine`.
 
 =====================================  =========================================================
-strategy event                         algorithm hook
+front-end event                        call
 =====================================  =========================================================
-end of ``strategy.setup`` (fit)        :meth:`attach` — snapshot anchors unless just restored
+training starts (optimizers exist)     :meth:`bind` — the :class:`~lightning_localsgd.contract.SyncContext`,
+                                       the current step, this rank's restored state (or ``None``)
 gradients ready, before the update     :meth:`wrap_closure` — warm-up gradient averaging
 after every optimizer step             :meth:`after_step` — the sync schedule
-validation / test start and end        :meth:`begin_evaluation` / :meth:`end_evaluation`
-end of training                        :meth:`finalize` — leave the consensus on every rank
-checkpoint save / load                 :meth:`consensus_state_dict`, :meth:`rank_state_dict`
+evaluation start / end                 :meth:`begin_evaluation` / :meth:`end_evaluation`
+end of training                        :meth:`finalize` — the consensus on every rank
+saving                                 :meth:`consensus_state_dict`, :meth:`replica_state_dict`,
+                                       :meth:`rank_state_dict` (+ Lightning's ``state_dict``)
 =====================================  =========================================================
 
-Steps are counted as the number of *completed optimizer steps* (``trainer.global_step`` after the
-step), so ``accumulate_grad_batches`` works unchanged.
+Steps are *completed optimizer steps* (``trainer.global_step`` after the step), so
+``accumulate_grad_batches`` works unchanged.
+
+What the base owns, written once for every algorithm:
+
+* **The anchor**: the last consensus of the synchronized tensors, one flat fp32 (fp64 for an fp64
+  model) tensor identical on every rank. Algorithms that need one (:meth:`needs_anchor`: DiLoCo's
+  θ, EASGD's center, and any algorithm under a reduced-precision transport) get it at
+  :meth:`bind`: restored from the checkpoint, agreed on by one average when resuming mid-period
+  without one, and re-taken at every warm-up step (the replicas are equal there).
+* **The error-feedback residual** of the integer transport (per rank, in checkpoints).
+* **Fragments and overlap** (algorithms with ``overlappable = True``): the synchronized tensors are
+  cut into ``fragments`` contiguous groups; fragment p syncs every H steps at offset
+  :math:`\\lfloor (p+1)H/P \\rfloor`. With ``overlap_steps = τ > 0`` a fragment's average starts in
+  the background at its sync step s and is merged τ steps later (see :meth:`merge`).
+* **The evaluation swap**: evaluation and checkpoints see the consensus (:meth:`write_consensus`,
+  the replicas' average by default); the replicas are put back exactly afterwards.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor
+from lightning.pytorch import Callback
+from torch import Tensor, nn
 
-from lightning_localsgd.comm import NonFinitePolicy
-from lightning_localsgd.params import BUFFER_POLICIES, BufferPolicy, copy_, sync_tensors
-
-if TYPE_CHECKING:
-    from lightning_localsgd.strategy import LocalSGDStrategy
+from lightning_localsgd.comm import Collectives, Group, NonFinitePolicy, PendingMean
+from lightning_localsgd.contract import RoundPosition, StepReport, SyncContext, SyncEvent
+from lightning_localsgd.params import (
+    BUFFER_POLICIES,
+    BufferPolicy,
+    Fragment,
+    copy_,
+    flatten,
+    flatten_into,
+    partition,
+    snapshot,
+    sync_tensors,
+    unflatten_,
+    views,
+)
 
 
 def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -39,6 +71,22 @@ def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+@dataclass
+class InFlight:
+    """A fragment's average started at step ``start``: ``pending`` gives the mean, ``sent`` what this rank sent."""
+
+    start: int
+    pending: PendingMean | None  # None once ``mean`` is known
+    sent: Tensor  # this rank's values of the fragment at ``start`` (flat, full precision)
+    mean: Tensor | None = None
+
+    def result(self) -> Tensor:
+        if self.mean is None:
+            assert self.pending is not None
+            self.mean, self.pending = self.pending.wait(), None
+        return self.mean
 
 
 class ConsensusAlgorithm(Callback):
@@ -52,7 +100,15 @@ class ConsensusAlgorithm(Callback):
             ``"broadcast"`` rank 0's, or keep them ``"local"``. Integer buffers always stay local.
         nonfinite: a replica holding NaN/Inf at a sync: ``"raise"`` an error naming the rank and
             step, or ``"skip"`` it (the others are averaged and every rank receives their mean).
+        overlap_steps: τ, local steps a sync's communication overlaps (0: blocking). Only for
+            algorithms with ``overlappable = True``.
+        fragments: P, groups of tensors synced at staggered steps (1: the whole model at once).
+        merge_alpha: how an overlapped sync is merged (see :meth:`merge`); ``None``: keep the
+            local progress made during the overlap.
     """
+
+    overlappable: ClassVar[bool] = False  # supports overlap_steps, fragments, merge_alpha
+    equalizes: ClassVar[bool] = True  # a whole sync leaves every replica equal (EASGD's does not)
 
     def __init__(
         self,
@@ -61,6 +117,9 @@ class ConsensusAlgorithm(Callback):
         warmup_steps: int = 0,
         buffers: BufferPolicy = "average",
         nonfinite: NonFinitePolicy = "raise",
+        overlap_steps: int = 0,
+        fragments: int = 1,
+        merge_alpha: float | None = None,
     ) -> None:
         self.sync_every = check_positive_int("sync_every", sync_every)
         self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
@@ -68,17 +127,76 @@ class ConsensusAlgorithm(Callback):
             raise ValueError(f"buffers must be one of {BUFFER_POLICIES}, got {buffers!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.overlap_steps = check_positive_int("overlap_steps", overlap_steps, minimum=0)
+        self.fragments = check_positive_int("fragments", fragments)
+        name = type(self).__name__
+        if not self.overlappable and (self.overlap_steps or self.fragments != 1 or merge_alpha is not None):
+            raise ValueError(
+                f"{name} cannot overlap or fragment its syncs (its sync is not an average that can arrive late): "
+                "drop overlap_steps/fragments/merge_alpha, or use PeriodicAveraging or DiLoCo"
+            )
+        if self.overlap_steps >= self.sync_every:
+            raise ValueError(
+                f"overlap_steps={overlap_steps} must be smaller than sync_every={sync_every} (a sync must land "
+                f"before the next one starts): use overlap_steps <= {sync_every - 1}"
+            )
+        if self.fragments > self.sync_every:
+            raise ValueError(
+                f"fragments={fragments} needs sync_every >= {fragments} (one fragment starts per step at most): "
+                f"raise sync_every or use fragments <= {sync_every}"
+            )
+        if merge_alpha is not None:
+            ok = isinstance(merge_alpha, (int, float)) and not isinstance(merge_alpha, bool)
+            if not ok or not 0 <= merge_alpha <= 1:
+                raise ValueError(f"merge_alpha must be None or a number in [0, 1] such as 0.5, got {merge_alpha!r}")
+            if self.overlap_steps == 0:
+                raise ValueError("merge_alpha has no effect without overlap_steps > 0: drop it or set overlap_steps")
+        self.merge_alpha = None if merge_alpha is None else float(merge_alpha)
         self.buffers: BufferPolicy = buffers
         self.nonfinite: NonFinitePolicy = nonfinite
         self.last_sync_step = 0  # optimizer step at which the replicas were last made equal
-        self.num_syncs = 0
-        self._strategy: LocalSGDStrategy | None = None
-        self._loaded = False  # state came from a checkpoint: do not re-snapshot anchors
+        self.num_syncs = 0  # completed synchronizations (each fragment's counts once)
+        self.anchor: Tensor | None = None  # flat last consensus of the synchronized tensors
+        self.residual: Tensor | None = None  # flat error-feedback residual (integer transport)
+        self.anchor_device: torch.device | None = None
+        self._ctx: SyncContext | None = None
+        self._fragments: list[Fragment] = []
+        self._inflight: dict[int, InFlight] = {}
+        self._loaded: dict[str, Any] | None = None  # global state read from a checkpoint, applied at bind
         self._stash: dict[str, Tensor] | None = None  # replicas parked during evaluation
-        self._grads_averaged_at = -1  # step whose update used world-averaged gradients (GradAlign K = 1)
 
-    # ------------------------------------------------------------------ Lightning callback hooks
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    # ================================================================== what subclasses implement
+    def needs_anchor(self) -> bool:
+        """Whether this algorithm keeps an anchor; by default only under a reduced-precision transport."""
+        return self.comm.comm_dtype is not None
+
+    def on_bind(self, fresh: bool) -> None:
+        """Build derived state after the anchor exists (``fresh``: not restored from a checkpoint)."""
+
+    def sync(self, step: int) -> None:
+        """A blocking sync of the whole model at ``step`` (every rank calls it at the same step).
+
+        The default averages every fragment; :meth:`consensus_of` says what each average becomes.
+        """
+        averaged, broadcast = self.sync_tensors()
+        for fragment in self._fragments:
+            self._average_fragment(fragment, step, averaged)
+        if broadcast:  # buffers="broadcast": rank 0's
+            self.broadcast_buffers_(broadcast)
+
+    def consensus_of(self, fragment: Fragment, mean: list[Tensor]) -> list[Tensor]:
+        """The new consensus of ``fragment`` given the replicas' average ``mean`` (tensors shaped like
+        the fragment's). The default is the average itself; the anchor, if any, follows it."""
+        if self.anchor is not None:
+            flatten_into(mean, self.anchor[fragment.offset : fragment.offset + fragment.numel])
+        return mean
+
+    def write_consensus(self, kind: str = "eval") -> None:
+        """Put the consensus into the module (collective, booked under ``kind``). Default: the replicas' average."""
+        self.comm.mean_(list(self._named_state().values()), self.world, kind=kind)
+
+    # ================================================================== Lightning callback hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         from lightning_localsgd.strategy import LocalSGDStrategy
 
         if stage == "fit" and not isinstance(trainer.strategy, LocalSGDStrategy):
@@ -88,71 +206,62 @@ class ConsensusAlgorithm(Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_sync_step": self.last_sync_step, "num_syncs": self.num_syncs}
+        """Global state, identical on every rank (rank 0 writes it)."""
+        state: dict[str, Any] = {"last_sync_step": self.last_sync_step, "num_syncs": self.num_syncs}
+        if self.anchor is not None:
+            state["anchor"] = self.anchor.detach().cpu().clone()
+        elif self._loaded is not None and "anchor" in self._loaded:
+            state["anchor"] = self._loaded["anchor"]
+        if self._inflight:  # the averages in flight are finished now so that a resume can merge them on time
+            state["inflight"] = {p: {"start": f.start, "mean": f.result().cpu()} for p, f in self._inflight.items()}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_sync_step = int(state_dict["last_sync_step"])
         self.num_syncs = int(state_dict["num_syncs"])
-        self._loaded = True
+        self._loaded = dict(state_dict)
 
-    # ------------------------------------------------------------------ helpers for subclasses
-    @property
-    def strategy(self) -> LocalSGDStrategy:
-        if self._strategy is None:
-            raise RuntimeError(f"{type(self).__name__} is not attached to a LocalSGDStrategy yet")
-        return self._strategy
+    # ================================================================== the contract
+    def bind(self, ctx: SyncContext, step: int, restored: dict[str, Any] | None = None) -> None:
+        """Start driving this algorithm: replicas are equal, or restored from a checkpoint.
 
-    @property
-    def module(self) -> LightningModule:
-        module = self.strategy.lightning_module
-        assert module is not None
-        return module
-
-    def tensors(self) -> tuple[list[Tensor], list[Tensor]]:
-        """``(averaged, broadcast)`` tensors of the module under this algorithm's buffer policy."""
-        return sync_tensors(self.module, self.buffers)
-
-    def average_(
-        self, tensors: list[Tensor], step: int, *, node: bool = False, anchor: Tensor | list[Tensor] | None = None
-    ) -> None:
-        """Average ``tensors`` over the world (or this node) with the strategy's transport."""
-        strategy = self.strategy
-        strategy.comm.mean_(
-            tensors,
-            strategy.node_group if node else strategy.world_group,
-            kind="sync",
-            anchor=anchor,
-            nonfinite=self.nonfinite,
-            step=step,
-            observer=strategy.sync_observer(step, node=node),
-        )
-
-    def broadcast_buffers_(self, tensors: list[Tensor], *, node: bool = False) -> None:
-        """Give every rank of the world (or node) the first rank's copy of ``tensors``."""
-        group = self.strategy.node_group if node else self.strategy.world_group
-        self.strategy.comm.broadcast_tensors_(tensors, src=group.ranks[0], group=group, kind="sync")
-
-    def in_warmup(self, step: int) -> bool:
-        return step <= self.warmup_steps
-
-    def is_due(self, step: int, every: int) -> bool:
-        """True at the steps ``warmup_steps + every, warmup_steps + 2·every, ...``."""
-        return step > self.warmup_steps and (step - self.warmup_steps) % every == 0
-
-    def is_synced(self) -> bool:
-        """Whether the replicas are equal right now (no local step since the last sync)."""
-        return self.last_sync_step == self.module.trainer.global_step
-
-    # ------------------------------------------------------------------ driven by the strategy
-    def attach(self, strategy: LocalSGDStrategy) -> None:
-        """Called at the end of ``strategy.setup`` when fitting; replicas are equal or restored."""
-        self._strategy = strategy
-        if not self._loaded:
-            self.last_sync_step = self.module.trainer.global_step
-            self.on_fresh_start()
-
-    def on_fresh_start(self) -> None:
-        """Snapshot anchors here (not called when the state was loaded from a checkpoint)."""
+        Args:
+            ctx: the module, transport and groups.
+            step: completed optimizer steps so far (the checkpoint's when resuming).
+            restored: this rank's :meth:`rank_state_dict` from the checkpoint (``None``: fresh, or
+                resumed on another world size).
+        """
+        self._ctx = ctx
+        loaded, fresh = self._loaded, self._loaded is None
+        if fresh:
+            self.last_sync_step = step
+        averaged, _ = self.sync_tensors()
+        self._fragments = partition(averaged, self.fragments)
+        self.anchor = self.residual = None
+        self._inflight = {}
+        if self.needs_anchor():
+            self.anchor = flatten(snapshot(averaged, device=self.anchor_device))
+            if loaded is not None and loaded.get("anchor") is not None:
+                saved = loaded["anchor"]
+                if saved.numel() != self.anchor.numel():
+                    raise ValueError(
+                        f"the checkpoint's {type(self).__name__} anchor holds {saved.numel()} values but this model "
+                        f"syncs {self.anchor.numel()}: resume with the same model and the same `buffers` policy"
+                    )
+                self.anchor.copy_(saved)
+            elif not self.is_synced(step):  # restored mid-period without an anchor: agree on one
+                self.comm.mean_([self.anchor], self.world, kind="setup")
+            if self.comm.quantized:
+                self.residual = torch.zeros_like(self.anchor, device=averaged[0].device)
+        self.on_bind(fresh)
+        if restored is not None:
+            self.load_rank_state_dict(restored)
+        if loaded is not None and restored is not None:
+            for p, f in (loaded.get("inflight") or {}).items():
+                sent = restored.get("inflight_sent", {}).get(p)
+                device = averaged[0].device
+                self._inflight[int(p)] = InFlight(int(f["start"]), None, sent.to(device), f["mean"].to(device))
+        self._loaded = None
 
     def wrap_closure(self, closure: Callable[[], Any], step: int) -> Callable[[], Any]:
         """During warm-up, average the gradients after backward, before clipping and the update."""
@@ -165,42 +274,44 @@ class ConsensusAlgorithm(Callback):
             for p in params:
                 if p.grad is None:  # unused on this rank: contribute zeros, as DDP does
                     p.grad = torch.zeros_like(p)
-            self.strategy.comm.mean_([p.grad for p in params], self.strategy.world_group, kind="grad", step=step)
+            self.comm.mean_([p.grad for p in params], self.world, kind="grad", step=step)
             return out
 
         return closure_with_allreduce
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, report: StepReport | None = None) -> None:
         """Called after optimizer step ``step`` (1-based). Runs the sync schedule."""
         if self.in_warmup(step):
             self.last_sync_step = step  # gradients were averaged: replicas are still equal
-        elif self.is_due(step, self.sync_every):
-            self.sync(step)
-            self.last_sync_step = step
-            self.num_syncs += 1
-
-    def note_gradients_averaged(self, step: int) -> None:
-        """A gradient modifier (GradAlign K = 1) averaged step ``step``'s gradients over the world."""
-        self._grads_averaged_at = step
-
-    def sync(self, step: int) -> None:
-        """Make the replicas agree; called on every rank at the same step."""
-        raise NotImplementedError
-
-    def finalize(self, step: int) -> None:
-        """End of fit: leave the consensus model on every rank."""
-        if not self.is_synced():
-            self.sync(step)
-            self.last_sync_step = step
-            self.num_syncs += 1
-
-    def begin_evaluation(self) -> None:
-        """Swap the replicas for their average; :meth:`end_evaluation` swaps them back exactly."""
-        if self.is_synced() or self._stash is not None:
+            if self.anchor is not None:  # ... and equal to the consensus
+                flatten_into(self.sync_tensors()[0], self.anchor)
             return
-        named = self._named_state()
-        self._stash = {name: t.detach().clone() for name, t in named.items()}
-        self.strategy.comm.mean_(list(named.values()), self.strategy.world_group, kind="eval")
+        for p, flight in list(self._inflight.items()):
+            if flight.start + self.overlap_steps == step:
+                self._finish(self._fragments[p], step)
+        if self.overlap_steps == 0 and len(self._fragments) == 1:
+            if self.is_due(step, self.sync_every):
+                self._whole_sync(step)
+            return
+        for fragment in self._fragments:
+            if self._fragment_due(fragment, step):
+                if self.overlap_steps == 0:
+                    self._sync_blocking(fragment, step)
+                else:
+                    self._start(fragment, step)
+
+    def position(self, step: int) -> RoundPosition:
+        """Where ``step`` falls in the schedule (what a gradient modifier needs to know)."""
+        offset = step - 1 - self.warmup_steps
+        rounds, within = divmod(max(offset, 0), self.sync_every)
+        return RoundPosition(step, self.in_warmup(step), rounds, within, self.sync_every)
+
+    def begin_evaluation(self, step: int) -> None:
+        """Swap the replicas for the consensus; :meth:`end_evaluation` swaps them back exactly."""
+        if self._stash is not None or self.holds_consensus(step):
+            return
+        self._park()
+        self.write_consensus()
 
     def end_evaluation(self) -> None:
         if self._stash is None:
@@ -209,13 +320,12 @@ class ConsensusAlgorithm(Callback):
         copy_([named[k] for k in self._stash], list(self._stash.values()))
         self._stash = None
 
-    def _named_state(self) -> dict[str, Tensor]:
-        """Parameters and floating buffers by state-dict name (what evaluation averages)."""
-        module = self.module
-        named = dict(module.named_parameters())
-        if self.buffers != "local":
-            named.update((k, b) for k, b in module.named_buffers() if torch.is_floating_point(b))
-        return named
+    def finalize(self, step: int) -> None:
+        """End of fit: merge what is in flight, then one last blocking sync unless the replicas are equal."""
+        for p in list(self._inflight):
+            self._finish(self._fragments[p], step)
+        if not self.is_synced(step):
+            self._whole_sync(step)
 
     # ------------------------------------------------------------------ checkpoints
     def replica_state_dict(self) -> dict[str, Tensor]:
@@ -225,21 +335,210 @@ class ConsensusAlgorithm(Callback):
             state = {k: self._stash.get(k, v) for k, v in state.items()}
         return {k: v.detach().clone() for k, v in state.items()}
 
-    def consensus_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """The model a checkpoint stores: the replicas' average (collective on every rank)."""
-        if self.is_synced() or self._stash is not None:
+    def consensus_state_dict(self, state_dict: dict[str, Any], step: int) -> dict[str, Any]:
+        """The model a checkpoint stores: the consensus (collective on every rank)."""
+        if self._stash is not None or self.holds_consensus(step):
             return state_dict  # the module holds the consensus already
-        named = self._named_state()
-        averaged = [t.detach().clone() for t in named.values()]
-        self.strategy.comm.mean_(averaged, self.strategy.world_group, kind="checkpoint")
+        self._park()
+        self.write_consensus("checkpoint")
         out = dict(state_dict)
-        out.update(zip(named.keys(), averaged))
+        out.update((k, v.detach().clone()) for k, v in self.module.state_dict().items() if k in self._stash)
+        self.end_evaluation()
         return out
 
     def rank_state_dict(self) -> dict[str, Any]:
         """Per-rank algorithm state that differs between ranks (saved for every rank)."""
-        return {}
+        state: dict[str, Any] = {}
+        if self.residual is not None:
+            state["residual"] = self.residual.detach().cpu().clone()
+        if self._inflight:
+            state["inflight_sent"] = {p: f.sent.detach().cpu().clone() for p, f in self._inflight.items()}
+        return state
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`rank_state_dict` returned on this rank."""
+        if self.residual is not None and state.get("residual") is not None:
+            self.residual.copy_(state["residual"])
 
+    @staticmethod
+    def reduce_rank_states(states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+        """Per-rank states for a resume on ``world_size`` ranks from the ``states`` of another world size.
+
+        The residual's *sum* over ranks is what error feedback still owes: it is split evenly over
+        the new ranks, so nothing is lost. Syncs in flight are dropped (every rank restarts from the
+        consensus, which already contains their values). Subclasses add their own state.
+        """
+        residuals = [s["residual"] for s in states if s.get("residual") is not None]
+        share = torch.stack(residuals).sum(0) / world_size if residuals else None
+        return [{"residual": None if share is None else share.clone()} for _ in range(world_size)]
+
+    # ================================================================== helpers for subclasses
+    @property
+    def ctx(self) -> SyncContext:
+        if self._ctx is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound yet: it is bound when fit starts")
+        return self._ctx
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ctx.module
+
+    @property
+    def comm(self) -> Collectives:
+        return self.ctx.comm
+
+    @property
+    def world(self) -> Group:
+        return self.ctx.world
+
+    @property
+    def node(self) -> Group:
+        return self.ctx.node
+
+    def sync_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        """``(averaged, broadcast)`` tensors of the module under this algorithm's buffer policy."""
+        return sync_tensors(self.module, self.buffers)
+
+    def anchor_views(self) -> list[Tensor]:
+        """The anchor cut into tensors shaped like :meth:`sync_tensors`' averaged list (views)."""
+        assert self.anchor is not None
+        return views(self.anchor, self.sync_tensors()[0])
+
+    def average_(self, tensors: list[Tensor], step: int, *, node: bool = False, anchor: Tensor | None = None,
+                 residual: Tensor | None = None) -> None:  # fmt: skip
+        """Average ``tensors`` over the world (or this node) with the transport; observers see it."""
+        group = self.node if node else self.world
+        self.comm.mean_(tensors, group, kind="sync", anchor=anchor, residual=residual, nonfinite=self.nonfinite,
+                        step=step, observer=self.observer_for(step, node))  # fmt: skip
+
+    def observer_for(self, step: int, node: bool = False) -> Callable[[Tensor, Tensor], None] | None:
+        """``observer(local, mean)`` telling the sync observers about a sync (``None`` if nobody looks)."""
+        if not self.ctx.observers:
+            return None
+        group = self.node if node else self.world
+        return lambda local, mean: self.ctx.notify(SyncEvent(step, node, local, mean, group, self.comm))
+
+    def broadcast_buffers_(self, tensors: list[Tensor], *, node: bool = False) -> None:
+        """Give every rank of the world (or node) the first rank's copy of ``tensors``."""
+        group = self.node if node else self.world
+        self.comm.broadcast_tensors_(tensors, src=group.ranks[0], group=group, kind="sync")
+
+    def in_warmup(self, step: int) -> bool:
+        return step <= self.warmup_steps
+
+    def is_due(self, step: int, every: int) -> bool:
+        """True at the steps ``warmup_steps + every, warmup_steps + 2·every, ...``."""
+        return step > self.warmup_steps and (step - self.warmup_steps) % every == 0
+
+    def is_synced(self, step: int) -> bool:
+        """Whether the replicas are equal after ``step`` (no local step since they were made equal)."""
+        return self.last_sync_step == step
+
+    def holds_consensus(self, step: int) -> bool:
+        """Whether the module already holds the consensus at ``step`` (nothing to swap in)."""
+        return self.is_synced(step) and not self._inflight
+
+    def mark_equal(self, step: int) -> None:
+        """Record that the replicas were made equal at ``step``."""
+        self.last_sync_step = step
+
+    def wire_anchor(self, fragment: Fragment) -> Tensor | None:
+        """The anchor slice a reduced-precision transport sends differences against (``None``: raw values)."""
+        if self.anchor is None or self.comm.comm_dtype is None:
+            return None
+        piece = self.anchor[fragment.offset : fragment.offset + fragment.numel]
+        return piece if piece.device == fragment.device else piece.to(fragment.device)
+
+    def residual_of(self, fragment: Fragment) -> Tensor | None:
+        if self.residual is None:
+            return None
+        return self.residual[fragment.offset : fragment.offset + fragment.numel]
+
+    def _named_state(self) -> dict[str, Tensor]:
+        """Parameters and floating buffers by state-dict name (what evaluation averages)."""
+        module = self.module
+        named = dict(module.named_parameters())
+        if self.buffers != "local":
+            named.update((k, b) for k, b in module.named_buffers() if torch.is_floating_point(b))
+        return named
+
+    def _park(self) -> None:
+        self._stash = {name: t.detach().clone() for name, t in self._named_state().items()}
+
+    # ================================================================== fragments and overlap
+    def _fragment_due(self, fragment: Fragment, step: int) -> bool:
+        """Fragment p starts its sync at ``warmup + ⌊(p+1)H/P⌋ + kH`` (P = 1: every H steps)."""
+        offset = (fragment.index + 1) * self.sync_every // len(self._fragments)
+        since = step - self.warmup_steps - offset
+        return since >= 0 and since % self.sync_every == 0
+
+    def _whole_sync(self, step: int) -> None:
+        self.sync(step)
+        self.num_syncs += 1
+        if self.equalizes:
+            self.mark_equal(step)
+
+    def _average_fragment(self, fragment: Fragment, step: int, averaged: list[Tensor]) -> None:
+        """Average one fragment now and put its new consensus into the replica."""
+        tensors = fragment.tensors(averaged)
+        self.average_(tensors, step, anchor=self.wire_anchor(fragment), residual=self.residual_of(fragment))
+        target = self.consensus_of(fragment, tensors)
+        if target is not tensors:
+            copy_(tensors, target)
+
+    def _sync_blocking(self, fragment: Fragment, step: int) -> None:
+        """One fragment's blocking sync on its own schedule (fragments > 1, no overlap)."""
+        averaged, broadcast = self.sync_tensors()
+        self._average_fragment(fragment, step, averaged)
+        self._after_fragment(fragment, broadcast)
+
+    def _start(self, fragment: Fragment, step: int) -> None:
+        """Start averaging ``fragment`` in the background; local steps go on."""
+        tensors = fragment.tensors(self.sync_tensors()[0])
+        sent = flatten(tensors)
+        if self.anchor is not None:
+            sent = sent.to(self.anchor.dtype)
+        group = self.ctx.background or self.world
+        pending = self.comm.start_mean(sent, group, anchor=self.wire_anchor(fragment),
+                                       residual=self.residual_of(fragment), nonfinite=self.nonfinite, step=step)  # fmt: skip
+        self._inflight[fragment.index] = InFlight(step, pending, sent)
+
+    def _finish(self, fragment: Fragment, step: int) -> None:
+        """Wait for ``fragment``'s average, compute its consensus and merge it into the replica."""
+        flight = self._inflight.pop(fragment.index)
+        mean = flight.result()
+        if self.ctx.observers:
+            self.ctx.notify(SyncEvent(flight.start, False, flight.sent, mean, self.world, self.comm))
+        averaged, broadcast = self.sync_tensors()
+        tensors = fragment.tensors(averaged)
+        target = self.consensus_of(fragment, views(mean, tensors))
+        self.merge(tensors, target, views(flight.sent, tensors))
+        self._after_fragment(fragment, broadcast)
+
+    @torch.no_grad()
+    def merge(self, replica: list[Tensor], target: list[Tensor], sent: list[Tensor]) -> None:
+        r"""Merge an overlapped sync into the replica, τ steps after its values were sent.
+
+        With :math:`x_i^{(s)}` the values sent at step s, :math:`c` the new consensus and
+        :math:`x_i` the replica now (τ local steps later):
+
+        .. math::
+            \text{merge\_alpha = None:}\quad x_i &\leftarrow x_i + (c - x_i^{(s)})
+                \qquad\text{(keep the local progress of the τ steps)}\\
+            \text{merge\_alpha} = \alpha:\quad x_i &\leftarrow (1-\alpha)\,c + \alpha\,x_i
+                \qquad\text{(torchft's } \texttt{fragment\_update\_alpha}\text{)}
+
+        With τ = 0 both give :math:`x_i \leftarrow c`, the blocking sync.
+        """
+        if self.merge_alpha is None:
+            for x, c, s in zip(replica, target, sent, strict=True):
+                x.add_(c.to(x.dtype) - s.to(x.dtype))
+        else:
+            for x, c in zip(replica, target, strict=True):
+                x.lerp_(c.to(x.dtype), 1.0 - self.merge_alpha)
+
+    def _after_fragment(self, fragment: Fragment, broadcast: list[Tensor]) -> None:
+        """A fragment's sync is complete (the replicas still differ: other fragments, or local progress)."""
+        if fragment.index == len(self._fragments) - 1 and broadcast:  # buffers="broadcast": rank 0's
+            self.broadcast_buffers_(broadcast)
+        self.num_syncs += 1

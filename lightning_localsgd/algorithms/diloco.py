@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.comm import NonFinitePolicy
-from lightning_localsgd.params import BufferPolicy, copy_, flatten, snapshot, unflatten_
+from lightning_localsgd.params import BufferPolicy, Fragment
 
 OuterOptimizer = Callable[[Iterable[Tensor]], Optimizer]
 """``params -> Optimizer``, e.g. ``functools.partial(torch.optim.Adam, lr=1e-3)`` (jsonargparse's OptimizerCallable)."""
@@ -73,6 +73,21 @@ class DiLoCo(ConsensusAlgorithm):
     **Warm-up.** The first ``warmup_steps`` steps average gradients as DDP does; the anchor is
     re-taken at the end of warm-up so the first pseudo-gradient covers local steps only.
 
+    **Streaming** (``fragments = P``, ``overlap_steps = τ``; Douillard et al., "Streaming DiLoCo",
+    arXiv 2501.18512). The model's flat values are cut into P equal ranges, each with its own
+    outer optimizer (and state); range p takes its outer step every H steps at offset
+    :math:`\lfloor (p+1)H/P \rfloor`, on the pseudo-gradient of the values sent then. With τ > 0
+    that average travels while τ more inner steps run, and the outer-stepped values are merged at
+    s + τ: :math:`x_i \leftarrow x_i + (\theta' - x_i^{(s)})` (``merge_alpha=None``: keep the τ
+    steps' progress) or :math:`x_i \leftarrow (1-\alpha)\theta' + \alpha x_i` (torchft's
+    ``fragment_update_alpha``).
+
+    **Choosing the outer settings.** With momentum β the outer SGD moves θ by about
+    :math:`\mathrm{lr}/(1-\beta)` times a steady pseudo-gradient per round (7 for 0.7/0.9). That
+    suits long rounds (H in the hundreds), whose pseudo-gradients vary; with short rounds
+    (H ≈ 8) consecutive pseudo-gradients agree and the momentum overshoots: keep
+    :math:`\mathrm{lr}/(1-\beta)` near 1–2 there (docs/algorithms/diloco.md).
+
     **Cost.** One allreduce of P values every H steps: 1/H of DDP's bytes (half again with
     ``LocalSGDStrategy(comm_dtype="bfloat16")``, where only ``replica − anchor`` travels). Memory:
     the anchor (P values in fp32, on ``anchor_device``), the outer optimizer's state (P more for
@@ -102,7 +117,12 @@ class DiLoCo(ConsensusAlgorithm):
         warmup_steps: DDP-style gradient averaging for this many first steps.
         buffers: ``"average"``, ``"broadcast"`` (rank 0's) or ``"local"`` floating buffers.
         nonfinite: ``"raise"`` or ``"skip"`` a replica holding NaN/Inf at a sync.
+        overlap_steps: τ < H, inner steps an outer step's communication overlaps (0: blocking).
+        fragments: P <= H, staggered ranges of values, each with its own outer optimizer.
+        merge_alpha: ``None`` (keep local progress) or α in [0, 1] (torchft's mix); needs τ > 0.
     """
+
+    overlappable = True
 
     def __init__(
         self,
@@ -116,8 +136,14 @@ class DiLoCo(ConsensusAlgorithm):
         warmup_steps: int = 0,
         buffers: BufferPolicy = "average",
         nonfinite: NonFinitePolicy = "raise",
+        overlap_steps: int = 0,
+        fragments: int = 1,
+        merge_alpha: float | None = None,
     ) -> None:
-        super().__init__(sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite)
+        super().__init__(
+            sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite,
+            overlap_steps=overlap_steps, fragments=fragments, merge_alpha=merge_alpha,
+        )  # fmt: skip
         if isinstance(outer_lr, bool) or not isinstance(outer_lr, (int, float)) or not outer_lr > 0:
             raise ValueError(f"outer_lr must be a positive number such as 0.7, got {outer_lr!r}")
         momentum_ok = isinstance(outer_momentum, (int, float)) and not isinstance(outer_momentum, bool)
@@ -148,72 +174,55 @@ class DiLoCo(ConsensusAlgorithm):
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"anchor_device must be None, 'cpu' or a torch.device, got {anchor_device!r}") from err
         self.outer_factory = factory
-        self._anchor: list[Tensor] | None = None  # θ for every averaged tensor (parameters first, then buffers)
-        self._stepped: list[tuple[Tensor, Tensor]] = []  # (θ_k, parameter_k) pairs the outer optimizer steps
-        self.outer: Optimizer | None = None
-        self._pending_anchor: Tensor | None = None  # read from a checkpoint, applied at attach
-        self._pending_outer: dict[str, Any] | None = None
+        self.outers: list[Optimizer | None] = []  # one outer optimizer per fragment (None: nothing trainable)
+        self._thetas: list[list[tuple[Tensor, bool]]] = []  # per fragment: (θ piece, stepped by the outer optimizer)
 
-    def attach(self, strategy: Any) -> None:
-        super().attach(strategy)
-        averaged, _ = self.tensors()
-        self._anchor = snapshot(averaged, device=self.anchor_device)
-        if self._pending_anchor is not None:  # restored from a checkpoint
-            total = sum(a.numel() for a in self._anchor)
-            if self._pending_anchor.numel() != total:
-                raise ValueError(
-                    f"the checkpoint's DiLoCo anchor holds {self._pending_anchor.numel()} values but this model syncs "
-                    f"{total}: resume with the same model and the same `buffers` policy"
-                )
-            unflatten_(self._pending_anchor, self._anchor)
-        elif not self.is_synced():  # restored mid-period without an anchor: agree on one
-            strategy.comm.mean_(self._anchor, strategy.world_group, kind="setup")
-        params = list(self.module.parameters())
-        self._stepped = [(a.requires_grad_(), p) for a, p in zip(self._anchor, params) if p.requires_grad]
-        self.outer = self.outer_factory([a for a, _ in self._stepped])
-        if self._pending_outer is not None:
-            self.outer.load_state_dict(self._pending_outer)
-        self._pending_anchor = self._pending_outer = None
+    @property
+    def outer(self) -> Optimizer | None:
+        """The outer optimizer (of the first fragment when there are several)."""
+        return self.outers[0] if self.outers else None
 
-    def after_step(self, step: int) -> None:
-        super().after_step(step)
-        if step == self.warmup_steps and self._anchor is not None:
-            copy_(self._anchor, self.tensors()[0])  # the first pseudo-gradient starts after warm-up
+    def needs_anchor(self) -> bool:
+        return True  # θ, the global model the outer optimizer steps
+
+    def on_bind(self, fresh: bool) -> None:
+        averaged, _ = self.sync_tensors()
+        thetas = self.anchor_views()
+        trainable = {id(p) for p in self.module.parameters() if p.requires_grad}
+        stepped = [id(t) in trainable for t in averaged]
+        saved = None if self._loaded is None else self._loaded.get("outer_optimizer")
+        if isinstance(saved, Mapping):  # a checkpoint written before fragments existed
+            saved = [saved]
+        self._thetas, self.outers = [], []
+        for fragment in self._fragments:
+            pieces = fragment.tensors(thetas)
+            flags = [stepped[i] for i, _, _ in fragment.spans]
+            self._thetas.append(list(zip(pieces, flags, strict=True)))
+            params = [theta.requires_grad_() for theta, flag in zip(pieces, flags) if flag]
+            outer = self.outer_factory(params) if params else None
+            if outer is not None and saved is not None:
+                outer.load_state_dict(saved[fragment.index])
+            self.outers.append(outer)
 
     @torch.no_grad()
-    def sync(self, step: int) -> None:
-        assert self._anchor is not None and self.outer is not None
-        averaged, broadcast = self.tensors()
-        self.average_(averaged, step, anchor=self._wire_anchor(averaged))  # averaged = mean_i x_i
-        self.broadcast_buffers_(broadcast)
-        for theta, p in self._stepped:
-            theta.grad = theta - p.to(theta)  # Δ = θ − mean_i x_i
-        self.outer.step()
-        self.outer.zero_grad(set_to_none=True)
-        stepped = {id(p) for _, p in self._stepped}
-        for theta, t in zip(self._anchor, averaged, strict=True):
-            if id(t) in stepped:
-                t.copy_(theta)  # x_i ← θ
+    def consensus_of(self, fragment: Fragment, mean: list[Tensor]) -> list[Tensor]:
+        """θ ← outer_step(θ, Δ = θ − mean) for the fragment's trainable values; the rest take the mean."""
+        pieces = self._thetas[fragment.index]
+        for (theta, stepped), m in zip(pieces, mean, strict=True):
+            if stepped:
+                theta.grad = theta - m.to(theta)
             else:
-                theta.copy_(t)  # buffers and frozen parameters: the plain average
-
-    def _wire_anchor(self, averaged: list[Tensor]) -> list[Tensor] | None:
-        """The anchor for a reduced-precision transport, beside the parameters (None: full precision)."""
-        if self.strategy.comm.comm_dtype is None or self._anchor is None:
-            return None
-        device = averaged[0].device if averaged else None
-        return [a if a.device == device else a.to(device) for a in self._anchor]
+                theta.copy_(m)  # buffers and frozen parameters: the plain average
+        outer = self.outers[fragment.index]
+        if outer is not None:
+            outer.step()
+            outer.zero_grad(set_to_none=True)
+        return [theta for theta, _ in pieces]
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if self._anchor is not None and self.outer is not None:
-            state["anchor"] = flatten(self._anchor).cpu()
-            state["outer_optimizer"] = self.outer.state_dict()
-        elif self._pending_anchor is not None:
-            state["anchor"], state["outer_optimizer"] = self._pending_anchor, self._pending_outer
+        if self.outers:
+            state["outer_optimizer"] = [None if o is None else o.state_dict() for o in self.outers]
+        elif self._loaded is not None and "outer_optimizer" in self._loaded:
+            state["outer_optimizer"] = self._loaded["outer_optimizer"]
         return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._pending_anchor = state_dict.get("anchor")
-        self._pending_outer = state_dict.get("outer_optimizer")

@@ -8,12 +8,13 @@ from functools import partial
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loops.optimization.closure import AbstractClosure
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_localsgd.algorithms.base import check_positive_int
+from lightning_localsgd.contract import GradientModifier, RoundPosition, StepReport, SyncContext
 from lightning_localsgd.params import copy_, flatten, unflatten_
 
 
@@ -29,7 +30,7 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
     return (a @ b).double() / norms.clamp_min(1e-300)
 
 
-class GradAlign(Callback):
+class GradAlign(GradientModifier):
     r"""Gradient alignment: each rank displaces itself against its gradient's misalignment.
 
     .. math::
@@ -70,6 +71,9 @@ class GradAlign(Callback):
     The mean cosine :math:`\frac1n\sum_i \cos(g_i, g)` is logged as ``gradalign/alignment``
     (K = 1: it rides in allreduce 2; FedGA: one all-gather of a scalar per round).
 
+    Under Fabric there is no Lightning closure: pass one to the step,
+    ``optimizer.step(lambda: fabric.backward(loss_fn(model, batch)))``, so the second pass can run.
+
     **Cost.** K = 1: 2 forward/backward passes and 2 allreduces of P values per update (about 2×
     DDP's bytes and compute); ``PeriodicAveraging(1)`` then skips its parameter average (the
     replicas took the same step and are still equal) and only syncs floating buffers. FedGA: 1 extra forward/backward and 1
@@ -98,7 +102,7 @@ class GradAlign(Callback):
         self.log_alignment = bool(log_alignment)
         self.alignment: float | None = None  # mean cosine of the last aligned update
         self.num_updates = 0
-        self._strategy: Any = None
+        self._ctx: SyncContext | None = None
         self._fresh = False
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -121,33 +125,33 @@ class GradAlign(Callback):
             )
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError("GradAlign does not support fp16 loss scaling: use precision='bf16-mixed' or '32-true'")
-        self._strategy = trainer.strategy
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if self._fresh and self.log_alignment and self.alignment is not None:
             pl_module.log("gradalign/alignment", self.alignment, on_step=True, on_epoch=False)
         self._fresh = False
 
-    # ------------------------------------------------------------------ driven by the strategy
-    def wrap_closure(self, closure: Callable[[], Any], step: int) -> Callable[[], Any]:
-        """Called by the strategy before optimizer step ``step``: replace the closure on aligned steps."""
-        algorithm = self._strategy.algorithm if self._strategy is not None else None
-        if algorithm is None or algorithm.in_warmup(step):
-            return closure
-        offset = step - 1 - algorithm.warmup_steps  # steps since local steps began
-        rounds, within = divmod(offset, algorithm.sync_every)
-        if within != 0 or rounds % self.every != 0:
-            return closure
-        return partial(self._aligned, closure, step, algorithm.sync_every == 1)
+    # ------------------------------------------------------------------ the contract
+    def bind(self, ctx: SyncContext) -> None:
+        self._ctx = ctx
 
-    def _aligned(self, closure: Callable[[], Any], step: int, k1: bool) -> Any:
-        strategy = self._strategy
-        module = strategy.lightning_module
+    def wrap_closure(
+        self, closure: Callable[[], Any], position: RoundPosition, report: StepReport
+    ) -> Callable[[], Any]:
+        """The aligned update replaces the closure at the first step of every ``every``-th round (K = 1: update)."""
+        if position.warmup or position.index_in_round != 0 or position.round_index % self.every != 0:
+            return closure
+        return partial(self._aligned, closure, position.step, position.sync_every == 1, report)
+
+    def _aligned(self, closure: Callable[[], Any], step: int, k1: bool, report: StepReport) -> Any:
+        ctx = self._ctx
+        assert ctx is not None, "GradAlign is not bound: it is bound when fit starts"
+        module = ctx.module
         params = [p for p in module.parameters() if p.requires_grad]
         loss = closure()  # pass 1 at x: .grad = g_i
         local = _grads(params)
         mean = local.clone()
-        strategy.comm.mean_([mean], strategy.world_group, kind="gradalign", step=step)  # allreduce 1: g
+        ctx.comm.mean_([mean], ctx.world, kind="gradalign", step=step)  # allreduce 1: g
         cosine = _cosine(local, mean)
         x = [p.detach().clone() for p in params] if k1 else []
         buffers = [b.detach().clone() for b in module.buffers()]
@@ -171,17 +175,17 @@ class GradAlign(Callback):
             second = _grads(params)
             if self.log_alignment:
                 second = torch.cat([second, cosine.to(second.dtype).reshape(1)])
-            strategy.comm.mean_([second], strategy.world_group, kind="gradalign", step=step)  # allreduce 2
+            ctx.comm.mean_([second], ctx.world, kind="gradalign", step=step)  # allreduce 2
             copy_(params, x)  # restore x exactly
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             n = sum(p.numel() for p in params)
             unflatten_(second[:n], [p.grad for p in params])
-            strategy.algorithm.note_gradients_averaged(step)  # equal replicas stay equal: no parameter sync
+            report.gradients_averaged = True  # equal replicas stay equal: no parameter sync needed
             self.alignment = float(second[n]) if self.log_alignment else None
         elif self.log_alignment:
-            everyone = strategy.comm.all_gather(cosine.reshape(1), strategy.world_group, kind="monitor")
+            everyone = ctx.comm.all_gather(cosine.reshape(1), ctx.world, kind="monitor")
             self.alignment = float(everyone.mean())
         self.num_updates += 1
         self._fresh = True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -14,14 +13,10 @@ from torch import Tensor
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm, check_positive_int
 from lightning_localsgd.comm import Group, NonFinitePolicy, NonFiniteReplicaError
-from lightning_localsgd.params import BufferPolicy, all_finite, copy_, flatten, lerp_
+from lightning_localsgd.contract import StepReport
+from lightning_localsgd.params import BufferPolicy, all_finite, copy_, flatten, lerp_, views
 
 Evaluate = Literal["average", "leader"]
-
-
-def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """``flat`` cut into views shaped like ``like`` (no copy)."""
-    return [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in like]), like, strict=True)]
 
 
 def _fraction(name: str, value: Any, *, upper_open: bool = False) -> float:
@@ -45,8 +40,9 @@ class LeaderSGD(ConsensusAlgorithm):
 
     The leader :math:`\ell` is the rank whose training loss, averaged over its last ``k =
     loss_window`` batches, is lowest (ties go to the lowest rank; a rank with no loss yet reports
-    +inf). The loss is the one Lightning reports for a batch (``outputs["loss"]`` in
-    ``on_train_batch_end``), so the window of a pull at step t holds the batches *before* t's.
+    +inf). The loss is the one passed to ``backward`` in the step (the batch that completed it;
+    under gradient accumulation, its last micro-batch), and the window of a pull at step t holds
+    the steps *before* t.
     :math:`\tilde x_{\text{node}(i)}` is the leader among the ranks of i's node. When a node pull
     and a global pull fall on one step only the global one runs. The per-step pull toward the last
     received leader copy :math:`\tilde x_{\text{last}}` (the paper's :math:`\lambda` term, ``step_pull``;
@@ -82,6 +78,8 @@ class LeaderSGD(ConsensusAlgorithm):
         buffers: ``"average"``, ``"broadcast"`` or ``"local"`` floating buffers (see above).
         nonfinite: a replica holding NaN/Inf at a pull: ``"raise"``, or ``"skip"`` it (it is never
             the leader and takes the leader's copy whole).
+        overlap_steps, fragments: must stay 0 and 1: a pull moves the replica toward the leader it has now,
+            so the sync cannot arrive late or in pieces (PeriodicAveraging and DiLoCo can).
     """
 
     def __init__(
@@ -97,8 +95,11 @@ class LeaderSGD(ConsensusAlgorithm):
         warmup_steps: int = 0,
         buffers: BufferPolicy = "average",
         nonfinite: NonFinitePolicy = "raise",
+        overlap_steps: int = 0,
+        fragments: int = 1,
     ) -> None:
-        super().__init__(sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite)
+        super().__init__(sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite,
+                         overlap_steps=overlap_steps, fragments=fragments)  # fmt: skip
         self.pull = _fraction("pull", pull)
         self.loss_window = check_positive_int("loss_window", loss_window)
         if node_sync_every is not None:
@@ -128,53 +129,48 @@ class LeaderSGD(ConsensusAlgorithm):
         self._log_leader = False
 
     # ------------------------------------------------------------------ Lightning hooks
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit" and trainer.strategy.comm.comm_dtype is not None:
-            raise ValueError(
-                f"comm_dtype={trainer.strategy.comm.comm_dtype} would have no effect: LeaderSGD broadcasts the "
-                "leader's raw parameters (there is no shared anchor to send differences against). Use "
-                "LocalSGDStrategy(comm_dtype=None) with LeaderSGD."
-            )
-
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if not isinstance(loss, Tensor):
-            raise ValueError(
-                "LeaderSGD elects the leader by training loss: return the loss (a tensor, or a dict with 'loss') "
-                "from training_step"
-            )
-        self._losses.append(float(loss.detach()))
         if self._log_leader:
             values = {"leader/rank": float(self.leader or 0), "leader/loss": self.leader_loss}
             pl_module.log_dict(values, on_step=True, on_epoch=False, rank_zero_only=True)
             self._log_leader = False
 
     # ------------------------------------------------------------------ driven by the strategy
-    def attach(self, strategy: Any) -> None:
-        super().attach(strategy)
-        node = strategy.node_group
-        if self.node_sync_every is not None and node.size in (1, strategy.world_group.size):
+    def on_bind(self, fresh: bool) -> None:
+        if self.comm.comm_dtype is not None:
+            raise ValueError(
+                f"comm_dtype={self.comm.comm_dtype} would have no effect: LeaderSGD broadcasts the leader's raw "
+                "parameters (there is no shared anchor to send differences against). Use "
+                "LocalSGDStrategy(comm_dtype=None) with LeaderSGD."
+            )
+        node, world = self.node, self.world
+        if self.node_sync_every is not None and node.size in (1, world.size):
             rank_zero_warn(
                 f"node_sync_every={self.node_sync_every} has no effect: the node groups have {node.size} process(es) "
-                f"out of {strategy.world_group.size}. Use it with num_nodes > 1 and devices > 1, or drop it."
+                f"out of {world.size}. Use it with num_nodes > 1 and devices > 1, or drop it."
             )
         self._losses.clear()  # per-rank state: restored by load_rank_state_dict when resuming
         self._copy = None
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, report: StepReport | None = None) -> None:
         if self.in_warmup(step):
-            self.last_sync_step = step  # gradients were averaged: the replicas are still equal
-            return
-        if self.step_pull > 0 and self._copy is not None:
-            averaged, _ = self.tensors()
-            lerp_(averaged, _views(self._copy, averaged), self.step_pull)
-        if self.is_due(step, self.sync_every):
-            self.sync(step)
-            self.num_syncs += 1
-        elif self.node_sync_every is not None and self.is_due(step, self.node_sync_every):
-            self.pull_toward_leader(step, node=True)
-            self.num_node_syncs += 1
+            self.mark_equal(step)  # gradients were averaged: the replicas are still equal
+        else:
+            if self.step_pull > 0 and self._copy is not None:
+                averaged, _ = self.sync_tensors()
+                lerp_(averaged, views(self._copy, averaged), self.step_pull)
+            if self.is_due(step, self.sync_every):
+                self.sync(step)
+                self.num_syncs += 1
+            elif self.node_sync_every is not None and self.is_due(step, self.node_sync_every):
+                self.pull_toward_leader(step, node=True)
+                self.num_node_syncs += 1
+        if report is None or report.loss is None:
+            raise ValueError(
+                "LeaderSGD elects the leader by training loss: return the loss from training_step (or call "
+                "fabric.backward(loss)) so that the step's backward sees it"
+            )
+        self._losses.append(report.loss)  # after the election: the window of a pull holds earlier steps
 
     def sync(self, step: int) -> None:
         self.pull_toward_leader(step, node=False)
@@ -185,9 +181,9 @@ class LeaderSGD(ConsensusAlgorithm):
 
     def elect(self, group: Group, step: int | None = None) -> tuple[int, list[int]]:
         """``(leader's global rank, ranks holding NaN/Inf)`` in ``group``: one all-gather, same on all ranks."""
-        averaged, _ = self.tensors()
+        averaged, _ = self.sync_tensors()
         local = torch.tensor([self.window_loss(), 0.0 if all_finite(averaged) else 1.0], dtype=torch.float64)
-        table = self.strategy.comm.all_gather(local.to(averaged[0].device), group, kind="leader").cpu()
+        table = self.comm.all_gather(local.to(averaged[0].device), group, kind="leader").cpu()
         losses, bad = table[:, 0].clone(), table[:, 1] != 0
         bad_ranks = [group.ranks[j] for j in range(group.size) if bad[j]]
         if bad_ranks and (self.nonfinite == "raise" or len(bad_ranks) == group.size):
@@ -198,19 +194,18 @@ class LeaderSGD(ConsensusAlgorithm):
             )
         losses[torch.isnan(losses) | bad] = math.inf
         j = int(torch.argmin(losses))  # the first minimum: ties go to the lowest rank
-        if group is self.strategy.world_group:
+        if group is self.world:
             self.leader_loss = float(losses[j])
         return group.ranks[j], bad_ranks
 
     def pull_toward_leader(self, step: int, *, node: bool) -> None:
         """Elect the (node or global) leader, broadcast its replica, pull every rank toward it."""
-        strategy = self.strategy
-        group = strategy.node_group if node else strategy.world_group
+        group = self.node if node else self.world
         leader, bad = self.elect(group, step)
-        averaged, copied = self.tensors()
+        averaged, copied = self.sync_tensors()
         flat = flatten(averaged + copied)
-        strategy.comm.broadcast_(flat, src=leader, group=group, kind="sync")
-        target = _views(flat, averaged + copied)
+        self.comm.broadcast_(flat, src=leader, group=group, kind="sync")
+        target = views(flat, averaged + copied)
         mine = group.ranks[group.rank]
         weight = 1.0 if mine in bad else (self.node_pull if node else self.pull)
         lerp_(averaged, target[: len(averaged)], weight)
@@ -222,44 +217,32 @@ class LeaderSGD(ConsensusAlgorithm):
             self.leader_counts[leader] = self.leader_counts.get(leader, 0) + 1
             self._log_leader = True
             if self.pull == 1.0:
-                self.last_sync_step = step  # c = 1: every replica is the leader now
+                self.mark_equal(step)  # c = 1: every replica is the leader now
 
     # ------------------------------------------------------------------ the consensus model
     def _leader_state(self, kind: str) -> dict[str, Tensor]:
         """The global leader's parameters and floating buffers, by state-dict name (collective)."""
         named = self._named_state()
-        leader, _ = self.elect(self.strategy.world_group)
+        leader, _ = self.elect(self.world)
         flat = flatten(list(named.values()))
-        self.strategy.comm.broadcast_(flat, src=leader, group=self.strategy.world_group, kind=kind)
-        return dict(zip(named.keys(), _views(flat, list(named.values())), strict=True))
+        self.comm.broadcast_(flat, src=leader, group=self.world, kind=kind)
+        return dict(zip(named.keys(), views(flat, list(named.values())), strict=True))
 
-    def begin_evaluation(self) -> None:
+    def write_consensus(self, kind: str = "eval") -> None:
         if self.evaluate == "average":
-            return super().begin_evaluation()
-        if self.is_synced() or self._stash is not None:
-            return
+            return super().write_consensus(kind)
         named = self._named_state()
-        self._stash = {name: t.detach().clone() for name, t in named.items()}
-        copy_(list(named.values()), list(self._leader_state("eval").values()))
-
-    def consensus_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        if self.evaluate == "average":
-            return super().consensus_state_dict(state_dict)
-        if self.is_synced() or self._stash is not None:
-            return state_dict
-        out = dict(state_dict)
-        out.update((k, v.clone()) for k, v in self._leader_state("checkpoint").items())
-        return out
+        copy_(list(named.values()), list(self._leader_state(kind).values()))
 
     def finalize(self, step: int) -> None:
-        if self.is_synced():
+        if self.is_synced(step):
             return
         named = list(self._named_state().values())
         if self.evaluate == "average":
-            self.strategy.comm.mean_(named, self.strategy.world_group, kind="sync", nonfinite=self.nonfinite, step=step)
+            self.comm.mean_(named, self.world, kind="sync", nonfinite=self.nonfinite, step=step)
         else:
             copy_(named, list(self._leader_state("sync").values()))
-        self.last_sync_step = step
+        self.mark_equal(step)
         self.num_syncs += 1
 
     # ------------------------------------------------------------------ checkpoints
@@ -282,3 +265,8 @@ class LeaderSGD(ConsensusAlgorithm):
         self._losses = deque((float(v) for v in state.get("losses", [])), maxlen=self.loss_window)
         copy = state.get("leader_copy")
         self._copy = None if copy is None else copy.to(next(self.module.parameters()).device)
+
+    @staticmethod
+    def reduce_rank_states(states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+        """Another world size: every rank restarts with an empty loss window and no leader copy."""
+        return [{} for _ in range(world_size)]

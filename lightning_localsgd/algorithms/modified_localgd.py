@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.comm import NonFinitePolicy
+from lightning_localsgd.contract import StepReport
 from lightning_localsgd.params import BufferPolicy, all_finite, copy_, flatten, snapshot, unflatten_
 
 
@@ -58,6 +59,8 @@ class ModifiedLocalGD(ConsensusAlgorithm):
         buffers: ``"average"``, ``"broadcast"`` (rank 0's) or ``"local"`` floating buffers.
         nonfinite: ``"raise"`` or ``"skip"`` a replica holding NaN/Inf at a sync (a skipped
             worker's q_i restarts at 0).
+        overlap_steps, fragments: must stay 0 and 1: the proximal centers z_i need the consensus at the sync step,
+            so the sync cannot arrive late or in pieces (PeriodicAveraging and DiLoCo can).
     """
 
     def __init__(
@@ -69,8 +72,11 @@ class ModifiedLocalGD(ConsensusAlgorithm):
         warmup_steps: int = 0,
         buffers: BufferPolicy = "average",
         nonfinite: NonFinitePolicy = "raise",
+        overlap_steps: int = 0,
+        fragments: int = 1,
     ) -> None:
-        super().__init__(sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite)
+        super().__init__(sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite,
+                         overlap_steps=overlap_steps, fragments=fragments)  # fmt: skip
         if isinstance(prox, bool) or not isinstance(prox, (int, float)) or not 0 < prox < float("inf"):
             raise ValueError(
                 f"prox must be a positive number such as 0.01 (for prox=0 use PeriodicAveraging), got {prox!r}"
@@ -81,24 +87,13 @@ class ModifiedLocalGD(ConsensusAlgorithm):
         self.correction = correction
         self._z: list[Tensor] | None = None  # center of this worker's proximal term, per trainable parameter
         self._q: list[Tensor] | None = None  # this worker's correction (None when correction=False)
-        self._anchor: list[Tensor] | None = None  # last consensus, only for a reduced-precision transport
-        self._pending_anchor: Tensor | None = None
 
     def _trainable(self) -> list[Tensor]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    def attach(self, strategy: Any) -> None:
-        super().attach(strategy)
+    def on_bind(self, fresh: bool) -> None:
         self._z = snapshot(self._trainable())  # overwritten by load_rank_state_dict on an exact resume
         self._q = [torch.zeros_like(z) for z in self._z] if self.correction else None
-        self._anchor = None
-        if strategy.comm.comm_dtype is not None:
-            self._anchor = snapshot(self.tensors()[0])
-            if self._pending_anchor is not None:
-                unflatten_(self._pending_anchor.to(self._anchor[0].device), self._anchor)
-            elif not self.is_synced():
-                strategy.comm.mean_(self._anchor, strategy.world_group, kind="setup")
-        self._pending_anchor = None
 
     def wrap_closure(self, closure: Callable[[], Any], step: int) -> Callable[[], Any]:
         closure = super().wrap_closure(closure, step)
@@ -124,45 +119,34 @@ class ModifiedLocalGD(ConsensusAlgorithm):
 
         return closure_with_prox
 
-    def after_step(self, step: int) -> None:
-        super().after_step(step)
+    def after_step(self, step: int, report: StepReport | None = None) -> None:
+        super().after_step(step, report)
         if step == self.warmup_steps and self._z is not None:  # the first round starts after warm-up
             copy_(self._z, self._trainable())
-            if self._anchor is not None:
-                copy_(self._anchor, self.tensors()[0])
 
     @torch.no_grad()
     def sync(self, step: int) -> None:
         assert self._z is not None
-        averaged, broadcast = self.tensors()
+        averaged, broadcast = self.sync_tensors()
         params = self._trainable()
         q_new = None
         if self._q is not None:
             q_new = [z - p.to(z.dtype) for z, p in zip(self._z, params)]  # q_i ← z_i − x_i, pre-sync replica
             if self.nonfinite == "skip" and not all_finite(params):
                 q_new = [torch.zeros_like(q) for q in q_new]  # this replica is dropped from the mean
-        self.average_(averaged, step, anchor=self._anchor)  # x_i ← x̄_new
+        whole = self._fragments[0]
+        self.average_(averaged, step, anchor=self.wire_anchor(whole), residual=self.residual_of(whole))  # x_i ← x̄_new
         self.broadcast_buffers_(broadcast)
         if q_new is not None:
             self._q = q_new
         for z, p, q in zip(self._z, params, self._q or [None] * len(params)):
             z.copy_(p if q is None else p.to(z.dtype) + q)  # z_i = x̄ + q_i
-        if self._anchor is not None:
-            copy_(self._anchor, averaged)
+        if self.anchor is not None:
+            self.consensus_of(whole, averaged)  # the anchor follows the consensus
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        if self._anchor is not None:
-            state["anchor"] = flatten(self._anchor).cpu()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._pending_anchor = state_dict.get("anchor")
-
     def rank_state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
+        state = super().rank_state_dict()
         if self._z is not None:
             state["z"] = flatten(self._z).cpu()
         if self._q is not None:
@@ -170,6 +154,7 @@ class ModifiedLocalGD(ConsensusAlgorithm):
         return state
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_rank_state_dict(state)
         if self._z is not None and "z" in state:
             unflatten_(state["z"].to(self._z[0].device), self._z)
         if self._q is not None and "q" in state:

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm, check_positive_int
 from lightning_localsgd.comm import NonFinitePolicy
-from lightning_localsgd.params import BufferPolicy, flatten, flatten_into, float_buffers, snapshot
+from lightning_localsgd.contract import StepReport
+from lightning_localsgd.params import BufferPolicy, float_buffers
 
 
 class PeriodicAveraging(ConsensusAlgorithm):
@@ -33,13 +34,25 @@ class PeriodicAveraging(ConsensusAlgorithm):
     **Warm-up.** For the first ``warmup_steps`` optimizer steps gradients are averaged every step
     exactly as DDP does (post-local SGD, Lin et al. 2020); local steps start afterwards.
 
+    **Overlap and fragments** (``overlap_steps = τ``, ``fragments = P``): the model's flat values
+    are cut into P equal ranges; range p is averaged every H steps at offset
+    :math:`\lfloor (p+1)H/P \rfloor`, so no step sends more than 1/P of the model. With τ > 0 the
+    average of the values sent at step s runs in the background while τ more local steps run, and
+    is merged at s + τ (:meth:`~lightning_localsgd.ConsensusAlgorithm.merge`):
+    :math:`x_i \leftarrow x_i + (\bar x^{(s)} - x_i^{(s)})` keeps each rank's progress of those τ
+    steps (``merge_alpha=None``, the default), :math:`x_i \leftarrow (1-\alpha)\bar x^{(s)} +
+    \alpha x_i` is torchft's mix. τ = 0 and P = 1 are the blocking sync, bit for bit.
+
     **Cost.** One allreduce of P values every H steps: bytes per step are 1/H of DDP's
-    (``comm_dtype=torch.bfloat16`` on the strategy halves them again). Memory: none extra, or one
-    fp32 anchor copy of the model when a reduced-precision transport is used.
+    (``comm_dtype=torch.bfloat16`` on the strategy halves them again; ``"int8"`` sends about a
+    quarter). Memory: none extra, or one fp32 anchor copy of the model when a reduced-precision
+    transport is used; with overlap, one copy of what is in flight.
 
     Example::
 
         trainer = Trainer(strategy="localsgd", devices=4, callbacks=[PeriodicAveraging(sync_every=16)])
+        # a slow link: 4 staggered quarters, each hidden behind 3 local steps
+        PeriodicAveraging(sync_every=16, fragments=4, overlap_steps=3)
 
     Args:
         sync_every: H, optimizer steps between world averages.
@@ -47,7 +60,12 @@ class PeriodicAveraging(ConsensusAlgorithm):
         warmup_steps: DDP-style gradient averaging for this many first steps.
         buffers: ``"average"``, ``"broadcast"`` (rank 0's) or ``"local"`` floating buffers.
         nonfinite: ``"raise"`` or ``"skip"`` a replica holding NaN/Inf at a sync.
+        overlap_steps: τ < H, local steps a sync's communication overlaps (0: blocking).
+        fragments: P <= H, staggered groups of values (1: the whole model at once).
+        merge_alpha: ``None`` (keep local progress) or α in [0, 1] (torchft's mix); needs τ > 0.
     """
+
+    overlappable = True
 
     def __init__(
         self,
@@ -57,8 +75,14 @@ class PeriodicAveraging(ConsensusAlgorithm):
         warmup_steps: int = 0,
         buffers: BufferPolicy = "average",
         nonfinite: NonFinitePolicy = "raise",
+        overlap_steps: int = 0,
+        fragments: int = 1,
+        merge_alpha: float | None = None,
     ) -> None:
-        super().__init__(sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite)
+        super().__init__(
+            sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite,
+            overlap_steps=overlap_steps, fragments=fragments, merge_alpha=merge_alpha,
+        )  # fmt: skip
         if node_sync_every is not None:
             check_positive_int("node_sync_every", node_sync_every)
             if node_sync_every >= sync_every or sync_every % node_sync_every != 0:
@@ -66,31 +90,24 @@ class PeriodicAveraging(ConsensusAlgorithm):
                     f"node_sync_every={node_sync_every} must be smaller than sync_every={sync_every} and divide it "
                     f"(e.g. node_sync_every={max(1, sync_every // 4)}, sync_every={sync_every})"
                 )
+            if overlap_steps or fragments != 1:
+                raise ValueError(
+                    "node_sync_every (hierarchical averaging) works with blocking whole-model syncs: drop "
+                    "overlap_steps/fragments, or drop node_sync_every"
+                )
         self.node_sync_every = node_sync_every
         self.num_node_syncs = 0
-        self._anchor: Tensor | None = None  # flat last world consensus, kept for reduced-precision transport
-        self._pending_anchor: Tensor | None = None  # anchor read from a checkpoint, applied at attach
 
-    def attach(self, strategy: Any) -> None:
-        super().attach(strategy)
-        if self.node_sync_every is not None and strategy.node_group.size in (1, strategy.world_group.size):
+    def on_bind(self, fresh: bool) -> None:
+        node, world = self.node, self.world
+        if self.node_sync_every is not None and node.size in (1, world.size):
             rank_zero_warn(
                 f"node_sync_every={self.node_sync_every} has no effect: the node groups have "
-                f"{strategy.node_group.size} process(es) out of {strategy.world_group.size}. Use it with "
-                "num_nodes > 1 and devices > 1, or drop it."
+                f"{node.size} process(es) out of {world.size}. Use it with num_nodes > 1 and devices > 1, or drop it."
             )
-        self._anchor = None
-        if strategy.comm.comm_dtype is not None:
-            averaged, _ = self.tensors()
-            self._anchor = flatten(snapshot(averaged))  # one flat fp32 (or fp64) copy
-            if self._pending_anchor is not None:  # restored from a checkpoint
-                self._anchor.copy_(self._pending_anchor)
-            elif not self.is_synced():  # restored mid-period from a checkpoint without one: agree on one
-                strategy.comm.mean_([self._anchor], strategy.world_group, kind="setup")
-        self._pending_anchor = None
 
-    def after_step(self, step: int) -> None:
-        if self._grads_averaged_at == step and self.last_sync_step == step - 1 and not self.in_warmup(step):
+    def after_step(self, step: int, report: StepReport | None = None) -> None:
+        if report is not None and report.gradients_averaged and self.is_synced(step - 1) and not self.in_warmup(step):
             # Equal replicas took the same averaged-gradient step (GradAlign K = 1): they are still
             # equal, so only the floating buffers (updated by each rank's own forward) need a sync.
             buffers = float_buffers(self.module)
@@ -98,34 +115,26 @@ class PeriodicAveraging(ConsensusAlgorithm):
                 self.average_(buffers, step)
             elif self.buffers == "broadcast":
                 self.broadcast_buffers_(buffers)
-            self.last_sync_step = step
+            self.mark_equal(step)
             return
-        super().after_step(step)
+        super().after_step(step, report)
         if (
             self.node_sync_every is not None
             and self.is_due(step, self.node_sync_every)
             and not self.is_due(step, self.sync_every)
         ):
-            averaged, broadcast = self.tensors()
-            self.average_(averaged, step, node=True, anchor=self._anchor)
+            averaged, broadcast = self.sync_tensors()
+            # integer transport is for the slow world link; node averages travel in a float dtype
+            anchor = None if self.comm.quantized else self.wire_anchor(self._fragments[0])
+            self.average_(averaged, step, node=True, anchor=anchor)
             self.broadcast_buffers_(broadcast, node=True)
             self.num_node_syncs += 1
-
-    def sync(self, step: int) -> None:
-        averaged, broadcast = self.tensors()
-        self.average_(averaged, step, anchor=self._anchor)
-        self.broadcast_buffers_(broadcast)
-        if self._anchor is not None:
-            flatten_into(averaged, self._anchor)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["num_node_syncs"] = self.num_node_syncs
-        if self._anchor is not None:
-            state["anchor"] = self._anchor.detach().cpu().clone()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.num_node_syncs = int(state_dict.get("num_node_syncs", 0))
-        self._pending_anchor = state_dict.get("anchor")

@@ -1,0 +1,135 @@
+"""The written contract between a front end (the Trainer or Fabric strategy) and the algorithms.
+
+Three kinds of objects take part in a local-SGD run, and they only talk through the typed calls
+below (no ``hasattr`` probing, no reads of each other's private attributes):
+
+=====================  ==================================================================
+object                 role
+=====================  ==================================================================
+front end              owns the process groups and the transport; calls the algorithm at
+                       fixed points (``LocalSGDStrategy`` for the Trainer,
+                       ``lightning_localsgd.fabric.LocalSGDStrategy`` for Fabric)
+consensus algorithm    :class:`~lightning_localsgd.ConsensusAlgorithm`: keeps the replicas
+                       together (exactly one per run)
+gradient modifier      :class:`GradientModifier`: rewrites an update's gradients before the
+                       optimizer step (at most one per run, e.g. GradAlign)
+sync observer          :class:`SyncObserver`: sees every synchronization (monitors)
+=====================  ==================================================================
+
+The front end hands each of them a :class:`SyncContext` once, when training starts; everything an
+algorithm needs from the engine is in it. The order of one optimizer step is fixed by
+:class:`~lightning_localsgd.engine.SyncEngine`::
+
+    closure  = the engine's closure (forward + backward; a no-op under Fabric without a closure)
+    closure  = modifier.wrap_closure(closure, position, report)   # innermost: it may re-run the closure
+    closure  = algorithm.wrap_closure(closure, step)              # warm-up averaging, proximal terms
+    optimizer.step(closure)
+    algorithm.after_step(step, report)                             # the sync schedule
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning.pytorch import Callback
+from torch import Tensor, nn
+
+from lightning_localsgd.comm import Collectives, Group
+
+
+@dataclass(frozen=True)
+class RoundPosition:
+    """Where optimizer step ``step`` falls in the consensus algorithm's schedule.
+
+    ``round_index`` counts rounds of ``sync_every`` local steps from the end of warm-up (0-based);
+    ``index_in_round`` is 0 for the first step of a round.
+    """
+
+    step: int
+    warmup: bool
+    round_index: int
+    index_in_round: int
+    sync_every: int
+
+
+@dataclass
+class StepReport:
+    """What happened in one optimizer step, filled in while the closure runs.
+
+    ``loss``: the training loss of the batch that completed the step, as passed to ``backward``
+    (``None`` if backward never saw one). ``gradients_averaged``: the update used gradients
+    averaged over the world (e.g. GradAlign with ``sync_every=1``), so replicas that were equal
+    before the step are still equal after it.
+    """
+
+    step: int
+    loss: float | None = None
+    gradients_averaged: bool = False
+
+
+@dataclass
+class SyncEvent:
+    """One completed synchronization, as observers see it.
+
+    ``local`` is this rank's flat copy of the synchronized tensors just before the sync and ``mean``
+    their average over ``group`` (both in the transport's full precision). ``node`` marks a
+    node-local average of hierarchical averaging.
+    """
+
+    step: int
+    node: bool
+    local: Tensor
+    mean: Tensor
+    group: Group
+    comm: Collectives
+
+
+class SyncObserver(Callback):
+    """A callback that sees every synchronization (e.g. :class:`~lightning_localsgd.ReplicaDrift`)."""
+
+    def on_sync(self, event: SyncEvent) -> None:
+        """Called on every rank of ``event.group`` right after the mean is known (collectives allowed)."""
+        raise NotImplementedError
+
+
+@dataclass
+class SyncContext:
+    """What a front end gives the algorithms when training starts.
+
+    Attributes:
+        module: this rank's replica (a ``LightningModule`` under the Trainer, any ``nn.Module`` under Fabric).
+        comm: the transport; the only way to communicate.
+        world: every rank.
+        node: the ranks of this node (``world`` on one node).
+        background: a group reserved for syncs that overlap local steps (``None`` when nothing overlaps).
+        observers: told about every sync.
+    """
+
+    module: nn.Module
+    comm: Collectives
+    world: Group
+    node: Group
+    background: Group | None = None
+    observers: Sequence[SyncObserver] = field(default_factory=tuple)
+
+    def notify(self, event: SyncEvent) -> None:
+        for observer in self.observers:
+            observer.on_sync(event)
+
+
+class GradientModifier(Callback):
+    """A callback that rewrites an update's gradients (it may run the closure more than once).
+
+    The engine calls :meth:`bind` when training starts and :meth:`wrap_closure` before every
+    optimizer step; the returned closure is what the consensus algorithm and the optimizer see.
+    """
+
+    def bind(self, ctx: SyncContext) -> None:
+        """Called once per fit, before the first step."""
+
+    def wrap_closure(
+        self, closure: Callable[[], Any], position: RoundPosition, report: StepReport
+    ) -> Callable[[], Any]:
+        raise NotImplementedError

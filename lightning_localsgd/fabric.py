@@ -1,0 +1,260 @@
+"""Local SGD for Lightning Fabric: ``Fabric(strategy="localsgd")`` (the second front end).
+
+The same algorithm objects as under the Trainer, driven by the same
+:class:`~lightning_localsgd.engine.SyncEngine`; only the glue differs::
+
+    import lightning_localsgd.fabric  # registers strategy="localsgd" with Fabric
+    from lightning_localsgd import DiLoCo
+
+    fabric = Fabric(devices=4, strategy=LocalSGDStrategy(algorithm=DiLoCo(sync_every=64)))
+    fabric.launch()
+    model, optimizer = fabric.setup(model, optimizer)       # replicas start equal (broadcast from rank 0)
+    for batch in loader:
+        loss = loss_fn(model(batch))
+        fabric.backward(loss)                                # no gradient allreduce
+        optimizer.step()                                     # local step, then the sync schedule
+        optimizer.zero_grad()
+    with fabric.strategy.consensus():                        # evaluate the consensus, replicas put back after
+        evaluate(model)
+    fabric.save("ckpt.pt", {"model": model, "optimizer": optimizer})   # consensus + every rank's replica
+    fabric.strategy.finalize()                               # end: every rank holds the consensus
+
+GradAlign re-runs the step's forward/backward, so under Fabric it needs the step's closure:
+``optimizer.step(lambda: fabric.backward(loss_fn(model(batch))))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.accelerators import Accelerator
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
+from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
+from lightning.fabric.strategies.strategy import _BackwardSyncControl
+from lightning.fabric.utilities.types import _Stateful
+from torch import Tensor
+from torch.nn import Module
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_localsgd.algorithms.base import ConsensusAlgorithm
+from lightning_localsgd.comm import Collectives, Group, new_group
+from lightning_localsgd.contract import GradientModifier, SyncContext, SyncObserver
+from lightning_localsgd.engine import CHECKPOINT_KEY, ResumeState, SyncEngine
+from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, broadcast_module_, node_groups
+
+
+class _NothingToSkip(_BackwardSyncControl):
+    """``fabric.no_backward_sync`` is free here: backward never communicates."""
+
+    @override
+    def no_backward_sync(self, module: Module, enabled: bool) -> AbstractContextManager:
+        return nullcontext()
+
+
+class LocalSGDStrategy(DDPStrategy):
+    """Fabric strategy: local optimizer steps, and the algorithm's synchronization instead of DDP's allreduce.
+
+    Args:
+        algorithm: the consensus algorithm (default ``PeriodicAveraging(sync_every=8)``).
+        gradient_modifier: e.g. :class:`~lightning_localsgd.GradAlign` (needs ``optimizer.step(closure)``).
+        observers: sync observers (their ``on_sync`` is called at every sync).
+        comm_dtype: what travels at a sync (as in the Trainer's ``LocalSGDStrategy``).
+        bucket_mb: largest single collective in megabytes.
+        save_replicas: ``fabric.save`` stores every rank's replica and optimizer state (exact resume).
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision,
+        process_group_backend, timeout, start_method: as in Fabric's ``DDPStrategy``.
+    """
+
+    def __init__(
+        self,
+        algorithm: ConsensusAlgorithm | None = None,
+        gradient_modifier: GradientModifier | None = None,
+        observers: Sequence[SyncObserver] = (),
+        comm_dtype: str | torch.dtype | None = None,
+        bucket_mb: float = 256.0,
+        save_replicas: bool = True,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = DEFAULT_TIMEOUT,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision=precision,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        if algorithm is None:
+            from lightning_localsgd.algorithms.periodic import PeriodicAveraging
+
+            algorithm = PeriodicAveraging()
+        if not isinstance(algorithm, ConsensusAlgorithm):
+            raise TypeError(f"algorithm must be a ConsensusAlgorithm such as DiLoCo(64), got {type(algorithm).__name__}")
+        if gradient_modifier is not None and not isinstance(gradient_modifier, GradientModifier):
+            raise TypeError(f"gradient_modifier must be a GradientModifier such as GradAlign(beta=0.025), "
+                            f"got {type(gradient_modifier).__name__}")  # fmt: skip
+        self.engine = SyncEngine(algorithm, gradient_modifier, observers)
+        self.comm = Collectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
+        self.save_replicas = bool(save_replicas)
+        self.world_group = Group(None, [0], 0)
+        self.node_group = Group(None, [0], 0)
+        self.background_group: Group | None = None
+        self.step = 0  # completed optimizer steps
+        self._module: Module | None = None
+        self._optimizers = 0
+        self._backward_sync_control = _NothingToSkip()
+
+    @property
+    def algorithm(self) -> ConsensusAlgorithm:
+        return self.engine.algorithm
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        world, rank = self.world_size, self.global_rank
+        self.world_group = Group(None, list(range(world)), rank)
+        self.node_group = node_groups(world, self.num_nodes, rank, self._timeout)
+        if self.algorithm.overlap_steps > 0 and world > 1:
+            self.background_group = new_group(list(range(world)), rank, self._timeout)
+
+    @override
+    def setup_module(self, module: Module) -> Module:
+        if self._module is not None:
+            raise ValueError("lightning_localsgd.fabric.LocalSGDStrategy drives one model: call fabric.setup once")
+        broadcast_module_(self.comm, module, self.world_group)  # no DDP wrapper: replicas start equal
+        self._module = module
+        self._bind(self.step, None)
+        return module
+
+    @override
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        self._optimizers += 1
+        if self._optimizers > 1:
+            raise ValueError("LocalSGDStrategy supports exactly one optimizer: combine parameter groups into one")
+        return optimizer
+
+    def _bind(self, step: int, restored: Any) -> None:
+        assert self._module is not None
+        ctx = SyncContext(self._module, self.comm, self.world_group, self.node_group, self.background_group,
+                          self.engine.observers)  # fmt: skip
+        self.engine.bind(ctx, step, restored)
+
+    # ------------------------------------------------------------------ the training step
+    @override
+    def backward(self, tensor: Tensor, module: Module | None, *args: Any, **kwargs: Any) -> None:
+        self.engine.note_loss(tensor)
+        super().backward(tensor, module, *args, **kwargs)
+
+    @override
+    def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
+        # Without a closure, fabric.backward already ran: the step's closure only hands back its loss.
+        closure: Callable[[], Any] = kwargs.pop("closure", None) or (lambda: self.engine.last_loss)
+        step = self.step + 1
+        run = lambda wrapped: super(LocalSGDStrategy, self).optimizer_step(optimizer, closure=wrapped, **kwargs)  # noqa: E731
+        out = self.engine.step(step, closure, run)
+        self.step = step
+        return out
+
+    # ------------------------------------------------------------------ evaluation and the end
+    @contextmanager
+    def consensus(self) -> Iterator[None]:
+        """Within the block the model is the consensus; the replicas come back exactly afterwards."""
+        self.algorithm.begin_evaluation(self.step)
+        try:
+            yield
+        finally:
+            self.algorithm.end_evaluation()
+
+    def finalize(self) -> None:
+        """End of training: merge syncs in flight and leave the consensus on every rank."""
+        self.algorithm.finalize(self.step)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def save_checkpoint(
+        self,
+        path: Any,
+        state: dict[str, Module | Optimizer | Any],
+        storage_options: Any | None = None,
+        filter: dict[str, Callable[[str, Any], bool]] | None = None,
+    ) -> None:
+        algorithm, module = self.algorithm, self._module
+        assert module is not None, "fabric.setup(model, optimizer) first"
+        extra = {CHECKPOINT_KEY: {"step": self.step, "algorithm": algorithm.state_dict(), "world_size": self.world_size}}
+        if self.save_replicas:
+            optimizers = [o for o in state.values() if isinstance(o, Optimizer)]
+            mine = SyncEngine.rank_payload(algorithm.replica_state_dict(), [o.state_dict() for o in optimizers],
+                                           algorithm.rank_state_dict())  # fmt: skip
+            extra[CHECKPOINT_KEY]["ranks"] = self.comm.gather_object(mine, self.world_group, kind="checkpoint")
+        consensus = algorithm.consensus_state_dict(module.state_dict(), self.step)
+        converted = self._convert_stateful_objects_in_state(state, filter=(filter or {}))
+        for key, obj in state.items():
+            if obj is module:
+                converted[key] = consensus
+        converted.update(extra)
+        if self.is_global_zero:
+            self.checkpoint_io.save_checkpoint(checkpoint=converted, path=path, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(
+        self,
+        path: Any,
+        state: Module | Optimizer | dict[str, Module | Optimizer | Any] | None = None,
+        strict: bool = True,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if not isinstance(state, dict) or not state:
+            return super().load_checkpoint(path, state, strict, weights_only)
+        checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        saved = checkpoint.pop(CHECKPOINT_KEY, None)
+        if saved is None:
+            raise ValueError(f"{path} was not written by lightning_localsgd.fabric.LocalSGDStrategy: load it with "
+                             "fabric.load(path) (no state) and restore the objects yourself")  # fmt: skip
+        resume = ResumeState(int(saved["step"]), int(saved["world_size"]), saved.get("ranks"))
+        self.algorithm.load_state_dict(saved["algorithm"])
+        mine = resume.for_rank(self.global_rank, self.world_size, self.algorithm)
+        for name, obj in list(state.items()):
+            if name not in checkpoint:
+                continue
+            entry = checkpoint.pop(name)
+            if isinstance(obj, Module):
+                obj.load_state_dict(mine.model if mine is not None and mine.exact else entry, strict=strict)
+            elif isinstance(obj, Optimizer):
+                obj.load_state_dict(mine.optimizer_states[0] if mine is not None else entry)
+            elif isinstance(obj, _Stateful):
+                obj.load_state_dict(entry)
+            else:
+                state[name] = entry
+        self.step = resume.step
+        self._bind(self.step, mine)
+        return checkpoint
+
+    @override
+    def teardown(self) -> None:
+        self.comm.close()
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name, start_method in (("localsgd", "popen"), ("localsgd_spawn", "spawn")):
+            if name not in strategy_registry:
+                strategy_registry.register(name, cls, description=f"Local SGD for Fabric, start_method={start_method!r}",
+                                           start_method=start_method)  # fmt: skip
+
+
+LocalSGDStrategy.register_strategies(STRATEGY_REGISTRY)
