@@ -79,7 +79,7 @@ def run_attempt(tmp: Path, port: int, attempt: int, mode: str, ranks: tuple[int,
     results = {}
     for rank, (p, out) in procs.items():
         try:
-            p.wait(timeout=120)
+            p.wait(timeout=float(os.environ.get("PG_TEST_WAIT", 120)))
         finally:
             if p.poll() is None:
                 p.kill()
