@@ -71,11 +71,10 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-    from torchdata.stateful_dataloader import StatefulDataLoader
-    from torchdata.stateful_dataloader.sampler import RandomSampler
 
     from lightning_localsgd import DiLoCo, LocalSGDStrategy, PeriodicAveraging
     from lightning_localsgd.loader_state import PerRankLoaderState
+    from recipes.data import shuffled_loader
 
     class RestartSafeStrategy(LocalSGDStrategy):
         """LocalSGDStrategy whose process group survives torchrun restarts (the proposed wiring)."""
@@ -119,10 +118,10 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(1000 + rank)  # each rank's own shard
     x = torch.randn(cfg["samples"], 5, generator=g, dtype=torch.float64)
     data = TensorDataset(x, torch.sin(x.sum(1)))
-    shuffle = torch.Generator().manual_seed(cfg["seed"] + rank)  # each rank's own order
-    if cfg["loader"] == "stateful":  # the sampler owns its generator (sharing it with the loader breaks resume)
-        loader = StatefulDataLoader(data, batch_size=cfg["batch_size"], sampler=RandomSampler(data, generator=shuffle))
+    if cfg["loader"] == "stateful":  # the recipes' loader; each rank its own order
+        loader = shuffled_loader(data, cfg["batch_size"], seed=cfg["seed"] + rank)
     else:
+        shuffle = torch.Generator().manual_seed(cfg["seed"] + rank)
         loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, generator=shuffle)
     algorithm = (
         PeriodicAveraging(cfg["sync_every"])
