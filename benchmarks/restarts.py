@@ -35,9 +35,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("torch", "torch+fix", "lightning", "lightning+fix")
-LIGHTNING = dict(kind="lightning", loader="stateful", steps=24, samples=20, batch_size=4, sync_every=4, save_every=6,
-                 kill_step=13, victim=1, seed=0, timeout=60, init_timeout=60)  # fmt: skip
-TORCH = dict(kind="torch", steps=1, kill_step=0, victim=1, seed=0, timeout=60, init_timeout=60)
+LIGHTNING: dict[str, Any] = {
+    "kind": "lightning", "loader": "stateful", "steps": 24, "samples": 20, "batch_size": 4, "sync_every": 4,
+    "save_every": 6, "kill_step": 13, "victim": 1, "seed": 0, "timeout": 60, "init_timeout": 60,
+}  # fmt: skip
+TORCH: dict[str, Any] = {"kind": "torch", "steps": 1, "kill_step": 0, "victim": 1, "seed": 0, "timeout": 60,
+                         "init_timeout": 60}  # fmt: skip
 CAUSES = (  # (substring of the job's output, cause), first match wins
     ("ProcessGroupInitError", "ProcessGroupInitError (bounded wait)"),
     ("Connection refused", "gloo connectFullMesh: connection refused"),
@@ -79,17 +82,19 @@ def run_job(cfg: dict[str, Any], workdir: Path, timeout: float, max_restarts: in
 
 def where_stuck(session: int) -> list[dict[str, Any]]:
     """For a hung job: each worker's innermost gloo/c10d frames (gdb) and its TCP sockets (ss)."""
-    pids = subprocess.run(["pgrep", "-s", str(session), "-f", "restart_worker"], capture_output=True, text=True)
+    pids = subprocess.run(
+        ["pgrep", "-s", str(session), "-f", "restart_worker"], capture_output=True, text=True, check=False
+    )
     found = []
     for pid in pids.stdout.split():
         try:
-            bt = subprocess.run(["gdb", "-p", pid, "-batch", "-ex", "thread apply all bt 15"], capture_output=True,
-                                text=True, timeout=60).stdout  # fmt: skip
+            bt = subprocess.run(["gdb", "-p", pid, "-batch", "-ex", "thread apply all bt 10"], capture_output=True,
+                                text=True, timeout=60, check=False).stdout  # fmt: skip
         except (OSError, subprocess.TimeoutExpired) as err:
             bt = f"gdb failed: {err}"
         frames = [line.split(" in ", 1)[-1].split(" (")[0] for line in bt.splitlines() if line.startswith("#")]
         frames = [f for f in frames if "gloo::" in f or "c10d::" in f][:6]
-        socks = subprocess.run(["ss", "-tanp"], capture_output=True, text=True).stdout.splitlines()
+        socks = subprocess.run(["ss", "-tanp"], capture_output=True, text=True, check=False).stdout.splitlines()
         found.append({"pid": int(pid), "frames": frames, "sockets": [s for s in socks if f"pid={pid}," in s]})
     return found
 
@@ -133,7 +138,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 raise SystemExit(f"the uninterrupted {algorithm} run failed:\n{job['log_tail']}")
             references[algorithm] = job["results"][0]["params"]
         for i in range(args.runs):
-            order = variants[i % len(variants):] + variants[: i % len(variants)]
+            order = variants[i % len(variants) :] + variants[: i % len(variants)]
             for variant in order:
                 if not variant.endswith("+fix") and i >= args.stock_runs:
                     continue
@@ -152,6 +157,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                     record["log_tail"] = job["log_tail"][-1500:]
                     record["stuck"] = job["stuck"]
                 runs.append(record)
+                (out / "partial.jsonl").open("a").write(json.dumps(record) + "\n")  # progress, for a long run
                 print(f"run {i:2d} {variant:14s} {'OK  ' if ok else 'FAIL'} {cause}  ({job['seconds']:.0f} s, "
                       f"load {load[0]:.1f})", flush=True)  # fmt: skip
     import lightning

@@ -56,8 +56,8 @@ def write_page(data: dict[str, Any], rows: list[dict[str, Any]], docs: Path) -> 
     lines = [
         "# Restarts under torchrun: does the restarted group come up? (issue 11, item 1)",
         "",
-        f"**Claim:** with `lightning_localsgd.process_group.init_process_group` every restart attempt comes up and "
-        f"trains to the end (target: 20 of 20). **Verdict: "
+        "**Claim:** with `lightning_localsgd.process_group.init_process_group` every restart attempt comes up and "
+        "trains to the end (target: 20 of 20). **Verdict: "
         + ("met" if all_fixed and all(r["runs"] >= 20 for r in fixed) else "not met")
         + "** — "
         + ", ".join(f"{LABELS[r['variant']]}: {r['ok']}/{r['runs']}" for r in fixed + stock)
@@ -67,14 +67,18 @@ def write_page(data: dict[str, Any], rows: list[dict[str, Any]], docs: Path) -> 
         "",
         f"    {data['command']}",
         "",
-        f"torch {data['torch']}, Lightning {data['lightning']}, {data['date']}, 2 CPU cores shared with other "
-        f"jobs (load average {min(loads):.1f}–{max(loads):.1f} before the runs). Raw numbers: "
-        "[restarts.json](restarts.json). Each run is one `torchrun --nproc-per-node=2 --max-restarts=1` job "
-        "(torchrun's defaults otherwise: single node, so c10d rendezvous with the agent's shared TCPStore). "
-        "Rank 1 is SIGKILLed once; a Lightning run passes only if the restarted attempt reaches step "
-        f"{data['lightning_config']['steps']} and its final float64 model is bit-equal to an uninterrupted run "
-        "of the same algorithm (PeriodicAveraging and DiLoCo on alternate runs, 5 batches per epoch, resumed "
-        "mid-epoch from the step-12 `last.ckpt`).",
+        (
+            f"torch {data['torch']}, Lightning {data['lightning']}, {data['date']}, 2 CPU cores shared with other "
+            f"jobs (load average {min(loads):.1f}–{max(loads):.1f} before the runs). Raw numbers: "
+            "[restarts.json](restarts.json). Each run is one `torchrun --nproc-per-node=2 --max-restarts=1` job "
+            "(torchrun's defaults otherwise: single node, so c10d rendezvous with the agent's shared TCPStore). "
+            "Rank 1 is SIGKILLed once; a Lightning run passes only if the restarted attempt reaches step "
+            f"{data['lightning_config']['steps']} and its final float64 model is bit-equal to an uninterrupted run "
+            "of the same algorithm (PeriodicAveraging and DiLoCo on alternate runs, 5 batches per epoch, resumed "
+            "mid-epoch from the step-12 `last.ckpt`). Stock variants ran fewer times "
+            f"({data.get('stock_runs', data['runs_per_variant'])}); a job still running after "
+            f"{data.get('run_timeout', 0):.0f} s counts as a hang."
+        ),
         "",
         "| variant | trained to the end | failures | median kill → restarted group up |",
         "|---|---|---|---|",

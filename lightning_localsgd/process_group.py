@@ -116,7 +116,7 @@ def init_process_group(
                 backend, store=dist.PrefixStore(prefix, agent), rank=rank, world_size=world_size,
                 timeout=init_timeout, device_id=device_id,
             )  # fmt: skip
-    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, DistError and subclasses here
+    except Exception as err:  # torch raises RuntimeError, DistError and subclasses here
         raise ProcessGroupInitError(_explain(rank, world_size, backend, init_timeout, where, prefix, err)) from err
     if timeout is not None:
         dist.set_timeout(timeout)

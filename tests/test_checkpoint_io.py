@@ -8,6 +8,7 @@ A child process overwrites a good 192 MB checkpoint (every value 1.0) with a new
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def test_lightning_tmpdir_on_another_filesystem_leaves_a_torn_last_ckpt(tmp_path
     target = tmp_path / "last.ckpt"
     good_checkpoint(target)
     write_and_kill("lightning", target, other_filesystem, "target_truncated")
-    with pytest.raises(Exception):  # neither the old checkpoint nor the new one: a torn file
+    with pytest.raises((RuntimeError, EOFError, pickle.UnpicklingError)):  # a torn file: neither old nor new
         torch.load(target, weights_only=True)
 
 

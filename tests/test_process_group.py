@@ -20,7 +20,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from lightning_localsgd.process_group import ProcessGroupInitError, attempt_prefix, init_process_group
@@ -64,8 +63,15 @@ main(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
 """
 
 
-def run_attempt(tmp: Path, port: int, attempt: int, mode: str, ranks: tuple[int, ...] = (0, 1),
-                delays: tuple[float, float] = (0.0, 2.0), init_timeout: float = 6.0) -> dict[int, dict]:
+def run_attempt(
+    tmp: Path,
+    port: int,
+    attempt: int,
+    mode: str,
+    ranks: tuple[int, ...] = (0, 1),
+    delays: tuple[float, float] = (0.0, 2.0),
+    init_timeout: float = 6.0,
+) -> dict[int, dict]:
     procs = {}
     for rank in ranks:
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -79,7 +85,7 @@ def run_attempt(tmp: Path, port: int, attempt: int, mode: str, ranks: tuple[int,
     results = {}
     for rank, (p, out) in procs.items():
         try:
-            p.wait(timeout=float(os.environ.get("PG_TEST_WAIT", 120)))
+            p.wait(timeout=float(os.environ.get("PG_TEST_WAIT", "120")))
         finally:
             if p.poll() is None:
                 p.kill()
