@@ -65,7 +65,7 @@ def run_job(cfg: dict[str, Any], workdir: Path, timeout: float, max_restarts: in
             rc: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             stuck = where_stuck(proc.pid)
-            os.killpg(proc.pid, signal.SIGKILL)  # the job's own session: torchrun and its workers
+            kill_job(proc.pid, [w["pid"] for w in stuck])
             proc.wait()
             rc = None
     results = {}
@@ -80,13 +80,14 @@ def run_job(cfg: dict[str, Any], workdir: Path, timeout: float, max_restarts: in
             "stuck": stuck if rc is None else None}  # fmt: skip
 
 
-def where_stuck(session: int) -> list[dict[str, Any]]:
-    """For a hung job: each worker's innermost gloo/c10d frames (gdb) and its TCP sockets (ss)."""
-    pids = subprocess.run(
-        ["pgrep", "-s", str(session), "-f", "restart_worker"], capture_output=True, text=True, check=False
-    )
+def where_stuck(agent: int) -> list[dict[str, Any]]:
+    """For a hung job: each worker's innermost gloo/c10d frames (gdb) and its TCP sockets (ss).
+
+    torchrun starts every worker in a session of its own: they are found as the agent's children.
+    """
+    pids = subprocess.run(["pgrep", "-P", str(agent)], capture_output=True, text=True, check=False).stdout.split()
     found = []
-    for pid in pids.stdout.split():
+    for pid in pids:
         try:
             bt = subprocess.run(["gdb", "-p", pid, "-batch", "-ex", "thread apply all bt 10"], capture_output=True,
                                 text=True, timeout=60, check=False).stdout  # fmt: skip
@@ -97,6 +98,16 @@ def where_stuck(session: int) -> list[dict[str, Any]]:
         socks = subprocess.run(["ss", "-tanp"], capture_output=True, text=True, check=False).stdout.splitlines()
         found.append({"pid": int(pid), "frames": frames, "sockets": [s for s in socks if f"pid={pid}," in s]})
     return found
+
+
+def kill_job(agent: int, workers: list[int]) -> None:
+    """SIGKILL the agent's session and each of its workers (each in a session of its own)."""
+    os.killpg(agent, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def classify(job: dict[str, Any], reference: list[str] | None, steps: int) -> tuple[bool, str]:
