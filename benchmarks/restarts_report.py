@@ -89,6 +89,15 @@ def write_page(data: dict[str, Any], rows: list[dict[str, Any]], docs: Path) -> 
         lines.append(f"| {LABELS.get(r['variant'], r['variant'])} | {r['ok']}/{r['runs']} | {causes} | {lat} |")
     lines += [
         "",
+        (
+            "A stock job counted as a hang was still running at the time limit. On the stock path a restarted "
+            "group that reads the dead attempt's addresses either fails at once (`Connection refused`) or waits in "
+            "gloo's connect for the group's timeout (60 s here; Lightning's default is 30 minutes), and a worker "
+            "blocked there ignores torchrun's SIGTERM until the wait ends (the agent then waits 30 s more before "
+            "SIGKILL). With 25–40 s of imports per attempt on these busy cores such jobs had not ended at the limit."
+        ),
+        "The kill → group up column is dominated by those imports (the agent notices the kill within 0.3 s).",
+        "",
         "Why the stock variants fail and what the fix changes: [../reliability.md](../reliability.md).",
         "",
     ]
