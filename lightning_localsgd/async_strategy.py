@@ -26,6 +26,7 @@ from lightning_localsgd.async_worker import AsyncWorker, state_dtype
 from lightning_localsgd.comm import Collectives, Group, new_group
 from lightning_localsgd.engine import SyncEngine
 from lightning_localsgd.params import flatten, unflatten_
+from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT
 from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy
 
 _CHECKPOINT_KEY = "async_localsgd"
@@ -96,6 +97,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -106,6 +108,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
+            init_timeout=init_timeout,
         )
         self.sync_every = check_positive_int("sync_every", sync_every)
         if outer_optimizer is None:

@@ -45,6 +45,7 @@ from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.comm import Collectives, Group, new_group
 from lightning_localsgd.contract import GradientModifier, SyncContext, SyncObserver
 from lightning_localsgd.engine import CHECKPOINT_KEY, ResumeState, SyncEngine
+from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT, init_process_group
 from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, broadcast_module_, node_groups
 
 
@@ -66,8 +67,11 @@ class LocalSGDStrategy(DDPStrategy):
         comm_dtype: what travels at a sync (as in the Trainer's ``LocalSGDStrategy``).
         bucket_mb: largest single collective in megabytes.
         save_replicas: ``fabric.save`` stores every rank's replica and optimizer state (exact resume).
+        timeout: how long any collective waits (default 10 minutes), then an error naming the rank.
+        init_timeout: how long creating the process group waits (default 5 minutes); torchrun restarts
+            come up (see ``process_group.py``).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision,
-        process_group_backend, timeout, start_method: as in Fabric's ``DDPStrategy``.
+        process_group_backend, start_method: as in Fabric's ``DDPStrategy``.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class LocalSGDStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -106,6 +111,7 @@ class LocalSGDStrategy(DDPStrategy):
         if gradient_modifier is not None and not isinstance(gradient_modifier, GradientModifier):
             raise TypeError(f"gradient_modifier must be a GradientModifier such as GradAlign(beta=0.025), "
                             f"got {type(gradient_modifier).__name__}")  # fmt: skip
+        self.init_timeout = init_timeout
         self.engine = SyncEngine(algorithm, gradient_modifier, observers)
         self.comm = Collectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
         self.save_replicas = bool(save_replicas)
@@ -122,6 +128,16 @@ class LocalSGDStrategy(DDPStrategy):
         return self.engine.algorithm
 
     # ------------------------------------------------------------------ setup
+    @override
+    def _setup_distributed(self) -> None:
+        self._set_world_ranks()
+        env = self.cluster_environment
+        assert env is not None
+        device = self.root_device if self.root_device.type != "cpu" else None
+        init_process_group(self._get_process_group_backend(), self.global_rank, self.world_size, env.main_address,
+                           env.main_port, timeout=self._timeout, init_timeout=self.init_timeout, device_id=device)  # fmt: skip
+        super()._setup_distributed()  # Lightning's own init finds the group and goes on
+
     @override
     def setup_environment(self) -> None:
         super().setup_environment()

@@ -4,11 +4,16 @@ Both :class:`~lightning_localsgd.LocalSGDStrategy` and :class:`~lightning_locals
 train without ``DistributedDataParallel``: each rank steps its own replica and the strategy decides
 when replicas meet. What they share lives here, each piece short and calling ``super()``:
 
-* the process groups (world, per node) and the transport :class:`~lightning_localsgd.comm.Collectives`;
+* the default process group, created so that torchrun restarts always come up and creation never
+  waits without bound (:mod:`lightning_localsgd.process_group`); the world and node groups and the
+  transport :class:`~lightning_localsgd.comm.Collectives`;
 * no DDP wrapper: replicas start equal by one broadcast from rank 0, unless each rank has just
   loaded its own replica from a checkpoint;
 * exactly one optimizer;
-* the checkpoint read once when resuming (:class:`~lightning_localsgd.engine.ResumeState`);
+* the checkpoint read once when resuming (:class:`~lightning_localsgd.engine.ResumeState`), with each
+  rank's own dataloader position put back (Lightning's file holds rank 0's);
+* atomic checkpoint writes (:class:`~lightning_localsgd.checkpoint_io.AtomicCheckpointIO`) unless
+  you give another ``CheckpointIO``;
 * the background thread of the transport stopped at teardown.
 """
 
@@ -26,13 +31,20 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
 from lightning_localsgd.comm import Collectives, Group, new_group
 from lightning_localsgd.engine import RankResume, ResumeState
+from lightning_localsgd.process_group import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_INIT_TIMEOUT, init_process_group
 
-DEFAULT_TIMEOUT = timedelta(minutes=10)
+DEFAULT_TIMEOUT = DEFAULT_COLLECTIVE_TIMEOUT
 """How long any collective (and the async server) waits for a peer before failing with an error that
-names the rank and the operation; Lightning's default is 30 minutes. Raise it for validations or
+names the rank and the operation: 10 minutes (Lightning's default is 30). Raise it for validations or
 checkpoint writes longer than this on one rank while the others wait."""
+
+
+def loader_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The fit loop's state in a checkpoint dict, where Lightning keeps the dataloader's ``combined_loader``."""
+    return checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict")
 
 
 def node_groups(world_size: int, num_nodes: int, rank: int, timeout: Any) -> Group:
@@ -65,6 +77,8 @@ class ReplicaStrategy(DDPStrategy):
         comm_dtype: what travels at a sync (see :class:`~lightning_localsgd.comm.Collectives`).
         bucket_mb: largest single collective in megabytes.
         timeout: how long any collective waits for a peer (default :data:`DEFAULT_TIMEOUT`, 10 minutes).
+        init_timeout: how long creating the process group waits for every rank (default 5 minutes),
+            then an error naming the rank and the store.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, start_method: as in ``DDPStrategy``.
     """
@@ -81,17 +95,19 @@ class ReplicaStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
         )
+        self.init_timeout = init_timeout
         self.comm = Collectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
         self.world_group = Group(None, [0], 0)
         self.node_group = Group(None, [0], 0)
@@ -105,7 +121,13 @@ class ReplicaStrategy(DDPStrategy):
     # ------------------------------------------------------------------ process groups
     @override
     def setup_distributed(self) -> None:
-        super().setup_distributed()
+        self.set_world_ranks()
+        env = self.cluster_environment
+        assert env is not None
+        device = self.root_device if self.root_device.type != "cpu" else None
+        init_process_group(self._get_process_group_backend(), self.global_rank, self.world_size, env.main_address,
+                           env.main_port, timeout=self._timeout, init_timeout=self.init_timeout, device_id=device)  # fmt: skip
+        super().setup_distributed()  # Lightning's own init finds the group and goes on
         world, rank = self.world_size, self.global_rank
         self.world_group = Group(None, list(range(world)), rank)
         self.node_group = node_groups(world, self.num_nodes, rank, self._timeout)
@@ -131,6 +153,11 @@ class ReplicaStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         self.resume_state = ResumeState.from_checkpoint(checkpoint) if self.fitting() else None
+        resume, loops = self.resume_state, loader_state(checkpoint)
+        if resume is not None and resume.ranks is not None and resume.world_size == self.world_size and loops:
+            mine = resume.ranks[self.global_rank].get("loader")
+            if mine is not None:  # this rank's own dataloader position, not rank 0's
+                loops["combined_loader"] = mine
         return checkpoint
 
     @override

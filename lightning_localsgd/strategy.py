@@ -22,7 +22,8 @@ from lightning_localsgd.comm import Group, NonFinitePolicy, new_group
 from lightning_localsgd.contract import SyncContext
 from lightning_localsgd.engine import CHECKPOINT_KEY, SyncEngine
 from lightning_localsgd.params import BufferPolicy
-from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy
+from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT
+from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy, loader_state
 
 
 class LocalSGDStrategy(ReplicaStrategy):
@@ -70,6 +71,8 @@ class LocalSGDStrategy(ReplicaStrategy):
             rank from it.
         timeout: how long any collective waits (default 10 minutes): a rank that never arrives makes
             the others fail with an error naming the rank, the operation and the peers.
+        init_timeout: how long creating the process group waits (default 5 minutes); creation survives
+            torchrun restarts (a fresh store namespace per attempt, see ``process_group.py``).
         start_method, accelerator, parallel_devices, cluster_environment, checkpoint_io,
         precision_plugin, process_group_backend: as in ``DDPStrategy``.
     """
@@ -94,6 +97,7 @@ class LocalSGDStrategy(ReplicaStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
     ) -> None:
         super().__init__(
             comm_dtype=comm_dtype,
@@ -106,6 +110,7 @@ class LocalSGDStrategy(ReplicaStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
+            init_timeout=init_timeout,
         )
         # Arguments of the default PeriodicAveraging, validated now by building it once.
         self._default_kwargs = {
@@ -233,6 +238,8 @@ class LocalSGDStrategy(ReplicaStrategy):
                     [self.optimizer_state(opt) for opt in self.optimizers],
                     algorithm.rank_state_dict(),
                 )
+                loops = loader_state(checkpoint)
+                mine["loader"] = None if loops is None else loops.get("combined_loader")  # this rank's position
                 ranks = self.comm.gather_object(mine, self.world_group, kind="checkpoint")  # to rank 0
                 checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size, "ranks": ranks}
         super().save_checkpoint(checkpoint, filepath, storage_options)

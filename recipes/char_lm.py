@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_localsgd  # noqa: F401  (registers the strategy names "localsgd", "async_localsgd", ...)
+from recipes.data import shuffled_loader
 
 VOCAB_SIZE = 256
 
@@ -161,8 +162,8 @@ class StdlibCorpusDataModule(LightningDataModule):
         return Windows(self.val_tokens, self.context, list(range(n)))
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed + self.rank)
-        return DataLoader(self.train_dataset(), batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True)
+        # resumable mid-epoch (see recipes.data.shuffled_loader); each rank its own order
+        return shuffled_loader(self.train_dataset(), self.batch_size, seed=self.seed + self.rank, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset(), batch_size=self.eval_batch_size)

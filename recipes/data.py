@@ -4,7 +4,9 @@ Each rank keeps its own shard (``partition: iid | dirichlet | classes``, see
 :mod:`recipes.partition`), so data heterogeneity is one option, and every shard has the same size
 so every rank runs the same number of batches. Lightning must therefore not add its own
 ``DistributedSampler``: set ``Trainer(use_distributed_sampler=False)`` (the configs do); the data
-module raises otherwise. Validation is split across ranks without padding (``rank::world``);
+module raises otherwise. Each rank shuffles its shard with its own seed (``seed + rank``) through a
+``StatefulDataLoader`` (:func:`shuffled_loader`), so a restart in the middle of an
+epoch resumes the data order exactly. Validation is split across ranks without padding (``rank::world``);
 the recipe's torchmetrics sum over ranks, so the accuracy is exact.
 
 Shipped data (no download): :class:`DigitsDataModule` (scikit-learn, 1,797 8×8 digits) and
@@ -30,6 +32,25 @@ from recipes.partition import SCHEMES, Scheme, partition
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def shuffled_loader(dataset: Dataset, batch_size: int, seed: int, **kwargs: Any) -> DataLoader:
+    """A shuffling training loader that resumes mid-epoch exactly: torchdata's ``StatefulDataLoader``.
+
+    Lightning checkpoints its position (sampler generator state, samples yielded) and restores it,
+    so a restart in the middle of an epoch continues the same batches (with several ranks the
+    library's strategies keep every rank's own position in the checkpoint). The sampler owns the generator: a generator shared with the loader (``generator=``)
+    is also drawn from for the workers' base seed, a draw the restored sampler does not replay, and
+    the epoch after a restart would be shuffled differently. A plain ``DataLoader`` restarts the
+    epoch's iterator instead (see README, "Restarts").
+    """
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        from torchdata.stateful_dataloader.sampler import RandomSampler
+    except ImportError as err:  # pragma: no cover - torchdata is in the data and dev extras
+        raise ImportError("the recipes' data modules need torchdata: pip install 'lightning-localsgd[data]'") from err
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
 
 
 def to_images(gray: Tensor, image_size: int) -> Tensor:
@@ -114,10 +135,11 @@ class PartitionedDataModule(LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
-        return DataLoader(
+        rank, _ = self._rank_world()
+        return shuffled_loader(
             self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
+            self.batch_size,
+            seed=self.seed + rank,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -1,0 +1,163 @@
+"""One rank of a run under ``torchrun --max-restarts`` in which a worker is killed: the entry of
+``benchmarks/restarts.py`` and ``tests/test_restarts.py``.
+
+``torchrun --nproc-per-node=2 --max-restarts=1 -m benchmarks.restart_worker CONFIG.json``
+
+Two kinds of run (``kind`` in the JSON config):
+
+* ``"torch"``: a plain torch script: create the gloo group, one allreduce, rank ``victim`` exits in
+  the first attempt, the restarted group does one more allreduce (the issue's minimal repro);
+* ``"lightning"``: ``LocalSGDStrategy`` with PeriodicAveraging or DiLoCo, float64, several batches
+  per epoch from a ``StatefulDataLoader`` that shuffles each rank's shard with its own seed,
+  ``ModelCheckpoint(every_n_train_steps, save_last=True)``; rank ``victim`` is SIGKILLed after
+  optimizer step ``kill_step`` in the attempts listed in ``kill_attempts``; each attempt resumes
+  from ``last.ckpt`` when it exists.
+
+``fixed: true`` creates the process group with :func:`lightning_localsgd.process_group.init_process_group`
+(the Lightning run through :class:`RestartSafeStrategy`, the wiring proposed for
+``LocalSGDStrategy.setup_distributed``); ``false`` is the stock path. Each rank writes
+``out_dir/rank<r>.json`` at the end (the final parameters as float64 hex strings, bit-exact) and
+``out_dir/events.jsonl`` gets one line per attempt start, group creation and kill.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT, init_process_group
+
+
+def log_event(cfg: dict[str, Any], **event: Any) -> None:
+    event.update(t=time.time(), rank=int(os.environ["RANK"]), attempt=int(os.environ["TORCHELASTIC_RESTART_COUNT"]))
+    with open(Path(cfg["out_dir"]) / "events.jsonl", "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def create_group(cfg: dict[str, Any]) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timedelta(seconds=cfg["timeout"])
+    if cfg["fixed"]:
+        init_process_group("gloo", rank, world, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           timeout=timeout, init_timeout=timedelta(seconds=cfg["init_timeout"]))  # fmt: skip
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+
+
+def run_torch(cfg: dict[str, Any]) -> dict[str, Any]:
+    rank, attempt = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    create_group(cfg)
+    log_event(cfg, event="group_up")
+    x = torch.tensor([float(rank + 1)])
+    dist.all_reduce(x)
+    if attempt in cfg["kill_attempts"] and rank == cfg["victim"]:
+        log_event(cfg, event="kill", step=0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+    return {"rank": rank, "attempt": attempt, "sum": x.item(), "global_step": cfg["steps"]}
+
+
+def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
+    from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_localsgd.replica_strategy
+    from lightning_localsgd import DiLoCo, LocalSGDStrategy, PeriodicAveraging
+    from recipes.data import shuffled_loader
+
+    if not cfg["fixed"]:  # the "stock" rows: what Lightning alone does (torch's env:// rendezvous)
+        lightning_localsgd.replica_strategy.init_process_group = lambda *args, **kwargs: None
+
+    class Regressor(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+            self.batch_sums: list[float] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            self.batch_sums.append(float(x.sum()))
+            return nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    class Events(Callback):
+        def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            log_event(cfg, event="group_up", step=trainer.global_step)
+
+        def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+            if cfg.get("trace"):
+                trace.append([float(p) for p in torch.cat([q.detach().reshape(-1) for q in pl_module.parameters()])])
+            if trainer.global_step == cfg["kill_step"] and attempt in cfg["kill_attempts"] and rank == cfg["victim"]:
+                log_event(cfg, event="kill", step=trainer.global_step)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    rank, attempt = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    trace: list[list[float]] = []
+    seed_everything(cfg["seed"], workers=True)
+    g = torch.Generator().manual_seed(1000 + rank)  # each rank's own shard
+    x = torch.randn(cfg["samples"], 5, generator=g, dtype=torch.float64)
+    data = TensorDataset(x, torch.sin(x.sum(1)))
+    if cfg["loader"] == "stateful":  # the recipes' loader; each rank its own order
+        loader = shuffled_loader(data, cfg["batch_size"], seed=cfg["seed"] + rank)
+    else:
+        shuffle = torch.Generator().manual_seed(cfg["seed"] + rank)
+        loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, generator=shuffle)
+    algorithm = (
+        PeriodicAveraging(cfg["sync_every"])
+        if cfg["algorithm"] == "periodic"
+        else DiLoCo(cfg["sync_every"], outer_lr=0.7, outer_momentum=0.9)
+    )
+    timeout = timedelta(seconds=cfg["timeout"])
+    strategy = LocalSGDStrategy(timeout=timeout, init_timeout=timedelta(seconds=cfg["init_timeout"]))
+    ckpt_dir = Path(cfg["ckpt_dir"])
+    callbacks = [algorithm, Events()]  # the strategy keeps every rank's dataloader position
+    if cfg["save_every"]:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=cfg["save_every"],
+                                         save_last=True, save_top_k=-1))  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu", devices=int(os.environ["LOCAL_WORLD_SIZE"]), num_nodes=int(os.environ["GROUP_WORLD_SIZE"]),
+        strategy=strategy, max_steps=cfg["steps"], precision="64-true", callbacks=callbacks,
+        use_distributed_sampler=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=bool(cfg["save_every"]),
+    )  # fmt: skip
+    model = Regressor().double()  # float64 before the checkpoint is loaded into it (64-true converts later)
+    last = ckpt_dir / "last.ckpt"
+    trainer.fit(model, loader, ckpt_path=str(last) if last.exists() else None)
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return {
+        "rank": rank,
+        "attempt": attempt,
+        "global_step": trainer.global_step,
+        "resumed": last.exists() and attempt > 0,
+        "params": [float(v).hex() for v in params.tolist()],
+        "batch_sums": model.batch_sums,
+        "trace": trace,
+    }
+
+
+def main(cfg_path: str) -> None:
+    cfg = json.loads(Path(cfg_path).read_text())
+    cfg.setdefault("init_timeout", DEFAULT_INIT_TIMEOUT.total_seconds())
+    torch.set_num_threads(1)
+    log_event(cfg, event="start")
+    result = run_torch(cfg) if cfg["kind"] == "torch" else run_lightning(cfg)
+    Path(cfg["out_dir"], f"rank{result['rank']}.json").write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
