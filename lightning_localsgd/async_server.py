@@ -34,6 +34,7 @@ from lightning_localsgd.async_protocol import (
 )
 from lightning_localsgd.comm import Collectives, Group
 
+
 @dataclass
 class PushRecord:
     """What observers (``AsyncLocalSGDStrategy.push_observers``) learn about each applied push.
