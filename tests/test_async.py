@@ -330,10 +330,11 @@ def test_single_worker_validation_and_resume_are_exact():
 
 def test_per_worker_max_steps_and_resume_on_two_ranks():
     """Fit A ends by each worker's own max_steps=16 with rank 0 slowed 3x: rank 1 finishes first and waits
-    (DONE, then POLL) for the final model. It writes a checkpoint at rank 0's step 8; fit B resumes from it
-    and its server continues exactly from the checkpoint's θ, m, Δ, t."""
+    (DONE, then POLL) for the final model. Every rank writes its part of a checkpoint at its own step 10
+    (rank 0 the server's cut too); fit B resumes from it: its server continues exactly from the
+    checkpoint's θ, m, Δ, t and every worker from its own replica, momentum and place in its round."""
     out = run_ranks(
-        "tests.scenarios_async:resume_run", world=2, save_at=8, sync_every=4,
+        "tests.scenarios_async:resume_run", world=2, save_at=10, sync_every=4, momentum=0.9,
         first={"max_updates": None, "max_steps": 16, "slowdown": {0: 3.0}}, second={"max_updates": 22},
         outer={"dn": {"lr": 0.5, "momentum": 0.9, "activation": 0.25}},
     )  # fmt: skip
@@ -346,7 +347,14 @@ def test_per_worker_max_steps_and_resume_on_two_ranks():
     assert b0["records"][0].update == saved["updates"] + 1
     assert b0["server_pushes"] == [saved["pushes"][0] + len([r for r in b0["records"] if r.worker == 0]),
                                    saved["pushes"][1] + len([r for r in b0["records"] if r.worker == 1])]  # fmt: skip
-    assert torch.equal(b0["theta0"], opt["theta"][0]) and torch.equal(b1["theta0"], opt["theta"][0])
+    for rank, (a, b) in enumerate(((a0, b0), (a1, b1))):  # each worker resumes from its own part
+        part = a["part"]
+        replica = torch.cat([v.reshape(-1) for k, v in part["model"].items() if k.startswith("net")])
+        assert torch.equal(b["theta0"], replica), rank
+        assert torch.equal(b["momentum0"], part["optimizer_states"][0]["state"][0]["momentum_buffer"]), rank
+        assert part["worker"]["steps"] == 10 and part["worker"]["steps_since_pull"] == 10 % 4  # mid-round
+    assert not torch.equal(a0["part"]["model"]["net.0.weight"], a1["part"]["model"]["net.0.weight"])
+    assert not torch.equal(b0["momentum0"], b1["momentum0"])  # not rank 0's state for everyone
     m, delta = opt["m"][0], opt["delta"][0]
     expected = replay_dn(opt["theta"][0], b0["grads"], 0.5, 0.9, 2, 0.25, m=m, delta=delta, t=opt["t"])
     assert torch.equal(b0["final"], b1["final"])
