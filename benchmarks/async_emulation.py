@@ -96,7 +96,7 @@ class Worker:
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and n != "pos"]
         rest = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and n != "pos")]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-                                     lr=cfg["inner_lr"], betas=(0.9, 0.95))  # fmt: skip
+                                     lr=cfg["inner_lr"], betas=(0.9, 0.95), foreach=True)  # fmt: skip
         self.lr, self.warmup, self.steps = cfg["inner_lr"], cfg["warmup"], 0
         self.load(init)
 
