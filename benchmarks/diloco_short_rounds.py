@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="outer lr/momentum pairs")  # fmt: skip
     ap.add_argument("--target", type=float, default=None, help="accuracy target (default: the demo's DDP final − 0.005)")
     ap.add_argument("--name", default="diloco_short_rounds")
+    ap.add_argument("--timeout", type=float, default=3000, help="seconds per fine-tuning run")
     ap.add_argument("--docs", action="store_true")
     args = ap.parse_args(argv)
     out = RESULTS / args.name
-    demo = parse_args(["--results-dir", str(out)])
+    demo = parse_args(["--results-dir", str(out), "--timeout", str(args.timeout)])
     weights = pretrained_path(demo)
     if not weights.is_file():
         pretrain(demo, weights)
