@@ -137,7 +137,8 @@ class ParameterServer:
 
         Rounded up as the open HALoS implementation of the paper does (``max(1, math.ceil(H · v_i / v_max))``
         in its ``simulation/common.py``), so a slow worker never gets less than its proportional share of
-        steps; rounding down (the paper's Eq. 6 as written) differs by at most one step.
+        steps; rounding down (the paper's formula as other implementations quote it) differs by at most
+        one step.
         """
         fastest, v = max(self.speeds), self.speeds[worker]
         if not self.dynamic or fastest <= 0 or v <= 0:
