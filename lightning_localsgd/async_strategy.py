@@ -41,7 +41,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     in arrival order, with ``outer_optimizer`` (:class:`~lightning_localsgd.DelayedNesterov` by default;
     :class:`~lightning_localsgd.algorithms.delayed_nesterov.OuterSGD` for the naive baselines). The
     staleness of a push is the number of server updates since that worker's pull. With
-    ``dynamic_local_steps`` (DyLU) :math:`H_i = \max(1, \lfloor H v_i / \max_j v_j \rfloor)`, where
+    ``dynamic_local_steps`` (DyLU) :math:`H_i = \max(1, \lceil H v_i / \max_j v_j \rceil)`, where
     :math:`v` is each worker's measured optimizer steps per second, so all workers push at about the
     same rate. Design, protocol, limits and restrictions: ``docs/async.md``.
 
@@ -66,7 +66,8 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
 
     Args:
         sync_every: H, local steps per round (the fastest worker's under DyLU).
-        outer_optimizer: the server's optimizer; default ``DelayedNesterov(lr=0.07, momentum=0.9)``.
+        outer_optimizer: the server's optimizer; default ``DelayedNesterov(lr=0.7, momentum=0.9)`` (the
+            steady-state step per n pushes of synchronous DiLoCo at outer lr 0.7).
         dynamic_local_steps: DyLU on (``True``) or every worker runs H steps per round.
         slowdown: ``{rank: factor}``: after each optimizer step that rank sleeps ``factor − 1`` times the
             step's measured time, to show heterogeneous workers on one machine.
@@ -115,10 +116,10 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         )
         self.sync_every = check_positive_int("sync_every", sync_every)
         if outer_optimizer is None:
-            outer_optimizer = DelayedNesterov(lr=0.07, momentum=0.9)
+            outer_optimizer = DelayedNesterov(lr=0.7, momentum=0.9)
         if not isinstance(outer_optimizer, ServerOptimizer):
             raise TypeError(
-                "outer_optimizer must be a server optimizer such as DelayedNesterov(lr=0.07) or "
+                "outer_optimizer must be a server optimizer such as DelayedNesterov(lr=0.7) or "
                 f"OuterSGD(lr=0.07, momentum=0.9, nesterov=True), got {type(outer_optimizer).__name__}"
             )
         self.outer_optimizer = outer_optimizer

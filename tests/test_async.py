@@ -95,6 +95,30 @@ def test_delayed_nesterov_c0_block_is_one_nesterov_step_on_the_mean():
         assert torch.allclose(theta, start, atol=1e-12)
 
 
+def _steady_step_per_update(make, pushes_per_update: int, g: float = 1.0, updates: int = 400) -> float:
+    """θ's movement over the last update (``pushes_per_update`` pushes of the constant pseudo-gradient g)."""
+    theta = torch.zeros(1, dtype=torch.float64)
+    opt = make()
+    opt.bind([theta], 4)
+    for _ in range(updates - 1):
+        for _ in range(pushes_per_update):
+            opt.step([torch.full((1,), g, dtype=torch.float64)])
+    before = float(theta)
+    for _ in range(pushes_per_update):
+        opt.step([torch.full((1,), g, dtype=torch.float64)])
+    return before - float(theta)
+
+
+def test_steady_state_step_per_update_of_sync_naive_and_delayed_nesterov():
+    # constant pseudo-gradient g = 1, β = 0.9, 4 workers; one update = 4 pushes (sync: 1 step on their mean)
+    sync = _steady_step_per_update(lambda: OuterSGD(0.7, 0.9, nesterov=True), 1)  # η/(1−β)
+    naive = _steady_step_per_update(lambda: OuterSGD(0.07, 0.9, nesterov=True), 4)  # 4·α/(1−β)
+    dn_small = _steady_step_per_update(lambda: DelayedNesterov(0.07, 0.9), 4)  # ε/(1−β): the 1/N is counted once
+    dn = _steady_step_per_update(lambda: DelayedNesterov(0.7, 0.9), 4)
+    assert sync == pytest.approx(7.0, rel=1e-9) and naive == pytest.approx(2.8, rel=1e-9)
+    assert dn_small == pytest.approx(0.7, rel=1e-9) and dn == pytest.approx(sync, rel=1e-9)
+
+
 def test_server_optimizers_resume_exactly_from_state_dict():
     gen = torch.Generator().manual_seed(2)
     grads = [torch.randn(4, generator=gen, dtype=torch.float64) for _ in range(7)]
@@ -184,7 +208,7 @@ def test_server_applies_each_push_once_and_tracks_staleness_and_dylu():
     assert (r.status, r.staleness, r.local_steps, r.stop) == (Status.MODEL, 0, 8, False)
     _push(server, 0, [1.0, 0.0], speed=10.0)
     r = _push(server, 1, [0.0, 2.0], steps=8, speed=3.0, buffer=7.0)  # pulled before both of worker 0's pushes
-    assert r.staleness == 2 and r.local_steps == math.floor(8 * 3.0 / 10.0) == 2
+    assert r.staleness == 2 and r.local_steps == math.ceil(8 * 3.0 / 10.0) == 3  # DyLU rounds up (HALoS)
     assert r.state.tolist() == [-2.0, -2.0, 7.0]  # plain SGD lr 1: θ − Σg; buffers: last writer wins
     r = _push(server, 1, [0.0, 1.0], steps=2, speed=3.0)
     assert r.staleness == 0 and r.stop  # max_updates reached
@@ -289,8 +313,8 @@ def test_dynamic_local_updates_and_validation_on_the_global_model():
     )
     assert r0["error"] is None and r1["error"] is None
     records = r0["records"]
-    for rec in records:  # H_i = max(1, floor(H · v_i / max_j v_j)) from the speeds the server held
-        assert rec.local_steps == max(1, math.floor(H * (rec.speed / rec.max_speed)))
+    for rec in records:  # H_i = max(1, ceil(H · v_i / max_j v_j)) from the speeds the server held
+        assert rec.local_steps == max(1, math.ceil(H * (rec.speed / rec.max_speed)))
     for w in (0, 1):  # each worker runs the H_i it was given (its last push may be a partial round)
         mine = [rec for rec in records if rec.worker == w]
         assert mine[0].steps == H and all(b.steps == a.local_steps for a, b in zip(mine[:-2], mine[1:-1]))
