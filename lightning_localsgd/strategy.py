@@ -24,6 +24,7 @@ from lightning_localsgd.engine import CHECKPOINT_KEY, SyncEngine
 from lightning_localsgd.params import BufferPolicy
 from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT
 from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy, loader_state
+from lightning_localsgd.sigterm import replace_sigterm_check, restore_sigterm_check, sigterm_check_at
 
 
 class LocalSGDStrategy(ReplicaStrategy):
@@ -219,9 +220,17 @@ class LocalSGDStrategy(ReplicaStrategy):
         super().on_validation_end()
 
     @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._driving() and self.world_size > 1:  # no per-step message between syncs (sigterm.py)
+            trainer = self.lightning_module.trainer
+            replace_sigterm_check(trainer, sigterm_check_at(trainer, self.algorithm.agrees_at))
+
+    @override
     def on_train_end(self) -> None:
         super().on_train_end()
         if self._driving():
+            restore_sigterm_check(self.lightning_module.trainer)
             self.algorithm.finalize(self.lightning_module.trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoints
