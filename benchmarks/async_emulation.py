@@ -38,12 +38,11 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, environment
 PAPER_STEP_SECONDS = [0.58, 0.75, 1.51, 3.33]
 DEFAULT_VARIANTS = ["sync@0.7", "nesterov@0.07", "dn@0.7", "dn_dylu@0.7"]
 MODEL = {"n_layer": 1, "n_head": 4, "d_model": 64, "context": 64}
@@ -221,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
             run.update(loadavg_before=load, loadavg_after=os.getloadavg())
             doc["runs"][spec] = run
             doc.update(config=cfg, seed=seed, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       environment=environment(),
                        command="python -m benchmarks.async_emulation " + " ".join(sys.argv[1:] if argv is None else argv))  # fmt: skip
             path.write_text(json.dumps(doc, indent=1))  # after every variant: a killed run keeps what it has
             last = run["curve"][-1]
