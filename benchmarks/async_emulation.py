@@ -8,7 +8,7 @@ outer updates in minutes on one core:
 * a worker pulls θ at virtual time t, runs H_i inner steps (real AdamW steps on its own shard,
   its optimizer state kept across rounds) and its push arrives at t + H_i · s_i;
 * the pushes are applied in arrival order by the library's own :class:`ParameterServer`
-  (``handle(Kind.PUSH, ...)``: staleness, DyLU's H_i from the reported speeds 1/s_i) with the
+  (``handle(MessageType.PUSH, ...)``: staleness, DyLU's H_i from the reported speeds 1/s_i) with the
   library's :class:`DelayedNesterov` or :class:`OuterSGD`; the pushing worker continues at once
   from the returned θ;
 * sync DiLoCo: every round all workers start from θ and the round ends when the slowest is done
@@ -38,12 +38,11 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, environment
 PAPER_STEP_SECONDS = [0.58, 0.75, 1.51, 3.33]
 DEFAULT_VARIANTS = ["sync@0.7", "nesterov@0.07", "dn@0.7", "dn_dylu@0.7"]
 MODEL = {"n_layer": 1, "n_head": 4, "d_model": 64, "context": 64}
@@ -133,7 +132,7 @@ def val_loss(evaluator: Any, theta: torch.Tensor, corpus: Corpus) -> float:
 def run_variant(spec: str, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
     """One variant for one seed; the curve holds (updates, virtual seconds, inner steps, val loss)."""
     from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, OuterSGD
-    from lightning_localsgd.async_protocol import Kind
+    from lightning_localsgd.async_protocol import MessageType
     from lightning_localsgd.async_server import ParameterServer
     from recipes.char_lm import CharGPT
 
@@ -179,7 +178,7 @@ def run_variant(spec: str, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
             w.load(anchors[r])
             g = anchors[r] - w.run(corpus, local[r])
             steps += local[r]
-            reply = server.handle(Kind.PUSH, r, local[r], 1.0 / secs[r], g)
+            reply = server.handle(MessageType.PUSH, r, local[r], 1.0 / secs[r], g)
             stale.append(reply.staleness)
             hist.append((r, local[r]))
             anchors[r], local[r] = reply.state, reply.local_steps
@@ -221,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
             run.update(loadavg_before=load, loadavg_after=os.getloadavg())
             doc["runs"][spec] = run
             doc.update(config=cfg, seed=seed, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       environment=environment(),
                        command="python -m benchmarks.async_emulation " + " ".join(sys.argv[1:] if argv is None else argv))  # fmt: skip
             path.write_text(json.dumps(doc, indent=1))  # after every variant: a killed run keeps what it has
             last = run["curve"][-1]

@@ -17,8 +17,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
+from benchmarks.common import RESULTS, ROOT, fmt_spec, time_to
+
+DOCS = ROOT / "docs" / "results"
+# time_to(curve, target, **LOSS): virtual time of the first evaluation at or below the target loss
+LOSS = {"clock": "time", "value": "val_loss", "lower_is_better": True}
 
 # ---- fixed before the decision run ----------------------------------------------------------------
 PARITY_TOLERANCE = 0.02  # C1: DN+DyLU's mean paired gap to sync over the last half of the updates ≤ +2%
@@ -34,11 +37,6 @@ def loss_at(curve: list[dict[str, Any]], k: float) -> float | None:
     return None
 
 
-def time_to(curve: list[dict[str, Any]], target: float) -> float | None:
-    """Virtual time of the first evaluation at or below ``target``."""
-    return next((c["time"] for c in curve if c["val_loss"] <= target), None)
-
-
 def per_seed(runs: dict[str, Any], sync: str, updates: int) -> dict[str, Any]:
     ref = runs[sync]["curve"]
     half = range(updates // 2 + 1, updates + 1)
@@ -47,7 +45,7 @@ def per_seed(runs: dict[str, Any], sync: str, updates: int) -> dict[str, Any]:
     for spec, run in runs.items():
         c = run["curve"]
         gaps = [(loss_at(c, k) - loss_at(ref, k)) / loss_at(ref, k) for k in half if loss_at(c, k) is not None]
-        t_hit = time_to(c, final)
+        t_hit = time_to(c, final, **LOSS)
         out[spec] = {
             "final_loss": loss_at(c, updates),
             "last_half_gap": statistics.fmean(gaps) if len(gaps) == len(half) else None,
@@ -72,11 +70,11 @@ def longer_runs(docs: list[dict[str, Any]], long_docs: list[dict[str, Any]], syn
         ref = by_seed[ld["seed"]]["runs"][sync]["curve"]
         final, t_final = loss_at(ref, updates), ref[-1]["time"]
         for spec, run in ld["runs"].items():
-            t_hit = time_to(run["curve"], final)
-            hit = next((c for c in run["curve"] if c["val_loss"] <= final), None)
+            t_hit = time_to(run["curve"], final, **LOSS)
             out.setdefault(spec, {})[ld["seed"]] = {
                 "updates_run": run["curve"][-1]["updates"], "time_to_sync_final": t_hit,
-                "updates_to_sync_final": hit["updates"] if hit else None, "speedup": t_final / t_hit if t_hit else None,
+                "updates_to_sync_final": time_to(run["curve"], final, **dict(LOSS, clock="updates")),
+                "speedup": t_final / t_hit if t_hit else None,
             }  # fmt: skip
     return out
 
@@ -115,26 +113,23 @@ def summarize(docs: list[dict[str, Any]], sync: str, dn_dylu: str, naive: str,
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    def f(x: Any, fmt: str) -> str:
-        return "-" if x is None else format(x, fmt)
-
     head = f"{'variant':<18}{'final loss':>18}{'last-half gap':>22}{'speed-up to sync final':>26}{'inner steps':>13}{'virtual h':>10}"
     lines = [head, "-" * len(head)]
     for spec, t in summary["table"].items():
         fl, gap, sp = t["final_loss"], t["last_half_gap"], t["speedup"]
         lines.append(
-            f"{spec:<18}{f(fl['mean'], '.4f'):>8} ({f(fl['min'], '.3f')}-{f(fl['max'], '.3f')})"
-            f"{f(gap['mean'], '+.2%'):>10} ({f(gap['min'], '+.1%')}..{f(gap['max'], '+.1%')})"
-            f"{' / '.join(f(s, '.2f') for s in sp['each']):>26}{f(t['inner_steps']['mean'], '.0f'):>13}"
-            f"{f(t['virtual_seconds']['mean'] / 3600 if t['virtual_seconds']['mean'] else None, '.2f'):>10}"
+            f"{spec:<18}{fmt_spec(fl['mean'], '.4f'):>8} ({fmt_spec(fl['min'], '.3f')}-{fmt_spec(fl['max'], '.3f')})"
+            f"{fmt_spec(gap['mean'], '+.2%'):>10} ({fmt_spec(gap['min'], '+.1%')}..{fmt_spec(gap['max'], '+.1%')})"
+            f"{' / '.join(fmt_spec(s, '.2f') for s in sp['each']):>26}{fmt_spec(t['inner_steps']['mean'], '.0f'):>13}"
+            f"{fmt_spec(t['virtual_seconds']['mean'] / 3600 if t['virtual_seconds']['mean'] else None, '.2f'):>10}"
         )
     lines.append("final loss: mean (min-max) over seeds at the last update; last-half gap: paired (same seed) relative gap "
                  "to sync, mean over the updates of the last half, then over seeds (min..max over seeds); speed-up: "
                  "sync's virtual time to its final loss / this variant's, per seed ('-': never reached)")  # fmt: skip
     for spec, per in summary.get("longer_runs", {}).items():
         lines.append(f"longer run {spec}: " + "; ".join(
-            f"seed {s}: sync's final loss at update {f(r['updates_to_sync_final'], '.0f')} of {r['updates_run']:.0f}, "
-            f"{f(r['time_to_sync_final'], '.0f')} virtual s, speed-up {f(r['speedup'], '.2f')}" for s, r in per.items()))  # fmt: skip
+            f"seed {s}: sync's final loss at update {fmt_spec(r['updates_to_sync_final'], '.0f')} of {r['updates_run']:.0f}, "
+            f"{fmt_spec(r['time_to_sync_final'], '.0f')} virtual s, speed-up {fmt_spec(r['speedup'], '.2f')}" for s, r in per.items()))  # fmt: skip
     for name, v in summary["verdicts"].items():
         lines.append(f"{'HELD' if v['held'] else 'NOT HELD':<9} {name}: {v['value']}")
     return "\n".join(lines)

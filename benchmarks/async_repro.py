@@ -48,17 +48,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from recipes.launch import run_local_ranks, run_rank_from_file
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, environment, fmt_spec, launch_ranks, time_to_interpolated
+from recipes.launch import run_rank_from_file
 PAPER_STEP_SECONDS = [0.58, 0.75, 1.51, 3.33]
 VARIANTS = ["sync_diloco", "async_nesterov", "async_dn", "async_dn_dylu"]
 
@@ -195,34 +191,12 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return result
 
 
-# ====================================================================== launcher
-def launch(cfg: dict[str, Any], world: int, limit: float) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = dict(cfg, out_dir=tmp)
-        cfg_path = Path(tmp) / "cfg.json"
-        cfg_path.write_text(json.dumps(cfg))
-        cmd = [sys.executable, "-m", "benchmarks.async_repro", "--worker", str(cfg_path)]
-        try:
-            run_local_ranks(cmd, world, log_dir=tmp, timeout=limit, cwd=ROOT, pythonpath=ROOT, log_tail=4000)
-        except RuntimeError as err:
-            raise RuntimeError(f"{cfg['variant']} failed: {err}") from None
-        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)]
-
-
+# ====================================================================== summary
 def interp_at(curve: list[dict[str, Any]], key: str, x: float) -> float | None:
     pts = sorted((c[key], c["val_loss"]) for c in curve)
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return None
-
-
-def time_to(curve: list[dict[str, Any]], target: float) -> float | None:
-    """Wall-clock at which the curve first reaches ``target`` (linear between snapshots)."""
-    pts = sorted((c["time"], c["val_loss"]) for c in curve)
-    for (t0, y0), (t1, y1) in zip(pts, pts[1:]):
-        if y1 <= target:
-            return t1 if y0 == y1 or y0 <= target else t0 + (t1 - t0) * (y0 - target) / (y0 - y1)
     return None
 
 
@@ -240,7 +214,7 @@ def summarize(runs: dict[str, Any], rounds: int) -> dict[str, Any]:
             for k in range(1, rounds + 1)
             if interp_at(curve, "updates", k) is not None
         ]
-        t_hit = time_to(run["curve"], sync_final)
+        t_hit = time_to_interpolated(run["curve"], sync_final)
         out["variants"][name] = {
             "loss_at_sync_updates": at_r,
             "gap_at_sync_updates": None if at_r is None else (at_r - sync_final) / sync_final,
@@ -311,7 +285,9 @@ def main() -> None:
     started = time.monotonic()
     for v in args.variants:
         t = time.monotonic()
-        ranks = launch(dict(cfg, variant=v), world, args.limit)
+        ranks, logs = launch_ranks("benchmarks.async_repro", dict(cfg, variant=v), world, timeout=args.limit)
+        if ranks is None:
+            raise RuntimeError(f"{v} failed: {logs}")
         r0 = ranks[0]
         runs[v] = {"curve": r0["curve"], "train_seconds": r0["train_seconds"], "server": r0["server"]}
         keys = ("rank", "steps", "step_seconds", "compute_mean", "train_seconds")
@@ -320,8 +296,9 @@ def main() -> None:
     summary = summarize(runs, args.rounds) if "sync_diloco" in runs else None
     result = {
         "benchmark": "async_repro", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_before": load_before,
-                 "load_after": os.getloadavg(), "total_seconds": time.monotonic() - started},
+        "environment": environment(),
+        "host": {"load_before": load_before, "load_after": os.getloadavg(),
+                 "total_seconds": time.monotonic() - started},
         "config": cfg, "paper_step_seconds": PAPER_STEP_SECONDS, "runs": runs, "per_rank": per_rank, "summary": summary,
     }  # fmt: skip
     (out_dir / "async_repro.json").write_text(json.dumps(result, indent=1))
@@ -336,15 +313,12 @@ def main() -> None:
         s = summary["variants"][v] if summary else {}
         srv = run["server"]
 
-        def f(x: Any, fmt: str) -> str:
-            return "-" if x is None else format(x, fmt)
-
         stale = "-" if srv is None else f"{srv['staleness_mean']:.1f}/{srv['staleness_max']}"
         print(
-            f"{v:16s} {f(s.get('final_updates'), '8.2f')} {f(s.get('final_loss'), '7.3f')} "
-            f"{f(s.get('loss_at_sync_updates'), '7.3f')} {f(s.get('gap_at_sync_updates'), '+7.1%')} "
-            f"{f(s.get('mean_gap_per_update'), '+8.1%')} {f(s.get('time_to_sync_final'), '7.1f')} "
-            f"{f(s.get('speedup_to_sync_final'), '7.2f')} {run['train_seconds']:7.1f} {stale:>11s}"
+            f"{v:16s} {fmt_spec(s.get('final_updates'), '8.2f')} {fmt_spec(s.get('final_loss'), '7.3f')} "
+            f"{fmt_spec(s.get('loss_at_sync_updates'), '7.3f')} {fmt_spec(s.get('gap_at_sync_updates'), '+7.1%')} "
+            f"{fmt_spec(s.get('mean_gap_per_update'), '+8.1%')} {fmt_spec(s.get('time_to_sync_final'), '7.1f')} "
+            f"{fmt_spec(s.get('speedup_to_sync_final'), '7.2f')} {run['train_seconds']:7.1f} {stale:>11s}"
         )
     for v in runs:
         srv = runs[v]["server"]

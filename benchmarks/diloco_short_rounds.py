@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from unittest import mock
 import yaml
 
 import recipes.demo as demo_module
+from benchmarks.common import environment, time_held, time_to
 from recipes.demo import CONFIGS, ROOT, finetune, parse_args, pretrain, pretrained_path
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -67,10 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with mock.patch.object(demo_module, "CONFIGS", out / "configs"):  # the demo reads <CONFIGS>/<name>.yaml
             doc = finetune(name, demo, weights)
         acc = [r["value"] for r in doc["records"]]
-        hit = next((r["step"] for r in doc["records"] if r["value"] >= target), None)
-        held = None
-        for r in doc["records"]:
-            held = None if r["value"] < target else (held if held is not None else r["step"])
+        hit, held = time_to(doc["records"], target, "step"), time_held(doc["records"], target, "step")
         rows[setting] = {"outer_lr": lr, "outer_momentum": momentum, "amplification": lr / (1 - momentum),
                          "final_acc": acc[-1], "lowest_acc": min(acc), "first_step_at_target": hit,
                          "held_from_step": held, "train_seconds": doc["final"]["train_seconds"],
@@ -80,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for s, r in rows.items():
         print(f"{s:<12}{r['amplification']:>9.1f}{100 * r['final_acc']:>7.2f}%{100 * r['lowest_acc']:>7.1f}%"
               f"{str(r['first_step_at_target'] or 'never'):>16}{str(r['held_from_step'] or '-'):>11}")  # fmt: skip
-    doc = {"target": target, "rows": rows, "loadavg_end": os.getloadavg(),
+    doc = {"target": target, "rows": rows, "environment": environment(),
            "command": "python -m benchmarks.diloco_short_rounds " + " ".join(sys.argv[1:] if argv is None else argv)}  # fmt: skip
     (out / "diloco_short_rounds.json").write_text(json.dumps(doc, indent=1))
     if args.docs:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,8 +31,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, ROOT, environment, recipe_env
 STREAMING = {"fragments": 4, "overlap_steps": 1, "comm_dtype": "int8"}  # the image runs' H is 8: τ < H/P
 
 
@@ -78,10 +76,7 @@ def char_run(algorithm: str, streaming: bool, seed: int, steps: int, out: Path) 
            "--seed", str(seed), "--max-bytes", "1000000", "--json", str(path)]  # fmt: skip
     if streaming:
         cmd += ["--fragments", "4", "--overlap-steps", "2", "--comm-dtype", "int8"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK"):
-        env.pop(key, None)
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True, timeout=3600)
+    subprocess.run(cmd, env=recipe_env(), cwd=ROOT, check=True, timeout=3600)
     doc = json.loads(path.read_text())
     return {"final_val_loss": doc["final_val_loss"], "curve": doc["curve"], "MB_sent": doc["MB_sent"]}
 
@@ -185,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     doc = {"config": {"seeds": seeds, "parts": args.parts, "char_steps": args.char_steps, "streaming": STREAMING,
                       "char_streaming": {"fragments": 4, "overlap_steps": 2, "comm_dtype": "int8"}},
            "runs": runs, "summary": summary, "verdicts": verdicts(summary), "seconds": time.time() - start,
-           "loadavg_end": os.getloadavg()}  # fmt: skip
+           "environment": environment()}  # fmt: skip
     report(doc, out)
     return doc
 

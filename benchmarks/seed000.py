@@ -44,7 +44,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, environment
+
 CONFIGS = ROOT / "configs" / "linear"
 RESULTS = ROOT / "benchmarks" / "results" / "seed000"
 DOCS_IMG = ROOT / "docs" / "results" / "img"
@@ -595,7 +596,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     doc = {
         "settings": vars(args), "results": results, "tables": tables, "seconds": timing,
         "total_seconds": time.perf_counter() - started,
-        "machine": {"cpus": os.cpu_count(), "loadavg_start": load, "loadavg_end": os.getloadavg()},
+        "machine": dict(environment(), loadavg_start=load),
     }  # fmt: skip
     (RESULTS / "seed000.json").write_text(json.dumps(doc, indent=1, default=float))
     print(f"Wrote {RESULTS / 'seed000.json'}, trajectories.pt and {[p.name for p in pngs]} "

@@ -37,9 +37,9 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import RESULTS, ROOT, environment, recipe_env
+
 CONFIGS = ROOT / "configs" / "image_classification"
-RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs" / "results"
 OVERLAYS = {"localgd": "localsgd", "modified": "modified_localgd", "ddp": "ddp"}
 
@@ -73,12 +73,9 @@ def run(variant: str, seed: int, prox: float | None, args: argparse.Namespace, w
         "--trainer.callbacks+=recipes.journal.RunJournal", f"--trainer.callbacks.path={journal}",
         f"--trainer.callbacks.label={label}",
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK"):
-        env.pop(key, None)
     load = os.getloadavg()
     start = time.perf_counter()
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True, timeout=args.timeout, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, env=recipe_env(), cwd=ROOT, check=True, timeout=args.timeout, stdout=subprocess.DEVNULL)
     doc = json.loads(journal.read_text())
     acc = [r["value"] for r in doc["records"]]
     print(f"{label:<26} accuracy per round {' '.join(f'{a:.3f}' for a in acc)} ({time.perf_counter() - start:.0f} s, "
@@ -169,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for prox in args.prox if v == "modified" else [None]:
                     runs.append(run(v, seed, prox, args, weights, out))
         doc = {"settings": {k: v for k, v in vars(args).items()}, "weights": str(weights), "runs": runs,
-               "seconds": time.perf_counter() - started, "loadavg_end": os.getloadavg(),
+               "seconds": time.perf_counter() - started, "environment": environment(),
                "command": "python -m benchmarks.seed000_finetune " + " ".join(sys.argv[1:] if argv is None else argv)}  # fmt: skip
     summary = summarize(doc["runs"])
     modified = next((k for k in summary if k.startswith("modified")), "modified")

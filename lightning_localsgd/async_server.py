@@ -28,7 +28,7 @@ from lightning_localsgd.async_protocol import (
     TAG_REPLY,
     TAG_REQUEST,
     AsyncTrainingError,
-    Kind,
+    MessageType,
     Reply,
     Status,
 )
@@ -86,22 +86,22 @@ class ParameterServer:
 
     # ------------------------------------------------------------------ the logic (no communication)
     def handle(
-        self, kind: Kind, worker: int, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None
+        self, message: MessageType, worker: int, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None
     ) -> Reply | None:
         """Answer one request of ``worker`` (``None`` for FAIL); a PUSH is applied here, once."""
         with self.lock:
             self.last_heard[worker] = time.monotonic()
-            if kind == Kind.FAIL:
+            if message == MessageType.FAIL:
                 self.abort(f"worker rank {worker} failed (its log has the traceback)")
                 return None
             if self.abort_reason is None:
                 self._check_stalls()
             if self.abort_reason is not None:
                 return Reply(Status.ABORT)
-            if kind == Kind.PUSH:
+            if message == MessageType.PUSH:
                 assert payload is not None
                 return self._apply(worker, steps, speed, payload)
-            if kind == Kind.PULL:
+            if message == MessageType.PULL:
                 return Reply(Status.MODEL, self.state.clone(), self.updates, self.local_steps[worker])
             self.done[worker] = True  # DONE or POLL
             if not all(self.done):
@@ -222,10 +222,10 @@ class ParameterServer:
         try:
             while not all(self.final_sent[w] for w in remote):
                 src = comm.recv_(header, None, group, kind="server_wait", tag=TAG_REQUEST)
-                kind, steps, speed = Kind(int(header[0])), int(header[1]), float(header[2])
-                if kind == Kind.PUSH:
+                message, steps, speed = MessageType(int(header[0])), int(header[1]), float(header[2])
+                if message == MessageType.PUSH:
                     comm.recv_(payload, src, group, kind="server_wait", tag=TAG_PUSH)
-                reply = self.handle(kind, src, steps, speed, payload if kind == Kind.PUSH else None)
+                reply = self.handle(message, src, steps, speed, payload if message == MessageType.PUSH else None)
                 if reply is None:
                     continue
                 comm.send(reply.header(), src, group, kind="pull", tag=TAG_REPLY)

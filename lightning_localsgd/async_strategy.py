@@ -20,7 +20,7 @@ from typing_extensions import override
 from lightning_localsgd.algorithms.base import check_positive_int
 from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, ServerOptimizer
 from lightning_localsgd.async_guards import LockstepGuards
-from lightning_localsgd.async_protocol import AsyncTrainingError, Kind, LocalClient, RemoteClient
+from lightning_localsgd.async_protocol import AsyncTrainingError, LocalClient, MessageType, RemoteClient
 from lightning_localsgd.async_server import ParameterServer
 from lightning_localsgd.async_worker import AsyncWorker, state_dtype
 from lightning_localsgd.comm import Collectives, Group, new_group
@@ -261,7 +261,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
             self.server.abort(f"rank 0 failed: {type(exception).__name__}: {exception}")
         elif self.worker is not None and not isinstance(exception, AsyncTrainingError):
             try:  # tell the server at once instead of letting it time out on this rank
-                self.worker.client.request(Kind.FAIL)
+                self.worker.client.request(MessageType.FAIL)
             except AsyncTrainingError:
                 pass
 

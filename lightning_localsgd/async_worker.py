@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_localsgd.async_protocol import Kind, LocalClient, RemoteClient, Reply, Status
+from lightning_localsgd.async_protocol import LocalClient, MessageType, RemoteClient, Reply, Status
 from lightning_localsgd.params import flatten, unflatten_
 
 
@@ -104,7 +104,7 @@ class AsyncWorker:
         self.speed = measured if self.speed == 0 else s * self.speed + (1 - s) * measured
         payload = flatten(self.tensors(), self.anchor.dtype)
         payload[: self.num_params].neg_().add_(self.anchor[: self.num_params])  # g = x_pulled − x_i; buffers as is
-        reply = self.client.request(Kind.PUSH, self.steps_since_pull, self.speed, payload)
+        reply = self.client.request(MessageType.PUSH, self.steps_since_pull, self.speed, payload)
         assert reply is not None and reply.state is not None
         self.adopt(reply.state)
         self.pushes += 1
@@ -121,16 +121,16 @@ class AsyncWorker:
         """Push the last partial round, say DONE, wait for the others and adopt the final global model."""
         if self.steps_since_pull > 0:
             self.push()
-        reply = self.client.request(Kind.DONE)
+        reply = self.client.request(MessageType.DONE)
         while reply is not None and reply.status == Status.WAIT:
             self.client.wait(self.poll_interval)
-            reply = self.client.request(Kind.POLL)
+            reply = self.client.request(MessageType.POLL)
         assert reply is not None and reply.state is not None
         self.adopt(reply.state)
 
     def begin_evaluation(self) -> None:
         """Swap the replica for the server's current global model (no update on the server)."""
-        reply = self.client.request(Kind.PULL)
+        reply = self.client.request(MessageType.PULL)
         assert reply is not None and reply.state is not None
         tensors = self.tensors()
         self._stash = [t.detach().clone() for t in tensors]

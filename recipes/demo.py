@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from benchmarks.common import environment, recipe_env, time_held, time_to
 from recipes.launch import describe_link, link_bits_per_second, shaped_link
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,10 +156,7 @@ def finetune(name: str, args: argparse.Namespace, weights: Path | None) -> dict[
         f"--trainer.callbacks.label={name}",
     ]  # fmt: skip
     cmd.append("--model.pretrained=true" if weights is None else f"--model.pretrained_file={weights}")
-    # One compute thread per rank: 2 ranks on 2 cores. Lightning's popen launcher starts rank 1.
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK"):
-        env.pop(key, None)
+    env = recipe_env()  # one compute thread per rank: 2 ranks on 2 cores; Lightning's popen launcher starts rank 1
     print(f"\n[stage 2] {name}: {' '.join(cmd[1:6])} ...", flush=True)
     load_before = os.getloadavg()[0]
     with shaped_link(args.link) as prefix:  # [] without --link
@@ -171,28 +169,6 @@ def finetune(name: str, args: argparse.Namespace, weights: Path | None) -> dict[
 
 
 # ---------------------------------------------------------------------------------------- report
-def time_to(records: list[dict[str, float]], target: float, clock: str = "train_seconds") -> float | None:
-    """The ``clock`` of the first record whose value reaches ``target`` (``None``: never)."""
-    for r in records:
-        if r["value"] >= target:
-            return r[clock]
-    return None
-
-
-def time_held(records: list[dict[str, float]], target: float, clock: str = "train_seconds") -> float | None:
-    """The ``clock`` of the first record from which every later record stays at or above ``target``.
-
-    Stricter than :func:`time_to`: a single lucky validation does not count.
-    """
-    held = None
-    for r in records:
-        if r["value"] < target:
-            held = None
-        elif held is None:
-            held = r[clock]
-    return held
-
-
 def _ratio(reference: float | None, value: float | None) -> float | None:
     return reference / value if (reference and value) else None
 
@@ -291,21 +267,35 @@ def format_table(summary: dict[str, Any], link: str | None = None) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+def plot_series(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """What :func:`plot` draws for every run: accuracy (%) against training seconds and against MB
+    sent (at least 1e-3 MB, for the log axis)."""
+    return {
+        name: {"accuracy": [100 * r["value"] for r in doc["records"]],
+               "train_seconds": [r["train_seconds"] for r in doc["records"]],
+               "MB_sent": [max(r["MB_sent"], 1e-3) for r in doc["records"]]}
+        for name, doc in runs.items()
+    }  # fmt: skip
+
+
 def plot(
     runs: dict[str, dict[str, Any]], target: float | None, path: Path, floor: float = 70.0, link: str | None = None
-) -> None:
-    """Accuracy against wall-clock and against MB sent; the y-axis starts at ``floor`` % (dips below are named)."""
+) -> dict[str, Any]:
+    """Accuracy against wall-clock and against MB sent; the y-axis starts at ``floor`` % (dips below are named).
+
+    Returns what it drew: ``series`` (:func:`plot_series`) and ``below_floor`` (run: lowest accuracy
+    in %, for the runs cut off at ``floor``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, doc in runs.items():
-        recs = doc["records"]
-        acc = [100 * r["value"] for r in recs]
-        ax_t.plot([r["train_seconds"] for r in recs], acc, marker="o", ms=3, label=name)
-        ax_b.plot([max(r["MB_sent"], 1e-3) for r in recs], acc, marker="o", ms=3, label=name)
+    series = plot_series(runs)
+    for name, xy in series.items():
+        ax_t.plot(xy["train_seconds"], xy["accuracy"], marker="o", ms=3, label=name)
+        ax_b.plot(xy["MB_sent"], xy["accuracy"], marker="o", ms=3, label=name)
     for ax in (ax_t, ax_b):
         if target is not None:
             ax.axhline(100 * target, ls="--", c="gray", lw=0.8, label="DDP final − 0.5")
@@ -327,6 +317,7 @@ def plot(
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return {"series": series, "below_floor": cut}
 
 
 LEGEND = (
@@ -372,9 +363,10 @@ def write_docs(doc: dict[str, Any], table: str, verdict: str, png: Path) -> Path
     shutil.copyfile(png, DOCS / "img" / f"{stem}.png")
     title = "`make demo`: fine-tuning on 2 CPU processes" + ("" if link is None else f", behind a {link} link")
     command = "python -m recipes.demo --docs" + ("" if link is None else f" --link {link}")
+    cpus = doc["machine"].get("cpu_count", doc["machine"].get("cpus"))  # "cpus" in demo.json files before 2026-11-30
     text = f"""# {title}
 
-Written by `{command}` ({doc.get("date", "?")}, {doc["machine"]["cpus"]} CPUs,
+Written by `{command}` ({doc.get("date", "?")}, {cpus} CPUs,
 gloo on 127.0.0.1, link: {describe_link(link)}, {doc["demo_seconds"]:.0f} s for the whole demo). Pretrained weights: {st["model"]} trained
 on MNIST-5k ({100 * pre.get("val_acc", float("nan")):.1f}% val) or the hub. Fine-tuning on scikit-learn's digits
 ({st["image_size"]}×{st["image_size"]}), {st["steps"]} optimizer steps of {st["batch_size"]} images per rank, lr
@@ -434,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     doc = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "pretrain": pretrain_info,
-        "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+        "machine": environment(link=args.link),
         "date": time.strftime("%Y-%m-%d"),
         "summary": summary,
         "target_met": None,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, OuterSGD
-from lightning_localsgd.async_protocol import AsyncTrainingError, Kind, Status
+from lightning_localsgd.async_protocol import AsyncTrainingError, MessageType, Status
 from lightning_localsgd.async_server import ParameterServer
 from lightning_localsgd.async_strategy import AsyncLocalSGDStrategy
 from tests.launch import run_ranks
@@ -199,7 +199,7 @@ def _server(n=2, **kwargs):
 
 
 def _push(server, worker, g, steps=8, speed=0.0, buffer=0.0):
-    return server.handle(Kind.PUSH, worker, steps, speed, torch.tensor([*g, buffer], dtype=torch.float64))
+    return server.handle(MessageType.PUSH, worker, steps, speed, torch.tensor([*g, buffer], dtype=torch.float64))
 
 
 def test_server_applies_each_push_once_and_tracks_staleness_and_dylu():
@@ -219,31 +219,31 @@ def test_server_applies_each_push_once_and_tracks_staleness_and_dylu():
 def test_server_end_of_run_protocol_and_pull():
     server = _server()
     _push(server, 0, [1.0, 1.0])
-    assert server.handle(Kind.PULL, 1).state.tolist() == [-1.0, -1.0, 0.0] and server.updates == 1
-    assert server.handle(Kind.DONE, 0).status == Status.WAIT
-    assert server.handle(Kind.POLL, 0).status == Status.WAIT
-    final = server.handle(Kind.DONE, 1)
+    assert server.handle(MessageType.PULL, 1).state.tolist() == [-1.0, -1.0, 0.0] and server.updates == 1
+    assert server.handle(MessageType.DONE, 0).status == Status.WAIT
+    assert server.handle(MessageType.POLL, 0).status == Status.WAIT
+    final = server.handle(MessageType.DONE, 1)
     assert final.status == Status.FINAL and final.state.tolist() == [-1.0, -1.0, 0.0]
-    assert server.handle(Kind.POLL, 0).status == Status.FINAL
+    assert server.handle(MessageType.POLL, 0).status == Status.FINAL
 
 
 def test_server_names_a_silent_worker_and_aborts_on_nan():
     server = _server(timeout=0.05)
     time.sleep(0.1)
-    server.handle(Kind.PULL, 0)  # worker 0 is alive, worker 1 is not
+    server.handle(MessageType.PULL, 0)  # worker 0 is alive, worker 1 is not
     with pytest.raises(AsyncTrainingError, match=r"worker rank 1 has sent nothing for .* it died or stalled"):
         server.check(0)
     server = _server()
     assert _push(server, 1, [float("nan"), 0.0]).status == Status.ABORT
-    assert server.handle(Kind.PULL, 0).status == Status.ABORT and server.updates == 0
+    assert server.handle(MessageType.PULL, 0).status == Status.ABORT and server.updates == 0
     with pytest.raises(AsyncTrainingError, match="worker rank 1 pushed NaN"):
         server.check(0)
 
 
 def test_a_failing_worker_aborts_the_run_at_once():
     server = _server()
-    assert server.handle(Kind.FAIL, 1) is None
-    assert server.handle(Kind.PULL, 0).status == Status.ABORT
+    assert server.handle(MessageType.FAIL, 1) is None
+    assert server.handle(MessageType.PULL, 0).status == Status.ABORT
     with pytest.raises(AsyncTrainingError, match="worker rank 1 failed"):
         server.check(0)
 

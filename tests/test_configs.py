@@ -61,8 +61,15 @@ def test_every_config_the_docs_name_is_one_that_parses_here():
 
 @pytest.mark.parametrize("base", sorted(CONFIGS.glob("*/base.yaml")), ids=lambda p: p.parent.name)
 def test_base_alone_parses(base, tmp_path):
+    """Every model and data value the base file sets reaches the objects the CLI builds."""
     cli = parse(base, tmp_path=tmp_path)
-    assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
+    cfg = yaml.safe_load(base.read_text())
+    model = cfg["model"].get("init_args", cfg["model"])
+    assert {k: cli.model.hparams[k] for k in model} == model
+    data = cfg["data"].get("init_args", cfg["data"])
+    assert {k: getattr(cli.datamodule, k) for k in data} == data
+    assert cli.trainer.max_steps == cfg["trainer"]["max_steps"]
+    assert cli.trainer.num_devices == cfg["trainer"]["devices"]
 
 
 def test_image_classification_base(tmp_path):

@@ -1,9 +1,10 @@
-"""The demo's bookkeeping: time to accuracy, the summary table and the --sync-every overlays."""
+"""The demo's bookkeeping: the summary table, the plot's data and the --sync-every overlays (time to accuracy
+itself: tests/test_benchmarks_common.py)."""
 
 import pytest
 import yaml
 
-from recipes.demo import CONFIGS, format_table, overlay_for, parse_args, summarize, time_held, time_to, verdict_line
+from recipes.demo import CONFIGS, format_table, overlay_for, parse_args, plot, summarize, verdict_line
 
 
 def run(values, seconds, mb, syncs, source="library counter"):
@@ -12,19 +13,6 @@ def run(values, seconds, mb, syncs, source="library counter"):
     final = {"train_seconds": seconds[-1], "MB_sent": mb[-1], "syncs": syncs[-1], "step": 8 * len(values)}
     return {"records": records, "final": final, "bytes_source": source, "process_seconds": seconds[-1] + 20,
             "loadavg_before": 2.0, "loadavg_after": 2.5}
-
-
-def test_time_to_is_the_first_record_at_or_above_the_target():
-    recs = run([0.5, 0.9, 0.8, 0.95], [1, 2, 3, 4], [0] * 4, [0] * 4)["records"]
-    assert time_to(recs, 0.9) == 2 and time_to(recs, 0.91) == 4 and time_to(recs, 0.99) is None
-
-
-def test_time_held_is_the_first_record_after_which_all_stay_at_or_above():
-    recs = run([0.5, 0.9, 0.8, 0.95, 0.9], [1, 2, 3, 4, 5], [0] * 5, [0] * 5)["records"]
-    assert time_held(recs, 0.9) == 4  # 0.9 at t=2 does not count: 0.8 follows
-    assert time_held(recs, 0.8) == 2 and time_held(recs, 0.5) == 1
-    assert time_held(recs, 0.91) is None  # the last record is below
-    assert time_held(recs, 0.9, clock="step") == 32
 
 
 def test_summary_speedup_against_ddps_final_accuracy():
@@ -112,6 +100,22 @@ def test_replot_recomputes_the_summary_from_demo_json_without_running(tmp_path, 
     out = main(["--replot", "--results-dir", str(tmp_path)])
     rows = out["summary"]["rows"]
     assert out["summary"]["target_acc"] == 0.98 and rows["localsgd"]["speedup_vs_ddp"] == 20 / 12
-    assert (tmp_path / "demo.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "reached it 1.67x sooner" in printed and "target 1.3x: met" in printed
+    from matplotlib.image import imread
+
+    assert imread(tmp_path / "demo.png").shape == (504, 1320, 4)  # 11 x 4.2 inches at 120 dpi, RGBA
+
+
+def test_plot_draws_accuracy_against_seconds_and_megabytes(tmp_path):
+    runs = {
+        "ddp": run([0.90, 0.985], [10, 20], [100, 200], [8, 16], "closed form"),
+        "localsgd": run([0.60, 0.99], [6, 12], [0, 25], [0, 2]),  # 0 MB: drawn at 1e-3 on the log axis
+    }
+    drawn = plot(runs, 0.98, tmp_path / "p.png")
+    assert drawn["series"] == {
+        "ddp": {"accuracy": [90.0, 98.5], "train_seconds": [10, 20], "MB_sent": [100, 200]},
+        "localsgd": {"accuracy": [60.0, 99.0], "train_seconds": [6, 12], "MB_sent": [1e-3, 25]},
+    }
+    assert drawn["below_floor"] == {"localsgd": 60.0}  # under the 70% floor: named below the plot
+    assert plot(runs, 0.98, tmp_path / "q.png", floor=50.0)["below_floor"] == {}

@@ -1,0 +1,299 @@
+"""What the benchmarks share: launching ranks, the environment record, number formatting, time to a
+target, and the probe callback of the MNIST reproductions (:mod:`benchmarks.seed002`, :mod:`benchmarks.seed003`).
+
+* :func:`launch_ranks` runs ``python -m <module> --worker cfg.json`` on ``world`` ranks through
+  :func:`recipes.launch.run_local_ranks`; the worker side is :func:`recipes.launch.run_rank_from_file`.
+  :func:`recipe_env` is the environment of a recipe process that starts its own ranks (Lightning's launcher).
+* :func:`environment` is the record every results JSON carries (versions, cores, load average, date, link).
+* :func:`fmt` / :func:`fmt_spec` print numbers in tables (``-`` for a missing one).
+* :func:`time_to`, :func:`time_held` and :func:`time_to_interpolated`: when a curve reaches a target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from recipes.launch import read_loopback_bytes, run_local_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+DOCS_IMG = ROOT / "docs" / "results" / "img"
+
+# kinds of the library's byte counter that are training traffic (not setup, evaluation or checkpoints)
+TRAIN_KINDS = ("sync", "grad", "leader", "gradalign")
+
+
+# ====================================================================== launching
+def launch_ranks(
+    module: str, cfg: dict[str, Any], world: int, nodes: int = 1, *, timeout: float, link: str | None = None
+) -> tuple[list[dict[str, Any]] | None, str]:
+    """Run ``python -m <module> --worker cfg.json`` on ``world`` processes as ``nodes`` nodes.
+
+    The worker reads ``cfg`` plus ``out_dir``, ``world``, ``nodes`` and ``per_node`` and writes
+    ``rank<r>.json`` (:func:`recipes.launch.run_rank_from_file`). ``link`` (e.g. ``"100mbit"``) puts
+    the ranks behind a shaped loopback. Returns every rank's result in rank order and ``""``, or
+    ``None`` and the tail of every rank's log.
+    """
+    per_node = world // nodes
+    with tempfile.TemporaryDirectory(prefix=f"{module.rsplit('.', 1)[-1]}_") as tmp:
+        cfg = dict(cfg, out_dir=tmp, world=world, nodes=nodes, per_node=per_node)
+        cfg_path = Path(tmp) / "cfg.json"
+        cfg_path.write_text(json.dumps(cfg))
+        cmd = [sys.executable, "-m", module, "--worker", str(cfg_path)]
+        try:
+            run_local_ranks(cmd, world, nodes, log_dir=tmp, timeout=timeout, cwd=ROOT, pythonpath=ROOT, log_tail=4000,
+                            link=link)  # fmt: skip
+        except RuntimeError as err:
+            return None, str(err)
+        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)], ""
+
+
+def global_rank(per_node: int) -> int:
+    """This process's rank from the launcher's ``NODE_RANK`` and ``LOCAL_RANK`` (``per_node`` ranks a node)."""
+    return int(os.environ["NODE_RANK"]) * per_node + int(os.environ["LOCAL_RANK"])
+
+
+def interleaved_schedule(names: list[str], repeats: int, seed: int) -> list[dict[str, Any]]:
+    """Every variant once per repeat, the order rotated by one each repeat, repeat ``r`` with seed
+    ``seed + r``: ``{"variant", "repeat", "seed"}`` in the order the fits run."""
+    schedule = []
+    for rep in range(repeats):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        schedule += [{"variant": n, "repeat": rep, "seed": seed + rep} for n in order]
+    return schedule
+
+
+def recipe_env() -> dict[str, str]:
+    """The environment of one ``python -m recipes...`` process that starts its own ranks with
+    Lightning's launcher: one compute thread, this checkout first on the path, and none of an outer
+    launcher's rank variables (they would make Lightning think it was started by one)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK"):
+        env.pop(key, None)
+    return env
+
+
+# ====================================================================== the environment record
+def loadavg() -> list[float] | None:
+    """``os.getloadavg()`` as a list, or ``None`` where the platform has none."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def environment(*modules: str, link: str | None = None) -> dict[str, Any]:
+    """Versions (python, torch, lightning and ``modules``), platform, cores, load average now, date, link."""
+    import importlib
+
+    import lightning
+    import torch
+
+    from recipes.launch import describe_link
+
+    record: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                              "lightning": lightning.__version__}  # fmt: skip
+    for name in modules:
+        record[name] = importlib.import_module(name).__version__
+    record.update(platform=platform.platform(), cpu_count=os.cpu_count(), loadavg_end=loadavg(),
+                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"), link=describe_link(link))  # fmt: skip
+    return record
+
+
+def load_text(summary: dict[str, Any]) -> str:
+    """``", load avg a-b on N cores"`` over the ``loadavg_before_each`` of a summary's variants (empty
+    when none was recorded)."""
+    loads = [l for s in summary["variants"].values() for l in s["loadavg_before_each"] if l]
+    if not loads:
+        return ""
+    return f", load avg {min(l[0] for l in loads):.1f}-{max(l[0] for l in loads):.1f} on {os.cpu_count()} cores"
+
+
+# ====================================================================== formatting
+def fmt(value: Any, scale: float = 1.0, digits: int = 3) -> str:
+    """``value × scale`` with ``digits`` decimals; ``-`` for ``None`` or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value * scale:.{digits}f}"
+
+
+def fmt_spec(value: Any, spec: str) -> str:
+    """``format(value, spec)`` (e.g. ``"+.1%"``); ``-`` for ``None``."""
+    return "-" if value is None else format(value, spec)
+
+
+# ====================================================================== time to a target
+def _reached(v: float, target: float, lower_is_better: bool) -> bool:
+    return v <= target if lower_is_better else v >= target
+
+
+def time_to(
+    records: list[dict[str, Any]], target: float, clock: str = "train_seconds", value: str = "value",
+    lower_is_better: bool = False,
+) -> Any:  # fmt: skip
+    """The ``clock`` of the first record whose ``value`` reaches ``target`` (at or above it; at or
+    below with ``lower_is_better``), or ``None``: never."""
+    for r in records:
+        if _reached(r[value], target, lower_is_better):
+            return r[clock]
+    return None
+
+
+def time_held(
+    records: list[dict[str, Any]], target: float, clock: str = "train_seconds", value: str = "value",
+    lower_is_better: bool = False,
+) -> Any:  # fmt: skip
+    """The ``clock`` of the first record from which every later record stays at the target (``None``:
+    the last one misses it). Stricter than :func:`time_to`: a single lucky evaluation does not count."""
+    held = None
+    for r in records:
+        if not _reached(r[value], target, lower_is_better):
+            held = None
+        elif held is None:
+            held = r[clock]
+    return held
+
+
+def time_to_interpolated(
+    curve: list[dict[str, Any]], target: float, clock: str = "time", value: str = "val_loss"
+) -> float | None:
+    """When a falling curve first reaches ``target``, linear between its points (sorted by ``clock``).
+
+    Each segment is judged by its end: the first segment whose end is at or below ``target`` gives
+    the crossing (its end when its start is already there). ``None``: never.
+    """
+    pts = sorted((c[clock], c[value]) for c in curve)
+    for (t0, y0), (t1, y1) in zip(pts, pts[1:]):
+        if y1 <= target:
+            return t1 if y0 == y1 or y0 <= target else t0 + (t1 - t0) * (y0 - target) / (y0 - y1)
+    return None
+
+
+# ====================================================================== bytes
+def ddp_closed_form_bytes_per_step(num_params: int, world: int, bytes_per_value: int = 4) -> float:
+    """What one rank sends per DDP step: a ring allreduce of the fp32 gradient, 2·(n−1)/n·4P."""
+    return 2.0 * (world - 1) / world * bytes_per_value * num_params
+
+
+# ====================================================================== the probe callback
+def make_probe_callback(rank: int, world: int, extra: Any = None) -> Any:
+    """A callback that records, at every validation (and the step-0 sanity check), on rank 0:
+    step, training wall-clock (validation time excluded; the slowest rank's), test error/loss
+    (summed over ranks with torch.distributed, outside the library's counters), the library's
+    training bytes by kind, load average; and the lo bytes over the whole fit, every step's time
+    and training loss.
+
+    The module keeps ``val_sums``, a (2, 3) float64 tensor of (correct, count, loss sum) per
+    validation loader (0: test, 1: an optional training subset) that its ``validation_step`` adds to.
+    ``extra(trainer, module) -> dict`` runs on every rank at each evaluation (on the consensus)
+    and its values are stored with the point (seed002's gradient alignment).
+    """
+    import torch
+    import torch.distributed as dist
+    from lightning.pytorch import Callback
+
+    class Probe(Callback):
+        def __init__(self) -> None:
+            self.points: list[dict[str, Any]] = []
+            self.t0 = 0.0
+            self.eval_seconds = 0.0
+            self._t_eval = 0.0
+            self._clock = 0.0
+            self.counter0: dict[str, float] = {}
+            self.lo0: tuple[int, int] | None = None
+            self.lo1: tuple[int, int] | None = None
+            self.train_seconds = 0.0
+            self.train_losses: list[float] = []
+            self.step_seconds: list[float] = []  # on_train_batch_start -> end (forward, backward, step, sync)
+            self._t_batch = 0.0
+
+        @staticmethod
+        def _counter(trainer: Any) -> dict[str, float]:
+            comm = getattr(trainer.strategy, "comm", None)
+            return dict(comm.counters.bytes_by_kind) if comm is not None else {}
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.counter0 = self._counter(trainer)
+            self.lo0 = read_loopback_bytes() if rank == 0 else None
+            self.eval_seconds = 0.0
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            self._t_batch = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, *args: Any) -> None:
+            self.step_seconds.append(time.perf_counter() - self._t_batch)
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.train_losses.append(float(loss))
+
+        def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+            # callbacks run before the strategy's hook: the consensus swap is charged to evaluation
+            self._t_eval = time.perf_counter()
+            self._clock = 0.0 if trainer.sanity_checking else self._t_eval - self.t0 - self.eval_seconds
+
+        def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            pl_module.val_sums.zero_()
+
+        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            sums = pl_module.val_sums.clone()
+            dist.all_reduce(sums)
+            clock = torch.tensor([self._clock], dtype=torch.float64)
+            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+            extras = extra(trainer, pl_module) if extra is not None else {}
+            now = self._counter(trainer)
+            by_kind = {k: now.get(k, 0.0) - self.counter0.get(k, 0.0) for k in now}
+            train_bytes = sum(by_kind.get(k, 0.0) for k in TRAIN_KINDS)
+            point = {
+                "step": 0 if trainer.sanity_checking else int(trainer.global_step),
+                "wall_s": float(clock),
+                "test_error": 1.0 - float(sums[0, 0] / sums[0, 1]),
+                "test_loss": float(sums[0, 2] / sums[0, 1]),
+                "test_count": int(sums[0, 1]),
+                "train_bytes_counter": 0.0 if trainer.sanity_checking else train_bytes,
+                "bytes_by_kind": {} if trainer.sanity_checking else by_kind,
+                "loadavg": loadavg(),
+                **extras,
+            }
+            if sums[1, 1] > 0:  # a second validation loader: error on (a subset of) the training data
+                point.update(train_error=1.0 - float(sums[1, 0] / sums[1, 1]),
+                             train_loss=float(sums[1, 2] / sums[1, 1]))  # fmt: skip
+            self.points.append(point)
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            if not trainer.sanity_checking:
+                self.eval_seconds += time.perf_counter() - self._t_eval
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.train_seconds = time.perf_counter() - self.t0 - self.eval_seconds
+            self.lo1 = read_loopback_bytes() if rank == 0 else None
+
+        def lo_tx(self) -> int | None:
+            return None if self.lo0 is None or self.lo1 is None else self.lo1[1] - self.lo0[1]
+
+    return Probe()
+
+
+# ====================================================================== the report's tail
+def write_report(
+    result: dict[str, Any], summary: dict[str, Any], out_dir: Path, name: str, title: str,
+    plot_fn: Any, table_text: str, docs_png: str | None,
+) -> None:  # fmt: skip
+    """``<name>.json``, ``<name>.png`` (and a small copy ``docs/results/img/<docs_png>``), then the table."""
+    result["summary"] = summary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{name}.json"
+    json_path.write_text(json.dumps(result, indent=1))
+    png = out_dir / f"{name}.png"
+    plot_fn(result, summary, png, title)
+    if docs_png is not None:
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        plot_fn(result, summary, DOCS_IMG / docs_png, title, dpi=75)
+    print()
+    print(table_text)
+    print(f"\nwrote {json_path}\nwrote {png}\ntotal {result.get('total_seconds', 0):.0f} s")
