@@ -136,19 +136,23 @@ class ResumeState:
 def average_optimizer_states(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Optimizer state dicts averaged over ranks: floating tensors elementwise, everything else rank 0's.
 
-    Momentum buffers and Adam moments become the mean of the saved ranks'; step counters (equal on
-    every rank) stay what they were; hyperparameters (``param_groups``) are rank 0's.
+    Momentum buffers and Adam moments become the mean of the saved ranks' (a scalar parameter's
+    0-dim buffer too); values equal on every rank, such as step counters, are kept exactly as
+    saved; hyperparameters (``param_groups``) are rank 0's. A parameter that has state on only some
+    ranks (it got no gradient on the others) gets the mean over the ranks that have it.
     """
     out = []
     for states in zip(*per_rank, strict=True):
-        first = states[0]
+        indices = list(dict.fromkeys(index for s in states for index in s["state"]))  # rank 0's order first
         averaged: dict[Any, dict[str, Any]] = {}
-        for index, entry in first["state"].items():
+        for index in indices:
+            entries = [s["state"][index] for s in states if index in s["state"]]
             averaged[index] = {}
-            for key, value in entry.items():
-                if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:
-                    averaged[index][key] = torch.stack([s["state"][index][key] for s in states]).mean(0)
-                else:
-                    averaged[index][key] = value
-        out.append({"state": averaged, "param_groups": first["param_groups"]})
+            for key, value in entries[0].items():
+                values = [e[key] for e in entries if key in e]
+                floating = all(isinstance(v, Tensor) and v.is_floating_point() for v in values)
+                if floating and not all(torch.equal(v, value) for v in values):
+                    value = torch.stack(values).mean(0)
+                averaged[index][key] = value
+        out.append({"state": averaged, "param_groups": states[0]["param_groups"]})
     return out
