@@ -192,8 +192,9 @@ class ConsensusAlgorithm(Callback):
         return mean
 
     def write_consensus(self, kind: str = "eval") -> None:
-        """Put the consensus into the module (collective, booked under ``kind``). Default: the replicas' average."""
-        self.comm.mean_(list(self._named_state().values()), self.world, kind=kind)
+        """Put the consensus into the module (collective, booked under ``kind``). Default: the replicas' average
+        (under ``nonfinite="skip"`` the average of the finite ones, as at a sync)."""
+        self.comm.mean_(list(self._named_state().values()), self.world, kind=kind, nonfinite=self.nonfinite)
 
     # ================================================================== Lightning callback hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:

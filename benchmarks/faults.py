@@ -1,0 +1,325 @@
+"""The fault matrix (issue 11, item 7): what happens to a run when a worker dies, a checkpoint write is
+cut, a replica turns NaN or the network goes away; how long until it is noticed, how many steps are
+lost, and whether the final model equals the uninterrupted run's.
+
+    python -m benchmarks.faults --docs                 # the measurement (about an hour on 2 busy cores)
+    python -m benchmarks.faults --quick --name smoke   # one run per fault
+    python -m benchmarks.faults --report-only --docs   # table, plot and pages again from the JSON
+
+Every run is one job of ``benchmarks/restart_worker.py`` (the run of ``benchmarks/restarts.py``: 2
+ranks, float64, 24 optimizer steps of 5 batches per epoch, sync every 4 steps, ``last.ckpt`` every
+6, timeouts 60 s) with one fault from ``benchmarks/fault_injection.py``, under
+``torchrun --max-restarts=1`` unless the fault says "no agent" (then ``recipes.launch.run_local_ranks``
+starts the ranks and nothing restarts them). Kill steps and victims are drawn from ``--seed``.
+After each job every checkpoint file is loaded again ("nothing written is lost").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.restarts import LIGHTNING, ROOT, collect_job, run_job
+
+BASE: dict[str, Any] = {**LIGHTNING, "fixed": True, "log_steps": True, "log_saves": True, "kill_attempts": [0],
+                        "kill_step": None, "victim": None}  # fmt: skip
+SYNC_STEPS = [s for s in range(2, LIGHTNING["steps"] - 1) if s % LIGHTNING["sync_every"]]
+AT_SYNC = [s for s in range(LIGHTNING["sync_every"], LIGHTNING["steps"] - 1, LIGHTNING["sync_every"])]
+PARTITION_LINK = "10gbit"  # the namespace's loopback; the partition takes it down
+FAULTS: dict[str, str] = {  # id → what the row means (table order)
+    "kill_mid": "kill -9 of a random worker after a random mid-period step (PeriodicAveraging / DiLoCo)",
+    "kill_sync": "kill -9 of a random worker inside a sync step, before its update (the peer is left in the sync)",
+    "kill_async": "kill -9 of async worker rank 1 after a random step",
+    "kill_server": "kill -9 of the async server's rank 0 after a random step",
+    "kill_writer": "kill -9 of rank 0 halfway through writing last.ckpt of step 12 (write takes 2 s)",
+    "kill_peer_writing": "kill -9 of rank 1 while rank 0 writes the step-12 checkpoint (write takes 4 s)",
+    "nan_raise": "NaN gradients on rank 1 at step 10, nonfinite='raise' (PeriodicAveraging)",
+    "nan_skip": "NaN gradients on rank 1 at step 10, nonfinite='skip' (PeriodicAveraging)",
+    "partition_short": "network partition: the ranks' loopback down for 5 s (collective timeout 60 s)",
+    "partition_long": "network partition: loopback down for 35 s, longer than the collective timeout (20 s)",
+    "noagent_sync": "no agent: kill -9 of rank 1 after a random mid-period step (PeriodicAveraging)",
+    "noagent_async": "no agent: kill -9 of async worker rank 1 after a random step",
+    "noagent_server": "no agent: kill -9 of the async server's rank 0 after a random step",
+}
+EXPECT = {"kill_mid": "exact", "kill_sync": "exact", "kill_async": "finish", "kill_server": "finish",
+          "kill_writer": "exact", "kill_peer_writing": "exact", "nan_raise": "exact", "nan_skip": "finish",
+          "partition_short": "exact", "partition_long": "exact", "noagent_sync": "fail_fast",
+          "noagent_async": "fail_fast", "noagent_server": "fail_fast"}  # fmt: skip
+
+
+def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every run: fault id, config, launcher; kill steps and victims drawn from ``--seed``."""
+    rng = random.Random(args.seed)
+    few = 1 if args.quick else 2
+    runs: dict[str, list[dict[str, Any]]] = {f: [] for f in FAULTS}
+    for i in range(4 if args.quick else args.kill_runs):  # ≥ 20 sync kills: 2 algorithms × 2 places
+        fault = ("kill_mid", "kill_sync")[i % 2]
+        algorithm = ("periodic", "diloco")[(i // 2) % 2]
+        step, when = (rng.choice(SYNC_STEPS), "after_step") if fault == "kill_mid" else (rng.choice(AT_SYNC), "before_step")
+        runs[fault].append({"algorithm": algorithm, "kill_step": step, "victim": rng.randrange(2), "kill_when": when})
+    for fault, victim, n in (("kill_async", 1, args.async_runs), ("kill_server", 0, few)):
+        for _ in range(1 if args.quick else n):
+            runs[fault].append({"algorithm": "async", "kill_step": rng.randrange(3, 22), "victim": victim})
+    for algorithm in ("periodic", "diloco")[:few]:
+        runs["kill_writer"].append({"algorithm": algorithm, "kill_step": 12, "victim": 0, "kill_when": "during_save",
+                                    "slow_save": 2.0})  # fmt: skip
+        runs["kill_peer_writing"].append({"algorithm": algorithm, "kill_step": 12, "victim": 1, "slow_save": 4.0,
+                                          "kill_when": "while_peer_saves", "kill_delay": 1.0})  # fmt: skip
+    for policy in ("raise", "skip"):
+        runs[f"nan_{policy}"].append({"algorithm": "periodic", "nan_step": 10, "nan_rank": 1, "nonfinite": policy})
+    for _ in range(few):
+        runs["partition_short"].append({"algorithm": "periodic", "step_sleep": 0.4, "partition": [3.0, 5.0]})
+    runs["partition_long"].append({"algorithm": "periodic", "step_sleep": 0.4, "partition": [3.0, 35.0],
+                                   "timeout": 20})  # fmt: skip
+    runs["noagent_sync"].append({"algorithm": "periodic", "kill_step": rng.choice(SYNC_STEPS), "victim": 1})
+    runs["noagent_async"].append({"algorithm": "async", "kill_step": rng.randrange(3, 22), "victim": 1})
+    runs["noagent_server"].append({"algorithm": "async", "kill_step": rng.randrange(3, 22), "victim": 0})
+    order = []  # round-robin over the faults, so that load changes spread over all of them
+    while any(runs.values()):
+        for fault in FAULTS:
+            if runs[fault]:
+                order.append({"fault": fault, "cfg": {**BASE, **runs[fault].pop(0)}})
+    return order
+
+
+# ---------------------------------------------------------------------------- running one job
+def partition(prefix: list[str], after: float, seconds: float) -> Any:
+    """``during`` for run_job: loopback down ``after`` s after both ranks are up, for ``seconds``."""
+    from recipes.launch import set_loopback
+
+    def during(workdir: Path) -> None:
+        events = workdir / "out" / "events.jsonl"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            lines = events.read_text().splitlines() if events.exists() else []
+            if sum('"group_up"' in line for line in lines) >= 2:
+                break
+            time.sleep(0.1)
+        time.sleep(after)
+        down = time.time()
+        set_loopback(prefix, up=False)
+        time.sleep(seconds)
+        set_loopback(prefix, up=True)
+        (workdir / "partition.json").write_text(json.dumps({"down": down, "up": time.time()}))
+
+    return during
+
+
+def run_without_agent(cfg: dict[str, Any], workdir: Path, timeout: float) -> dict[str, Any]:
+    """The two ranks started by ``run_local_ranks`` (no torchrun agent, nothing restarts them)."""
+    from recipes.launch import run_local_ranks
+
+    (workdir / "out").mkdir(parents=True, exist_ok=True)
+    cfg = {**cfg, "out_dir": str(workdir / "out"), "ckpt_dir": str(workdir / "ckpt")}
+    (workdir / "cfg.json").write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "benchmarks.restart_worker", str(workdir / "cfg.json")]
+    start, rc = time.monotonic(), 0
+    try:
+        run_local_ranks(cmd, 2, log_dir=workdir, timeout=timeout, cwd=workdir, pythonpath=ROOT)
+    except RuntimeError as err:
+        rc = None if "(rank timeout)" in str(err) else 1
+    job = collect_job(workdir, "rank0.log")
+    job.update(rc=rc, seconds=time.monotonic() - start, timeout=timeout, stuck=None)
+    return job
+
+
+def run_one(spec: dict[str, Any], workdir: Path, timeout: float) -> dict[str, Any]:
+    cfg = spec["cfg"]
+    if spec["fault"].startswith("noagent"):
+        return run_without_agent(cfg, workdir, timeout)
+    if "partition" not in cfg:
+        return run_job(cfg, workdir, timeout)
+    from recipes.launch import shaped_link
+
+    with shaped_link(PARTITION_LINK) as prefix:
+        return run_job(cfg, workdir, timeout, prefix=prefix, during=partition(prefix, *cfg["partition"]))
+
+
+# ---------------------------------------------------------------------------- what a job shows
+AGENT_LINE = re.compile(r"^[IWE](\d\d)(\d\d) (\d\d):(\d\d):(\d\d(?:\.\d+)?) \d+ \S+\] (.*)$")
+
+
+def agent_noticed(log: str, after: float) -> float | None:
+    """Time of the first line of torchrun's agent, at or after ``after``, saying a worker failed."""
+    year = time.localtime(after).tm_year
+    for line in log.splitlines():
+        m = AGENT_LINE.match(line)
+        if m and ("closing signal" in m.group(6) or "failed (exitcode" in m.group(6)):
+            mon, day, hh, mm = (int(m.group(i)) for i in range(1, 5))
+            ss = float(m.group(5))
+            t = time.mktime((year, mon, day, hh, mm, int(ss), 0, 0, -1)) + ss % 1
+            if t >= after - 0.05:
+                return t
+    return None
+
+
+def checkpoints_intact(ckpt_dir: Path, events: list[dict[str, Any]]) -> tuple[bool, str]:
+    """Every checkpoint file loads; every write that completed left its file; no temp file remains."""
+    import torch
+
+    problems, files = [], sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.exists() else []
+    for path in files:
+        try:
+            step = torch.load(path, weights_only=False, map_location="cpu")["global_step"]
+        except Exception as err:  # noqa: BLE001 - any failure to load is the finding
+            problems.append(f"{path.name} does not load ({type(err).__name__})")
+            continue
+        m = re.match(r"step=(\d+)\.ckpt", path.name)
+        if m and int(m.group(1)) != step:
+            problems.append(f"{path.name} holds step {step}")
+    for e in events:
+        if e["event"] == "save_end":
+            name = e["file"].split(".tmp-")[0].lstrip(".")
+            if not (ckpt_dir / name).exists():
+                problems.append(f"{name} was written (step {e['step']}) and is gone")
+    temps = [p.name for p in ckpt_dir.glob(".*.tmp-*")] if ckpt_dir.exists() else []
+    note = f"{len(files)} files load" + (f"; temp files left: {', '.join(temps)}" if temps else "")
+    return not problems, "; ".join(problems) or note
+
+
+def analyse(spec: dict[str, Any], job: dict[str, Any], workdir: Path, refs: dict[str, Any]) -> dict[str, Any]:
+    cfg, events, results = spec["cfg"], job["events"], job["results"]
+    fault_t = next((e["t"] for e in events if e["event"] in ("kill", "nan")), None)
+    if (workdir / "partition.json").exists():
+        window = json.loads((workdir / "partition.json").read_text())
+        fault_t = window["down"]
+    else:
+        window = None
+    noticed = [e["t"] for e in events if e["event"] == "error" and fault_t is not None and e["t"] >= fault_t]
+    agent = agent_noticed((workdir / "torchrun.log").read_text(), fault_t) if fault_t and (workdir / "torchrun.log").exists() else None
+    first = min([t for t in [*noticed, agent] if t is not None], default=None)
+    restarted = sorted(e["step"] for e in events if e["event"] == "group_up" and e["attempt"] >= 1)
+    before = [e["step"] for e in events if e["event"] == "step" and e["attempt"] == 0]
+    last_by_rank = {r: max(e["step"] for e in events if e["event"] == "step" and e["attempt"] == 0 and e["rank"] == r)
+                    for r in {e["rank"] for e in events if e["event"] == "step" and e["attempt"] == 0}}  # fmt: skip
+    ups = [e["t"] for e in events if e["event"] == "group_up" and e["attempt"] >= 1]
+    finished = len(results) == 2 and all(r["global_step"] == cfg["steps"] for r in results.values())
+    ref = refs.get(cfg["algorithm"])
+    diff = None
+    if finished and ref is not None:
+        diff = max(abs(float.fromhex(a) - float.fromhex(b)) for r in results.values() for a, b in zip(r["params"], ref["params"]))
+    intact, ckpt_note = checkpoints_intact(workdir / "ckpt", events)
+    errors = sorted({e["error"].split(":")[0] for e in events if e["event"] == "error"})
+    record = {
+        "fault": spec["fault"], "algorithm": cfg["algorithm"], "kill_step": cfg.get("kill_step"),
+        "victim": cfg.get("victim"), "rc": job["rc"], "hang": job["rc"] is None, "job_seconds": job["seconds"],
+        "finished": finished, "restarted": bool(restarted), "resumed_from": restarted[0] if restarted else None,
+        "last_step_before": max(before, default=None), "detect_s": None if first is None else first - fault_t,
+        "detected_by": None if first is None else ("agent" if first == agent else "error in a rank"),
+        "back_s": max(ups) - fault_t if ups and fault_t and len(ups) >= 2 else None,
+        "equal": diff == 0.0 if diff is not None else None, "max_abs_diff": diff, "errors": errors,
+        "final_loss": results[0]["final_loss"] if finished else None, "checkpoints_intact": intact,
+        "checkpoints": ckpt_note, "partition": window,
+        "nonfinite_steps": {r: res["nonfinite_steps"] for r, res in results.items()},
+        "stall_s": max_gap([e for e in events if e["event"] == "step"]) if window else None,
+    }  # fmt: skip
+    if restarted and before:  # steps done before the fault and done again; steps a rank never did (async)
+        record["steps_lost"] = max(before) - restarted[0]
+        record["steps_skipped"] = max(0, max(restarted[0] - last for last in last_by_rank.values()))
+    elif finished:
+        record["steps_lost"] = 0
+    record["ok"], record["outcome"] = judge(spec["fault"], record, cfg)
+    if not record["ok"]:
+        record["log_tail"] = job["log_tail"][-1500:]
+    return record
+
+
+def max_gap(steps: list[dict[str, Any]]) -> float | None:
+    """Longest time between two consecutive step events of one rank in one attempt."""
+    gaps = []
+    for key in {(e["rank"], e["attempt"]) for e in steps}:
+        ts = sorted(e["t"] for e in steps if (e["rank"], e["attempt"]) == key)
+        gaps += [b - a for a, b in zip(ts, ts[1:])]
+    return max(gaps, default=None)
+
+
+def judge(fault: str, r: dict[str, Any], cfg: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the run did what the library promises for this fault, and a short account of it."""
+    expect = EXPECT[fault]
+    if r["hang"]:
+        return False, "hang: the job was still running at the limit"
+    bound = cfg["timeout"] + 30.0  # the documented timeout, plus the time to tear down and report
+    if expect == "fail_fast":
+        ok = r["detect_s"] is not None and r["detect_s"] <= bound and not r["finished"]
+        err = ", ".join(r["errors"]) or "no error logged"
+        return ok, f"the surviving rank failed after {r['detect_s'] or float('nan'):.1f} s ({err}); nothing restarts it"
+    how = f"restarted, resumed at step {r['resumed_from']}" if r["restarted"] else "no restart"
+    if not r["finished"]:
+        return False, f"{how}; did not train to the end ({', '.join(r['errors']) or 'no error logged'})"
+    same = "final model bit-equal" if r["equal"] else f"final model differs (max |Δ| {r['max_abs_diff']:.2g})"
+    ok = r["checkpoints_intact"] and (r["equal"] or expect == "finish")
+    if r["detect_s"] is not None and r["detect_s"] > bound:
+        ok = False
+    return ok, f"{how}; trained to the end; {same}"
+
+
+# ---------------------------------------------------------------------------- the measurement
+def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    import lightning
+    import torch
+
+    specs = plan(args)
+    refs: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
+        for name, algorithm in (("periodic", "periodic"), ("diloco", "diloco"), ("async", "async"),
+                                ("async_again", "async")):  # fmt: skip
+            job = run_job({**BASE, "algorithm": algorithm, "kill_attempts": []}, Path(tmp, f"ref_{name}"), args.run_timeout)
+            if job["rc"] != 0 or len(job["results"]) != 2:
+                raise SystemExit(f"the uninterrupted {name} run failed:\n{job['log_tail']}")
+            refs[name] = job["results"][0]
+            print(f"reference {name}: final loss {refs[name]['final_loss']:.6f} ({job['seconds']:.0f} s)", flush=True)
+        a, b = refs["async"]["params"], refs["async_again"]["params"]
+        async_spread = max(abs(float.fromhex(x) - float.fromhex(y)) for x, y in zip(a, b))
+        for i, spec in enumerate(specs):
+            load = os.getloadavg()
+            workdir = Path(tmp, f"{i:02d}_{spec['fault']}")
+            job = run_one(spec, workdir, args.run_timeout)
+            record = {**analyse(spec, job, workdir, refs), "run": i, "loadavg": load, "cfg": spec["cfg"]}
+            runs.append(record)
+            with (out / "partial.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            detect = "-" if record["detect_s"] is None else f"{record['detect_s']:.1f} s"
+            print(f"{i:2d} {spec['fault']:18s} {'OK  ' if record['ok'] else 'FAIL'} detect {detect:>7s}  "
+                  f"{record['outcome']}  ({job['seconds']:.0f} s, load {load[0]:.1f})", flush=True)  # fmt: skip
+    return {"command": " ".join(["python -m benchmarks.faults", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "lightning": lightning.__version__, "config": BASE, "seed": args.seed,
+            "run_timeout": args.run_timeout, "faults": FAULTS, "expect": EXPECT, "partition_link": PARTITION_LINK,
+            "references": {k: {"final_loss": v["final_loss"]} for k, v in refs.items()},
+            "async_run_to_run_max_abs_diff": async_spread, "runs": runs}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kill-runs", type=int, default=20, help="sync kill runs (mid-period and at a sync step)")
+    parser.add_argument("--async-runs", type=int, default=4, help="async worker kill runs")
+    parser.add_argument("--quick", action="store_true", help="one run per fault")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run-timeout", type=float, default=300.0, help="seconds before a job counts as a hang")
+    parser.add_argument("--name", default="faults", help="results under benchmarks/results/<name>/")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--docs", action="store_true", help="also write docs/results/faults.md and the table in docs/reliability.md")
+    args = parser.parse_args(argv)
+    out = ROOT / "benchmarks" / "results" / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        data = json.loads((out / "faults.json").read_text())
+    else:
+        (out / "partial.jsonl").unlink(missing_ok=True)
+        data = measure(args, out)
+        (out / "faults.json").write_text(json.dumps(data, indent=1))
+    from benchmarks.faults_report import report
+
+    report(data, out, ROOT / "docs" if args.docs else None)
+
+
+if __name__ == "__main__":
+    main()
