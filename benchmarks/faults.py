@@ -5,6 +5,7 @@ lost, and whether the final model equals the uninterrupted run's.
     python -m benchmarks.faults --docs                 # the measurement (about an hour on 2 busy cores)
     python -m benchmarks.faults --quick --name smoke   # one run per fault
     python -m benchmarks.faults --report-only --docs   # table, plot and pages again from the JSON
+    python -m benchmarks.faults --resume --docs        # continue an interrupted measurement
 
 Every run is one job of ``benchmarks/restart_worker.py`` (the run of ``benchmarks/restarts.py``: 2
 ranks, float64, 24 optimizer steps of 5 batches per epoch, sync every 4 steps, ``last.ckpt`` every
@@ -17,10 +18,12 @@ After each job every checkpoint file is loaded again ("nothing written is lost")
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -247,7 +250,7 @@ def max_gap(steps: list[dict[str, Any]]) -> float | None:
     gaps = []
     for key in {(e["rank"], e["attempt"]) for e in steps}:
         ts = sorted(e["t"] for e in steps if (e["rank"], e["attempt"]) == key)
-        gaps += [b - a for a, b in zip(ts, ts[1:])]
+        gaps += [b - a for a, b in itertools.pairwise(ts)]
     return max(gaps, default=None)
 
 
@@ -273,43 +276,88 @@ def judge(fault: str, r: dict[str, Any], cfg: dict[str, Any]) -> tuple[bool, str
 
 # ---------------------------------------------------------------------------- the measurement
 def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The reference runs, then every planned fault run; progress in ``out`` (``references.json``,
+    ``partial.jsonl``) so that ``--resume`` continues an interrupted measurement."""
+    specs = plan(args)
+    refs_path, partial, tmp = out / "references.json", out / "partial.jsonl", work_root(args)
+    if not args.resume:
+        refs_path.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    refs: dict[str, Any] = json.loads(refs_path.read_text()) if refs_path.exists() else {}
+    runs = [json.loads(line) for line in partial.read_text().splitlines()] if partial.exists() else []
+    redo = set(args.rerun.split(",")) - {""}
+    runs = [r for r in runs if r["fault"] not in redo]
+    partial.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    done = {r["run"] for r in runs}
+    needed = {spec["cfg"]["algorithm"] for spec in specs}
+    for name, algorithm in (("periodic", "periodic"), ("diloco", "diloco"), ("async", "async"),
+                            ("async_again", "async")):  # fmt: skip
+        if algorithm not in needed or name in refs:
+            continue
+        job = run_job({**BASE, "algorithm": algorithm, "kill_attempts": []}, Path(tmp, f"ref_{name}"), args.run_timeout)
+        if job["rc"] != 0 or len(job["results"]) != 2:
+            raise SystemExit(f"the uninterrupted {name} run failed:\n{job['log_tail']}")
+        refs[name] = job["results"][0]
+        refs_path.write_text(json.dumps(refs))
+        print(f"reference {name}: final loss {refs[name]['final_loss']:.6f} ({job['seconds']:.0f} s)", flush=True)
+    for i, spec in enumerate(specs):
+        if i in done:
+            continue
+        load = os.getloadavg()
+        workdir = Path(tmp, f"{i:02d}_{spec['fault']}")
+        shutil.rmtree(workdir, ignore_errors=True)  # left by an interrupted measurement
+        job = run_one(spec, workdir, args.run_timeout)
+        record = {"fault": spec["fault"], "rc": job["rc"], "job_seconds": job["seconds"], "run": i, "loadavg": load,
+                  "cfg": spec["cfg"], "workdir": str(workdir), "log_name": job_log(spec)}  # fmt: skip
+        try:
+            record.update(analyse(spec, job, workdir, refs))
+        except Exception as err:  # noqa: BLE001 - keep measuring; --report-only --reanalyse after the fix
+            record.update(ok=False, outcome=f"analysis failed: {type(err).__name__}: {err}", detect_s=None)
+        runs.append(record)
+        with partial.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        detect = "-" if record["detect_s"] is None else f"{record['detect_s']:.1f} s"
+        print(f"{i:2d} {spec['fault']:18s} {'OK  ' if record['ok'] else 'FAIL'} detect {detect:>7s}  "
+              f"{record['outcome']}  ({job['seconds']:.0f} s, load {load[0]:.1f})", flush=True)  # fmt: skip
+    return assemble(args, refs, sorted(runs, key=lambda r: r["run"]), planned=len(specs))
+
+
+def work_root(args: argparse.Namespace) -> Path:
+    """Where the jobs of measurement ``--name`` run (kept until the next fresh measurement)."""
+    return Path(tempfile.gettempdir(), f"faults-{args.name}")
+
+
+def job_log(spec: dict[str, Any]) -> str:
+    return "rank0.log" if spec["fault"].startswith("noagent") else "torchrun.log"
+
+
+def reanalyse(runs: list[dict[str, Any]], refs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every record computed again from its job's directory (after a change to :func:`analyse`)."""
+    out = []
+    for r in runs:
+        workdir = Path(r["workdir"])
+        job = {**collect_job(workdir, r["log_name"]), "rc": r["rc"], "seconds": r["job_seconds"]}
+        spec = {"fault": r["fault"], "cfg": r["cfg"]}
+        out.append({**r, **analyse(spec, job, workdir, refs)})
+    return out
+
+
+def assemble(args: argparse.Namespace, refs: dict[str, Any], runs: list[dict[str, Any]], planned: int) -> dict[str, Any]:
+    """The results JSON: the setup, the references' losses, every run."""
     import lightning
     import torch
 
-    specs = plan(args)
-    refs: dict[str, Any] = {}
-    runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
-        needed = {spec["cfg"]["algorithm"] for spec in specs}
-        for name, algorithm in (("periodic", "periodic"), ("diloco", "diloco"), ("async", "async"),
-                                ("async_again", "async")):  # fmt: skip
-            if algorithm not in needed:
-                continue
-            job = run_job({**BASE, "algorithm": algorithm, "kill_attempts": []}, Path(tmp, f"ref_{name}"), args.run_timeout)
-            if job["rc"] != 0 or len(job["results"]) != 2:
-                raise SystemExit(f"the uninterrupted {name} run failed:\n{job['log_tail']}")
-            refs[name] = job["results"][0]
-            print(f"reference {name}: final loss {refs[name]['final_loss']:.6f} ({job['seconds']:.0f} s)", flush=True)
-        async_spread = None
-        if "async" in refs:
-            a, b = refs["async"]["params"], refs["async_again"]["params"]
-            async_spread = max(abs(float.fromhex(x) - float.fromhex(y)) for x, y in zip(a, b))
-        for i, spec in enumerate(specs):
-            load = os.getloadavg()
-            workdir = Path(tmp, f"{i:02d}_{spec['fault']}")
-            job = run_one(spec, workdir, args.run_timeout)
-            record = {**analyse(spec, job, workdir, refs), "run": i, "loadavg": load, "cfg": spec["cfg"]}
-            runs.append(record)
-            with (out / "partial.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            detect = "-" if record["detect_s"] is None else f"{record['detect_s']:.1f} s"
-            print(f"{i:2d} {spec['fault']:18s} {'OK  ' if record['ok'] else 'FAIL'} detect {detect:>7s}  "
-                  f"{record['outcome']}  ({job['seconds']:.0f} s, load {load[0]:.1f})", flush=True)  # fmt: skip
+    spread = None
+    if "async" in refs and "async_again" in refs:
+        a, b = refs["async"]["params"], refs["async_again"]["params"]
+        spread = max(abs(float.fromhex(x) - float.fromhex(y)) for x, y in zip(a, b))
     return {"command": " ".join(["python -m benchmarks.faults", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__, "lightning": lightning.__version__, "config": BASE, "seed": args.seed,
             "run_timeout": args.run_timeout, "faults": FAULTS, "expect": EXPECT, "partition_link": PARTITION_LINK,
             "references": {k: {"final_loss": v["final_loss"]} for k, v in refs.items()},
-            "async_run_to_run_max_abs_diff": async_spread, "runs": runs}  # fmt: skip
+            "async_run_to_run_max_abs_diff": spread, "planned_runs": planned, "runs": runs}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -321,15 +369,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-timeout", type=float, default=300.0, help="seconds before a job counts as a hang")
     parser.add_argument("--name", default="faults", help="results under benchmarks/results/<name>/")
-    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="no runs; from faults.json, or from the "
+                        "progress files of an unfinished measurement")  # fmt: skip
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted measurement (same arguments)")
+    parser.add_argument("--rerun", default="", help="with --resume: run these faults (comma-separated) again")
+    parser.add_argument("--reanalyse", action="store_true", help="with --report-only: analyse the kept job "
+                        "directories again (in $TMPDIR/faults-<name>)")  # fmt: skip
     parser.add_argument("--docs", action="store_true", help="also write docs/results/faults.md and the table in docs/reliability.md")
     args = parser.parse_args(argv)
     out = ROOT / "benchmarks" / "results" / args.name
     out.mkdir(parents=True, exist_ok=True)
-    if args.report_only:
+    if args.report_only and (out / "faults.json").exists() and not args.reanalyse:
         data = json.loads((out / "faults.json").read_text())
+    elif args.report_only:  # an unfinished measurement: what ran so far
+        refs = json.loads((out / "references.json").read_text())
+        runs = [json.loads(line) for line in (out / "partial.jsonl").read_text().splitlines()]
+        runs = reanalyse(runs, refs) if args.reanalyse else runs
+        data = assemble(args, refs, sorted(runs, key=lambda r: r["run"]), planned=len(plan(args)))
+        (out / "faults.json").write_text(json.dumps(data, indent=1))
     else:
-        (out / "partial.jsonl").unlink(missing_ok=True)
         data = measure(args, out)
         (out / "faults.json").write_text(json.dumps(data, indent=1))
     from benchmarks.faults_report import report
