@@ -77,7 +77,9 @@ class StepFaults(Callback):
         if self.when == "after_step":
             die(self.emit, step=step, when=self.when)
         elif self.when == "while_peer_saves":  # ModelCheckpoint runs after this hook: rank 0 writes next
-            timer = threading.Timer(self.cfg.get("kill_delay", 1.0), die, (self.emit,), dict(step=step, when=self.when))
+            timer = threading.Timer(
+                self.cfg.get("kill_delay", 1.0), die, (self.emit,), {"step": step, "when": self.when}
+            )
             timer.daemon = True
             timer.start()
 

@@ -66,7 +66,9 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     for i in range(2 if args.quick else args.kill_runs):  # ≥ 20 sync kills: 2 algorithms × 2 places
         fault = ("kill_mid", "kill_sync")[i % 2]
         algorithm = ("periodic", "diloco")[(i // 2) % 2]
-        step, when = (rng.choice(SYNC_STEPS), "after_step") if fault == "kill_mid" else (rng.choice(AT_SYNC), "before_step")
+        step, when = (
+            (rng.choice(SYNC_STEPS), "after_step") if fault == "kill_mid" else (rng.choice(AT_SYNC), "before_step")
+        )
         runs[fault].append({"algorithm": algorithm, "kill_step": step, "victim": rng.randrange(2), "kill_when": when})
     for fault, victim, n in (("kill_async", 1, args.async_runs), ("kill_server", 0, few)):
         for _ in range(1 if args.quick else n):
@@ -207,7 +209,11 @@ def analyse(spec: dict[str, Any], job: dict[str, Any], workdir: Path, refs: dict
     else:
         window = None
     noticed = [e["t"] for e in events if e["event"] == "error" and fault_t is not None and e["t"] >= fault_t]
-    agent = agent_noticed((workdir / "torchrun.log").read_text(), fault_t) if fault_t and (workdir / "torchrun.log").exists() else None
+    agent = (
+        agent_noticed((workdir / "torchrun.log").read_text(), fault_t)
+        if fault_t and (workdir / "torchrun.log").exists()
+        else None
+    )
     first = min([t for t in [*noticed, agent] if t is not None], default=None)
     restarted = sorted(e["step"] for e in events if e["event"] == "group_up" and e["attempt"] >= 1)
     before = [e["step"] for e in events if e["event"] == "step" and e["attempt"] == 0]
@@ -218,7 +224,11 @@ def analyse(spec: dict[str, Any], job: dict[str, Any], workdir: Path, refs: dict
     ref = refs.get(cfg["algorithm"])
     diff = None
     if finished and ref is not None:
-        diff = max(abs(float.fromhex(a) - float.fromhex(b)) for r in results.values() for a, b in zip(r["params"], ref["params"]))
+        diff = max(
+            abs(float.fromhex(a) - float.fromhex(b))
+            for r in results.values()
+            for a, b in zip(r["params"], ref["params"])
+        )
     intact, ckpt_note = checkpoints_intact(workdir / "ckpt", events)
     errors = sorted({e["error"].split(":")[0] for e in events if e["event"] == "error"})
     record = {
@@ -344,7 +354,9 @@ def reanalyse(runs: list[dict[str, Any]], refs: dict[str, Any]) -> list[dict[str
     return out
 
 
-def assemble(args: argparse.Namespace, refs: dict[str, Any], runs: list[dict[str, Any]], planned: int) -> dict[str, Any]:
+def assemble(
+    args: argparse.Namespace, refs: dict[str, Any], runs: list[dict[str, Any]], planned: int
+) -> dict[str, Any]:
     """The results JSON: the setup, the references' losses, every run."""
     import lightning
     import torch
@@ -375,7 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rerun", default="", help="with --resume: run these faults (comma-separated) again")
     parser.add_argument("--reanalyse", action="store_true", help="with --report-only: analyse the kept job "
                         "directories again (in $TMPDIR/faults-<name>)")  # fmt: skip
-    parser.add_argument("--docs", action="store_true", help="also write docs/results/faults.md and the table in docs/reliability.md")
+    parser.add_argument(
+        "--docs", action="store_true", help="also write docs/results/faults.md and the table in docs/reliability.md"
+    )
     args = parser.parse_args(argv)
     out = ROOT / "benchmarks" / "results" / args.name
     out.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,9 @@ def what_happened(row: dict[str, Any]) -> str:
     n = row["runs"]
     parts = []
     if row["expect"] == "fail_fast":
-        parts.append(f"{n - row['finished']}/{n} ended with an error on the surviving rank ({', '.join(row['errors'])})")
+        parts.append(
+            f"{n - row['finished']}/{n} ended with an error on the surviving rank ({', '.join(row['errors'])})"
+        )
     else:
         if row["restarted"]:
             parts.append(f"{row['restarted']}/{n} restarted by torchrun and resumed from last.ckpt")
@@ -162,33 +164,35 @@ def write_page(data: dict[str, Any], docs: Path, lines: list[str]) -> None:
     sync_kills = [r for r in kills if r["fault"] != "kill_async"]
     hangs = sum(r["hang"] for r in runs)
     promised = sum(r["ok"] for r in runs)
-    verdict = (
-        "met" if hangs == 0 and all(r["ok"] for r in sync_kills) and len(kills) >= 20 else "not met"
-    )
+    verdict = "met" if hangs == 0 and all(r["ok"] for r in sync_kills) and len(kills) >= 20 else "not met"
     loads = [r["loadavg"][0] for r in runs]
     page = [
         "# Fault matrix (issue 11, item 7)",
         "",
-        "**Claim:** a worker killed at any step under `torchrun --max-restarts=1` costs the steps since the last "
-        "checkpoint and nothing else: the synchronous algorithms end on a model bit-equal to the uninterrupted "
-        "run's; no fault hangs past the documented timeout; no checkpoint that was written is lost. "
-        f"**Verdict: {verdict}** — {sum(r['ok'] for r in sync_kills)}/{len(sync_kills)} synchronous kill runs "
-        f"bit-equal, {len(kills)} kill runs in all, {hangs} hangs, {promised}/{len(runs)} runs did what the "
-        "library promises for their fault (the async strategy's behaviour is reported as measured; see below).",
+        (
+            "**Claim:** a worker killed at any step under `torchrun --max-restarts=1` costs the steps since the last "
+            "checkpoint and nothing else: the synchronous algorithms end on a model bit-equal to the uninterrupted "
+            "run's; no fault hangs past the documented timeout; no checkpoint that was written is lost. "
+            f"**Verdict: {verdict}** — {sum(r['ok'] for r in sync_kills)}/{len(sync_kills)} synchronous kill runs "
+            f"bit-equal, {len(kills)} kill runs in all, {hangs} hangs, {promised}/{len(runs)} runs did what the "
+            "library promises for their fault (the async strategy's behaviour is reported as measured; see below)."
+        ),
         "",
         "![fault matrix](img/faults.png)",
         "",
         f"    {data['command']}",
         "",
-        f"torch {data['torch']}, Lightning {data['lightning']}, {data['date']}, 2 CPU cores shared with other jobs "
-        f"(load average {min(loads):.1f}–{max(loads):.1f} before the runs). Raw numbers: [faults.json](faults.json). "
-        "Every run: 2 ranks, float64 regressor, 24 optimizer steps, 5 batches per epoch (StatefulDataLoader), "
-        "sync every 4 steps, `ModelCheckpoint(every_n_train_steps=6, save_last=True)`, the script resumes from "
-        f"`last.ckpt`; timeouts {data['config']['timeout']} s (collectives, async server) and "
-        f"{data['config']['init_timeout']} s (group creation). Kill steps and victims drawn with seed {data['seed']}. "
-        "*Seconds to detect*: from the fault (the victim's last log line before SIGKILL, the NaN, the link going "
-        "down) to the first of torchrun's agent reporting the failed worker and an exception in a rank. *Steps "
-        "lost*: the last step any rank completed before the fault minus the step the restart resumed from.",
+        (
+            f"torch {data['torch']}, Lightning {data['lightning']}, {data['date']}, 2 CPU cores shared with other jobs "
+            f"(load average {min(loads):.1f}–{max(loads):.1f} before the runs). Raw numbers: [faults.json](faults.json). "
+            "Every run: 2 ranks, float64 regressor, 24 optimizer steps, 5 batches per epoch (StatefulDataLoader), "
+            "sync every 4 steps, `ModelCheckpoint(every_n_train_steps=6, save_last=True)`, the script resumes from "
+            f"`last.ckpt`; timeouts {data['config']['timeout']} s (collectives, async server) and "
+            f"{data['config']['init_timeout']} s (group creation). Kill steps and victims drawn with seed {data['seed']}. "
+            "*Seconds to detect*: from the fault (the victim's last log line before SIGKILL, the NaN, the link going "
+            "down) to the first of torchrun's agent reporting the failed worker and an exception in a rank. *Steps "
+            "lost*: the last step any rank completed before the fault minus the step the restart resumed from."
+        ),
         "",
         *lines,
         "",

@@ -9,12 +9,14 @@ from the checkpoint once.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.contract import GradientModifier, StepReport, SyncContext, SyncObserver
@@ -67,8 +69,14 @@ class SyncEngine:
         """The loss a backward pass of this step saw (called by the front end's backward hook)."""
         self.last_loss = loss.detach()
 
-    def step(self, step: int, closure: Callable[[], Any], run: Callable[[Callable[[], Any]], Any]) -> Any:
-        """Optimizer step ``step``: wrap ``closure``, ``run(closure)`` (the optimizer), then the schedule."""
+    def step(
+        self,
+        step: int,
+        closure: Callable[[], Any],
+        run: Callable[[Callable[[], Any]], Any],
+        optimizer: Optimizer | None = None,
+    ) -> Any:
+        """Optimizer step ``step``: wrap ``closure``, ``run(closure)`` (``optimizer``'s step), then the schedule."""
         report = StepReport(step)
         if self.modifier is not None:
             closure = self.modifier.wrap_closure(closure, self.algorithm.position(step), report)
@@ -76,13 +84,39 @@ class SyncEngine:
         out = run(closure)
         report.loss = None if self.last_loss is None else float(self.last_loss)
         self.last_loss = None  # the next step's backward sets it again
+        syncs = self.algorithm.num_syncs
         self.algorithm.after_step(step, report)
+        if optimizer is not None and self.algorithm.nonfinite == "skip" and self.algorithm.num_syncs != syncs:
+            reset_nonfinite_state(optimizer)
         return out
 
     @staticmethod
     def rank_payload(replica: dict[str, Tensor], optimizer_states: list[Any], algorithm_state: dict[str, Any]) -> dict:
         """What one rank contributes to a checkpoint."""
         return {"model": replica, "optimizer_states": optimizer_states, "algorithm": algorithm_state}
+
+
+def reset_nonfinite_state(optimizer: Optimizer) -> int:
+    """Zero the NaN/Inf entries of the optimizer state of every parameter that is finite; returns how many.
+
+    Under ``nonfinite="skip"`` a replica that went NaN/Inf receives the finite replicas' mean at a
+    sync, but its momentum (Adam's moments, ...) still holds NaN/Inf and would make it non-finite
+    again at its next step, so that it stayed out of every later sync. Called after each sync.
+    """
+    reset = 0
+    for param, state in optimizer.state.items():
+        if not bool(torch.isfinite(param).all()):
+            continue  # not synced yet (another fragment): its state is reset when it is
+        for value in state.values():
+            if isinstance(value, Tensor) and value.is_floating_point() and value.shape == param.shape:
+                bad = ~torch.isfinite(value)
+                if bool(bad.any()):
+                    value.masked_fill_(bad, 0.0)
+                    reset += int(bad.sum())
+    if reset:
+        warnings.warn(f"{reset} NaN/Inf values of the optimizer state were reset to 0 after this replica was "
+                      "skipped at a sync (nonfinite='skip') and received the others' mean", stacklevel=2)  # fmt: skip
+    return reset
 
 
 @dataclass
