@@ -52,6 +52,8 @@ FAULTS: dict[str, str] = {  # id → what the row means (table order)
     "noagent_async": "no agent: kill -9 of async worker rank 1 after a random step",
     "noagent_server": "no agent: kill -9 of the async server's rank 0 after a random step",
 }
+ROUND_ORDER = ("kill_mid", "kill_async", "kill_server", "kill_writer", "nan_skip", "partition_long", "noagent_sync",
+               "noagent_server", "kill_sync", "nan_raise", "partition_short", "kill_peer_writing", "noagent_async")  # fmt: skip
 EXPECT = {"kill_mid": "exact", "kill_sync": "exact", "kill_async": "finish", "kill_server": "finish",
           "kill_writer": "exact", "kill_peer_writing": "exact", "nan_raise": "exact", "nan_skip": "finish",
           "partition_short": "exact", "partition_long": "exact", "noagent_sync": "fail_fast",
@@ -93,9 +95,9 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         if unknown:
             raise SystemExit(f"unknown faults {unknown}: choose from {sorted(FAULTS)}")
         runs = {f: (v if f in wanted else []) for f, v in runs.items()}
-    order = []  # round-robin over the faults, so that load changes spread over all of them
+    order = []  # round-robin over the faults (load changes spread over all of them; a cut-short run covers each)
     while any(runs.values()):
-        for fault in FAULTS:
+        for fault in ROUND_ORDER:
             if runs[fault]:
                 order.append({"fault": fault, "cfg": {**BASE, **runs[fault].pop(0)}})
     return order
