@@ -360,15 +360,14 @@ def assemble(
     args: argparse.Namespace, refs: dict[str, Any], runs: list[dict[str, Any]], planned: int
 ) -> dict[str, Any]:
     """The results JSON: the setup, the references' losses, every run."""
-    import lightning
-    import torch
+    from importlib.metadata import version  # not importing torch: the report must be cheap on a busy machine
 
     spread = None
     if "async" in refs and "async_again" in refs:
         a, b = refs["async"]["params"], refs["async_again"]["params"]
         spread = max(abs(float.fromhex(x) - float.fromhex(y)) for x, y in zip(a, b))
     return {"command": " ".join(["python -m benchmarks.faults", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__, "lightning": lightning.__version__, "config": BASE, "seed": args.seed,
+            "torch": version("torch"), "lightning": version("lightning"), "config": BASE, "seed": args.seed,
             "run_timeout": args.run_timeout, "faults": FAULTS, "expect": EXPECT, "partition_link": PARTITION_LINK,
             "references": {k: {"final_loss": v["final_loss"]} for k, v in refs.items()},
             "async_run_to_run_max_abs_diff": spread, "planned_runs": planned, "runs": runs}  # fmt: skip

@@ -51,12 +51,15 @@ def test_the_agent_log_time_of_a_failed_worker() -> None:
 def test_checkpoints_intact_finds_torn_and_missing_files(tmp_path) -> None:
     torch.save({"global_step": 6}, tmp_path / "step=6.ckpt")
     torch.save({"global_step": 12}, tmp_path / "last.ckpt")
-    assert checkpoints_intact(tmp_path, []) == (True, "2 files load")
+    torch.save({"world_size": 2, "model": {}}, tmp_path / "last.ckpt.rank1")  # an async worker's part: no step
+    assert checkpoints_intact(tmp_path, []) == (True, "3 files load")
+    (tmp_path / "last.ckpt.rank0").write_bytes(b"torn part")
     (tmp_path / "step=12.ckpt").write_bytes(b"PK\x03\x04 torn")
     (tmp_path / ".last.ckpt.tmp-99").write_bytes(b"half")
     events = [{"event": "save_end", "file": ".step=18.ckpt.tmp-7", "step": 18}]
     ok, note = checkpoints_intact(tmp_path, events)
     assert not ok and "step=12.ckpt does not load" in note and "step=18.ckpt was written (step 18) and is gone" in note
+    assert "last.ckpt.rank0 does not load" in note
 
 
 @pytest.mark.parametrize("fixed", [True, False])
