@@ -155,6 +155,15 @@ def write_plot(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def async_note(data: dict[str, Any]) -> str:
+    spread = data.get("async_run_to_run_max_abs_diff")
+    if spread is None:
+        return ("Async rows are compared with one uninterrupted async run; two such runs need not agree either "
+                "(the server applies pushes in arrival order; `--async-spread` measures it). ")  # fmt: skip
+    return (f"Async run-to-run spread: two uninterrupted async runs end {spread:.2g} apart (max |Δ| per weight), "
+            "because the server applies pushes in arrival order; async rows are compared with one of them. ")  # fmt: skip
+
+
 def write_page(data: dict[str, Any], docs: Path, lines: list[str]) -> None:
     results = docs / "results"
     (results / "img").mkdir(parents=True, exist_ok=True)
@@ -217,9 +226,8 @@ def write_page(data: dict[str, Any], docs: Path, lines: list[str]) -> None:
         "",
         *lines,
         "",
-        f"Async run-to-run spread: two uninterrupted async runs end {data['async_run_to_run_max_abs_diff']:.2g} "
-        "apart (max |Δ| per weight), because the server applies pushes in arrival order; async rows are "
-        "compared with one of them. Final losses of the uninterrupted runs: "
+        async_note(data)
+        + "Final losses of the uninterrupted runs: "
         + ", ".join(f"{k} {v['final_loss']:.4f}" for k, v in data["references"].items())
         + ".",
         "",
