@@ -34,6 +34,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,8 @@ def main(cfg_path: str) -> None:
     try:
         result = run_torch(cfg) if cfg["kind"] == "torch" else run_lightning(cfg)
     except BaseException as err:  # noted with its time (seconds to detect a fault), then raised as it was
-        log_event(cfg, event="error", error=f"{type(err).__name__}: {err}"[:600])
+        frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_tb(err.__traceback__)]
+        log_event(cfg, event="error", error=f"{type(err).__name__}: {err}"[:600], where=frames[-6:])
         raise
     Path(cfg["out_dir"], f"rank{result['rank']}.json").write_text(json.dumps(result))
     if dist.is_initialized():
