@@ -13,6 +13,12 @@ Two kinds of run (``kind`` in the JSON config):
   optimizer step ``kill_step`` in the attempts listed in ``kill_attempts``; each attempt resumes
   from ``last.ckpt`` when it exists.
 
+Faults other than the kill above (a kill inside a step or during a checkpoint write, NaN
+gradients, slow checkpoint writes, sleeps between steps) come from
+:mod:`benchmarks.fault_injection`; ``algorithm: "async"`` runs ``AsyncLocalSGDStrategy`` instead.
+Without torchrun (ranks started by ``recipes.launch.run_local_ranks``) the rank is read from
+``NODE_RANK``/``LOCAL_RANK`` and the attempt is 0. An exception is logged as an ``error`` event.
+
 ``fixed: true`` creates the process group with :func:`lightning_localsgd.process_group.init_process_group`
 (the Lightning run through :class:`RestartSafeStrategy`, the wiring proposed for
 ``LocalSGDStrategy.setup_distributed``); ``false`` is the stock path. Each rank writes
@@ -22,11 +28,13 @@ Two kinds of run (``kind`` in the JSON config):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -37,14 +45,31 @@ import torch.distributed as dist
 from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT, init_process_group
 
 
+@functools.cache  # read once: Lightning's teardown removes WORLD_SIZE from the environment
+def local_world() -> tuple[int, int]:
+    """``(processes on this node, nodes)`` under torchrun or ``run_local_ranks``."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])), int(os.environ.get("GROUP_WORLD_SIZE", 1))
+
+
+@functools.cache
+def rank_and_attempt() -> tuple[int, int]:
+    """This process's global rank and torchrun's restart count (0 without torchrun)."""
+    if "RANK" in os.environ:
+        rank = int(os.environ["RANK"])
+    else:
+        rank = int(os.environ.get("NODE_RANK", 0)) * local_world()[0] + int(os.environ["LOCAL_RANK"])
+    return rank, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
 def log_event(cfg: dict[str, Any], **event: Any) -> None:
-    event.update(t=time.time(), rank=int(os.environ["RANK"]), attempt=int(os.environ["TORCHELASTIC_RESTART_COUNT"]))
+    rank, attempt = rank_and_attempt()
+    event.update(t=time.time(), rank=rank, attempt=attempt)
     with open(Path(cfg["out_dir"]) / "events.jsonl", "a") as f:
         f.write(json.dumps(event) + "\n")
 
 
 def create_group(cfg: dict[str, Any]) -> None:
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    (rank, _), world = rank_and_attempt(), int(os.environ["WORLD_SIZE"])
     timeout = timedelta(seconds=cfg["timeout"])
     if cfg["fixed"]:
         init_process_group("gloo", rank, world, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
@@ -54,7 +79,7 @@ def create_group(cfg: dict[str, Any]) -> None:
 
 
 def run_torch(cfg: dict[str, Any]) -> dict[str, Any]:
-    rank, attempt = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    rank, attempt = rank_and_attempt()
     create_group(cfg)
     log_event(cfg, event="group_up")
     x = torch.tensor([float(rank + 1)])
@@ -73,7 +98,8 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.data import DataLoader, TensorDataset
 
     import lightning_localsgd.replica_strategy
-    from lightning_localsgd import DiLoCo, LocalSGDStrategy, PeriodicAveraging
+    from benchmarks.fault_injection import StepFaults, slow_checkpoint_writes
+    from lightning_localsgd import AsyncLocalSGDStrategy, DiLoCo, LocalSGDStrategy, PeriodicAveraging
     from recipes.data import shuffled_loader
 
     if not cfg["fixed"]:  # the "stock" rows: what Lightning alone does (torch's env:// rendezvous)
@@ -100,35 +126,44 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
         def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
             if cfg.get("trace"):
                 trace.append([float(p) for p in torch.cat([q.detach().reshape(-1) for q in pl_module.parameters()])])
-            if trainer.global_step == cfg["kill_step"] and attempt in cfg["kill_attempts"] and rank == cfg["victim"]:
-                log_event(cfg, event="kill", step=trainer.global_step)
-                os.kill(os.getpid(), signal.SIGKILL)
 
-    rank, attempt = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    rank, attempt = rank_and_attempt()
+    log = functools.partial(log_event, cfg)
+    slow_checkpoint_writes(cfg, log, rank, attempt)
+    faults = StepFaults(cfg, log, rank, attempt)
     trace: list[list[float]] = []
     seed_everything(cfg["seed"], workers=True)
-    g = torch.Generator().manual_seed(1000 + rank)  # each rank's own shard
-    x = torch.randn(cfg["samples"], 5, generator=g, dtype=torch.float64)
+    shards = [torch.randn(cfg["samples"], 5, generator=torch.Generator().manual_seed(1000 + r), dtype=torch.float64)
+              for r in range(int(os.environ["WORLD_SIZE"]))]  # fmt: skip
+    x = shards[rank]  # each rank's own shard
     data = TensorDataset(x, torch.sin(x.sum(1)))
     if cfg["loader"] == "stateful":  # the recipes' loader; each rank its own order
         loader = shuffled_loader(data, cfg["batch_size"], seed=cfg["seed"] + rank)
     else:
         shuffle = torch.Generator().manual_seed(cfg["seed"] + rank)
         loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, generator=shuffle)
-    algorithm = (
-        PeriodicAveraging(cfg["sync_every"])
-        if cfg["algorithm"] == "periodic"
-        else DiLoCo(cfg["sync_every"], outer_lr=0.7, outer_momentum=0.9)
-    )
     timeout = timedelta(seconds=cfg["timeout"])
-    strategy = LocalSGDStrategy(timeout=timeout, init_timeout=timedelta(seconds=cfg["init_timeout"]))
+    init_timeout = timedelta(seconds=cfg["init_timeout"])
+    nonfinite = cfg.get("nonfinite", "raise")
+    algorithms = {
+        "periodic": lambda: PeriodicAveraging(cfg["sync_every"], nonfinite=nonfinite),
+        "diloco": lambda: DiLoCo(cfg["sync_every"], outer_lr=0.7, outer_momentum=0.9, nonfinite=nonfinite),
+        "async": lambda: None,
+    }
+    algorithm = algorithms[cfg["algorithm"]]()
+    if algorithm is None:  # the server's outer optimizer is the strategy's default (DelayedNesterov)
+        strategy: Any = AsyncLocalSGDStrategy(sync_every=cfg["sync_every"], dynamic_local_steps=False,
+                                              timeout=timeout, init_timeout=init_timeout)  # fmt: skip
+    else:
+        strategy = LocalSGDStrategy(timeout=timeout, init_timeout=init_timeout)
     ckpt_dir = Path(cfg["ckpt_dir"])
-    callbacks = [algorithm, Events()]  # the strategy keeps every rank's dataloader position
+    callbacks = [cb for cb in (algorithm, Events(), faults) if cb is not None]  # the strategy keeps loader positions
     if cfg["save_every"]:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=cfg["save_every"],
                                          save_last=True, save_top_k=-1))  # fmt: skip
+    devices, nodes = local_world()
     trainer = Trainer(
-        accelerator="cpu", devices=int(os.environ["LOCAL_WORLD_SIZE"]), num_nodes=int(os.environ["GROUP_WORLD_SIZE"]),
+        accelerator="cpu", devices=devices, num_nodes=nodes,
         strategy=strategy, max_steps=cfg["steps"], precision="64-true", callbacks=callbacks,
         use_distributed_sampler=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=bool(cfg["save_every"]),
@@ -137,7 +172,12 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
     last = ckpt_dir / "last.ckpt"
     trainer.fit(model, loader, ckpt_path=str(last) if last.exists() else None)
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    with torch.no_grad():  # the final model's loss on every rank's data
+        everything = torch.cat(shards)
+        loss = float(nn.functional.mse_loss(model.net(everything).squeeze(-1), torch.sin(everything.sum(1))))
     return {
+        "final_loss": loss,
+        "nonfinite_steps": faults.nonfinite_steps,
         "rank": rank,
         "attempt": attempt,
         "global_step": trainer.global_step,
@@ -153,7 +193,12 @@ def main(cfg_path: str) -> None:
     cfg.setdefault("init_timeout", DEFAULT_INIT_TIMEOUT.total_seconds())
     torch.set_num_threads(1)
     log_event(cfg, event="start")
-    result = run_torch(cfg) if cfg["kind"] == "torch" else run_lightning(cfg)
+    try:
+        result = run_torch(cfg) if cfg["kind"] == "torch" else run_lightning(cfg)
+    except BaseException as err:  # noted with its time (seconds to detect a fault), then raised as it was
+        frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_tb(err.__traceback__)]
+        log_event(cfg, event="error", error=f"{type(err).__name__}: {err}"[:600], where=frames[-6:])
+        raise
     Path(cfg["out_dir"], f"rank{result['rank']}.json").write_text(json.dumps(result))
     if dist.is_initialized():
         dist.destroy_process_group()

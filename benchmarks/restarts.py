@@ -29,9 +29,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from recipes.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("torch", "torch+fix", "lightning", "lightning+fix")
@@ -49,18 +53,32 @@ CAUSES = (  # (substring of the job's output, cause), first match wins
 )
 
 
-def run_job(cfg: dict[str, Any], workdir: Path, timeout: float, max_restarts: int = 1) -> dict[str, Any]:
-    """One torchrun job in ``workdir``; returns its outcome, the ranks' results and the events."""
+def run_job(
+    cfg: dict[str, Any],
+    workdir: Path,
+    timeout: float,
+    max_restarts: int = 1,
+    prefix: Sequence[str] = (),
+    during: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """One torchrun job in ``workdir``; returns its outcome, the ranks' results and the events.
+
+    ``prefix`` runs torchrun under a command prefix (e.g. ``recipes.launch.shaped_link``'s network
+    namespace); ``during(workdir)`` runs on a thread while the job runs (e.g. a network partition).
+    """
     (workdir / "out").mkdir(parents=True, exist_ok=True)
     cfg = {**cfg, "out_dir": str(workdir / "out"), "ckpt_dir": str(workdir / "ckpt")}
     (workdir / "cfg.json").write_text(json.dumps(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--max-restarts={max_restarts}",
+    cmd = [*prefix, sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           f"--max-restarts={max_restarts}", f"--master-port={free_port()}",
            "-m", "benchmarks.restart_worker", str(workdir / "cfg.json")]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     start = time.monotonic()
     stuck: list[dict[str, Any]] = []
     with open(workdir / "torchrun.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if during is not None:
+            threading.Thread(target=during, args=(workdir,), daemon=True).start()
         try:
             rc: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -68,16 +86,20 @@ def run_job(cfg: dict[str, Any], workdir: Path, timeout: float, max_restarts: in
             kill_job(proc.pid, [w["pid"] for w in stuck])
             proc.wait()
             rc = None
+    job = collect_job(workdir, "torchrun.log")
+    job.update(rc=rc, seconds=time.monotonic() - start, timeout=timeout, stuck=stuck if rc is None else None)
+    return job
+
+
+def collect_job(workdir: Path, log_name: str) -> dict[str, Any]:
+    """What a job left in ``workdir/out``: each rank's result, the events, the tail of the log."""
     results = {}
-    for r in (0, 1):
-        path = workdir / "out" / f"rank{r}.json"
-        if path.exists():
-            results[r] = json.loads(path.read_text())
+    for path in sorted((workdir / "out").glob("rank*.json")):
+        result = json.loads(path.read_text())
+        results[result["rank"]] = result
     events_path = workdir / "out" / "events.jsonl"
     events = [json.loads(line) for line in events_path.read_text().splitlines()] if events_path.exists() else []
-    return {"rc": rc, "seconds": time.monotonic() - start, "results": results, "events": events,
-            "log_tail": (workdir / "torchrun.log").read_text()[-4000:], "timeout": timeout,
-            "stuck": stuck if rc is None else None}  # fmt: skip
+    return {"results": results, "events": events, "log_tail": (workdir / log_name).read_text()[-4000:]}
 
 
 def where_stuck(agent: int) -> list[dict[str, Any]]:

@@ -9,12 +9,14 @@ from the checkpoint once.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.contract import GradientModifier, StepReport, SyncContext, SyncObserver
@@ -67,8 +69,14 @@ class SyncEngine:
         """The loss a backward pass of this step saw (called by the front end's backward hook)."""
         self.last_loss = loss.detach()
 
-    def step(self, step: int, closure: Callable[[], Any], run: Callable[[Callable[[], Any]], Any]) -> Any:
-        """Optimizer step ``step``: wrap ``closure``, ``run(closure)`` (the optimizer), then the schedule."""
+    def step(
+        self,
+        step: int,
+        closure: Callable[[], Any],
+        run: Callable[[Callable[[], Any]], Any],
+        optimizer: Optimizer | None = None,
+    ) -> Any:
+        """Optimizer step ``step``: wrap ``closure``, ``run(closure)`` (``optimizer``'s step), then the schedule."""
         report = StepReport(step)
         if self.modifier is not None:
             closure = self.modifier.wrap_closure(closure, self.algorithm.position(step), report)
@@ -76,13 +84,39 @@ class SyncEngine:
         out = run(closure)
         report.loss = None if self.last_loss is None else float(self.last_loss)
         self.last_loss = None  # the next step's backward sets it again
+        syncs = self.algorithm.num_syncs
         self.algorithm.after_step(step, report)
+        if optimizer is not None and self.algorithm.nonfinite == "skip" and self.algorithm.num_syncs != syncs:
+            reset_nonfinite_state(optimizer)
         return out
 
     @staticmethod
     def rank_payload(replica: dict[str, Tensor], optimizer_states: list[Any], algorithm_state: dict[str, Any]) -> dict:
         """What one rank contributes to a checkpoint."""
         return {"model": replica, "optimizer_states": optimizer_states, "algorithm": algorithm_state}
+
+
+def reset_nonfinite_state(optimizer: Optimizer) -> int:
+    """Zero the NaN/Inf entries of the optimizer state of every parameter that is finite; returns how many.
+
+    Under ``nonfinite="skip"`` a replica that went NaN/Inf receives the finite replicas' mean at a
+    sync, but its momentum (Adam's moments, ...) still holds NaN/Inf and would make it non-finite
+    again at its next step, so that it stayed out of every later sync. Called after each sync.
+    """
+    reset = 0
+    for param, state in optimizer.state.items():
+        if not bool(torch.isfinite(param).all()):
+            continue  # not synced yet (another fragment): its state is reset when it is
+        for value in state.values():
+            if isinstance(value, Tensor) and value.is_floating_point() and value.shape == param.shape:
+                bad = ~torch.isfinite(value)
+                if bool(bad.any()):
+                    value.masked_fill_(bad, 0.0)
+                    reset += int(bad.sum())
+    if reset:
+        warnings.warn(f"{reset} NaN/Inf values of the optimizer state were reset to 0 after this replica was "
+                      "skipped at a sync (nonfinite='skip') and received the others' mean", stacklevel=2)  # fmt: skip
+    return reset
 
 
 @dataclass
@@ -136,19 +170,23 @@ class ResumeState:
 def average_optimizer_states(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Optimizer state dicts averaged over ranks: floating tensors elementwise, everything else rank 0's.
 
-    Momentum buffers and Adam moments become the mean of the saved ranks'; step counters (equal on
-    every rank) stay what they were; hyperparameters (``param_groups``) are rank 0's.
+    Momentum buffers and Adam moments become the mean of the saved ranks' (a scalar parameter's
+    0-dim buffer too); values equal on every rank, such as step counters, are kept exactly as
+    saved; hyperparameters (``param_groups``) are rank 0's. A parameter that has state on only some
+    ranks (it got no gradient on the others) gets the mean over the ranks that have it.
     """
     out = []
     for states in zip(*per_rank, strict=True):
-        first = states[0]
+        indices = list(dict.fromkeys(index for s in states for index in s["state"]))  # rank 0's order first
         averaged: dict[Any, dict[str, Any]] = {}
-        for index, entry in first["state"].items():
+        for index in indices:
+            entries = [s["state"][index] for s in states if index in s["state"]]
             averaged[index] = {}
-            for key, value in entry.items():
-                if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:
-                    averaged[index][key] = torch.stack([s["state"][index][key] for s in states]).mean(0)
-                else:
-                    averaged[index][key] = value
-        out.append({"state": averaged, "param_groups": first["param_groups"]})
+            for key, value in entries[0].items():
+                values = [e[key] for e in entries if key in e]
+                floating = all(isinstance(v, Tensor) and v.is_floating_point() for v in values)
+                if floating and not all(torch.equal(v, value) for v in values):
+                    value = torch.stack(values).mean(0)
+                averaged[index][key] = value
+        out.append({"state": averaged, "param_groups": states[0]["param_groups"]})
     return out

@@ -181,7 +181,7 @@ class LocalSGDStrategy(DDPStrategy):
         closure: Callable[[], Any] = kwargs.pop("closure", None) or (lambda: self.engine.last_loss)
         step = self.step + 1
         run = lambda wrapped: super(LocalSGDStrategy, self).optimizer_step(optimizer, closure=wrapped, **kwargs)  # noqa: E731
-        out = self.engine.step(step, closure, run)
+        out = self.engine.step(step, closure, run, optimizer)
         self.step = step
         return out
 

@@ -195,7 +195,7 @@ class LocalSGDStrategy(ReplicaStrategy):
         assert self.engine is not None
         step = self.lightning_module.trainer.global_step + 1  # the optimizer step this call completes
         run = lambda wrapped: super(LocalSGDStrategy, self).optimizer_step(optimizer, wrapped, model, **kwargs)  # noqa: E731
-        return self.engine.step(step, closure, run)
+        return self.engine.step(step, closure, run, optimizer)
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:

@@ -118,6 +118,17 @@ def shaped_link(rate: str | None) -> Iterator[list[str]]:
             signal.signal(signal.SIGTERM, previous)
 
 
+def set_loopback(prefix: Sequence[str], up: bool) -> None:
+    """Bring the loopback of the namespace behind ``prefix`` (what :func:`shaped_link` yielded) up or down.
+
+    Down, every connection between the ranks inside stalls: a network partition. TCP retransmits
+    until the link is up again (then the ranks go on) or a timeout gives up first.
+    """
+    if len(prefix) < 4 or list(prefix[:3]) != ["ip", "netns", "exec"]:
+        raise ValueError(f"set_loopback needs the prefix shaped_link(rate) yields for a rate, got {list(prefix)!r}")
+    _run(["ip", "netns", "exec", prefix[3], "ip", "link", "set", "lo", "up" if up else "down"])
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:

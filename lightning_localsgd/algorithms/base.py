@@ -191,8 +191,9 @@ class ConsensusAlgorithm(Callback):
         return mean
 
     def write_consensus(self, kind: str = "eval") -> None:
-        """Put the consensus into the module (collective, booked under ``kind``). Default: the replicas' average."""
-        self.comm.mean_(list(self._named_state().values()), self.world, kind=kind)
+        """Put the consensus into the module (collective, booked under ``kind``). Default: the replicas' average
+        (under ``nonfinite="skip"`` the average of the finite ones, as at a sync)."""
+        self.comm.mean_(list(self._named_state().values()), self.world, kind=kind, nonfinite=self.nonfinite)
 
     # ================================================================== Lightning callback hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -227,8 +228,8 @@ class ConsensusAlgorithm(Callback):
         Args:
             ctx: the module, transport and groups.
             step: completed optimizer steps so far (the checkpoint's when resuming).
-            restored: this rank's :meth:`rank_state_dict` from the checkpoint (``None``: fresh, or
-                resumed on another world size).
+            restored: this rank's :meth:`rank_state_dict` from the checkpoint; on another world size
+                what :meth:`reduce_rank_states` made of the saved ranks' (``None``: fresh).
         """
         self._ctx = ctx
         loaded, fresh = self._loaded, self._loaded is None
@@ -361,15 +362,28 @@ class ConsensusAlgorithm(Callback):
 
     @staticmethod
     def reduce_rank_states(states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
-        """Per-rank states for a resume on ``world_size`` ranks from the ``states`` of another world size.
+        r"""Per-rank states for a resume on ``world_size`` ranks from the ``states`` of another world size.
 
         The residual's *sum* over ranks is what error feedback still owes: it is split evenly over
-        the new ranks, so nothing is lost. Syncs in flight are dropped (every rank restarts from the
-        consensus, which already contains their values). Subclasses add their own state.
+        the new ranks, so nothing is lost. A sync in flight still lands at its step, with the values
+        each new rank "sent" set to the saved ranks' average :math:`\bar s`: every rank restarts from
+        the replicas' average :math:`\bar x`, and since :meth:`merge` is affine in the replica and
+        the sent values, :math:`\bar x + (c - \bar s)` (or :math:`(1-\alpha)c + \alpha\bar x`) is
+        exactly the average of what the saved ranks would have merged to; the new consensus
+        :math:`c` (e.g. DiLoCo's outer step) is computed from the saved mean as it would have been.
+        Subclasses add their own state.
         """
         residuals = [s["residual"] for s in states if s.get("residual") is not None]
         share = torch.stack(residuals).sum(0) / world_size if residuals else None
-        return [{"residual": None if share is None else share.clone()} for _ in range(world_size)]
+        sent = [s.get("inflight_sent") or {} for s in states]
+        inflight = {p: torch.stack([s[p] for s in sent if p in s]).mean(0) for p in sorted(set().union(*sent))}
+        out: list[dict[str, Any]] = []
+        for _ in range(world_size):
+            mine: dict[str, Any] = {"residual": None if share is None else share.clone()}
+            if inflight:
+                mine["inflight_sent"] = {p: v.clone() for p, v in inflight.items()}
+            out.append(mine)
+        return out
 
     # ================================================================== helpers for subclasses
     @property
