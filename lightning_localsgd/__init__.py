@@ -23,6 +23,7 @@ from lightning_localsgd.async_strategy import AsyncLocalSGDStrategy
 from lightning_localsgd.comm import CommCounters, NonFiniteReplicaError
 from lightning_localsgd.contract import GradientModifier, RoundPosition, StepReport, SyncContext, SyncEvent, SyncObserver
 from lightning_localsgd.engine import SyncEngine
+from lightning_localsgd.fault_tolerance import FaultToleranceError, TorchFT, start_lighthouse
 from lightning_localsgd.monitors import CommStats, ReplicaDrift
 from lightning_localsgd.strategy import LocalSGDStrategy
 
@@ -39,6 +40,7 @@ __all__ = [
     "DelayedNesterov",
     "DiLoCo",
     "ElasticAveraging",
+    "FaultToleranceError",
     "GradAlign",
     "GradientModifier",
     "LeaderSGD",
@@ -55,4 +57,6 @@ __all__ = [
     "SyncEngine",
     "SyncEvent",
     "SyncObserver",
+    "TorchFT",
+    "start_lighthouse",
 ]
