@@ -163,7 +163,7 @@ class LocalSGDStrategy(ReplicaStrategy):
         needs_background = self.algorithm.overlap_steps > 0 and self.world_size > 1
         if needs_background and self.background_group is None:  # every rank decides alike: same config
             self.background_group = new_group(list(range(self.world_size)), self.global_rank, self._timeout)
-        if self.world_size == 1:
+        if self.world_size == 1 and self.fault_tolerance is None:  # ft: a 1-process replica group syncs with others
             rank_zero_warn("LocalSGDStrategy runs on a single process: there is nothing to synchronize.")
 
     def _resolve_engine(self, trainer: Trainer) -> None:

@@ -8,16 +8,27 @@ how a cluster scheduler brings a failed group back. ``LOCALSGD_FT_INCARNATION`` 
 which start of its group it is (0 first). Used by tests/test_fault_tolerance.py and benchmarks/ft.py.
 
 Every run has a timeout: a hang kills every process and fails with the tail of every log.
+
+Fault injection and pacing, as Trainer callbacks for the groups' processes: :class:`KillSelf`
+(SIGKILL after an optimizer step, writing the time first), :class:`Pace` (sleep after each step)
+and :class:`RestartGate`. Restarting a Python process takes 5 to 90 s on a loaded machine, so a
+run that must be reproducible lets the gate pause the live groups at one step until the restarted
+group is up (and every first start wait for the others before its first round); the pauses are
+measured (``RestartGate.paused``) and reported apart from the library's own waits.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, Trainer
 
 from lightning_localsgd.fault_tolerance import start_lighthouse
 from recipes.launch import free_port
@@ -137,3 +148,62 @@ def run_replica_groups(
         )
         raise RuntimeError(f"fault-tolerant run failed: {failure}\n{tails}")
     return runs
+
+
+# ====================================================================== in the groups' processes
+class Pace(Callback):
+    """Sleep ``seconds`` after every training batch (a stand-in for a bigger model's step time)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        time.sleep(self.seconds)
+
+
+class KillSelf(Callback):
+    """SIGKILL this process after optimizer step ``step`` (after that step's sync); the time goes to ``record``."""
+
+    def __init__(self, step: int, record: str | Path | None = None) -> None:
+        self.step, self.record = step, record
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            if self.record is not None:
+                Path(self.record).write_text(str(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RestartGate(Callback):
+    """Harness pauses, through files in ``folder``: a common start, and live groups waiting for a restart.
+
+    At ``on_train_start`` (before the strategy's first round) every process announces
+    ``start.<group>`` (first start) or ``restart.<group>``; first starts wait for all ``groups``
+    announcements. After step ``gate_at`` every group but ``restarting`` waits for
+    ``restart.<restarting>``. ``paused`` sums the seconds waited.
+    """
+
+    def __init__(self, folder: str | Path, groups: int, gate_at: int | None = None, restarting: int = -1,
+                 limit: float = 300.0) -> None:  # fmt: skip
+        self.folder, self.groups, self.gate_at, self.restarting, self.limit = Path(folder), groups, gate_at, restarting, limit
+        self.group, self.incarnation = int(os.environ["REPLICA_GROUP_ID"]), int(os.environ[INCARNATION_ENV])
+        self.paused = 0.0
+        self.announced_at = 0.0  # time.time() of this process's announcement
+
+    def _wait(self, names: list[str]) -> None:
+        start = time.monotonic()
+        while not all((self.folder / n).exists() for n in names):
+            if time.monotonic() - start > self.limit:
+                raise TimeoutError(f"harness gate: {names} not all present after {self.limit:.0f} s")
+            time.sleep(0.02)
+        self.paused += time.monotonic() - start
+
+    def on_train_start(self, trainer: Trainer, *args: Any) -> None:
+        self.announced_at = time.time()
+        (self.folder / f"{'start' if self.incarnation == 0 else 'restart'}.{self.group}").touch()
+        if self.incarnation == 0:
+            self._wait([f"start.{g}" for g in range(self.groups)])
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.gate_at and self.group != self.restarting:
+            self._wait([f"restart.{self.restarting}"])

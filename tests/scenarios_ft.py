@@ -7,10 +7,10 @@ SIGKILL itself after that optimizer step; ``die_in_sync`` inside the sync round 
 after the quorum and the agreement on the contributors, before the values travel.
 
 Restarting a Python process takes 5 to 90 s on this shared 2-core machine, so the harness (not
-the library) makes the timeline deterministic with files in ``barrier_dir``: every first start
-waits for the others before its join round, and the surviving groups pause after step ``gate_at``
-until the restarted group has reached its join round. Those pauses are reported apart from the
-library's own waits.
+the library) makes the timeline deterministic (recipes/ft_launch.py's ``RestartGate``): every
+first start waits for the others before its join round, and the surviving groups pause after
+step ``gate_at`` until the restarted group has reached its join round. Those pauses are reported
+apart from the library's own waits.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_localsgd import DiLoCo, LocalSGDStrategy, PeriodicAveraging, TorchFT
-from recipes.ft_launch import INCARNATION_ENV
+from recipes.ft_launch import INCARNATION_ENV, KillSelf, Pace, RestartGate
 
 D, N = 4, 12  # features, samples per group
 
@@ -77,65 +75,25 @@ class LeastSquaresGroup(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
-class Pace(Callback):
-    """Sleep after each step so that a restarted group is back before the others finish."""
+class DieInSync(Callback):
+    """SIGKILL this process inside the sync round of ``step``: after the agreement on the
+    contributors, before the values' allreduce (the survivors' attempt fails and is repeated)."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        time.sleep(self.seconds)
-
-
-class FileBarrier(Callback):
-    """Harness pauses: announce ``start.<g>`` / ``restart.<g>`` files and wait for others' files."""
-
-    def __init__(self, folder: str, group: int, incarnation: int, groups: int, gate_at: int | None, gate_for: int) -> None:
-        self.folder, self.group, self.incarnation, self.groups = Path(folder), group, incarnation, groups
-        self.gate_at, self.gate_for = gate_at, gate_for
-        self.paused = 0.0
-
-    def _wait(self, names: list[str], limit: float = 240.0) -> None:
-        start = time.monotonic()
-        while not all((self.folder / n).exists() for n in names):
-            if time.monotonic() - start > limit:
-                raise TimeoutError(f"harness barrier: {names} not all present after {limit:.0f} s")
-            time.sleep(0.02)
-        self.paused += time.monotonic() - start
+    def __init__(self, step: int) -> None:
+        self.step = step
 
     def on_train_start(self, trainer: Trainer, *args: Any) -> None:
-        name = f"start.{self.group}" if self.incarnation == 0 else f"restart.{self.group}"
-        (self.folder / name).touch()
-        if self.incarnation == 0:
-            self._wait([f"start.{g}" for g in range(self.groups)])
-
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        if self.gate_at is not None and trainer.global_step == self.gate_at and self.group != self.gate_for:
-            self._wait([f"restart.{self.gate_for}"])
-
-
-class DieAfterStep(Callback):
-    def __init__(self, step: int, in_sync: bool) -> None:
-        self.step, self.in_sync = step, in_sync
-
-    def on_train_start(self, trainer: Trainer, *args: Any) -> None:
-        if not self.in_sync:
-            return
         session = trainer.strategy.ft_session
         plain_sum, calls = session.sum_, []
 
         def dying_sum(flat: Tensor, kind: str) -> bool:
             if session.round_kind == "sync" and session.round_step == self.step:
                 calls.append(kind)
-                if len(calls) == 2:  # the values' allreduce, after the contributors were agreed on
+                if len(calls) == 2:
                     os.kill(os.getpid(), signal.SIGKILL)
             return plain_sum(flat, kind)
 
         session.sum_ = dying_sum
-
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        if not self.in_sync and trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train_group(
@@ -165,10 +123,10 @@ def train_group(
     else:
         outer = functools.partial(torch.optim.SGD, lr=outer_lr, momentum=outer_momentum)
         consensus = DiLoCo(sync_every, outer_optimizer=outer)
-    barrier = None if barrier_dir is None else FileBarrier(barrier_dir, group, incarnation, groups, gate_at, die_group)
-    callbacks: list[Callback] = [consensus, Pace(pace)] + ([barrier] if barrier is not None else [])
+    gate = None if barrier_dir is None else RestartGate(barrier_dir, groups, gate_at, die_group)
+    callbacks: list[Callback] = [consensus, Pace(pace)] + ([gate] if gate is not None else [])
     if die_at is not None and group == die_group and incarnation == 0:
-        callbacks.append(DieAfterStep(die_at, die_in_sync))
+        callbacks.append(DieInSync(die_at) if die_in_sync else KillSelf(die_at))
     ft = TorchFT(min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10)
     strategy = LocalSGDStrategy(fault_tolerance=ft)
     trainer = Trainer(
@@ -188,7 +146,7 @@ def train_group(
         "global_step": trainer.global_step,
         "num_syncs": consensus.num_syncs,
         "history": strategy.ft_session.records(),
-        "harness_pause": 0.0 if barrier is None else barrier.paused,
+        "harness_pause": 0.0 if gate is None else gate.paused,
     }
     if isinstance(consensus, DiLoCo):
         out["anchor"] = consensus.anchor.clone()
