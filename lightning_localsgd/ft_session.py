@@ -25,12 +25,14 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
 from torch import Tensor
+from torch.distributed import TCPStore
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.comm import Group, NonFiniteReplicaError
@@ -74,7 +76,13 @@ class ReplicaGroupSession:
         algorithm: the bound consensus algorithm (PeriodicAveraging or DiLoCo).
         job: this job's own ranks (the fixed world of the Lightning job).
         comm: the transport (a :class:`QuorumCollectives`).
-        store: ``(address, port)`` of the job's TCPStore (the peers' process groups meet in one).
+        host: the address of this job's rank 0 as the other groups reach it (``MASTER_ADDR``).
+        broadcast: ``broadcast(obj) -> obj`` from job rank 0 (the strategy's ``broadcast``).
+
+    Job rank 0 serves a TCPStore of its own on a free port for torchft: the job's ranks find their
+    manager there, and when this group is the quorum's primary the groups' process group meets
+    there. A fresh store per start means a restarted group never reads the keys of its previous
+    life (the stale-key problem of torchrun's agent store, see ``process_group.py``).
     """
 
     def __init__(
@@ -84,7 +92,8 @@ class ReplicaGroupSession:
         algorithm: ConsensusAlgorithm,
         job: Group,
         comm: QuorumCollectives,
-        store: tuple[str, int],
+        host: str,
+        broadcast: Callable[[Any], Any],
     ) -> None:
         manager_module = require_torchft()
         from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
@@ -95,6 +104,10 @@ class ReplicaGroupSession:
         self.quorum_timeout = config.resolved("quorum_timeout")
         self.max_attempts = config.max_retries + 1
         pg_class = ProcessGroupGloo if config.backend == "gloo" else ProcessGroupNCCL
+        self._store = None
+        if job.rank == 0:
+            self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=self.timeout)
+        port = broadcast(0 if self._store is None else self._store.port)
         self.manager = manager_module.Manager(
             pg=pg_class(timeout=self.timeout),
             load_state_dict=None,
@@ -106,8 +119,8 @@ class ReplicaGroupSession:
             connect_timeout=config.resolved("connect_timeout"),
             rank=job.rank,
             world_size=job.size,
-            store_addr=store[0],
-            store_port=store[1],
+            store_addr=host,
+            store_port=int(port),
             lighthouse_addr=config.resolved("lighthouse_addr"),
             replica_id=self.replica_id,
             hostname=config.hostname or socket.gethostname(),

@@ -195,9 +195,8 @@ class LocalSGDStrategy(ReplicaStrategy):
         if self.fault_tolerance is not None:  # ft: the world is the quorum of replica groups
             from lightning_localsgd.ft_session import ReplicaGroupSession
 
-            env = self.cluster_environment
-            self.ft_session = ReplicaGroupSession(self.fault_tolerance, trainer, self.engine.algorithm,
-                                                  self.world_group, self.comm, (env.main_address, env.main_port))  # fmt: skip
+            self.ft_session = ReplicaGroupSession(self.fault_tolerance, trainer, self.engine.algorithm, self.world_group,
+                                                  self.comm, self.cluster_environment.main_address, self.broadcast)  # fmt: skip
             world = self.ft_session.group
         ctx = SyncContext(
             self.lightning_module, self.comm, world, self.node_group, self.background_group, self.engine.observers,
