@@ -97,6 +97,7 @@ def run_replica_groups(
         index = len(runs[group])
         port = free_port()
         inc = Incarnation(group, index, time.time(), [])
+        cmd = cmd_for(group, index)
         for local in range(per_group):
             env = dict(os.environ)
             env.update(
@@ -110,7 +111,7 @@ def run_replica_groups(
                 env.pop(key, None)
             path = Path(log_dir) / f"group{group}.{index}.rank{local}.log"
             with open(path, "w") as log:
-                inc.procs.append(subprocess.Popen(cmd_for(group, index), env=env, cwd=cwd, stdout=log,
+                inc.procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log,
                                                   stderr=subprocess.STDOUT))  # fmt: skip
             inc.logs.append(path)
         runs[group].append(inc)

@@ -135,10 +135,12 @@ def train_group(
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
     )  # fmt: skip
     model = LeastSquaresGroup(group, lr, momentum)
-    trainer.fit(model, DataLoader(FullBatch(group, 10 * max_steps), batch_size=None))
+    shard = group * devices + int(os.environ["LOCAL_RANK"])  # every process of every group has its own data
+    trainer.fit(model, DataLoader(FullBatch(shard, 10 * max_steps), batch_size=None))
     optimizer = trainer.strategy.optimizers[0]
     out: dict[str, Any] = {
         "group": group,
+        "rank": int(os.environ["LOCAL_RANK"]),
         "incarnation": incarnation,
         "w": model.w.detach().clone(),
         "momentum": optimizer.state[model.w]["momentum_buffer"].clone(),
