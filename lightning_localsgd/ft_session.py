@@ -76,13 +76,14 @@ class ReplicaGroupSession:
         algorithm: the bound consensus algorithm (PeriodicAveraging or DiLoCo).
         job: this job's own ranks (the fixed world of the Lightning job).
         comm: the transport (a :class:`QuorumCollectives`).
-        host: the address of this job's rank 0 as the other groups reach it (``MASTER_ADDR``).
         broadcast: ``broadcast(obj) -> obj`` from job rank 0 (the strategy's ``broadcast``).
 
-    Job rank 0 serves a TCPStore of its own on a free port for torchft: the job's ranks find their
-    manager there, and when this group is the quorum's primary the groups' process group meets
-    there. A fresh store per start means a restarted group never reads the keys of its previous
-    life (the stale-key problem of torchrun's agent store, see ``process_group.py``).
+    Job rank 0 serves a TCPStore of its own on a free port for torchft, advertised at
+    ``config.hostname`` (default: its hostname, where torchft advertises the manager too): the
+    job's ranks find their manager there, and when this group is the quorum's primary the groups'
+    process group meets there. A fresh store per start means a restarted group never reads the
+    keys of its previous life (the stale-key problem of torchrun's agent store, see
+    ``process_group.py``), and the groups need not reach each other's ``MASTER_ADDR``.
     """
 
     def __init__(
@@ -92,7 +93,6 @@ class ReplicaGroupSession:
         algorithm: ConsensusAlgorithm,
         job: Group,
         comm: QuorumCollectives,
-        host: str,
         broadcast: Callable[[Any], Any],
     ) -> None:
         manager_module = require_torchft()
@@ -104,10 +104,11 @@ class ReplicaGroupSession:
         self.quorum_timeout = config.resolved("quorum_timeout")
         self.max_attempts = config.max_retries + 1
         pg_class = ProcessGroupGloo if config.backend == "gloo" else ProcessGroupNCCL
+        hostname = config.hostname or socket.gethostname()
         self._store = None
         if job.rank == 0:
-            self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=self.timeout)
-        port = broadcast(0 if self._store is None else self._store.port)
+            self._store = TCPStore(hostname, 0, is_master=True, wait_for_workers=False, timeout=self.timeout)
+        host, port = broadcast(None if self._store is None else (hostname, self._store.port))
         self.manager = manager_module.Manager(
             pg=pg_class(timeout=self.timeout),
             load_state_dict=None,
@@ -123,7 +124,7 @@ class ReplicaGroupSession:
             store_port=int(port),
             lighthouse_addr=config.resolved("lighthouse_addr"),
             replica_id=self.replica_id,
-            hostname=config.hostname or socket.gethostname(),
+            hostname=hostname,
             heartbeat_interval=config.resolved("heartbeat_interval"),
             init_sync=True,
         )

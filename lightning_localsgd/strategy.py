@@ -196,7 +196,7 @@ class LocalSGDStrategy(ReplicaStrategy):
             from lightning_localsgd.ft_session import ReplicaGroupSession
 
             self.ft_session = ReplicaGroupSession(self.fault_tolerance, trainer, self.engine.algorithm, self.world_group,
-                                                  self.comm, self.cluster_environment.main_address, self.broadcast)  # fmt: skip
+                                                  self.comm, self.broadcast)  # fmt: skip
             world = self.ft_session.group
         ctx = SyncContext(
             self.lightning_module, self.comm, world, self.node_group, self.background_group, self.engine.observers,
