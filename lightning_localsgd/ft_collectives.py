@@ -109,12 +109,12 @@ class QuorumCollectives(Collectives):
             local = flatten(tensors, dtype)
             finite = all_finite([local])
             contributes = session.contributes and (finite or nonfinite == "raise")
-            count = session.agree(contributes, finite, nonfinite)
+            count = session.agree(contributes, finite, nonfinite, device=local.device)
             wire: Tensor | None = None
             if count is not None:
                 if base is not None:
                     local.sub_(base)
-                wire = local.to(wire_dtype) if contributes else torch.zeros(local.numel(), dtype=wire_dtype)
+                wire = local.to(wire_dtype) if contributes else torch.zeros_like(local, dtype=wire_dtype)
                 if not session.sum_(wire, "sync"):
                     wire = None  # this attempt failed: this group's should_commit says False
             committed = session.close_round(contributors=count if wire is not None else 0)

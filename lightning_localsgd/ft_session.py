@@ -109,25 +109,14 @@ class ReplicaGroupSession:
         if job.rank == 0:
             self._store = TCPStore(hostname, 0, is_master=True, wait_for_workers=False, timeout=self.timeout)
         host, port = broadcast(None if self._store is None else (hostname, self._store.port))
-        self.manager = manager_module.Manager(
-            pg=pg_class(timeout=self.timeout),
-            load_state_dict=None,
-            state_dict=None,
-            min_replica_size=config.min_replicas,
-            use_async_quorum=False,  # heal before the round's average, on the training thread
-            timeout=self.timeout,
-            quorum_timeout=self.quorum_timeout,
-            connect_timeout=config.resolved("connect_timeout"),
-            rank=job.rank,
-            world_size=job.size,
-            store_addr=host,
-            store_port=int(port),
-            lighthouse_addr=config.resolved("lighthouse_addr"),
-            replica_id=self.replica_id,
-            hostname=hostname,
-            heartbeat_interval=config.resolved("heartbeat_interval"),
-            init_sync=True,
-        )
+        try:
+            self.manager = self._manager(manager_module, config, pg_class, host, int(port), hostname)
+        except RuntimeError as err:  # torchft's "failed to connect to <lighthouse> within timeout"
+            raise FaultToleranceError(
+                f"replica group {self.replica_id!r} could not start its torchft manager: {err}. Start the Lighthouse "
+                f"first (torchft_lighthouse --min_replicas {config.min_replicas}) at lighthouse_addr="
+                f"{config.resolved('lighthouse_addr')!r}, or raise connect_timeout"
+            ) from err
         self.manager.register_state_dict_fn(STATE_KEY, self._restore, self._capture)
         self.group = QuorumGroup(_QuorumHandle(), list(job.ranks), job.rank, session=self)
         self.history: list[RoundRecord] = []
@@ -139,6 +128,28 @@ class ReplicaGroupSession:
         self._started = self._quorum_seconds = 0.0
         self._closed = False
         self._source = ""
+
+    def _manager(self, module: Any, config: TorchFT, pg_class: Any, host: str, port: int, hostname: str) -> Any:
+        """torchft's Manager of this process (a synchronous quorum: heal on the training thread, before the average)."""
+        return module.Manager(
+            pg=pg_class(timeout=self.timeout),
+            load_state_dict=None,
+            state_dict=None,
+            min_replica_size=config.min_replicas,
+            use_async_quorum=False,
+            timeout=self.timeout,
+            quorum_timeout=self.quorum_timeout,
+            connect_timeout=config.resolved("connect_timeout"),
+            rank=self.job.rank,
+            world_size=self.job.size,
+            store_addr=host,
+            store_port=port,
+            lighthouse_addr=config.resolved("lighthouse_addr"),
+            replica_id=self.replica_id,
+            hostname=hostname,
+            heartbeat_interval=config.resolved("heartbeat_interval"),
+            init_sync=True,
+        )
 
     # ------------------------------------------------------------------ rounds
     def open_round(self, step: int, kind: str) -> None:
@@ -173,18 +184,23 @@ class ReplicaGroupSession:
 
         return self.comm.timed_sum_(flat, kind, self.manager.num_participants(), run)
 
-    def agree(self, contributes: bool, finite: bool = True, nonfinite: str = "raise") -> int | None:
+    def agree(
+        self, contributes: bool, finite: bool = True, nonfinite: str = "raise", device: torch.device | None = None
+    ) -> int | None:
         """The round's first collective: how many replicas contribute, and is everyone at the same step?
 
         Sums ``(c, [not finite], c·s, c·s²)`` over the quorum in float64 (``c`` = this process
         contributes, ``s`` = the round's step). Returns the number of contributors, or ``None`` if the
         attempt failed. Every process reads the same sums, so all raise the same error (or none).
+        ``device``: where the four numbers live (the model's device: NCCL needs them there).
         It is also the round's barrier: a peer commits only after every healing group has fetched
         its state (torchft stops serving the state at ``should_commit``).
         """
         s = float(self.round_step)
         c = float(contributes)
-        meta = torch.tensor([c, float(not finite), c * s, c * s * s], dtype=torch.float64)
+        if device is None:
+            device = next(iter(self.trainer.lightning_module.parameters())).device
+        meta = torch.tensor([c, float(not finite), c * s, c * s * s], dtype=torch.float64, device=device)
         if not self.sum_(meta, "sync"):
             return None
         count, bad = int(meta[0]), float(meta[1])

@@ -86,6 +86,29 @@ def test_unsupported_setups_are_refused_with_the_fix(engine, comm_dtype, message
         ft().check_supported(engine, Collectives(comm_dtype))
 
 
+def fit_alone(config: TorchFT) -> None:
+    from lightning.pytorch import Trainer
+
+    from tests.models import TinyNet, loader, regression_data, trainer_kwargs
+
+    trainer = Trainer(strategy=LocalSGDStrategy(fault_tolerance=config), max_steps=2, callbacks=[PeriodicAveraging(2)],
+                      **trainer_kwargs(1, 1))  # fmt: skip
+    trainer.fit(TinyNet().double(), loader(regression_data(8)))
+
+
+def test_no_lighthouse_or_no_quorum_fails_with_the_fix_instead_of_hanging():
+    from lightning_localsgd import start_lighthouse
+
+    with pytest.raises(FaultToleranceError, match="could not start its torchft manager.*Start the Lighthouse first"):
+        fit_alone(TorchFT(lighthouse_addr="http://127.0.0.1:9", replica_id=0, connect_timeout=2))
+    lighthouse = start_lighthouse(min_replicas=2)  # this group alone never makes a quorum of 2
+    try:
+        with pytest.raises(FaultToleranceError, match=r"no quorum for its join round at step 0 within 0:00:02.*min_replicas=2"):
+            fit_alone(TorchFT(lighthouse_addr=lighthouse.address(), replica_id=0, min_replicas=2, quorum_timeout=2))
+    finally:
+        lighthouse.shutdown()
+
+
 # ====================================================================== rounds with a scripted quorum
 class ScriptedSession(ReplicaGroupSession):
     """The real ``agree`` (contributors, NaN flags, step check) over a scripted quorum.
