@@ -6,6 +6,8 @@ A *round* is what every group of a quorum does together, in this order:
 open          ``Manager.start_quorum`` (blocking): the Lighthouse names the live groups; torchft
               rebuilds its process group if they changed; a group behind the others heals (its
               state is replaced by a live peer's, :mod:`lightning_localsgd.ft_state`)
+agree         :meth:`ReplicaGroupSession.agree`: four float64 numbers summed over the quorum give
+              the number of contributors and check the step (and are the round's barrier)
 average       sync rounds only: :class:`~lightning_localsgd.ft_collectives.QuorumCollectives`
               sums over the quorum with ``Manager.allreduce`` (a healed group contributes zeros)
 close         ``Manager.should_commit``: True → the mean is written and the step counted;
@@ -38,13 +40,8 @@ from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.comm import Group, NonFiniteReplicaError
 from lightning_localsgd.fault_tolerance import FaultToleranceError, TorchFT, require_torchft
 from lightning_localsgd.ft_collectives import QuorumCollectives, QuorumGroup, _QuorumHandle
-from lightning_localsgd.ft_state import (
-    capture_peer_state,
-    equalize_job_,
-    restore_peer_state_,
-    set_optimizer_steps,
-    step_schedulers,
-)
+from lightning_localsgd.ft_state import capture_peer_state, equalize_job_, restore_peer_state_
+from lightning_localsgd.ft_state import set_optimizer_steps, step_schedulers
 
 log = logging.getLogger(__name__)
 STATE_KEY = "lightning_localsgd"
