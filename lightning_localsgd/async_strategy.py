@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
@@ -24,10 +24,10 @@ from lightning_localsgd.async_protocol import AsyncTrainingError, Kind, LocalCli
 from lightning_localsgd.async_server import ParameterServer
 from lightning_localsgd.async_worker import AsyncWorker, state_dtype
 from lightning_localsgd.comm import Collectives, Group, new_group
-from lightning_localsgd.engine import SyncEngine
+from lightning_localsgd.engine import RankResume, SyncEngine
 from lightning_localsgd.params import flatten, unflatten_
 from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT
-from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy
+from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy, loader_state
 
 _CHECKPOINT_KEY = "async_localsgd"
 
@@ -41,7 +41,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     in arrival order, with ``outer_optimizer`` (:class:`~lightning_localsgd.DelayedNesterov` by default;
     :class:`~lightning_localsgd.algorithms.delayed_nesterov.OuterSGD` for the naive baselines). The
     staleness of a push is the number of server updates since that worker's pull. With
-    ``dynamic_local_steps`` (DyLU) :math:`H_i = \max(1, \lfloor H v_i / \max_j v_j \rfloor)`, where
+    ``dynamic_local_steps`` (DyLU) :math:`H_i = \max(1, \lceil H v_i / \max_j v_j \rceil)`, where
     :math:`v` is each worker's measured optimizer steps per second, so all workers push at about the
     same rate. Design, protocol, limits and restrictions: ``docs/async.md``.
 
@@ -50,9 +50,12 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
       between ``max_updates`` and ``max_updates + n − 1``). Its last partial round is pushed too, and
       after ``fit`` every rank holds the final global model.
     * **Validation** during ``fit`` pulls the current global model and puts the replica back after.
-    * **Checkpoints** (written by rank 0 at any point) carry the global model as ``state_dict`` and the
-      server's state (θ, momentum, Δ, t, speeds, counters) taken between two pushes; resuming
-      restores the server exactly and every worker starts a fresh round from θ (see docs/async.md).
+    * **Checkpoints** carry the global model as ``state_dict`` and the server's state (θ, momentum,
+      Δ, t, speeds, counters) taken between two pushes, written by rank 0; beside it every rank
+      writes its own part, ``<path>.rank<r>`` (its replica, inner optimizer state and place in its
+      round), at its own step. Resuming on the same number of workers restores the server exactly
+      and every worker continues its own round from its own state; without the parts (or on
+      another world size) every worker starts a fresh round from θ (see docs/async.md).
     * **Lockstep collectives** are impossible while ranks run at their own pace: during training
       ``barrier`` and ``broadcast`` are local, ``self.log(sync_dist=True)`` logs the local value
       (with a warning) and ``all_gather`` raises (:class:`~lightning_localsgd.async_guards.LockstepGuards`).
@@ -63,7 +66,8 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
 
     Args:
         sync_every: H, local steps per round (the fastest worker's under DyLU).
-        outer_optimizer: the server's optimizer; default ``DelayedNesterov(lr=0.07, momentum=0.9)``.
+        outer_optimizer: the server's optimizer; default ``DelayedNesterov(lr=0.7, momentum=0.9)`` (the
+            steady-state step per n pushes of synchronous DiLoCo at outer lr 0.7).
         dynamic_local_steps: DyLU on (``True``) or every worker runs H steps per round.
         slowdown: ``{rank: factor}``: after each optimizer step that rank sleeps ``factor − 1`` times the
             step's measured time, to show heterogeneous workers on one machine.
@@ -112,10 +116,10 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         )
         self.sync_every = check_positive_int("sync_every", sync_every)
         if outer_optimizer is None:
-            outer_optimizer = DelayedNesterov(lr=0.07, momentum=0.9)
+            outer_optimizer = DelayedNesterov(lr=0.7, momentum=0.9)
         if not isinstance(outer_optimizer, ServerOptimizer):
             raise TypeError(
-                "outer_optimizer must be a server optimizer such as DelayedNesterov(lr=0.07) or "
+                "outer_optimizer must be a server optimizer such as DelayedNesterov(lr=0.7) or "
                 f"OuterSGD(lr=0.07, momentum=0.9, nesterov=True), got {type(outer_optimizer).__name__}"
             )
         self.outer_optimizer = outer_optimizer
@@ -139,6 +143,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         self._names: list[str] = []
         self._num_params = 0
         self._restored_server: dict[str, Any] | None = None
+        self._resumed_worker: dict[str, Any] | None = None  # this rank's part of the checkpoint
 
     # ------------------------------------------------------------------ setup
     @override
@@ -202,8 +207,9 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
             client, self._tensors, self._num_params, state, sync_every=self.sync_every,
             slowdown=self.slowdown.get(rank, 1.0), speed_smoothing=self.speed_smoothing,
             poll_interval=self.poll_interval, restored=restored, rank=rank,
+            resumed=None if self._resumed_worker is None else self._resumed_worker["worker"],
         )  # fmt: skip
-        self._restored_server = None
+        self._restored_server = self._resumed_worker = None
         self._set_active(True)
 
     def _timeout_seconds(self) -> float:
@@ -273,9 +279,23 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         super().on_validation_end()
 
     # ------------------------------------------------------------------ checkpoints
+    @staticmethod
+    def part_path(filepath: Any, rank: int) -> str:
+        """Where rank ``rank`` writes its own part of the checkpoint at ``filepath``."""
+        return f"{filepath}.rank{rank}"
+
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        # Rank 0 writes: the server's consistent cut, and the global model as the state_dict. No collective.
+        # No collective: every rank writes its own part now; rank 0 also writes the server's cut and
+        # the global model as the state_dict.
+        if self.worker is not None and "optimizer_states" in checkpoint:
+            state = self.lightning_module.state_dict()
+            state.update(zip(self._names, (t.clone() for t in self.worker.replica())))
+            loops = loader_state(checkpoint)
+            part = {"world_size": self.world_size, "model": {k: v.detach().clone() for k, v in state.items()},
+                    "optimizer_states": checkpoint["optimizer_states"], "worker": self.worker.state_dict(),
+                    "loader": None if loops is None else loops.get("combined_loader")}  # fmt: skip
+            self.checkpoint_io.save_checkpoint(part, self.part_path(filepath, self.global_rank))
         if self.server is not None:
             saved = self.server.state_dict()
             state_dict = dict(checkpoint["state_dict"])
@@ -289,9 +309,37 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        super().remove_checkpoint(filepath)
+        part = self.part_path(filepath, self.global_rank)
+        if os.path.exists(part):
+            self.checkpoint_io.remove_checkpoint(part)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self._resumed_worker = None
+        part = self.part_path(checkpoint_path, self.global_rank)
+        if self.fitting() and _CHECKPOINT_KEY in checkpoint and os.path.exists(part):
+            saved = self.checkpoint_io.load_checkpoint(part, weights_only=weights_only)
+            if saved["world_size"] == self.world_size:
+                self._resumed_worker = saved
+                self.rank_resume = RankResume(saved["model"], saved["optimizer_states"], {}, exact=True)
+                loops = loader_state(checkpoint)
+                if loops is not None and saved.get("loader") is not None:
+                    loops["combined_loader"] = saved["loader"]  # this worker's own dataloader position
+            else:
+                rank_zero_warn(f"{part} was written by {saved['world_size']} workers, this run has {self.world_size}: "
+                               "every worker starts a fresh round from the global model")  # fmt: skip
+        return checkpoint
+
+    @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         self._restored_server = checkpoint.get(_CHECKPOINT_KEY) if fitting else None
+        if self._resumed_worker is not None:  # this worker's own replica, not the global model
+            self.lightning_module.load_state_dict(self._resumed_worker["model"], strict=strict)
+            return
         super().load_model_state_dict(checkpoint, strict)
 
     # ------------------------------------------------------------------ registration

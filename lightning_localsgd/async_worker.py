@@ -38,6 +38,8 @@ class AsyncWorker:
         poll_interval: seconds between POLL requests while waiting for the other workers at the end.
         restored: the checkpoint's server state; this worker continues its counters and speed.
         rank: this worker's global rank.
+        resumed: this worker's own :meth:`state_dict` from the checkpoint: it continues its round
+            exactly (the model it pulled, the steps since, its counters), with its own replica.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class AsyncWorker:
         poll_interval: float = 0.05,
         restored: dict[str, Any] | None = None,
         rank: int = 0,
+        resumed: dict[str, Any] | None = None,
     ) -> None:
         self.client, self.tensors, self.num_params, self.anchor = client, tensors, num_params, anchor
         self.slowdown, self.speed_smoothing, self.poll_interval = slowdown, speed_smoothing, poll_interval
@@ -61,8 +64,26 @@ class AsyncWorker:
             self.pushes, self.steps = int(restored["pushes"][rank]), int(restored["steps"][rank])
             self.speed, self.local_steps = float(restored["speeds"][rank]), int(restored["local_steps"][rank])
         self.steps_since_pull, self.round_time = 0, 0.0
+        if resumed is not None:  # this worker's own state at its checkpoint: continue the round it was in
+            self.anchor = resumed["anchor"].to(anchor.device, anchor.dtype)
+            self.steps_since_pull, self.round_time = int(resumed["steps_since_pull"]), float(resumed["round_time"])
+            self.local_steps, self.speed = int(resumed["local_steps"]), float(resumed["speed"])
+            self.pushes, self.steps = int(resumed["pushes"]), int(resumed["steps"])
+            self.staleness = int(resumed["staleness"])
         self.step_start = time.monotonic()
         self._stash: list[Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """This worker's place in its round (what a resume needs besides its replica and optimizer)."""
+        return {
+            "anchor": self.anchor.detach().cpu().clone(), "steps_since_pull": self.steps_since_pull,
+            "round_time": self.round_time, "local_steps": self.local_steps, "speed": self.speed,
+            "pushes": self.pushes, "steps": self.steps, "staleness": self.staleness,
+        }  # fmt: skip
+
+    def replica(self) -> list[Tensor]:
+        """This worker's synchronized tensors (the parked replica while a validation swap is active)."""
+        return self._stash if self._stash is not None else [t.detach() for t in self.tensors()]
 
     def after_step(self) -> Reply | None:
         """Call after every optimizer step; pushes (and returns the server's reply) when the round is over."""

@@ -335,7 +335,7 @@ class Collectives:
     ) -> Tensor:
         """The mean over ``group`` of the values in ``buf[:n]`` (``buf[n:]``: m free slots), in ``buf[:n]``."""
         with torch.no_grad():
-            m, local = group.size, buf[:n]
+            local = buf[:n]
             finite = bool(torch.isfinite(local.sum())) or all_finite([local])  # a finite sum means all finite
             base = None
             if anchor is not None:

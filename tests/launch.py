@@ -21,7 +21,7 @@ from recipes.launch import run_local_ranks
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_ranks(target: str, world: int = 2, nodes: int = 1, timeout: float = 240, **kwargs: Any) -> list[Any]:
+def run_ranks(target: str, world: int = 2, nodes: int = 1, timeout: float = 300, **kwargs: Any) -> list[Any]:
     """Launch ``world`` ranks as ``nodes`` nodes and return each rank's result, in rank order.
 
     If any rank fails, every rank is killed and ``RuntimeError`` carries the failing rank's stderr.

@@ -51,6 +51,8 @@ class _Start(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
         self.theta0 = flat_params(pl_module)
+        state = trainer.optimizers[0].state_dict()["state"]
+        self.momentum0 = state[0]["momentum_buffer"].clone() if 0 in state and "momentum_buffer" in state[0] else None
 
 
 class _ReplicaCheck(Callback):
@@ -88,6 +90,7 @@ def async_run(
     save_at: int | None = None,
     resume: str | None = None,
     validate_every: int | None = None,
+    momentum: float = 0.0,
 ) -> dict[str, Any]:
     """Train TinyNet (fp64) asynchronously; rank 0 also records every push in arrival order.
 
@@ -95,7 +98,7 @@ def async_run(
     """
     rank = _rank(devices)
     seed_everything(0)
-    model = TinyNet(lr=0.05).double()  # float64 before a checkpoint is loaded, so loading does not round
+    model = TinyNet(lr=0.05, momentum=momentum).double()  # float64 before a checkpoint is loaded, so loading does not round
     outer = outer or {"dn": {"lr": 0.5, "momentum": 0.9}}
     (kind, kwargs), = outer.items()
     optimizer = DelayedNesterov(**kwargs) if kind == "dn" else OuterSGD(**kwargs)
@@ -135,6 +138,7 @@ def async_run(
         "failed_at": time.time(),
         "final": flat_params(model),
         "theta0": start_cb.theta0,
+        "momentum0": start_cb.momentum0,
         "worker_pushes": w.pushes if w else None,
         "worker_steps": w.steps if w else None,
         "global_step": trainer.global_step,
@@ -152,6 +156,8 @@ def async_run(
         out.update(server_pushes=list(server.pushes), server_steps=list(server.steps), updates=server.updates)
     if save_at is not None and rank == 0 and error is None:
         out["ckpt_content"] = torch.load(Path(out_dir) / "mid.ckpt", weights_only=False)
+    if save_at is not None and error is None:  # this rank's own part, and what it saw at that step
+        out["part"] = torch.load(Path(out_dir) / f"mid.ckpt.rank{rank}", weights_only=False)
     return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -17,7 +16,6 @@ from lightning_localsgd import LocalSGDStrategy, PeriodicAveraging
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.algorithms.diloco import DiLoCo
 from lightning_localsgd.algorithms.modified_localgd import ModifiedLocalGD
-from lightning_localsgd.comm import Collectives, Group
 from tests.models import FixedBatches, LeastSquares, Recorder, TinyNet, regression_data, trainer_kwargs
 
 TIMEOUT = timedelta(seconds=60)

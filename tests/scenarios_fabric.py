@@ -6,7 +6,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import torch
 from lightning.fabric import Fabric
 from lightning.pytorch import Trainer, seed_everything
 from torch import Tensor, nn

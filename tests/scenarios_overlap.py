@@ -10,9 +10,9 @@ import torch
 
 from lightning_localsgd import DiLoCo, PeriodicAveraging
 from lightning_localsgd.comm import Collectives, Group
-from tests.scenarios_leader import _fit
 from tests.models import TinyNet
 from tests.scenarios_diloco import this_rank
+from tests.scenarios_leader import _fit
 
 ALGORITHMS = {"periodic": PeriodicAveraging, "diloco": DiLoCo}
 

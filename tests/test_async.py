@@ -95,6 +95,30 @@ def test_delayed_nesterov_c0_block_is_one_nesterov_step_on_the_mean():
         assert torch.allclose(theta, start, atol=1e-12)
 
 
+def _steady_step_per_update(make, pushes_per_update: int, g: float = 1.0, updates: int = 400) -> float:
+    """θ's movement over the last update (``pushes_per_update`` pushes of the constant pseudo-gradient g)."""
+    theta = torch.zeros(1, dtype=torch.float64)
+    opt = make()
+    opt.bind([theta], 4)
+    for _ in range(updates - 1):
+        for _ in range(pushes_per_update):
+            opt.step([torch.full((1,), g, dtype=torch.float64)])
+    before = float(theta)
+    for _ in range(pushes_per_update):
+        opt.step([torch.full((1,), g, dtype=torch.float64)])
+    return before - float(theta)
+
+
+def test_steady_state_step_per_update_of_sync_naive_and_delayed_nesterov():
+    # constant pseudo-gradient g = 1, β = 0.9, 4 workers; one update = 4 pushes (sync: 1 step on their mean)
+    sync = _steady_step_per_update(lambda: OuterSGD(0.7, 0.9, nesterov=True), 1)  # η/(1−β)
+    naive = _steady_step_per_update(lambda: OuterSGD(0.07, 0.9, nesterov=True), 4)  # 4·α/(1−β)
+    dn_small = _steady_step_per_update(lambda: DelayedNesterov(0.07, 0.9), 4)  # ε/(1−β): the 1/N is counted once
+    dn = _steady_step_per_update(lambda: DelayedNesterov(0.7, 0.9), 4)
+    assert sync == pytest.approx(7.0, rel=1e-9) and naive == pytest.approx(2.8, rel=1e-9)
+    assert dn_small == pytest.approx(0.7, rel=1e-9) and dn == pytest.approx(sync, rel=1e-9)
+
+
 def test_server_optimizers_resume_exactly_from_state_dict():
     gen = torch.Generator().manual_seed(2)
     grads = [torch.randn(4, generator=gen, dtype=torch.float64) for _ in range(7)]
@@ -184,7 +208,7 @@ def test_server_applies_each_push_once_and_tracks_staleness_and_dylu():
     assert (r.status, r.staleness, r.local_steps, r.stop) == (Status.MODEL, 0, 8, False)
     _push(server, 0, [1.0, 0.0], speed=10.0)
     r = _push(server, 1, [0.0, 2.0], steps=8, speed=3.0, buffer=7.0)  # pulled before both of worker 0's pushes
-    assert r.staleness == 2 and r.local_steps == math.floor(8 * 3.0 / 10.0) == 2
+    assert r.staleness == 2 and r.local_steps == math.ceil(8 * 3.0 / 10.0) == 3  # DyLU rounds up (HALoS)
     assert r.state.tolist() == [-2.0, -2.0, 7.0]  # plain SGD lr 1: θ − Σg; buffers: last writer wins
     r = _push(server, 1, [0.0, 1.0], steps=2, speed=3.0)
     assert r.staleness == 0 and r.stop  # max_updates reached
@@ -289,8 +313,8 @@ def test_dynamic_local_updates_and_validation_on_the_global_model():
     )
     assert r0["error"] is None and r1["error"] is None
     records = r0["records"]
-    for rec in records:  # H_i = max(1, floor(H · v_i / max_j v_j)) from the speeds the server held
-        assert rec.local_steps == max(1, math.floor(H * (rec.speed / rec.max_speed)))
+    for rec in records:  # H_i = max(1, ceil(H · v_i / max_j v_j)) from the speeds the server held
+        assert rec.local_steps == max(1, math.ceil(H * (rec.speed / rec.max_speed)))
     for w in (0, 1):  # each worker runs the H_i it was given (its last push may be a partial round)
         mine = [rec for rec in records if rec.worker == w]
         assert mine[0].steps == H and all(b.steps == a.local_steps for a, b in zip(mine[:-2], mine[1:-1]))
@@ -330,10 +354,11 @@ def test_single_worker_validation_and_resume_are_exact():
 
 def test_per_worker_max_steps_and_resume_on_two_ranks():
     """Fit A ends by each worker's own max_steps=16 with rank 0 slowed 3x: rank 1 finishes first and waits
-    (DONE, then POLL) for the final model. It writes a checkpoint at rank 0's step 8; fit B resumes from it
-    and its server continues exactly from the checkpoint's θ, m, Δ, t."""
+    (DONE, then POLL) for the final model. Every rank writes its part of a checkpoint at its own step 10
+    (rank 0 the server's cut too); fit B resumes from it: its server continues exactly from the
+    checkpoint's θ, m, Δ, t and every worker from its own replica, momentum and place in its round."""
     out = run_ranks(
-        "tests.scenarios_async:resume_run", world=2, save_at=8, sync_every=4,
+        "tests.scenarios_async:resume_run", world=2, save_at=10, sync_every=4, momentum=0.9,
         first={"max_updates": None, "max_steps": 16, "slowdown": {0: 3.0}}, second={"max_updates": 22},
         outer={"dn": {"lr": 0.5, "momentum": 0.9, "activation": 0.25}},
     )  # fmt: skip
@@ -346,7 +371,14 @@ def test_per_worker_max_steps_and_resume_on_two_ranks():
     assert b0["records"][0].update == saved["updates"] + 1
     assert b0["server_pushes"] == [saved["pushes"][0] + len([r for r in b0["records"] if r.worker == 0]),
                                    saved["pushes"][1] + len([r for r in b0["records"] if r.worker == 1])]  # fmt: skip
-    assert torch.equal(b0["theta0"], opt["theta"][0]) and torch.equal(b1["theta0"], opt["theta"][0])
+    for rank, (a, b) in enumerate(((a0, b0), (a1, b1))):  # each worker resumes from its own part
+        part = a["part"]
+        replica = torch.cat([v.reshape(-1) for k, v in part["model"].items() if k.startswith("net")])
+        assert torch.equal(b["theta0"], replica), rank
+        assert torch.equal(b["momentum0"], part["optimizer_states"][0]["state"][0]["momentum_buffer"]), rank
+        assert part["worker"]["steps"] == 10 and part["worker"]["steps_since_pull"] == 10 % 4  # mid-round
+    assert not torch.equal(a0["part"]["model"]["net.0.weight"], a1["part"]["model"]["net.0.weight"])
+    assert not torch.equal(b0["momentum0"], b1["momentum0"])  # not rank 0's state for everyone
     m, delta = opt["m"][0], opt["delta"][0]
     expected = replay_dn(opt["theta"][0], b0["grads"], 0.5, 0.9, 2, 0.25, m=m, delta=delta, t=opt["t"])
     assert torch.equal(b0["final"], b1["final"])

@@ -46,7 +46,7 @@ def test_async_configs_build_the_strategy_and_outer_optimizer(tmp_path, monkeypa
     assert isinstance(strategy, AsyncLocalSGDStrategy)
     assert (strategy.sync_every, strategy.dynamic_local_steps, strategy.max_updates) == (20, dylu, 80)
     opt = strategy.outer_optimizer
-    assert type(opt) is outer_type and (opt.lr, opt.momentum) == (0.07, 0.9)
+    assert type(opt) is outer_type and (opt.lr, opt.momentum) == (0.07 if outer_type is OuterSGD else 0.7, 0.9)
     if outer_type is OuterSGD:
         assert opt.nesterov
     else:

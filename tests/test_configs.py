@@ -110,7 +110,7 @@ def test_known_overlays_values(tmp_path):
     assert type(algo).__name__ == "DiLoCo" and algo.sync_every == 8
     outer = algo.outer_factory([torch.zeros(1, requires_grad=True)])  # the default outer SGD from the YAML values
     assert type(outer) is torch.optim.SGD
-    assert (outer.defaults["lr"], outer.defaults["momentum"], outer.defaults["nesterov"]) == (0.7, 0.9, True)
+    assert (outer.defaults["lr"], outer.defaults["momentum"], outer.defaults["nesterov"]) == (0.7, 0.5, True)
 
 
 def test_command_line_overrides_the_overlay(tmp_path):

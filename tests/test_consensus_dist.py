@@ -7,7 +7,7 @@ from tests.launch import run_ranks
 
 def test_consensus_in_evaluation_checkpoints_and_after_fit_and_exact_resume():
     steps, H = 10, 3  # validation and a checkpoint after every step; syncs at 3, 6, 9 (and the final one)
-    r0, r1 = run_ranks("tests.scenarios_core:resume_and_evaluate", world=2, steps=steps, sync_every=H)
+    r0, r1 = run_ranks("tests.scenarios_core:resume_and_evaluate", world=2, timeout=480, steps=steps, sync_every=H)
     full = [r0["full"], r1["full"]]
 
     # evaluating never perturbs training: the run with validation and checkpoints equals the plain one

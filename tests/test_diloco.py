@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightning_localsgd.algorithms.diloco import DiLoCo
-from tests.launch import run_ranks
 from tests.fakes import FakeCollectives, Toy, bind_fake
+from tests.launch import run_ranks
 from tests.scenarios_diloco import least_squares_shard
 
 # The other rank's replicas and the expected anchors were worked out by hand (see each test).

@@ -61,6 +61,16 @@ def test_easgd_update_by_hand():
     assert algo.num_syncs == 1 and algo.last_sync_step == 2
 
 
+def test_easgd_with_the_lsgd_authors_beta_by_hand():
+    # β = 0.43 (EASGD in the LSGD authors' train.sh), α = β/n = 0.215; x_0 = (3, 0), x_1 = (1, 4), x̃ = (1, 2), m = (2, 2)
+    algo = ElasticAveraging(sync_every=1, beta=0.43)
+    module, comm = attached(algo, x=[3.0, 0.0], center=[1.0, 2.0], other=[1.0, 4.0])
+    assert algo.moving_rate == 0.215
+    algo.after_step(1)
+    assert values(module.parameters()) == pytest.approx([2.57, 0.43], abs=1e-15)  # x_0 − 0.215·(x_0 − x̃)
+    assert values(algo.center) == pytest.approx([1.43, 2.0], abs=1e-15)  # x̃ + 0.43·(m − x̃)
+
+
 def test_explicit_alpha_and_the_model_is_the_center():
     algo = ElasticAveraging(sync_every=2, alpha=0.5, beta=0.5)
     module, comm = attached(algo, x=[3.0, 0.0], center=[1.0, 2.0], other=[1.0, 4.0])

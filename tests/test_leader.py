@@ -29,6 +29,9 @@ LR, P = 0.1, 57  # TinyNet's SGD learning rate and parameter count
         (dict(sync_every=4, node_sync_every=4), "must be smaller than sync_every=4 and divide it"),
         (dict(node_pull=0.3), "node_pull has no effect without node_sync_every"),
         (dict(step_pull=1.0), "step_pull must be a number in"),
+        (dict(node_step_pull=0.1), "node_step_pull has no effect without node_sync_every"),
+        (dict(node_pull_on_global_step=True), "node_pull_on_global_step=True needs node_sync_every"),
+        (dict(step_pull_per_period=1), "step_pull_per_period must be True or False"),
         (dict(evaluate="center"), "evaluate must be 'average' or 'leader'"),
     ],
 )
@@ -49,9 +52,9 @@ def fake(rows: dict[int, list[float]], leader_params: dict[int, torch.Tensor]) -
     return comm
 
 
-def attached(algo: LeaderSGD, comm: FakeCollectives, x: list[float]) -> nn.Module:
+def attached(algo: LeaderSGD, comm: FakeCollectives, x: list[float], node: Group | None = None) -> nn.Module:
     module = nn.Linear(1, 1, bias=True).double()
-    bind_fake(algo, module, comm, world=Group(None, [0, 1, 2], 1))
+    bind_fake(algo, module, comm, world=Group(None, [0, 1, 2], 1), node=node)
     with torch.no_grad():
         module.weight.fill_(x[0]), module.bias.fill_(x[1])
     return module
@@ -112,6 +115,46 @@ def test_the_step_loss_enters_the_window_after_the_election():
     assert [module.weight.item(), module.bias.item()] == [2.0, 1.0]
     with pytest.raises(ValueError, match="elects the leader by training loss"):
         algo.after_step(3, StepReport(3))
+
+
+def test_authors_schedule_node_then_global_pull_and_per_step_pulls_of_p_over_tau():
+    # the LSGD authors' scripts: per step x ← x − (p/τ)(x − x̃_G) − (p_node/τ_node)(x − x̃_node);
+    # on a global step the node pull, then the global pull. Rank 1 of world {0, 1, 2}, node {0, 1}:
+    # node leader rank 0 at (2, 2), global leader rank 2 at (4, −8). λ_G = 0.4/4 = λ_node = 0.2/2 = 0.1.
+    algo = LeaderSGD(sync_every=4, node_sync_every=2, pull=0.5, node_pull=0.25, step_pull=0.4, node_step_pull=0.2,
+                     step_pull_per_period=True, node_pull_on_global_step=True, loss_window=1)  # fmt: skip
+    leaders = {0: torch.tensor([2.0, 2.0], dtype=torch.float64), 2: torch.tensor([4.0, -8.0], dtype=torch.float64)}
+    comm = fake({0: [0.5, 0.0], 2: [0.1, 0.0]}, leaders)
+    module = attached(algo, comm, [0.0, 0.0], node=Group(None, [0, 1], 1))
+
+    def x() -> list[float]:
+        return [module.weight.item(), module.bias.item()]
+
+    algo.after_step(1, StepReport(1, loss=0.7))  # no copy yet
+    assert x() == [0.0, 0.0]
+    algo.after_step(2, StepReport(2, loss=0.7))  # node pull: 0.75·(0, 0) + 0.25·(2, 2)
+    assert x() == [0.5, 0.5] and comm.broadcast_log == [(0, "sync")]
+    algo.after_step(3, StepReport(3, loss=0.7))  # toward the node copy: (0.5, 0.5) + 0.1·((2, 2) − (0.5, 0.5))
+    assert x() == pytest.approx([0.65, 0.65], abs=1e-15)
+    algo.after_step(4, StepReport(4, loss=0.7))  # per-step (0.785, 0.785); node pull (1.08875, 1.08875); global pull 0.5 toward (4, −8)
+    assert x() == pytest.approx([2.544375, -3.455625], abs=1e-14)
+    assert comm.broadcast_log == [(0, "sync"), (0, "sync"), (2, "sync")]
+    algo.after_step(5, StepReport(5, loss=0.7))  # toward the global copy (4, −8) by 0.1, then toward the node copy (2, 2) by 0.1
+    assert x() == pytest.approx([2.62094375, -3.31905625], abs=1e-14)
+    assert (algo.num_node_syncs, algo.num_syncs, algo.leader) == (2, 1, 2)
+    state = algo.rank_state_dict()
+    assert state["leader_copy"].tolist() == [4.0, -8.0] and state["node_leader_copy"].tolist() == [2.0, 2.0]
+
+
+def test_default_multi_leader_runs_only_the_global_pull_on_a_global_step():
+    algo = LeaderSGD(sync_every=4, node_sync_every=2, pull=0.5, node_pull=0.25, loss_window=1)
+    leaders = {0: torch.tensor([2.0, 2.0], dtype=torch.float64), 2: torch.tensor([4.0, -8.0], dtype=torch.float64)}
+    comm = fake({0: [0.5, 0.0], 2: [0.1, 0.0]}, leaders)
+    module = attached(algo, comm, [0.0, 0.0], node=Group(None, [0, 1], 1))
+    for step in range(1, 5):
+        algo.after_step(step, StepReport(step, loss=0.7))  # this rank's window (0.7) never leads
+    assert [module.weight.item(), module.bias.item()] == [2.25, -3.75]  # 0.5·(0.5, 0.5) + 0.5·(4, −8)
+    assert comm.broadcast_log == [(0, "sync"), (2, "sync")] and algo.num_node_syncs == 1
 
 
 def test_evaluate_leader_uses_the_leaders_replica_everywhere():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lightning_localsgd.algorithms.modified_localgd import ModifiedLocalGD
-from tests.launch import run_ranks
 from tests.fakes import FakeCollectives, Toy, bind_fake
+from tests.launch import run_ranks
 from tests.scenarios_diloco import logistic_loss, separable_shards
 
 F64 = torch.float64

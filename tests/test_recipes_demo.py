@@ -49,6 +49,8 @@ def test_summary_speedup_against_ddps_final_accuracy():
         "localsgd", "99.00%", "24.0", "44", "50.0", "4", "12.0", "2.50x", "16", "2.50x", "750", "2.0>2.5"
     ]  # fmt: skip
     assert table[4].split()[-6:] == ["never", "-", "-", "-", "750", "2.0>2.5"]
+    assert table[4].split()[0] == "diloco[1]" and table[5] == ""  # a footnote a user can act on
+    assert table[6].startswith("[1] diloco: never reached 98.00% (best 80.00%, final 80.00%). To change: the outer step")
     met, sentence = verdict_line(s, slack=0.005)
     assert met is True and "reached it 2.50x sooner" in sentence and "(98.00%)" in sentence
 

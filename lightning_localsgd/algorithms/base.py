@@ -61,7 +61,6 @@ from lightning_localsgd.params import (
     partition,
     snapshot,
     sync_tensors,
-    unflatten_,
     views,
 )
 

@@ -74,24 +74,29 @@ class DelayedNesterov(ServerOptimizer):
 
     With :math:`c = 0` a block of N pushes moves θ by exactly one Nesterov step (learning rate ε)
     on the mean of its N pseudo-gradients, while every push still refreshes θ by
-    :math:`\varepsilon g_t / N`; with :math:`N = 1, c = 0` this is
+    :math:`\varepsilon g_t / N`. For a constant pseudo-gradient g the momentum reaches
+    :math:`m = g/(1-\beta)` and a block moves θ by :math:`\varepsilon g/(1-\beta)`: the 1/N of each
+    push is undone by the N pushes of a block, so DN at ε takes the steady-state step of synchronous
+    DiLoCo at outer lr ε per n pushes (N = n), hence the default ε = 0.7 (DiLoCo's). Naive per-push
+    Nesterov (:class:`OuterSGD`) at lr α moves :math:`n\alpha g/(1-\beta)` per n pushes. With
+    :math:`N = 1, c = 0` this is
     ``torch.optim.SGD(lr, momentum, nesterov=True)``. :math:`c \in [0, 1/N]` spreads the momentum
     term over the pushes of the block (:math:`c = 1/N`: :math:`\beta m/N` on every push).
     Liu et al., "Asynchronous Local-SGD Training for Language Modeling", arXiv 2401.09135.
 
     Example::
 
-        AsyncLocalSGDStrategy(sync_every=20, outer_optimizer=DelayedNesterov(lr=0.07, momentum=0.9))
+        AsyncLocalSGDStrategy(sync_every=20, outer_optimizer=DelayedNesterov(lr=0.7, momentum=0.9))
 
     Args:
-        lr: ε, the outer learning rate.
+        lr: ε, the outer learning rate (default 0.7: the step per n pushes of sync DiLoCo at 0.7).
         momentum: β in [0, 1).
         buffer_size: N, pushes per momentum refresh; ``None``: the number of workers.
         activation: c in [0, 1/N].
     """
 
     def __init__(
-        self, lr: float, momentum: float = 0.9, buffer_size: int | None = None, activation: float = 0.0
+        self, lr: float = 0.7, momentum: float = 0.9, buffer_size: int | None = None, activation: float = 0.0
     ) -> None:
         super().__init__(lr)
         self.momentum = _check_number("momentum", momentum, 0.0, 1.0, "0.9", open_high=True)

@@ -32,7 +32,8 @@ class LeaderSGD(ConsensusAlgorithm):
 
     .. math::
         \text{every step:}\quad & x_i \leftarrow \text{inner\_step}(x_i);\quad
-            x_i \leftarrow x_i - \lambda\,(x_i - \tilde x_{\text{last}})\\
+            x_i \leftarrow x_i - \lambda_G\,(x_i - \tilde x_{\text{last}});\quad
+            x_i \leftarrow x_i - \lambda_{\text{node}}\,(x_i - \tilde x_{\text{node,last}})\\
         \text{every } \tau_{\text{node}} \text{ steps:}\quad & x_i \leftarrow (1 - c_{\text{node}})\,x_i
             + c_{\text{node}}\,\tilde x_{\text{node}(i)}\\
         \text{every } \tau \text{ steps:}\quad & x_i \leftarrow (1 - c)\,x_i + c\,\tilde x,
@@ -44,11 +45,18 @@ class LeaderSGD(ConsensusAlgorithm):
     under gradient accumulation, its last micro-batch), and the window of a pull at step t holds
     the steps *before* t.
     :math:`\tilde x_{\text{node}(i)}` is the leader among the ranks of i's node. When a node pull
-    and a global pull fall on one step only the global one runs. The per-step pull toward the last
-    received leader copy :math:`\tilde x_{\text{last}}` (the paper's :math:`\lambda` term, ``step_pull``;
-    off by default, as in the authors' code) runs after the inner step and before that step's
-    scheduled pull, from the first pull on. Floating buffers follow ``buffers``: ``"average"``
-    pulls them like parameters, ``"broadcast"`` replaces them by the leader's, ``"local"`` keeps them.
+    and a global pull fall on one step only the global one runs, unless
+    ``node_pull_on_global_step=True`` (the authors' scripts): then the node pull runs first and
+    the global pull after it. The per-step pulls (the paper's :math:`\lambda` terms) move toward
+    the last received *global* leader copy :math:`\tilde x_{\text{last}}` (``step_pull`` =
+    :math:`\lambda_G`) and the last received *node* leader copy :math:`\tilde x_{\text{node,last}}`
+    (``node_step_pull`` = :math:`\lambda_{\text{node}}`); each starts with its first pull and runs
+    after the inner step, before that step's scheduled pull. With ``step_pull_per_period=True``
+    the weights are :math:`\lambda_G = p/\tau` and :math:`\lambda_{\text{node}} = p_{\text{node}}/\tau_{\text{node}}`
+    for ``step_pull = p`` and ``node_step_pull = p_node``: the authors' training scripts use
+    p = p_node = 0.1 this way (``codes/worker_stoc_optim.py`` of github.com/yunfei-teng/LSGD).
+    Floating buffers follow ``buffers``: ``"average"`` pulls them like parameters,
+    ``"broadcast"`` replaces them by the leader's, ``"local"`` keeps them.
 
     Evaluation during fit, the model after fit and a checkpoint's ``state_dict`` are the
     ``evaluate="average"`` of the replicas (the paper evaluates this center variable) or the
@@ -58,7 +66,8 @@ class LeaderSGD(ConsensusAlgorithm):
     NaN/Inf" flag). Pull: *one* broadcast of P values from the leader (about (m−1)/m·P values sent
     per rank of an m-rank group: half an allreduce), so Comm/DDP ≈ 1/(2τ) for the global pulls,
     plus node-local traffic every τ_node steps. Memory: a P-sized receive buffer during a pull, kept
-    as the leader copy when ``step_pull > 0``; the loss window (k floats).
+    as the global (node) leader copy when ``step_pull > 0`` (``node_step_pull > 0``); the loss
+    window (k floats).
 
     Example::
 
@@ -72,7 +81,13 @@ class LeaderSGD(ConsensusAlgorithm):
         loss_window: k, batches in the windowed loss that elects leaders.
         node_sync_every: τ_node, steps between node-leader pulls (``None``: single leader).
         node_pull: c_node (default 0.1); only with ``node_sync_every``.
-        step_pull: λ in [0, 1), per-step pull toward the last received leader copy (0: off).
+        step_pull: λ_G in [0, 1), per-step pull toward the last global leader copy (0: off); with
+            ``step_pull_per_period`` it is p and the weight per step is p/τ.
+        node_step_pull: λ_node in [0, 1), the same toward the last node leader copy (``None``: 0);
+            only with ``node_sync_every``; with ``step_pull_per_period`` the weight is p_node/τ_node.
+        step_pull_per_period: divide the per-step pulls by their periods (the authors' p/τ).
+        node_pull_on_global_step: on a global step, the node pull first, then the global pull
+            (the authors' scripts); ``False``: the global pull only.
         evaluate: ``"average"`` or ``"leader"``: the model used for evaluation, returned and saved.
         warmup_steps: DDP-style gradient averaging for this many first steps.
         buffers: ``"average"``, ``"broadcast"`` or ``"local"`` floating buffers (see above).
@@ -92,6 +107,9 @@ class LeaderSGD(ConsensusAlgorithm):
         step_pull: float = 0.0,
         evaluate: Evaluate = "average",
         *,
+        node_step_pull: float | None = None,
+        step_pull_per_period: bool = False,
+        node_pull_on_global_step: bool = False,
         warmup_steps: int = 0,
         buffers: BufferPolicy = "average",
         nonfinite: NonFinitePolicy = "raise",
@@ -109,15 +127,27 @@ class LeaderSGD(ConsensusAlgorithm):
                     f"node_sync_every={node_sync_every} must be smaller than sync_every={sync_every} and divide it "
                     f"(e.g. node_sync_every={max(1, sync_every // 4)}, sync_every={sync_every})"
                 )
-        elif node_pull is not None:
-            raise ValueError("node_pull has no effect without node_sync_every: pass node_sync_every=... or drop it")
+        else:
+            for name, value in (("node_pull", node_pull), ("node_step_pull", node_step_pull)):
+                if value is not None:
+                    raise ValueError(f"{name} has no effect without node_sync_every: pass node_sync_every=... or drop it")
+            if node_pull_on_global_step:
+                raise ValueError("node_pull_on_global_step=True needs node_sync_every: pass node_sync_every=... or drop it")
+        flags = {"step_pull_per_period": step_pull_per_period, "node_pull_on_global_step": node_pull_on_global_step}
+        for name, flag in flags.items():
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.node_sync_every = node_sync_every
         self.node_pull = _fraction("node_pull", 0.1 if node_pull is None else node_pull)
         self.step_pull = _fraction("step_pull", step_pull, upper_open=True)
+        self.node_step_pull = _fraction(
+            "node_step_pull", 0.0 if node_step_pull is None else node_step_pull, upper_open=True
+        )
+        self.step_pull_per_period, self.node_pull_on_global_step = step_pull_per_period, node_pull_on_global_step
         if evaluate not in ("average", "leader"):
             raise ValueError(f"evaluate must be 'average' or 'leader', got {evaluate!r}")
         self.evaluate: Evaluate = evaluate
-        if self.pull == 0 and self.step_pull == 0 and node_sync_every is None:
+        if self.pull == 0 and self.step_pull == 0 and self.node_step_pull == 0 and node_sync_every is None:
             rank_zero_warn("LeaderSGD(pull=0, step_pull=0): the replicas never interact; use pull > 0 unless "
                            "this is meant as an independent-workers baseline.")
         self.num_node_syncs = 0
@@ -125,7 +155,8 @@ class LeaderSGD(ConsensusAlgorithm):
         self.leader_loss = math.inf
         self.leader_counts: dict[int, int] = {}
         self._losses: deque[float] = deque(maxlen=self.loss_window)
-        self._copy: Tensor | None = None  # last received leader copy (flat), kept when step_pull > 0
+        self._copy: Tensor | None = None  # last received global leader copy (flat), kept when step_pull > 0
+        self._node_copy: Tensor | None = None  # last received node leader copy, kept when node_step_pull > 0
         self._log_leader = False
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -150,16 +181,24 @@ class LeaderSGD(ConsensusAlgorithm):
                 f"out of {world.size}. Use it with num_nodes > 1 and devices > 1, or drop it."
             )
         self._losses.clear()  # per-rank state: restored by load_rank_state_dict when resuming
-        self._copy = None
+        self._copy = self._node_copy = None
 
     def after_step(self, step: int, report: StepReport | None = None) -> None:
         if self.in_warmup(step):
             self.mark_equal(step)  # gradients were averaged: the replicas are still equal
         else:
-            if self.step_pull > 0 and self._copy is not None:
-                averaged, _ = self.sync_tensors()
-                lerp_(averaged, views(self._copy, averaged), self.step_pull)
+            global_weight, node_weight = self.step_pull, self.node_step_pull
+            if self.step_pull_per_period:
+                global_weight /= self.sync_every
+                node_weight /= self.node_sync_every or 1
+            for copy, weight in ((self._copy, global_weight), (self._node_copy, node_weight)):
+                if weight > 0 and copy is not None:
+                    averaged, _ = self.sync_tensors()
+                    lerp_(averaged, views(copy, averaged), weight)
             if self.is_due(step, self.sync_every):
+                if self.node_sync_every is not None and self.node_pull_on_global_step:
+                    self.pull_toward_leader(step, node=True)
+                    self.num_node_syncs += 1
                 self.sync(step)
                 self.num_syncs += 1
             elif self.node_sync_every is not None and self.is_due(step, self.node_sync_every):
@@ -210,8 +249,12 @@ class LeaderSGD(ConsensusAlgorithm):
         weight = 1.0 if mine in bad else (self.node_pull if node else self.pull)
         lerp_(averaged, target[: len(averaged)], weight)
         copy_(copied, target[len(averaged) :])
-        if self.step_pull > 0:
-            self._copy = flat[: sum(t.numel() for t in averaged)]
+        if (self.node_step_pull if node else self.step_pull) > 0:
+            copy = flat[: sum(t.numel() for t in averaged)]
+            if node:
+                self._node_copy = copy
+            else:
+                self._copy = copy
         if not node:
             self.leader = leader
             self.leader_counts[leader] = self.leader_counts.get(leader, 0) + 1
@@ -258,15 +301,23 @@ class LeaderSGD(ConsensusAlgorithm):
         self.leader_counts = dict(state_dict.get("leader_counts", {}))
 
     def rank_state_dict(self) -> dict[str, Any]:
-        copy = None if self._copy is None else self._copy.detach().cpu().clone()
-        return {"losses": list(self._losses), "leader_copy": copy}
+        def saved(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().cpu().clone()
+
+        return {
+            "losses": list(self._losses),
+            "leader_copy": saved(self._copy),
+            "node_leader_copy": saved(self._node_copy),
+        }
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         self._losses = deque((float(v) for v in state.get("losses", [])), maxlen=self.loss_window)
-        copy = state.get("leader_copy")
-        self._copy = None if copy is None else copy.to(next(self.module.parameters()).device)
+        device = next(self.module.parameters()).device
+        copy, node_copy = state.get("leader_copy"), state.get("node_leader_copy")
+        self._copy = None if copy is None else copy.to(device)
+        self._node_copy = None if node_copy is None else node_copy.to(device)
 
     @staticmethod
     def reduce_rank_states(states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
-        """Another world size: every rank restarts with an empty loss window and no leader copy."""
+        """Another world size: every rank restarts with an empty loss window and no leader copies."""
         return [{} for _ in range(world_size)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm, check_positive_int
 from lightning_localsgd.comm import NonFinitePolicy
