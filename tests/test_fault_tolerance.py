@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import json
 import sys
 import tempfile
@@ -35,6 +36,18 @@ from tests.scenarios_ft import group_data, initial_weights, loss_of
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
 LIGHTHOUSE = "http://127.0.0.1:1"
+LAUNCH_TIMEOUT = 270.0  # seconds; under pytest-timeout's 300 so that a hang fails with the groups' logs
+
+
+TORCHFT_MISSING = importlib.util.find_spec("torchft") is None
+
+
+@pytest.fixture(autouse=True)
+def torchft_installed(request: pytest.FixtureRequest) -> None:
+    """Without torchft these tests fail (never skip): ``make test`` installs it with the ``ft`` extra."""
+    if TORCHFT_MISSING and request.node.name != "test_without_torchft_the_error_names_the_extra":
+        pytest.fail("torchft is not installed, the fault-tolerance tests need it: `make install` "
+                    "(installs .[recipes,dev,ft]) or pip install -e '.[ft]'", pytrace=False)  # fmt: skip
 
 
 def ft(**kwargs: Any) -> TorchFT:
@@ -337,7 +350,7 @@ def run_groups(tmp: Path, cfg: dict[str, Any]) -> tuple[dict[tuple[int, int, int
     from recipes.ft_launch import run_replica_groups
 
     start = time.monotonic()
-    runs = run_replica_groups(cmd_for, cfg["groups"], per_group=cfg["devices"], log_dir=tmp, timeout=500,
+    runs = run_replica_groups(cmd_for, cfg["groups"], per_group=cfg["devices"], log_dir=tmp, timeout=LAUNCH_TIMEOUT,
                               restarts={cfg["groups"] - 1: 1}, min_replicas=cfg["min_replicas"],
                               heartbeat_timeout_ms=1000, cwd=tmp, pythonpath=ROOT)  # fmt: skip
     results = {}
