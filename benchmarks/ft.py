@@ -3,6 +3,7 @@
     python -m benchmarks.ft --docs                   # 3 seeds × {periodic, diloco} × {fault, no fault}
     python -m benchmarks.ft --seeds 0 --algorithms periodic --name smoke
     python -m benchmarks.ft --report-only --docs     # table, plot and page data again from the JSON
+    python -m benchmarks.ft --merge a/ft.partial.json b/ft.json --docs   # pool the runs of several invocations
 
 Each run is a torchft Lighthouse (in this process, ``--heartbeat-ms``) and 3 replica groups of one
 CPU process (recipes/ft_launch.py). Every group trains a 16-32-4 tanh MLP on its own 1024 samples of
@@ -254,6 +255,23 @@ def report(result: dict[str, Any], out_dir: Path, docs: bool) -> None:
         shutil.copy(out_dir / "ft.json", DOCS / "fault_tolerance.json")
 
 
+def merge(paths: list[str], seeds: list[int], algorithms: list[str]) -> dict[str, Any]:
+    """The runs of several invocations as one result (each (seed, algorithm, fault) taken once, first file first)."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    runs: dict[tuple, dict[str, Any]] = {}
+    for path, part in zip(paths, parts):
+        for r in part["runs"]:
+            c = r["config"]
+            r["source"] = str(path)
+            runs.setdefault((c["seed"], c["algorithm"], c["fault"]), r)
+    want = [(s, a, f) for s in seeds for a in algorithms for f in (True, False)]
+    missing = [k for k in want if k not in runs]
+    if missing:
+        raise SystemExit(f"--merge: no run for (seed, algorithm, fault) {missing}; run them with --seeds/--algorithms")
+    return {**{k: v for k, v in parts[0].items() if k != "runs"}, "seeds": seeds, "algorithms": algorithms,
+            "merged_from": [str(p) for p in paths], "runs": [runs[k] for k in want]}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -268,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-timeout", type=float, default=900)
     p.add_argument("--name", default="ft")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="pool the runs of these ft.json / ft.partial.json files (same config) into <name>/ft.json and report")  # fmt: skip
     p.add_argument("--docs", action="store_true")
     args = p.parse_args(argv)
     if args.worker:
@@ -279,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         report(json.loads((out_dir / "ft.json").read_text()), out_dir, args.docs)
         return 0
     seeds, algorithms = [int(s) for s in args.seeds.split(",")], args.algorithms.split(",")
+    if args.merge:
+        report(merge(args.merge, seeds, algorithms), out_dir, args.docs)
+        return 0
     import torch
 
     result: dict[str, Any] = {"seeds": seeds, "algorithms": algorithms, "runs": [], "torch": torch.__version__,
