@@ -99,7 +99,9 @@ def run_group(cfg: dict[str, Any]) -> None:
     )  # fmt: skip
     x, y = blobs(cfg["seed"], 1024, group)
     model = MLP()
-    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(group))
+    loader = DataLoader(
+        TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(group)
+    )
     trainer.fit(model, loader)
     vx, vy = blobs(cfg["seed"], 2000, 99)
     with torch.no_grad():
@@ -231,7 +233,13 @@ def plot(result: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
             x = i + (j - (len(s["rows"]) - 1) / 2) * 0.15  # one pair per seed
             ax2.plot([x, x], [r["val_acc_no_fault"], r["val_acc_fault"]], "k-", lw=0.8)
             ax2.plot(x, r["val_acc_no_fault"], "o", color="tab:blue", label="no fault" if i == j == 0 else None)
-            ax2.plot(x, r["val_acc_fault"], "x", color="tab:red", label="group 2 killed and restarted" if i == j == 0 else None)
+            ax2.plot(
+                x,
+                r["val_acc_fault"],
+                "x",
+                color="tab:red",
+                label="group 2 killed and restarted" if i == j == 0 else None,
+            )
     ax2.set_xticks(range(len(summary)), list(summary))
     ax2.set_xlim(-0.5, len(summary) - 0.5)
     ax2.set(ylabel="final validation accuracy", title="final model, per seed")

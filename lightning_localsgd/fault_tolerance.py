@@ -65,7 +65,7 @@ def _seconds(name: str, value: timedelta | float) -> timedelta:
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         out = timedelta(seconds=float(value))
     else:
-        raise ValueError(f"{name} must be a timedelta or a number of seconds such as 60, got {value!r}")
+        raise TypeError(f"{name} must be a timedelta or a number of seconds such as 60, got {value!r}")
     if out.total_seconds() <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
     return out
@@ -159,10 +159,14 @@ class TorchFT:
                 "(each step would need a quorum), or warm up in a run without fault_tolerance"
             )
         if algorithm.buffers == "broadcast":
-            raise ValueError("fault_tolerance has no fixed rank 0 to broadcast buffers from: use buffers='average' or 'local'")
+            raise ValueError(
+                "fault_tolerance has no fixed rank 0 to broadcast buffers from: use buffers='average' or 'local'"
+            )
         if engine.modifier is not None or engine.observers:
             names = [type(cb).__name__ for cb in [engine.modifier, *engine.observers] if cb is not None]
-            raise ValueError(f"{', '.join(names)} communicate over the fixed world: remove them when using fault_tolerance")
+            raise ValueError(
+                f"{', '.join(names)} communicate over the fixed world: remove them when using fault_tolerance"
+            )
         if comm.quantized:
             raise ValueError(
                 f"comm_dtype={comm.comm_dtype!r} keeps per-rank error-feedback residuals that a returning group "

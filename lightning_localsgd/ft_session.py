@@ -40,8 +40,13 @@ from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.comm import Group, NonFiniteReplicaError
 from lightning_localsgd.fault_tolerance import FaultToleranceError, TorchFT, require_torchft
 from lightning_localsgd.ft_collectives import QuorumCollectives, QuorumGroup, _QuorumHandle
-from lightning_localsgd.ft_state import capture_peer_state, equalize_job_, restore_peer_state_
-from lightning_localsgd.ft_state import set_optimizer_steps, step_schedulers
+from lightning_localsgd.ft_state import (
+    capture_peer_state,
+    equalize_job_,
+    restore_peer_state_,
+    set_optimizer_steps,
+    step_schedulers,
+)
 
 log = logging.getLogger(__name__)
 STATE_KEY = "lightning_localsgd"
@@ -176,7 +181,7 @@ class ReplicaGroupSession:
 
         def run() -> bool:
             works = [self.manager.allreduce(chunk, reduce_op=ReduceOp.SUM) for chunk in flat.split(per_bucket)]
-            ok = all([work.wait() for work in works])  # wait for every bucket, even after a failure
+            ok = all([work.wait() for work in works])  # noqa: C419 - a list: wait for every bucket, even after a failure
             return ok and self.manager.errored() is None
 
         return self.comm.timed_sum_(flat, kind, self.manager.num_participants(), run)
@@ -276,14 +281,19 @@ class ReplicaGroupSession:
             self.algorithm.mark_equal(step)
 
     def _capture(self) -> dict[str, Any]:
-        return {"source": self.replica_id, **capture_peer_state(self.trainer, self.algorithm, self.round_step, self.round_kind)}
+        return {
+            "source": self.replica_id,
+            **capture_peer_state(self.trainer, self.algorithm, self.round_step, self.round_kind),
+        }
 
     def _restore(self, state: dict[str, Any]) -> None:
         restore_peer_state_(self.trainer, self.algorithm, state)
         self.round_step, self.round_kind = int(state["step"]), str(state["kind"])
         self._adopted = (self.round_step, self.round_kind)
         self._healed, self.contributes, self._source = True, False, str(state["source"])
-        log.info("replica group %r healed from a peer at step %d (%s)", self.replica_id, self.round_step, self.round_kind)
+        log.info(
+            "replica group %r healed from a peer at step %d (%s)", self.replica_id, self.round_step, self.round_kind
+        )
 
     # ------------------------------------------------------------------ reporting and errors
     def records(self) -> list[dict[str, Any]]:

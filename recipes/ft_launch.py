@@ -145,7 +145,10 @@ def run_replica_groups(
         lighthouse.shutdown()
     if failure is not None:
         tails = "\n".join(
-            f"----- {path.name} -----\n" + path.read_text()[-log_tail:] for incs in runs for inc in incs for path in inc.logs
+            f"----- {path.name} -----\n" + path.read_text()[-log_tail:]
+            for incs in runs
+            for inc in incs
+            for path in inc.logs
         )
         raise RuntimeError(f"fault-tolerant run failed: {failure}\n{tails}")
     return runs
@@ -186,7 +189,13 @@ class RestartGate(Callback):
 
     def __init__(self, folder: str | Path, groups: int, gate_at: int | None = None, restarting: int = -1,
                  limit: float = 300.0) -> None:  # fmt: skip
-        self.folder, self.groups, self.gate_at, self.restarting, self.limit = Path(folder), groups, gate_at, restarting, limit
+        self.folder, self.groups, self.gate_at, self.restarting, self.limit = (
+            Path(folder),
+            groups,
+            gate_at,
+            restarting,
+            limit,
+        )
         self.group, self.incarnation = int(os.environ["REPLICA_GROUP_ID"]), int(os.environ[INCARNATION_ENV])
         self.paused = 0.0
         self.announced_at = 0.0  # time.time() of this process's announcement
