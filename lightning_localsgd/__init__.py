@@ -31,6 +31,7 @@ from lightning_localsgd.contract import (
     SyncObserver,
 )
 from lightning_localsgd.engine import SyncEngine
+from lightning_localsgd.fault_tolerance import FaultToleranceError, TorchFT, start_lighthouse
 from lightning_localsgd.monitors import CommStats, ReplicaDrift
 from lightning_localsgd.strategy import LocalSGDStrategy
 
@@ -46,6 +47,7 @@ __all__ = [
     "DelayedNesterov",
     "DiLoCo",
     "ElasticAveraging",
+    "FaultToleranceError",
     "GradAlign",
     "GradientModifier",
     "LeaderSGD",
@@ -62,4 +64,6 @@ __all__ = [
     "SyncEngine",
     "SyncEvent",
     "SyncObserver",
+    "TorchFT",
+    "start_lighthouse",
 ]

@@ -21,6 +21,8 @@ from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.comm import Group, NonFinitePolicy, new_group
 from lightning_localsgd.contract import SyncContext
 from lightning_localsgd.engine import CHECKPOINT_KEY, SyncEngine
+from lightning_localsgd.fault_tolerance import TorchFT
+from lightning_localsgd.ft_collectives import QuorumCollectives
 from lightning_localsgd.params import BufferPolicy
 from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT
 from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy, loader_state
@@ -74,6 +76,9 @@ class LocalSGDStrategy(ReplicaStrategy):
             the others fail with an error naming the rank, the operation and the peers.
         init_timeout: how long creating the process group waits (default 5 minutes); creation survives
             torchrun restarts (a fresh store namespace per attempt, see ``process_group.py``).
+        fault_tolerance: :class:`~lightning_localsgd.TorchFT` to make this job one replica group of
+            a torchft job: syncs go through torchft rounds, groups may die and come back
+            (docs/fault_tolerance.md). ``None``: the fixed world of this job.
         start_method, accelerator, parallel_devices, cluster_environment, checkpoint_io,
         precision_plugin, process_group_backend: as in ``DDPStrategy``.
     """
@@ -99,6 +104,7 @@ class LocalSGDStrategy(ReplicaStrategy):
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
+        fault_tolerance: TorchFT | None = None,
     ) -> None:
         super().__init__(
             comm_dtype=comm_dtype,
@@ -132,6 +138,13 @@ class LocalSGDStrategy(ReplicaStrategy):
         self.engine: SyncEngine | None = None
         self.background_group: Group | None = None
         self._bound = False  # the engine drives this strategy's module (from setup in fit on)
+        # ---- fault tolerance (lightning_localsgd/fault_tolerance.py, ft_*.py): the hook points are marked "ft"
+        if fault_tolerance is not None and not isinstance(fault_tolerance, TorchFT):
+            raise TypeError(f"fault_tolerance must be a TorchFT(...) or None, got {type(fault_tolerance).__name__}")
+        self.fault_tolerance = fault_tolerance
+        self.ft_session: Any = None  # ReplicaGroupSession of the current (or last) fit
+        if fault_tolerance is not None:
+            self.comm = QuorumCollectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
 
     @property
     def algorithm(self) -> ConsensusAlgorithm | None:
@@ -146,10 +159,12 @@ class LocalSGDStrategy(ReplicaStrategy):
         if not self.fitting():
             return
         self._resolve_engine(self.lightning_module.trainer)
+        if self.fault_tolerance is not None:  # ft
+            self.fault_tolerance.check_supported(self.engine, self.comm)
         needs_background = self.algorithm.overlap_steps > 0 and self.world_size > 1
         if needs_background and self.background_group is None:  # every rank decides alike: same config
             self.background_group = new_group(list(range(self.world_size)), self.global_rank, self._timeout)
-        if self.world_size == 1:
+        if self.world_size == 1 and self.fault_tolerance is None:  # ft: a 1-process replica group syncs with others
             rank_zero_warn("LocalSGDStrategy runs on a single process: there is nothing to synchronize.")
 
     def _resolve_engine(self, trainer: Trainer) -> None:
@@ -177,9 +192,15 @@ class LocalSGDStrategy(ReplicaStrategy):
         if trainer.state.fn != TrainerFn.FITTING:
             return
         assert self.engine is not None
+        world = self.world_group
+        if self.fault_tolerance is not None:  # ft: the world is the quorum of replica groups
+            from lightning_localsgd.ft_session import ReplicaGroupSession
+
+            self.ft_session = ReplicaGroupSession(self.fault_tolerance, trainer, self.engine.algorithm, self.world_group,
+                                                  self.comm, self.broadcast)  # fmt: skip
+            world = self.ft_session.group
         ctx = SyncContext(
-            self.lightning_module, self.comm, self.world_group, self.node_group, self.background_group,
-            self.engine.observers,
+            self.lightning_module, self.comm, world, self.node_group, self.background_group, self.engine.observers,
         )  # fmt: skip
         step = trainer.global_step if self.resume_state is None else self.resume_state.step
         self.engine.bind(ctx, step, self.rank_resume)
@@ -195,7 +216,10 @@ class LocalSGDStrategy(ReplicaStrategy):
         assert self.engine is not None
         step = self.lightning_module.trainer.global_step + 1  # the optimizer step this call completes
         run = lambda wrapped: super(LocalSGDStrategy, self).optimizer_step(optimizer, wrapped, model, **kwargs)  # noqa: E731
-        return self.engine.step(step, closure, run, optimizer)
+        out = self.engine.step(step, closure, run, optimizer)
+        if self.ft_session is not None:  # ft: a healing in this step's sync gave this group the peers' step
+            self.ft_session.after_step()
+        return out
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
@@ -225,6 +249,8 @@ class LocalSGDStrategy(ReplicaStrategy):
         if self._driving() and self.world_size > 1:  # no per-step message between syncs (sigterm.py)
             trainer = self.lightning_module.trainer
             replace_sigterm_check(trainer, sigterm_check_at(trainer, self.algorithm.agrees_at))
+        if self.ft_session is not None and self._driving():  # ft: join the live replica groups
+            self.ft_session.join()
 
     @override
     def on_train_end(self) -> None:
@@ -252,6 +278,12 @@ class LocalSGDStrategy(ReplicaStrategy):
                 ranks = self.comm.gather_object(mine, self.world_group, kind="checkpoint")  # to rank 0
                 checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size, "ranks": ranks}
         super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def teardown(self) -> None:
+        if self.ft_session is not None:  # ft: leave the quorum (the session's history stays readable)
+            self.ft_session.shutdown()
+        super().teardown()
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:

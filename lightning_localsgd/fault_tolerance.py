@@ -1,0 +1,200 @@
+"""Live fault tolerance on torchft: replica groups die and come back while the others keep training.
+
+``LocalSGDStrategy(fault_tolerance=TorchFT(...))`` turns each Lightning job (one process, or one
+node's processes) into a *replica group* of a torchft job. The groups find each other through
+torchft's Lighthouse; every world synchronization of the consensus algorithm becomes one torchft
+*round* on the group's :class:`torchft.Manager`:
+
+1. **quorum** (``Manager.start_quorum``): the Lighthouse says which groups are alive; torchft's
+   reconfigurable process group is rebuilt when that set changed. A group whose step count is
+   behind (it just started, or it missed a commit) *heals*: torchft's checkpoint transport sends
+   it a live peer's state (the consensus model, DiLoCo's anchor and outer optimizer state, the
+   inner optimizer, the LR schedulers, the step count) and the group then takes part in the
+   round without contributing (:mod:`lightning_localsgd.ft_session`);
+2. **average** over the quorum (:mod:`lightning_localsgd.ft_collectives`): a tiny float64
+   allreduce agrees on how many replicas contribute and on the step, then one allreduce of the
+   synchronized values (``Manager.allreduce`` with SUM, in buckets);
+3. **commit** (``Manager.should_commit``): only then is the mean written into the replica. A
+   round that failed (a peer died inside it) is repeated from step 1 with the replica untouched,
+   so the survivors lose no local step; a group that cannot get a quorum within
+   ``quorum_timeout`` fails with an error instead of hanging.
+
+Evaluation and checkpoints between syncs use this group's own average (no cross-group
+collective); see docs/fault_tolerance.md for what is and is not guaranteed.
+
+Example::
+
+    # once per job: python -m torchft.torchft_lighthouse ... or start_lighthouse(min_replicas=2)
+    ft = TorchFT(lighthouse_addr="http://head:29510", replica_id=0, min_replicas=2)
+    trainer = Trainer(strategy=LocalSGDStrategy(fault_tolerance=ft), callbacks=[DiLoCo(100)], max_steps=10_000)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from lightning_localsgd.comm import Collectives
+    from lightning_localsgd.engine import SyncEngine
+
+INSTALL_HINT = "pip install lightning-localsgd[ft]  (or: pip install torchft)"
+LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
+REPLICA_ID_ENV = "REPLICA_GROUP_ID"
+
+
+class FaultToleranceError(RuntimeError):
+    """A round over the replica groups could not complete (no quorum, or too many failed attempts)."""
+
+
+def require_torchft() -> Any:
+    """Import torchft or fail with the command that installs it."""
+    try:
+        import torchft  # noqa: F401
+        from torchft import manager
+    except ImportError as err:
+        raise ImportError(f"fault_tolerance=TorchFT(...) needs torchft: {INSTALL_HINT}") from err
+    return manager
+
+
+def _seconds(name: str, value: timedelta | float) -> timedelta:
+    if isinstance(value, timedelta):
+        out = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = timedelta(seconds=float(value))
+    else:
+        raise TypeError(f"{name} must be a timedelta or a number of seconds such as 60, got {value!r}")
+    if out.total_seconds() <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class TorchFT:
+    """How this Lightning job joins a torchft fault-tolerant job as one replica group.
+
+    Argument names follow torchft's ``Manager`` and Lighthouse.
+
+    Args:
+        lighthouse_addr: the Lighthouse, e.g. ``"http://head-node:29510"``; default: the
+            ``TORCHFT_LIGHTHOUSE`` environment variable (what torchft reads).
+        replica_id: this group's id, unique among the groups and the same when the group is
+            restarted (e.g. ``0``, ``1``, ``2``); default: ``REPLICA_GROUP_ID``. A trailing number
+            orders the groups.
+        min_replicas: fewest replica groups a round may commit with (torchft's
+            ``min_replica_size``); start the Lighthouse with the same ``--min_replicas``.
+        timeout: bound of every collective, ``should_commit`` and checkpoint transfer of a round.
+        quorum_timeout: how long a group waits for a quorum. A returning group waits for the
+            others' next sync, so this must exceed the time of ``sync_every`` steps.
+        connect_timeout: bound of connecting to the Lighthouse and the peers' managers.
+        heartbeat_interval: how often the group's manager tells the Lighthouse it is alive.
+        max_retries: failed attempts of one round (a peer died inside it) before giving up.
+        backend: ``"gloo"`` (CPU, or GPU tensors through host memory) or ``"nccl"``: torchft's
+            reconfigurable process group that carries the rounds.
+        hostname: the address peers reach this group's manager and checkpoint server at
+            (default: this machine's hostname).
+    """
+
+    lighthouse_addr: str | None = None
+    replica_id: str | int | None = None
+    min_replicas: int = 1
+    timeout: timedelta | float = timedelta(seconds=60)
+    quorum_timeout: timedelta | float = timedelta(minutes=10)
+    connect_timeout: timedelta | float = timedelta(seconds=60)
+    heartbeat_interval: timedelta | float = timedelta(milliseconds=100)
+    max_retries: int = 3
+    backend: Literal["gloo", "nccl"] = "gloo"
+    hostname: str | None = None
+    _resolved: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        require_torchft()
+        lighthouse = self.lighthouse_addr or os.environ.get(LIGHTHOUSE_ENV)
+        if not lighthouse:
+            raise ValueError(f"TorchFT needs the Lighthouse address: pass lighthouse_addr=... or set {LIGHTHOUSE_ENV}")
+        replica_id = self.replica_id if self.replica_id is not None else os.environ.get(REPLICA_ID_ENV)
+        if replica_id is None or str(replica_id) == "":
+            raise ValueError(f"TorchFT needs this group's replica_id (e.g. replica_id=0) or {REPLICA_ID_ENV} set")
+        if isinstance(self.min_replicas, bool) or not isinstance(self.min_replicas, int) or self.min_replicas < 1:
+            raise ValueError(f"min_replicas must be an integer >= 1, got {self.min_replicas!r}")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
+        self._resolved.update(
+            lighthouse_addr=lighthouse,
+            replica_id=str(replica_id),
+            timeout=_seconds("timeout", self.timeout),
+            quorum_timeout=_seconds("quorum_timeout", self.quorum_timeout),
+            connect_timeout=_seconds("connect_timeout", self.connect_timeout),
+            heartbeat_interval=_seconds("heartbeat_interval", self.heartbeat_interval),
+        )
+
+    def resolved(self, name: str) -> Any:
+        """An argument after defaults from the environment and conversion to ``timedelta``."""
+        return self._resolved[name]
+
+    def check_supported(self, engine: SyncEngine, comm: Collectives) -> None:
+        """Refuse, with the reason and the fix, what the rounds over replica groups cannot carry."""
+        from lightning_localsgd.algorithms.diloco import DiLoCo
+        from lightning_localsgd.algorithms.periodic import PeriodicAveraging
+
+        algorithm = engine.algorithm
+        name = type(algorithm).__name__
+        if type(algorithm) not in (PeriodicAveraging, DiLoCo):
+            raise ValueError(
+                f"fault_tolerance supports PeriodicAveraging and DiLoCo, got {name}: its state or its syncs "
+                "(per-rank state, leaders, pulls) are not carried by torchft rounds; use one of those two"
+            )
+        if algorithm.overlap_steps or algorithm.fragments != 1:
+            raise ValueError(
+                f"fault_tolerance needs blocking whole-model syncs: drop overlap_steps/fragments from {name} "
+                "(a sync in flight cannot be repeated when a replica group dies inside it)"
+            )
+        if algorithm.warmup_steps:
+            raise ValueError(
+                f"fault_tolerance does not average gradients every step: drop warmup_steps from {name} "
+                "(each step would need a quorum), or warm up in a run without fault_tolerance"
+            )
+        if algorithm.buffers == "broadcast":
+            raise ValueError(
+                "fault_tolerance has no fixed rank 0 to broadcast buffers from: use buffers='average' or 'local'"
+            )
+        if engine.modifier is not None or engine.observers:
+            names = [type(cb).__name__ for cb in [engine.modifier, *engine.observers] if cb is not None]
+            raise ValueError(
+                f"{', '.join(names)} communicate over the fixed world: remove them when using fault_tolerance"
+            )
+        if comm.quantized:
+            raise ValueError(
+                f"comm_dtype={comm.comm_dtype!r} keeps per-rank error-feedback residuals that a returning group "
+                "cannot receive: use comm_dtype=None, 'bfloat16' or 'float16' with fault_tolerance"
+            )
+
+
+def start_lighthouse(
+    min_replicas: int = 1,
+    bind: str = "[::]:0",
+    join_timeout_ms: int = 60_000,
+    quorum_tick_ms: int = 100,
+    heartbeat_timeout_ms: int = 5_000,
+) -> Any:
+    """Start torchft's Lighthouse in this process (same as the ``torchft_lighthouse`` command).
+
+    Returns the ``torchft.coordination.LighthouseServer``: its ``address()`` is what every group
+    passes as ``lighthouse_addr``; call ``shutdown()`` when the job is over. A group that stops
+    heartbeating is dropped from the next quorum after ``heartbeat_timeout_ms``; a quorum that
+    misses a group that still heartbeats waits up to ``join_timeout_ms`` for it.
+    """
+    require_torchft()
+    from torchft.coordination import LighthouseServer
+
+    return LighthouseServer(
+        bind=bind,
+        min_replicas=min_replicas,
+        join_timeout_ms=join_timeout_ms,
+        quorum_tick_ms=quorum_tick_ms,
+        heartbeat_timeout_ms=heartbeat_timeout_ms,
+    )

@@ -1,0 +1,119 @@
+"""What a replica group that heals receives from a live peer, and how it is put in place.
+
+torchft's checkpoint transport moves one picklable dict from a peer that is up to date to a group
+that is behind (it just started, or it missed a commit). The dict is captured by the peer at the
+quorum of a round, *before* that round's average, and holds:
+
+===============  ================================================================================
+``step``         the optimizer step of the peer's round (the step count the group adopts)
+``kind``         ``"sync"`` (a sync of the schedule: the healed group takes part in it) or
+                 ``"join"`` (the peer's own first round: nothing to average)
+``module``       the peer's replica (``state_dict``), for the tensors a sync does not average
+``algorithm``    the consensus algorithm's global state: counters, the anchor (DiLoCo's θ),
+                 DiLoCo's outer optimizer state
+``optimizers``   the inner optimizer's state (momentum, Adam moments, step counters)
+``schedulers``   the LR schedulers' state
+===============  ================================================================================
+
+Everything is loaded **in place**: the anchor keeps its storage (DiLoCo's θ pieces and outer
+optimizer parameters are views of it), the outer optimizers keep their parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+
+from lightning_localsgd.algorithms.base import ConsensusAlgorithm
+from lightning_localsgd.algorithms.diloco import DiLoCo
+from lightning_localsgd.algorithms.periodic import PeriodicAveraging
+from lightning_localsgd.comm import Collectives, Group
+
+
+def capture_peer_state(trainer: Trainer, algorithm: ConsensusAlgorithm, step: int, kind: str) -> dict[str, Any]:
+    """This group's state for a peer that heals (called on torchft's quorum thread, training blocked)."""
+    return {
+        "step": int(step),
+        "kind": kind,
+        "module": trainer.lightning_module.state_dict(),
+        "algorithm": algorithm.state_dict(),
+        "optimizers": [optimizer.state_dict() for optimizer in trainer.strategy.optimizers],
+        "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+    }
+
+
+@torch.no_grad()
+def restore_peer_state_(trainer: Trainer, algorithm: ConsensusAlgorithm, state: dict[str, Any]) -> None:
+    """Put a peer's captured state into this group's module, algorithm, optimizers and schedulers."""
+    optimizers, schedulers = trainer.strategy.optimizers, trainer.lr_scheduler_configs
+    if len(optimizers) != len(state["optimizers"]) or len(schedulers) != len(state["schedulers"]):
+        raise RuntimeError(
+            f"the peer has {len(state['optimizers'])} optimizer(s) and {len(state['schedulers'])} LR scheduler(s), "
+            f"this group {len(optimizers)} and {len(schedulers)}: every replica group must run the same configuration"
+        )
+    trainer.lightning_module.load_state_dict(state["module"])
+    load_algorithm_state_(algorithm, state["algorithm"])
+    for optimizer, saved in zip(optimizers, state["optimizers"]):
+        optimizer.load_state_dict(saved)
+    for config, saved in zip(schedulers, state["schedulers"]):
+        config.scheduler.load_state_dict(saved)
+
+
+@torch.no_grad()
+def load_algorithm_state_(algorithm: ConsensusAlgorithm, state: dict[str, Any]) -> None:
+    """A bound PeriodicAveraging's or DiLoCo's global state replaced by a peer's, in place."""
+    algorithm.last_sync_step = int(state["last_sync_step"])
+    algorithm.num_syncs = int(state["num_syncs"])
+    if isinstance(algorithm, PeriodicAveraging):
+        algorithm.num_node_syncs = int(state.get("num_node_syncs", 0))
+    if algorithm.anchor is not None:
+        algorithm.anchor.copy_(state["anchor"])
+    if isinstance(algorithm, DiLoCo):
+        saved = state.get("outer_optimizer") or []
+        for outer, outer_state in zip(algorithm.outers, saved, strict=True):
+            if outer is not None:
+                outer.load_state_dict(outer_state)
+
+
+def set_optimizer_steps(trainer: Trainer, completed: int, ready: int | None = None) -> None:
+    """Make ``trainer.global_step`` read ``completed`` (``ready``: started steps, one more inside a step)."""
+    loop = trainer.fit_loop.epoch_loop
+    if trainer.lightning_module.automatic_optimization:
+        total = loop.automatic_optimization.optim_progress.optimizer.step.total
+    else:
+        total = loop.manual_optimization.optim_step_progress.total
+    total.completed = int(completed)
+    total.ready = int(completed if ready is None else ready)
+
+
+def step_schedulers(trainer: Trainer, step: int) -> None:
+    """The per-step LR scheduler update Lightning makes after optimizer step ``step``.
+
+    A group that joins at the peers' sync of step ``step`` received schedulers captured before
+    that update (the peers make it after their sync); it makes it here.
+    """
+    for config in trainer.lr_scheduler_configs:
+        if config.interval == "step" and not config.reduce_on_plateau and step % config.frequency == 0:
+            trainer.lightning_module.lr_scheduler_step(config.scheduler, None)
+
+
+def equalize_job_(trainer: Trainer, algorithm: ConsensusAlgorithm, comm: Collectives, job: Group) -> None:
+    """After a join round, every rank of a multi-process group takes its job rank 0's model and global state.
+
+    At the first start torchft heals rank r of each group from group ``r mod m`` of the ``m`` groups
+    that are up to date, so the ranks of one group may have received different models; one
+    broadcast inside the job makes them the model every group's rank 0 received.
+    """
+    if job.size == 1:
+        return
+    from lightning_localsgd.replica_strategy import broadcast_module_
+
+    broadcast_module_(comm, trainer.lightning_module, job)
+    tensors = [] if algorithm.anchor is None else [algorithm.anchor]
+    if isinstance(algorithm, DiLoCo):
+        for outer in algorithm.outers:
+            for state in [] if outer is None else outer.state.values():
+                tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    comm.broadcast_tensors_(tensors, src=job.ranks[0], group=job, kind="setup")

@@ -1,0 +1,156 @@
+"""Replica groups of a fault-tolerant run (each one Lightning job), started by recipes/ft_launch.py.
+
+Every group fits full-batch least squares on its own data (float64, SGD with momentum), so the
+whole run is deterministic given which groups contributed to each sync: the test replays it in
+plain torch (:func:`replay`) and compares. ``die_at`` makes the first start of group ``die_group``
+SIGKILL itself after that optimizer step; ``die_in_sync`` inside the sync round of that step,
+after the quorum and the agreement on the contributors, before the values travel.
+
+Restarting a Python process takes 5 to 90 s on this shared 2-core machine, so the harness (not
+the library) makes the timeline deterministic (recipes/ft_launch.py's ``RestartGate``): every
+first start waits for the others before its join round, and the surviving groups pause after
+step ``gate_at`` until the restarted group has reached its join round. Those pauses are reported
+apart from the library's own waits.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_localsgd import DiLoCo, LocalSGDStrategy, PeriodicAveraging, TorchFT
+from recipes.ft_launch import INCARNATION_ENV, KillSelf, Pace, RestartGate
+
+D, N = 4, 12  # features, samples per group
+
+
+def group_data(group: int) -> tuple[Tensor, Tensor]:
+    """Group ``group``'s samples: each group's own linear target, so averaging matters."""
+    gen = torch.Generator().manual_seed(1000 + group)
+    x = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    w_true = torch.linspace(-1.0, 1.0, D, dtype=torch.float64) + 0.5 * group
+    return x, x @ w_true
+
+
+def initial_weights(group: int) -> Tensor:
+    """Every group starts from its own random weights: the join round must make them equal."""
+    return torch.randn(D, generator=torch.Generator().manual_seed(7 + group), dtype=torch.float64)
+
+
+def loss_of(w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    return 0.5 * ((x @ w - y) ** 2).mean()
+
+
+class FullBatch(Dataset):
+    """The same full batch at every index (``batch_size=None``): data order cannot matter."""
+
+    def __init__(self, group: int, length: int) -> None:
+        self.batch, self.length = group_data(group), length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.batch
+
+
+class LeastSquaresGroup(LightningModule):
+    def __init__(self, group: int, lr: float, momentum: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(initial_weights(group))
+        self.lr, self.momentum, self.steps = lr, momentum, 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.steps += 1
+        return loss_of(self.w, *batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class DieInSync(Callback):
+    """SIGKILL this process inside the sync round of ``step``: after the agreement on the
+    contributors, before the values' allreduce (the survivors' attempt fails and is repeated)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_start(self, trainer: Trainer, *args: Any) -> None:
+        session = trainer.strategy.ft_session
+        plain_sum, calls = session.sum_, []
+
+        def dying_sum(flat: Tensor, kind: str) -> bool:
+            if session.round_kind == "sync" and session.round_step == self.step:
+                calls.append(kind)
+                if len(calls) == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return plain_sum(flat, kind)
+
+        session.sum_ = dying_sum
+
+
+def train_group(
+    out_dir: str,
+    devices: int,
+    num_nodes: int,
+    algorithm: str = "periodic",
+    sync_every: int = 5,
+    max_steps: int = 60,
+    lr: float = 0.05,
+    momentum: float = 0.5,
+    outer_lr: float = 0.7,
+    outer_momentum: float = 0.5,
+    die_group: int = 2,
+    die_at: int | None = None,
+    die_in_sync: bool = False,
+    pace: float = 0.05,
+    min_replicas: int = 2,
+    barrier_dir: str | None = None,
+    groups: int = 3,
+    gate_at: int | None = None,
+) -> dict[str, Any]:
+    group, incarnation = int(os.environ["REPLICA_GROUP_ID"]), int(os.environ[INCARNATION_ENV])
+    torch.set_num_threads(1)
+    if algorithm == "periodic":
+        consensus: Any = PeriodicAveraging(sync_every)
+    else:
+        outer = functools.partial(torch.optim.SGD, lr=outer_lr, momentum=outer_momentum)
+        consensus = DiLoCo(sync_every, outer_optimizer=outer)
+    gate = None if barrier_dir is None else RestartGate(barrier_dir, groups, gate_at, die_group)
+    callbacks: list[Callback] = [consensus, Pace(pace)] + ([gate] if gate is not None else [])
+    if die_at is not None and group == die_group and incarnation == 0:
+        callbacks.append(DieInSync(die_at) if die_in_sync else KillSelf(die_at))
+    ft = TorchFT(min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10)
+    strategy = LocalSGDStrategy(fault_tolerance=ft)
+    trainer = Trainer(
+        accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, max_steps=max_steps,
+        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )  # fmt: skip
+    model = LeastSquaresGroup(group, lr, momentum)
+    shard = group * devices + int(os.environ["LOCAL_RANK"])  # every process of every group has its own data
+    trainer.fit(model, DataLoader(FullBatch(shard, 10 * max_steps), batch_size=None))
+    optimizer = trainer.strategy.optimizers[0]
+    out: dict[str, Any] = {
+        "group": group,
+        "rank": int(os.environ["LOCAL_RANK"]),
+        "incarnation": incarnation,
+        "w": model.w.detach().clone(),
+        "momentum": optimizer.state[model.w]["momentum_buffer"].clone(),
+        "steps": model.steps,
+        "global_step": trainer.global_step,
+        "num_syncs": consensus.num_syncs,
+        "history": strategy.ft_session.records(),
+        "harness_pause": 0.0 if gate is None else gate.paused,
+    }
+    if isinstance(consensus, DiLoCo):
+        out["anchor"] = consensus.anchor.clone()
+        out["outer_momentum"] = consensus.outer.state_dict()["state"][0]["momentum_buffer"].clone()
+    return out
