@@ -2,14 +2,14 @@
 the tests that start processes (real gloo ranks, torchrun, benchmark or demo runs) or train for long.
 
 A test is marked ``launches`` when its code calls a launcher (``run_ranks``, ``run_local_ranks``,
-``subprocess``) or it carries ``@pytest.mark.launches`` itself.
+``launch_ranks`` of benchmarks/common.py, ``subprocess``) or it carries ``@pytest.mark.launches`` itself.
 """
 
 from __future__ import annotations
 
 import pytest
 
-LAUNCHERS = {"run_ranks", "run_local_ranks", "subprocess", "run_torchrun"}
+LAUNCHERS = {"run_ranks", "run_local_ranks", "launch_ranks", "subprocess", "run_torchrun"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
