@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-LAUNCHERS = {"run_ranks", "run_local_ranks", "launch_ranks", "subprocess", "run_torchrun"}
+LAUNCHERS = {"run_ranks", "run_local_ranks", "launch_ranks", "subprocess", "run_torchrun", "run_attempt", "run_job"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
