@@ -186,7 +186,7 @@ def write_page(data: dict[str, Any], docs: Path, lines: list[str]) -> None:
     partial = (
         [
             f"**Partial measurement:** {len(runs)} of the {planned} planned runs ran before the session's deadline "
-            "(2 CPU cores shared with other jobs: one job took 5–10 minutes, almost all of it Python imports). "
+            "(2 CPU cores shared with other jobs: a job took 2–17 minutes, almost all of it Python imports at nice 19). "
             + (f"Not run at all: {', '.join(missing)}. " if missing else "")
             + "`--resume` continues it.",
             "",
