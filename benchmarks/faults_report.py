@@ -79,6 +79,7 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             "back": spread([r["back_s"] for r in runs], " s"),
             "stall": spread([r["stall_s"] for r in runs], " s"),
             "intact": sum(r["checkpoints_intact"] for r in runs), "errors": errors,
+            "skipped": sum(r.get("steps_skipped") or 0 for r in runs),
             "categories": {c: sum(category(r, expect) == c for r in runs) for c, _ in CATEGORIES},
         })  # fmt: skip
     return out
@@ -100,6 +101,10 @@ def what_happened(row: dict[str, Any]) -> str:
         parts.append(f"{row['finished']}/{n} trained to the end")
         if row["errors"]:
             parts.append("errors seen: " + ", ".join(row["errors"]))
+    if row.get("skipped"):
+        parts.append(
+            f"a worker resumed past steps it never did: {row['skipped']} steps (async: step counter from rank 0's file)"
+        )
     if row["stall"] != "–":
         parts.append(f"longest pause between steps {row['stall']}")
     parts.append(f"checkpoints intact {row['intact']}/{n}")
