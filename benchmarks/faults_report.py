@@ -79,6 +79,7 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             "back": spread([r["back_s"] for r in runs], " s"),
             "stall": spread([r["stall_s"] for r in runs], " s"),
             "intact": sum(r["checkpoints_intact"] for r in runs), "errors": errors,
+            "skipped": sum(r.get("steps_skipped") or 0 for r in runs),
             "categories": {c: sum(category(r, expect) == c for r in runs) for c, _ in CATEGORIES},
         })  # fmt: skip
     return out
@@ -100,6 +101,10 @@ def what_happened(row: dict[str, Any]) -> str:
         parts.append(f"{row['finished']}/{n} trained to the end")
         if row["errors"]:
             parts.append("errors seen: " + ", ".join(row["errors"]))
+    if row.get("skipped"):
+        parts.append(
+            f"a worker resumed past steps it never did: {row['skipped']} steps (async: step counter from rank 0's file)"
+        )
     if row["stall"] != "–":
         parts.append(f"longest pause between steps {row['stall']}")
     parts.append(f"checkpoints intact {row['intact']}/{n}")
@@ -186,7 +191,7 @@ def write_page(data: dict[str, Any], docs: Path, lines: list[str]) -> None:
     partial = (
         [
             f"**Partial measurement:** {len(runs)} of the {planned} planned runs ran before the session's deadline "
-            "(2 CPU cores shared with other jobs: one job took 5–10 minutes, almost all of it Python imports). "
+            "(2 CPU cores shared with other jobs: a job took 2–17 minutes, almost all of it Python imports at nice 19). "
             + (f"Not run at all: {', '.join(missing)}. " if missing else "")
             + "`--resume` continues it.",
             "",
