@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-SIGTERM_BROADCAST = "_broadcast_sigterm_tensor"  # Lightning's per-batch collective (training_epoch_loop.py)
+from lightning_localsgd.sigterm import local_sigterm_check, replace_sigterm_check, restore_sigterm_check
 
 
 class LockstepGuards:
@@ -39,24 +38,12 @@ class LockstepGuards:
     def _set_active(self, active: bool) -> None:
         """Enter/leave the asynchronous phase."""
         self._active = active
-        # The one use of a private Lightning attribute in this library: Lightning (2.x) broadcasts a
-        # SIGTERM flag from rank 0 before every training batch, straight through torch.distributed;
-        # with ranks at different steps that would put them back in lockstep. The instance attribute
-        # shadows the method for this loop only; tests/test_async.py fails if Lightning renames it.
-        loop = self.lightning_module.trainer.fit_loop.epoch_loop
-        if not callable(getattr(type(loop), SIGTERM_BROADCAST, None)):
-            raise RuntimeError(
-                f"this Lightning version has no {type(loop).__name__}.{SIGTERM_BROADCAST}: the async strategy cannot "
-                "keep the per-batch SIGTERM broadcast from putting ranks back in lockstep; use lightning 2.4-2.6"
-            )
+        # Lightning's per-batch SIGTERM broadcast would put the ranks back in lockstep (sigterm.py)
+        trainer = self.lightning_module.trainer
         if active:
-            setattr(loop, SIGTERM_BROADCAST, self._local_sigterm_check)
+            replace_sigterm_check(trainer, local_sigterm_check(trainer))
         else:
-            loop.__dict__.pop(SIGTERM_BROADCAST, None)
-
-    def _local_sigterm_check(self) -> None:
-        if getattr(self.lightning_module.trainer, "received_sigterm", False):
-            raise SIGTERMException()
+            restore_sigterm_check(trainer)
 
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         if not self._active:

@@ -26,6 +26,7 @@ from lightning_localsgd.ft_collectives import QuorumCollectives
 from lightning_localsgd.params import BufferPolicy
 from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT
 from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy, loader_state
+from lightning_localsgd.sigterm import replace_sigterm_check, restore_sigterm_check, sigterm_check_at
 
 
 class LocalSGDStrategy(ReplicaStrategy):
@@ -247,11 +248,15 @@ class LocalSGDStrategy(ReplicaStrategy):
         super().on_train_start()
         if self.ft_session is not None and self._driving():  # ft: join the live replica groups
             self.ft_session.join()
+        if self._driving() and self.world_size > 1:  # no per-step message between syncs (sigterm.py)
+            trainer = self.lightning_module.trainer
+            replace_sigterm_check(trainer, sigterm_check_at(trainer, self.algorithm.agrees_at))
 
     @override
     def on_train_end(self) -> None:
         super().on_train_end()
         if self._driving():
+            restore_sigterm_check(self.lightning_module.trainer)
             self.algorithm.finalize(self.lightning_module.trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoints

@@ -12,6 +12,14 @@ writes ``demo.json`` and ``demo.png`` (validation accuracy against training wall
 megabytes sent) under ``--results-dir``.
 
     python -m recipes.demo [--algorithms ddp,localsgd,diloco] [--steps 352] [--hub] [--docs] [--replot]
+    python -m recipes.demo --link 1gbit [--docs]     # every run behind a shaped 1 Gbit/s loopback
+
+``--link RATE`` runs each fine-tuning process pair inside a private network namespace whose
+loopback is shaped by the kernel's token bucket (``recipes/launch.py shaped_link``: root and
+iproute2 needed; without them the demo says so and stops). The link is named in the table, the
+plot title and the results page (``docs/results/demo_<rate>.md``); the runs are then ``ddp``,
+``localsgd`` (blocking), ``localsgd_overlap``, ``localsgd_streaming`` and ``diloco``, and the
+verdict asks ``localsgd_overlap`` to reach DDP's accuracy ``--speedup-target`` (8) times sooner.
 """
 
 from __future__ import annotations
@@ -27,16 +35,21 @@ from typing import Any
 
 import yaml
 
+from recipes.launch import describe_link, link_bits_per_second, shaped_link
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "image_classification"
 DOCS = ROOT / "docs" / "results"
 DEFAULT_ALGORITHMS = "ddp,localsgd,diloco,modified_localgd,lsgd,easgd,gradalign"
+LINK_ALGORITHMS = "ddp,localsgd,localsgd_overlap,localsgd_streaming,diloco"  # the default with --link
 DEFAULT_CACHE = Path(os.environ.get("LIGHTNING_LOCALSGD_CACHE", "~/.cache/lightning-localsgd")).expanduser()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m recipes.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--algorithms", default=DEFAULT_ALGORITHMS, help="overlays of configs/image_classification/")
+    p.add_argument("--algorithms", default=None,
+                   help=f"overlays of configs/image_classification/ (default {DEFAULT_ALGORITHMS}; with --link "
+                        f"{LINK_ALGORITHMS})")  # fmt: skip
     p.add_argument("--model", default="resnet18", help="a timm model name")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=352, help="optimizer steps of every fine-tuning run (same budget)")
@@ -48,12 +61,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--hub", action="store_true", help="start from timm's hub weights (online) instead of stage 1")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results" / "demo")
+    p.add_argument("--results-dir", type=Path, default=None, help="default benchmarks/results/demo[_<link>]")
     p.add_argument("--target-slack", type=float, default=0.005, help="time-to-accuracy target: DDP's final − this")
     p.add_argument("--timeout", type=float, default=600, help="seconds per fine-tuning run")
     p.add_argument("--docs", action="store_true", help="also write docs/results/demo.md and a PNG copy for the repository")
     p.add_argument("--replot", action="store_true", help="redraw the table, PNG (and --docs) from demo.json; no runs")
-    return p.parse_args(argv)
+    p.add_argument("--link", default=None, help="run every process pair behind a shaped loopback of this rate (1gbit)")
+    p.add_argument("--verdict-run", default=None,
+                   help="the run the verdict compares with ddp (default localsgd; with --link localsgd_overlap)")
+    p.add_argument("--speedup-target", type=float, default=None,
+                   help="time-to-accuracy speedup over ddp the verdict asks for (default 1.3; with --link 8)")
+    args = p.parse_args(argv)
+    shaped = args.link is not None
+    if shaped:
+        link_bits_per_second(args.link)  # a clear error for a malformed rate, before anything runs
+    if args.algorithms is None:
+        args.algorithms = LINK_ALGORITHMS if shaped else DEFAULT_ALGORITHMS
+    if args.verdict_run is None:
+        args.verdict_run = "localsgd_overlap" if shaped and "localsgd_overlap" in args.algorithms else "localsgd"
+    if args.speedup_target is None:
+        args.speedup_target = 8.0 if shaped else 1.3
+    if args.results_dir is None:
+        args.results_dir = ROOT / "benchmarks" / "results" / ("demo" if not shaped else f"demo_{args.link}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------- stage 1
@@ -131,9 +161,10 @@ def finetune(name: str, args: argparse.Namespace, weights: Path | None) -> dict[
         env.pop(key, None)
     print(f"\n[stage 2] {name}: {' '.join(cmd[1:6])} ...", flush=True)
     load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True, timeout=args.timeout)
-    seconds = time.perf_counter() - start
+    with shaped_link(args.link) as prefix:  # [] without --link
+        start = time.perf_counter()
+        subprocess.run(prefix + cmd, env=env, cwd=ROOT, check=True, timeout=args.timeout)
+        seconds = time.perf_counter() - start
     doc = json.loads(journal.read_text())
     doc.update(process_seconds=seconds, loadavg_before=load_before, loadavg_after=os.getloadavg()[0])
     return doc
@@ -234,14 +265,14 @@ def footnotes(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def format_table(summary: dict[str, Any]) -> str:
+def format_table(summary: dict[str, Any], link: str | None = None) -> str:
     target = summary["target_acc"]
     head = (
         f"{'run':<16}{'final acc':>10}{'train s':>9}{'total s':>9}{'MB sent':>10}{'syncs':>7}"
         f"{'s to ' + (f'{100 * target:.1f}%' if target is not None else 'target'):>12}{'speedup':>9}"
         f"{'steps':>7}{'held':>7}{'ms/step':>9}{'load':>11}"
     )
-    lines = [head, "-" * len(head)]
+    lines = [f"link: {describe_link(link)}", head, "-" * len(head)]
     notes = footnotes(summary)
     marked = [line.split(":", 1)[0].split("] ")[1] for line in notes]
     for name, r in summary["rows"].items():
@@ -260,7 +291,9 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def plot(runs: dict[str, dict[str, Any]], target: float | None, path: Path, floor: float = 70.0) -> None:
+def plot(
+    runs: dict[str, dict[str, Any]], target: float | None, path: Path, floor: float = 70.0, link: str | None = None
+) -> None:
     """Accuracy against wall-clock and against MB sent; the y-axis starts at ``floor`` % (dips below are named)."""
     import matplotlib
 
@@ -290,7 +323,7 @@ def plot(runs: dict[str, dict[str, Any]], target: float | None, path: Path, floo
     ax_b.set_xlabel("MB sent per rank (log)")
     ax_b.set_xscale("log")
     ax_t.legend()
-    fig.suptitle("Fine-tuning on digits, 2 CPU processes (gloo, 127.0.0.1)")
+    fig.suptitle(f"Fine-tuning on digits, 2 CPU processes (gloo), link: {describe_link(link)}")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -306,32 +339,43 @@ LEGEND = (
 )
 
 
-def verdict_line(summary: dict[str, Any], slack: float) -> tuple[bool | None, str]:
-    """Whether localsgd reached DDP's final accuracy − ``slack`` at least 1.3× sooner, and the sentence saying so."""
+def verdict_line(summary: dict[str, Any], slack: float, run: str = "localsgd", target: float = 1.3) -> tuple[bool | None, str]:
+    """Whether ``run`` reached DDP's final accuracy − ``slack`` at least ``target``× sooner, and the sentence saying so."""
     rows = summary["rows"]
-    if "ddp" not in rows or "localsgd" not in rows:
-        return None, "(the 1.3x target compares localsgd with ddp: run both)"
-    speedup, held = rows["localsgd"]["speedup_vs_ddp"], rows["localsgd"]["held_speedup_vs_ddp"]
-    verdict = speedup is not None and speedup >= 1.3
+    if "ddp" not in rows or run not in rows:
+        return None, f"(the {target:g}x target compares {run} with ddp: run both)"
+    speedup, held = rows[run]["speedup_vs_ddp"], rows[run]["held_speedup_vs_ddp"]
+    verdict = speedup is not None and speedup >= target
     reached = "never reached it" if speedup is None else f"reached it {speedup:.2f}x sooner than DDP"
     held_text = "" if held is None else f"; stayed there from {held:.2f}x sooner"
     return verdict, (
         f"Time to DDP's final accuracy − {100 * slack:.1f} points ({100 * summary['target_acc']:.2f}%): "
-        f"localsgd {reached}{held_text} (target 1.3x: {'met' if verdict else 'NOT met'})."
+        f"{run} {reached}{held_text} (target {target:g}x: {'met' if verdict else 'NOT met'})."
     )
+
+
+def verdict_of(doc: dict[str, Any]) -> tuple[bool | None, str]:
+    """:func:`verdict_line` with the run and target a demo.json was made with (older files: localsgd, 1.3×)."""
+    st = doc["settings"]
+    return verdict_line(doc["summary"], st["target_slack"], st.get("verdict_run") or "localsgd",
+                        st.get("speedup_target") or 1.3)  # fmt: skip
 
 
 def write_docs(doc: dict[str, Any], table: str, verdict: str, png: Path) -> Path:
     """``docs/results/demo.md`` (and a PNG copy) from this run: what ``make demo`` measured."""
     import shutil
 
-    (DOCS / "img").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(png, DOCS / "img" / "demo.png")
     st, pre = doc["settings"], doc["pretrain"]
-    text = f"""# `make demo`: fine-tuning on 2 CPU processes
+    link = st.get("link")
+    stem = "demo" if link is None else f"demo_{link}"
+    (DOCS / "img").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(png, DOCS / "img" / f"{stem}.png")
+    title = "`make demo`: fine-tuning on 2 CPU processes" + ("" if link is None else f", behind a {link} link")
+    command = "python -m recipes.demo --docs" + ("" if link is None else f" --link {link}")
+    text = f"""# {title}
 
-Written by `python -m recipes.demo --docs` ({doc.get("date", "?")}, {doc["machine"]["cpus"]} CPUs,
-gloo on 127.0.0.1, {doc["demo_seconds"]:.0f} s for the whole demo). Pretrained weights: {st["model"]} trained
+Written by `{command}` ({doc.get("date", "?")}, {doc["machine"]["cpus"]} CPUs,
+gloo on 127.0.0.1, link: {describe_link(link)}, {doc["demo_seconds"]:.0f} s for the whole demo). Pretrained weights: {st["model"]} trained
 on MNIST-5k ({100 * pre.get("val_acc", float("nan")):.1f}% val) or the hub. Fine-tuning on scikit-learn's digits
 ({st["image_size"]}×{st["image_size"]}), {st["steps"]} optimizer steps of {st["batch_size"]} images per rank, lr
 {st["lr"]} (SGD momentum 0.9, cosine), validation on the 359 held-out digits every {st["val_every"]} steps,
@@ -345,21 +389,21 @@ seed {st["seed"]}; every algorithm with its overlay in `configs/image_classifica
 
 {LEGEND}
 
-![accuracy vs wall-clock and vs bytes](img/demo.png)
+![accuracy vs wall-clock and vs bytes](img/{stem}.png)
 """
-    path = DOCS / "demo.md"
+    path = DOCS / f"{stem}.md"
     path.write_text(text)
     return path
 
 
 def report(doc: dict[str, Any], results_dir: Path, docs: bool) -> None:
     """Print the table and the verdict; write ``demo.png`` (and with ``docs`` the results page)."""
-    summary, slack = doc["summary"], doc["settings"]["target_slack"]
-    table = format_table(summary)
-    _, sentence = verdict_line(summary, slack)
+    summary, link = doc["summary"], doc["settings"].get("link")
+    table = format_table(summary, link)
+    _, sentence = verdict_of(doc)
     print("\n" + table + "\n\n" + sentence + "\n" + LEGEND)
     png = results_dir / "demo.png"
-    plot(doc["runs"], summary["target_acc"], png)
+    plot(doc["runs"], summary["target_acc"], png, link=link)
     print(f"Wrote {results_dir / 'demo.json'} and {png} ({doc['demo_seconds']:.0f} s).")
     if docs:
         print(f"Wrote {write_docs(doc, table, sentence, png)}")
@@ -393,10 +437,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
         "date": time.strftime("%Y-%m-%d"),
         "summary": summary,
-        "target_met": verdict_line(summary, args.target_slack)[0],
+        "target_met": None,
         "demo_seconds": time.perf_counter() - started,
         "runs": runs,
     }
+    doc["target_met"] = verdict_of(doc)[0]
     (args.results_dir / "demo.json").write_text(json.dumps(doc, indent=1))
     report(doc, args.results_dir, args.docs)
     return doc

@@ -439,16 +439,3 @@ trainer:
     assert strategy.slowdown == {1: 3.0}
     opt = strategy.outer_optimizer
     assert isinstance(opt, DelayedNesterov) and (opt.lr, opt.momentum, opt.activation) == (0.07, 0.9, 0.1)
-
-
-def test_the_one_private_lightning_attribute_the_async_strategy_shadows_still_exists():
-    """Fails when Lightning renames or drops its per-batch SIGTERM broadcast (see async_guards.py)."""
-    import inspect
-
-    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
-
-    from lightning_localsgd.async_guards import SIGTERM_BROADCAST
-
-    method = getattr(_TrainingEpochLoop, SIGTERM_BROADCAST)
-    assert "torch.distributed.broadcast" in inspect.getsource(method)
-    assert SIGTERM_BROADCAST in inspect.getsource(_TrainingEpochLoop.advance)

@@ -1,5 +1,6 @@
 """The demo's bookkeeping: time to accuracy, the summary table and the --sync-every overlays."""
 
+import pytest
 import yaml
 
 from recipes.demo import CONFIGS, format_table, overlay_for, parse_args, summarize, time_held, time_to, verdict_line
@@ -43,6 +44,7 @@ def test_summary_speedup_against_ddps_final_accuracy():
     assert diloco["seconds_to_target"] is None and diloco["speedup_vs_ddp"] is None
     assert (local["final_acc"], local["MB_sent"], local["syncs"]) == (0.99, 50, 4)
     table = format_table(s).splitlines()
+    assert table.pop(0) == "link: loopback (unshaped)"
     assert "s to 98.0%" in table[0]
     # 24 s over 32 steps = 750 ms/step
     assert table[3].split() == [
@@ -63,6 +65,23 @@ def test_verdict_needs_the_speedup_not_just_the_accuracy():
     met, sentence = verdict_line(summarize(runs, slack=0.005), slack=0.005)
     assert met is False and "1.25x" in sentence and "NOT met" in sentence
     assert verdict_line(summarize({"ddp": runs["ddp"]}, 0.005), 0.005)[0] is None
+
+
+def test_link_runs_name_the_link_and_judge_the_overlapped_run_at_8x():
+    args = parse_args(["--link", "1gbit"])
+    assert args.algorithms == "ddp,localsgd,localsgd_overlap,localsgd_streaming,diloco"
+    assert (args.verdict_run, args.speedup_target, args.results_dir.name) == ("localsgd_overlap", 8.0, "demo_1gbit")
+    assert (parse_args([]).verdict_run, parse_args([]).speedup_target) == ("localsgd", 1.3)
+    with pytest.raises(ValueError, match="rate"):
+        parse_args(["--link", "fast"])
+    runs = {
+        "ddp": run([0.97, 0.985], [80, 160], [1, 2], [1, 2], "closed form"),
+        "localsgd_overlap": run([0.97, 0.99], [10, 20], [1, 2], [1, 2]),  # 160 s / 20 s = 8x
+    }
+    s = summarize(runs, slack=0.005)
+    met, sentence = verdict_line(s, 0.005, run="localsgd_overlap", target=8.0)
+    assert met is True and "localsgd_overlap reached it 8.00x sooner" in sentence and "(target 8x: met)" in sentence
+    assert format_table(s, "1gbit").splitlines()[0] == "link: 1gbit loopback (tc tbf, burst 256kb, latency 200ms)"
 
 
 def test_sync_every_override_rewrites_only_sync_every(tmp_path):

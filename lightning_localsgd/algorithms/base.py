@@ -429,6 +429,14 @@ class ConsensusAlgorithm(Callback):
         """True at the steps ``warmup_steps + every, warmup_steps + 2·every, ...``."""
         return step > self.warmup_steps and (step - self.warmup_steps) % every == 0
 
+    def agrees_at(self, step: int) -> bool:
+        """Whether the ranks meet at ``step`` anyway: a warm-up step or the first step of a round.
+
+        The strategy lets Lightning's per-batch SIGTERM broadcast run only before these steps
+        (:mod:`lightning_localsgd.sigterm`): between them a training step sends nothing.
+        """
+        return self.in_warmup(step) or self.is_due(step, self.sync_every)
+
     def is_synced(self, step: int) -> bool:
         """Whether the replicas are equal after ``step`` (no local step since they were made equal)."""
         return self.last_sync_step == step
