@@ -216,7 +216,7 @@ class LocalSGDStrategy(ReplicaStrategy):
         assert self.engine is not None
         step = self.lightning_module.trainer.global_step + 1  # the optimizer step this call completes
         run = lambda wrapped: super(LocalSGDStrategy, self).optimizer_step(optimizer, wrapped, model, **kwargs)  # noqa: E731
-        out = self.engine.step(step, closure, run, optimizer)
+        out = self.engine.step(step, closure, run)
         if self.ft_session is not None:  # ft: a healing in this step's sync gave this group the peers' step
             self.ft_session.after_step()
         return out
@@ -246,11 +246,11 @@ class LocalSGDStrategy(ReplicaStrategy):
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
+        if self.ft_session is not None and self._driving():  # ft: join the live replica groups
+            self.ft_session.join()
         if self._driving() and self.world_size > 1:  # no per-step message between syncs (sigterm.py)
             trainer = self.lightning_module.trainer
             replace_sigterm_check(trainer, sigterm_check_at(trainer, self.algorithm.agrees_at))
-        if self.ft_session is not None and self._driving():  # ft: join the live replica groups
-            self.ft_session.join()
 
     @override
     def on_train_end(self) -> None:
