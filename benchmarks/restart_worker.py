@@ -103,7 +103,7 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
     from recipes.data import shuffled_loader
 
     if not cfg["fixed"]:  # the "stock" rows: what Lightning alone does (torch's env:// rendezvous)
-        lightning_localsgd.replica_strategy.init_process_group = lambda *args, **kwargs: None
+        lightning_localsgd.replica_strategy.init_strategy_process_group = lambda *args, **kwargs: None
 
     class Regressor(LightningModule):
         def __init__(self) -> None:

@@ -45,7 +45,7 @@ from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.comm import Collectives, Group, new_group
 from lightning_localsgd.contract import GradientModifier, SyncContext, SyncObserver
 from lightning_localsgd.engine import CHECKPOINT_KEY, ResumeState, SyncEngine
-from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT, init_process_group
+from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT, init_strategy_process_group
 from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, broadcast_module_, node_groups
 
 
@@ -131,11 +131,7 @@ class LocalSGDStrategy(DDPStrategy):
     @override
     def _setup_distributed(self) -> None:
         self._set_world_ranks()
-        env = self.cluster_environment
-        assert env is not None
-        device = self.root_device if self.root_device.type != "cpu" else None
-        init_process_group(self._get_process_group_backend(), self.global_rank, self.world_size, env.main_address,
-                           env.main_port, timeout=self._timeout, init_timeout=self.init_timeout, device_id=device)  # fmt: skip
+        init_strategy_process_group(self)
         super()._setup_distributed()  # Lightning's own init finds the group and goes on
 
     @override

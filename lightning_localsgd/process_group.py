@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -120,6 +121,21 @@ def init_process_group(
         raise ProcessGroupInitError(_explain(rank, world_size, backend, init_timeout, where, prefix, err)) from err
     if timeout is not None:
         dist.set_timeout(timeout)
+
+
+def init_strategy_process_group(strategy: Any) -> None:
+    """:func:`init_process_group` with the settings of a Lightning DDP-style strategy (Trainer or Fabric).
+
+    Reads the strategy's backend, ranks, cluster environment (address and port), collective
+    ``_timeout``, ``init_timeout`` and device; both front ends call this before Lightning's own
+    ``setup_distributed``, which then finds the group already made.
+    """
+    env = strategy.cluster_environment
+    assert env is not None
+    device = strategy.root_device if strategy.root_device.type != "cpu" else None
+    init_process_group(strategy._get_process_group_backend(), strategy.global_rank, strategy.world_size,
+                       env.main_address, env.main_port, timeout=strategy._timeout,
+                       init_timeout=strategy.init_timeout, device_id=device)  # fmt: skip
 
 
 def _explain(

@@ -34,7 +34,7 @@ from typing_extensions import override
 from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
 from lightning_localsgd.comm import Collectives, Group, new_group
 from lightning_localsgd.engine import RankResume, ResumeState
-from lightning_localsgd.process_group import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_INIT_TIMEOUT, init_process_group
+from lightning_localsgd.process_group import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_INIT_TIMEOUT, init_strategy_process_group
 
 DEFAULT_TIMEOUT = DEFAULT_COLLECTIVE_TIMEOUT
 """How long any collective (and the async server) waits for a peer before failing with an error that
@@ -122,11 +122,7 @@ class ReplicaStrategy(DDPStrategy):
     @override
     def setup_distributed(self) -> None:
         self.set_world_ranks()
-        env = self.cluster_environment
-        assert env is not None
-        device = self.root_device if self.root_device.type != "cpu" else None
-        init_process_group(self._get_process_group_backend(), self.global_rank, self.world_size, env.main_address,
-                           env.main_port, timeout=self._timeout, init_timeout=self.init_timeout, device_id=device)  # fmt: skip
+        init_strategy_process_group(self)
         super().setup_distributed()  # Lightning's own init finds the group and goes on
         world, rank = self.world_size, self.global_rank
         self.world_group = Group(None, list(range(world)), rank)
