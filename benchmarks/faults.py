@@ -303,7 +303,8 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     runs = [r for r in runs if r["fault"] not in redo]
     partial.write_text("".join(json.dumps(r) + "\n" for r in runs))
     done = {r["run"] for r in runs}
-    needed = {spec["cfg"]["algorithm"] for spec in specs}
+    deferred = set(args.defer.split(",")) - {""}
+    needed = {spec["cfg"]["algorithm"] for spec in specs if spec["fault"] not in deferred}
     for name, algorithm in (("periodic", "periodic"), ("diloco", "diloco"), ("async", "async"),
                             ("async_again", "async")):  # fmt: skip
         if algorithm not in needed or name in refs or (name == "async_again" and not args.async_spread):
@@ -315,7 +316,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         refs_path.write_text(json.dumps(refs))
         print(f"reference {name}: final loss {refs[name]['final_loss']:.6f} ({job['seconds']:.0f} s)", flush=True)
     for i, spec in enumerate(specs):
-        if i in done:
+        if i in done or spec["fault"] in deferred:
             continue
         load = os.getloadavg()
         workdir = Path(tmp, f"{i:02d}_{spec['fault']}")
@@ -389,12 +390,17 @@ def main(argv: list[str] | None = None) -> None:
                         "progress files of an unfinished measurement")  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue an interrupted measurement (same arguments)")
     parser.add_argument("--rerun", default="", help="with --resume: run these faults (comma-separated) again")
+    parser.add_argument("--defer", default="", help="skip these faults (comma-separated) now; a later --resume "
+                        "without --defer runs them (the plan and its run numbers stay the same)")  # fmt: skip
     parser.add_argument("--reanalyse", action="store_true", help="with --report-only: analyse the kept job "
                         "directories again (in $TMPDIR/faults-<name>)")  # fmt: skip
     parser.add_argument(
         "--docs", action="store_true", help="also write docs/results/faults.md and the table in docs/reliability.md"
     )
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.defer.split(",")) - {""} - set(FAULTS))
+    if unknown:
+        parser.error(f"--defer: unknown faults {unknown}: choose from {sorted(FAULTS)}")
     out = ROOT / "benchmarks" / "results" / args.name
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only and (out / "faults.json").exists() and not args.reanalyse:

@@ -296,6 +296,11 @@ def summarize(name: str, spec: dict[str, Any], runs: list[dict[str, Any]], steps
     pooled = [t for r in ok for rank in r["ranks"] for t in rank["step_times"]]
     per_rank_means = [statistics.fmean(rank["step_times"]) for r in ok for rank in r["ranks"]]
     out["step_time_mean_s"] = statistics.fmean(pooled)
+    # the job's pace: the slowest rank's mean step of each repeat (ranks that sync share it; the floor's
+    # ranks never wait for each other, so its pooled mean is faster than any job of those ranks can finish)
+    out["slowest_rank_step_time_s"] = statistics.fmean(
+        max(statistics.fmean(rank["step_times"]) for rank in r["ranks"]) for r in ok
+    )
     out["step_time_median_s"] = statistics.median(pooled)
     out["step_time_stdev_s"] = statistics.stdev(pooled) if len(pooled) > 1 else 0.0
     out["step_time_rank_means_s"] = per_rank_means
@@ -382,6 +387,8 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
         if "step_time_mean_s" in floor:
             s["step_time_ratio_mean_vs_floor"] = s["step_time_mean_s"] / floor["step_time_mean_s"]
             s["step_time_ratio_median_vs_floor"] = s["step_time_median_s"] / floor["step_time_median_s"]
+        if s.get("slowest_rank_step_time_s") and floor.get("slowest_rank_step_time_s"):
+            s["step_time_ratio_slowest_rank_vs_floor"] = s["slowest_rank_step_time_s"] / floor["slowest_rank_step_time_s"]
         lo, ddp_lo = s.get("lo_bytes_per_step_per_rank"), ddp.get("lo_bytes_per_step_per_rank")
         if lo is not None and ddp_lo:
             s["bytes_ratio_lo_vs_ddp"] = lo / ddp_lo
@@ -420,7 +427,8 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
         spec = s.get("spec", {})
         if spec.get("overlap_steps") and "step_time_ratio_mean_vs_floor" in s:
             targets[f"{name}_step_time_vs_floor"] = {"mean": s["step_time_ratio_mean_vs_floor"],
-                                                      "median": s["step_time_ratio_median_vs_floor"]}  # fmt: skip
+                                                      "median": s["step_time_ratio_median_vs_floor"],
+                                                      "slowest_rank": s.get("step_time_ratio_slowest_rank_vs_floor")}  # fmt: skip
         if spec.get("fragments", 1) > 1:
             full = summary.get(f"localsgd_H{spec['H']}", {})
             whole = 2.0 * (world - 1) / world * s.get("param_bytes", 0) + 8.0 * (world - 1)  # one full fp32 sync
@@ -447,7 +455,7 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
 # ====================================================================== output
 def table(summary: dict[str, dict[str, Any]]) -> str:
     head = (
-        f"{'variant':<20} {'mean ms':>8} {'median':>8} {'x floor':>8} {'(med)':>6} "
+        f"{'variant':<20} {'mean ms':>8} {'median':>8} {'x floor':>8} {'(med)':>6} {'slowest':>8} {'x floor':>8} "
         f"{'counter MB/step':>15} {'lo MB/step/rank':>15} {'bytes x DDP lo':>14} {'counter':>8} {'expected':>8} {'lo/ctr':>6}"
     )
     lines = [head, "-" * len(head)]
@@ -458,6 +466,7 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"{name:<20} {fmt(s['step_time_mean_s'], 1e3, 1):>8} {fmt(s['step_time_median_s'], 1e3, 1):>8} "
             f"{fmt(s.get('step_time_ratio_mean_vs_floor')):>8} {fmt(s.get('step_time_ratio_median_vs_floor'), 1, 2):>6} "
+            f"{fmt(s.get('slowest_rank_step_time_s'), 1e3, 1):>8} {fmt(s.get('step_time_ratio_slowest_rank_vs_floor')):>8} "
             f"{fmt(s.get('counter_bytes_per_step'), 1e-6, 3):>15} {fmt(s.get('lo_bytes_per_step_per_rank'), 1e-6, 3):>15} "
             f"{fmt(s.get('bytes_ratio_lo_vs_ddp'), 1, 4):>14} {fmt(s.get('bytes_ratio_counter_vs_ddp_estimate'), 1, 4):>8} "
             f"{fmt(s.get('expected_bytes_ratio_vs_ddp'), 1, 4):>8} {fmt(s.get('lo_over_counter'), 1, 3):>6}"
@@ -651,6 +660,9 @@ NOTES = {
     "inside the measured window (one setup broadcast before it, one final average after it)",
     "step_time": "perf_counter from on_train_batch_start to on_train_batch_end on every rank, warm-up "
     "steps excluded; mean/median pool every measured step of every rank and repeat",
+    "slowest_rank_step_time_s": "per repeat the largest of the ranks' mean step times, averaged over repeats: the "
+    "pace of the job. Ranks that synchronize share one pace; the floor's ranks never wait for each other, and "
+    "when the cores run at different speeds its pooled mean is faster than the job itself",
     "counter_bytes_per_step": "strategy.comm.counters.bytes_sent delta over the window / steps, mean over "
     "ranks (estimated bytes one rank sends; ring formula 2(m-1)/m*B for an allreduce)",
     "lo_bytes_per_step_per_rank": "rank 0 reads the lo tx bytes of /proc/net/dev before the first and after "
@@ -697,7 +709,8 @@ def report(result: dict[str, Any], out_dir: Path) -> None:
         elif key.endswith("_peak_bytes_vs_full_sync"):
             print(f"target {key}: <= {v['target']:.3f}, counter {fmt(v.get('counter'), 1, 3)}, lo {fmt(v.get('lo'), 1, 3)}")
         elif key.endswith("_step_time_vs_floor") and key != "localsgd_H8_step_time_vs_floor":
-            print(f"{key}: mean {v['mean']:.3f}x, median {v['median']:.3f}x")
+            print(f"{key}: mean {v['mean']:.3f}x, median {v['median']:.3f}x, "
+                  f"slowest rank {fmt(v.get('slowest_rank'), 1, 3)}x")
     for name, s in summary.items():
         if "sync_extra_seconds" in s:
             print(f"sync cost {name}: a sync step takes {fmt(s['sync_extra_seconds'], 1e3, 1)} ms longer, "

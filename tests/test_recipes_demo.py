@@ -40,7 +40,7 @@ def test_summary_speedup_against_ddps_final_accuracy():
     ]  # fmt: skip
     assert table[4].split()[-6:] == ["never", "-", "-", "-", "750", "2.0>2.5"]
     assert table[4].split()[0] == "diloco[1]" and table[5] == ""  # a footnote a user can act on
-    assert table[6].startswith("[1] diloco: never reached 98.00% (best 80.00%, final 80.00%). To change: the outer step")
+    assert table[6].startswith("[1] diloco: never reached 98.00% (best 80.00%, final 80.00%). To change: keep outer_lr")
     met, sentence = verdict_line(s, slack=0.005)
     assert met is True and "reached it 2.50x sooner" in sentence and "(98.00%)" in sentence
 
@@ -60,6 +60,10 @@ def test_link_runs_name_the_link_and_judge_the_overlapped_run_at_8x():
     assert args.algorithms == "ddp,localsgd,localsgd_overlap,localsgd_streaming,diloco"
     assert (args.verdict_run, args.speedup_target, args.results_dir.name) == ("localsgd_overlap", 8.0, "demo_1gbit")
     assert (parse_args([]).verdict_run, parse_args([]).speedup_target) == ("localsgd", 1.3)
+    # behind a link the replicas are evaluated after the fit (no sync in flight while the clock is paused)
+    assert (args.evaluation, parse_args([]).evaluation) == ("deferred", "live")
+    with pytest.raises(SystemExit, match="easgd"):  # EASGD evaluates its center, not the replicas' average
+        parse_args(["--link", "1gbit", "--algorithms", "ddp,easgd"])
     with pytest.raises(ValueError, match="rate"):
         parse_args(["--link", "fast"])
     runs = {
