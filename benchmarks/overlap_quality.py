@@ -13,6 +13,8 @@ Run::
 
     python -m benchmarks.overlap_quality                      # both parts, seeds 0,1,2
     python -m benchmarks.overlap_quality --parts char_lm --seeds 0 --char-steps 60   # a quick check
+    python -m benchmarks.overlap_quality --parts char_lm --name oq_ablation \
+        --char-algorithms "" --char-ablation diloco       # each of fragments / overlap / int8 alone
 
 Writes ``benchmarks/results/<name>/overlap_quality.json`` and ``.png`` and prints the table.
 """
@@ -67,15 +69,25 @@ def image_run(name: str, overlay: Path | None, seed: int, out: Path) -> dict[str
             "steps": records[-1]["step"], "MB_sent": doc["final"].get("MB_sent")}  # fmt: skip
 
 
-def char_run(algorithm: str, streaming: bool, seed: int, steps: int, out: Path) -> dict[str, Any]:
-    """One ``recipes.char_lm_fabric`` run on 2 processes; final validation loss on the consensus."""
-    path = out / f"char_{algorithm}_{'streaming' if streaming else 'blocking'}_{seed}.json"
+CHAR_STREAMING = {"fragments": ["--fragments", "4"], "overlap": ["--overlap-steps", "2"], "int8": ["--comm-dtype", "int8"]}
+
+
+def char_run(algorithm: str, streaming: bool | str, seed: int, steps: int, out: Path) -> dict[str, Any]:
+    """One ``recipes.char_lm_fabric`` run on 2 processes; final validation loss on the consensus.
+
+    ``streaming``: False (blocking), True (fragments=4, overlap 2 steps, int8) or one of
+    :data:`CHAR_STREAMING`'s keys (that component alone: the ablation).
+    """
+    label = streaming if isinstance(streaming, str) else ("streaming" if streaming else "blocking")
+    path = out / f"char_{algorithm}_{label}_{seed}.json"
     h = 16 if algorithm == "periodic" else 20
     cmd = [sys.executable, "-m", "recipes.char_lm_fabric", "--devices", "2", "--algorithm", algorithm,
            "--sync-every", str(h), "--max-steps", str(steps), "--val-every", str(max(steps // 4, 1)),
            "--seed", str(seed), "--max-bytes", "1000000", "--json", str(path)]  # fmt: skip
-    if streaming:
-        cmd += ["--fragments", "4", "--overlap-steps", "2", "--comm-dtype", "int8"]
+    if isinstance(streaming, str):
+        cmd += CHAR_STREAMING[streaming]
+    elif streaming:
+        cmd += [arg for part in CHAR_STREAMING.values() for arg in part]
     subprocess.run(cmd, env=recipe_env(), cwd=ROOT, check=True, timeout=3600)
     doc = json.loads(path.read_text())
     return {"final_val_loss": doc["final_val_loss"], "curve": doc["curve"], "MB_sent": doc["MB_sent"]}
@@ -158,6 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--parts", default="image,char_lm")
     p.add_argument("--char-steps", type=int, default=300)
+    p.add_argument("--char-algorithms", default="periodic,diloco", help="char_lm: blocking vs streaming for these")
+    p.add_argument("--char-ablation", default="", help="char_lm: also run each of fragments,overlap,int8 alone "
+                   "for these algorithms (e.g. diloco), to find which part costs the quality")  # fmt: skip
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = RESULTS / args.name
@@ -172,10 +187,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     runs["image"].setdefault(n, []).append(image_run(n, None, seed, out / "image"))
                     runs["image"].setdefault(f"{n}_streaming", []).append(image_run(n, overlays[n], seed, out / "image"))
             if "char_lm" in args.parts:
-                for a in ("periodic", "diloco"):
+                for a in [a for a in args.char_algorithms.split(",") if a]:
                     for streaming in (False, True):
                         key = f"{a}_streaming" if streaming else a
                         runs["char_lm"].setdefault(key, []).append(char_run(a, streaming, seed, args.char_steps, out))
+                for a in [a for a in args.char_ablation.split(",") if a]:
+                    for part in CHAR_STREAMING:
+                        runs["char_lm"].setdefault(f"{a}_{part}_only", []).append(char_run(a, part, seed, args.char_steps, out))
     summary = {"image": summarize(runs["image"], "final_acc"), "char_lm": summarize(runs["char_lm"], "final_val_loss")}
     doc = {"config": {"seeds": seeds, "parts": args.parts, "char_steps": args.char_steps, "streaming": STREAMING,
                       "char_streaming": {"fragments": 4, "overlap_steps": 2, "comm_dtype": "int8"}},

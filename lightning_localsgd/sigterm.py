@@ -12,7 +12,7 @@ step that an overlapped sync was meant to hide (measured in docs/results/slow_li
 only (an instance attribute shadowing the method; :func:`restore_sigterm_check` removes it):
 
 * :class:`~lightning_localsgd.LocalSGDStrategy` runs Lightning's broadcast only before the batches
-  of steps at which the ranks meet anyway (warm-up steps and the first step of each round,
+  of steps at which the ranks meet anyway (warm-up steps and the last step of each round, which ends with its sync,
   :meth:`ConsensusAlgorithm.agrees_at`). A SIGTERM is then acted on at the next round boundary,
   all ranks together, at most ``sync_every`` steps late (seconds, within any scheduler's grace period).
 * :class:`~lightning_localsgd.AsyncLocalSGDStrategy` checks its own rank's flag: its ranks are

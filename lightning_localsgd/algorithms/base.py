@@ -444,7 +444,7 @@ class ConsensusAlgorithm(Callback):
         return step > self.warmup_steps and (step - self.warmup_steps) % every == 0
 
     def agrees_at(self, step: int) -> bool:
-        """Whether the ranks meet at ``step`` anyway: a warm-up step or the first step of a round.
+        """Whether the ranks meet at ``step`` anyway: a warm-up step or the step that ends a round with its sync.
 
         The strategy lets Lightning's per-batch SIGTERM broadcast run only before these steps
         (:mod:`lightning_localsgd.sigterm`): between them a training step sends nothing.
