@@ -126,10 +126,18 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
     class Events(Callback):
+        logged_server = False
+
         def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
             log_event(cfg, event="group_up", step=trainer.global_step)
             if cfg.get("log_pushes") and attempt == 0 and rank == 0:  # the model every worker starts from
                 log_event(cfg, event="theta0", params=[float(v).hex() for v in flat(pl_module).tolist()])
+
+        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+            server = getattr(trainer.strategy, "server", None)  # created after the callbacks' on_train_start
+            if cfg.get("log_pushes") and server is not None and not self.logged_server:
+                self.logged_server = True  # the server's update count this attempt starts from
+                log_event(cfg, event="server_start", updates=server.updates, step=trainer.global_step)
 
         def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
             for rule in cfg.get("waits", []):
