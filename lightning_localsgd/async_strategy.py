@@ -53,10 +53,13 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     * **Validation** during ``fit`` pulls the current global model and puts the replica back after.
     * **Checkpoints** carry the global model as ``state_dict`` and the server's state (θ, momentum,
       Δ, t, speeds, counters) taken between two pushes, written by rank 0; beside it every rank
-      writes its own part, ``<path>.rank<r>`` (its replica, inner optimizer state and place in its
-      round), at its own step. Resuming on the same number of workers restores the server exactly
-      and every worker continues its own round from its own state; without the parts (or on
-      another world size) every worker starts a fresh round from θ (see docs/async.md).
+      writes its own part, ``<path>.rank<r>`` (its replica, place in its round and all Lightning
+      state of that rank: loops with its global step and dataloader position, inner optimizer,
+      schedulers, callbacks), at its own step. Resuming on the same number of workers restores the
+      server exactly and every worker at its own step from its own part; a push the cut holds but
+      the part does not is trained again without being pushed, one the cut lacks is lost (warned);
+      without its part a worker starts a fresh round from θ at rank 0's step, with a warning
+      (docs/async.md, "Resuming").
     * **Lockstep collectives** are impossible while ranks run at their own pace: during training
       ``barrier`` and ``broadcast`` are local, ``self.log(sync_dist=True)`` logs the local value
       (with a warning) and ``all_gather`` raises (:class:`~lightning_localsgd.async_guards.LockstepGuards`).
