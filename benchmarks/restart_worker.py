@@ -142,7 +142,7 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
         def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
             for rule in cfg.get("waits", []):
                 if (rule["rank"], rule["step"], rule["attempt"]) == (rank, trainer.global_step, attempt):
-                    wait_for(cfg, rule)
+                    wait_for(cfg, rule, lambda: trainer.received_sigterm)
             if cfg.get("trace"):
                 trace.append([float(p) for p in torch.cat([q.detach().reshape(-1) for q in pl_module.parameters()])])
 
@@ -217,19 +217,27 @@ def flat(module: Any) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 
 
-def wait_for(cfg: dict[str, Any], rule: dict[str, Any]) -> None:
-    """Log ``waiting``, then poll ``events.jsonl`` until an event matches ``rule["until"]`` (then hold if asked)."""
+def wait_for(cfg: dict[str, Any], rule: dict[str, Any], stopped: Any = lambda: False) -> None:
+    """Log ``waiting``, then poll ``events.jsonl`` until an event matches ``rule["until"]``; with ``hold``,
+    then stay until the agent stops this process (``stopped()``: its SIGTERM reached Lightning's handler)."""
     log_event(cfg, event="waiting", step=rule["step"])
     deadline = time.monotonic() + cfg["timeout"]
     path = Path(cfg["out_dir"]) / "events.jsonl"
     while time.monotonic() < deadline:
-        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        events = []
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:  # a line another process is still writing
+                pass
         if any(all(e.get(k) == v for k, v in rule["until"].items()) for e in events):
             break
         time.sleep(0.05)
     else:
         raise TimeoutError(f"waited {cfg['timeout']} s for an event {rule['until']}")
-    while rule.get("hold") and time.monotonic() < deadline:  # until torchrun's agent stops this process
+    while rule.get("hold") and time.monotonic() < deadline:
+        if stopped():
+            raise SystemExit("stopped by the agent while held")
         time.sleep(0.05)
 
 

@@ -160,6 +160,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
+        self._restored_server = self._resumed_worker = self._replay = None  # nothing of an earlier fit
         if not self.fitting():
             return
         algorithms, modifiers, observers = SyncEngine.find(self.lightning_module.trainer.callbacks)
@@ -175,6 +176,13 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
             raise ValueError(
                 f"slowdown names ranks {sorted(self.slowdown)} but the run has ranks 0..{self.world_size - 1}"
             )
+
+    @override
+    def configure_ddp(self) -> None:
+        # Resuming from an async checkpoint, every rank has loaded its model from it (its own replica, or
+        # the global model θ when its part is missing): no broadcast, which a rank with a part would skip.
+        if self._restored_server is None:
+            super().configure_ddp()
 
     def _tensors(self) -> list[Tensor]:
         """The state workers push and pull: trainable parameters, then floating buffers."""

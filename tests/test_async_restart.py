@@ -111,16 +111,25 @@ def test_each_worker_resumes_its_own_step_loops_optimizer_and_replica(tmp_path: 
         assert (worker["steps"], worker["steps_since_pull"], worker["anchor"].tolist()) == (step, since, anchor)
 
 
-def test_a_part_that_cannot_be_used_says_so_and_what_happens_instead(tmp_path: Path) -> None:
+def test_a_part_that_cannot_be_used_says_so_and_what_happens_instead(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "last.ckpt"
     _write_two_workers(path)
     (tmp_path / "last.ckpt.rank1").unlink()
-    strategy = _strategy(1, TwoWeights([0.0, 0.0]))
+    module = TwoWeights([0.0, 0.0])
+    strategy = _strategy(1, module)
     with pytest.warns(
         UserWarning, match=r"rank 1: .*last.ckpt.rank1 does not exist .* fresh round .* rank 0's step \(18\)"
     ):
         ckpt = strategy.load_checkpoint(path)
     assert ckpt["global_step"] == 18 and strategy._resumed_worker is None
+    strategy.load_model_state_dict(ckpt)
+    assert module.w.tolist() == [1.0, -1.0]  # the global model θ, from the file
+    broadcasts: list[object] = []
+    monkeypatch.setattr("lightning_localsgd.replica_strategy.broadcast_module_", lambda *a: broadcasts.append(a))
+    strategy.configure_ddp()  # no broadcast: the ranks that have a part would not join it
+    assert broadcasts == []
+    _strategy(1, module).configure_ddp()  # a fresh start does broadcast rank 0's model
+    assert len(broadcasts) == 1
     part = torch.load(tmp_path / "last.ckpt.rank0", weights_only=False)
     torch.save({**part, "world_size": 3}, tmp_path / "last.ckpt.rank0")
     with pytest.warns(UserWarning, match=r"rank 0: .*rank0 was written by 3 workers, this run has 2"):
