@@ -347,9 +347,9 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         # everything Lightning dumped on this worker (loops: its global step, batch progress and dataloader
         # position; optimizer, schedulers, callbacks), in place of rank 0's; only the server's cut is rank 0's
         checkpoint.update(saved["lightning"])
-        self._resumed_worker = saved
+        worker, self._replay = reconcile(saved["worker"], checkpoint[_CHECKPOINT_KEY], self.global_rank)
+        self._resumed_worker = {**saved, "worker": worker}
         self.rank_resume = RankResume(saved["model"], saved["lightning"]["optimizer_states"], {}, exact=True)
-        self._replay = reconcile(saved["worker"], checkpoint[_CHECKPOINT_KEY], self.global_rank)
         return checkpoint
 
     @override

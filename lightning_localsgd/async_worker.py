@@ -30,14 +30,17 @@ def resume_problem(part: dict[str, Any] | None, path: str, world_size: int) -> s
     return None
 
 
-def reconcile(worker: dict[str, Any], server: dict[str, Any], rank: int) -> tuple[int, int] | None:
+def reconcile(
+    worker: dict[str, Any], server: dict[str, Any], rank: int
+) -> tuple[dict[str, Any], tuple[int, int] | None]:
     """Match a worker's part (its :meth:`AsyncWorker.state_dict`) with the server's cut in rank 0's file.
 
     Rank 0 writes the cut at its own step, the worker its part at its own; they agree when the cut holds
     exactly the pushes the part counts. If the cut holds more (pushed after the part, before the cut),
-    returns ``(steps, pushes)`` for :class:`AsyncWorker`'s ``replay``: those steps are trained again
+    the replay ``(steps, pushes)`` for :class:`AsyncWorker` is returned: those steps are trained again
     without pushing. If it holds fewer (pushed after the cut was written), those pseudo-gradients are
-    not in θ: lost, with a warning. Returns ``None`` when no replay is needed.
+    not in θ: lost, with a warning, and the worker's push and step counters are set back by them so that
+    they keep matching the server's. Returns the worker state to resume from and the replay (or ``None``).
     """
     mine, held = int(worker["pushes"]), int(server["pushes"][rank])
     pushed_steps, held_steps = int(worker["steps"]) - int(worker["steps_since_pull"]), int(server["steps"][rank])
@@ -49,7 +52,7 @@ def reconcile(worker: dict[str, Any], server: dict[str, Any], rank: int) -> tupl
             "pushing them (each step is in the global model once), then pulls the global model; its inner optimizer "
             "state after the replay is not the first run's (docs/async.md, 'Resuming')", UserWarning, stacklevel=2,
         )  # fmt: skip
-        return held_steps, held
+        return worker, (held_steps, held)
     if held < mine:
         warnings.warn(
             f"rank {rank}: {mine - held} push(es) of this worker (its local steps {held_steps + 1}..{pushed_steps}) "
@@ -57,7 +60,8 @@ def reconcile(worker: dict[str, Any], server: dict[str, Any], rank: int) -> tupl
             "restored global model (lost); the worker continues from its own part (docs/async.md, 'Resuming')",
             UserWarning, stacklevel=2,
         )  # fmt: skip
-    return None
+        return {**worker, "pushes": held, "steps": int(worker["steps"]) - (pushed_steps - held_steps)}, None
+    return worker, None
 
 
 class AsyncWorker:

@@ -147,11 +147,11 @@ def test_a_push_the_cut_holds_is_trained_again_but_not_pushed_and_a_missing_one_
     with pytest.warns(
         UserWarning, match=r"rank 1: .* holds 1 push\(es\) .* local steps 5..8\): it trains steps 5..8 again"
     ):
-        replay = reconcile(part, cut, 1)
-    assert replay == (8, 2)
+        resumed, replay = reconcile(part, cut, 1)
+    assert replay == (8, 2) and resumed == part
     w = nn.Parameter(torch.tensor([2.0, 2.0], dtype=f64))
     worker = AsyncWorker(LocalClient(server, 1), lambda: [w], 2, torch.zeros(2, dtype=f64), sync_every=4,
-                         restored=cut, rank=1, resumed=part, replay=replay)  # fmt: skip
+                         restored=cut, rank=1, resumed=resumed, replay=replay)  # fmt: skip
     replies = []
     for _ in range(4):  # steps 5..8: in θ already, trained again, not pushed; then θ is pulled
         with torch.no_grad():
@@ -166,9 +166,12 @@ def test_a_push_the_cut_holds_is_trained_again_but_not_pushed_and_a_missing_one_
         worker.after_step()
     assert server.updates == 4 and server.pushes == [1, 3] and server.steps == [4, 12]
     assert server.state.tolist() == [-1.0, -3.0] and w.tolist() == [-1.0, -3.0]
-    # the other way round: the part counts 3 pushes (steps 12), the cut only 2 (steps 8): one is lost
+    # the other way round: the part counts 3 pushes (steps 12) and is 1 step into its next round, the cut
+    # only 2 pushes (steps 8): one is lost, and the worker's counters go back to the server's (2, 8 + 1)
+    ahead = {**part, "pushes": 3, "steps": 13, "steps_since_pull": 1}
     with pytest.warns(UserWarning, match=r"rank 1: 1 push\(es\) of this worker \(its local steps 9..12\) .*\(lost\)"):
-        assert reconcile({**part, "pushes": 3, "steps": 12}, cut, 1) is None
+        resumed, replay = reconcile(ahead, cut, 1)
+    assert replay is None and (resumed["pushes"], resumed["steps"], resumed["steps_since_pull"]) == (2, 9, 1)
 
 
 # ---------------------------------------------------------------------------------------------- under torchrun
