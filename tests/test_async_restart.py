@@ -215,13 +215,20 @@ def _replay(
     (lr 0.7, β 0.9, N = 2, c = 0; ALGORITHMS.md section 4) applies g = anchor − replica; the worker adopts θ.
     At push index ``restart`` the workers in ``pull_at_restart`` adopt the current θ (a resumed worker that
     replayed steps the cut held pulls θ instead of pushing them again)."""
-    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+    from torch.nn.utils import parameters_to_vector
+
+    def load(net: nn.Module, vec: torch.Tensor) -> None:  # copies (vector_to_parameters would alias vec)
+        with torch.no_grad():
+            offset = 0
+            for p in net.parameters():
+                p.copy_(vec[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
 
     nets, opts, anchors, cursor = {}, {}, {}, {0: 0, 1: 0}
     batches = {w: _batches(w, 24) for w in (0, 1)}
     for w in (0, 1):
         nets[w] = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
-        vector_to_parameters(theta0, nets[w].parameters())
+        load(nets[w], theta0)
         opts[w] = torch.optim.SGD(nets[w].parameters(), lr=0.05, momentum=0.9)
         anchors[w] = theta0.clone()
     theta, m, delta = theta0.clone(), torch.zeros_like(theta0), torch.zeros_like(theta0)
@@ -229,7 +236,7 @@ def _replay(
         if t == restart:
             for v in pull_at_restart:
                 anchors[v] = theta.clone()
-                vector_to_parameters(theta, nets[v].parameters())
+                load(nets[v], theta)
         for _ in range(steps):
             x, y = batches[w][cursor[w]]
             cursor[w] += 1
@@ -246,7 +253,7 @@ def _replay(
             else:
                 theta = theta - 0.7 * (g / 2)
             anchors[w] = theta.clone()
-            vector_to_parameters(theta, nets[w].parameters())
+            load(nets[w], theta)
     assert cursor == {0: 24, 1: 24}
     return theta
 
@@ -275,7 +282,9 @@ def _check_resumed_run(job: dict[str, Any], kill_step: int, resumed_at: dict[int
         assert [sum(pushed[: i + 1]) for i in range(len(pushed))] == [4, 8, 12, 16, 20, 24], rank
         assert len([e for e in after if e["worker"] == rank]) == 6 - (resumed_at[rank] + replayed[rank]) // 4
     assert results[0]["server"] == {"pushes": [6, 6], "steps": [24, 24], "updates": 12}
-    theta0 = torch.tensor([float.fromhex(v) for v in next(e["params"] for e in events if e["event"] == "theta0")])
+    theta0 = torch.tensor(
+        [float.fromhex(v) for v in next(e["params"] for e in events if e["event"] == "theta0")], dtype=f64
+    )
     pull = {r for r in (0, 1) if replayed[r]}
     expected = _replay(theta0, [(e["worker"], e["steps"]) for e in history], len(before), pull)
     for rank in (0, 1):
