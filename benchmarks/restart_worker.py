@@ -16,6 +16,12 @@ Two kinds of run (``kind`` in the JSON config):
 Faults other than the kill above (a kill inside a step or during a checkpoint write, NaN
 gradients, slow checkpoint writes, sleeps between steps) come from
 :mod:`benchmarks.fault_injection`; ``algorithm: "async"`` runs ``AsyncLocalSGDStrategy`` instead.
+For the async acceptance (``tests/test_async_restart.py``): ``log_pushes`` logs the initial model
+and every push the server applies (worker, update, steps) as events, and rank 0's result carries
+the server's final counters; ``waits`` orders events across ranks: ``{"rank", "step", "attempt",
+"until": {event fields}, "hold": bool}`` makes that rank, after that optimizer step of that attempt,
+log a ``waiting`` event and wait until an event with those fields is logged (``hold``: then stay
+until the agent stops it).
 Without torchrun (ranks started by ``recipes.launch.run_local_ranks``) the rank is read from
 ``NODE_RANK``/``LOCAL_RANK`` and the attempt is 0. An exception is logged as an ``error`` event.
 
@@ -120,10 +126,23 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
     class Events(Callback):
+        logged_server = False
+
         def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
             log_event(cfg, event="group_up", step=trainer.global_step)
+            if cfg.get("log_pushes") and attempt == 0 and rank == 0:  # the model every worker starts from
+                log_event(cfg, event="theta0", params=[float(v).hex() for v in flat(pl_module).tolist()])
+
+        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+            server = getattr(trainer.strategy, "server", None)  # created after the callbacks' on_train_start
+            if cfg.get("log_pushes") and server is not None and not self.logged_server:
+                self.logged_server = True  # the server's update count this attempt starts from
+                log_event(cfg, event="server_start", updates=server.updates, step=trainer.global_step)
 
         def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+            for rule in cfg.get("waits", []):
+                if (rule["rank"], rule["step"], rule["attempt"]) == (rank, trainer.global_step, attempt):
+                    wait_for(cfg, rule, lambda: trainer.received_sigterm)
             if cfg.get("trace"):
                 trace.append([float(p) for p in torch.cat([q.detach().reshape(-1) for q in pl_module.parameters()])])
 
@@ -156,6 +175,8 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
                                               timeout=timeout, init_timeout=init_timeout)  # fmt: skip
     else:
         strategy = LocalSGDStrategy(timeout=timeout, init_timeout=init_timeout)
+    if algorithm is None and cfg.get("log_pushes"):  # called on rank 0, in the server's arrival order
+        strategy.push_observers.append(lambda r, g: log(event="push", worker=r.worker, update=r.update, steps=r.steps))
     ckpt_dir = Path(cfg["ckpt_dir"])
     callbacks = [cb for cb in (algorithm, Events(), faults) if cb is not None]  # the strategy keeps loader positions
     if cfg["save_every"]:
@@ -171,7 +192,8 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
     model = Regressor().double()  # float64 before the checkpoint is loaded into it (64-true converts later)
     last = ckpt_dir / "last.ckpt"
     trainer.fit(model, loader, ckpt_path=str(last) if last.exists() else None)
-    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    params = flat(model)
+    server = getattr(strategy, "server", None)  # the async parameter server (rank 0)
     with torch.no_grad():  # the final model's loss on every rank's data
         everything = torch.cat(shards)
         loss = float(nn.functional.mse_loss(model.net(everything).squeeze(-1), torch.sin(everything.sum(1))))
@@ -185,7 +207,38 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
         "params": [float(v).hex() for v in params.tolist()],
         "batch_sums": model.batch_sums,
         "trace": trace,
+        "server": None
+        if server is None
+        else {"pushes": server.pushes, "steps": server.steps, "updates": server.updates},
     }
+
+
+def flat(module: Any) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def wait_for(cfg: dict[str, Any], rule: dict[str, Any], stopped: Any = lambda: False) -> None:
+    """Log ``waiting``, then poll ``events.jsonl`` until an event matches ``rule["until"]``; with ``hold``,
+    then stay until the agent stops this process (``stopped()``: its SIGTERM reached Lightning's handler)."""
+    log_event(cfg, event="waiting", step=rule["step"])
+    deadline = time.monotonic() + cfg["timeout"]
+    path = Path(cfg["out_dir"]) / "events.jsonl"
+    while time.monotonic() < deadline:
+        events = []
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:  # a line another process is still writing
+                pass
+        if any(all(e.get(k) == v for k, v in rule["until"].items()) for e in events):
+            break
+        time.sleep(0.05)
+    else:
+        raise TimeoutError(f"waited {cfg['timeout']} s for an event {rule['until']}")
+    while rule.get("hold") and time.monotonic() < deadline:
+        if stopped():
+            raise SystemExit("stopped by the agent while held")
+        time.sleep(0.05)
 
 
 def main(cfg_path: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -22,12 +23,12 @@ from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, Serv
 from lightning_localsgd.async_guards import LockstepGuards
 from lightning_localsgd.async_protocol import AsyncTrainingError, LocalClient, MessageType, RemoteClient
 from lightning_localsgd.async_server import ParameterServer
-from lightning_localsgd.async_worker import AsyncWorker, state_dtype
+from lightning_localsgd.async_worker import AsyncWorker, reconcile, resume_problem, state_dtype
 from lightning_localsgd.comm import Collectives, Group, new_group
 from lightning_localsgd.engine import RankResume, SyncEngine
 from lightning_localsgd.params import flatten, unflatten_
 from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT
-from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy, loader_state
+from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy
 
 _CHECKPOINT_KEY = "async_localsgd"
 
@@ -52,10 +53,13 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     * **Validation** during ``fit`` pulls the current global model and puts the replica back after.
     * **Checkpoints** carry the global model as ``state_dict`` and the server's state (θ, momentum,
       Δ, t, speeds, counters) taken between two pushes, written by rank 0; beside it every rank
-      writes its own part, ``<path>.rank<r>`` (its replica, inner optimizer state and place in its
-      round), at its own step. Resuming on the same number of workers restores the server exactly
-      and every worker continues its own round from its own state; without the parts (or on
-      another world size) every worker starts a fresh round from θ (see docs/async.md).
+      writes its own part, ``<path>.rank<r>`` (its replica, place in its round and all Lightning
+      state of that rank: loops with its global step and dataloader position, inner optimizer,
+      schedulers, callbacks), at its own step. Resuming on the same number of workers restores the
+      server exactly and every worker at its own step from its own part; a push the cut holds but
+      the part does not is trained again without being pushed, one the cut lacks is lost (warned);
+      without its part a worker starts a fresh round from θ at rank 0's step, with a warning
+      (docs/async.md, "Resuming").
     * **Lockstep collectives** are impossible while ranks run at their own pace: during training
       ``barrier`` and ``broadcast`` are local, ``self.log(sync_dist=True)`` logs the local value
       (with a warning) and ``all_gather`` raises (:class:`~lightning_localsgd.async_guards.LockstepGuards`).
@@ -144,6 +148,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         self._num_params = 0
         self._restored_server: dict[str, Any] | None = None
         self._resumed_worker: dict[str, Any] | None = None  # this rank's part of the checkpoint
+        self._replay: tuple[int, int] | None = None  # steps and pushes of this worker the restored server holds
 
     # ------------------------------------------------------------------ setup
     @override
@@ -155,6 +160,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
+        self._restored_server = self._resumed_worker = self._replay = None  # nothing of an earlier fit
         if not self.fitting():
             return
         algorithms, modifiers, observers = SyncEngine.find(self.lightning_module.trainer.callbacks)
@@ -170,6 +176,13 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
             raise ValueError(
                 f"slowdown names ranks {sorted(self.slowdown)} but the run has ranks 0..{self.world_size - 1}"
             )
+
+    @override
+    def configure_ddp(self) -> None:
+        # Resuming from an async checkpoint, every rank has loaded its model from it (its own replica, or
+        # the global model θ when its part is missing): no broadcast, which a rank with a part would skip.
+        if self._restored_server is None:
+            super().configure_ddp()
 
     def _tensors(self) -> list[Tensor]:
         """The state workers push and pull: trainable parameters, then floating buffers."""
@@ -207,9 +220,9 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
             client, self._tensors, self._num_params, state, sync_every=self.sync_every,
             slowdown=self.slowdown.get(rank, 1.0), speed_smoothing=self.speed_smoothing,
             poll_interval=self.poll_interval, restored=restored, rank=rank,
-            resumed=None if self._resumed_worker is None else self._resumed_worker["worker"],
+            resumed=None if self._resumed_worker is None else self._resumed_worker["worker"], replay=self._replay,
         )  # fmt: skip
-        self._restored_server = self._resumed_worker = None
+        self._restored_server = self._resumed_worker = self._replay = None
         self._set_active(True)
 
     def _timeout_seconds(self) -> float:
@@ -287,14 +300,15 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         # No collective: every rank writes its own part now; rank 0 also writes the server's cut and
-        # the global model as the state_dict.
+        # the global model as the state_dict. A round that ended at this step was pushed before (inside
+        # optimizer_step): the part counts that push, so a resume never pushes it again.
         if self.worker is not None and "optimizer_states" in checkpoint:
             state = self.lightning_module.state_dict()
             state.update(zip(self._names, (t.clone() for t in self.worker.replica())))
-            loops = loader_state(checkpoint)
-            part = {"world_size": self.world_size, "model": {k: v.detach().clone() for k, v in state.items()},
-                    "optimizer_states": checkpoint["optimizer_states"], "worker": self.worker.state_dict(),
-                    "loader": None if loops is None else loops.get("combined_loader")}  # fmt: skip
+            lightning = {k: v for k, v in checkpoint.items() if k not in ("state_dict", _CHECKPOINT_KEY)}
+            part = {"world_size": self.world_size, "rank": self.global_rank,
+                    "model": {k: v.detach().clone() for k, v in state.items()},
+                    "worker": self.worker.state_dict(), "lightning": lightning}  # fmt: skip
             self.checkpoint_io.save_checkpoint(part, self.part_path(filepath, self.global_rank))
         if self.server is not None:
             saved = self.server.state_dict()
@@ -318,19 +332,24 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        self._resumed_worker = None
+        self._resumed_worker, self._replay = None, None
+        if not self.fitting() or _CHECKPOINT_KEY not in checkpoint:
+            return checkpoint
         part = self.part_path(checkpoint_path, self.global_rank)
-        if self.fitting() and _CHECKPOINT_KEY in checkpoint and os.path.exists(part):
-            saved = self.checkpoint_io.load_checkpoint(part, weights_only=weights_only)
-            if saved["world_size"] == self.world_size:
-                self._resumed_worker = saved
-                self.rank_resume = RankResume(saved["model"], saved["optimizer_states"], {}, exact=True)
-                loops = loader_state(checkpoint)
-                if loops is not None and saved.get("loader") is not None:
-                    loops["combined_loader"] = saved["loader"]  # this worker's own dataloader position
-            else:
-                rank_zero_warn(f"{part} was written by {saved['world_size']} workers, this run has {self.world_size}: "
-                               "every worker starts a fresh round from the global model")  # fmt: skip
+        saved = self.checkpoint_io.load_checkpoint(part, weights_only=weights_only) if os.path.exists(part) else None
+        problem = resume_problem(saved, part, self.world_size)
+        if problem is not None:
+            warnings.warn(f"rank {self.global_rank}: {problem}; this worker starts a fresh round from the global model "
+                          f"with rank 0's step ({checkpoint.get('global_step')}), loop progress, dataloader position "
+                          "and inner optimizer state (docs/async.md, 'Resuming')", UserWarning, stacklevel=2)  # fmt: skip
+            return checkpoint
+        assert saved is not None
+        # everything Lightning dumped on this worker (loops: its global step, batch progress and dataloader
+        # position; optimizer, schedulers, callbacks), in place of rank 0's; only the server's cut is rank 0's
+        checkpoint.update(saved["lightning"])
+        worker, self._replay = reconcile(saved["worker"], checkpoint[_CHECKPOINT_KEY], self.global_rank)
+        self._resumed_worker = {**saved, "worker": worker}
+        self.rank_resume = RankResume(saved["model"], saved["lightning"]["optimizer_states"], {}, exact=True)
         return checkpoint
 
     @override

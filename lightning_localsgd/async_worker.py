@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,51 @@ from lightning_localsgd.params import flatten, unflatten_
 def state_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     """The dtype of the global state: float64 for a float64 model, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def resume_problem(part: dict[str, Any] | None, path: str, world_size: int) -> str | None:
+    """Why a worker's part ``path`` (``None``: no file) cannot be resumed from exactly, or ``None``."""
+    if part is None:
+        return f"{path} does not exist (the worker's part of the checkpoint)"
+    if "lightning" not in part:
+        return f"{path} holds no loop state (written by an older lightning-localsgd)"
+    if part["world_size"] != world_size:
+        return f"{path} was written by {part['world_size']} workers, this run has {world_size}"
+    return None
+
+
+def reconcile(
+    worker: dict[str, Any], server: dict[str, Any], rank: int
+) -> tuple[dict[str, Any], tuple[int, int] | None]:
+    """Match a worker's part (its :meth:`AsyncWorker.state_dict`) with the server's cut in rank 0's file.
+
+    Rank 0 writes the cut at its own step, the worker its part at its own; they agree when the cut holds
+    exactly the pushes the part counts. If the cut holds more (pushed after the part, before the cut),
+    the replay ``(steps, pushes)`` for :class:`AsyncWorker` is returned: those steps are trained again
+    without pushing. If it holds fewer (pushed after the cut was written), those pseudo-gradients are
+    not in θ: lost, with a warning, and the worker's push and step counters are set back by them so that
+    they keep matching the server's. Returns the worker state to resume from and the replay (or ``None``).
+    """
+    mine, held = int(worker["pushes"]), int(server["pushes"][rank])
+    pushed_steps, held_steps = int(worker["steps"]) - int(worker["steps_since_pull"]), int(server["steps"][rank])
+    if held > mine:
+        warnings.warn(
+            f"rank {rank}: the server's cut in the checkpoint already holds {held - mine} push(es) this worker made "
+            f"after writing its part (its local steps {pushed_steps + 1}..{held_steps}): it trains steps "
+            f"{int(worker['steps']) + 1}..{held_steps} again to restore its optimizer state and data position without "
+            "pushing them (each step is in the global model once), then pulls the global model; its inner optimizer "
+            "state after the replay is not the first run's (docs/async.md, 'Resuming')", UserWarning, stacklevel=2,
+        )  # fmt: skip
+        return worker, (held_steps, held)
+    if held < mine:
+        warnings.warn(
+            f"rank {rank}: {mine - held} push(es) of this worker (its local steps {held_steps + 1}..{pushed_steps}) "
+            "reached the server after rank 0 wrote the checkpoint's cut: their pseudo-gradients are not in the "
+            "restored global model (lost); the worker continues from its own part (docs/async.md, 'Resuming')",
+            UserWarning, stacklevel=2,
+        )  # fmt: skip
+        return {**worker, "pushes": held, "steps": int(worker["steps"]) - (pushed_steps - held_steps)}, None
+    return worker, None
 
 
 class AsyncWorker:
@@ -40,6 +86,10 @@ class AsyncWorker:
         rank: this worker's global rank.
         resumed: this worker's own :meth:`state_dict` from the checkpoint: it continues its round
             exactly (the model it pulled, the steps since, its counters), with its own replica.
+        replay: ``(steps, pushes)``: the restored server already holds this worker's pushes up to its
+            local step ``steps`` (``pushes`` of them; some made after it wrote ``resumed``): it trains up
+            to that step again without pushing (those steps are in θ once), then pulls θ and starts a
+            fresh round.
     """
 
     def __init__(
@@ -56,6 +106,7 @@ class AsyncWorker:
         restored: dict[str, Any] | None = None,
         rank: int = 0,
         resumed: dict[str, Any] | None = None,
+        replay: tuple[int, int] | None = None,
     ) -> None:
         self.client, self.tensors, self.num_params, self.anchor = client, tensors, num_params, anchor
         self.slowdown, self.speed_smoothing, self.poll_interval = slowdown, speed_smoothing, poll_interval
@@ -70,6 +121,7 @@ class AsyncWorker:
             self.local_steps, self.speed = int(resumed["local_steps"]), float(resumed["speed"])
             self.pushes, self.steps = int(resumed["pushes"]), int(resumed["steps"])
             self.staleness = int(resumed["staleness"])
+        self.replay_until, self.replay_pushes = (None, 0) if replay is None or replay[0] <= self.steps else replay
         self.step_start = time.monotonic()
         self._stash: list[Tensor] | None = None
 
@@ -93,7 +145,10 @@ class AsyncWorker:
         self.steps_since_pull += 1
         self.steps += 1
         self.client.check()  # rank 0: heartbeat, and fail fast if another worker died or stalled
-        reply = self.push() if self.steps_since_pull >= self.local_steps else None
+        if self.replay_until is not None:  # a step the restored server already holds: no push
+            reply = self.end_replay() if self.steps >= self.replay_until else None
+        else:
+            reply = self.push() if self.steps_since_pull >= self.local_steps else None
         self.step_start = time.monotonic()
         return reply
 
@@ -112,6 +167,15 @@ class AsyncWorker:
         self.steps_since_pull, self.round_time = 0, 0.0
         return reply
 
+    def end_replay(self) -> Reply:
+        """The steps the server held are trained again: pull θ (it holds each of them once), start a round."""
+        reply = self.client.request(MessageType.PULL)
+        assert reply is not None and reply.state is not None
+        self.adopt(reply.state)
+        self.local_steps, self.pushes, self.replay_until = reply.local_steps, self.replay_pushes, None
+        self.steps_since_pull, self.round_time = 0, 0.0
+        return reply
+
     def adopt(self, state: Tensor) -> None:
         """Load the server's state into the module; it is the new anchor."""
         unflatten_(state, self.tensors())
@@ -119,7 +183,7 @@ class AsyncWorker:
 
     def finish(self) -> None:
         """Push the last partial round, say DONE, wait for the others and adopt the final global model."""
-        if self.steps_since_pull > 0:
+        if self.steps_since_pull > 0 and self.replay_until is None:  # replayed steps are in θ already
             self.push()
         reply = self.client.request(MessageType.DONE)
         while reply is not None and reply.status == Status.WAIT:

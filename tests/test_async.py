@@ -375,7 +375,9 @@ def test_per_worker_max_steps_and_resume_on_two_ranks():
         part = a["part"]
         replica = torch.cat([v.reshape(-1) for k, v in part["model"].items() if k.startswith("net")])
         assert torch.equal(b["theta0"], replica), rank
-        assert torch.equal(b["momentum0"], part["optimizer_states"][0]["state"][0]["momentum_buffer"]), rank
+        momentum = part["lightning"]["optimizer_states"][0]["state"][0]["momentum_buffer"]  # its own optimizer
+        assert torch.equal(b["momentum0"], momentum), rank
+        assert part["lightning"]["global_step"] == 10  # its own loop state: resumed at its own step
         assert part["worker"]["steps"] == 10 and part["worker"]["steps_since_pull"] == 10 % 4  # mid-round
     assert not torch.equal(a0["part"]["model"]["net.0.weight"], a1["part"]["model"]["net.0.weight"])
     assert not torch.equal(b0["momentum0"], b1["momentum0"])  # not rank 0's state for everyone
