@@ -246,9 +246,12 @@ def analyse(spec: dict[str, Any], job: dict[str, Any], workdir: Path, refs: dict
         "nonfinite_steps": {r: res["nonfinite_steps"] for r, res in results.items()},
         "stall_s": max_gap([e for e in events if e["event"] == "step"]) if window else None,
     }  # fmt: skip
-    if restarted and before:  # steps done before the fault and done again; steps a rank never did (async)
-        record["steps_lost"] = max(before) - restarted[0]
-        record["steps_skipped"] = max(0, max(restarted[0] - last for last in last_by_rank.values()))
+    resumed_by_rank = {e["rank"]: e["step"] for e in events if e["event"] == "group_up" and e["attempt"] >= 1}
+    record["resumed_by_rank"] = resumed_by_rank
+    if restarted and before:  # per rank (async workers resume at their own steps): done again; never done
+        pairs = [(last_by_rank[r], step) for r, step in resumed_by_rank.items() if r in last_by_rank]
+        record["steps_lost"] = max((last - step for last, step in pairs), default=max(before) - restarted[0])
+        record["steps_skipped"] = max((max(0, step - last) for last, step in pairs), default=0)
     elif finished:
         record["steps_lost"] = 0
     record["ok"], record["outcome"] = judge(spec["fault"], record, cfg)
@@ -276,7 +279,12 @@ def judge(fault: str, r: dict[str, Any], cfg: dict[str, Any]) -> tuple[bool, str
         ok = r["detect_s"] is not None and r["detect_s"] <= bound and not r["finished"]
         err = ", ".join(r["errors"]) or "no error logged"
         return ok, f"the surviving rank failed after {r['detect_s'] or float('nan'):.1f} s ({err}); nothing restarts it"
-    how = f"restarted, resumed at step {r['resumed_from']}" if r["restarted"] else "no restart"
+    by_rank = r.get("resumed_by_rank") or {}
+    if r["restarted"] and len(set(by_rank.values())) > 1:  # async workers resume at their own steps
+        steps = ", ".join(f"rank {k} at {v}" for k, v in sorted(by_rank.items(), key=lambda kv: int(kv[0])))
+        how = f"restarted, resumed {steps}"
+    else:
+        how = f"restarted, resumed at step {r['resumed_from']}" if r["restarted"] else "no restart"
     if not r["finished"]:
         return False, f"{how}; did not train to the end ({', '.join(r['errors']) or 'no error logged'})"
     same = "final model bit-equal" if r["equal"] else f"final model differs (max |Δ| {r['max_abs_diff']:.2g})"

@@ -103,7 +103,7 @@ def what_happened(row: dict[str, Any]) -> str:
             parts.append("errors seen: " + ", ".join(row["errors"]))
     if row.get("skipped"):
         parts.append(
-            f"a worker resumed past steps it never did: {row['skipped']} steps (async: step counter from rank 0's file)"
+            f"a worker resumed past steps it never did: {row['skipped']} steps"
         )
     if row["stall"] != "–":
         parts.append(f"longest pause between steps {row['stall']}")

@@ -100,3 +100,20 @@ def test_a_skipped_replica_rejoins_with_its_nonfinite_momentum_reset(fixed: bool
     # w[1]: buf after step 1 = 2, step 2: 0.5·2 + 1 = 2 (w was 1 after step 1), step 3: 0.5·2 + 8 = 9, w = 8 − 4.5
     # b: buf 0.5, then 0.5·0.5 + 0.25 = 0.5, then 0.5·0.5 + 2 = 2.25, b = 2 − 1.125
     assert module.flat().tolist() == [2.0, 3.5, 0.875]
+
+
+@pytest.mark.parametrize(("resumed", "lost", "skipped"), [({0: 18, 1: 12}, 1, 0), ({0: 18, 1: 18}, 1, 5)])
+def test_steps_lost_and_skipped_are_counted_per_rank(tmp_path, resumed, lost, skipped) -> None:
+    """Async workers resume at their own steps: rank 0 did 19 steps and rank 1 13 before the kill."""
+    from benchmarks.faults import BASE, analyse
+
+    events = [{"event": "step", "attempt": 0, "rank": r, "step": s, "t": float(s)} for r, n in ((0, 19), (1, 13))
+              for s in range(1, n + 1)]  # fmt: skip
+    events += [{"event": "kill", "t": 13.5, "rank": 1, "attempt": 0, "step": 13}]
+    events += [{"event": "group_up", "attempt": 1, "rank": r, "step": s, "t": 30.0} for r, s in resumed.items()]
+    job = {"events": events, "results": {}, "rc": 0, "seconds": 40.0, "log_tail": ""}
+    spec = {"fault": "kill_async", "cfg": {**BASE, "algorithm": "async", "kill_step": 13, "victim": 1}}
+    (tmp_path / "ckpt").mkdir()
+    record = analyse(spec, job, tmp_path, refs={})
+    assert (record["steps_lost"], record["steps_skipped"]) == (lost, skipped)
+    assert record["resumed_by_rank"] == resumed and record["resumed_from"] == min(resumed.values())
