@@ -133,6 +133,9 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
             if cfg.get("log_pushes") and attempt == 0 and rank == 0:  # the model every worker starts from
                 log_event(cfg, event="theta0", params=[float(v).hex() for v in flat(pl_module).tolist()])
 
+        def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            log_event(cfg, event="train_end", step=trainer.global_step)  # after the last checkpoint write
+
         def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
             server = getattr(trainer.strategy, "server", None)  # created after the callbacks' on_train_start
             if cfg.get("log_pushes") and server is not None and not self.logged_server:

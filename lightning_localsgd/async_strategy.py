@@ -12,7 +12,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -263,6 +263,20 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
             self._set_active(False)
             if self.server is not None and self.server.thread is not None:
                 self.server.thread.join(self._timeout_seconds())
+
+    @override
+    def teardown(self) -> None:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if (
+            trainer is not None and self._restored_server is not None and self.worker is None
+            and trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
+        ):  # fmt: skip
+            # Resumed from a part written at max_steps: Lightning skipped the training loop, so neither
+            # on_train_start nor on_train_end ran. The other workers still need this rank: rank 0 hosts
+            # the server, and every worker owes the server its DONE and takes the final global model.
+            self.on_train_start()
+            self.on_train_end()
+        super().teardown()
 
     @override
     def on_exception(self, exception: BaseException) -> None:

@@ -320,3 +320,36 @@ def test_a_push_made_after_the_part_is_not_pushed_again_under_torchrun(tmp_path:
     ]
     job = _killed_async_run(tmp_path, 17, waits)
     _check_resumed_run(job, 17, resumed_at={0: 18, 1: 12}, replayed={0: 0, 1: 4})
+
+
+@pytest.mark.launches
+def test_the_server_rank_serves_after_a_restart_even_when_its_own_training_was_done(tmp_path: Path) -> None:
+    """Rank 0 trained all 24 steps and wrote last.ckpt at 24 before rank 1 died after its step 13. On the
+    restart Lightning skips rank 0's training loop (its part is at max_steps): rank 0 must still host the
+    server until rank 1 has trained 13..24, and both ranks must end with the same global model."""
+    waits = [
+        _wait(0, 23, 0, {"event": "waiting", "rank": 1, "step": 13, "attempt": 0}),  # rank 1's 3rd push is in
+        _wait(1, 13, 0, {"event": "train_end", "rank": 0, "attempt": 0}),  # rank 0's cut of step 24 is written
+    ]
+    job = _killed_async_run(tmp_path, 13, waits)
+    events, results = job["events"], job["results"]
+    assert [(e["rank"], e["attempt"], e["step"]) for e in events if e["event"] == "kill"] == [(1, 0, 13)]
+    up = {e["rank"]: e["step"] for e in events if e["event"] == "group_up" and e["attempt"] == 1}
+    assert up == {1: 12}  # rank 0's training loop was skipped: no on_train_start
+    trained = {(r, a): [e["step"] for e in events if e["event"] == "step" and (e["rank"], e["attempt"]) == (r, a)]
+               for r in (0, 1) for a in (0, 1)}  # fmt: skip
+    assert (trained[0, 0], trained[1, 0]) == (list(range(1, 25)), list(range(1, 14)))
+    assert (trained[0, 1], trained[1, 1]) == ([], list(range(13, 25)))
+    assert results[1]["batch_sums"] == [float(x.sum()) for x, _ in _batches(1, 24)[12:]]  # its own data position
+    before = sorted((e for e in events if e["event"] == "push" and e["attempt"] == 0), key=lambda e: e["update"])
+    after = sorted((e for e in events if e["event"] == "push" and e["attempt"] == 1), key=lambda e: e["update"])
+    assert [e["update"] for e in before + after] == list(range(1, 13))  # rank 0's cut held all 9 earlier updates
+    assert [e["worker"] for e in after] == [1, 1, 1]
+    assert results[0]["server"] == {"pushes": [6, 6], "steps": [24, 24], "updates": 12}
+    theta0 = torch.tensor(
+        [float.fromhex(v) for v in next(e["params"] for e in events if e["event"] == "theta0")], dtype=f64
+    )
+    expected = _replay(theta0, [(e["worker"], e["steps"]) for e in before + after], len(before), set())
+    for rank in (0, 1):
+        final = torch.tensor([float.fromhex(v) for v in results[rank]["params"]], dtype=f64)
+        assert torch.allclose(final, expected, rtol=0, atol=1e-12), (rank, (final - expected).abs().max())
