@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_localsgd.params import flatten
 from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT, init_process_group
 
 
@@ -131,7 +132,7 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
         def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
             log_event(cfg, event="group_up", step=trainer.global_step)
             if cfg.get("log_pushes") and attempt == 0 and rank == 0:  # the model every worker starts from
-                log_event(cfg, event="theta0", params=[float(v).hex() for v in flat(pl_module).tolist()])
+                log_event(cfg, event="theta0", params=[float(v).hex() for v in flatten(list(pl_module.parameters())).tolist()])
 
         def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
             log_event(cfg, event="train_end", step=trainer.global_step)  # after the last checkpoint write
@@ -195,7 +196,7 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
     model = Regressor().double()  # float64 before the checkpoint is loaded into it (64-true converts later)
     last = ckpt_dir / "last.ckpt"
     trainer.fit(model, loader, ckpt_path=str(last) if last.exists() else None)
-    params = flat(model)
+    params = flatten(list(model.parameters()))
     server = getattr(strategy, "server", None)  # the async parameter server (rank 0)
     with torch.no_grad():  # the final model's loss on every rank's data
         everything = torch.cat(shards)
@@ -214,10 +215,6 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
         if server is None
         else {"pushes": server.pushes, "steps": server.steps, "updates": server.updates},
     }
-
-
-def flat(module: Any) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 
 
 def wait_for(cfg: dict[str, Any], rule: dict[str, Any], stopped: Any = lambda: False) -> None:

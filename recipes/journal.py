@@ -34,6 +34,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from lightning_localsgd.params import flatten, unflatten_
+
 
 def ddp_bytes(world: int, steps: int, grad_bytes: int, state_bytes: int) -> float:
     """Bytes one rank sends under DDP (ring allreduce): initial broadcast plus one gradient allreduce per step."""
@@ -126,11 +128,11 @@ class RunJournal(Callback):
         was_training = pl_module.training
         pl_module.eval()
         for record, state in self._snapshots:
-            if world > 1:
-                for t in state.values():
-                    if torch.is_floating_point(t):
-                        dist.all_reduce(t)
-                        t.div_(world)
+            if world > 1:  # one allreduce per copy: its floating tensors flattened, cast back per tensor
+                floats = [t for t in state.values() if torch.is_floating_point(t)]
+                total = flatten(floats)
+                dist.all_reduce(total)
+                unflatten_(total.div_(world), floats)
             pl_module.load_state_dict(state)
             record["value"] = evaluate_accuracy(pl_module, loader)
             self.records.append(record)
