@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, environment
+
 PAPER_STEP_SECONDS = [0.58, 0.75, 1.51, 3.33]
 DEFAULT_VARIANTS = ["sync@0.7", "nesterov@0.07", "dn@0.7", "dn_dylu@0.7"]
 MODEL = {"n_layer": 1, "n_head": 4, "d_model": 64, "context": 64}
@@ -94,8 +95,12 @@ class Worker:
         self.params = list(self.model.parameters())
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and n != "pos"]
         rest = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and n != "pos")]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-                                     lr=cfg["inner_lr"], betas=(0.9, 0.95), foreach=True)  # fmt: skip
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+            lr=cfg["inner_lr"],
+            betas=(0.9, 0.95),
+            foreach=True,
+        )
         self.lr, self.warmup, self.steps = cfg["inner_lr"], cfg["warmup"], 0
         self.load(init)
 
@@ -160,13 +165,25 @@ def run_variant(spec: str, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
             outer.step([theta - torch.stack(replicas).mean(0)])
             clock += max(H * s for s in secs)  # every round waits for the slowest worker
             steps += n * H
-            curve.append({"updates": float(k), "time": clock, "inner_steps": steps, "val_loss": val_loss(evaluator, theta, corpus)})
+            curve.append(
+                {
+                    "updates": float(k),
+                    "time": clock,
+                    "inner_steps": steps,
+                    "val_loss": val_loss(evaluator, theta, corpus),
+                }
+            )
         info["pushes"] = [target] * n
     else:
         dylu = kind.endswith("_dylu")
-        opt = OuterSGD(lr=lr, momentum=cfg["momentum"], nesterov=True) if kind.startswith("nesterov") else \
-            DelayedNesterov(lr=lr, momentum=cfg["momentum"])  # fmt: skip
-        server = ParameterServer(theta.clone(), theta.numel(), opt, n, sync_every=H, dynamic_local_steps=dylu, timeout=1e12)
+        opt = (
+            OuterSGD(lr=lr, momentum=cfg["momentum"], nesterov=True)
+            if kind.startswith("nesterov")
+            else DelayedNesterov(lr=lr, momentum=cfg["momentum"])
+        )
+        server = ParameterServer(
+            theta.clone(), theta.numel(), opt, n, sync_every=H, dynamic_local_steps=dylu, timeout=1e12
+        )
         anchors = [server.state.clone() for _ in range(n)]
         local = [H] * n
         events = [(local[r] * secs[r], r) for r in range(n)]  # (arrival time, worker); ties: lower rank first
@@ -184,11 +201,22 @@ def run_variant(spec: str, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
             anchors[r], local[r] = reply.state, reply.local_steps
             heapq.heappush(events, (clock + local[r] * secs[r], r))
             if server.updates % n == 0:
-                curve.append({"updates": server.updates / n, "time": clock, "inner_steps": steps,
-                              "val_loss": val_loss(evaluator, server.state, corpus)})  # fmt: skip
-        info.update(pushes=list(server.pushes), steps=list(server.steps), final_local_steps=list(server.local_steps),
-                    staleness_mean=sum(stale) / len(stale), staleness_max=max(stale),
-                    local_steps_seen={str(r): sorted({h for q, h in hist if q == r}) for r in range(n)})  # fmt: skip
+                curve.append(
+                    {
+                        "updates": server.updates / n,
+                        "time": clock,
+                        "inner_steps": steps,
+                        "val_loss": val_loss(evaluator, server.state, corpus),
+                    }
+                )
+        info.update(
+            pushes=list(server.pushes),
+            steps=list(server.steps),
+            final_local_steps=list(server.local_steps),
+            staleness_mean=sum(stale) / len(stale),
+            staleness_max=max(stale),
+            local_steps_seen={str(r): sorted({h for q, h in hist if q == r}) for r in range(n)},
+        )
     info.update(curve=curve, seconds=time.perf_counter() - started)
     return info
 
@@ -207,8 +235,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--time-scale", type=float, default=1.0, help="virtual seconds per step = this × paper's")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = {"workers": 4, "H": args.H, "updates": args.updates, "batch": args.batch, "inner_lr": args.inner_lr,
-           "warmup": args.warmup, "momentum": args.momentum, "time_scale": args.time_scale, "model": MODEL}  # fmt: skip
+    cfg = {
+        "workers": 4,
+        "H": args.H,
+        "updates": args.updates,
+        "batch": args.batch,
+        "inner_lr": args.inner_lr,
+        "warmup": args.warmup,
+        "momentum": args.momentum,
+        "time_scale": args.time_scale,
+        "model": MODEL,
+    }
     out = RESULTS / args.name
     out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
@@ -219,14 +256,21 @@ def main(argv: list[str] | None = None) -> None:
             run = run_variant(spec, seed, cfg)
             run.update(loadavg_before=load, loadavg_after=os.getloadavg())
             doc["runs"][spec] = run
-            doc.update(config=cfg, seed=seed, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       environment=environment(),
-                       command="python -m benchmarks.async_emulation " + " ".join(sys.argv[1:] if argv is None else argv))  # fmt: skip
+            doc.update(
+                config=cfg,
+                seed=seed,
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                environment=environment(),
+                command="python -m benchmarks.async_emulation " + " ".join(sys.argv[1:] if argv is None else argv),
+            )
             path.write_text(json.dumps(doc, indent=1))  # after every variant: a killed run keeps what it has
             last = run["curve"][-1]
-            print(f"seed {seed} {spec:<16} loss {last['val_loss']:.4f} after {last['updates']:.0f} updates, "
-                  f"{last['time']:.0f} virtual s, {last['inner_steps']} inner steps ({run['seconds']:.0f} s real, "
-                  f"load {load[0]:.1f})", flush=True)  # fmt: skip
+            print(
+                f"seed {seed} {spec:<16} loss {last['val_loss']:.4f} after {last['updates']:.0f} updates, "
+                f"{last['time']:.0f} virtual s, {last['inner_steps']} inner steps ({run['seconds']:.0f} s real, "
+                f"load {load[0]:.1f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

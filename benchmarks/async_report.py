@@ -72,15 +72,17 @@ def longer_runs(docs: list[dict[str, Any]], long_docs: list[dict[str, Any]], syn
         for spec, run in ld["runs"].items():
             t_hit = time_to(run["curve"], final, **LOSS)
             out.setdefault(spec, {})[ld["seed"]] = {
-                "updates_run": run["curve"][-1]["updates"], "time_to_sync_final": t_hit,
+                "updates_run": run["curve"][-1]["updates"],
+                "time_to_sync_final": t_hit,
                 "updates_to_sync_final": time_to(run["curve"], final, **dict(LOSS, clock="updates")),
                 "speedup": t_final / t_hit if t_hit else None,
-            }  # fmt: skip
+            }
     return out
 
 
-def summarize(docs: list[dict[str, Any]], sync: str, dn_dylu: str, naive: str,
-              long_docs: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+def summarize(
+    docs: list[dict[str, Any]], sync: str, dn_dylu: str, naive: str, long_docs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     updates = docs[0]["config"]["updates"]
     seeds = {d["seed"]: per_seed(d["runs"], sync, updates) for d in docs}
     specs = list(docs[0]["runs"])
@@ -91,8 +93,12 @@ def summarize(docs: list[dict[str, Any]], sync: str, dn_dylu: str, naive: str,
         def stat(key: str) -> dict[str, Any]:
             vals = [r[key] for r in rows]
             ok = [v for v in vals if v is not None]
-            return {"each": vals, "mean": statistics.fmean(ok) if len(ok) == len(vals) else None,
-                    "min": min(ok, default=None), "max": max(ok, default=None)}  # fmt: skip
+            return {
+                "each": vals,
+                "mean": statistics.fmean(ok) if len(ok) == len(vals) else None,
+                "min": min(ok, default=None),
+                "max": max(ok, default=None),
+            }
 
         table[spec] = {k: stat(k) for k in ("final_loss", "last_half_gap", "speedup", "inner_steps", "virtual_seconds")}
     c1 = table[dn_dylu]["last_half_gap"]["mean"]
@@ -102,14 +108,36 @@ def summarize(docs: list[dict[str, Any]], sync: str, dn_dylu: str, naive: str,
         c2 = [longer[dn_dylu][s]["speedup"] for s in sorted(longer[dn_dylu])]
     c3 = table[naive]["last_half_gap"]["mean"]
     verdicts = {
-        "C1 DN+DyLU matches sync per update (mean last-half gap <= +2%)": {"value": c1, "held": c1 is not None and c1 <= PARITY_TOLERANCE},
-        "C2 DN+DyLU reaches sync's final loss >= 1.5x sooner, every seed": {"value": c2, "held": all(s is not None and s >= MIN_SPEEDUP for s in c2)},
-        "C3 naive async Nesterov needs more updates than sync (mean last-half gap > +2%)": {"value": c3, "held": c3 is not None and c3 > WORSE_MARGIN},
-    }  # fmt: skip
-    return {"updates": updates, "seeds": sorted(seeds), "per_seed": seeds, "table": table, "verdicts": verdicts,
-            "longer_runs": longer,
-            "criteria": {"parity_tolerance": PARITY_TOLERANCE, "worse_margin": WORSE_MARGIN, "min_speedup": MIN_SPEEDUP,
-                         "last_half": [updates // 2 + 1, updates], "sync": sync, "dn_dylu": dn_dylu, "naive": naive}}  # fmt: skip
+        "C1 DN+DyLU matches sync per update (mean last-half gap <= +2%)": {
+            "value": c1,
+            "held": c1 is not None and c1 <= PARITY_TOLERANCE,
+        },
+        "C2 DN+DyLU reaches sync's final loss >= 1.5x sooner, every seed": {
+            "value": c2,
+            "held": all(s is not None and s >= MIN_SPEEDUP for s in c2),
+        },
+        "C3 naive async Nesterov needs more updates than sync (mean last-half gap > +2%)": {
+            "value": c3,
+            "held": c3 is not None and c3 > WORSE_MARGIN,
+        },
+    }
+    return {
+        "updates": updates,
+        "seeds": sorted(seeds),
+        "per_seed": seeds,
+        "table": table,
+        "verdicts": verdicts,
+        "longer_runs": longer,
+        "criteria": {
+            "parity_tolerance": PARITY_TOLERANCE,
+            "worse_margin": WORSE_MARGIN,
+            "min_speedup": MIN_SPEEDUP,
+            "last_half": [updates // 2 + 1, updates],
+            "sync": sync,
+            "dn_dylu": dn_dylu,
+            "naive": naive,
+        },
+    }
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -123,20 +151,28 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{' / '.join(fmt_spec(s, '.2f') for s in sp['each']):>26}{fmt_spec(t['inner_steps']['mean'], '.0f'):>13}"
             f"{fmt_spec(t['virtual_seconds']['mean'] / 3600 if t['virtual_seconds']['mean'] else None, '.2f'):>10}"
         )
-    lines.append("final loss: mean (min-max) over seeds at the last update; last-half gap: paired (same seed) relative gap "
-                 "to sync, mean over the updates of the last half, then over seeds (min..max over seeds); speed-up: "
-                 "sync's virtual time to its final loss / this variant's, per seed ('-': never reached)")  # fmt: skip
+    lines.append(
+        "final loss: mean (min-max) over seeds at the last update; last-half gap: paired (same seed) relative gap "
+        "to sync, mean over the updates of the last half, then over seeds (min..max over seeds); speed-up: "
+        "sync's virtual time to its final loss / this variant's, per seed ('-': never reached)"
+    )
     for spec, per in summary.get("longer_runs", {}).items():
-        lines.append(f"longer run {spec}: " + "; ".join(
-            f"seed {s}: sync's final loss at update {fmt_spec(r['updates_to_sync_final'], '.0f')} of {r['updates_run']:.0f}, "
-            f"{fmt_spec(r['time_to_sync_final'], '.0f')} virtual s, speed-up {fmt_spec(r['speedup'], '.2f')}" for s, r in per.items()))  # fmt: skip
+        lines.append(
+            f"longer run {spec}: "
+            + "; ".join(
+                f"seed {s}: sync's final loss at update {fmt_spec(r['updates_to_sync_final'], '.0f')} of {r['updates_run']:.0f}, "
+                f"{fmt_spec(r['time_to_sync_final'], '.0f')} virtual s, speed-up {fmt_spec(r['speedup'], '.2f')}"
+                for s, r in per.items()
+            )
+        )
     for name, v in summary["verdicts"].items():
         lines.append(f"{'HELD' if v['held'] else 'NOT HELD':<9} {name}: {v['value']}")
     return "\n".join(lines)
 
 
-def plot(docs: list[dict[str, Any]], path: Path, title: str, dpi: int = 100,
-         long_docs: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
+def plot(
+    docs: list[dict[str, Any]], path: Path, title: str, dpi: int = 100, long_docs: list[dict[str, Any]] | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,14 +191,24 @@ def plot(docs: list[dict[str, Any]], path: Path, title: str, dpi: int = 100,
             ax.plot(xs, [statistics.fmean(y) for y in ys], color=color, label=spec, lw=1.2)
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.2, lw=0)
     colors = {spec: f"C{i}" for i, spec in enumerate(docs[0]["runs"])}
-    for spec in (long_docs[0]["runs"] if long_docs else []):
+    for spec in long_docs[0]["runs"] if long_docs else []:
         curves = [d["runs"][spec]["curve"] for d in long_docs]
         n = min(len(c) for c in curves)
         xs = [statistics.fmean(c[j]["time"] for c in curves) / 3600 for j in range(n)]
-        axes[1].plot(xs, [statistics.fmean(c[j]["val_loss"] for c in curves) for j in range(n)], ls="--",
-                     color=colors.get(spec, "k"), lw=1, label=f"{spec}, longer run")  # fmt: skip
-    axes[1].axhline(statistics.fmean(d["runs"][next(iter(d["runs"]))]["curve"][-1]["val_loss"] for d in docs),
-                    color="gray", lw=0.7, ls=":")  # fmt: skip
+        axes[1].plot(
+            xs,
+            [statistics.fmean(c[j]["val_loss"] for c in curves) for j in range(n)],
+            ls="--",
+            color=colors.get(spec, "k"),
+            lw=1,
+            label=f"{spec}, longer run",
+        )
+    axes[1].axhline(
+        statistics.fmean(d["runs"][next(iter(d["runs"]))]["curve"][-1]["val_loss"] for d in docs),
+        color="gray",
+        lw=0.7,
+        ls=":",
+    )
     if long_docs:
         axes[1].legend(fontsize=7)
     axes[0].set_xlabel("outer updates (pseudo-gradients applied / 4)")
@@ -190,13 +236,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     out = RESULTS / args.name
     docs = [json.loads(p.read_text()) for p in sorted(out.glob("async_emulation_seed*.json"))]
-    long_docs = [json.loads(p.read_text()) for p in sorted((RESULTS / args.long).glob("async_emulation_seed*.json"))] \
-        if args.long else None  # fmt: skip
+    long_docs = (
+        [json.loads(p.read_text()) for p in sorted((RESULTS / args.long).glob("async_emulation_seed*.json"))]
+        if args.long
+        else None
+    )
     summary = summarize(docs, args.sync, args.dn_dylu, args.naive, long_docs)
     cfg = docs[0]["config"]
-    title = (f"char-GPT ({cfg['model']['n_layer']} layer, width {cfg['model']['d_model']}) on stdlib source, 4 workers at "
-             f"{cfg['time_scale']:g}x(0.58, 0.75, 1.51, 3.33) s/step (virtual), H={cfg['H']}, "
-             f"seeds {summary['seeds']} (line: mean, band: min-max)")  # fmt: skip
+    title = (
+        f"char-GPT ({cfg['model']['n_layer']} layer, width {cfg['model']['d_model']}) on stdlib source, 4 workers at "
+        f"{cfg['time_scale']:g}x(0.58, 0.75, 1.51, 3.33) s/step (virtual), H={cfg['H']}, "
+        f"seeds {summary['seeds']} (line: mean, band: min-max)"
+    )
     png = out / "async_emulation.png"
     plot(docs, png, title, long_docs=long_docs)
     text = format_table(summary)
@@ -204,7 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if args.docs:
         plot(docs, DOCS / "img" / "async_emulation.png", title, dpi=80, long_docs=long_docs)
-        (DOCS / "async_emulation.json").write_text(json.dumps({"summary": summary, "runs": docs, "longer_runs": long_docs}))
+        (DOCS / "async_emulation.json").write_text(
+            json.dumps({"summary": summary, "runs": docs, "longer_runs": long_docs})
+        )
         print(f"wrote {DOCS / 'img' / 'async_emulation.png'} and {DOCS / 'async_emulation.json'}")
     return summary
 

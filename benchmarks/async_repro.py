@@ -55,6 +55,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, environment, fmt_spec, launch_ranks, time_to_interpolated
 from recipes.launch import run_rank_from_file
+
 PAPER_STEP_SECONDS = [0.58, 0.75, 1.51, 3.33]
 VARIANTS = ["sync_diloco", "async_nesterov", "async_dn", "async_dn_dylu"]
 
@@ -111,9 +112,12 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any] | None:
         def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
             if variant == "sync_diloco" and rank == 0 and trainer.global_step % H == 0:  # right after a sync
                 snaps.append(
-                    {"updates": float(trainer.global_step // H), "time": time.monotonic() - t0[0],
-                     "theta": flatten(list(pl_module.parameters())).clone()}
-                )  # fmt: skip
+                    {
+                        "updates": float(trainer.global_step // H),
+                        "time": time.monotonic() - t0[0],
+                        "theta": flatten(list(pl_module.parameters())).clone(),
+                    }
+                )
 
     timer, callbacks = FixedStepTime(), []
     if variant == "sync_diloco":
@@ -126,48 +130,79 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any] | None:
         else:
             outer = DelayedNesterov(lr=cfg["async_outer_lr"], momentum=0.9)
         strategy = AsyncLocalSGDStrategy(
-            sync_every=H, outer_optimizer=outer, dynamic_local_steps=variant == "async_dn_dylu",
-            max_updates=cfg["async_updates"] * n, timeout=timeout,
-        )  # fmt: skip
+            sync_every=H,
+            outer_optimizer=outer,
+            dynamic_local_steps=variant == "async_dn_dylu",
+            max_updates=cfg["async_updates"] * n,
+            timeout=timeout,
+        )
         max_steps = 10**7
 
         def observe(record: Any, g: Any) -> None:  # under the server lock, after the update
             if record.update % n == 0:
                 server = strategy.server
                 snaps.append(
-                    {"updates": record.update / n, "time": time.monotonic() - t0[0],
-                     "theta": server.state[: server.num_params].clone()}
-                )  # fmt: skip
+                    {
+                        "updates": record.update / n,
+                        "time": time.monotonic() - t0[0],
+                        "theta": server.state[: server.num_params].clone(),
+                    }
+                )
 
         if rank == 0:
             strategy.push_observers.append(observe)
     callbacks += [timer, Snapshots()]
     trainer = Trainer(
-        accelerator="cpu", devices=world, num_nodes=1, strategy=strategy, max_steps=max_steps, max_epochs=-1,
-        callbacks=callbacks, use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=world,
+        num_nodes=1,
+        strategy=strategy,
+        max_steps=max_steps,
+        max_epochs=-1,
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     fit_start = time.monotonic()
     trainer.fit(model, datamodule=data)
     fit_seconds = time.monotonic() - fit_start
     train_seconds = time.monotonic() - t0[0]
     compute = timer.compute[5:] or timer.compute
     result: dict[str, Any] = {
-        "rank": rank, "steps": trainer.global_step, "step_seconds": step_seconds,
-        "compute_mean": sum(compute) / max(len(compute), 1), "train_seconds": train_seconds, "fit_seconds": fit_seconds,
-    }  # fmt: skip
+        "rank": rank,
+        "steps": trainer.global_step,
+        "step_seconds": step_seconds,
+        "compute_mean": sum(compute) / max(len(compute), 1),
+        "train_seconds": train_seconds,
+        "fit_seconds": fit_seconds,
+    }
     if rank != 0:
         return result
     if variant != "sync_diloco":
         server = strategy.server
         result["server"] = {
-            "updates": server.updates, "pushes": list(server.pushes), "steps": list(server.steps),
-            "speeds": list(server.speeds), "local_steps": list(server.local_steps),
-            "staleness_mean": server.staleness_sum / max(server.updates, 1), "staleness_max": server.staleness_max,
-        }  # fmt: skip
+            "updates": server.updates,
+            "pushes": list(server.pushes),
+            "steps": list(server.steps),
+            "speeds": list(server.speeds),
+            "local_steps": list(server.local_steps),
+            "staleness_mean": server.staleness_sum / max(server.updates, 1),
+            "staleness_max": server.staleness_max,
+        }
         # the final model after every last push (may be up to n-1 pushes after the last snapshot)
-        snaps.append({"updates": server.updates / n, "time": train_seconds,
-                      "theta": flatten(list(model.parameters())).clone(), "final": True})  # fmt: skip
+        snaps.append(
+            {
+                "updates": server.updates / n,
+                "time": train_seconds,
+                "theta": flatten(list(model.parameters())).clone(),
+                "final": True,
+            }
+        )
     else:
         result["server"] = None
     # evaluate every snapshot on the same validation windows, on this process alone
@@ -183,8 +218,14 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any] | None:
             for x, y in val:
                 total += float(evaluator.loss((x, y))) * x.shape[0]
                 count += x.shape[0]
-            curve.append({"updates": s["updates"], "time": s["time"], "val_loss": total / count,
-                          "final": bool(s.get("final", False))})  # fmt: skip
+            curve.append(
+                {
+                    "updates": s["updates"],
+                    "time": s["time"],
+                    "val_loss": total / count,
+                    "final": bool(s.get("final", False)),
+                }
+            )
     result["curve"] = curve
     result["num_params"] = sum(p.numel() for p in params)
     result["val_tokens"] = count * data.context
@@ -262,7 +303,9 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=0.2, help="seconds of emulated step = scale × paper seconds")
     ap.add_argument("--sync-outer-lr", type=float, default=0.7)
     ap.add_argument("--async-outer-lr", type=float, default=0.07, help="DN's ε")
-    ap.add_argument("--naive-outer-lr", type=float, default=None, help="naive async Nesterov's α (default: --async-outer-lr)")
+    ap.add_argument(
+        "--naive-outer-lr", type=float, default=None, help="naive async Nesterov's α (default: --async-outer-lr)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=float, default=600, help="seconds before a variant's run is killed")
     args = ap.parse_args()
@@ -271,13 +314,18 @@ def main() -> None:
         return
     world = 4
     cfg = {
-        "H": args.H, "rounds": args.rounds, "async_updates": int(round(args.rounds * args.async_factor)),
-        "scale": args.scale, "sync_outer_lr": args.sync_outer_lr, "async_outer_lr": args.async_outer_lr,
+        "H": args.H,
+        "rounds": args.rounds,
+        "async_updates": int(round(args.rounds * args.async_factor)),
+        "scale": args.scale,
+        "sync_outer_lr": args.sync_outer_lr,
+        "async_outer_lr": args.async_outer_lr,
         "naive_outer_lr": args.async_outer_lr if args.naive_outer_lr is None else args.naive_outer_lr,
-        "seed": args.seed, "timeout": 300,
+        "seed": args.seed,
+        "timeout": 300,
         "model": {"n_layer": 2, "n_head": 4, "d_model": 96, "context": 64, "lr": 3e-3, "warmup_steps": 20},
         "data": {"context": 64, "batch_size": 8, "max_bytes": 2_000_000, "max_val_windows": 256},
-    }  # fmt: skip
+    }
     out_dir = RESULTS / args.name
     out_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
@@ -295,20 +343,33 @@ def main() -> None:
         print(f"{v}: {time.monotonic() - t:.0f} s (load {os.getloadavg()[0]:.2f})", flush=True)
     summary = summarize(runs, args.rounds) if "sync_diloco" in runs else None
     result = {
-        "benchmark": "async_repro", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "async_repro",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(),
-        "host": {"load_before": load_before, "load_after": os.getloadavg(),
-                 "total_seconds": time.monotonic() - started},
-        "config": cfg, "paper_step_seconds": PAPER_STEP_SECONDS, "runs": runs, "per_rank": per_rank, "summary": summary,
-    }  # fmt: skip
+        "host": {
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
+            "total_seconds": time.monotonic() - started,
+        },
+        "config": cfg,
+        "paper_step_seconds": PAPER_STEP_SECONDS,
+        "runs": runs,
+        "per_rank": per_rank,
+        "summary": summary,
+    }
     (out_dir / "async_repro.json").write_text(json.dumps(result, indent=1))
-    plot(runs, out_dir / "async_repro.png",
-         f"char-GPT on stdlib source, 4 workers at {args.scale:g}×(0.58,0.75,1.51,3.33) s/step, "
-         f"H={args.H}, seed {args.seed}")  # fmt: skip
+    plot(
+        runs,
+        out_dir / "async_repro.png",
+        f"char-GPT on stdlib source, 4 workers at {args.scale:g}×(0.58,0.75,1.51,3.33) s/step, "
+        f"H={args.H}, seed {args.seed}",
+    )
     # table
     print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; {os.cpu_count()} cpus")
-    print(f"{'variant':16s} {'updates':>8s} {'final':>7s} {'@R upd':>7s} {'gap@R':>7s} {'meangap':>8s} "
-          f"{'t→sync':>7s} {'speedup':>7s} {'train s':>7s} {'stale μ/max':>11s}")  # fmt: skip
+    print(
+        f"{'variant':16s} {'updates':>8s} {'final':>7s} {'@R upd':>7s} {'gap@R':>7s} {'meangap':>8s} "
+        f"{'t→sync':>7s} {'speedup':>7s} {'train s':>7s} {'stale μ/max':>11s}"
+    )
     for v, run in runs.items():
         s = summary["variants"][v] if summary else {}
         srv = run["server"]
@@ -322,9 +383,14 @@ def main() -> None:
         )
     for v in runs:
         srv = runs[v]["server"]
-        print(v, "steps per rank:", [r["steps"] for r in per_rank[v]],
-              "compute s/step:", [round(r["compute_mean"], 3) for r in per_rank[v]],
-              "" if srv is None else f"pushes {srv['pushes']} H_i {srv['local_steps']}")  # fmt: skip
+        print(
+            v,
+            "steps per rank:",
+            [r["steps"] for r in per_rank[v]],
+            "compute s/step:",
+            [round(r["compute_mean"], 3) for r in per_rank[v]],
+            "" if srv is None else f"pushes {srv['pushes']} H_i {srv['local_steps']}",
+        )
     print(f"wrote {out_dir}")
 
 

@@ -50,8 +50,9 @@ def launch_ranks(
         cfg_path.write_text(json.dumps(cfg))
         cmd = [sys.executable, "-m", module, "--worker", str(cfg_path)]
         try:
-            run_local_ranks(cmd, world, nodes, log_dir=tmp, timeout=timeout, cwd=ROOT, pythonpath=ROOT, log_tail=4000,
-                            link=link)  # fmt: skip
+            run_local_ranks(
+                cmd, world, nodes, log_dir=tmp, timeout=timeout, cwd=ROOT, pythonpath=ROOT, log_tail=4000, link=link
+            )
         except RuntimeError as err:
             return None, str(err)
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)], ""
@@ -67,7 +68,7 @@ def interleaved_schedule(names: list[str], repeats: int, seed: int) -> list[dict
     ``seed + r``: ``{"variant", "repeat", "seed"}`` in the order the fits run."""
     schedule = []
     for rep in range(repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         schedule += [{"variant": n, "repeat": rep, "seed": seed + rep} for n in order]
     return schedule
 
@@ -97,12 +98,20 @@ def environment(*modules: str, link: str | None = None) -> dict[str, Any]:
 
     from recipes.launch import describe_link
 
-    record: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                              "lightning": lightning.__version__}  # fmt: skip
+    record: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+    }
     for name in modules:
         record[name] = importlib.import_module(name).__version__
-    record.update(platform=platform.platform(), cpu_count=os.cpu_count(), loadavg_end=loadavg(),
-                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"), link=describe_link(link))  # fmt: skip
+    record.update(
+        platform=platform.platform(),
+        cpu_count=os.cpu_count(),
+        loadavg_end=loadavg(),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        link=describe_link(link),
+    )
     return record
 
 
@@ -134,9 +143,12 @@ def _reached(v: float, target: float, lower_is_better: bool) -> bool:
 
 
 def time_to(
-    records: list[dict[str, Any]], target: float, clock: str = "train_seconds", value: str = "value",
+    records: list[dict[str, Any]],
+    target: float,
+    clock: str = "train_seconds",
+    value: str = "value",
     lower_is_better: bool = False,
-) -> Any:  # fmt: skip
+) -> Any:
     """The ``clock`` of the first record whose ``value`` reaches ``target`` (at or above it; at or
     below with ``lower_is_better``), or ``None``: never."""
     for r in records:
@@ -146,9 +158,12 @@ def time_to(
 
 
 def time_held(
-    records: list[dict[str, Any]], target: float, clock: str = "train_seconds", value: str = "value",
+    records: list[dict[str, Any]],
+    target: float,
+    clock: str = "train_seconds",
+    value: str = "value",
     lower_is_better: bool = False,
-) -> Any:  # fmt: skip
+) -> Any:
     """The ``clock`` of the first record from which every later record stays at the target (``None``:
     the last one misses it). Stricter than :func:`time_to`: a single lucky evaluation does not count."""
     held = None
@@ -261,8 +276,9 @@ def make_probe_callback(rank: int, world: int, extra: Any = None) -> Any:
                 **extras,
             }
             if sums[1, 1] > 0:  # a second validation loader: error on (a subset of) the training data
-                point.update(train_error=1.0 - float(sums[1, 0] / sums[1, 1]),
-                             train_loss=float(sums[1, 2] / sums[1, 1]))  # fmt: skip
+                point.update(
+                    train_error=1.0 - float(sums[1, 0] / sums[1, 1]), train_loss=float(sums[1, 2] / sums[1, 1])
+                )
             self.points.append(point)
 
         def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
@@ -281,9 +297,15 @@ def make_probe_callback(rank: int, world: int, extra: Any = None) -> Any:
 
 # ====================================================================== the report's tail
 def write_report(
-    result: dict[str, Any], summary: dict[str, Any], out_dir: Path, name: str, title: str,
-    plot_fn: Any, table_text: str, docs_png: str | None,
-) -> None:  # fmt: skip
+    result: dict[str, Any],
+    summary: dict[str, Any],
+    out_dir: Path,
+    name: str,
+    title: str,
+    plot_fn: Any,
+    table_text: str,
+    docs_png: str | None,
+) -> None:
     """``<name>.json``, ``<name>.png`` (and a small copy ``docs/results/img/<docs_png>``), then the table."""
     result["summary"] = summary
     out_dir.mkdir(parents=True, exist_ok=True)

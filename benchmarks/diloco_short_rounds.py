@@ -43,9 +43,15 @@ def with_overlay(lr: float, momentum: float, out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.diloco_short_rounds", description=__doc__.split("\n")[0])
-    ap.add_argument("--settings", nargs="+", default=["0.7/0.9", "0.7/0.5", "0.35/0.8", "0.2/0.9", "0.1/0.9"],
-                    help="outer lr/momentum pairs")  # fmt: skip
-    ap.add_argument("--target", type=float, default=None, help="accuracy target (default: the demo's DDP final − 0.005)")
+    ap.add_argument(
+        "--settings",
+        nargs="+",
+        default=["0.7/0.9", "0.7/0.5", "0.35/0.8", "0.2/0.9", "0.1/0.9"],
+        help="outer lr/momentum pairs",
+    )
+    ap.add_argument(
+        "--target", type=float, default=None, help="accuracy target (default: the demo's DDP final − 0.005)"
+    )
     ap.add_argument("--name", default="diloco_short_rounds")
     ap.add_argument("--timeout", type=float, default=3000, help="seconds per fine-tuning run")
     ap.add_argument("--docs", action="store_true")
@@ -68,17 +74,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             doc = finetune(name, demo, weights)
         acc = [r["value"] for r in doc["records"]]
         hit, held = time_to(doc["records"], target, "step"), time_held(doc["records"], target, "step")
-        rows[setting] = {"outer_lr": lr, "outer_momentum": momentum, "amplification": lr / (1 - momentum),
-                         "final_acc": acc[-1], "lowest_acc": min(acc), "first_step_at_target": hit,
-                         "held_from_step": held, "train_seconds": doc["final"]["train_seconds"],
-                         "loadavg_before": doc.get("loadavg_before"), "records": doc["records"]}  # fmt: skip
+        rows[setting] = {
+            "outer_lr": lr,
+            "outer_momentum": momentum,
+            "amplification": lr / (1 - momentum),
+            "final_acc": acc[-1],
+            "lowest_acc": min(acc),
+            "first_step_at_target": hit,
+            "held_from_step": held,
+            "train_seconds": doc["final"]["train_seconds"],
+            "loadavg_before": doc.get("loadavg_before"),
+            "records": doc["records"],
+        }
     print(f"\ntarget {100 * target:.2f}% (DDP's final − 0.5 points)")
     print(f"{'lr/momentum':<12}{'lr/(1-β)':>9}{'final':>8}{'lowest':>8}{'step at target':>16}{'held from':>11}")
     for s, r in rows.items():
-        print(f"{s:<12}{r['amplification']:>9.1f}{100 * r['final_acc']:>7.2f}%{100 * r['lowest_acc']:>7.1f}%"
-              f"{str(r['first_step_at_target'] or 'never'):>16}{str(r['held_from_step'] or '-'):>11}")  # fmt: skip
-    doc = {"target": target, "rows": rows, "environment": environment(),
-           "command": "python -m benchmarks.diloco_short_rounds " + " ".join(sys.argv[1:] if argv is None else argv)}  # fmt: skip
+        print(
+            f"{s:<12}{r['amplification']:>9.1f}{100 * r['final_acc']:>7.2f}%{100 * r['lowest_acc']:>7.1f}%"
+            f"{str(r['first_step_at_target'] or 'never'):>16}{str(r['held_from_step'] or '-'):>11}"
+        )
+    doc = {
+        "target": target,
+        "rows": rows,
+        "environment": environment(),
+        "command": "python -m benchmarks.diloco_short_rounds " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     (out / "diloco_short_rounds.json").write_text(json.dumps(doc, indent=1))
     if args.docs:
         (ROOT / "docs" / "results" / "diloco_short_rounds.json").write_text(json.dumps(doc))

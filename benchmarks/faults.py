@@ -32,8 +32,15 @@ from typing import Any
 
 from benchmarks.restarts import LIGHTNING, ROOT, collect_job, run_job
 
-BASE: dict[str, Any] = {**LIGHTNING, "fixed": True, "log_steps": True, "log_saves": True, "kill_attempts": [0],
-                        "kill_step": None, "victim": None}  # fmt: skip
+BASE: dict[str, Any] = {
+    **LIGHTNING,
+    "fixed": True,
+    "log_steps": True,
+    "log_saves": True,
+    "kill_attempts": [0],
+    "kill_step": None,
+    "victim": None,
+}
 SYNC_STEPS = [s for s in range(2, LIGHTNING["steps"] - 1) if s % LIGHTNING["sync_every"]]
 AT_SYNC = [s for s in range(LIGHTNING["sync_every"], LIGHTNING["steps"] - 1, LIGHTNING["sync_every"])]
 PARTITION_LINK = "10gbit"  # the namespace's loopback; the partition takes it down
@@ -52,12 +59,36 @@ FAULTS: dict[str, str] = {  # id → what the row means (table order)
     "noagent_async": "no agent: kill -9 of async worker rank 1 after a random step",
     "noagent_server": "no agent: kill -9 of the async server's rank 0 after a random step",
 }
-ROUND_ORDER = ("kill_mid", "kill_async", "kill_server", "kill_writer", "nan_skip", "partition_long", "noagent_sync",
-               "noagent_server", "kill_sync", "nan_raise", "partition_short", "kill_peer_writing", "noagent_async")  # fmt: skip
-EXPECT = {"kill_mid": "exact", "kill_sync": "exact", "kill_async": "finish", "kill_server": "finish",
-          "kill_writer": "exact", "kill_peer_writing": "exact", "nan_raise": "exact", "nan_skip": "finish",
-          "partition_short": "exact", "partition_long": "exact", "noagent_sync": "fail_fast",
-          "noagent_async": "fail_fast", "noagent_server": "fail_fast"}  # fmt: skip
+ROUND_ORDER = (
+    "kill_mid",
+    "kill_async",
+    "kill_server",
+    "kill_writer",
+    "nan_skip",
+    "partition_long",
+    "noagent_sync",
+    "noagent_server",
+    "kill_sync",
+    "nan_raise",
+    "partition_short",
+    "kill_peer_writing",
+    "noagent_async",
+)
+EXPECT = {
+    "kill_mid": "exact",
+    "kill_sync": "exact",
+    "kill_async": "finish",
+    "kill_server": "finish",
+    "kill_writer": "exact",
+    "kill_peer_writing": "exact",
+    "nan_raise": "exact",
+    "nan_skip": "finish",
+    "partition_short": "exact",
+    "partition_long": "exact",
+    "noagent_sync": "fail_fast",
+    "noagent_async": "fail_fast",
+    "noagent_server": "fail_fast",
+}
 
 
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -76,16 +107,24 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         for _ in range(1 if args.quick else n):
             runs[fault].append({"algorithm": "async", "kill_step": rng.randrange(3, 22), "victim": victim})
     for algorithm in ("periodic", "diloco")[:few]:
-        runs["kill_writer"].append({"algorithm": algorithm, "kill_step": 12, "victim": 0, "kill_when": "during_save",
-                                    "slow_save": 2.0})  # fmt: skip
-        runs["kill_peer_writing"].append({"algorithm": algorithm, "kill_step": 12, "victim": 1, "slow_save": 4.0,
-                                          "kill_when": "while_peer_saves", "kill_delay": 1.0})  # fmt: skip
+        runs["kill_writer"].append(
+            {"algorithm": algorithm, "kill_step": 12, "victim": 0, "kill_when": "during_save", "slow_save": 2.0}
+        )
+        runs["kill_peer_writing"].append(
+            {
+                "algorithm": algorithm,
+                "kill_step": 12,
+                "victim": 1,
+                "slow_save": 4.0,
+                "kill_when": "while_peer_saves",
+                "kill_delay": 1.0,
+            }
+        )
     for policy in ("raise", "skip"):
         runs[f"nan_{policy}"].append({"algorithm": "periodic", "nan_step": 10, "nan_rank": 1, "nonfinite": policy})
     for _ in range(few):
         runs["partition_short"].append({"algorithm": "periodic", "step_sleep": 0.4, "partition": [3.0, 5.0]})
-    runs["partition_long"].append({"algorithm": "periodic", "step_sleep": 0.4, "partition": [3.0, 35.0],
-                                   "timeout": 20})  # fmt: skip
+    runs["partition_long"].append({"algorithm": "periodic", "step_sleep": 0.4, "partition": [3.0, 35.0], "timeout": 20})
     runs["noagent_sync"].append({"algorithm": "periodic", "kill_step": rng.choice(SYNC_STEPS), "victim": 1})
     runs["noagent_async"].append({"algorithm": "async", "kill_step": rng.randrange(3, 22), "victim": 1})
     runs["noagent_server"].append({"algorithm": "async", "kill_step": rng.randrange(3, 22), "victim": 0})
@@ -219,8 +258,10 @@ def analyse(spec: dict[str, Any], job: dict[str, Any], workdir: Path, refs: dict
     first = min([t for t in [*noticed, agent] if t is not None], default=None)
     restarted = sorted(e["step"] for e in events if e["event"] == "group_up" and e["attempt"] >= 1)
     before = [e["step"] for e in events if e["event"] == "step" and e["attempt"] == 0]
-    last_by_rank = {r: max(e["step"] for e in events if e["event"] == "step" and e["attempt"] == 0 and e["rank"] == r)
-                    for r in {e["rank"] for e in events if e["event"] == "step" and e["attempt"] == 0}}  # fmt: skip
+    last_by_rank = {
+        r: max(e["step"] for e in events if e["event"] == "step" and e["attempt"] == 0 and e["rank"] == r)
+        for r in {e["rank"] for e in events if e["event"] == "step" and e["attempt"] == 0}
+    }
     ups = [e["t"] for e in events if e["event"] == "group_up" and e["attempt"] >= 1]
     finished = len(results) == 2 and all(r["global_step"] == cfg["steps"] for r in results.values())
     ref = refs.get(cfg["algorithm"])
@@ -234,18 +275,30 @@ def analyse(spec: dict[str, Any], job: dict[str, Any], workdir: Path, refs: dict
     intact, ckpt_note = checkpoints_intact(workdir / "ckpt", events)
     errors = sorted({e["error"].split(":")[0] for e in events if e["event"] == "error"})
     record = {
-        "fault": spec["fault"], "algorithm": cfg["algorithm"], "kill_step": cfg.get("kill_step"),
-        "victim": cfg.get("victim"), "rc": job["rc"], "hang": job["rc"] is None, "job_seconds": job["seconds"],
-        "finished": finished, "restarted": bool(restarted), "resumed_from": restarted[0] if restarted else None,
-        "last_step_before": max(before, default=None), "detect_s": None if first is None else first - fault_t,
+        "fault": spec["fault"],
+        "algorithm": cfg["algorithm"],
+        "kill_step": cfg.get("kill_step"),
+        "victim": cfg.get("victim"),
+        "rc": job["rc"],
+        "hang": job["rc"] is None,
+        "job_seconds": job["seconds"],
+        "finished": finished,
+        "restarted": bool(restarted),
+        "resumed_from": restarted[0] if restarted else None,
+        "last_step_before": max(before, default=None),
+        "detect_s": None if first is None else first - fault_t,
         "detected_by": None if first is None else ("agent" if first == agent else "error in a rank"),
         "back_s": max(ups) - fault_t if ups and fault_t and len(ups) >= 2 else None,
-        "equal": diff == 0.0 if diff is not None else None, "max_abs_diff": diff, "errors": errors,
-        "final_loss": results[0]["final_loss"] if finished else None, "checkpoints_intact": intact,
-        "checkpoints": ckpt_note, "partition": window,
+        "equal": diff == 0.0 if diff is not None else None,
+        "max_abs_diff": diff,
+        "errors": errors,
+        "final_loss": results[0]["final_loss"] if finished else None,
+        "checkpoints_intact": intact,
+        "checkpoints": ckpt_note,
+        "partition": window,
         "nonfinite_steps": {r: res["nonfinite_steps"] for r, res in results.items()},
         "stall_s": max_gap([e for e in events if e["event"] == "step"]) if window else None,
-    }  # fmt: skip
+    }
     resumed_by_rank = {e["rank"]: e["step"] for e in events if e["event"] == "group_up" and e["attempt"] >= 1}
     record["resumed_by_rank"] = resumed_by_rank
     if restarted and before:  # per rank (async workers resume at their own steps): done again; never done
@@ -313,8 +366,12 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     done = {r["run"] for r in runs}
     deferred = set(args.defer.split(",")) - {""}
     needed = {spec["cfg"]["algorithm"] for spec in specs if spec["fault"] not in deferred}
-    for name, algorithm in (("periodic", "periodic"), ("diloco", "diloco"), ("async", "async"),
-                            ("async_again", "async")):  # fmt: skip
+    for name, algorithm in (
+        ("periodic", "periodic"),
+        ("diloco", "diloco"),
+        ("async", "async"),
+        ("async_again", "async"),
+    ):
         if algorithm not in needed or name in refs or (name == "async_again" and not args.async_spread):
             continue
         job = run_job({**BASE, "algorithm": algorithm, "kill_attempts": []}, Path(tmp, f"ref_{name}"), args.run_timeout)
@@ -330,8 +387,16 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         workdir = Path(tmp, f"{i:02d}_{spec['fault']}")
         shutil.rmtree(workdir, ignore_errors=True)  # left by an interrupted measurement
         job = run_one(spec, workdir, args.run_timeout)
-        record = {"fault": spec["fault"], "rc": job["rc"], "job_seconds": job["seconds"], "run": i, "loadavg": load,
-                  "cfg": spec["cfg"], "workdir": str(workdir), "log_name": job_log(spec)}  # fmt: skip
+        record = {
+            "fault": spec["fault"],
+            "rc": job["rc"],
+            "job_seconds": job["seconds"],
+            "run": i,
+            "loadavg": load,
+            "cfg": spec["cfg"],
+            "workdir": str(workdir),
+            "log_name": job_log(spec),
+        }
         try:
             record.update(analyse(spec, job, workdir, refs))
         except Exception as err:  # noqa: BLE001 - keep measuring; --report-only --reanalyse after the fix
@@ -340,8 +405,11 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         with partial.open("a") as f:
             f.write(json.dumps(record) + "\n")
         detect = "-" if record["detect_s"] is None else f"{record['detect_s']:.1f} s"
-        print(f"{i:2d} {spec['fault']:18s} {'OK  ' if record['ok'] else 'FAIL'} detect {detect:>7s}  "
-              f"{record['outcome']}  ({job['seconds']:.0f} s, load {load[0]:.1f})", flush=True)  # fmt: skip
+        print(
+            f"{i:2d} {spec['fault']:18s} {'OK  ' if record['ok'] else 'FAIL'} detect {detect:>7s}  "
+            f"{record['outcome']}  ({job['seconds']:.0f} s, load {load[0]:.1f})",
+            flush=True,
+        )
     return assemble(args, refs, sorted(runs, key=lambda r: r["run"]), planned=len(specs))
 
 
@@ -375,11 +443,22 @@ def assemble(
     if "async" in refs and "async_again" in refs:
         a, b = refs["async"]["params"], refs["async_again"]["params"]
         spread = max(abs(float.fromhex(x) - float.fromhex(y)) for x, y in zip(a, b))
-    return {"command": " ".join(["python -m benchmarks.faults", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
-            "torch": version("torch"), "lightning": version("lightning"), "config": BASE, "seed": args.seed,
-            "run_timeout": args.run_timeout, "faults": FAULTS, "expect": EXPECT, "partition_link": PARTITION_LINK,
-            "references": {k: {"final_loss": v["final_loss"]} for k, v in refs.items()},
-            "async_run_to_run_max_abs_diff": spread, "planned_runs": planned, "runs": runs}  # fmt: skip
+    return {
+        "command": " ".join(["python -m benchmarks.faults", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": version("torch"),
+        "lightning": version("lightning"),
+        "config": BASE,
+        "seed": args.seed,
+        "run_timeout": args.run_timeout,
+        "faults": FAULTS,
+        "expect": EXPECT,
+        "partition_link": PARTITION_LINK,
+        "references": {k: {"final_loss": v["final_loss"]} for k, v in refs.items()},
+        "async_run_to_run_max_abs_diff": spread,
+        "planned_runs": planned,
+        "runs": runs,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -394,14 +473,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--run-timeout", type=float, default=300.0, help="seconds before a job counts as a hang")
     parser.add_argument("--name", default="faults", help="results under benchmarks/results/<name>/")
-    parser.add_argument("--report-only", action="store_true", help="no runs; from faults.json, or from the "
-                        "progress files of an unfinished measurement")  # fmt: skip
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no runs; from faults.json, or from the progress files of an unfinished measurement",
+    )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted measurement (same arguments)")
     parser.add_argument("--rerun", default="", help="with --resume: run these faults (comma-separated) again")
-    parser.add_argument("--defer", default="", help="skip these faults (comma-separated) now; a later --resume "
-                        "without --defer runs them (the plan and its run numbers stay the same)")  # fmt: skip
-    parser.add_argument("--reanalyse", action="store_true", help="with --report-only: analyse the kept job "
-                        "directories again (in $TMPDIR/faults-<name>)")  # fmt: skip
+    parser.add_argument(
+        "--defer",
+        default="",
+        help="skip these faults (comma-separated) now; a later --resume "
+        "without --defer runs them (the plan and its run numbers stay the same)",
+    )
+    parser.add_argument(
+        "--reanalyse",
+        action="store_true",
+        help="with --report-only: analyse the kept job directories again (in $TMPDIR/faults-<name>)",
+    )
     parser.add_argument(
         "--docs", action="store_true", help="also write docs/results/faults.md and the table in docs/reliability.md"
     )

@@ -70,18 +70,26 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             same = "0 trained to the end"
         errors = sorted({e for r in runs for e in r["errors"]})
-        out.append({
-            "fault": fault, "runs": len(runs), "ok": sum(r["ok"] for r in runs), "expect": expect,
-            "restarted": sum(r["restarted"] for r in runs), "finished": len(finished), "same": same,
-            "detect": spread([r["detect_s"] for r in runs], " s"),
-            "detected_by": sorted({r["detected_by"] for r in runs if r["detected_by"]}),
-            "lost": spread([r.get("steps_lost") for r in runs], "", 0),
-            "back": spread([r["back_s"] for r in runs], " s"),
-            "stall": spread([r["stall_s"] for r in runs], " s"),
-            "intact": sum(r["checkpoints_intact"] for r in runs), "errors": errors,
-            "skipped": sum(r.get("steps_skipped") or 0 for r in runs),
-            "categories": {c: sum(category(r, expect) == c for r in runs) for c, _ in CATEGORIES},
-        })  # fmt: skip
+        out.append(
+            {
+                "fault": fault,
+                "runs": len(runs),
+                "ok": sum(r["ok"] for r in runs),
+                "expect": expect,
+                "restarted": sum(r["restarted"] for r in runs),
+                "finished": len(finished),
+                "same": same,
+                "detect": spread([r["detect_s"] for r in runs], " s"),
+                "detected_by": sorted({r["detected_by"] for r in runs if r["detected_by"]}),
+                "lost": spread([r.get("steps_lost") for r in runs], "", 0),
+                "back": spread([r["back_s"] for r in runs], " s"),
+                "stall": spread([r["stall_s"] for r in runs], " s"),
+                "intact": sum(r["checkpoints_intact"] for r in runs),
+                "errors": errors,
+                "skipped": sum(r.get("steps_skipped") or 0 for r in runs),
+                "categories": {c: sum(category(r, expect) == c for r in runs) for c, _ in CATEGORIES},
+            }
+        )
     return out
 
 
@@ -102,9 +110,7 @@ def what_happened(row: dict[str, Any]) -> str:
         if row["errors"]:
             parts.append("errors seen: " + ", ".join(row["errors"]))
     if row.get("skipped"):
-        parts.append(
-            f"a worker resumed past steps it never did: {row['skipped']} steps"
-        )
+        parts.append(f"a worker resumed past steps it never did: {row['skipped']} steps")
     if row["stall"] != "–":
         parts.append(f"longest pause between steps {row['stall']}")
     parts.append(f"checkpoints intact {row['intact']}/{n}")
@@ -133,8 +139,9 @@ def write_plot(data: dict[str, Any], path: Path) -> None:
 
     table_rows = rows(data)
     names = [SHORT.get(r["fault"], r["fault"]) for r in table_rows][::-1]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.42 * len(names) + 2.0), sharey=True,
-                                      gridspec_kw={"width_ratios": [1, 1.2]})  # fmt: skip
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(12, 0.42 * len(names) + 2.0), sharey=True, gridspec_kw={"width_ratios": [1, 1.2]}
+    )
     start = [0] * len(names)
     for cat, colour in CATEGORIES:
         counts = [r["categories"][cat] for r in table_rows][::-1]
@@ -147,8 +154,14 @@ def write_plot(data: dict[str, Any], path: Path) -> None:
         xs = [r["detect_s"] for r in data["runs"] if r["fault"] == row["fault"] and r["detect_s"] is not None]
         right.scatter(xs, [y] * len(xs), s=18, color="#1f77b4", alpha=0.7)
         if not xs:
-            right.text(0.12, y, "nothing to detect (trained through)" if row["finished"] else "not detected",
-                       va="center", fontsize=7, color="#555555")  # fmt: skip
+            right.text(
+                0.12,
+                y,
+                "nothing to detect (trained through)" if row["finished"] else "not detected",
+                va="center",
+                fontsize=7,
+                color="#555555",
+            )
     timeout = data["config"]["timeout"]
     right.axvline(timeout, color="#d62728", linestyle="--", linewidth=1)
     right.text(timeout, len(names) - 0.4, f" timeout {timeout:.0f} s", color="#d62728", fontsize=7)
@@ -163,10 +176,14 @@ def write_plot(data: dict[str, Any], path: Path) -> None:
 def async_note(data: dict[str, Any]) -> str:
     spread = data.get("async_run_to_run_max_abs_diff")
     if spread is None:
-        return ("Async rows are compared with one uninterrupted async run; two such runs need not agree either "
-                "(the server applies pushes in arrival order; `--async-spread` measures it). ")  # fmt: skip
-    return (f"Async run-to-run spread: two uninterrupted async runs end {spread:.2g} apart (max |Δ| per weight), "
-            "because the server applies pushes in arrival order; async rows are compared with one of them. ")  # fmt: skip
+        return (
+            "Async rows are compared with one uninterrupted async run; two such runs need not agree either "
+            "(the server applies pushes in arrival order; `--async-spread` measures it). "
+        )
+    return (
+        f"Async run-to-run spread: two uninterrupted async runs end {spread:.2g} apart (max |Δ| per weight), "
+        "because the server applies pushes in arrival order; async rows are compared with one of them. "
+    )
 
 
 def write_page(data: dict[str, Any], docs: Path, lines: list[str]) -> None:

@@ -93,10 +93,18 @@ def run_group(cfg: dict[str, Any]) -> None:
         callbacks.append(KillSelf(cfg["die_at"], Path(cfg["dir"]) / "killed_at"))
     ft = TorchFT(min_replicas=2, timeout=30, quorum_timeout=300)
     trainer = Trainer(
-        accelerator="cpu", devices=1, strategy=LocalSGDStrategy(fault_tolerance=ft), max_steps=cfg["steps"],
-        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        strategy=LocalSGDStrategy(fault_tolerance=ft),
+        max_steps=cfg["steps"],
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     x, y = blobs(cfg["seed"], 1024, group)
     model = MLP()
     loader = DataLoader(
@@ -108,11 +116,17 @@ def run_group(cfg: dict[str, Any]) -> None:
         logits = model.net(vx)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     out = {
-        "group": group, "incarnation": incarnation, "steps": model.steps, "global_step": trainer.global_step,
-        "val_acc": float((logits.argmax(1) == vy).float().mean()), "val_loss": float(nn.functional.cross_entropy(logits, vy)),
-        "params_hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "history": trainer.strategy.ft_session.records(),
-        "harness_pause_s": gate.paused, "announced_at": gate.announced_at,
-    }  # fmt: skip
+        "group": group,
+        "incarnation": incarnation,
+        "steps": model.steps,
+        "global_step": trainer.global_step,
+        "val_acc": float((logits.argmax(1) == vy).float().mean()),
+        "val_loss": float(nn.functional.cross_entropy(logits, vy)),
+        "params_hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
+        "history": trainer.strategy.ft_session.records(),
+        "harness_pause_s": gate.paused,
+        "announced_at": gate.announced_at,
+    }
     Path(cfg["out"]).write_text(json.dumps(out))
 
 
@@ -129,8 +143,17 @@ def run(cfg: dict[str, Any], log_root: Path) -> dict[str, Any]:
         return [sys.executable, "-m", "benchmarks.ft", "--worker", str(path)]
 
     load, start = os.getloadavg(), time.time()
-    runs = run_replica_groups(cmd_for, 3, log_dir=tmp, timeout=cfg["run_timeout"], restarts={2: 1} if cfg["fault"] else {},
-                              min_replicas=2, heartbeat_timeout_ms=cfg["heartbeat_ms"], cwd=ROOT, pythonpath=ROOT)  # fmt: skip
+    runs = run_replica_groups(
+        cmd_for,
+        3,
+        log_dir=tmp,
+        timeout=cfg["run_timeout"],
+        restarts={2: 1} if cfg["fault"] else {},
+        min_replicas=2,
+        heartbeat_timeout_ms=cfg["heartbeat_ms"],
+        cwd=ROOT,
+        pythonpath=ROOT,
+    )
     groups = {}
     for incs in runs:
         for inc in incs:
@@ -140,8 +163,13 @@ def run(cfg: dict[str, Any], log_root: Path) -> dict[str, Any]:
                 entry.update(json.loads(path.read_text()))
             groups[f"{inc.group}.{inc.index}"] = entry
     killed = tmp / "killed_at"
-    out = {"config": cfg, "loadavg_before": load, "wall_s": time.time() - start, "groups": groups,
-           "killed_at": float(killed.read_text()) if killed.exists() else None}  # fmt: skip
+    out = {
+        "config": cfg,
+        "loadavg_before": load,
+        "wall_s": time.time() - start,
+        "groups": groups,
+        "killed_at": float(killed.read_text()) if killed.exists() else None,
+    }
     shutil.rmtree(tmp, ignore_errors=True)
     return out
 
@@ -177,13 +205,30 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     for algorithm in result["algorithms"]:
         rows = []
         for seed in result["seeds"]:
-            pick = {c: next(r for r in runs if r["config"]["algorithm"] == algorithm and r["config"]["seed"] == seed
-                            and r["config"]["fault"] == c) for c in (True, False)}  # fmt: skip
+            pick = {
+                c: next(
+                    r
+                    for r in runs
+                    if r["config"]["algorithm"] == algorithm
+                    and r["config"]["seed"] == seed
+                    and r["config"]["fault"] == c
+                )
+                for c in (True, False)
+            }
             finals = {c: [g for g in pick[c]["groups"].values() if "val_acc" in g] for c in pick}
             equal = all(len({g["params_hash"] for g in finals[c]}) == 1 for c in finals)
-            rows.append({"seed": seed, "equal_final_models": equal, **fault_metrics(pick[True]),
-                         **{f"val_{m}_{'fault' if c else 'no_fault'}": finals[c][0][f"val_{m}"]
-                            for c in (True, False) for m in ("acc", "loss")}})  # fmt: skip
+            rows.append(
+                {
+                    "seed": seed,
+                    "equal_final_models": equal,
+                    **fault_metrics(pick[True]),
+                    **{
+                        f"val_{m}_{'fault' if c else 'no_fault'}": finals[c][0][f"val_{m}"]
+                        for c in (True, False)
+                        for m in ("acc", "loss")
+                    },
+                }
+            )
         no_fault = [r["val_acc_no_fault"] for r in rows]
         diffs = [r["val_acc_fault"] - r["val_acc_no_fault"] for r in rows]
         summary[algorithm] = {
@@ -197,8 +242,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(summary: dict[str, Any]) -> str:
-    head = ("| algorithm | seed | kill → quorum without it (s) | survivors' extra wait (s) | steps lost | "
-            "restart → back in quorum (s) (start-up + join) | group 2 missed steps | val acc fault / no fault |")  # fmt: skip
+    head = (
+        "| algorithm | seed | kill → quorum without it (s) | survivors' extra wait (s) | steps lost | "
+        "restart → back in quorum (s) (start-up + join) | group 2 missed steps | val acc fault / no fault |"
+    )
     lines = [head, "|" + "---|" * 8]
     for algorithm, s in summary.items():
         for r in s["rows"]:
@@ -225,8 +272,13 @@ def plot(result: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
         if pts:
             ax1.plot(*zip(*pts), style, label=label, markersize=4)
     ax1.axvline(cfg["die_at"], color="red", ls="--", lw=1, label=f"group 2 killed (after step {cfg['die_at']})")
-    ax1.set(xlabel="optimizer step of the sync", ylabel="replica groups in the quorum", yticks=[1, 2, 3], ylim=(0.5, 3.5),
-            title=f"{cfg['algorithm']}, seed {cfg['seed']}: quorum at every committed sync")  # fmt: skip
+    ax1.set(
+        xlabel="optimizer step of the sync",
+        ylabel="replica groups in the quorum",
+        yticks=[1, 2, 3],
+        ylim=(0.5, 3.5),
+        title=f"{cfg['algorithm']}, seed {cfg['seed']}: quorum at every committed sync",
+    )
     ax1.legend(fontsize=7, loc="lower right")
     for i, (algorithm, s) in enumerate(summary.items()):
         for j, r in enumerate(s["rows"]):
@@ -256,8 +308,10 @@ def report(result: dict[str, Any], out_dir: Path, docs: bool) -> None:
     plot(result, summary, out_dir / "ft.png")
     print(table(summary))
     for algorithm, s in summary.items():
-        print(f"{algorithm}: steps lost {s['steps_lost_total']}, repeated attempts {s['failed_attempts_total']}, "
-              f"mean acc diff {s['mean_acc_diff']:+.4f}, seed sd (no fault) {s['seed_sd_acc_no_fault']}")  # fmt: skip
+        print(
+            f"{algorithm}: steps lost {s['steps_lost_total']}, repeated attempts {s['failed_attempts_total']}, "
+            f"mean acc diff {s['mean_acc_diff']:+.4f}, seed sd (no fault) {s['seed_sd_acc_no_fault']}"
+        )
     if docs:
         shutil.copy(out_dir / "ft.png", DOCS / "img" / "fault_tolerance.png")
         shutil.copy(out_dir / "ft.json", DOCS / "fault_tolerance.json")
@@ -276,8 +330,13 @@ def merge(paths: list[str], seeds: list[int], algorithms: list[str]) -> dict[str
     missing = [k for k in want if k not in runs]
     if missing:
         raise SystemExit(f"--merge: no run for (seed, algorithm, fault) {missing}; run them with --seeds/--algorithms")
-    return {**{k: v for k, v in parts[0].items() if k != "runs"}, "seeds": seeds, "algorithms": algorithms,
-            "merged_from": [str(p) for p in paths], "runs": [runs[k] for k in want]}  # fmt: skip
+    return {
+        **{k: v for k, v in parts[0].items() if k != "runs"},
+        "seeds": seeds,
+        "algorithms": algorithms,
+        "merged_from": [str(p) for p in paths],
+        "runs": [runs[k] for k in want],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,8 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-timeout", type=float, default=900)
     p.add_argument("--name", default="ft")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--merge", nargs="+", metavar="JSON",
-                   help="pool the runs of these ft.json / ft.partial.json files (same config) into <name>/ft.json and report")  # fmt: skip
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="pool the runs of these ft.json / ft.partial.json files (same config) into <name>/ft.json and report",
+    )
     p.add_argument("--docs", action="store_true")
     args = p.parse_args(argv)
     if args.worker:
@@ -312,17 +375,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    result: dict[str, Any] = {"seeds": seeds, "algorithms": algorithms, "runs": [], "torch": torch.__version__,
-                              "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}  # fmt: skip
+    result: dict[str, Any] = {
+        "seeds": seeds,
+        "algorithms": algorithms,
+        "runs": [],
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "cpus": os.cpu_count(),
+    }
     for seed in seeds:
         for algorithm in algorithms:
             for fault in (True, False) if seed % 2 == 0 else (False, True):  # alternate the order
-                cfg = {"seed": seed, "algorithm": algorithm, "fault": fault, "steps": args.steps,
-                       "sync_every": args.sync_every, "die_at": args.die_at, "gate_at": args.gate_at, "pace": args.pace,
-                       "heartbeat_ms": args.heartbeat_ms, "run_timeout": args.run_timeout}  # fmt: skip
+                cfg = {
+                    "seed": seed,
+                    "algorithm": algorithm,
+                    "fault": fault,
+                    "steps": args.steps,
+                    "sync_every": args.sync_every,
+                    "die_at": args.die_at,
+                    "gate_at": args.gate_at,
+                    "pace": args.pace,
+                    "heartbeat_ms": args.heartbeat_ms,
+                    "run_timeout": args.run_timeout,
+                }
                 r = run(cfg, out_dir)
-                print(f"seed {seed} {algorithm} fault={fault}: {r['wall_s']:.0f} s, load {r['loadavg_before'][0]:.1f}",
-                      flush=True)  # fmt: skip
+                print(
+                    f"seed {seed} {algorithm} fault={fault}: {r['wall_s']:.0f} s, load {r['loadavg_before'][0]:.1f}",
+                    flush=True,
+                )
                 result["runs"].append(r)
                 (out_dir / "ft.partial.json").write_text(json.dumps(result))
     report(result, out_dir, args.docs)

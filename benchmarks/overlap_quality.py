@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from benchmarks.common import RESULTS, ROOT, environment, recipe_env
+
 STREAMING = {"fragments": 4, "overlap_steps": 1, "comm_dtype": "int8"}  # the image runs' H is 8: τ < H/P
 
 
@@ -42,8 +43,10 @@ def streaming_overlay(name: str, out: Path, overlap_steps: int) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "image_classification" / f"{name}.yaml").read_text())
     for cb in cfg["trainer"]["callbacks+"]:
         cb["init_args"].update(fragments=STREAMING["fragments"], overlap_steps=overlap_steps)
-    cfg["trainer"]["strategy"] = {"class_path": "lightning_localsgd.LocalSGDStrategy",
-                                  "init_args": {"comm_dtype": STREAMING["comm_dtype"]}}  # fmt: skip
+    cfg["trainer"]["strategy"] = {
+        "class_path": "lightning_localsgd.LocalSGDStrategy",
+        "init_args": {"comm_dtype": STREAMING["comm_dtype"]},
+    }
     path = out / f"{name}_streaming.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -65,11 +68,19 @@ def image_run(name: str, overlay: Path | None, seed: int, out: Path) -> dict[str
     finally:
         demo.CONFIGS = ROOT / "configs" / "image_classification"
     records = doc["records"]
-    return {"final_acc": records[-1]["value"], "best_acc": max(r["value"] for r in records),
-            "steps": records[-1]["step"], "MB_sent": doc["final"].get("MB_sent")}  # fmt: skip
+    return {
+        "final_acc": records[-1]["value"],
+        "best_acc": max(r["value"] for r in records),
+        "steps": records[-1]["step"],
+        "MB_sent": doc["final"].get("MB_sent"),
+    }
 
 
-CHAR_STREAMING = {"fragments": ["--fragments", "4"], "overlap": ["--overlap-steps", "2"], "int8": ["--comm-dtype", "int8"]}
+CHAR_STREAMING = {
+    "fragments": ["--fragments", "4"],
+    "overlap": ["--overlap-steps", "2"],
+    "int8": ["--comm-dtype", "int8"],
+}
 
 
 def char_run(algorithm: str, streaming: bool | str, seed: int, steps: int, out: Path) -> dict[str, Any]:
@@ -81,9 +92,27 @@ def char_run(algorithm: str, streaming: bool | str, seed: int, steps: int, out: 
     label = streaming if isinstance(streaming, str) else ("streaming" if streaming else "blocking")
     path = out / f"char_{algorithm}_{label}_{seed}.json"
     h = 16 if algorithm == "periodic" else 20
-    cmd = [sys.executable, "-m", "recipes.char_lm_fabric", "--devices", "2", "--algorithm", algorithm,
-           "--sync-every", str(h), "--max-steps", str(steps), "--val-every", str(max(steps // 4, 1)),
-           "--seed", str(seed), "--max-bytes", "1000000", "--json", str(path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "recipes.char_lm_fabric",
+        "--devices",
+        "2",
+        "--algorithm",
+        algorithm,
+        "--sync-every",
+        str(h),
+        "--max-steps",
+        str(steps),
+        "--val-every",
+        str(max(steps // 4, 1)),
+        "--seed",
+        str(seed),
+        "--max-bytes",
+        "1000000",
+        "--json",
+        str(path),
+    ]
     if isinstance(streaming, str):
         cmd += CHAR_STREAMING[streaming]
     elif streaming:
@@ -97,8 +126,13 @@ def summarize(runs: dict[str, list[dict[str, Any]]], key: str) -> dict[str, Any]
     out = {}
     for variant, rs in runs.items():
         values = [r[key] for r in rs]
-        out[variant] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values),
-                        "values": values}  # fmt: skip
+        out[variant] = {
+            "mean": statistics.fmean(values),
+            "min": min(values),
+            "max": max(values),
+            "n": len(values),
+            "values": values,
+        }
     return out
 
 
@@ -109,14 +143,24 @@ def verdicts(summary: dict[str, Any]) -> dict[str, Any]:
         b, s = summary.get("image", {}).get(algorithm), summary.get("image", {}).get(f"{algorithm}_streaming")
         if b and s:
             gap = 100 * (b["mean"] - s["mean"])
-            v[f"image_{algorithm}"] = {"blocking_acc": b["mean"], "streaming_acc": s["mean"], "gap_points": gap,
-                                       "target_points": 1.0, "met": gap <= 1.0}  # fmt: skip
+            v[f"image_{algorithm}"] = {
+                "blocking_acc": b["mean"],
+                "streaming_acc": s["mean"],
+                "gap_points": gap,
+                "target_points": 1.0,
+                "met": gap <= 1.0,
+            }
     for algorithm in ("periodic", "diloco"):
         b, s = summary.get("char_lm", {}).get(algorithm), summary.get("char_lm", {}).get(f"{algorithm}_streaming")
         if b and s:
             rel = s["mean"] / b["mean"] - 1
-            v[f"char_lm_{algorithm}"] = {"blocking_loss": b["mean"], "streaming_loss": s["mean"], "relative": rel,
-                                         "target": 0.02, "met": rel <= 0.02}  # fmt: skip
+            v[f"char_lm_{algorithm}"] = {
+                "blocking_loss": b["mean"],
+                "streaming_loss": s["mean"],
+                "relative": rel,
+                "target": 0.02,
+                "met": rel <= 0.02,
+            }
     return v
 
 
@@ -125,16 +169,22 @@ def report(doc: dict[str, Any], out: Path) -> None:
     for part, key in (("image", "final_acc"), ("char_lm", "final_val_loss")):
         for variant, s in doc["summary"].get(part, {}).items():
             scale = 100 if key == "final_acc" else 1
-            lines.append(f"{part:<8} {variant:<20} {s['mean'] * scale:8.3f} {s['min'] * scale:8.3f} "
-                         f"{s['max'] * scale:8.3f} {s['n']:3d}")  # fmt: skip
+            lines.append(
+                f"{part:<8} {variant:<20} {s['mean'] * scale:8.3f} {s['min'] * scale:8.3f} "
+                f"{s['max'] * scale:8.3f} {s['n']:3d}"
+            )
     print("\n".join(lines))
     for name, v in doc["verdicts"].items():
         if name.startswith("image"):
-            print(f"{name}: streaming {100 * v['streaming_acc']:.2f}% vs blocking {100 * v['blocking_acc']:.2f}%: "
-                  f"{v['gap_points']:+.2f} points behind (target <= 1): {'met' if v['met'] else 'NOT met'}")
+            print(
+                f"{name}: streaming {100 * v['streaming_acc']:.2f}% vs blocking {100 * v['blocking_acc']:.2f}%: "
+                f"{v['gap_points']:+.2f} points behind (target <= 1): {'met' if v['met'] else 'NOT met'}"
+            )
         else:
-            print(f"{name}: streaming {v['streaming_loss']:.4f} vs blocking {v['blocking_loss']:.4f}: "
-                  f"{100 * v['relative']:+.2f}% (target <= +2%): {'met' if v['met'] else 'NOT met'}")
+            print(
+                f"{name}: streaming {v['streaming_loss']:.4f} vs blocking {v['blocking_loss']:.4f}: "
+                f"{100 * v['relative']:+.2f}% (target <= +2%): {'met' if v['met'] else 'NOT met'}"
+            )
     (out / "overlap_quality.json").write_text(json.dumps(doc, indent=1))
     plot(doc, out / "overlap_quality.png")
     print(f"wrote {out / 'overlap_quality.json'} and .png")
@@ -171,8 +221,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--parts", default="image,char_lm")
     p.add_argument("--char-steps", type=int, default=300)
     p.add_argument("--char-algorithms", default="periodic,diloco", help="char_lm: blocking vs streaming for these")
-    p.add_argument("--char-ablation", default="", help="char_lm: also run each of fragments,overlap,int8 alone "
-                   "for these algorithms (e.g. diloco), to find which part costs the quality")  # fmt: skip
+    p.add_argument(
+        "--char-ablation",
+        default="",
+        help="char_lm: also run each of fragments,overlap,int8 alone "
+        "for these algorithms (e.g. diloco), to find which part costs the quality",
+    )
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = RESULTS / args.name
@@ -185,7 +239,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "image" in args.parts:
                 for n in ("localsgd", "diloco"):
                     runs["image"].setdefault(n, []).append(image_run(n, None, seed, out / "image"))
-                    runs["image"].setdefault(f"{n}_streaming", []).append(image_run(n, overlays[n], seed, out / "image"))
+                    runs["image"].setdefault(f"{n}_streaming", []).append(
+                        image_run(n, overlays[n], seed, out / "image")
+                    )
             if "char_lm" in args.parts:
                 for a in [a for a in args.char_algorithms.split(",") if a]:
                     for streaming in (False, True):
@@ -193,12 +249,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         runs["char_lm"].setdefault(key, []).append(char_run(a, streaming, seed, args.char_steps, out))
                 for a in [a for a in args.char_ablation.split(",") if a]:
                     for part in CHAR_STREAMING:
-                        runs["char_lm"].setdefault(f"{a}_{part}_only", []).append(char_run(a, part, seed, args.char_steps, out))
+                        runs["char_lm"].setdefault(f"{a}_{part}_only", []).append(
+                            char_run(a, part, seed, args.char_steps, out)
+                        )
     summary = {"image": summarize(runs["image"], "final_acc"), "char_lm": summarize(runs["char_lm"], "final_val_loss")}
-    doc = {"config": {"seeds": seeds, "parts": args.parts, "char_steps": args.char_steps, "streaming": STREAMING,
-                      "char_streaming": {"fragments": 4, "overlap_steps": 2, "comm_dtype": "int8"}},
-           "runs": runs, "summary": summary, "verdicts": verdicts(summary), "seconds": time.time() - start,
-           "environment": environment()}  # fmt: skip
+    doc = {
+        "config": {
+            "seeds": seeds,
+            "parts": args.parts,
+            "char_steps": args.char_steps,
+            "streaming": STREAMING,
+            "char_streaming": {"fragments": 4, "overlap_steps": 2, "comm_dtype": "int8"},
+        },
+        "runs": runs,
+        "summary": summary,
+        "verdicts": verdicts(summary),
+        "seconds": time.time() - start,
+        "environment": environment(),
+    }
     report(doc, out)
     return doc
 

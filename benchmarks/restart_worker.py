@@ -79,8 +79,15 @@ def create_group(cfg: dict[str, Any]) -> None:
     (rank, _), world = rank_and_attempt(), int(os.environ["WORLD_SIZE"])
     timeout = timedelta(seconds=cfg["timeout"])
     if cfg["fixed"]:
-        init_process_group("gloo", rank, world, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                           timeout=timeout, init_timeout=timedelta(seconds=cfg["init_timeout"]))  # fmt: skip
+        init_process_group(
+            "gloo",
+            rank,
+            world,
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            timeout=timeout,
+            init_timeout=timedelta(seconds=cfg["init_timeout"]),
+        )
     else:
         dist.init_process_group("gloo", timeout=timeout)
 
@@ -132,7 +139,9 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
         def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
             log_event(cfg, event="group_up", step=trainer.global_step)
             if cfg.get("log_pushes") and attempt == 0 and rank == 0:  # the model every worker starts from
-                log_event(cfg, event="theta0", params=[float(v).hex() for v in flatten(list(pl_module.parameters())).tolist()])
+                log_event(
+                    cfg, event="theta0", params=[float(v).hex() for v in flatten(list(pl_module.parameters())).tolist()]
+                )
 
         def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
             log_event(cfg, event="train_end", step=trainer.global_step)  # after the last checkpoint write
@@ -156,8 +165,10 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
     faults = StepFaults(cfg, log, rank, attempt)
     trace: list[list[float]] = []
     seed_everything(cfg["seed"], workers=True)
-    shards = [torch.randn(cfg["samples"], 5, generator=torch.Generator().manual_seed(1000 + r), dtype=torch.float64)
-              for r in range(int(os.environ["WORLD_SIZE"]))]  # fmt: skip
+    shards = [
+        torch.randn(cfg["samples"], 5, generator=torch.Generator().manual_seed(1000 + r), dtype=torch.float64)
+        for r in range(int(os.environ["WORLD_SIZE"]))
+    ]
     x = shards[rank]  # each rank's own shard
     data = TensorDataset(x, torch.sin(x.sum(1)))
     if cfg["loader"] == "stateful":  # the recipes' loader; each rank its own order
@@ -175,8 +186,9 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     algorithm = algorithms[cfg["algorithm"]]()
     if algorithm is None:  # the server's outer optimizer is the strategy's default (DelayedNesterov)
-        strategy: Any = AsyncLocalSGDStrategy(sync_every=cfg["sync_every"], dynamic_local_steps=False,
-                                              timeout=timeout, init_timeout=init_timeout)  # fmt: skip
+        strategy: Any = AsyncLocalSGDStrategy(
+            sync_every=cfg["sync_every"], dynamic_local_steps=False, timeout=timeout, init_timeout=init_timeout
+        )
     else:
         strategy = LocalSGDStrategy(timeout=timeout, init_timeout=init_timeout)
     if algorithm is None and cfg.get("log_pushes"):  # called on rank 0, in the server's arrival order
@@ -184,15 +196,32 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
     ckpt_dir = Path(cfg["ckpt_dir"])
     callbacks = [cb for cb in (algorithm, Events(), faults) if cb is not None]  # the strategy keeps loader positions
     if cfg["save_every"]:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=cfg["save_every"],
-                                         save_last=True, save_top_k=-1))  # fmt: skip
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="{step}",
+                every_n_train_steps=cfg["save_every"],
+                save_last=True,
+                save_top_k=-1,
+            )
+        )
     devices, nodes = local_world()
     trainer = Trainer(
-        accelerator="cpu", devices=devices, num_nodes=nodes,
-        strategy=strategy, max_steps=cfg["steps"], precision="64-true", callbacks=callbacks,
-        use_distributed_sampler=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=bool(cfg["save_every"]),
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=nodes,
+        strategy=strategy,
+        max_steps=cfg["steps"],
+        precision="64-true",
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_checkpointing=bool(cfg["save_every"]),
+    )
     model = Regressor().double()  # float64 before the checkpoint is loaded into it (64-true converts later)
     last = ckpt_dir / "last.ckpt"
     trainer.fit(model, loader, ckpt_path=str(last) if last.exists() else None)

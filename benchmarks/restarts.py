@@ -40,11 +40,28 @@ from recipes.launch import free_port
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("torch", "torch+fix", "lightning", "lightning+fix")
 LIGHTNING: dict[str, Any] = {
-    "kind": "lightning", "loader": "stateful", "steps": 24, "samples": 20, "batch_size": 4, "sync_every": 4,
-    "save_every": 6, "kill_step": 13, "victim": 1, "seed": 0, "timeout": 60, "init_timeout": 60,
-}  # fmt: skip
-TORCH: dict[str, Any] = {"kind": "torch", "steps": 1, "kill_step": 0, "victim": 1, "seed": 0, "timeout": 60,
-                         "init_timeout": 60}  # fmt: skip
+    "kind": "lightning",
+    "loader": "stateful",
+    "steps": 24,
+    "samples": 20,
+    "batch_size": 4,
+    "sync_every": 4,
+    "save_every": 6,
+    "kill_step": 13,
+    "victim": 1,
+    "seed": 0,
+    "timeout": 60,
+    "init_timeout": 60,
+}
+TORCH: dict[str, Any] = {
+    "kind": "torch",
+    "steps": 1,
+    "kill_step": 0,
+    "victim": 1,
+    "seed": 0,
+    "timeout": 60,
+    "init_timeout": 60,
+}
 CAUSES = (  # (substring of the job's output, cause), first match wins
     ("ProcessGroupInitError", "ProcessGroupInitError (bounded wait)"),
     ("Connection refused", "gloo connectFullMesh: connection refused"),
@@ -69,9 +86,18 @@ def run_job(
     (workdir / "out").mkdir(parents=True, exist_ok=True)
     cfg = {**cfg, "out_dir": str(workdir / "out"), "ckpt_dir": str(workdir / "ckpt")}
     (workdir / "cfg.json").write_text(json.dumps(cfg))
-    cmd = [*prefix, sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           f"--max-restarts={max_restarts}", f"--master-port={free_port()}",
-           "-m", "benchmarks.restart_worker", str(workdir / "cfg.json")]  # fmt: skip
+    cmd = [
+        *prefix,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--max-restarts={max_restarts}",
+        f"--master-port={free_port()}",
+        "-m",
+        "benchmarks.restart_worker",
+        str(workdir / "cfg.json"),
+    ]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     start = time.monotonic()
     stuck: list[dict[str, Any]] = []
@@ -111,8 +137,13 @@ def where_stuck(agent: int) -> list[dict[str, Any]]:
     found = []
     for pid in pids:
         try:
-            bt = subprocess.run(["gdb", "-p", pid, "-batch", "-ex", "thread apply all bt 10"], capture_output=True,
-                                text=True, timeout=60, check=False).stdout  # fmt: skip
+            bt = subprocess.run(
+                ["gdb", "-p", pid, "-batch", "-ex", "thread apply all bt 10"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            ).stdout
         except (OSError, subprocess.TimeoutExpired) as err:
             bt = f"gdb failed: {err}"
         frames = [line.split(" in ", 1)[-1].split(" (")[0] for line in bt.splitlines() if line.startswith("#")]
@@ -165,8 +196,11 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="restarts-") as tmp:
         for algorithm in ("periodic", "diloco"):  # the uninterrupted runs the Lightning variants must equal
-            job = run_job({**LIGHTNING, "algorithm": algorithm, "fixed": True, "kill_attempts": []},
-                          Path(tmp, f"reference_{algorithm}"), args.run_timeout)  # fmt: skip
+            job = run_job(
+                {**LIGHTNING, "algorithm": algorithm, "fixed": True, "kill_attempts": []},
+                Path(tmp, f"reference_{algorithm}"),
+                args.run_timeout,
+            )
             if job["rc"] != 0 or len(job["results"]) != 2:
                 raise SystemExit(f"the uninterrupted {algorithm} run failed:\n{job['log_tail']}")
             references[algorithm] = job["results"][0]["params"]
@@ -183,23 +217,42 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 job = run_job(cfg, Path(tmp, f"{variant}_{i}"), args.run_timeout)
                 ref = references[algorithm] if kind == "lightning" else None
                 ok, cause = classify(job, ref, base["steps"])
-                record = {"variant": variant, "run": i, "algorithm": algorithm if kind == "lightning" else None,
-                          "ok": ok, "cause": cause, "seconds": job["seconds"], "loadavg": load,
-                          "restart_seconds": restart_seconds(job["events"]), "rc": job["rc"]}  # fmt: skip
+                record = {
+                    "variant": variant,
+                    "run": i,
+                    "algorithm": algorithm if kind == "lightning" else None,
+                    "ok": ok,
+                    "cause": cause,
+                    "seconds": job["seconds"],
+                    "loadavg": load,
+                    "restart_seconds": restart_seconds(job["events"]),
+                    "rc": job["rc"],
+                }
                 if not ok:
                     record["log_tail"] = job["log_tail"][-1500:]
                     record["stuck"] = job["stuck"]
                 runs.append(record)
                 (out / "partial.jsonl").open("a").write(json.dumps(record) + "\n")  # progress, for a long run
-                print(f"run {i:2d} {variant:14s} {'OK  ' if ok else 'FAIL'} {cause}  ({job['seconds']:.0f} s, "
-                      f"load {load[0]:.1f})", flush=True)  # fmt: skip
+                print(
+                    f"run {i:2d} {variant:14s} {'OK  ' if ok else 'FAIL'} {cause}  ({job['seconds']:.0f} s, "
+                    f"load {load[0]:.1f})",
+                    flush=True,
+                )
     import lightning
     import torch
 
-    return {"command": " ".join(["python -m benchmarks.restarts", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__, "lightning": lightning.__version__, "runs_per_variant": args.runs,
-            "stock_runs": args.stock_runs, "run_timeout": args.run_timeout,
-            "variants": variants, "lightning_config": LIGHTNING, "runs": runs}  # fmt: skip
+    return {
+        "command": " ".join(["python -m benchmarks.restarts", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "runs_per_variant": args.runs,
+        "stock_runs": args.stock_runs,
+        "run_timeout": args.run_timeout,
+        "variants": variants,
+        "lightning_config": LIGHTNING,
+        "runs": runs,
+    }
 
 
 def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -211,8 +264,15 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
             if not r["ok"]:
                 causes[r["cause"]] = causes.get(r["cause"], 0) + 1
         lat = sorted(r["restart_seconds"] for r in runs if r["ok"] and r["restart_seconds"] is not None)
-        rows.append({"variant": variant, "ok": sum(r["ok"] for r in runs), "runs": len(runs), "causes": causes,
-                     "median_restart_s": lat[len(lat) // 2] if lat else None})  # fmt: skip
+        rows.append(
+            {
+                "variant": variant,
+                "ok": sum(r["ok"] for r in runs),
+                "runs": len(runs),
+                "causes": causes,
+                "median_restart_s": lat[len(lat) // 2] if lat else None,
+            }
+        )
     return rows
 
 

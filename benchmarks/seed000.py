@@ -58,8 +58,12 @@ def recipe_args(overlay: str | None, steps: int, *extra: str) -> list[str]:
     args = ["--config", str(CONFIGS / "base.yaml")]
     if overlay is not None:
         args += ["--config", str(CONFIGS / f"{overlay}.yaml")]
-    return args + [f"--trainer.max_steps={steps}", f"--data.steps_per_epoch={steps}", "--trainer.limit_val_batches=0",
-                   *extra]  # fmt: skip
+    return args + [
+        f"--trainer.max_steps={steps}",
+        f"--data.steps_per_epoch={steps}",
+        "--trainer.limit_val_batches=0",
+        *extra,
+    ]
 
 
 def fit(run: dict[str, Any], root: str) -> dict[str, Any]:
@@ -77,11 +81,14 @@ def fit(run: dict[str, Any], root: str) -> dict[str, Any]:
     comm = getattr(strategy, "comm", None)
     algorithm = getattr(strategy, "algorithm", None)
     return {
-        "name": run["name"], "steps": trajectory.steps, "weights": torch.stack(trajectory.weights),
-        "seconds": seconds, "num_syncs": getattr(algorithm, "num_syncs", 0),
+        "name": run["name"],
+        "steps": trajectory.steps,
+        "weights": torch.stack(trajectory.weights),
+        "seconds": seconds,
+        "num_syncs": getattr(algorithm, "num_syncs", 0),
         "bytes_sent": comm.counters.bytes_sent if comm is not None else 0.0,
         "sync_bytes": comm.counters.bytes_by_kind.get("sync", 0.0) if comm is not None else 0.0,
-    }  # fmt: skip
+    }
 
 
 def rank_runs(out_dir: str, devices: int, num_nodes: int, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -114,8 +121,15 @@ def centralized(name: str, args: list[str], every: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ references
 def lbfgs(objective, shape: tuple[int, ...]) -> Tensor:
     w = torch.zeros(shape, dtype=F64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1, max_iter=5000, history_size=50, tolerance_grad=1e-14,
-                            tolerance_change=1e-20, line_search_fn="strong_wolfe")  # fmt: skip
+    opt = torch.optim.LBFGS(
+        [w],
+        lr=1,
+        max_iter=5000,
+        history_size=50,
+        tolerance_grad=1e-14,
+        tolerance_change=1e-20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -181,8 +195,10 @@ def regression_tables(res: dict[str, Any]) -> str:
     runs = {n: r for n, r in res["runs"].items() if n.startswith("localgd")}
     col_rounds = [1, 2, 5, 10, 20, 30, 50, 100, 500]
     lines = ["Relative error ||w̄ − pinv(X)·y|| / ||pinv(X)·y|| after r rounds (r syncs):", ""]
-    lines += ["| H | " + " | ".join(f"r={r}" for r in col_rounds) + " | syncs | MB sent/rank |",
-              "|---|" + "---|" * (len(col_rounds) + 2)]  # fmt: skip
+    lines += [
+        "| H | " + " | ".join(f"r={r}" for r in col_rounds) + " | syncs | MB sent/rank |",
+        "|---|" + "---|" * (len(col_rounds) + 2),
+    ]
     for name, run in runs.items():
         recs = run["records"]
         cells = [f"{recs[r]['rel_err']:.1e}" if r < len(recs) else "—" for r in col_rounds]
@@ -198,8 +214,11 @@ def regression_tables(res: dict[str, Any]) -> str:
             cells.append(f"{recs[-1]['rel_err']:.1e}" if run["records"][-1]["step"] >= s and recs else "—")
         label = name.split("_H")[1] if "_H" in name else "centralized GD (1 process)"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", f"Local-GD H=1 vs centralized GD (1 process), max ||difference|| / ||pinv(X)·y|| over all steps: "
-                  f"{res['H1_vs_centralized_max_rel_diff']:.1e}"]  # fmt: skip
+    lines += [
+        "",
+        f"Local-GD H=1 vs centralized GD (1 process), max ||difference|| / ||pinv(X)·y|| over all steps: "
+        f"{res['H1_vs_centralized_max_rel_diff']:.1e}",
+    ]
     return "\n".join(lines)
 
 
@@ -238,23 +257,27 @@ def classification(args: argparse.Namespace) -> dict[str, Any]:
     def metrics(w: Tensor) -> dict[str, float]:
         norm = float(w.norm())
         return {
-            "cos_svm": cos(w, w_svm) if norm > 0 else 0.0, "cos_reg": cos(w, w_reg) if norm > 0 else 0.0,
-            "rel_err_reg": rel(w, w_reg), "norm": norm,
+            "cos_svm": cos(w, w_svm) if norm > 0 else 0.0,
+            "cos_reg": cos(w, w_reg) if norm > 0 else 0.0,
+            "rel_err_reg": rel(w, w_reg),
+            "norm": norm,
             "margin": float((y * (x @ w)).min() / norm) if norm > 0 else 0.0,
             "test_acc": float(((xt @ w >= 0).to(F64) * 2 - 1).eq(yt).to(F64).mean()),
-        }  # fmt: skip
+        }
 
     return {
         "prox": lam,
         "reference": {
-            "svm_intercept": float(svm.intercept_[0]), "svm_margin": float(1 / w_svm.norm()),
+            "svm_intercept": float(svm.intercept_[0]),
+            "svm_margin": float(1 / w_svm.norm()),
             "svm_min_functional_margin": float((y * (x @ w_svm)).min()),
             "svm_test_acc": metrics(w_svm)["test_acc"],
             "reg_grad_max": float(torch.func.grad(binary_objective(shards, lam))(w_reg).abs().max()),
-            "reg_norm": float(w_reg.norm()), "reg_cos_svm": cos(w_reg, w_svm),
+            "reg_norm": float(w_reg.norm()),
+            "reg_cos_svm": cos(w_reg, w_svm),
             "reg_test_acc": metrics(w_reg)["test_acc"],
             "regularization_path": path,
-        },  # fmt: skip
+        },
         "runs": {n: with_metrics(r, metrics) for n, r in done.items()},
         "weights": {n: r["weights"] for n, r in done.items()},
     }
@@ -267,16 +290,24 @@ def at_step(run: dict[str, Any], step: int) -> dict[str, float] | None:
 
 def classification_tables(res: dict[str, Any], key_h: int = 100) -> str:
     runs, ref = res["runs"], res["reference"]
-    lines = [f"References: hard-margin SVM through 0 (margin {ref['svm_margin']:.4f}, intercept of the mirrored fit "
-             f"{ref['svm_intercept']:.1e}, test acc {ref['svm_test_acc']:.3f}); regularized model λ={res['prox']:g} "
-             f"(norm {ref['reg_norm']:.2f}, cos to SVM {ref['reg_cos_svm']:.4f}, "
-             f"max |grad| {ref['reg_grad_max']:.1e}).",
-             "", f"Against rounds at H = {key_h} (centralized GD at the same number of steps):", ""]  # fmt: skip
+    lines = [
+        f"References: hard-margin SVM through 0 (margin {ref['svm_margin']:.4f}, intercept of the mirrored fit "
+        f"{ref['svm_intercept']:.1e}, test acc {ref['svm_test_acc']:.3f}); regularized model λ={res['prox']:g} "
+        f"(norm {ref['reg_norm']:.2f}, cos to SVM {ref['reg_cos_svm']:.4f}, "
+        f"max |grad| {ref['reg_grad_max']:.1e}).",
+        "",
+        f"Against rounds at H = {key_h} (centralized GD at the same number of steps):",
+        "",
+    ]
     col_rounds = [1, 2, 5, 10, 20, 50]
     titles = [("cos_svm", "cosine to the SVM direction"), ("rel_err_reg", "relative error to the regularized model")]
     for key, title in titles:
-        lines += [f"{title}:", "", "| method | " + " | ".join(f"r={r}" for r in col_rounds) + " |",
-                  "|---|" + "---|" * len(col_rounds)]  # fmt: skip
+        lines += [
+            f"{title}:",
+            "",
+            "| method | " + " | ".join(f"r={r}" for r in col_rounds) + " |",
+            "|---|" + "---|" * len(col_rounds),
+        ]
         for label in ("localgd", "modified", "nocorrection", "centralized"):
             run = runs[label if label == "centralized" else f"{label}_H{key_h}"]
             cells = []
@@ -285,9 +316,12 @@ def classification_tables(res: dict[str, Any], key_h: int = 100) -> str:
                 cells.append("—" if rec is None else (f"{rec[key]:.4f}" if key == "cos_svm" else f"{rec[key]:.1e}"))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["At the end of each run (and centralized GD at the same number of steps):", "",
-              "| method | H | rounds | steps | cos SVM | cos reg | rel err reg | min margin / SVM margin | test acc |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "At the end of each run (and centralized GD at the same number of steps):",
+        "",
+        "| method | H | rounds | steps | cos SVM | cos reg | rel err reg | min margin / SVM margin | test acc |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, run in runs.items():
         if name == "centralized":
             continue
@@ -297,11 +331,16 @@ def classification_tables(res: dict[str, Any], key_h: int = 100) -> str:
         for lab, rec, rounds in ((label, last, run["num_syncs"]), ("  centralized", c, "—")):
             if rec is None:
                 continue
-            lines.append(f"| {lab} | {h} | {rounds} | {rec['step']} | {rec['cos_svm']:.4f} | {rec['cos_reg']:.4f} | "
-                         f"{rec['rel_err_reg']:.1e} | {rec['margin'] / ref['svm_margin']:.3f} | "
-                         f"{rec['test_acc']:.3f} |")
-    lines += ["", "Regularization path (centralized, L-BFGS): cos(argmin mean f + λ/2||w||², SVM) = "
-              + ", ".join(f"{v['cos_svm']:.4f} at λ={k}" for k, v in ref["regularization_path"].items())]
+            lines.append(
+                f"| {lab} | {h} | {rounds} | {rec['step']} | {rec['cos_svm']:.4f} | {rec['cos_reg']:.4f} | "
+                f"{rec['rel_err_reg']:.1e} | {rec['margin'] / ref['svm_margin']:.3f} | "
+                f"{rec['test_acc']:.3f} |"
+            )
+    lines += [
+        "",
+        "Regularization path (centralized, L-BFGS): cos(argmin mean f + λ/2||w||², SVM) = "
+        + ", ".join(f"{v['cos_svm']:.4f} at λ={k}" for k, v in ref["regularization_path"].items()),
+    ]
     return "\n".join(lines)
 
 
@@ -366,8 +405,13 @@ def digit_features(weights: Path, out: Path, seed: int = 0) -> dict[str, Any]:
     test, train = perm[: len(perm) // 5], perm[len(perm) // 5 :]
     feats = feats - feats[train].mean(0)  # the backbone's ReLU features share one large mean direction
     feats = feats / feats.norm(dim=1, keepdim=True)
-    np.savez(out, x_train=feats[train].numpy(), y_train=digits.target[train], x_test=feats[test].numpy(),
-             y_test=digits.target[test])  # fmt: skip
+    np.savez(
+        out,
+        x_train=feats[train].numpy(),
+        y_train=digits.target[train],
+        x_test=feats[test].numpy(),
+        y_test=digits.target[test],
+    )
     return {"features": int(feats.shape[1]), "train": len(train), "test": len(test)}
 
 
@@ -379,8 +423,12 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     weights, backbone = backbone_weights()
     features = RESULTS / "digits_resnet18_features.npz"
     info = digit_features(weights, features)
-    data = ["--data.source=features", f"--data.features_file={features}", "--data.partition=classes",
-            "--data.classes_per_rank=5"]  # fmt: skip
+    data = [
+        "--data.source=features",
+        f"--data.features_file={features}",
+        "--data.partition=classes",
+        "--data.classes_per_rank=5",
+    ]
     h, rounds = (100, 30) if not args.quick else (100, 3)
     sync = f"--trainer.callbacks.sync_every={h}"
     runs = [{"name": "localgd", "args": recipe_args("localgd", h * rounds, *data, sync)}]
@@ -408,8 +456,13 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         def metrics(flat: Tensor) -> dict[str, float]:
             w = flat.reshape(10, -1)
             norm = float(w.norm())
-            return {"test_acc": acc(w, xt, yt), "train_acc": acc(w, x, y), "cos_svm": cos(w, w_svm) if norm else 0.0,
-                    "rel_err_reg": rel(w, regs[lam]), "norm": norm}  # fmt: skip
+            return {
+                "test_acc": acc(w, xt, yt),
+                "train_acc": acc(w, x, y),
+                "cos_svm": cos(w, w_svm) if norm else 0.0,
+                "rel_err_reg": rel(w, regs[lam]),
+                "norm": norm,
+            }
 
         return metrics
 
@@ -421,16 +474,29 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     true = scores.gather(1, y[:, None]).squeeze(1)
     others = scores.scatter(1, y[:, None], float("-inf")).max(1).values
     return {
-        "backbone": backbone, "data": {**info, "partition": "classes: rank 0 digits 0-4, rank 1 digits 5-9",
-                                       "shard_sizes": [len(s[1]) for s in shards]},
-        "H": h, "rounds": rounds, "prox": args.finetune_prox,
+        "backbone": backbone,
+        "data": {
+            **info,
+            "partition": "classes: rank 0 digits 0-4, rank 1 digits 5-9",
+            "shard_sizes": [len(s[1]) for s in shards],
+        },
+        "H": h,
+        "rounds": rounds,
+        "prox": args.finetune_prox,
         "reference": {
-            "svm_train_acc": acc(w_svm, x, y), "svm_test_acc": acc(w_svm, xt, yt),
+            "svm_train_acc": acc(w_svm, x, y),
+            "svm_test_acc": acc(w_svm, xt, yt),
             "svm_min_functional_margin": float((true - others).min()),
-            "reg": {f"{lam:g}": {"test_acc": acc(w, xt, yt), "cos_svm": cos(w, w_svm), "norm": float(w.norm()),
-                                 "grad_max": float(torch.func.grad(multiclass_objective(shards, lam))(w).abs().max())}
-                    for lam, w in regs.items()},
-        },  # fmt: skip
+            "reg": {
+                f"{lam:g}": {
+                    "test_acc": acc(w, xt, yt),
+                    "cos_svm": cos(w, w_svm),
+                    "norm": float(w.norm()),
+                    "grad_max": float(torch.func.grad(multiclass_objective(shards, lam))(w).abs().max()),
+                }
+                for lam, w in regs.items()
+            },
+        },
         "runs": out_runs,
         "weights": {n: r["weights"] for n, r in done.items()},
     }
@@ -438,20 +504,33 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
 
 def finetune_tables(res: dict[str, Any]) -> str:
     ref, h = res["reference"], res["H"]
-    lines = [f"Backbone: {res['backbone']['model']} from {res['backbone']['source']} "
-             f"(MNIST-5k val acc {res['backbone'].get('val_acc', float('nan')):.3f}); frozen, "
-             f"{res['data']['features']}-d features; {res['data']['train']} train / {res['data']['test']} test digits; "
-             f"{res['data']['partition']}.",
-             f"References: multiclass hard-margin SVM test acc {ref['svm_test_acc']:.3f} "
-             f"(train {ref['svm_train_acc']:.3f}); "
-             + "; ".join(f"regularized λ={k}: test acc {v['test_acc']:.3f}, cos to SVM {v['cos_svm']:.3f}"
-                         for k, v in ref["reg"].items()) + ".", ""]  # fmt: skip
+    lines = [
+        f"Backbone: {res['backbone']['model']} from {res['backbone']['source']} "
+        f"(MNIST-5k val acc {res['backbone'].get('val_acc', float('nan')):.3f}); frozen, "
+        f"{res['data']['features']}-d features; {res['data']['train']} train / {res['data']['test']} test digits; "
+        f"{res['data']['partition']}.",
+        f"References: multiclass hard-margin SVM test acc {ref['svm_test_acc']:.3f} "
+        f"(train {ref['svm_train_acc']:.3f}); "
+        + "; ".join(
+            f"regularized λ={k}: test acc {v['test_acc']:.3f}, cos to SVM {v['cos_svm']:.3f}"
+            for k, v in ref["reg"].items()
+        )
+        + ".",
+        "",
+    ]
     col_rounds = sorted({1, 2, 5, 10, 20, res["rounds"]} & set(range(res["rounds"] + 1)))
-    columns = [("test_acc", "test accuracy", "{:.3f}"), ("cos_svm", "cosine to the SVM", "{:.3f}"),
-               ("rel_err_reg", "relative error to the regularized model (its own λ)", "{:.1e}")]
+    columns = [
+        ("test_acc", "test accuracy", "{:.3f}"),
+        ("cos_svm", "cosine to the SVM", "{:.3f}"),
+        ("rel_err_reg", "relative error to the regularized model (its own λ)", "{:.1e}"),
+    ]
     for key, title, fmt in columns:
-        lines += [f"{title} after r rounds of H = {h} (centralized GD: the same number of steps):", "",
-                  "| method | " + " | ".join(f"r={r}" for r in col_rounds) + " |", "|---|" + "---|" * len(col_rounds)]
+        lines += [
+            f"{title} after r rounds of H = {h} (centralized GD: the same number of steps):",
+            "",
+            "| method | " + " | ".join(f"r={r}" for r in col_rounds) + " |",
+            "|---|" + "---|" * len(col_rounds),
+        ]
         for name, run in res["runs"].items():
             cells = []
             for r in col_rounds:
@@ -488,8 +567,11 @@ def plot(results: dict[str, Any], path_for, dpi: int = 110) -> list[Path]:
                 h = int(name.split("_H")[1])
                 ax_r.semilogy(np.maximum(steps / h, 0.8), err, label=f"H={h}", ls=ls, lw=1.6)
             ax_s.loglog(np.maximum(steps, 1), err, label=name.replace("localgd_H", "Local-GD H="), ls=ls, lw=1.6)
-        ax_r.set(xlabel="rounds (syncs); H ≥ 10 overlap: each local problem is solved", xscale="log",
-                 ylabel="||w̄ − pinv(X)y|| / ||pinv(X)y||")
+        ax_r.set(
+            xlabel="rounds (syncs); H ≥ 10 overlap: each local problem is solved",
+            xscale="log",
+            ylabel="||w̄ − pinv(X)y|| / ||pinv(X)y||",
+        )
         ax_s.set(xlabel="total local steps", title="")
         for ax in (ax_r, ax_s):
             ax.grid(alpha=0.3)
@@ -510,8 +592,9 @@ def plot(results: dict[str, Any], path_for, dpi: int = 110) -> list[Path]:
                 axes[1].semilogy(np.arange(1, len(recs) + 1), [r["rel_err_reg"] for r in recs], **kw)
         axes[0].axhline(res["reference"]["reg_cos_svm"], color="C2", lw=0.8, alpha=0.6, label="regularized model")
         axes[0].set(xlabel="total local steps", ylabel="cosine to hard-margin SVM", ylim=(0.9, 1.0))
-        axes[1].set(xlabel="rounds (syncs)", ylabel=f"rel. error to regularized model (λ={res['prox']:g})",
-                    xscale="log")
+        axes[1].set(
+            xlabel="rounds (syncs)", ylabel=f"rel. error to regularized model (λ={res['prox']:g})", xscale="log"
+        )
         axes[2].set(xlabel="total local steps", ylabel="min normalized margin / SVM margin", ylim=(0, 1.05))
         for ax in axes:
             ax.grid(alpha=0.3)
@@ -579,8 +662,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)  # the centralized runs share the 2 cores like one rank does
     RESULTS.mkdir(parents=True, exist_ok=True)
     started, load = time.perf_counter(), os.getloadavg()
-    parts = {"regression": (regression, regression_tables), "classification": (classification, classification_tables),
-             "finetune": (finetune, finetune_tables)}  # fmt: skip
+    parts = {
+        "regression": (regression, regression_tables),
+        "classification": (classification, classification_tables),
+        "finetune": (finetune, finetune_tables),
+    }
     results: dict[str, Any] = {}
     tables: dict[str, str] = {}
     timing: dict[str, float] = {}
@@ -594,13 +680,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.save({k: v.pop("weights") for k, v in results.items()}, RESULTS / "trajectories.pt")
     pngs = write_pngs(results, args.docs)
     doc = {
-        "settings": vars(args), "results": results, "tables": tables, "seconds": timing,
+        "settings": vars(args),
+        "results": results,
+        "tables": tables,
+        "seconds": timing,
         "total_seconds": time.perf_counter() - started,
         "machine": dict(environment(), loadavg_start=load),
-    }  # fmt: skip
+    }
     (RESULTS / "seed000.json").write_text(json.dumps(doc, indent=1, default=float))
-    print(f"Wrote {RESULTS / 'seed000.json'}, trajectories.pt and {[p.name for p in pngs]} "
-          f"({doc['total_seconds']:.0f} s; load average {load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end).")
+    print(
+        f"Wrote {RESULTS / 'seed000.json'}, trajectories.pt and {[p.name for p in pngs]} "
+        f"({doc['total_seconds']:.0f} s; load average {load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end)."
+    )
     return doc
 
 

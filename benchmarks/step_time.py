@@ -94,8 +94,14 @@ def parse_variant(name: str) -> dict[str, Any] | None:
         return None
     algorithm, h, p, tau, dtype = m.groups()
     dtype = "bfloat16" if dtype == "bf16" else dtype
-    return {"kind": "localsgd", "algorithm": "periodic" if algorithm == "localsgd" else "diloco", "H": int(h),
-            "fragments": int(p or 1), "overlap_steps": int(tau or 0), "comm_dtype": dtype}  # fmt: skip
+    return {
+        "kind": "localsgd",
+        "algorithm": "periodic" if algorithm == "localsgd" else "diloco",
+        "H": int(h),
+        "fragments": int(p or 1),
+        "overlap_steps": int(tau or 0),
+        "comm_dtype": dtype,
+    }
 
 
 # ====================================================================== one rank (worker process)
@@ -220,7 +226,9 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         )
 
         strategy = DDPStrategy(
-            ddp_comm_state=PostLocalSGDState(process_group=None, subgroup=None, start_localSGD_iter=cfg["postlocal_start"]),
+            ddp_comm_state=PostLocalSGDState(
+                process_group=None, subgroup=None, start_localSGD_iter=cfg["postlocal_start"]
+            ),
             ddp_comm_hook=post_localSGD_hook,
             model_averaging_period=spec["period"],
             timeout=timeout,
@@ -339,8 +347,9 @@ def summarize(name: str, spec: dict[str, Any], runs: list[dict[str, Any]], steps
     else:
         out["lo_bytes_per_step_per_rank"] = None
     # the largest single step's bytes: what fragments are for
-    out["peak_counter_bytes_per_step"] = max((max(rank["step_bytes"]) for r in ok for rank in r["ranks"]
-                                              if rank.get("step_bytes")), default=None)  # fmt: skip
+    out["peak_counter_bytes_per_step"] = max(
+        (max(rank["step_bytes"]) for r in ok for rank in r["ranks"] if rank.get("step_bytes")), default=None
+    )
     peaks_lo = [max(r["ranks"][0]["step_lo_bytes"]) / world for r in ok if r["ranks"][0].get("step_lo_bytes")]
     out["peak_lo_bytes_per_step_per_rank"] = max(peaks_lo) if peaks_lo else None
     waits = [rank["wait_seconds"] for r in ok for rank in r["ranks"] if rank.get("wait_seconds") is not None]
@@ -388,7 +397,9 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
             s["step_time_ratio_mean_vs_floor"] = s["step_time_mean_s"] / floor["step_time_mean_s"]
             s["step_time_ratio_median_vs_floor"] = s["step_time_median_s"] / floor["step_time_median_s"]
         if s.get("slowest_rank_step_time_s") and floor.get("slowest_rank_step_time_s"):
-            s["step_time_ratio_slowest_rank_vs_floor"] = s["slowest_rank_step_time_s"] / floor["slowest_rank_step_time_s"]
+            s["step_time_ratio_slowest_rank_vs_floor"] = (
+                s["slowest_rank_step_time_s"] / floor["slowest_rank_step_time_s"]
+            )
         lo, ddp_lo = s.get("lo_bytes_per_step_per_rank"), ddp.get("lo_bytes_per_step_per_rank")
         if lo is not None and ddp_lo:
             s["bytes_ratio_lo_vs_ddp"] = lo / ddp_lo
@@ -403,7 +414,9 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
             if base is not None:
                 s["sync_extra_seconds"] = s["sync_step_time_mean_s"] - base
                 if s.get("collective_seconds_per_sync") is not None:
-                    s["sync_extra_outside_collective_seconds"] = s["sync_extra_seconds"] - s["collective_seconds_per_sync"]
+                    s["sync_extra_outside_collective_seconds"] = (
+                        s["sync_extra_seconds"] - s["collective_seconds_per_sync"]
+                    )
     targets: dict[str, Any] = {"ddp_bytes_per_step_estimate": ddp_estimate}
     h8 = summary.get("localsgd_H8", {})
     if "step_time_ratio_mean_vs_floor" in h8:
@@ -426,24 +439,30 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
     for name, s in summary.items():
         spec = s.get("spec", {})
         if spec.get("overlap_steps") and "step_time_ratio_mean_vs_floor" in s:
-            targets[f"{name}_step_time_vs_floor"] = {"mean": s["step_time_ratio_mean_vs_floor"],
-                                                      "median": s["step_time_ratio_median_vs_floor"],
-                                                      "slowest_rank": s.get("step_time_ratio_slowest_rank_vs_floor")}  # fmt: skip
+            targets[f"{name}_step_time_vs_floor"] = {
+                "mean": s["step_time_ratio_mean_vs_floor"],
+                "median": s["step_time_ratio_median_vs_floor"],
+                "slowest_rank": s.get("step_time_ratio_slowest_rank_vs_floor"),
+            }
         if spec.get("fragments", 1) > 1:
             full = summary.get(f"localsgd_H{spec['H']}", {})
             whole = 2.0 * (world - 1) / world * s.get("param_bytes", 0) + 8.0 * (world - 1)  # one full fp32 sync
             targets[f"{name}_peak_bytes_vs_full_sync"] = {
                 "target": 1 / spec["fragments"],
                 "counter": s["peak_counter_bytes_per_step"] / whole if s.get("peak_counter_bytes_per_step") else None,
-                "lo": (s["peak_lo_bytes_per_step_per_rank"] / full["peak_lo_bytes_per_step_per_rank"]
-                       if s.get("peak_lo_bytes_per_step_per_rank") and full.get("peak_lo_bytes_per_step_per_rank")
-                       else None),
-            }  # fmt: skip
+                "lo": (
+                    s["peak_lo_bytes_per_step_per_rank"] / full["peak_lo_bytes_per_step_per_rank"]
+                    if s.get("peak_lo_bytes_per_step_per_rank") and full.get("peak_lo_bytes_per_step_per_rank")
+                    else None
+                ),
+            }
         if spec.get("comm_dtype") in ("bfloat16", "int8", "int4"):
             stem = name.rsplit("_", 1)[0] if name.endswith(spec["comm_dtype"]) or name.endswith("bf16") else name
             fp32 = summary.get(stem, {}) or summary.get(f"localsgd_H{spec['H']}", {})
-            pair: dict[str, Any] = {"target": {"bfloat16": 0.5, "int8": 0.29, "int4": 0.15}[spec["comm_dtype"]],
-                                    "against": stem if stem in summary else f"localsgd_H{spec['H']}"}  # fmt: skip
+            pair: dict[str, Any] = {
+                "target": {"bfloat16": 0.5, "int8": 0.29, "int4": 0.15}[spec["comm_dtype"]],
+                "against": stem if stem in summary else f"localsgd_H{spec['H']}",
+            }
             if s.get("counter_bytes_per_step") and fp32.get("counter_bytes_per_step"):
                 pair["counter"] = s["counter_bytes_per_step"] / fp32["counter_bytes_per_step"]
             if s.get("lo_bytes_per_step_per_rank") and fp32.get("lo_bytes_per_step_per_rank"):
@@ -492,8 +511,16 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     ax1.axhline(1.10, color="tab:red", ls="--", lw=1, label="target for H=8: 1.10")
     for b, r in zip(bars, ratios):
         if not math.isnan(r):
-            ax1.annotate(f"{r:.2f}", (b.get_x() + b.get_width() / 2, r), xytext=(0, -4), textcoords="offset points",
-                         ha="center", va="top", fontsize=8, color="white")
+            ax1.annotate(
+                f"{r:.2f}",
+                (b.get_x() + b.get_width() / 2, r),
+                xytext=(0, -4),
+                textcoords="offset points",
+                ha="center",
+                va="top",
+                fontsize=8,
+                color="white",
+            )
     finite = [r for r in ratios + medians if not math.isnan(r)]
     ax1.set_ylim(0, max(finite + [1.1]) * 1.3)
     ax1.set_xticks(x, names, rotation=30, ha="right")
@@ -508,15 +535,32 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     positive = [v for v in exp if v is not None and v > 0]
     floor_y = min(positive + [0.1]) / 4  # bottom of the log axis; smaller values are drawn as "≈0"
     for i, (a, c, e) in enumerate(zip(lo, ctr, exp)):
-        for off, v, color, label in ((-w / 2, a, "tab:green", "loopback (/proc/net/dev)"), (w / 2, c, "tab:orange", "library counter")):
+        for off, v, color, label in (
+            (-w / 2, a, "tab:green", "loopback (/proc/net/dev)"),
+            (w / 2, c, "tab:orange", "library counter"),
+        ):
             if v is None:
                 continue
             shown = max(v, floor_y)
-            ax2.bar(i + off, shown, w, color=color, label=label if i == 0 or label not in ax2.get_legend_handles_labels()[1] else None)
+            ax2.bar(
+                i + off,
+                shown,
+                w,
+                color=color,
+                label=label if i == 0 or label not in ax2.get_legend_handles_labels()[1] else None,
+            )
             text = f"{v:.3g}" if v >= floor_y else "≈0"
             ax2.annotate(text, (i + off, shown), ha="center", va="bottom", fontsize=7, rotation=90)
         if e is not None and e > 0:
-            ax2.plot([i - w, i + w], [e, e], color="black", lw=1.5, label="expected (1/H, ×½ for bf16)" if "expected (1/H, ×½ for bf16)" not in ax2.get_legend_handles_labels()[1] else None)
+            ax2.plot(
+                [i - w, i + w],
+                [e, e],
+                color="black",
+                lw=1.5,
+                label="expected (1/H, ×½ for bf16)"
+                if "expected (1/H, ×½ for bf16)" not in ax2.get_legend_handles_labels()[1]
+                else None,
+            )
     ax2.set_yscale("log")
     ax2.set_ylim(floor_y, 40)
     ax2.set_xticks(x, names, rotation=30, ha="right")
@@ -551,11 +595,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--idle-probe", type=float, default=1.0, help="seconds to sample background lo traffic before each variant")
+    p.add_argument(
+        "--idle-probe", type=float, default=1.0, help="seconds to sample background lo traffic before each variant"
+    )
     p.add_argument("--timeout", type=float, default=None, help="seconds per variant launch (default: 120 + 2 s/step)")
     p.add_argument("--collective-timeout", type=float, default=300.0, help="seconds, every collective")
-    p.add_argument("--link", default=None, help="run the ranks behind a shaped loopback of this rate, e.g. 1gbit, 100mbit")
-    p.add_argument("--report-only", action="store_true", help="redo table, ratios and plot from results/<name>/step_time.json")
+    p.add_argument(
+        "--link", default=None, help="run the ranks behind a shaped loopback of this rate, e.g. 1gbit, 100mbit"
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="redo table, ratios and plot from results/<name>/step_time.json"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -579,8 +629,11 @@ def main(argv: list[str] | None = None) -> int:
             specs[n] = parse_variant(n)
     unknown = [n for n in names if n not in specs]
     if unknown:
-        print(f"unknown variant(s) {unknown}; choose from {list(specs)} or spell one as "
-              "{localsgd|diloco}_H<h>[_P<fragments>][_tau<overlap>][_<bf16|int8|int4>]", file=sys.stderr)
+        print(
+            f"unknown variant(s) {unknown}; choose from {list(specs)} or spell one as "
+            "{localsgd|diloco}_H<h>[_P<fragments>][_tau<overlap>][_<bf16|int8|int4>]",
+            file=sys.stderr,
+        )
         return 2
     if args.link is not None:
         try:
@@ -591,11 +644,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 0 or args.world < 2 or args.repeats < 1:
         print("need --steps >= 1, --warmup >= 0, --world >= 2, --repeats >= 1", file=sys.stderr)
         return 2
-    periods = {n: specs[n].get("H") or specs[n].get("period") for n in names if specs[n]["kind"] in ("localsgd", "postlocal")}
+    periods = {
+        n: specs[n].get("H") or specs[n].get("period") for n in names if specs[n]["kind"] in ("localsgd", "postlocal")
+    }
     uneven = {n: h for n, h in periods.items() if args.steps % h}
     if uneven:
-        print(f"note: --steps {args.steps} is not a multiple of the period of {uneven}: their bytes per step "
-              "are not exactly 1/H of DDP's (the window holds a whole number of syncs)")
+        print(
+            f"note: --steps {args.steps} is not a multiple of the period of {uneven}: their bytes per step "
+            "are not exactly 1/H of DDP's (the window holds a whole number of syncs)"
+        )
     postlocal_start = args.warmup if args.postlocal_start is None else args.postlocal_start
     timeout = args.timeout if args.timeout is not None else 120.0 + 2.0 * (args.steps + args.warmup)
     base_cfg = {
@@ -618,22 +675,30 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     failures: list[str] = []
     for rep in range(args.repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             bg = background_lo_rate(args.idle_probe)
             load = loadavg()
             t = time.time()
-            ranks, logs = launch_ranks("benchmarks.step_time", dict(base_cfg, variant=specs[name]), args.world, 1,
-                                       timeout=timeout, link=args.link)  # fmt: skip
+            ranks, logs = launch_ranks(
+                "benchmarks.step_time",
+                dict(base_cfg, variant=specs[name]),
+                args.world,
+                1,
+                timeout=timeout,
+                link=args.link,
+            )
             elapsed = time.time() - t
-            runs[name].append({
-                "repeat": rep,
-                "launch_seconds": elapsed,
-                "loadavg_before": load,
-                "background_lo_bytes_per_s": bg,
-                "ranks": ranks,
-                "error": logs or None,
-            })
+            runs[name].append(
+                {
+                    "repeat": rep,
+                    "launch_seconds": elapsed,
+                    "loadavg_before": load,
+                    "background_lo_bytes_per_s": bg,
+                    "ranks": ranks,
+                    "error": logs or None,
+                }
+            )
             status = "ok" if ranks is not None else "FAILED"
             print(f"[repeat {rep + 1}/{args.repeats}] {name:<20} {status} in {elapsed:.1f} s", flush=True)
             if ranks is None:
@@ -644,9 +709,19 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "step_time",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "total_seconds": time.time() - started,
-        "config": dict(base_cfg, world=args.world, repeats=args.repeats, variants=names, specs={n: specs[n] for n in names},
-                       hs=hs, bf16_h=bf16_h, postlocal_period=args.postlocal_period, momentum=0.9, optimizer="SGD",
-                       data="synthetic randn, a pool of 8 batches per rank"),
+        "config": dict(
+            base_cfg,
+            world=args.world,
+            repeats=args.repeats,
+            variants=names,
+            specs={n: specs[n] for n in names},
+            hs=hs,
+            bf16_h=bf16_h,
+            postlocal_period=args.postlocal_period,
+            momentum=0.9,
+            optimizer="SGD",
+            data="synthetic randn, a pool of 8 batches per rank",
+        ),
         "environment": environment("timm", link=args.link),
         "notes": NOTES,
         "runs": runs,
@@ -689,8 +764,10 @@ def report(result: dict[str, Any], out_dir: Path) -> None:
     json_path.write_text(json.dumps(result, indent=1))
     png_path = out_dir / "step_time.png"
     link = describe_link(cfg.get("link"))
-    title = (f"{cfg['model']}, {cfg['image_size']}×{cfg['image_size']}, batch {cfg['batch_size']}/rank, {world} CPU "
-             f"ranks (gloo), {steps} measured steps after {cfg['warmup']}, repeats {cfg['repeats']}\nlink: {link}")
+    title = (
+        f"{cfg['model']}, {cfg['image_size']}×{cfg['image_size']}, batch {cfg['batch_size']}/rank, {world} CPU "
+        f"ranks (gloo), {steps} measured steps after {cfg['warmup']}, repeats {cfg['repeats']}\nlink: {link}"
+    )
     plot(summary, png_path, title)
     targets = result["targets"]
     print(f"\nlink: {link}")
@@ -700,22 +777,32 @@ def report(result: dict[str, Any], out_dir: Path) -> None:
     if h8:
         print(f"target LocalSGD H=8 step time <= 1.10x floor: mean {h8['mean']:.3f}x, median {h8['median']:.3f}x")
     for name, v in targets.get("bytes_1_over_H", {}).items():
-        print(f"target {name} bytes/step vs DDP: expected {v['expected']:.4f}, lo {fmt(v['lo'], 1, 4)}, "
-              f"counter {fmt(v['counter'], 1, 4)}")
+        print(
+            f"target {name} bytes/step vs DDP: expected {v['expected']:.4f}, lo {fmt(v['lo'], 1, 4)}, "
+            f"counter {fmt(v['counter'], 1, 4)}"
+        )
     for key, v in targets.items():
         if key.endswith("_bytes_vs_fp32"):
-            print(f"target {key} (vs {v['against']}): <= {v['target']}, counter {fmt(v.get('counter'), 1, 3)}, "
-                  f"lo {fmt(v.get('lo'), 1, 3)}")
+            print(
+                f"target {key} (vs {v['against']}): <= {v['target']}, counter {fmt(v.get('counter'), 1, 3)}, "
+                f"lo {fmt(v.get('lo'), 1, 3)}"
+            )
         elif key.endswith("_peak_bytes_vs_full_sync"):
-            print(f"target {key}: <= {v['target']:.3f}, counter {fmt(v.get('counter'), 1, 3)}, lo {fmt(v.get('lo'), 1, 3)}")
+            print(
+                f"target {key}: <= {v['target']:.3f}, counter {fmt(v.get('counter'), 1, 3)}, lo {fmt(v.get('lo'), 1, 3)}"
+            )
         elif key.endswith("_step_time_vs_floor") and key != "localsgd_H8_step_time_vs_floor":
-            print(f"{key}: mean {v['mean']:.3f}x, median {v['median']:.3f}x, "
-                  f"slowest rank {fmt(v.get('slowest_rank'), 1, 3)}x")
+            print(
+                f"{key}: mean {v['mean']:.3f}x, median {v['median']:.3f}x, "
+                f"slowest rank {fmt(v.get('slowest_rank'), 1, 3)}x"
+            )
     for name, s in summary.items():
         if "sync_extra_seconds" in s:
-            print(f"sync cost {name}: a sync step takes {fmt(s['sync_extra_seconds'], 1e3, 1)} ms longer, "
-                  f"{fmt(s.get('collective_seconds_per_sync'), 1e3, 1)} ms of it inside the allreduce, "
-                  f"{fmt(s.get('sync_extra_outside_collective_seconds'), 1e3, 1)} ms outside")
+            print(
+                f"sync cost {name}: a sync step takes {fmt(s['sync_extra_seconds'], 1e3, 1)} ms longer, "
+                f"{fmt(s.get('collective_seconds_per_sync'), 1e3, 1)} ms of it inside the allreduce, "
+                f"{fmt(s.get('sync_extra_outside_collective_seconds'), 1e3, 1)} ms outside"
+            )
     print(f"\nwrote {json_path}\nwrote {png_path}\ntotal {result['total_seconds']:.0f} s")
 
 

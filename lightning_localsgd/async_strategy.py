@@ -204,10 +204,15 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         client: LocalClient | RemoteClient
         if rank == 0:
             self.server = ParameterServer(
-                state.clone(), self._num_params, self.outer_optimizer, self.world_size,
-                sync_every=self.sync_every, dynamic_local_steps=self.dynamic_local_steps,
-                max_updates=self.max_updates, timeout=self._timeout_seconds(),
-            )  # fmt: skip
+                state.clone(),
+                self._num_params,
+                self.outer_optimizer,
+                self.world_size,
+                sync_every=self.sync_every,
+                dynamic_local_steps=self.dynamic_local_steps,
+                max_updates=self.max_updates,
+                timeout=self._timeout_seconds(),
+            )
             if restored is not None:
                 self.server.load_state_dict(restored)
             self.server.observers = self.push_observers
@@ -217,11 +222,19 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         else:
             client = RemoteClient(self.comm, self.server_group, state.numel(), state.dtype, rank)
         self.worker = AsyncWorker(
-            client, self._tensors, self._num_params, state, sync_every=self.sync_every,
-            slowdown=self.slowdown.get(rank, 1.0), speed_smoothing=self.speed_smoothing,
-            poll_interval=self.poll_interval, restored=restored, rank=rank,
-            resumed=None if self._resumed_worker is None else self._resumed_worker["worker"], replay=self._replay,
-        )  # fmt: skip
+            client,
+            self._tensors,
+            self._num_params,
+            state,
+            sync_every=self.sync_every,
+            slowdown=self.slowdown.get(rank, 1.0),
+            speed_smoothing=self.speed_smoothing,
+            poll_interval=self.poll_interval,
+            restored=restored,
+            rank=rank,
+            resumed=None if self._resumed_worker is None else self._resumed_worker["worker"],
+            replay=self._replay,
+        )
         self._restored_server = self._resumed_worker = self._replay = None
         self._set_active(True)
 
@@ -268,9 +281,12 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     def teardown(self) -> None:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if (
-            trainer is not None and self._restored_server is not None and self.worker is None
-            and trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
-        ):  # fmt: skip
+            trainer is not None
+            and self._restored_server is not None
+            and self.worker is None
+            and trainer.state.fn == TrainerFn.FITTING
+            and trainer.state.status == TrainerStatus.RUNNING
+        ):
             # Resumed from a part written at max_steps: Lightning skipped the training loop, so neither
             # on_train_start nor on_train_end ran. The other workers still need this rank: rank 0 hosts
             # the server, and every worker owes the server its DONE and takes the final global model.
@@ -320,9 +336,13 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
             state = self.lightning_module.state_dict()
             state.update(zip(self._names, (t.clone() for t in self.worker.replica())))
             lightning = {k: v for k, v in checkpoint.items() if k not in ("state_dict", _CHECKPOINT_KEY)}
-            part = {"world_size": self.world_size, "rank": self.global_rank,
-                    "model": {k: v.detach().clone() for k, v in state.items()},
-                    "worker": self.worker.state_dict(), "lightning": lightning}  # fmt: skip
+            part = {
+                "world_size": self.world_size,
+                "rank": self.global_rank,
+                "model": {k: v.detach().clone() for k, v in state.items()},
+                "worker": self.worker.state_dict(),
+                "lightning": lightning,
+            }
             self.checkpoint_io.save_checkpoint(part, self.part_path(filepath, self.global_rank))
         if self.server is not None:
             saved = self.server.state_dict()
@@ -353,9 +373,13 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         saved = self.checkpoint_io.load_checkpoint(part, weights_only=weights_only) if os.path.exists(part) else None
         problem = resume_problem(saved, part, self.world_size)
         if problem is not None:
-            warnings.warn(f"rank {self.global_rank}: {problem}; this worker starts a fresh round from the global model "
-                          f"with rank 0's step ({checkpoint.get('global_step')}), loop progress, dataloader position "
-                          "and inner optimizer state (docs/async.md, 'Resuming')", UserWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"rank {self.global_rank}: {problem}; this worker starts a fresh round from the global model "
+                f"with rank 0's step ({checkpoint.get('global_step')}), loop progress, dataloader position "
+                "and inner optimizer state (docs/async.md, 'Resuming')",
+                UserWarning,
+                stacklevel=2,
+            )
             return checkpoint
         assert saved is not None
         # everything Lightning dumped on this worker (loops: its global step, batch progress and dataloader

@@ -50,16 +50,19 @@ def reconcile(
             f"after writing its part (its local steps {pushed_steps + 1}..{held_steps}): it trains steps "
             f"{int(worker['steps']) + 1}..{held_steps} again to restore its optimizer state and data position without "
             "pushing them (each step is in the global model once), then pulls the global model; its inner optimizer "
-            "state after the replay is not the first run's (docs/async.md, 'Resuming')", UserWarning, stacklevel=2,
-        )  # fmt: skip
+            "state after the replay is not the first run's (docs/async.md, 'Resuming')",
+            UserWarning,
+            stacklevel=2,
+        )
         return worker, (held_steps, held)
     if held < mine:
         warnings.warn(
             f"rank {rank}: {mine - held} push(es) of this worker (its local steps {held_steps + 1}..{pushed_steps}) "
             "reached the server after rank 0 wrote the checkpoint's cut: their pseudo-gradients are not in the "
             "restored global model (lost); the worker continues from its own part (docs/async.md, 'Resuming')",
-            UserWarning, stacklevel=2,
-        )  # fmt: skip
+            UserWarning,
+            stacklevel=2,
+        )
         return {**worker, "pushes": held, "steps": int(worker["steps"]) - (pushed_steps - held_steps)}, None
     return worker, None
 
@@ -128,10 +131,15 @@ class AsyncWorker:
     def state_dict(self) -> dict[str, Any]:
         """This worker's place in its round (what a resume needs besides its replica and optimizer)."""
         return {
-            "anchor": self.anchor.detach().cpu().clone(), "steps_since_pull": self.steps_since_pull,
-            "round_time": self.round_time, "local_steps": self.local_steps, "speed": self.speed,
-            "pushes": self.pushes, "steps": self.steps, "staleness": self.staleness,
-        }  # fmt: skip
+            "anchor": self.anchor.detach().cpu().clone(),
+            "steps_since_pull": self.steps_since_pull,
+            "round_time": self.round_time,
+            "local_steps": self.local_steps,
+            "speed": self.speed,
+            "pushes": self.pushes,
+            "steps": self.steps,
+            "staleness": self.staleness,
+        }
 
     def replica(self) -> list[Tensor]:
         """This worker's synchronized tensors (the parked replica while a validation swap is active)."""

@@ -167,8 +167,9 @@ class Collectives:
         return isinstance(self.comm_dtype, str)
 
     # ------------------------------------------------------------------ primitives
-    def _timed(self, kind: str, nbytes: float, fn: Callable[[], Any], op: str = "a collective",
-               group: Group | None = None) -> Any:  # fmt: skip
+    def _timed(
+        self, kind: str, nbytes: float, fn: Callable[[], Any], op: str = "a collective", group: Group | None = None
+    ) -> Any:
         start = time.perf_counter()
         try:
             out = fn()
@@ -205,7 +206,9 @@ class Collectives:
             out.copy_(local)
             return out
         nbytes = (group.size - 1) / group.size * local.numel() * local.element_size()
-        self._timed(kind, nbytes, lambda: dist.all_to_all_single(out, local, group=group.handle), "an all-to-all", group)
+        self._timed(
+            kind, nbytes, lambda: dist.all_to_all_single(out, local, group=group.handle), "an all-to-all", group
+        )
         return out
 
     def broadcast_(self, flat: Tensor, src: int, group: Group, kind: str) -> Tensor:
@@ -213,8 +216,9 @@ class Collectives:
         if group.size == 1:
             return flat
         nbytes = (group.size - 1) / group.size * flat.numel() * flat.element_size()
-        self._timed(kind, nbytes, lambda: dist.broadcast(flat, src=src, group=group.handle), f"a broadcast from {src}",
-                    group)  # fmt: skip
+        self._timed(
+            kind, nbytes, lambda: dist.broadcast(flat, src=src, group=group.handle), f"a broadcast from {src}", group
+        )
         return flat
 
     def all_gather(self, local: Tensor, group: Group, kind: str) -> Tensor:
@@ -223,7 +227,9 @@ class Collectives:
             return local.unsqueeze(0).clone()
         out = torch.empty(group.size * local.numel(), dtype=local.dtype, device=local.device)
         nbytes = (group.size - 1) * local.numel() * local.element_size()
-        self._timed(kind, nbytes, lambda: _all_gather_flat(out, local.reshape(-1), group.handle), "an all-gather", group)
+        self._timed(
+            kind, nbytes, lambda: _all_gather_flat(out, local.reshape(-1), group.handle), "an all-gather", group
+        )
         return out.view(group.size, local.numel())
 
     def gather_object(self, obj: Any, group: Group, kind: str) -> list[Any] | None:
@@ -232,8 +238,13 @@ class Collectives:
             return [obj]
         dst = group.ranks[0]
         out: list[Any] | None = [None] * group.size if group.rank == 0 else None
-        self._timed(kind, 0.0, lambda: dist.gather_object(obj, out, dst=dst, group=group.handle),
-                    f"gathering objects on rank {dst}", group)  # fmt: skip
+        self._timed(
+            kind,
+            0.0,
+            lambda: dist.gather_object(obj, out, dst=dst, group=group.handle),
+            f"gathering objects on rank {dst}",
+            group,
+        )
         return out
 
     # ------------------------------------------------------------------ averaging

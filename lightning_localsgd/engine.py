@@ -114,8 +114,11 @@ def reset_nonfinite_state(optimizer: Optimizer) -> int:
                     value.masked_fill_(bad, 0.0)
                     reset += int(bad.sum())
     if reset:
-        warnings.warn(f"{reset} NaN/Inf values of the optimizer state were reset to 0 after this replica was "
-                      "skipped at a sync (nonfinite='skip') and received the others' mean", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{reset} NaN/Inf values of the optimizer state were reset to 0 after this replica was "
+            "skipped at a sync (nonfinite='skip') and received the others' mean",
+            stacklevel=2,
+        )
     return reset
 
 

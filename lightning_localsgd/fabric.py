@@ -107,10 +107,14 @@ class LocalSGDStrategy(DDPStrategy):
 
             algorithm = PeriodicAveraging()
         if not isinstance(algorithm, ConsensusAlgorithm):
-            raise TypeError(f"algorithm must be a ConsensusAlgorithm such as DiLoCo(64), got {type(algorithm).__name__}")
+            raise TypeError(
+                f"algorithm must be a ConsensusAlgorithm such as DiLoCo(64), got {type(algorithm).__name__}"
+            )
         if gradient_modifier is not None and not isinstance(gradient_modifier, GradientModifier):
-            raise TypeError(f"gradient_modifier must be a GradientModifier such as GradAlign(beta=0.025), "
-                            f"got {type(gradient_modifier).__name__}")  # fmt: skip
+            raise TypeError(
+                f"gradient_modifier must be a GradientModifier such as GradAlign(beta=0.025), "
+                f"got {type(gradient_modifier).__name__}"
+            )
         self.init_timeout = init_timeout
         self.engine = SyncEngine(algorithm, gradient_modifier, observers)
         self.comm = Collectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
@@ -161,8 +165,9 @@ class LocalSGDStrategy(DDPStrategy):
 
     def _bind(self, step: int, restored: Any) -> None:
         assert self._module is not None
-        ctx = SyncContext(self._module, self.comm, self.world_group, self.node_group, self.background_group,
-                          self.engine.observers)  # fmt: skip
+        ctx = SyncContext(
+            self._module, self.comm, self.world_group, self.node_group, self.background_group, self.engine.observers
+        )
         self.engine.bind(ctx, step, restored)
 
     # ------------------------------------------------------------------ the training step
@@ -206,11 +211,14 @@ class LocalSGDStrategy(DDPStrategy):
     ) -> None:
         algorithm, module = self.algorithm, self._module
         assert module is not None, "fabric.setup(model, optimizer) first"
-        extra = {CHECKPOINT_KEY: {"step": self.step, "algorithm": algorithm.state_dict(), "world_size": self.world_size}}
+        extra = {
+            CHECKPOINT_KEY: {"step": self.step, "algorithm": algorithm.state_dict(), "world_size": self.world_size}
+        }
         if self.save_replicas:
             optimizers = [o for o in state.values() if isinstance(o, Optimizer)]
-            mine = SyncEngine.rank_payload(algorithm.replica_state_dict(), [o.state_dict() for o in optimizers],
-                                           algorithm.rank_state_dict())  # fmt: skip
+            mine = SyncEngine.rank_payload(
+                algorithm.replica_state_dict(), [o.state_dict() for o in optimizers], algorithm.rank_state_dict()
+            )
             extra[CHECKPOINT_KEY]["ranks"] = self.comm.gather_object(mine, self.world_group, kind="checkpoint")
         consensus = algorithm.consensus_state_dict(module.state_dict(), self.step)
         converted = self._convert_stateful_objects_in_state(state, filter=(filter or {}))
@@ -234,8 +242,10 @@ class LocalSGDStrategy(DDPStrategy):
         checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
         saved = checkpoint.pop(CHECKPOINT_KEY, None)
         if saved is None:
-            raise ValueError(f"{path} was not written by lightning_localsgd.fabric.LocalSGDStrategy: load it with "
-                             "fabric.load(path) (no state) and restore the objects yourself")  # fmt: skip
+            raise ValueError(
+                f"{path} was not written by lightning_localsgd.fabric.LocalSGDStrategy: load it with "
+                "fabric.load(path) (no state) and restore the objects yourself"
+            )
         resume = ResumeState(int(saved["step"]), int(saved["world_size"]), saved.get("ranks"))
         self.algorithm.load_state_dict(saved["algorithm"])
         mine = resume.for_rank(self.global_rank, self.world_size, self.algorithm)
@@ -265,8 +275,12 @@ class LocalSGDStrategy(DDPStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         for name, start_method in (("localsgd", "popen"), ("localsgd_spawn", "spawn")):
             if name not in strategy_registry:
-                strategy_registry.register(name, cls, description=f"Local SGD for Fabric, start_method={start_method!r}",
-                                           start_method=start_method)  # fmt: skip
+                strategy_registry.register(
+                    name,
+                    cls,
+                    description=f"Local SGD for Fabric, start_method={start_method!r}",
+                    start_method=start_method,
+                )
 
 
 LocalSGDStrategy.register_strategies(STRATEGY_REGISTRY)

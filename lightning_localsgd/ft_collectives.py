@@ -80,12 +80,21 @@ class QuorumCollectives(Collectives):
         observer: Callable[[Tensor, Tensor], None] | None = None,
     ) -> None:
         if not isinstance(group, QuorumGroup):
-            return super().mean_(tensors, group, kind=kind, anchor=anchor, residual=residual, nonfinite=nonfinite,
-                                 step=step, observer=observer)  # fmt: skip
+            return super().mean_(
+                tensors,
+                group,
+                kind=kind,
+                anchor=anchor,
+                residual=residual,
+                nonfinite=nonfinite,
+                step=step,
+                observer=observer,
+            )
         job = group.session.job
         if kind in JOB_LOCAL_KINDS:
-            return super().mean_(tensors, job, kind=kind, anchor=anchor, residual=residual, nonfinite=nonfinite,
-                                 step=step)  # fmt: skip
+            return super().mean_(
+                tensors, job, kind=kind, anchor=anchor, residual=residual, nonfinite=nonfinite, step=step
+            )
         if kind != "sync" or residual is not None or observer is not None:
             raise self._unsupported(f"an average of kind {kind!r} (residual/observer)")
         if not tensors:

@@ -233,13 +233,26 @@ class ReplicaGroupSession:
         finally:
             self._open = False
         record = RoundRecord(
-            self.round_kind, self.round_step, self.manager.num_participants(), contributors, self._healed,
-            self._source if self._healed else "", committed, self._quorum_seconds, time.perf_counter() - self._started, time.time(),
-        )  # fmt: skip
+            self.round_kind,
+            self.round_step,
+            self.manager.num_participants(),
+            contributors,
+            self._healed,
+            self._source if self._healed else "",
+            committed,
+            self._quorum_seconds,
+            time.perf_counter() - self._started,
+            time.time(),
+        )
         self.history.append(record)
         if not committed:
-            log.warning("replica group %r: %s round at step %d failed (%s); repeating it", self.replica_id,
-                        self.round_kind, self.round_step, self.manager.errored())  # fmt: skip
+            log.warning(
+                "replica group %r: %s round at step %d failed (%s); repeating it",
+                self.replica_id,
+                self.round_kind,
+                self.round_step,
+                self.manager.errored(),
+            )
         else:
             self.contributes = True
         return committed

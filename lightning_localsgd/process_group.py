@@ -107,16 +107,24 @@ def init_process_group(
     try:
         if prefix is None:
             dist.init_process_group(
-                backend, init_method="env://", rank=rank, world_size=world_size, timeout=init_timeout,
+                backend,
+                init_method="env://",
+                rank=rank,
+                world_size=world_size,
+                timeout=init_timeout,
                 device_id=device_id,
-            )  # fmt: skip
+            )
         else:
             where = f"torchrun's agent store at {main_address}:{main_port} under the key prefix {prefix!r}"
             agent = dist.TCPStore(main_address, main_port, world_size, is_master=False, timeout=init_timeout)
             dist.init_process_group(
-                backend, store=dist.PrefixStore(prefix, agent), rank=rank, world_size=world_size,
-                timeout=init_timeout, device_id=device_id,
-            )  # fmt: skip
+                backend,
+                store=dist.PrefixStore(prefix, agent),
+                rank=rank,
+                world_size=world_size,
+                timeout=init_timeout,
+                device_id=device_id,
+            )
     except Exception as err:  # torch raises RuntimeError, DistError and subclasses here
         raise ProcessGroupInitError(_explain(rank, world_size, backend, init_timeout, where, prefix, err)) from err
     if timeout is not None:
@@ -133,9 +141,16 @@ def init_strategy_process_group(strategy: Any) -> None:
     env = strategy.cluster_environment
     assert env is not None
     device = strategy.root_device if strategy.root_device.type != "cpu" else None
-    init_process_group(strategy._get_process_group_backend(), strategy.global_rank, strategy.world_size,
-                       env.main_address, env.main_port, timeout=strategy._timeout,
-                       init_timeout=strategy.init_timeout, device_id=device)  # fmt: skip
+    init_process_group(
+        strategy._get_process_group_backend(),
+        strategy.global_rank,
+        strategy.world_size,
+        env.main_address,
+        env.main_port,
+        timeout=strategy._timeout,
+        init_timeout=strategy.init_timeout,
+        device_id=device,
+    )
 
 
 def _explain(

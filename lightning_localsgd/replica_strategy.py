@@ -34,7 +34,11 @@ from typing_extensions import override
 from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
 from lightning_localsgd.comm import Collectives, Group, new_group
 from lightning_localsgd.engine import RankResume, ResumeState
-from lightning_localsgd.process_group import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_INIT_TIMEOUT, init_strategy_process_group
+from lightning_localsgd.process_group import (
+    DEFAULT_COLLECTIVE_TIMEOUT,
+    DEFAULT_INIT_TIMEOUT,
+    init_strategy_process_group,
+)
 
 DEFAULT_TIMEOUT = DEFAULT_COLLECTIVE_TIMEOUT
 """How long any collective (and the async server) waits for a peer before failing with an error that
@@ -55,7 +59,11 @@ def node_groups(world_size: int, num_nodes: int, rank: int, timeout: Any) -> Gro
         return mine
     for n in range(num_nodes):
         ranks = list(range(n * per_node, (n + 1) * per_node))
-        group = new_group(ranks, rank, timeout) if per_node > 1 else Group(None, ranks, ranks.index(rank) if rank in ranks else -1)
+        group = (
+            new_group(ranks, rank, timeout)
+            if per_node > 1
+            else Group(None, ranks, ranks.index(rank) if rank in ranks else -1)
+        )
         if rank in ranks:
             mine = group
     return mine

@@ -196,21 +196,25 @@ class LocalSGDStrategy(ReplicaStrategy):
         if self.fault_tolerance is not None:  # ft: the world is the quorum of replica groups
             from lightning_localsgd.ft_session import ReplicaGroupSession
 
-            self.ft_session = ReplicaGroupSession(self.fault_tolerance, trainer, self.engine.algorithm, self.world_group,
-                                                  self.comm, self.broadcast)  # fmt: skip
+            self.ft_session = ReplicaGroupSession(
+                self.fault_tolerance, trainer, self.engine.algorithm, self.world_group, self.comm, self.broadcast
+            )
             world = self.ft_session.group
         ctx = SyncContext(
-            self.lightning_module, self.comm, world, self.node_group, self.background_group, self.engine.observers,
-        )  # fmt: skip
+            self.lightning_module,
+            self.comm,
+            world,
+            self.node_group,
+            self.background_group,
+            self.engine.observers,
+        )
         step = trainer.global_step if self.resume_state is None else self.resume_state.step
         self.engine.bind(ctx, step, self.rank_resume)
         self._bound, self.resume_state = True, None
 
     # ------------------------------------------------------------------ the training step
     @override
-    def optimizer_step(
-        self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any
-    ) -> Any:
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         if not self._bound or not self.fitting():
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         assert self.engine is not None

@@ -255,8 +255,9 @@ class CharGPT(LightningModule):
         no_decay = [p for n, p in self.named_parameters() if not (p.dim() >= 2 and n != "pos")]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas),
-        )  # fmt: skip
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
         if hp.warmup_steps <= 0:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / hp.warmup_steps))

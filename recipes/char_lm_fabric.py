@@ -76,8 +76,13 @@ def evaluate(fabric: Fabric, model: torch.nn.Module, loader: Any) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.algorithm == "diloco":
-        algorithm: Any = DiLoCo(args.sync_every, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
-                                overlap_steps=args.overlap_steps, fragments=args.fragments)  # fmt: skip
+        algorithm: Any = DiLoCo(
+            args.sync_every,
+            outer_lr=args.outer_lr,
+            outer_momentum=args.outer_momentum,
+            overlap_steps=args.overlap_steps,
+            fragments=args.fragments,
+        )
     else:
         algorithm = PeriodicAveraging(args.sync_every, overlap_steps=args.overlap_steps, fragments=args.fragments)
     strategy = LocalSGDStrategy(algorithm=algorithm, comm_dtype=args.comm_dtype)
@@ -88,8 +93,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = CharGPT(n_layer=args.n_layer, d_model=args.d_model, context=args.context, lr=args.lr, warmup_steps=0)
     optimizer = model.configure_optimizers()
     model, optimizer = fabric.setup(model, optimizer)
-    data = StdlibCorpusDataModule(context=args.context, batch_size=args.batch_size, max_bytes=args.max_bytes,
-                                  max_val_windows=args.max_val_windows, seed=args.seed)  # fmt: skip
+    data = StdlibCorpusDataModule(
+        context=args.context,
+        batch_size=args.batch_size,
+        max_bytes=args.max_bytes,
+        max_val_windows=args.max_val_windows,
+        seed=args.seed,
+    )
     data.prepare(fabric.global_rank, fabric.world_size)  # each rank its own shard: no distributed sampler
     train = fabric.setup_dataloaders(data.train_dataloader(), use_distributed_sampler=False)
     val = fabric.setup_dataloaders(data.val_dataloader(), use_distributed_sampler=False)
@@ -123,8 +133,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     strategy.finalize()  # every rank ends with the consensus
     final = evaluate(fabric, model, val)
     fabric.print(f"final val_loss={final:.4f}")
-    result = {"curve": curve, "final_val_loss": final, "args": vars(args),
-              "MB_sent": strategy.comm.counters.bytes_sent / 1e6}  # fmt: skip
+    result = {
+        "curve": curve,
+        "final_val_loss": final,
+        "args": vars(args),
+        "MB_sent": strategy.comm.counters.bytes_sent / 1e6,
+    }
     if args.json and fabric.global_rank == 0:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

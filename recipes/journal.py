@@ -68,7 +68,9 @@ class RunJournal(Callback):
 
     def __init__(self, path: str, metric: str = "val/acc", label: str | None = None, evaluate_every: int = 0) -> None:
         if evaluate_every < 0:
-            raise ValueError(f"evaluate_every must be 0 (Lightning's validation) or a number of steps, got {evaluate_every}")
+            raise ValueError(
+                f"evaluate_every must be 0 (Lightning's validation) or a number of steps, got {evaluate_every}"
+            )
         self.path = Path(path)
         self.metric, self.label = metric, label
         self.evaluate_every = evaluate_every
@@ -113,7 +115,9 @@ class RunJournal(Callback):
         if self.evaluate_every and step % self.evaluate_every == 0 and self._resumed_at is not None:
             self._pause()
             state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-            self._snapshots.append(({"step": step, "epoch": trainer.current_epoch, **self.totals(trainer, pl_module)}, state))
+            self._snapshots.append(
+                ({"step": step, "epoch": trainer.current_epoch, **self.totals(trainer, pl_module)}, state)
+            )
             self._resumed_at = time.perf_counter()  # the copy is not charged; the next batch's loading is
 
     @override

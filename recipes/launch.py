@@ -68,7 +68,9 @@ def check_link_support() -> None:
         raise LinkUnavailable("a shaped link needs root (network namespaces and tc): run as root, or drop --link")
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
-        raise LinkUnavailable(f"a shaped link needs iproute2 ({', '.join(missing)} not found): install it, or drop --link")
+        raise LinkUnavailable(
+            f"a shaped link needs iproute2 ({', '.join(missing)} not found): install it, or drop --link"
+        )
 
 
 def _run(cmd: list[str]) -> None:
@@ -103,8 +105,27 @@ def shaped_link(rate: str | None) -> Iterator[list[str]]:
     try:
         _run(["ip", "netns", "add", name])
         _run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"])
-        _run(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
-              "rate", rate, "burst", LINK_BURST, "latency", LINK_LATENCY])  # fmt: skip
+        _run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                name,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "lo",
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                LINK_BURST,
+                "latency",
+                LINK_LATENCY,
+            ]
+        )
         yield ["ip", "netns", "exec", name]
     finally:
         pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()

@@ -262,9 +262,13 @@ class LinearDataModule(LightningDataModule):
         x, y = torch.from_numpy(a["x_train"]).double(), torch.from_numpy(a["y_train"])
         y = y.long() if self.task == "multiclass" else y.double()
         parts = partition(
-            a["y_train"], num_shards, self.partition, alpha=self.alpha, classes_per_rank=self.classes_per_rank,
+            a["y_train"],
+            num_shards,
+            self.partition,
+            alpha=self.alpha,
+            classes_per_rank=self.classes_per_rank,
             seed=self.seed,
-        )  # fmt: skip
+        )
         test_y = torch.from_numpy(a["y_test"])
         test_y = test_y.long() if self.task == "multiclass" else test_y.double()
         return [(x[idx], y[idx]) for idx in parts], (torch.from_numpy(a["x_test"]).double(), test_y)
@@ -288,8 +292,10 @@ class LinearDataModule(LightningDataModule):
         rank, world = self._rank_world()
         num_shards = self.num_shards or world
         if num_shards % world:
-            raise ValueError(f"num_shards={num_shards} is not a multiple of the world size {world}: every rank "
-                             "needs as many shards (e.g. num_shards: null for one shard per rank)")  # fmt: skip
+            raise ValueError(
+                f"num_shards={num_shards} is not a multiple of the world size {world}: every rank "
+                "needs as many shards (e.g. num_shards: null for one shard per rank)"
+            )
         train, self.test_xy = self.shards(num_shards)
         mine = train[rank::world]
         self.train_xy = (torch.cat([x for x, _ in mine]), torch.cat([y for _, y in mine]))
@@ -334,8 +340,9 @@ class Trajectory(Callback):
         self.steps, self.weights = [], []
         self._algorithm = getattr(trainer.strategy, "algorithm", None)
         if self.every is None and self._algorithm is None:
-            raise ValueError("Trajectory(every=None) records at syncs, and this run has no consensus algorithm: "
-                             "give every=N (steps)")  # fmt: skip
+            raise ValueError(
+                "Trajectory(every=None) records at syncs, and this run has no consensus algorithm: give every=N (steps)"
+            )
         self._record(trainer.global_step, pl_module)
 
     @override

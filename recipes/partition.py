@@ -105,9 +105,7 @@ def equalize(parts: list[np.ndarray], size: int, seed: int = 0) -> list[np.ndarr
     out = []
     for r, idx in enumerate(parts):
         if len(idx) == 0:
-            raise ValueError(
-                f"rank {r} received no samples; raise alpha or classes_per_rank, or use another seed"
-            )
+            raise ValueError(f"rank {r} received no samples; raise alpha or classes_per_rank, or use another seed")
         rng = np.random.default_rng([seed, 2, r])
         if len(idx) >= size:
             out.append(np.sort(rng.choice(idx, size=size, replace=False)))

@@ -98,9 +98,11 @@ def async_run(
     """
     rank = _rank(devices)
     seed_everything(0)
-    model = TinyNet(lr=0.05, momentum=momentum).double()  # float64 before a checkpoint is loaded, so loading does not round
+    model = TinyNet(
+        lr=0.05, momentum=momentum
+    ).double()  # float64 before a checkpoint is loaded, so loading does not round
     outer = outer or {"dn": {"lr": 0.5, "momentum": 0.9}}
-    (kind, kwargs), = outer.items()
+    ((kind, kwargs),) = outer.items()
     optimizer = DelayedNesterov(**kwargs) if kind == "dn" else OuterSGD(**kwargs)
     strategy = AsyncLocalSGDStrategy(
         sync_every=sync_every,
@@ -199,8 +201,13 @@ def single_worker(out_dir: str, devices: int, num_nodes: int, steps: int, sync_e
         trainer = Trainer(strategy=strategy, max_steps=steps, callbacks=callbacks, **kwargs)
         ckpt = str(ckpt_dir / f"step={resume_step}.ckpt") if name == "resumed" else None
         trainer.fit(model, loader(regression_data(4), batch_size=4), loader(regression_data(8)), ckpt_path=ckpt)
-        out[name] = {"final": flat_params(model), "grads": grads, "theta0": start_cb.theta0,
-                     "val_params": model.val_params, "updates": strategy.server.updates}  # fmt: skip
+        out[name] = {
+            "final": flat_params(model),
+            "grads": grads,
+            "theta0": start_cb.theta0,
+            "val_params": model.val_params,
+            "updates": strategy.server.updates,
+        }
     out["ckpt"] = torch.load(ckpt_dir / f"step={resume_step}.ckpt", weights_only=False)
     return out
 

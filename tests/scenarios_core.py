@@ -186,7 +186,9 @@ def resume_and_evaluate(out_dir: str, devices: int, num_nodes: int, steps: int, 
     data = regression_data(4 * devices * num_nodes)
     out: dict[str, Any] = {}
 
-    def fit(name: str, validate: bool, save: bool, ckpt_path: str | None = None, comm_dtype: str | None = None) -> TinyNet:
+    def fit(
+        name: str, validate: bool, save: bool, ckpt_path: str | None = None, comm_dtype: str | None = None
+    ) -> TinyNet:
         seed_everything(0)
         model = TinyNet(momentum=0.9).double()  # built in float64 so loading a checkpoint does not round
         rec = Recorder()
@@ -209,7 +211,12 @@ def resume_and_evaluate(out_dir: str, devices: int, num_nodes: int, steps: int, 
             loader(data, batch_size=4) if validate else None,
             ckpt_path=ckpt_path,
         )
-        out[name] = {"after": torch.stack(rec.after), "val_params": model.val_params, "final": flat(model), "seen": model.seen}
+        out[name] = {
+            "after": torch.stack(rec.after),
+            "val_params": model.val_params,
+            "final": flat(model),
+            "seen": model.seen,
+        }
         return model
 
     def flat(model: TinyNet) -> torch.Tensor:

@@ -34,8 +34,16 @@ def full_batches(x: Tensor, y: Tensor, steps: int) -> DataLoader:
     return DataLoader(FixedBatches(x, y, steps), batch_size=None)
 
 
-def fit(model: LightningModule, algorithm: ConsensusAlgorithm, data: DataLoader, steps: int, devices: int,
-        num_nodes: int, callbacks: tuple[Callback, ...] | list[Callback] = (), ckpt_path: str | None = None) -> Trainer:
+def fit(
+    model: LightningModule,
+    algorithm: ConsensusAlgorithm,
+    data: DataLoader,
+    steps: int,
+    devices: int,
+    num_nodes: int,
+    callbacks: tuple[Callback, ...] | list[Callback] = (),
+    ckpt_path: str | None = None,
+) -> Trainer:
     trainer = Trainer(
         strategy=LocalSGDStrategy(timeout=TIMEOUT),
         max_steps=steps,
@@ -53,8 +61,9 @@ def least_squares_shard(rank: int, d: int = 4, m: int = 6) -> tuple[Tensor, Tens
     return torch.randn(m, d, generator=g, dtype=torch.float64), torch.randn(m, generator=g, dtype=torch.float64)
 
 
-def diloco_least_squares(out_dir: str, devices: int, num_nodes: int, steps: int, lr: float,
-                         algorithm: dict[str, Any]) -> dict[str, Any]:
+def diloco_least_squares(
+    out_dir: str, devices: int, num_nodes: int, steps: int, lr: float, algorithm: dict[str, Any]
+) -> dict[str, Any]:
     """Full-batch GD from w = 0 on this rank's least-squares shard under DiLoCo(**algorithm)."""
     x, y = least_squares_shard(this_rank(devices))
     model, rec = LeastSquares(x.shape[1], lr), Recorder()
@@ -66,8 +75,9 @@ def diloco_least_squares(out_dir: str, devices: int, num_nodes: int, steps: int,
     }
 
 
-def compare_algorithms(out_dir: str, devices: int, num_nodes: int, steps: int,
-                       runs: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+def compare_algorithms(
+    out_dir: str, devices: int, num_nodes: int, steps: int, runs: dict[str, tuple[str, dict[str, Any]]]
+) -> dict[str, Any]:
     """TinyNet (BatchNorm, SGD momentum) on this rank's mini-batches under each named algorithm."""
     out: dict[str, Any] = {}
     data = regression_data(16, seed=this_rank(devices))
@@ -93,8 +103,15 @@ class SaveAt(Callback):
             trainer.save_checkpoint(str(Path(self.folder) / f"step{trainer.global_step}.ckpt"))
 
 
-def resume(out_dir: str, devices: int, num_nodes: int, steps: int, save_at: tuple[int, ...], algorithm: str,
-           kwargs: dict[str, Any]) -> dict[str, Any]:
+def resume(
+    out_dir: str,
+    devices: int,
+    num_nodes: int,
+    steps: int,
+    save_at: tuple[int, ...],
+    algorithm: str,
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
     """Train ``steps`` steps saving checkpoints at ``save_at``; then resume from each checkpoint.
 
     Returns this rank's parameters after every step of each run, and the algorithm's per-rank
@@ -148,8 +165,9 @@ class LogisticRegression(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def modified_localgd_logistic(out_dir: str, devices: int, num_nodes: int, rounds: int, local_steps: int,
-                              prox: float, lr: float) -> dict[bool, Tensor]:
+def modified_localgd_logistic(
+    out_dir: str, devices: int, num_nodes: int, rounds: int, local_steps: int, prox: float, lr: float
+) -> dict[bool, Tensor]:
     """Full-batch GD on this rank's separable shard under ModifiedLocalGD, with and without correction."""
     x, y = separable_shards(world=devices * num_nodes)[this_rank(devices)]
     out = {}

@@ -54,14 +54,26 @@ def trainer_run(setup: str, steps: int, devices: int, num_nodes: int) -> list[Te
     algorithm, modifier = SETUPS[setup]()
     rec = Recorder()
     callbacks = [algorithm, rec] + ([modifier] if modifier is not None else [])
-    trainer = Trainer(strategy=LocalSGDStrategy(timeout=TIMEOUT), max_steps=steps, callbacks=callbacks,
-                      **trainer_kwargs(devices, num_nodes, limit_val_batches=0, use_distributed_sampler=False))  # fmt: skip
+    trainer = Trainer(
+        strategy=LocalSGDStrategy(timeout=TIMEOUT),
+        max_steps=steps,
+        callbacks=callbacks,
+        **trainer_kwargs(devices, num_nodes, limit_val_batches=0, use_distributed_sampler=False),
+    )
     trainer.fit(model, _data(devices, num_nodes))
     return rec.after
 
 
-def fabric_run(setup: str, steps: int, devices: int, num_nodes: int, *, save_at: int | None = None,
-               path: str | None = None, resume: bool = False) -> list[Tensor]:  # fmt: skip
+def fabric_run(
+    setup: str,
+    steps: int,
+    devices: int,
+    num_nodes: int,
+    *,
+    save_at: int | None = None,
+    path: str | None = None,
+    resume: bool = False,
+) -> list[Tensor]:
     """The same training written as a Fabric loop: ``fabric.backward(loss); optimizer.step()``.
 
     ``save_at``: save after that many steps and stop; ``resume``: load ``path`` first, then go on to ``steps``.
@@ -108,12 +120,17 @@ def fabric_run(setup: str, steps: int, devices: int, num_nodes: int, *, save_at:
 
 def trainer_vs_fabric(out_dir: str, devices: int, num_nodes: int, setups: list[str], steps: int) -> dict[str, Any]:
     return {
-        setup: {"trainer": trainer_run(setup, steps, devices, num_nodes), "fabric": fabric_run(setup, steps, devices, num_nodes)}
+        setup: {
+            "trainer": trainer_run(setup, steps, devices, num_nodes),
+            "fabric": fabric_run(setup, steps, devices, num_nodes),
+        }
         for setup in setups
     }
 
 
-def fabric_resume(out_dir: str, devices: int, num_nodes: int, setups: list[str], steps: int, save_at: int) -> dict[str, Any]:
+def fabric_resume(
+    out_dir: str, devices: int, num_nodes: int, setups: list[str], steps: int, save_at: int
+) -> dict[str, Any]:
     """Uninterrupted vs saved at ``save_at`` and resumed in fresh objects, per setup."""
     out = {}
     for setup in setups:

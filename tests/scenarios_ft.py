@@ -130,10 +130,19 @@ def train_group(
     ft = TorchFT(min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10)
     strategy = LocalSGDStrategy(fault_tolerance=ft)
     trainer = Trainer(
-        accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, max_steps=max_steps,
-        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     model = LeastSquaresGroup(group, lr, momentum)
     shard = group * devices + int(os.environ["LOCAL_RANK"])  # every process of every group has its own data
     trainer.fit(model, DataLoader(FullBatch(shard, 10 * max_steps), batch_size=None))

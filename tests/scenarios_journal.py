@@ -64,11 +64,16 @@ def deferred(out_dir: str, devices: int, num_nodes: int, steps: int, every: int)
         if with_journal:
             callbacks.insert(1, journal)
         trainer = Trainer(
-            strategy=LocalSGDStrategy(timeout=timedelta(seconds=60)), max_steps=steps, callbacks=callbacks,
+            strategy=LocalSGDStrategy(timeout=timedelta(seconds=60)),
+            max_steps=steps,
+            callbacks=callbacks,
             **trainer_kwargs(devices, num_nodes, limit_val_batches=0),
-        )  # fmt: skip
+        )
         trainer.fit(model, DataLoader(classification_data(64, seed=0), batch_size=4))
         key = "journal" if with_journal else "plain"
-        out[key] = {"states": snaps.states, "records": journal.records,
-                    "final": {k: v.clone() for k, v in model.state_dict().items()}}  # fmt: skip
+        out[key] = {
+            "states": snaps.states,
+            "records": journal.records,
+            "final": {k: v.clone() for k, v in model.state_dict().items()},
+        }
     return out

@@ -42,32 +42,57 @@ class StepLog(Callback):
         self.val_steps.append(trainer.global_step)
 
 
-def _fit(devices: int, num_nodes: int, algorithms: list[Callback], steps: int,
-         make: Callable[[], LightningModule] = TinyNet,
-         train: DataLoader | None = None, val: DataLoader | None = None, ckpt_path: str | None = None,
-         attrs: tuple[str, ...] = (), extra: list[Callback] | None = None, **overrides: Any) -> dict[str, Any]:
+def _fit(
+    devices: int,
+    num_nodes: int,
+    algorithms: list[Callback],
+    steps: int,
+    make: Callable[[], LightningModule] = TinyNet,
+    train: DataLoader | None = None,
+    val: DataLoader | None = None,
+    ckpt_path: str | None = None,
+    attrs: tuple[str, ...] = (),
+    extra: list[Callback] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Fit (TinyNet on regression data by default) and return what the tests compare."""
     seed_everything(0)
     model = make()
     rec, log = Recorder(), StepLog(algorithms[-1] if algorithms else None, attrs)
     callbacks = [*algorithms, rec, log, *(extra or [])]
-    trainer = Trainer(strategy=LocalSGDStrategy(timeout=TIMEOUT), max_steps=steps, callbacks=callbacks,
-                      **trainer_kwargs(devices, num_nodes, **overrides))
+    trainer = Trainer(
+        strategy=LocalSGDStrategy(timeout=TIMEOUT),
+        max_steps=steps,
+        callbacks=callbacks,
+        **trainer_kwargs(devices, num_nodes, **overrides),
+    )
     trainer.fit(model, train if train is not None else loader(regression_data(64)), val, ckpt_path=ckpt_path)
     counters = trainer.strategy.comm.counters
     return {
-        "before": [p for p, _ in rec.before_update], "grads": [g for _, g in rec.before_update],
-        "after": rec.after, "losses": log.losses, "attrs": log.attrs, "val_steps": log.val_steps,
-        "val_params": getattr(model, "val_params", []), "final": flat_params(model),
-        "calls": dict(counters.calls_by_kind), "bytes": dict(counters.bytes_by_kind),
+        "before": [p for p, _ in rec.before_update],
+        "grads": [g for _, g in rec.before_update],
+        "after": rec.after,
+        "losses": log.losses,
+        "attrs": log.attrs,
+        "val_steps": log.val_steps,
+        "val_params": getattr(model, "val_params", []),
+        "final": flat_params(model),
+        "calls": dict(counters.calls_by_kind),
+        "bytes": dict(counters.bytes_by_kind),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "training_step_calls": getattr(model, "training_step_calls", None),
     }
 
 
 # ---------------------------------------------------------------------------------------------- LeaderSGD
-def leader_runs(out_dir: str, devices: int, num_nodes: int, steps: int, configs: list[dict[str, Any]],
-                validate: list[bool] | None = None) -> list[dict[str, Any]]:
+def leader_runs(
+    out_dir: str,
+    devices: int,
+    num_nodes: int,
+    steps: int,
+    configs: list[dict[str, Any]],
+    validate: list[bool] | None = None,
+) -> list[dict[str, Any]]:
     """One fit of TinyNet (SGD lr 0.1) per LeaderSGD config; optional validation every 3 batches."""
     out = []
     for i, cfg in enumerate(configs):
@@ -113,16 +138,29 @@ def leader_resume(out_dir: str, devices: int, num_nodes: int, cfg: dict[str, Any
     algo = LeaderSGD(**cfg)
     algo.load_rank_state_dict = lambda state: None  # type: ignore[method-assign]
     dropped = _fit(devices, num_nodes, [algo], 16, ckpt_path=path, **kw)
-    return {"full": full, "resumed": resumed, "dropped": dropped, "saved_state": saver.saved_state,
-            "restored_state": probe.state}
+    return {
+        "full": full,
+        "resumed": resumed,
+        "dropped": dropped,
+        "saved_state": saver.saved_state,
+        "restored_state": probe.state,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- ElasticAveraging
 def elastic_run(out_dir: str, devices: int, num_nodes: int, steps: int, cfg: dict[str, Any]) -> dict[str, Any]:
     algo = ElasticAveraging(**cfg)
     val = loader(regression_data(8, seed=1))
-    out = _fit(devices, num_nodes, [algo], steps, make=partial(TinyNet, momentum=0.5), val=val,
-               val_check_interval=5, limit_val_batches=1)
+    out = _fit(
+        devices,
+        num_nodes,
+        [algo],
+        steps,
+        make=partial(TinyNet, momentum=0.5),
+        val=val,
+        val_check_interval=5,
+        limit_val_batches=1,
+    )
     out["center"] = torch.cat([c.reshape(-1) for c in algo.center])
     out["state_center"] = algo.state_dict()["anchor"]
     return out
@@ -157,14 +195,26 @@ def gradalign_runs(out_dir: str, devices: int, num_nodes: int, beta: float, lr: 
     out: dict[str, Any] = {}
     for name, sync_every, steps in (("k1", 1, 5), ("fedga", 3, 7)):
         ga = GradAlign(beta=beta)
-        out[name] = _fit(devices, num_nodes, [PeriodicAveraging(sync_every=sync_every), ga], steps,
-                         make=partial(Quadratic, lr), train=data, attrs=("alignment",), limit_val_batches=0)
+        out[name] = _fit(
+            devices,
+            num_nodes,
+            [PeriodicAveraging(sync_every=sync_every), ga],
+            steps,
+            make=partial(Quadratic, lr),
+            train=data,
+            attrs=("alignment",),
+            limit_val_batches=0,
+        )
     ga = GradAlign(beta=0.0)
     out["beta0"] = _fit(devices, num_nodes, [PeriodicAveraging(sync_every=1), ga], 6, limit_val_batches=0)
     seed_everything(0)
     rec, ddp = Recorder(), TinyNet()
-    trainer = Trainer(strategy=DDPStrategy(timeout=TIMEOUT), max_steps=6, callbacks=[rec],
-                      **trainer_kwargs(devices, num_nodes, limit_val_batches=0))
+    trainer = Trainer(
+        strategy=DDPStrategy(timeout=TIMEOUT),
+        max_steps=6,
+        callbacks=[rec],
+        **trainer_kwargs(devices, num_nodes, limit_val_batches=0),
+    )
     trainer.fit(ddp, loader(regression_data(64)))
     out["ddp"] = rec.after
     return out

@@ -18,20 +18,25 @@ def fit_recipe(out_dir: str, devices: int, num_nodes: int, runs: list[list[str]]
     """
     out = []
     for args in runs:
-        quiet = ["--trainer.logger=false", "--trainer.enable_progress_bar=false",
-                 f"--trainer.default_root_dir={out_dir}"]
+        quiet = [
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={out_dir}",
+        ]
         cli = main(args=[*args, *quiet], run=False, save_config_callback=None)
         trajectory = Trajectory()
         cli.trainer.callbacks.append(trajectory)
         start = time.perf_counter()
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         strategy = cli.trainer.strategy
-        out.append({
-            "steps": trajectory.steps,
-            "weights": torch.stack(trajectory.weights),
-            "final": torch.cat([p.detach().reshape(-1) for p in cli.model.parameters()]).clone(),
-            "num_syncs": strategy.algorithm.num_syncs,
-            "bytes": dict(strategy.comm.counters.bytes_by_kind),
-            "seconds": time.perf_counter() - start,
-        })  # fmt: skip
+        out.append(
+            {
+                "steps": trajectory.steps,
+                "weights": torch.stack(trajectory.weights),
+                "final": torch.cat([p.detach().reshape(-1) for p in cli.model.parameters()]).clone(),
+                "num_syncs": strategy.algorithm.num_syncs,
+                "bytes": dict(strategy.comm.counters.bytes_by_kind),
+                "seconds": time.perf_counter() - start,
+            }
+        )
     return out

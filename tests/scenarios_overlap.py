@@ -17,8 +17,15 @@ from tests.scenarios_leader import _fit
 ALGORITHMS = {"periodic": PeriodicAveraging, "diloco": DiLoCo}
 
 
-def overlap_run(out_dir: str, devices: int, num_nodes: int, steps: int, algorithm: str,
-                kwargs: dict[str, Any], comm_dtype: str | None = None) -> dict[str, Any]:  # fmt: skip
+def overlap_run(
+    out_dir: str,
+    devices: int,
+    num_nodes: int,
+    steps: int,
+    algorithm: str,
+    kwargs: dict[str, Any],
+    comm_dtype: str | None = None,
+) -> dict[str, Any]:
     """TinyNet (SGD lr 0.1, momentum 0.5) on this rank's shuffled shard under the given algorithm."""
     return _fit(devices, num_nodes, [ALGORITHMS[algorithm](**kwargs)], steps, make=partial(TinyNet, momentum=0.5))
 
@@ -49,5 +56,10 @@ def error_feedback(out_dir: str, devices: int, num_nodes: int, fmt: str, rounds:
         delivered += x * world  # the sum over ranks this round delivered
         truth += sum(delta(i, t) for i in range(world))
     sent = comm.counters.bytes_by_kind["sync"] - before.get("sync", 0.0)
-    return {"delivered": delivered, "residual": residual.clone(), "truth": truth, "bytes_per_round": sent / rounds,
-            "last_mean": x}  # fmt: skip
+    return {
+        "delivered": delivered,
+        "residual": residual.clone(),
+        "truth": truth,
+        "bytes_per_round": sent / rounds,
+        "last_mean": x,
+    }

@@ -28,8 +28,9 @@ LR, MOMENTUM = 0.5, 0.5
 ALGORITHMS: dict[str, dict[str, Any]] = {  # name → (class, kwargs); DiLoCo's outer SGD without Nesterov
     "periodic": dict(cls="periodic", sync_every=4),
     "diloco": dict(cls="diloco", sync_every=2, outer_lr=0.5, outer_momentum=0.5, nesterov=False),
-    "diloco_overlap": dict(cls="diloco", sync_every=2, outer_lr=0.5, outer_momentum=0.5, nesterov=False,
-                           overlap_steps=1),  # fmt: skip
+    "diloco_overlap": dict(
+        cls="diloco", sync_every=2, outer_lr=0.5, outer_momentum=0.5, nesterov=False, overlap_steps=1
+    ),
 }
 
 
@@ -86,8 +87,9 @@ class Probe(Callback):
             trainer.save_checkpoint(self.path)  # a collective: every rank calls it, rank 0 writes
 
 
-def fit(name: str, devices: int, num_nodes: int, steps: int, probe_kwargs: dict[str, Any],
-        ckpt_path: str | None = None) -> dict[str, Any]:  # fmt: skip
+def fit(
+    name: str, devices: int, num_nodes: int, steps: int, probe_kwargs: dict[str, Any], ckpt_path: str | None = None
+) -> dict[str, Any]:
     rank = int(os.environ["NODE_RANK"]) * devices + int(os.environ["LOCAL_RANK"])
     c = target(rank)
     algorithm = build(name)

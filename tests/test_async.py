@@ -185,8 +185,9 @@ def test_registered_and_refuses_consensus_algorithms():
     assert isinstance(trainer.strategy, AsyncLocalSGDStrategy)
     from tests.models import TinyNet, loader, regression_data, trainer_kwargs
 
-    trainer = Trainer(strategy=AsyncLocalSGDStrategy(), callbacks=[PeriodicAveraging(4)], max_steps=2,
-                      **trainer_kwargs(1, 1))  # fmt: skip
+    trainer = Trainer(
+        strategy=AsyncLocalSGDStrategy(), callbacks=[PeriodicAveraging(4)], max_steps=2, **trainer_kwargs(1, 1)
+    )
     with pytest.raises(ValueError, match="cannot drive PeriodicAveraging: remove them from callbacks"):
         trainer.fit(TinyNet(), loader(regression_data(8)))
 
@@ -358,10 +359,15 @@ def test_per_worker_max_steps_and_resume_on_two_ranks():
     (rank 0 the server's cut too); fit B resumes from it: its server continues exactly from the
     checkpoint's θ, m, Δ, t and every worker from its own replica, momentum and place in its round."""
     out = run_ranks(
-        "tests.scenarios_async:resume_run", world=2, save_at=10, sync_every=4, momentum=0.9,
-        first={"max_updates": None, "max_steps": 16, "slowdown": {0: 3.0}}, second={"max_updates": 22},
+        "tests.scenarios_async:resume_run",
+        world=2,
+        save_at=10,
+        sync_every=4,
+        momentum=0.9,
+        first={"max_updates": None, "max_steps": 16, "slowdown": {0: 3.0}},
+        second={"max_updates": 22},
         outer={"dn": {"lr": 0.5, "momentum": 0.9, "activation": 0.25}},
-    )  # fmt: skip
+    )
     (a0, b0), (a1, b1) = (out[0]["first"], out[0]["second"]), (out[1]["first"], out[1]["second"])
     assert a0["worker_steps"] == a1["worker_steps"] == 16 and a0["updates"] == 8
     assert a1["calls"]["control"] >= 2  # DONE answered WAIT, then at least one POLL
@@ -369,8 +375,10 @@ def test_per_worker_max_steps_and_resume_on_two_ranks():
     saved = a0["ckpt_content"]["async_localsgd"]
     opt = saved["optimizer"]
     assert b0["records"][0].update == saved["updates"] + 1
-    assert b0["server_pushes"] == [saved["pushes"][0] + len([r for r in b0["records"] if r.worker == 0]),
-                                   saved["pushes"][1] + len([r for r in b0["records"] if r.worker == 1])]  # fmt: skip
+    assert b0["server_pushes"] == [
+        saved["pushes"][0] + len([r for r in b0["records"] if r.worker == 0]),
+        saved["pushes"][1] + len([r for r in b0["records"] if r.worker == 1]),
+    ]
     for rank, (a, b) in enumerate(((a0, b0), (a1, b1))):  # each worker resumes from its own part
         part = a["part"]
         replica = torch.cat([v.reshape(-1) for k, v in part["model"].items() if k.startswith("net")])
@@ -398,16 +406,18 @@ def test_point_to_point_counts_bytes_and_times_out():
 
 
 def test_a_dead_worker_ends_the_run_with_a_clear_error_within_the_timeout():
-    r0, r1 = run_ranks("tests.scenarios_async:async_run", world=2, max_updates=None, max_steps=100_000, timeout_s=10,
-                       die_at=(1, 6))  # fmt: skip
+    r0, r1 = run_ranks(
+        "tests.scenarios_async:async_run", world=2, max_updates=None, max_steps=100_000, timeout_s=10, die_at=(1, 6)
+    )
     assert "died_at" in r1
     assert r0["error"] is not None and "worker rank 1 has sent nothing" in r0["error"], r0["error"]
     assert r0["failed_at"] - r1["died_at"] < 10 + 15  # the timeout, plus slack for a loaded machine
 
 
 def test_a_dead_server_ends_the_workers_with_a_clear_error():
-    r0, r1 = run_ranks("tests.scenarios_async:async_run", world=2, max_updates=None, max_steps=100_000, timeout_s=10,
-                       die_at=(0, 6))  # fmt: skip
+    r0, r1 = run_ranks(
+        "tests.scenarios_async:async_run", world=2, max_updates=None, max_steps=100_000, timeout_s=10, die_at=(0, 6)
+    )
     assert "died_at" in r0
     assert r1["error"] is not None and "lost the parameter server on rank 0" in r1["error"], r1["error"]
     assert r1["failed_at"] - r0["died_at"] < 10 + 15

@@ -55,23 +55,34 @@ def _lightning_dump(module: TwoWeights, step: int, momentum: list[float], positi
     """The parts of Lightning's dump_checkpoint that differ per worker, with literal values."""
     opt = torch.optim.SGD([module.w], lr=0.05, momentum=0.9)
     opt.state[module.w]["momentum_buffer"] = torch.tensor(momentum, dtype=f64)
-    loops = {"fit_loop": {"state_dict": {"combined_loader": [position]},
-                          "epoch_loop.batch_progress": {"total": {"completed": step}}}}  # fmt: skip
+    loops = {
+        "fit_loop": {
+            "state_dict": {"combined_loader": [position]},
+            "epoch_loop.batch_progress": {"total": {"completed": step}},
+        }
+    }
     return {
-        "epoch": step // 5, "global_step": step, "state_dict": module.state_dict(), "loops": loops,
-        "optimizer_states": [opt.state_dict()], "lr_schedulers": [{"last_epoch": step}],
+        "epoch": step // 5,
+        "global_step": step,
+        "state_dict": module.state_dict(),
+        "loops": loops,
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [{"last_epoch": step}],
         "callbacks": {"ModelCheckpoint": {"last_model_path": f"written at step {step}"}},
-    }  # fmt: skip
+    }
 
 
 def _write_two_workers(path: Path) -> ParameterServer:
     """Rank 0 at its step 18 (2 steps into its round, 4 pushes) writes the file and its part; rank 1 at
     its step 12 (just pushed its 3rd round) writes its part. The server's cut holds pushes [4, 3]."""
-    server = ParameterServer(torch.tensor([1.0, -1.0], dtype=f64), 2, DelayedNesterov(), 2, sync_every=4,
-                             dynamic_local_steps=False)  # fmt: skip
+    server = ParameterServer(
+        torch.tensor([1.0, -1.0], dtype=f64), 2, DelayedNesterov(), 2, sync_every=4, dynamic_local_steps=False
+    )
     server.updates, server.pushes, server.steps = 7, [4, 3], [16, 12]
-    places = [([0.5, -1.25], [0.75, -1.0], 18, 2, 4, [0.125, -0.5], "rank 0 at sample 12"),
-              ([2.0, 3.0], [1.5, 2.5], 12, 0, 3, [-0.25, 0.5], "rank 1 at sample 8")]  # fmt: skip
+    places = [
+        ([0.5, -1.25], [0.75, -1.0], 18, 2, 4, [0.125, -0.5], "rank 0 at sample 12"),
+        ([2.0, 3.0], [1.5, 2.5], 12, 0, 3, [-0.25, 0.5], "rank 1 at sample 8"),
+    ]
     for rank, (replica, anchor, step, since, pushes, momentum, position) in enumerate(places):
         module = TwoWeights(replica)
         strategy = _strategy(rank, module)
@@ -87,8 +98,10 @@ def test_each_worker_resumes_its_own_step_loops_optimizer_and_replica(tmp_path: 
     path = tmp_path / "last.ckpt"
     _write_two_workers(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.rank0", "last.ckpt.rank1"]
-    expected = {0: (18, "rank 0 at sample 12", [0.125, -0.5], [0.5, -1.25], [0.75, -1.0], 2),
-                1: (12, "rank 1 at sample 8", [-0.25, 0.5], [2.0, 3.0], [1.5, 2.5], 0)}  # fmt: skip
+    expected = {
+        0: (18, "rank 0 at sample 12", [0.125, -0.5], [0.5, -1.25], [0.75, -1.0], 2),
+        1: (12, "rank 1 at sample 8", [-0.25, 0.5], [2.0, 3.0], [1.5, 2.5], 0),
+    }
     for rank, (step, position, momentum, replica, anchor, since) in expected.items():
         module = TwoWeights([0.0, 0.0])
         strategy = _strategy(rank, module)
@@ -142,16 +155,33 @@ def test_a_push_the_cut_holds_is_trained_again_but_not_pushed_and_a_missing_one_
     server.updates, server.pushes, server.steps = 3, [1, 2], [4, 8]
     cut = server.state_dict()
     # rank 1 wrote its part after its 1st push (step 4), then pushed again at step 8 before rank 0's cut
-    part = {"anchor": torch.tensor([0.0, 0.0], dtype=f64), "steps_since_pull": 0, "round_time": 0.0,
-            "local_steps": 4, "speed": 1.0, "pushes": 1, "steps": 4, "staleness": 0}  # fmt: skip
+    part = {
+        "anchor": torch.tensor([0.0, 0.0], dtype=f64),
+        "steps_since_pull": 0,
+        "round_time": 0.0,
+        "local_steps": 4,
+        "speed": 1.0,
+        "pushes": 1,
+        "steps": 4,
+        "staleness": 0,
+    }
     with pytest.warns(
         UserWarning, match=r"rank 1: .* holds 1 push\(es\) .* local steps 5..8\): it trains steps 5..8 again"
     ):
         resumed, replay = reconcile(part, cut, 1)
     assert replay == (8, 2) and resumed == part
     w = nn.Parameter(torch.tensor([2.0, 2.0], dtype=f64))
-    worker = AsyncWorker(LocalClient(server, 1), lambda: [w], 2, torch.zeros(2, dtype=f64), sync_every=4,
-                         restored=cut, rank=1, resumed=resumed, replay=replay)  # fmt: skip
+    worker = AsyncWorker(
+        LocalClient(server, 1),
+        lambda: [w],
+        2,
+        torch.zeros(2, dtype=f64),
+        sync_every=4,
+        restored=cut,
+        rank=1,
+        resumed=resumed,
+        replay=replay,
+    )
     replies = []
     for _ in range(4):  # steps 5..8: in θ already, trained again, not pushed; then θ is pulled
         with torch.no_grad():
@@ -185,8 +215,17 @@ def _wait(rank: int, step: int, attempt: int, until: dict[str, Any], hold: bool 
 def _killed_async_run(tmp_path: Path, kill_step: int, waits: list[dict[str, Any]]) -> dict[str, Any]:
     from benchmarks.restarts import LIGHTNING, run_job
 
-    cfg = {**LIGHTNING, "algorithm": "async", "fixed": True, "kill_attempts": [0], "victim": 1,
-           "kill_step": kill_step, "log_steps": True, "log_pushes": True, "waits": waits}  # fmt: skip
+    cfg = {
+        **LIGHTNING,
+        "algorithm": "async",
+        "fixed": True,
+        "kill_attempts": [0],
+        "victim": 1,
+        "kill_step": kill_step,
+        "log_steps": True,
+        "log_pushes": True,
+        "waits": waits,
+    }
     assert (cfg["steps"], cfg["sync_every"], cfg["save_every"], cfg["samples"] // cfg["batch_size"]) == (24, 4, 6, 5)
     job = run_job(cfg, tmp_path, JOB_TIMEOUT)
     assert job["rc"] == 0, job["log_tail"]
@@ -263,8 +302,11 @@ def _check_resumed_run(job: dict[str, Any], kill_step: int, resumed_at: dict[int
     assert [(e["rank"], e["attempt"], e["step"]) for e in events if e["event"] == "kill"] == [(1, 0, kill_step)]
     up = {e["rank"]: e["step"] for e in events if e["event"] == "group_up" and e["attempt"] == 1}
     assert up == resumed_at  # each worker resumed at its own step (rank 0's file was written at its step 18)
-    trained = {(r, a): [e["step"] for e in events if e["event"] == "step" and (e["rank"], e["attempt"]) == (r, a)]
-               for r in (0, 1) for a in (0, 1)}  # fmt: skip
+    trained = {
+        (r, a): [e["step"] for e in events if e["event"] == "step" and (e["rank"], e["attempt"]) == (r, a)]
+        for r in (0, 1)
+        for a in (0, 1)
+    }
     # rank 0 was held after step 19 (before that step's event) until the agent stopped it
     assert trained[0, 0] == list(range(1, 19)) and trained[1, 0] == list(range(1, kill_step + 1))
     for rank in (0, 1):  # no step skipped: attempt 1 continues right after the worker's own part
@@ -272,8 +314,10 @@ def _check_resumed_run(job: dict[str, Any], kill_step: int, resumed_at: dict[int
         own = _batches(rank, 24)[resumed_at[rank] :]
         assert results[rank]["batch_sums"] == [float(x.sum()) for x, _ in own], rank  # its own data position
     cut = next(e["updates"] for e in events if e["event"] == "server_start" and e["attempt"] == 1)
-    before = sorted((e for e in events if e["event"] == "push" and e["attempt"] == 0 and e["update"] <= cut),
-                    key=lambda e: e["update"])  # fmt: skip
+    before = sorted(
+        (e for e in events if e["event"] == "push" and e["attempt"] == 0 and e["update"] <= cut),
+        key=lambda e: e["update"],
+    )
     after = sorted((e for e in events if e["event"] == "push" and e["attempt"] == 1), key=lambda e: e["update"])
     history = before + after
     assert [e["update"] for e in history] == list(range(1, len(history) + 1))  # every update once, in order
@@ -336,8 +380,11 @@ def test_the_server_rank_serves_after_a_restart_even_when_its_own_training_was_d
     assert [(e["rank"], e["attempt"], e["step"]) for e in events if e["event"] == "kill"] == [(1, 0, 13)]
     up = {e["rank"]: e["step"] for e in events if e["event"] == "group_up" and e["attempt"] == 1}
     assert up == {1: 12}  # rank 0's training loop was skipped: no on_train_start
-    trained = {(r, a): [e["step"] for e in events if e["event"] == "step" and (e["rank"], e["attempt"]) == (r, a)]
-               for r in (0, 1) for a in (0, 1)}  # fmt: skip
+    trained = {
+        (r, a): [e["step"] for e in events if e["event"] == "step" and (e["rank"], e["attempt"]) == (r, a)]
+        for r in (0, 1)
+        for a in (0, 1)
+    }
     assert (trained[0, 0], trained[1, 0]) == (list(range(1, 25)), list(range(1, 14)))
     assert (trained[0, 1], trained[1, 1]) == ([], list(range(13, 25)))
     assert results[1]["batch_sums"] == [float(x.sum()) for x, _ in _batches(1, 24)[12:]]  # its own data position

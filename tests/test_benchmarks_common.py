@@ -18,8 +18,10 @@ from benchmarks.common import (
 
 def records(values, clock=None, **columns):
     clock = clock or [float(i + 1) for i in range(len(values))]
-    return [{"value": v, "train_seconds": t, **{k: c[i] for k, c in columns.items()}}
-            for i, (v, t) in enumerate(zip(values, clock))]  # fmt: skip
+    return [
+        {"value": v, "train_seconds": t, **{k: c[i] for k, c in columns.items()}}
+        for i, (v, t) in enumerate(zip(values, clock))
+    ]
 
 
 def test_time_to_is_the_first_record_at_or_above_the_target():
@@ -84,21 +86,44 @@ def test_ddp_closed_form_is_a_ring_allreduce_of_the_fp32_gradient():
 
 def test_interleaved_schedule_rotates_the_order_and_the_seed():
     got = [(s["variant"], s["repeat"], s["seed"]) for s in interleaved_schedule(["a", "b", "c"], 3, 10)]
-    assert got == [("a", 0, 10), ("b", 0, 10), ("c", 0, 10),
-                   ("b", 1, 11), ("c", 1, 11), ("a", 1, 11),
-                   ("c", 2, 12), ("a", 2, 12), ("b", 2, 12)]  # fmt: skip
+    assert got == [
+        ("a", 0, 10),
+        ("b", 0, 10),
+        ("c", 0, 10),
+        ("b", 1, 11),
+        ("c", 1, 11),
+        ("a", 1, 11),
+        ("c", 2, 12),
+        ("a", 2, 12),
+        ("b", 2, 12),
+    ]
 
 
 def test_load_text_spans_the_recorded_one_minute_loads(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    summary = {"variants": {"ddp": {"loadavg_before_each": [[3.04, 1, 1], None]},
-                            "lsgd": {"loadavg_before_each": [[9.96, 5, 5], [4.5, 2, 2]]}}}  # fmt: skip
+    summary = {
+        "variants": {
+            "ddp": {"loadavg_before_each": [[3.04, 1, 1], None]},
+            "lsgd": {"loadavg_before_each": [[9.96, 5, 5], [4.5, 2, 2]]},
+        }
+    }
     assert load_text(summary) == ", load avg 3.0-10.0 on 2 cores"
     assert load_text({"variants": {"ddp": {"loadavg_before_each": [None]}}}) == ""
 
 
-@pytest.mark.parametrize("module", ["seed002", "seed003", "step_time", "async_repro", "async_report",
-                                    "seed000_finetune", "overlap_quality", "diloco_short_rounds"])  # fmt: skip
+@pytest.mark.parametrize(
+    "module",
+    [
+        "seed002",
+        "seed003",
+        "step_time",
+        "async_repro",
+        "async_report",
+        "seed000_finetune",
+        "overlap_quality",
+        "diloco_short_rounds",
+    ],
+)
 def test_no_benchmark_keeps_a_private_copy_of_the_shared_helpers(module):
     import importlib
 

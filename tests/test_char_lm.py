@@ -18,10 +18,19 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "char_lm"
 
 def _cli(overlay: str, tmp_path: Path):
     return main(
-        args=["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / overlay),
-              "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)],
-        run=False, save_config_callback=None,
-    )  # fmt: skip
+        args=[
+            "--config",
+            str(CONFIGS / "base.yaml"),
+            "--config",
+            str(CONFIGS / overlay),
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        run=False,
+        save_config_callback=None,
+    )
 
 
 def test_diloco_config_builds_localsgd_with_diloco(tmp_path, monkeypatch):
@@ -36,9 +45,12 @@ def test_diloco_config_builds_localsgd_with_diloco(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "overlay, outer_type, dylu",
-    [("async_nesterov.yaml", OuterSGD, False), ("async_dn.yaml", DelayedNesterov, False),
-     ("async_dn_dylu.yaml", DelayedNesterov, True)],
-)  # fmt: skip
+    [
+        ("async_nesterov.yaml", OuterSGD, False),
+        ("async_dn.yaml", DelayedNesterov, False),
+        ("async_dn_dylu.yaml", DelayedNesterov, True),
+    ],
+)
 def test_async_configs_build_the_strategy_and_outer_optimizer(tmp_path, monkeypatch, overlay, outer_type, dylu):
     monkeypatch.setattr("sys.argv", ["char_lm"])
     cli = _cli(overlay, tmp_path)

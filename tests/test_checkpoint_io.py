@@ -37,8 +37,13 @@ io.save_checkpoint(ckpt, sys.argv[2])
 def write_and_kill(io_name: str, target: Path, tmpdir: Path, kill_when: str) -> None:
     """Start the writer, let it save, SIGKILL it when ``kill_when`` is seen, wait for it."""
     env = dict(os.environ, TMPDIR=str(tmpdir), PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, io_name, str(target), str(N)], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, io_name, str(target), str(N)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         before = target.stat()
@@ -116,8 +121,16 @@ def test_atomic_io_through_a_trainer(tmp_path: Path) -> None:
     x = torch.arange(8, dtype=torch.float64).reshape(4, 2) / 8
     y = x @ torch.tensor([1.0, -2.0], dtype=torch.float64)
     model = LeastSquares(d=2, lr=0.5)
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, plugins=[AtomicCheckpointIO()])  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        plugins=[AtomicCheckpointIO()],
+    )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     w = torch.zeros(2, dtype=torch.float64)  # three full-batch gradient steps by hand

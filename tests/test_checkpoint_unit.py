@@ -47,8 +47,18 @@ def test_resume_on_a_different_world_size_starts_every_rank_from_the_consensus(t
     # the inner optimizer state is the ranks' average, (m + 3m) / 2, not rank 0's: check it through the
     # first update, x' = x − lr·(0.9·buf + g) with buf the averaged momentum
     params, grads = rec.before_update[0]
-    buf = torch.cat([(2 * momentum).reshape(-1), torch.cat([
-        s["momentum_buffer"].reshape(-1) for i, s in sorted(mine["optimizer_states"][0]["state"].items()) if i > 0])])
+    buf = torch.cat(
+        [
+            (2 * momentum).reshape(-1),
+            torch.cat(
+                [
+                    s["momentum_buffer"].reshape(-1)
+                    for i, s in sorted(mine["optimizer_states"][0]["state"].items())
+                    if i > 0
+                ]
+            ),
+        ]
+    )
     torch.testing.assert_close(rec.after[0], params - 0.1 * (0.9 * buf + grads), rtol=0, atol=1e-15)
 
 

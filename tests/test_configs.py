@@ -124,13 +124,19 @@ def test_command_line_overrides_the_overlay(tmp_path):
     d = IMAGE
     cli = recipe_cli(
         [
-            "--config", str(d / "base.yaml"), "--config", str(d / "localsgd.yaml"),
-            "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
-            "--data.partition=dirichlet", "--data.alpha=0.1", "--model.model_name=test_resnet",
+            "--config",
+            str(d / "base.yaml"),
+            "--config",
+            str(d / "localsgd.yaml"),
+            "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--data.partition=dirichlet",
+            "--data.alpha=0.1",
+            "--model.model_name=test_resnet",
             "--model.freeze_backbone=true",
         ],
         run=False,
-    )  # fmt: skip
+    )
     assert cli.datamodule.partition == "dirichlet" and cli.datamodule.alpha == 0.1
     trainable = [n for n, p in cli.model.net.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith("fc.") or n.startswith("head") for n in trainable), trainable

@@ -210,8 +210,9 @@ def diloco_reference(steps: int, sync_every: int, lr: float, outer_lr: float = 0
 
 
 def test_nesterov_outer_steps_match_a_plain_torch_reference_on_two_ranks():
-    ranks = run_ranks("tests.scenarios_diloco:diloco_least_squares", world=2, steps=10, lr=0.1,
-                      algorithm={"sync_every": 3})
+    ranks = run_ranks(
+        "tests.scenarios_diloco:diloco_least_squares", world=2, steps=10, lr=0.1, algorithm={"sync_every": 3}
+    )
     records, final = diloco_reference(steps=10, sync_every=3, lr=0.1)
     for r, out in enumerate(ranks):
         assert (out["after"] - records[r]).abs().max() <= 1e-12
@@ -222,8 +223,9 @@ def test_nesterov_outer_steps_match_a_plain_torch_reference_on_two_ranks():
 
 def test_resume_mid_period_and_at_a_sync_is_exact():
     # inner SGD momentum 0.9 and the default Nesterov outer step; syncs at 3, 6, 9, end of fit at 10
-    r0, r1 = run_ranks("tests.scenarios_diloco:resume", world=2, steps=10, save_at=(4, 6), algorithm="diloco",
-                       kwargs={"sync_every": 3})
+    r0, r1 = run_ranks(
+        "tests.scenarios_diloco:resume", world=2, steps=10, save_at=(4, 6), algorithm="diloco", kwargs={"sync_every": 3}
+    )
     for r in (r0, r1):
         assert r[0].shape == (10, 57)
         for start in (4, 6):

@@ -40,9 +40,7 @@ def test_bad_comm_dtype():
 
 
 def fit_one_process(strategy, callbacks=(), model=None, **overrides):
-    trainer = Trainer(
-        strategy=strategy, max_steps=2, callbacks=list(callbacks), **trainer_kwargs(1, 1, **overrides)
-    )
+    trainer = Trainer(strategy=strategy, max_steps=2, callbacks=list(callbacks), **trainer_kwargs(1, 1, **overrides))
     trainer.fit(model or TinyNet().double(), loader(regression_data(8)))
     return trainer
 

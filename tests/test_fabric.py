@@ -20,7 +20,9 @@ def test_trainer_and_fabric_give_bit_identical_replicas_for_every_synchronous_al
             trainer, fabric = run[setup]["trainer"], run[setup]["fabric"]
             assert len(trainer) == len(fabric) == STEPS, setup
             for step, (a, b) in enumerate(zip(trainer, fabric), start=1):
-                assert torch.equal(a, b), f"{setup}: rank {rank} differs after step {step} by {float((a - b).abs().max())}"
+                assert torch.equal(a, b), (
+                    f"{setup}: rank {rank} differs after step {step} by {float((a - b).abs().max())}"
+                )
         # equality is not trivial: the model moved, and (but for GradAlign K = 1, whose replicas stay equal)
         # the ranks' replicas differ between syncs
         assert not torch.equal(runs[0][setup]["fabric"][0], runs[0][setup]["fabric"][-1]), setup
@@ -30,7 +32,9 @@ def test_trainer_and_fabric_give_bit_identical_replicas_for_every_synchronous_al
 
 def test_fabric_save_and_load_resume_exactly_mid_period_and_with_a_sync_in_flight():
     setups = ["periodic", "diloco_streaming", "modified_localgd", "lsgd"]
-    runs = run_ranks("tests.scenarios_fabric:fabric_resume", world=2, timeout=300, setups=setups, steps=STEPS, save_at=5)
+    runs = run_ranks(
+        "tests.scenarios_fabric:fabric_resume", world=2, timeout=300, setups=setups, steps=STEPS, save_at=5
+    )
     for setup in setups:
         for rank, run in enumerate(runs):
             whole, resumed = run[setup]["whole"], run[setup]["resumed"]

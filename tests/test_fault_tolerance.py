@@ -47,8 +47,11 @@ TORCHFT_MISSING = importlib.util.find_spec("torchft") is None
 def torchft_installed(request: pytest.FixtureRequest) -> None:
     """Without torchft these tests fail (never skip): ``make test`` installs it with the ``ft`` extra."""
     if TORCHFT_MISSING and request.node.name != "test_without_torchft_the_error_names_the_extra":
-        pytest.fail("torchft is not installed, the fault-tolerance tests need it: `make install` "
-                    "(installs .[recipes,dev,ft]) or pip install -e '.[ft]'", pytrace=False)  # fmt: skip
+        pytest.fail(
+            "torchft is not installed, the fault-tolerance tests need it: `make install` "
+            "(installs .[recipes,dev,ft]) or pip install -e '.[ft]'",
+            pytrace=False,
+        )
 
 
 def ft(**kwargs: Any) -> TorchFT:
@@ -107,8 +110,12 @@ def fit_alone(config: TorchFT) -> None:
 
     from tests.models import TinyNet, loader, regression_data, trainer_kwargs
 
-    trainer = Trainer(strategy=LocalSGDStrategy(fault_tolerance=config), max_steps=2, callbacks=[PeriodicAveraging(2)],
-                      **trainer_kwargs(1, 1))  # fmt: skip
+    trainer = Trainer(
+        strategy=LocalSGDStrategy(fault_tolerance=config),
+        max_steps=2,
+        callbacks=[PeriodicAveraging(2)],
+        **trainer_kwargs(1, 1),
+    )
     trainer.fit(TinyNet().double(), loader(regression_data(8)))
 
 
@@ -137,8 +144,9 @@ class ScriptedSession(ReplicaGroupSession):
     process receives at the first quorum.
     """
 
-    def __init__(self, attempts: list[tuple], heal: dict[str, Any] | None = None, trainer: Any = None,
-                 algorithm: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self, attempts: list[tuple], heal: dict[str, Any] | None = None, trainer: Any = None, algorithm: Any = None
+    ) -> None:
         self.attempts, self.heal, self.trainer, self.algorithm = list(attempts), heal, trainer, algorithm
         self.replica_id, self.max_attempts, self.job = "me", 3, Group(None, [0], 0)
         self.contributes, self.round_step, self.round_kind = True, 0, "join"
@@ -203,10 +211,12 @@ def test_a_healed_group_sends_zeros_and_receives_the_mean_of_the_others():
 
 
 def test_a_failed_attempt_leaves_the_replica_untouched_and_the_round_is_repeated():
-    session = ScriptedSession([
-        ([(1, True, 10), (1, True, 10)], None, False),  # a peer died while the values travelled
-        ([(1, True, 10)], [3.0, 4.0], True),  # the next quorum has two groups
-    ])  # fmt: skip
+    session = ScriptedSession(
+        [
+            ([(1, True, 10), (1, True, 10)], None, False),  # a peer died while the values travelled
+            ([(1, True, 10)], [3.0, 4.0], True),  # the next quorum has two groups
+        ]
+    )
     x = quorum_mean(session, [1.0, 2.0])
     assert x.tolist() == [2.0, 3.0] and session.rounds == [(0, False), (2, True)]
     assert session.wire[1].tolist() == session.wire[3].tolist() == [1.0, 2.0]  # attempt 2 resent the untouched replica
@@ -262,15 +272,28 @@ def test_diloco_heals_in_place_then_takes_the_peers_outer_step():
         [torch.zeros(2, dtype=F64, requires_grad=True), torch.zeros(1, dtype=F64, requires_grad=True)]
     )
     outer_state = peer_outer.state_dict()
-    outer_state["state"] = {0: {"momentum_buffer": torch.tensor([0.1, 0.0], dtype=F64)},
-                            1: {"momentum_buffer": torch.tensor([-0.1], dtype=F64)}}  # fmt: skip
-    peer = {"source": "1", "step": 8, "kind": "sync", "module": {"w": torch.tensor([5.0, 5.0], dtype=F64),
-            "b": torch.tensor([5.0], dtype=F64)}, "optimizers": [], "schedulers": [],
-            "algorithm": {"last_sync_step": 6, "num_syncs": 3, "anchor": torch.tensor([1.2, 1.8, 0.5], dtype=F64),
-                          "outer_optimizer": [outer_state]}}  # fmt: skip
+    outer_state["state"] = {
+        0: {"momentum_buffer": torch.tensor([0.1, 0.0], dtype=F64)},
+        1: {"momentum_buffer": torch.tensor([-0.1], dtype=F64)},
+    }
+    peer = {
+        "source": "1",
+        "step": 8,
+        "kind": "sync",
+        "module": {"w": torch.tensor([5.0, 5.0], dtype=F64), "b": torch.tensor([5.0], dtype=F64)},
+        "optimizers": [],
+        "schedulers": [],
+        "algorithm": {
+            "last_sync_step": 6,
+            "num_syncs": 3,
+            "anchor": torch.tensor([1.2, 1.8, 0.5], dtype=F64),
+            "outer_optimizer": [outer_state],
+        },
+    }
     # the two groups that are up to date average [0.9, 2.0, 0.3] (their sum on the wire)
-    session = ScriptedSession([([(1, True, 8), (1, True, 8)], [1.8, 4.0, 0.6], True)], heal=peer, trainer=trainer,
-                              algorithm=alg)  # fmt: skip
+    session = ScriptedSession(
+        [([(1, True, 8), (1, True, 8)], [1.8, 4.0, 0.6], True)], heal=peer, trainer=trainer, algorithm=alg
+    )
     bind_fake(alg, module, QuorumCollectives(), world=QuorumGroup(_QuorumHandle(), [0], 0, session=session))
     anchor_storage = alg.anchor.data_ptr()
     alg.after_step(2)  # this group's own step 2 is due; it heals into the peers' sync of step 8
@@ -282,8 +305,12 @@ def test_diloco_heals_in_place_then_takes_the_peers_outer_step():
     assert alg.anchor.data_ptr() == anchor_storage and alg.num_syncs == 4  # 3 from the peer, + this sync
     assert alg.outer.param_groups[0]["params"][0].data_ptr() == anchor_storage  # θ views survived the healing
     momentum = [alg.outer.state[p]["momentum_buffer"].tolist() for p in alg.outer.param_groups[0]["params"]]
-    torch.testing.assert_close(torch.tensor(momentum[0] + momentum[1], dtype=F64),
-                               torch.tensor([0.39, -0.2, 0.11], dtype=F64), rtol=0, atol=1e-12)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(momentum[0] + momentum[1], dtype=F64),
+        torch.tensor([0.39, -0.2, 0.11], dtype=F64),
+        rtol=0,
+        atol=1e-12,
+    )
     assert session.wire[0].tolist() == [0.0, 0.0, 0.0, 0.0] and session.wire[1].tolist() == [0.0, 0.0, 0.0]
     assert session._adopted == (8, "sync")  # the strategy then sets global_step and last_sync_step to 8
 
@@ -351,15 +378,32 @@ def run_groups(tmp: Path, cfg: dict[str, Any]) -> tuple[dict[tuple[int, int, int
     def cmd_for(group: int, incarnation: int) -> list[str]:
         out = tmp / f"g{group}.{incarnation}"
         out.mkdir()
-        return [sys.executable, "-m", "tests.worker", "tests.scenarios_ft:train_group", str(args), str(out),
-                str(cfg["devices"]), "1"]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "tests.worker",
+            "tests.scenarios_ft:train_group",
+            str(args),
+            str(out),
+            str(cfg["devices"]),
+            "1",
+        ]
 
     from recipes.ft_launch import run_replica_groups
 
     start = time.monotonic()
-    runs = run_replica_groups(cmd_for, cfg["groups"], per_group=cfg["devices"], log_dir=tmp, timeout=LAUNCH_TIMEOUT,
-                              restarts={cfg["groups"] - 1: 1}, min_replicas=cfg["min_replicas"],
-                              heartbeat_timeout_ms=1000, cwd=tmp, pythonpath=ROOT)  # fmt: skip
+    runs = run_replica_groups(
+        cmd_for,
+        cfg["groups"],
+        per_group=cfg["devices"],
+        log_dir=tmp,
+        timeout=LAUNCH_TIMEOUT,
+        restarts={cfg["groups"] - 1: 1},
+        min_replicas=cfg["min_replicas"],
+        heartbeat_timeout_ms=1000,
+        cwd=tmp,
+        pythonpath=ROOT,
+    )
     results = {}
     for incs in runs:
         for inc in incs:
@@ -372,17 +416,24 @@ def run_groups(tmp: Path, cfg: dict[str, Any]) -> tuple[dict[tuple[int, int, int
 
 def report(name: str, results: dict, runs: list, seconds: float) -> None:
     """What the issue asks to see: steps each group trained, quorum sizes over time, the waits."""
-    lines: dict[str, Any] = {"test": name, "seconds": round(seconds, 1),
-                             "exit_codes": [[i.returncode for i in incs] for incs in runs]}  # fmt: skip
+    lines: dict[str, Any] = {
+        "test": name,
+        "seconds": round(seconds, 1),
+        "exit_codes": [[i.returncode for i in incs] for incs in runs],
+    }
     for (g, i, rank), r in sorted(results.items()):
-        rounds = [f"{h['step']}:{h['participants']}/{h['contributors']}{'h' if h['healed'] else ''}"
-                  f"{'' if h['committed'] else 'x'}" for h in r["history"]]  # fmt: skip
+        rounds = [
+            f"{h['step']}:{h['participants']}/{h['contributors']}{'h' if h['healed'] else ''}"
+            f"{'' if h['committed'] else 'x'}"
+            for h in r["history"]
+        ]
         lines[f"group{g}.start{i}.rank{rank}"] = {
-            "steps_trained": r["steps"], "global_step": r["global_step"],
+            "steps_trained": r["steps"],
+            "global_step": r["global_step"],
             "rounds step:groups/contributors (h healed, x failed)": " ".join(rounds),
             "longest_quorum_wait_s": round(max(h["quorum_seconds"] for h in r["history"]), 2),
             "harness_pause_s": round(r["harness_pause"], 1),
-        }  # fmt: skip
+        }
     print(json.dumps(lines, indent=1))
 
 
@@ -391,13 +442,29 @@ def report(name: str, results: dict, runs: list, seconds: float) -> None:
 @pytest.mark.parametrize(
     ("algorithm", "groups", "devices", "die_at", "die_in_sync"),
     [("periodic", 3, 1, 12, False), ("diloco", 3, 1, 15, True), ("periodic", 2, 2, 12, False)],
-    ids=["periodic-3x1-killed-after-step-12", "diloco-3x1-killed-inside-the-sync-of-step-15",
-         "periodic-2x2-killed-after-step-12"],
-)  # fmt: skip
+    ids=[
+        "periodic-3x1-killed-after-step-12",
+        "diloco-3x1-killed-inside-the-sync-of-step-15",
+        "periodic-2x2-killed-after-step-12",
+    ],
+)
 def test_survivors_keep_training_and_the_restarted_group_rejoins_equal(algorithm, groups, devices, die_at, die_in_sync):
-    cfg = {"algorithm": algorithm, "groups": groups, "devices": devices, "sync_every": 5, "max_steps": 60, "lr": 0.05,
-           "momentum": 0.5, "outer_lr": 0.7, "outer_momentum": 0.5, "die_at": die_at, "die_in_sync": die_in_sync,
-           "gate_at": 20, "pace": 0.05, "min_replicas": groups - 1}  # fmt: skip
+    cfg = {
+        "algorithm": algorithm,
+        "groups": groups,
+        "devices": devices,
+        "sync_every": 5,
+        "max_steps": 60,
+        "lr": 0.05,
+        "momentum": 0.5,
+        "outer_lr": 0.7,
+        "outer_momentum": 0.5,
+        "die_at": die_at,
+        "die_in_sync": die_in_sync,
+        "gate_at": 20,
+        "pace": 0.05,
+        "min_replicas": groups - 1,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         results, runs, seconds = run_groups(Path(tmp), cfg)
     report(f"{algorithm} {groups}x{devices}", results, runs, seconds)

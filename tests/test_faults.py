@@ -107,8 +107,11 @@ def test_steps_lost_and_skipped_are_counted_per_rank(tmp_path, resumed, lost, sk
     """Async workers resume at their own steps: rank 0 did 19 steps and rank 1 13 before the kill."""
     from benchmarks.faults import BASE, analyse
 
-    events = [{"event": "step", "attempt": 0, "rank": r, "step": s, "t": float(s)} for r, n in ((0, 19), (1, 13))
-              for s in range(1, n + 1)]  # fmt: skip
+    events = [
+        {"event": "step", "attempt": 0, "rank": r, "step": s, "t": float(s)}
+        for r, n in ((0, 19), (1, 13))
+        for s in range(1, n + 1)
+    ]
     events += [{"event": "kill", "t": 13.5, "rank": 1, "attempt": 0, "step": 13}]
     events += [{"event": "group_up", "attempt": 1, "rank": r, "step": s, "t": 30.0} for r, s in resumed.items()]
     job = {"events": events, "results": {}, "rc": 0, "seconds": 40.0, "log_tail": ""}

@@ -32,8 +32,9 @@ def test_arguments_are_validated_with_a_fix(kwargs, message):
 
 
 def fake_trainer(strategy, accumulate=1, scaler=None):
-    return SimpleNamespace(strategy=strategy, accumulate_grad_batches=accumulate,
-                           precision_plugin=SimpleNamespace(scaler=scaler))
+    return SimpleNamespace(
+        strategy=strategy, accumulate_grad_batches=accumulate, precision_plugin=SimpleNamespace(scaler=scaler)
+    )
 
 
 @pytest.mark.parametrize(

@@ -96,7 +96,9 @@ def test_step_pull_moves_toward_the_last_leader_copy_before_the_scheduled_pull()
     assert [module.weight.item(), module.bias.item()] == [1.0, -2.0]
     algo.after_step(3, StepReport(3, loss=0.5))  # λ-pull toward the copy (4, −8): (1, −2) + 0.5·((4, −8) − (1, −2))
     assert [module.weight.item(), module.bias.item()] == [2.5, -5.0]
-    algo.after_step(4, StepReport(4, loss=0.4))  # λ-pull to (3.25, −6.5), then the pull: 0.75·(3.25, −6.5) + 0.25·(4, −8)
+    algo.after_step(
+        4, StepReport(4, loss=0.4)
+    )  # λ-pull to (3.25, −6.5), then the pull: 0.75·(3.25, −6.5) + 0.25·(4, −8)
     assert [module.weight.item(), module.bias.item()] == [3.4375, -6.875]
     state = algo.rank_state_dict()
     assert state["losses"] == [0.7, 0.6, 0.5, 0.4] and state["leader_copy"].tolist() == [4.0, -8.0]
@@ -121,8 +123,17 @@ def test_authors_schedule_node_then_global_pull_and_per_step_pulls_of_p_over_tau
     # the LSGD authors' scripts: per step x ← x − (p/τ)(x − x̃_G) − (p_node/τ_node)(x − x̃_node);
     # on a global step the node pull, then the global pull. Rank 1 of world {0, 1, 2}, node {0, 1}:
     # node leader rank 0 at (2, 2), global leader rank 2 at (4, −8). λ_G = 0.4/4 = λ_node = 0.2/2 = 0.1.
-    algo = LeaderSGD(sync_every=4, node_sync_every=2, pull=0.5, node_pull=0.25, step_pull=0.4, node_step_pull=0.2,
-                     step_pull_per_period=True, node_pull_on_global_step=True, loss_window=1)  # fmt: skip
+    algo = LeaderSGD(
+        sync_every=4,
+        node_sync_every=2,
+        pull=0.5,
+        node_pull=0.25,
+        step_pull=0.4,
+        node_step_pull=0.2,
+        step_pull_per_period=True,
+        node_pull_on_global_step=True,
+        loss_window=1,
+    )
     leaders = {0: torch.tensor([2.0, 2.0], dtype=torch.float64), 2: torch.tensor([4.0, -8.0], dtype=torch.float64)}
     comm = fake({0: [0.5, 0.0], 2: [0.1, 0.0]}, leaders)
     module = attached(algo, comm, [0.0, 0.0], node=Group(None, [0, 1], 1))
@@ -136,10 +147,14 @@ def test_authors_schedule_node_then_global_pull_and_per_step_pulls_of_p_over_tau
     assert x() == [0.5, 0.5] and comm.broadcast_log == [(0, "sync")]
     algo.after_step(3, StepReport(3, loss=0.7))  # toward the node copy: (0.5, 0.5) + 0.1·((2, 2) − (0.5, 0.5))
     assert x() == pytest.approx([0.65, 0.65], abs=1e-15)
-    algo.after_step(4, StepReport(4, loss=0.7))  # per-step (0.785, 0.785); node pull (1.08875, 1.08875); global pull 0.5 toward (4, −8)
+    algo.after_step(
+        4, StepReport(4, loss=0.7)
+    )  # per-step (0.785, 0.785); node pull (1.08875, 1.08875); global pull 0.5 toward (4, −8)
     assert x() == pytest.approx([2.544375, -3.455625], abs=1e-14)
     assert comm.broadcast_log == [(0, "sync"), (0, "sync"), (2, "sync")]
-    algo.after_step(5, StepReport(5, loss=0.7))  # toward the global copy (4, −8) by 0.1, then toward the node copy (2, 2) by 0.1
+    algo.after_step(
+        5, StepReport(5, loss=0.7)
+    )  # toward the global copy (4, −8) by 0.1, then toward the node copy (2, 2) by 0.1
     assert x() == pytest.approx([2.62094375, -3.31905625], abs=1e-14)
     assert (algo.num_node_syncs, algo.num_syncs, algo.leader) == (2, 1, 2)
     state = algo.rank_state_dict()

@@ -25,12 +25,20 @@ EXPECTED = {
     "base": (DDPStrategy, None, {}, {"source": "regression", "dim": 200, "num_shards": 2}, {"task": "regression"}),
     "localgd": (LocalSGDStrategy, PeriodicAveraging, {"sync_every": 100}, {"source": "regression"}, {}),
     "modified_localgd": (
-        LocalSGDStrategy, ModifiedLocalGD, {"sync_every": 100, "prox": 0.001, "correction": True}, {}, {}
+        LocalSGDStrategy,
+        ModifiedLocalGD,
+        {"sync_every": 100, "prox": 0.001, "correction": True},
+        {},
+        {},
     ),
     "modified_localgd_nocorrection": (
-        LocalSGDStrategy, ModifiedLocalGD, {"sync_every": 100, "prox": 0.001, "correction": False}, {}, {}
+        LocalSGDStrategy,
+        ModifiedLocalGD,
+        {"sync_every": 100, "prox": 0.001, "correction": False},
+        {},
+        {},
     ),
-}  # fmt: skip
+}
 SEPARABLE = ["--data.source=separable", "--data.dim=50", "--data.samples_per_shard=20"]  # as base.yaml documents
 
 
@@ -158,8 +166,15 @@ def logistic_grad(w, x, y):
 def regularized_logistic(shards, prox: float) -> torch.Tensor:
     """argmin_w mean_i f_i(w) + (prox/2)||w||² by L-BFGS (f_i: the mean logistic loss of shard i)."""
     w = torch.zeros(shards[0][0].shape[1], dtype=F64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1, max_iter=5000, history_size=50, tolerance_grad=1e-15,
-                            tolerance_change=1e-18, line_search_fn="strong_wolfe")  # fmt: skip
+    opt = torch.optim.LBFGS(
+        [w],
+        lr=1,
+        max_iter=5000,
+        history_size=50,
+        tolerance_grad=1e-15,
+        tolerance_change=1e-18,
+        line_search_fn="strong_wolfe",
+    )
 
     def objective():
         opt.zero_grad()
@@ -185,11 +200,24 @@ def test_two_rank_recipe_runs_reach_the_centralized_references():
     """
     c = {n: str(CONFIGS / f"{n}.yaml") for n in ("base", "localgd", "modified_localgd")}
     runs = [
-        ["--config", c["base"], "--config", c["localgd"],
-         "--trainer.max_steps=600", "--trainer.callbacks.sync_every=10"],
-        ["--config", c["base"], "--config", c["modified_localgd"], *SEPARABLE,
-         "--trainer.max_steps=2000", "--trainer.callbacks.sync_every=50"],
-    ]  # fmt: skip
+        [
+            "--config",
+            c["base"],
+            "--config",
+            c["localgd"],
+            "--trainer.max_steps=600",
+            "--trainer.callbacks.sync_every=10",
+        ],
+        [
+            "--config",
+            c["base"],
+            "--config",
+            c["modified_localgd"],
+            *SEPARABLE,
+            "--trainer.max_steps=2000",
+            "--trainer.callbacks.sync_every=50",
+        ],
+    ]
     rank0, rank1 = run_ranks("tests.scenarios_linear:fit_recipe", world=2, timeout=120, runs=runs)
     for a, b in zip(rank0, rank1):
         assert torch.equal(a["final"], b["final"])  # every rank ends on the consensus

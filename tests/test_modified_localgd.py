@@ -127,8 +127,15 @@ def centralized_model(prox: float) -> torch.Tensor:
     """argmin_w (1/n) Σ_i f_i(w) + (λ/2)||w||², by L-BFGS on all the data."""
     shards = separable_shards()
     w = torch.zeros(shards[0][0].shape[1], dtype=F64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1, max_iter=1000, history_size=50, tolerance_grad=1e-14,
-                            tolerance_change=1e-16, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w],
+        lr=1,
+        max_iter=1000,
+        history_size=50,
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+        line_search_fn="strong_wolfe",
+    )
 
     def objective() -> torch.Tensor:
         opt.zero_grad()
@@ -160,8 +167,9 @@ def test_corrected_rounds_reach_the_centralized_regularized_model():
     holds the norm back and x̄ drifts away from the regularized model.
     """
     prox = 0.01
-    ranks = run_ranks("tests.scenarios_diloco:modified_localgd_logistic", world=2, rounds=40, local_steps=100,
-                      prox=prox, lr=1.0)
+    ranks = run_ranks(
+        "tests.scenarios_diloco:modified_localgd_logistic", world=2, rounds=40, local_steps=100, prox=prox, lr=1.0
+    )
     w_c = centralized_model(prox)
     assert torch.equal(ranks[0][True], ranks[1][True]) and torch.equal(ranks[0][False], ranks[1][False])
     err = float((ranks[0][True] - w_c).norm() / w_c.norm())
@@ -172,8 +180,14 @@ def test_corrected_rounds_reach_the_centralized_regularized_model():
 
 
 def test_resume_restores_each_ranks_correction_exactly():
-    r0, r1 = run_ranks("tests.scenarios_diloco:resume", world=2, steps=10, save_at=(4, 6), algorithm="modified_localgd",
-                       kwargs={"sync_every": 3, "prox": 0.5})
+    r0, r1 = run_ranks(
+        "tests.scenarios_diloco:resume",
+        world=2,
+        steps=10,
+        save_at=(4, 6),
+        algorithm="modified_localgd",
+        kwargs={"sync_every": 3, "prox": 0.5},
+    )
     for r in (r0, r1):
         assert r["q0"].abs().max() > 1e-3  # the corrections are not trivially zero
         for start in (4, 6):

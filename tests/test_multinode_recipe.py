@@ -68,18 +68,34 @@ def test_two_nodes_by_torchrun_reach_consensus_and_count_bytes(tmp_path):
     procs = []
     for node in range(2):
         cmd = [
-            str(TORCHRUN), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}",
-            "--master-addr=127.0.0.1", f"--master-port={port}",
-            "-m", "recipes.cli", "fit",
-            "--config", str(configs / "base.yaml"), "--config", str(configs / "localsgd.yaml"),
-            "--trainer.accelerator=cpu", "--trainer.num_nodes=2", "--trainer.devices=1",
-            f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=0", "--trainer.logger=false",
-            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path}",
-            f"--model.model_name={MODEL}", "--data.image_size=16",
+            str(TORCHRUN),
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            f"--node-rank={node}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            "-m",
+            "recipes.cli",
+            "fit",
+            "--config",
+            str(configs / "base.yaml"),
+            "--config",
+            str(configs / "localsgd.yaml"),
+            "--trainer.accelerator=cpu",
+            "--trainer.num_nodes=2",
+            "--trainer.devices=1",
+            f"--trainer.max_steps={STEPS}",
+            "--trainer.limit_val_batches=0",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--model.model_name={MODEL}",
+            "--data.image_size=16",
             "--trainer.callbacks+=tests.test_multinode_recipe.DumpFinalState",
             f"--trainer.callbacks.out_dir={tmp_path}",
-        ]  # fmt: skip
+        ]
         log = open(tmp_path / f"node{node}.log", "w")
         procs.append((subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT), log))
     try:

@@ -95,7 +95,10 @@ def test_partition_cuts_the_flat_layout_into_equal_ranges_across_tensor_boundari
         (lambda: PeriodicAveraging(8, fragments=0), "fragments must be an integer >= 1"),
         (lambda: DiLoCo(4, fragments=5), r"fragments=5 needs sync_every >= 5"),
         (lambda: PeriodicAveraging(8, merge_alpha=0.5), "merge_alpha has no effect without overlap_steps > 0"),
-        (lambda: PeriodicAveraging(8, overlap_steps=2, merge_alpha=1.5), r"merge_alpha must be None or a number in \[0, 1\]"),
+        (
+            lambda: PeriodicAveraging(8, overlap_steps=2, merge_alpha=1.5),
+            r"merge_alpha must be None or a number in \[0, 1\]",
+        ),
         (lambda: ModifiedLocalGD(8, 0.1, overlap_steps=2), "ModifiedLocalGD cannot overlap or fragment"),
         (lambda: ElasticAveraging(8, fragments=2), "use PeriodicAveraging or DiLoCo"),
         (lambda: LeaderSGD(8, overlap_steps=1), "LeaderSGD cannot overlap"),

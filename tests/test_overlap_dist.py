@@ -80,8 +80,12 @@ CASES = {
     "periodic P=2 τ=1": ("periodic", dict(sync_every=4, fragments=2, overlap_steps=1), None, None),
     "periodic P=1 τ=3 α=0.5": ("periodic", dict(sync_every=4, overlap_steps=3, merge_alpha=0.5), None, 0.5),
     "periodic P=3 τ=0": ("periodic", dict(sync_every=3, fragments=3), None, None),
-    "diloco P=2 τ=2": ("diloco", dict(sync_every=4, fragments=2, overlap_steps=2, outer_lr=0.5, outer_momentum=0.8,
-                                      nesterov=False), (0.5, 0.8), None),  # fmt: skip
+    "diloco P=2 τ=2": (
+        "diloco",
+        dict(sync_every=4, fragments=2, overlap_steps=2, outer_lr=0.5, outer_momentum=0.8, nesterov=False),
+        (0.5, 0.8),
+        None,
+    ),
 }
 
 
@@ -89,8 +93,9 @@ CASES = {
 def test_overlapped_fragmented_training_matches_a_plain_torch_reference(case):
     algorithm, kwargs, outer, alpha = CASES[case]
     runs = run_ranks("tests.scenarios_overlap:overlap_run", world=2, steps=STEPS, algorithm=algorithm, kwargs=kwargs)
-    after, final = reference(STEPS, kwargs["sync_every"], kwargs.get("fragments", 1), kwargs.get("overlap_steps", 0),
-                             outer, alpha)  # fmt: skip
+    after, final = reference(
+        STEPS, kwargs["sync_every"], kwargs.get("fragments", 1), kwargs.get("overlap_steps", 0), outer, alpha
+    )
     for r in range(2):
         got = torch.stack(runs[r]["after"])
         assert (got - torch.stack(after[r])).abs().max() <= 1e-12, case
@@ -102,8 +107,9 @@ def test_overlapped_fragmented_training_matches_a_plain_torch_reference(case):
 def test_resume_with_a_sync_in_flight_and_with_fragments_is_exact(algorithm):
     # H = 4, P = 2, τ = 1: fragment 0 goes out at 2, 6 (lands 3, 7), fragment 1 at 4, 8 (lands 5, 9)
     kwargs = dict(sync_every=4, fragments=2, overlap_steps=1)
-    r0, r1 = run_ranks("tests.scenarios_diloco:resume", world=2, steps=10, save_at=(2, 4, 5), algorithm=algorithm,
-                       kwargs=kwargs)  # fmt: skip
+    r0, r1 = run_ranks(
+        "tests.scenarios_diloco:resume", world=2, steps=10, save_at=(2, 4, 5), algorithm=algorithm, kwargs=kwargs
+    )
     for r in (r0, r1):
         for start in (2, 4, 5):
             assert torch.equal(r[start], r[0][start:]), start

@@ -74,10 +74,19 @@ def run_attempt(
 ) -> dict[int, dict]:
     procs = {}
     for rank in ranks:
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
-                   TORCHELASTIC_RESTART_COUNT=str(attempt), GROUP_WORLD_SIZE="1", OMP_NUM_THREADS="1",
-                   PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            TORCHELASTIC_USE_AGENT_STORE="True",
+            TORCHELASTIC_RESTART_COUNT=str(attempt),
+            GROUP_WORLD_SIZE="1",
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        )
         out = tmp / f"{mode}_a{attempt}_r{rank}.json"
         env["PROCESS_GROUP_PY"] = str(ROOT / "lightning_localsgd" / "process_group.py")
         args = [mode, str(out), str(delays[rank]), str(init_timeout)]
@@ -143,8 +152,12 @@ def test_creation_ends_with_an_error_naming_the_rank_and_the_wait(tmp_path: Path
 
 
 def test_attempt_prefix_reads_torchruns_environment() -> None:
-    env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500",
-           "TORCHELASTIC_RESTART_COUNT": "3"}  # fmt: skip
+    env = {
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+        "TORCHELASTIC_RESTART_COUNT": "3",
+    }
     assert attempt_prefix("10.0.0.1", 29500, env) == "localsgd/restart_3"
     assert attempt_prefix("10.0.0.2", 29500, env) is None  # not the agent's store
     assert attempt_prefix("10.0.0.1", 29500, {**env, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None

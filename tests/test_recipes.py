@@ -99,9 +99,17 @@ def test_fit_logs_the_accuracy_of_the_model_on_the_validation_set(tmp_path):
     data = DigitsDataModule(image_size=16, batch_size=32, eval_batch_size=100)
     model = ImageClassifier(MODEL, num_classes=10, lr=0.05, warmup_steps=2)
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_steps=6, val_check_interval=6, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        max_steps=6,
+        val_check_interval=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, data)
     x, y = data.val_set.dataset.tensors  # 1 rank: the validation subset is the whole held-out set
     assert len(data.val_set) == len(y) == 359

@@ -8,11 +8,19 @@ from recipes.demo import CONFIGS, format_table, overlay_for, parse_args, plot, s
 
 
 def run(values, seconds, mb, syncs, source="library counter"):
-    records = [{"value": v, "train_seconds": t, "MB_sent": m, "syncs": s, "step": 8 * (i + 1)}
-               for i, (v, t, m, s) in enumerate(zip(values, seconds, mb, syncs))]  # fmt: skip
+    records = [
+        {"value": v, "train_seconds": t, "MB_sent": m, "syncs": s, "step": 8 * (i + 1)}
+        for i, (v, t, m, s) in enumerate(zip(values, seconds, mb, syncs))
+    ]
     final = {"train_seconds": seconds[-1], "MB_sent": mb[-1], "syncs": syncs[-1], "step": 8 * len(values)}
-    return {"records": records, "final": final, "bytes_source": source, "process_seconds": seconds[-1] + 20,
-            "loadavg_before": 2.0, "loadavg_after": 2.5}
+    return {
+        "records": records,
+        "final": final,
+        "bytes_source": source,
+        "process_seconds": seconds[-1] + 20,
+        "loadavg_before": 2.0,
+        "loadavg_after": 2.5,
+    }
 
 
 def test_summary_speedup_against_ddps_final_accuracy():
@@ -36,8 +44,19 @@ def test_summary_speedup_against_ddps_final_accuracy():
     assert "s to 98.0%" in table[0]
     # 24 s over 32 steps = 750 ms/step
     assert table[3].split() == [
-        "localsgd", "99.00%", "24.0", "44", "50.0", "4", "12.0", "2.50x", "16", "2.50x", "750", "2.0>2.5"
-    ]  # fmt: skip
+        "localsgd",
+        "99.00%",
+        "24.0",
+        "44",
+        "50.0",
+        "4",
+        "12.0",
+        "2.50x",
+        "16",
+        "2.50x",
+        "750",
+        "2.0>2.5",
+    ]
     assert table[4].split()[-6:] == ["never", "-", "-", "-", "750", "2.0>2.5"]
     assert table[4].split()[0] == "diloco[1]" and table[5] == ""  # a footnote a user can act on
     assert table[6].startswith("[1] diloco: never reached 98.00% (best 80.00%, final 80.00%). To change: keep outer_lr")
@@ -97,8 +116,16 @@ def test_replot_recomputes_the_summary_from_demo_json_without_running(tmp_path, 
         "ddp": run([0.90, 0.985], [10, 20], [100, 200], [8, 16], "closed form"),
         "localsgd": run([0.60, 0.99], [6, 12], [12, 25], [1, 2]),  # 0.60: below the plot's floor
     }
-    settings = {"target_slack": 0.005, "model": "resnet18", "image_size": 32, "steps": 16, "batch_size": 8,
-                "lr": 0.025, "val_every": 8, "seed": 0}  # fmt: skip
+    settings = {
+        "target_slack": 0.005,
+        "model": "resnet18",
+        "image_size": 32,
+        "steps": 16,
+        "batch_size": 8,
+        "lr": 0.025,
+        "val_every": 8,
+        "seed": 0,
+    }
     doc = {"settings": settings, "runs": runs, "summary": {}, "demo_seconds": 1.0, "pretrain": {}, "machine": {}}
     (tmp_path / "demo.json").write_text(json.dumps(doc))
     out = main(["--replot", "--results-dir", str(tmp_path)])

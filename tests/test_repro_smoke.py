@@ -42,10 +42,24 @@ def test_seed003_bytes_per_variant_equal_the_closed_forms():
     specs = variant_specs([4, 16])
     assert set(DEFAULT_VARIANTS.split(",")) <= set(specs)
     cfg = {
-        "steps": steps, "eval_every": steps, "repeats": 1, "batch_size": 8, "lr": 0.05, "momentum": 0.9,
-        "nesterov": True, "weight_decay": 1e-4, "pull": 0.1, "loss_window": 10, "easgd_beta": 0.9,
-        "test_size": 1000, "target_error": 0.5, "warmup_steps": 0, "seed": 0, "collective_timeout": 120,
-        "variants": names, "specs": {n: specs[n] for n in names},
+        "steps": steps,
+        "eval_every": steps,
+        "repeats": 1,
+        "batch_size": 8,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 1e-4,
+        "pull": 0.1,
+        "loss_window": 10,
+        "easgd_beta": 0.9,
+        "test_size": 1000,
+        "target_error": 0.5,
+        "warmup_steps": 0,
+        "seed": 0,
+        "collective_timeout": 120,
+        "variants": names,
+        "specs": {n: specs[n] for n in names},
         "schedule": [{"variant": n, "repeat": 0, "seed": 0} for n in names],
     }
     ranks, logs = launch_ranks("benchmarks.seed003", cfg, world, nodes, timeout=280)

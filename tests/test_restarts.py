@@ -74,4 +74,6 @@ def test_each_rank_gets_its_own_dataloader_position_back(tmp_path: Path) -> None
     assert loaded["loops"]["fit_loop"]["state_dict"]["combined_loader"] == ["rank 1's position"]
     # written by 3 ranks: the positions do not map onto this run's ranks, rank 0's stays
     torch.save(checkpoint(["rank 0's position"], [["a"], ["b"], ["c"]]), path)
-    assert Rank1Of2().load_checkpoint(path)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == ["rank 0's position"]
+    assert Rank1Of2().load_checkpoint(path)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        "rank 0's position"
+    ]

@@ -8,9 +8,21 @@ from benchmarks.step_time import add_ratios, summarize
 
 
 def _run(*rank_times: list[float]) -> dict:
-    ranks = [{"rank": r, "step_times": t, "step_times_all": t, "window_seconds": sum(t), "counter_bytes": None,
-              "lo_bytes": None, "wait_seconds": 0.0, "num_params": 10, "param_bytes": 40, "num_float_buffers": 0}
-             for r, t in enumerate(rank_times)]  # fmt: skip
+    ranks = [
+        {
+            "rank": r,
+            "step_times": t,
+            "step_times_all": t,
+            "window_seconds": sum(t),
+            "counter_bytes": None,
+            "lo_bytes": None,
+            "wait_seconds": 0.0,
+            "num_params": 10,
+            "param_bytes": 40,
+            "num_float_buffers": 0,
+        }
+        for r, t in enumerate(rank_times)
+    ]
     return {"ranks": ranks, "background_lo_bytes_per_s": None}
 
 

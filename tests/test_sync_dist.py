@@ -86,9 +86,7 @@ def test_hierarchical_averaging_two_nodes_of_two():
 
 
 def test_nonfinite_replica_raises_naming_rank_and_step():
-    ranks = run_ranks(
-        "tests.scenarios_core:record_run", world=2, steps=4, algorithm={"sync_every": 2}, nan_at=(1, 2)
-    )
+    ranks = run_ranks("tests.scenarios_core:record_run", world=2, steps=4, algorithm={"sync_every": 2}, nan_at=(1, 2))
     for r in ranks:
         assert r["error"] is not None and "NonFiniteReplicaError" in r["error"]
         assert "rank(s) [1]" in r["error"] and "step 2" in r["error"]

@@ -96,8 +96,13 @@ def replay(name: str, before: int, after: int) -> tuple[Replay, dict[str, Any]]:
     """Train on ``before`` ranks to the save step, resize to ``after`` and train to the end."""
     sim = Replay(name, before)
     sim.run(1, SAVE_AT[name])
-    saved = {"w": [w.clone() for w in sim.w], "buf": list(sim.buf), "theta": sim.theta.clone(),
-             "outer_buf": sim.outer_buf, "last_sync": sim.last_sync}  # fmt: skip
+    saved = {
+        "w": [w.clone() for w in sim.w],
+        "buf": list(sim.buf),
+        "theta": sim.theta.clone(),
+        "outer_buf": sim.outer_buf,
+        "last_sync": sim.last_sync,
+    }
     sim.resize(after)
     sim.after = []
     sim.run(SAVE_AT[name] + 1, STEPS[name])
@@ -109,14 +114,14 @@ def replay(name: str, before: int, after: int) -> tuple[Replay, dict[str, Any]]:
 def save_on(world: int, ckpt_dir: Path) -> list[dict[str, Any]]:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     nodes = 2 if world == 4 else 1
-    return run_ranks("tests.scenarios_world_size:save_mid_period", world=world, nodes=nodes, ckpt_dir=str(ckpt_dir),
-                     steps=SAVE_AT)  # fmt: skip
+    return run_ranks(
+        "tests.scenarios_world_size:save_mid_period", world=world, nodes=nodes, ckpt_dir=str(ckpt_dir), steps=SAVE_AT
+    )
 
 
 def resume_on(world: int, ckpt_dir: Path) -> list[dict[str, Any]]:
     nodes = 2 if world == 4 else 1
-    return run_ranks("tests.scenarios_world_size:resume", world=world, nodes=nodes, ckpt_dir=str(ckpt_dir),
-                     steps=STEPS)  # fmt: skip
+    return run_ranks("tests.scenarios_world_size:resume", world=world, nodes=nodes, ckpt_dir=str(ckpt_dir), steps=STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +221,9 @@ def test_four_ranks_to_two(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- the reductions, by hand
 def test_optimizer_states_are_averaged_except_what_every_rank_shares() -> None:
     def sgd(buffers: dict[int, list[float]]) -> list[dict[str, Any]]:
-        state = {i: {"momentum_buffer": torch.tensor(v) if len(v) > 1 else torch.tensor(v[0])} for i, v in buffers.items()}
+        state = {
+            i: {"momentum_buffer": torch.tensor(v) if len(v) > 1 else torch.tensor(v[0])} for i, v in buffers.items()
+        }
         return [{"state": state, "param_groups": [{"lr": 0.1, "params": [0, 1, 2]}]}]
 
     # parameter 0 a vector, 1 a scalar (0-dim buffer), 2 without a gradient on rank 1 (no state there)
@@ -229,8 +236,21 @@ def test_optimizer_states_are_averaged_except_what_every_rank_shares() -> None:
     assert out["param_groups"] == rank0[0]["param_groups"]
     # Adam: moments averaged, the step counter (equal everywhere) kept bit for bit
     step = torch.tensor(16777217.0, dtype=torch.float64)
-    adam = [[{"state": {0: {"step": step.clone(), "exp_avg": torch.tensor([float(r)]),
-                            "exp_avg_sq": torch.tensor([float(4 * r)])}}, "param_groups": []}] for r in range(3)]  # fmt: skip
+    adam = [
+        [
+            {
+                "state": {
+                    0: {
+                        "step": step.clone(),
+                        "exp_avg": torch.tensor([float(r)]),
+                        "exp_avg_sq": torch.tensor([float(4 * r)]),
+                    }
+                },
+                "param_groups": [],
+            }
+        ]
+        for r in range(3)
+    ]
     (out,) = average_optimizer_states(adam)
     assert torch.equal(out["state"][0]["step"], step)
     assert out["state"][0]["exp_avg"].tolist() == [1.0] and out["state"][0]["exp_avg_sq"].tolist() == [4.0]

@@ -417,12 +417,27 @@ class ConsensusAlgorithm(Callback):
         assert self.anchor is not None
         return views(self.anchor, self.sync_tensors()[0])
 
-    def average_(self, tensors: list[Tensor], step: int, *, node: bool = False, anchor: Tensor | None = None,
-                 residual: Tensor | None = None) -> None:  # fmt: skip
+    def average_(
+        self,
+        tensors: list[Tensor],
+        step: int,
+        *,
+        node: bool = False,
+        anchor: Tensor | None = None,
+        residual: Tensor | None = None,
+    ) -> None:
         """Average ``tensors`` over the world (or this node) with the transport; observers see it."""
         group = self.node if node else self.world
-        self.comm.mean_(tensors, group, kind="sync", anchor=anchor, residual=residual, nonfinite=self.nonfinite,
-                        step=step, observer=self.observer_for(step, node))  # fmt: skip
+        self.comm.mean_(
+            tensors,
+            group,
+            kind="sync",
+            anchor=anchor,
+            residual=residual,
+            nonfinite=self.nonfinite,
+            step=step,
+            observer=self.observer_for(step, node),
+        )
 
     def observer_for(self, step: int, node: bool = False) -> Callable[[Tensor, Tensor], None] | None:
         """``observer(local, mean)`` telling the sync observers about a sync (``None`` if nobody looks)."""
@@ -520,8 +535,14 @@ class ConsensusAlgorithm(Callback):
         if self.anchor is not None:
             sent = sent.to(self.anchor.dtype)
         group = self.ctx.background or self.world
-        pending = self.comm.start_mean(sent, group, anchor=self.wire_anchor(fragment),
-                                       residual=self.residual_of(fragment), nonfinite=self.nonfinite, step=step)  # fmt: skip
+        pending = self.comm.start_mean(
+            sent,
+            group,
+            anchor=self.wire_anchor(fragment),
+            residual=self.residual_of(fragment),
+            nonfinite=self.nonfinite,
+            step=step,
+        )
         self._inflight[fragment.index] = InFlight(step, pending, sent)
 
     def _finish(self, fragment: Fragment, step: int) -> None:

@@ -141,9 +141,7 @@ class DelayedNesterov(ServerOptimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(
-            m=[t.clone() for t in self.m], delta=[t.clone() for t in self.delta], buffer_size=self.n
-        )
+        state.update(m=[t.clone() for t in self.m], delta=[t.clone() for t in self.delta], buffer_size=self.n)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -141,9 +141,14 @@ class DiLoCo(ConsensusAlgorithm):
         merge_alpha: float | None = None,
     ) -> None:
         super().__init__(
-            sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite,
-            overlap_steps=overlap_steps, fragments=fragments, merge_alpha=merge_alpha,
-        )  # fmt: skip
+            sync_every,
+            warmup_steps=warmup_steps,
+            buffers=buffers,
+            nonfinite=nonfinite,
+            overlap_steps=overlap_steps,
+            fragments=fragments,
+            merge_alpha=merge_alpha,
+        )
         if isinstance(outer_lr, bool) or not isinstance(outer_lr, (int, float)) or not outer_lr > 0:
             raise ValueError(f"outer_lr must be a positive number such as 0.7, got {outer_lr!r}")
         momentum_ok = isinstance(outer_momentum, (int, float)) and not isinstance(outer_momentum, bool)

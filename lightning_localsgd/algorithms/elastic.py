@@ -74,8 +74,14 @@ class ElasticAveraging(ConsensusAlgorithm):
         overlap_steps: int = 0,
         fragments: int = 1,
     ) -> None:
-        super().__init__(sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite,
-                         overlap_steps=overlap_steps, fragments=fragments)  # fmt: skip
+        super().__init__(
+            sync_every,
+            warmup_steps=warmup_steps,
+            buffers=buffers,
+            nonfinite=nonfinite,
+            overlap_steps=overlap_steps,
+            fragments=fragments,
+        )
         self.alpha = None if alpha is None else _rate("alpha", alpha)
         self.beta = _rate("beta", beta)
 
@@ -98,9 +104,15 @@ class ElasticAveraging(ConsensusAlgorithm):
         finite = all_finite(averaged)
         mean = flatten(averaged)  # becomes m; x_i − x̃ travels (the center is the shared anchor)
         self.comm.mean_(
-            [mean], self.world, kind="sync", anchor=self.anchor, residual=self.residual, nonfinite=self.nonfinite,
-            step=step, observer=self.observer_for(step),
-        )  # fmt: skip
+            [mean],
+            self.world,
+            kind="sync",
+            anchor=self.anchor,
+            residual=self.residual,
+            nonfinite=self.nonfinite,
+            step=step,
+            observer=self.observer_for(step),
+        )
         if finite:
             lerp_(averaged, center, self.moving_rate)  # x_i ← x_i − α(x_i − x̃), the old x̃
         else:  # nonfinite="skip" (else mean_ raised): this replica restarts from the center

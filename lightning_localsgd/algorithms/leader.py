@@ -116,8 +116,14 @@ class LeaderSGD(ConsensusAlgorithm):
         overlap_steps: int = 0,
         fragments: int = 1,
     ) -> None:
-        super().__init__(sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite,
-                         overlap_steps=overlap_steps, fragments=fragments)  # fmt: skip
+        super().__init__(
+            sync_every,
+            warmup_steps=warmup_steps,
+            buffers=buffers,
+            nonfinite=nonfinite,
+            overlap_steps=overlap_steps,
+            fragments=fragments,
+        )
         self.pull = _fraction("pull", pull)
         self.loss_window = check_positive_int("loss_window", loss_window)
         if node_sync_every is not None:
@@ -130,9 +136,13 @@ class LeaderSGD(ConsensusAlgorithm):
         else:
             for name, value in (("node_pull", node_pull), ("node_step_pull", node_step_pull)):
                 if value is not None:
-                    raise ValueError(f"{name} has no effect without node_sync_every: pass node_sync_every=... or drop it")
+                    raise ValueError(
+                        f"{name} has no effect without node_sync_every: pass node_sync_every=... or drop it"
+                    )
             if node_pull_on_global_step:
-                raise ValueError("node_pull_on_global_step=True needs node_sync_every: pass node_sync_every=... or drop it")
+                raise ValueError(
+                    "node_pull_on_global_step=True needs node_sync_every: pass node_sync_every=... or drop it"
+                )
         flags = {"step_pull_per_period": step_pull_per_period, "node_pull_on_global_step": node_pull_on_global_step}
         for name, flag in flags.items():
             if not isinstance(flag, bool):
@@ -148,8 +158,10 @@ class LeaderSGD(ConsensusAlgorithm):
             raise ValueError(f"evaluate must be 'average' or 'leader', got {evaluate!r}")
         self.evaluate: Evaluate = evaluate
         if self.pull == 0 and self.step_pull == 0 and self.node_step_pull == 0 and node_sync_every is None:
-            rank_zero_warn("LeaderSGD(pull=0, step_pull=0): the replicas never interact; use pull > 0 unless "
-                           "this is meant as an independent-workers baseline.")
+            rank_zero_warn(
+                "LeaderSGD(pull=0, step_pull=0): the replicas never interact; use pull > 0 unless "
+                "this is meant as an independent-workers baseline."
+            )
         self.num_node_syncs = 0
         self.leader: int | None = None  # global rank of the last global leader
         self.leader_loss = math.inf

@@ -75,8 +75,14 @@ class ModifiedLocalGD(ConsensusAlgorithm):
         overlap_steps: int = 0,
         fragments: int = 1,
     ) -> None:
-        super().__init__(sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite,
-                         overlap_steps=overlap_steps, fragments=fragments)  # fmt: skip
+        super().__init__(
+            sync_every,
+            warmup_steps=warmup_steps,
+            buffers=buffers,
+            nonfinite=nonfinite,
+            overlap_steps=overlap_steps,
+            fragments=fragments,
+        )
         if isinstance(prox, bool) or not isinstance(prox, (int, float)) or not 0 < prox < float("inf"):
             raise ValueError(
                 f"prox must be a positive number such as 0.01 (for prox=0 use PeriodicAveraging), got {prox!r}"

@@ -79,9 +79,14 @@ class PeriodicAveraging(ConsensusAlgorithm):
         merge_alpha: float | None = None,
     ) -> None:
         super().__init__(
-            sync_every, warmup_steps=warmup_steps, buffers=buffers, nonfinite=nonfinite,
-            overlap_steps=overlap_steps, fragments=fragments, merge_alpha=merge_alpha,
-        )  # fmt: skip
+            sync_every,
+            warmup_steps=warmup_steps,
+            buffers=buffers,
+            nonfinite=nonfinite,
+            overlap_steps=overlap_steps,
+            fragments=fragments,
+            merge_alpha=merge_alpha,
+        )
         if node_sync_every is not None:
             check_positive_int("node_sync_every", node_sync_every)
             if node_sync_every >= sync_every or sync_every % node_sync_every != 0:
