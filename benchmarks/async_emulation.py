@@ -136,9 +136,9 @@ def val_loss(evaluator: Any, theta: torch.Tensor, corpus: Corpus) -> float:
 
 def run_variant(spec: str, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
     """One variant for one seed; the curve holds (updates, virtual seconds, inner steps, val loss)."""
-    from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, OuterSGD
-    from lightning_localsgd.async_protocol import MessageType
-    from lightning_localsgd.async_server import ParameterServer
+    from lightning_localsgd.asynchronous.optimizers import DelayedNesterov, OuterSGD
+    from lightning_localsgd.asynchronous.protocol import MessageType
+    from lightning_localsgd.asynchronous.server import ParameterServer
     from recipes.char_lm import CharGPT
 
     kind, lr = parse_variant(spec)

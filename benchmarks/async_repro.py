@@ -70,10 +70,10 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any] | None:
     from lightning.pytorch import Callback, Trainer, seed_everything
 
     from lightning_localsgd import LocalSGDStrategy
-    from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, OuterSGD
     from lightning_localsgd.algorithms.diloco import DiLoCo
-    from lightning_localsgd.async_strategy import AsyncLocalSGDStrategy
-    from lightning_localsgd.params import flatten, unflatten_
+    from lightning_localsgd.asynchronous.optimizers import DelayedNesterov, OuterSGD
+    from lightning_localsgd.asynchronous.strategy import AsyncLocalSGDStrategy
+    from lightning_localsgd.transport.tensors import flatten, unflatten_
     from recipes.char_lm import CharGPT, StdlibCorpusDataModule
 
     torch.set_num_threads(1)

@@ -25,7 +25,7 @@ until the agent stops it).
 Without torchrun (ranks started by ``recipes.launch.run_local_ranks``) the rank is read from
 ``NODE_RANK``/``LOCAL_RANK`` and the attempt is 0. An exception is logged as an ``error`` event.
 
-``fixed: true`` creates the process group with :func:`lightning_localsgd.process_group.init_process_group`
+``fixed: true`` creates the process group with :func:`lightning_localsgd.transport.process_group.init_process_group`
 (the Lightning run through :class:`RestartSafeStrategy`, the wiring proposed for
 ``LocalSGDStrategy.setup_distributed``); ``false`` is the stock path. Each rank writes
 ``out_dir/rank<r>.json`` at the end (the final parameters as float64 hex strings, bit-exact) and
@@ -48,8 +48,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_localsgd.params import flatten
-from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT, init_process_group
+from lightning_localsgd.transport.process_group import DEFAULT_INIT_TIMEOUT, init_process_group
+from lightning_localsgd.transport.tensors import flatten
 
 
 @functools.cache  # read once: Lightning's teardown removes WORLD_SIZE from the environment
@@ -111,13 +111,13 @@ def run_lightning(cfg: dict[str, Any]) -> dict[str, Any]:
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    import lightning_localsgd.replica_strategy
+    import lightning_localsgd.trainer.replica
     from benchmarks.fault_injection import StepFaults, slow_checkpoint_writes
     from lightning_localsgd import AsyncLocalSGDStrategy, DiLoCo, LocalSGDStrategy, PeriodicAveraging
     from recipes.data import shuffled_loader
 
     if not cfg["fixed"]:  # the "stock" rows: what Lightning alone does (torch's env:// rendezvous)
-        lightning_localsgd.replica_strategy.init_strategy_process_group = lambda *args, **kwargs: None
+        lightning_localsgd.trainer.replica.init_strategy_process_group = lambda *args, **kwargs: None
 
     class Regressor(LightningModule):
         def __init__(self) -> None:

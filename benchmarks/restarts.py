@@ -10,7 +10,7 @@ Variants (each run is one ``torchrun --nproc-per-node=2 --max-restarts=1`` job, 
 | variant | what runs |
 |---|---|
 | ``torch`` | plain torch: ``init_process_group("gloo")`` (env://), allreduce, rank 1 exits, restart, allreduce |
-| ``torch+fix`` | the same with ``lightning_localsgd.process_group.init_process_group`` |
+| ``torch+fix`` | the same with ``lightning_localsgd.transport.process_group.init_process_group`` |
 | ``lightning`` | ``LocalSGDStrategy`` (timeout 60 s), PeriodicAveraging / DiLoCo on alternate runs, 24 steps of 5 batches per epoch, checkpoints every 6 steps, rank 1 SIGKILLed after step 13, resume from ``last.ckpt`` |
 | ``lightning+fix`` | the same through ``RestartSafeStrategy`` (the proposed ``setup_distributed`` wiring) |
 

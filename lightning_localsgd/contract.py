@@ -6,8 +6,8 @@ below (no ``hasattr`` probing, no reads of each other's private attributes):
 =====================  ==================================================================
 object                 role
 =====================  ==================================================================
-front end              owns the process groups and the transport; calls the algorithm at
-                       fixed points (``LocalSGDStrategy`` for the Trainer,
+front end              :class:`FrontEnd`: owns the process groups and the transport; calls
+                       the algorithm at fixed points (``LocalSGDStrategy`` for the Trainer,
                        ``lightning_localsgd.fabric.LocalSGDStrategy`` for Fabric)
 consensus algorithm    :class:`~lightning_localsgd.ConsensusAlgorithm`: keeps the replicas
                        together (exactly one per run)
@@ -29,6 +29,7 @@ algorithm needs from the engine is in it. The order of one optimizer step is fix
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,17 @@ from typing import Any
 from lightning.pytorch import Callback
 from torch import Tensor, nn
 
-from lightning_localsgd.comm import Collectives, Group
+from lightning_localsgd.transport.collectives import Collectives, Group
+
+__all__ = [
+    "FrontEnd",
+    "GradientModifier",
+    "RoundPosition",
+    "StepReport",
+    "SyncContext",
+    "SyncEvent",
+    "SyncObserver",
+]
 
 
 @dataclass(frozen=True)
@@ -133,3 +144,30 @@ class GradientModifier(Callback):
         self, closure: Callable[[], Any], position: RoundPosition, report: StepReport
     ) -> Callable[[], Any]:
         raise NotImplementedError
+
+    def check_front_end(self, front_end: FrontEnd) -> None:
+        """Raise, with the fix, if this modifier cannot run under ``front_end`` (called at setup by both)."""
+
+
+class FrontEnd(ABC):
+    """What both local-SGD strategies are: the Trainer's ``LocalSGDStrategy`` and Fabric's.
+
+    Callbacks that need a local-SGD strategy check for this marker (never for a strategy class),
+    and algorithms ask it, through ``check_front_end``, the questions that decide whether they can
+    run: the same checks then hold under the Trainer and under Fabric.
+    """
+
+    @property
+    @abstractmethod
+    def comm(self) -> Collectives:
+        """The transport (its ``counters`` are what this rank sent)."""
+
+    @property
+    @abstractmethod
+    def algorithm(self) -> Any:
+        """The consensus algorithm being driven (``None`` before the Trainer's first fit)."""
+
+    @property
+    @abstractmethod
+    def loss_scaling(self) -> bool:
+        """Whether fp16 loss scaling (a ``GradScaler``) scales the gradients the step's closure produces."""

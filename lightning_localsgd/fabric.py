@@ -41,12 +41,20 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_localsgd._checks import check_bool, check_seconds
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
-from lightning_localsgd.comm import Collectives, Group, new_group
-from lightning_localsgd.contract import GradientModifier, SyncContext, SyncObserver
-from lightning_localsgd.engine import CHECKPOINT_KEY, ResumeState, SyncEngine
-from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT, init_strategy_process_group
-from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, broadcast_module_, node_groups
+from lightning_localsgd.algorithms.periodic import PeriodicAveraging
+from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
+from lightning_localsgd.contract import FrontEnd, GradientModifier, SyncContext, SyncObserver
+from lightning_localsgd.engine import SyncEngine
+from lightning_localsgd.resume import CHECKPOINT_KEY, ResumeState, rank_payload
+from lightning_localsgd.transport.collectives import Collectives, Group, new_group
+from lightning_localsgd.transport.process_group import (
+    DEFAULT_INIT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    init_strategy_process_group,
+)
+from lightning_localsgd.transport.replicas import broadcast_module_, node_groups
 
 
 class _NothingToSkip(_BackwardSyncControl):
@@ -57,7 +65,7 @@ class _NothingToSkip(_BackwardSyncControl):
         return nullcontext()
 
 
-class LocalSGDStrategy(DDPStrategy):
+class LocalSGDStrategy(DDPStrategy, FrontEnd):
     """Fabric strategy: local optimizer steps, and the algorithm's synchronization instead of DDP's allreduce.
 
     Args:
@@ -67,11 +75,14 @@ class LocalSGDStrategy(DDPStrategy):
         comm_dtype: what travels at a sync (as in the Trainer's ``LocalSGDStrategy``).
         bucket_mb: largest single collective in megabytes.
         save_replicas: ``fabric.save`` stores every rank's replica and optimizer state (exact resume).
+        checkpoint_io: how ``fabric.save`` writes; default
+            :class:`~lightning_localsgd.checkpoint_io.AtomicCheckpointIO` (a file is replaced whole or
+            not at all, as under the Trainer).
         timeout: how long any collective waits (default 10 minutes), then an error naming the rank.
         init_timeout: how long creating the process group waits (default 5 minutes); torchrun restarts
             come up (see ``process_group.py``).
-        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision,
-        process_group_backend, start_method: as in Fabric's ``DDPStrategy``.
+        accelerator, parallel_devices, cluster_environment, precision, process_group_backend,
+        start_method: as in Fabric's ``DDPStrategy``.
     """
 
     def __init__(
@@ -96,15 +107,13 @@ class LocalSGDStrategy(DDPStrategy):
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
             precision=precision,
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
         )
         if algorithm is None:
-            from lightning_localsgd.algorithms.periodic import PeriodicAveraging
-
             algorithm = PeriodicAveraging()
         if not isinstance(algorithm, ConsensusAlgorithm):
             raise TypeError(
@@ -115,21 +124,52 @@ class LocalSGDStrategy(DDPStrategy):
                 f"gradient_modifier must be a GradientModifier such as GradAlign(beta=0.025), "
                 f"got {type(gradient_modifier).__name__}"
             )
-        self.init_timeout = init_timeout
-        self.engine = SyncEngine(algorithm, gradient_modifier, observers)
-        self.comm = Collectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
-        self.save_replicas = bool(save_replicas)
-        self.world_group = Group(None, [0], 0)
-        self.node_group = Group(None, [0], 0)
-        self.background_group: Group | None = None
-        self.step = 0  # completed optimizer steps
+        self.init_timeout = check_seconds("init_timeout", init_timeout)
+        if timeout is not None:
+            check_seconds("timeout", timeout)
+        self._engine = SyncEngine(algorithm, gradient_modifier, observers)
+        self._comm = Collectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
+        self.save_replicas = check_bool("save_replicas", save_replicas)
+        self._world_group = Group(None, [0], 0)
+        self._node_group = Group(None, [0], 0)
+        self._background_group: Group | None = None
+        self._step = 0  # completed optimizer steps
         self._module: Module | None = None
         self._optimizers = 0
         self._backward_sync_control = _NothingToSkip()
 
     @property
+    def engine(self) -> SyncEngine:
+        return self._engine
+
+    @property
+    @override
     def algorithm(self) -> ConsensusAlgorithm:
-        return self.engine.algorithm
+        return self._engine.algorithm
+
+    @property
+    @override
+    def comm(self) -> Collectives:
+        """The transport (its ``counters`` are what this rank sent)."""
+        return self._comm
+
+    @property
+    def world_group(self) -> Group:
+        return self._world_group
+
+    @property
+    def node_group(self) -> Group:
+        return self._node_group
+
+    @property
+    def step(self) -> int:
+        """Completed optimizer steps (restored by ``fabric.load``)."""
+        return self._step
+
+    @property
+    @override
+    def loss_scaling(self) -> bool:
+        return getattr(self.precision, "scaler", None) is not None
 
     # ------------------------------------------------------------------ setup
     @override
@@ -141,19 +181,20 @@ class LocalSGDStrategy(DDPStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
+        self._engine.check(self)
         world, rank = self.world_size, self.global_rank
-        self.world_group = Group(None, list(range(world)), rank)
-        self.node_group = node_groups(world, self.num_nodes, rank, self._timeout)
+        self._world_group = Group(None, list(range(world)), rank)
+        self._node_group = node_groups(world, self.num_nodes, rank, self._timeout)
         if self.algorithm.overlap_steps > 0 and world > 1:
-            self.background_group = new_group(list(range(world)), rank, self._timeout)
+            self._background_group = new_group(list(range(world)), rank, self._timeout)
 
     @override
     def setup_module(self, module: Module) -> Module:
         if self._module is not None:
             raise ValueError("lightning_localsgd.fabric.LocalSGDStrategy drives one model: call fabric.setup once")
-        broadcast_module_(self.comm, module, self.world_group)  # no DDP wrapper: replicas start equal
+        broadcast_module_(self._comm, module, self._world_group)  # no DDP wrapper: replicas start equal
         self._module = module
-        self._bind(self.step, None)
+        self._bind(self._step, None)
         return module
 
     @override
@@ -166,31 +207,36 @@ class LocalSGDStrategy(DDPStrategy):
     def _bind(self, step: int, restored: Any) -> None:
         assert self._module is not None
         ctx = SyncContext(
-            self._module, self.comm, self.world_group, self.node_group, self.background_group, self.engine.observers
+            self._module,
+            self._comm,
+            self._world_group,
+            self._node_group,
+            self._background_group,
+            self._engine.observers,
         )
-        self.engine.bind(ctx, step, restored)
+        self._engine.bind(ctx, step, restored)
 
     # ------------------------------------------------------------------ the training step
     @override
     def backward(self, tensor: Tensor, module: Module | None, *args: Any, **kwargs: Any) -> None:
-        self.engine.note_loss(tensor)
+        self._engine.note_loss(tensor)
         super().backward(tensor, module, *args, **kwargs)
 
     @override
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
         # Without a closure, fabric.backward already ran: the step's closure only hands back its loss.
-        closure: Callable[[], Any] = kwargs.pop("closure", None) or (lambda: self.engine.last_loss)
-        step = self.step + 1
+        closure: Callable[[], Any] = kwargs.pop("closure", None) or (lambda: self._engine.last_loss)
+        step = self._step + 1
         run = lambda wrapped: super(LocalSGDStrategy, self).optimizer_step(optimizer, closure=wrapped, **kwargs)  # noqa: E731
-        out = self.engine.step(step, closure, run, optimizer)
-        self.step = step
+        out = self._engine.step(step, closure, run, optimizer)
+        self._step = step
         return out
 
     # ------------------------------------------------------------------ evaluation and the end
     @contextmanager
     def consensus(self) -> Iterator[None]:
         """Within the block the model is the consensus; the replicas come back exactly afterwards."""
-        self.algorithm.begin_evaluation(self.step)
+        self.algorithm.begin_evaluation(self._step)
         try:
             yield
         finally:
@@ -198,7 +244,7 @@ class LocalSGDStrategy(DDPStrategy):
 
     def finalize(self) -> None:
         """End of training: merge syncs in flight and leave the consensus on every rank."""
-        self.algorithm.finalize(self.step)
+        self.algorithm.finalize(self._step)
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -212,15 +258,15 @@ class LocalSGDStrategy(DDPStrategy):
         algorithm, module = self.algorithm, self._module
         assert module is not None, "fabric.setup(model, optimizer) first"
         extra = {
-            CHECKPOINT_KEY: {"step": self.step, "algorithm": algorithm.state_dict(), "world_size": self.world_size}
+            CHECKPOINT_KEY: {"step": self._step, "algorithm": algorithm.state_dict(), "world_size": self.world_size}
         }
         if self.save_replicas:
             optimizers = [o for o in state.values() if isinstance(o, Optimizer)]
-            mine = SyncEngine.rank_payload(
+            mine = rank_payload(
                 algorithm.replica_state_dict(), [o.state_dict() for o in optimizers], algorithm.rank_state_dict()
             )
-            extra[CHECKPOINT_KEY]["ranks"] = self.comm.gather_object(mine, self.world_group, kind="checkpoint")
-        consensus = algorithm.consensus_state_dict(module.state_dict(), self.step)
+            extra[CHECKPOINT_KEY]["ranks"] = self._comm.gather_object(mine, self._world_group, kind="checkpoint")
+        consensus = algorithm.consensus_state_dict(module.state_dict(), self._step)
         converted = self._convert_stateful_objects_in_state(state, filter=(filter or {}))
         for key, obj in state.items():
             if obj is module:
@@ -261,13 +307,13 @@ class LocalSGDStrategy(DDPStrategy):
                 obj.load_state_dict(entry)
             else:
                 state[name] = entry
-        self.step = resume.step
-        self._bind(self.step, mine)
+        self._step = resume.step
+        self._bind(self._step, mine)
         return checkpoint
 
     @override
     def teardown(self) -> None:
-        self.comm.close()
+        self._comm.close()
         super().teardown()
 
     @classmethod

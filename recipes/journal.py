@@ -34,7 +34,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from lightning_localsgd.params import flatten, unflatten_
+from lightning_localsgd.transport.tensors import flatten, unflatten_
 
 
 def ddp_bytes(world: int, steps: int, grad_bytes: int, state_bytes: int) -> float:

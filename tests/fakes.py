@@ -1,6 +1,6 @@
 """One fake transport for the unit tests: the real averaging code runs, only the wire is scripted.
 
-:class:`FakeCollectives` subclasses the library's :class:`~lightning_localsgd.comm.Collectives`
+:class:`FakeCollectives` subclasses the library's :class:`~lightning_localsgd.transport.collectives.Collectives`
 and replaces just the primitives that would talk to other processes, so NaN flags, anchors,
 reduced-precision casts and buffer handling are the real ones. This process is one rank of a
 group; what the *other* ranks put on the wire is given by the test.
@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
-from lightning_localsgd.comm import Collectives, Group
 from lightning_localsgd.contract import SyncContext, SyncObserver
+from lightning_localsgd.transport.collectives import Collectives, Group
 
 
 class FakeCollectives(Collectives):

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, OuterSGD
-from lightning_localsgd.async_strategy import AsyncLocalSGDStrategy
+from lightning_localsgd.asynchronous.optimizers import DelayedNesterov, OuterSGD
+from lightning_localsgd.asynchronous.strategy import AsyncLocalSGDStrategy
 from tests.models import TinyNet, flat_params, loader, regression_data, trainer_kwargs
 
 
@@ -216,7 +216,7 @@ def p2p_timeout(out_dir: str, devices: int, num_nodes: int, timeout_s: float) ->
     """Rank 1 sends one tensor to whoever listens, then stays silent; rank 0 receives it, then waits in vain."""
     import torch.distributed as dist
 
-    from lightning_localsgd.comm import Collectives, new_group
+    from lightning_localsgd.transport.collectives import Collectives, new_group
 
     rank = _rank(devices)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_localsgd.comm import CollectiveError, Collectives, Group
+from lightning_localsgd.transport.collectives import CollectiveError, Collectives, Group
 
 
 def peer_gone(out_dir: str, devices: int, num_nodes: int) -> dict[str, Any]:

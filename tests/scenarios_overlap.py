@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lightning_localsgd import DiLoCo, PeriodicAveraging
-from lightning_localsgd.comm import Collectives, Group
+from lightning_localsgd.transport.collectives import Collectives, Group
 from tests.models import TinyNet
 from tests.scenarios_diloco import this_rank
 from tests.scenarios_leader import _fit

@@ -21,11 +21,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, OuterSGD
-from lightning_localsgd.async_protocol import LocalClient
-from lightning_localsgd.async_server import ParameterServer
-from lightning_localsgd.async_strategy import AsyncLocalSGDStrategy
-from lightning_localsgd.async_worker import AsyncWorker, reconcile
+from lightning_localsgd.asynchronous.optimizers import DelayedNesterov, OuterSGD
+from lightning_localsgd.asynchronous.server import LocalClient, ParameterServer
+from lightning_localsgd.asynchronous.strategy import AsyncLocalSGDStrategy
+from lightning_localsgd.asynchronous.worker import AsyncWorker, reconcile
 
 f64 = torch.float64
 
@@ -89,7 +88,7 @@ def _write_two_workers(path: Path) -> ParameterServer:
         client = LocalClient(server, rank)
         worker = AsyncWorker(client, lambda m=module: [m.w], 2, torch.tensor(anchor, dtype=f64), sync_every=4)
         worker.steps, worker.steps_since_pull, worker.pushes = step, since, pushes
-        strategy.worker, strategy.server = worker, server if rank == 0 else None
+        strategy._worker, strategy._server = worker, server if rank == 0 else None  # as a fit would leave them
         strategy.save_checkpoint(_lightning_dump(module, step, momentum, position), path)
     return server
 
@@ -138,7 +137,7 @@ def test_a_part_that_cannot_be_used_says_so_and_what_happens_instead(tmp_path: P
     strategy.load_model_state_dict(ckpt)
     assert module.w.tolist() == [1.0, -1.0]  # the global model θ, from the file
     broadcasts: list[object] = []
-    monkeypatch.setattr("lightning_localsgd.replica_strategy.broadcast_module_", lambda *a: broadcasts.append(a))
+    monkeypatch.setattr("lightning_localsgd.trainer.replica.broadcast_module_", lambda *a: broadcasts.append(a))
     strategy.configure_ddp()  # no broadcast: the ranks that have a part would not join it
     assert broadcasts == []
     _strategy(1, module).configure_ddp()  # a fresh start does broadcast rank 0's model

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, OuterSGD
 from lightning_localsgd.algorithms.diloco import DiLoCo
-from lightning_localsgd.async_strategy import AsyncLocalSGDStrategy
-from lightning_localsgd.strategy import LocalSGDStrategy
+from lightning_localsgd.asynchronous.optimizers import DelayedNesterov, OuterSGD
+from lightning_localsgd.asynchronous.strategy import AsyncLocalSGDStrategy
+from lightning_localsgd.trainer.strategy import LocalSGDStrategy
 from recipes.char_lm import CharGPT, StdlibCorpusDataModule, decode, encode, main, shard, stdlib_corpus
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "char_lm"

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lightning_localsgd import comm as comm_module
-from lightning_localsgd.comm import Collectives, Group, NonFiniteReplicaError
-from lightning_localsgd.params import flatten, lerp_, pseudo_gradient, sync_tensors, unflatten_
+from lightning_localsgd.transport import collectives as comm_module
+from lightning_localsgd.transport.collectives import Collectives, Group, NonFiniteReplicaError
+from lightning_localsgd.transport.tensors import flatten, lerp_, pseudo_gradient, sync_tensors, unflatten_
 
 RANK0_OF_2 = Group(handle=None, ranks=[0, 1], rank=0)
 

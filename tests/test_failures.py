@@ -3,7 +3,7 @@
 import pytest
 
 from lightning_localsgd import LocalSGDStrategy
-from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT
+from lightning_localsgd.trainer.replica import DEFAULT_TIMEOUT
 from tests.launch import run_ranks
 
 

@@ -24,11 +24,11 @@ import torch
 
 from lightning_localsgd import DiLoCo, GradAlign, LocalSGDStrategy, PeriodicAveraging, ReplicaDrift, TorchFT
 from lightning_localsgd.algorithms.elastic import ElasticAveraging
-from lightning_localsgd.comm import Collectives, Group, NonFiniteReplicaError
 from lightning_localsgd.engine import SyncEngine
-from lightning_localsgd.fault_tolerance import FaultToleranceError
-from lightning_localsgd.ft_collectives import QuorumCollectives, QuorumGroup, _QuorumHandle
-from lightning_localsgd.ft_session import ReplicaGroupSession
+from lightning_localsgd.fault_tolerance.collectives import QuorumCollectives, QuorumGroup, _QuorumHandle
+from lightning_localsgd.fault_tolerance.config import FaultToleranceError
+from lightning_localsgd.fault_tolerance.session import ReplicaGroupSession
+from lightning_localsgd.transport.collectives import Collectives, Group, NonFiniteReplicaError
 from tests.fakes import Toy, bind_fake
 from tests.scenarios_ft import group_data, initial_weights, loss_of
 

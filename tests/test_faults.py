@@ -11,8 +11,8 @@ import torch
 
 from benchmarks.faults import agent_noticed, checkpoints_intact
 from lightning_localsgd import PeriodicAveraging
-from lightning_localsgd.comm import NonFiniteReplicaError
 from lightning_localsgd.engine import SyncEngine
+from lightning_localsgd.transport.collectives import NonFiniteReplicaError
 from tests.fakes import FakeCollectives, Toy, bind_fake
 
 

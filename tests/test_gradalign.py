@@ -43,12 +43,36 @@ def fake_trainer(strategy, accumulate=1, scaler=None):
         (fake_trainer(SimpleNamespace()), True, TypeError, "GradAlign needs the local-SGD strategy"),
         (fake_trainer(LocalSGDStrategy()), False, ValueError, "use automatic optimization"),
         (fake_trainer(LocalSGDStrategy(), accumulate=2), True, ValueError, "use accumulate_grad_batches=1"),
-        (fake_trainer(LocalSGDStrategy(), scaler=object()), True, ValueError, "does not support fp16 loss scaling"),
     ],
 )
 def test_refuses_what_it_cannot_do(trainer, automatic, error, message):
     with pytest.raises(error, match=message):
         GradAlign(0.1).setup(trainer, SimpleNamespace(automatic_optimization=automatic), "fit")
+
+
+def test_fp16_loss_scaling_is_refused_at_setup_under_the_trainer_and_under_fabric():
+    """The check lives in ``check_front_end``, which both front ends run at setup (it was Trainer-only)."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import MixedPrecision as FabricMixedPrecision
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from lightning_localsgd import PeriodicAveraging
+    from lightning_localsgd.fabric import LocalSGDStrategy as FabricLocalSGDStrategy
+    from tests.models import TinyNet, loader, regression_data, trainer_kwargs
+
+    message = "GradAlign does not support fp16 loss scaling"
+    kwargs = trainer_kwargs(1, 1, precision=None, plugins=[MixedPrecision("16-mixed", "cpu")], max_steps=1)
+    trainer = Trainer(strategy=LocalSGDStrategy(), callbacks=[PeriodicAveraging(1), GradAlign(0.1)], **kwargs)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(TinyNet(), loader(regression_data(8)))
+    strategy = FabricLocalSGDStrategy(algorithm=PeriodicAveraging(1), gradient_modifier=GradAlign(0.1))
+    fabric = Fabric(accelerator="cpu", devices=1, strategy=strategy, plugins=[FabricMixedPrecision("16-mixed", "cpu")])
+    with pytest.raises(ValueError, match=message):
+        fabric.launch()
+    # bf16 needs no scaler: both accept it
+    strategy = FabricLocalSGDStrategy(algorithm=PeriodicAveraging(1), gradient_modifier=GradAlign(0.1))
+    Fabric(accelerator="cpu", devices=1, strategy=strategy, precision="bf16-mixed").strategy.engine.check(strategy)
 
 
 # ---------------------------------------------------------------------------------------------- references

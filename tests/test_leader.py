@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lightning_localsgd.algorithms.leader import LeaderSGD
-from lightning_localsgd.comm import Group, NonFiniteReplicaError
 from lightning_localsgd.contract import StepReport
+from lightning_localsgd.transport.collectives import Group, NonFiniteReplicaError
 from tests.fakes import FakeCollectives, bind_fake
 from tests.launch import run_ranks
 from tests.scenarios_leader import shard_batch, tinynet_start

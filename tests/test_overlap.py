@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_localsgd import DiLoCo, ElasticAveraging, LeaderSGD, ModifiedLocalGD, PeriodicAveraging
-from lightning_localsgd.params import partition
+from lightning_localsgd.transport.tensors import partition
 from tests.fakes import FakeCollectives, Toy, bind_fake
 
 F64 = torch.float64
@@ -97,7 +97,7 @@ def test_partition_cuts_the_flat_layout_into_equal_ranges_across_tensor_boundari
         (lambda: PeriodicAveraging(8, merge_alpha=0.5), "merge_alpha has no effect without overlap_steps > 0"),
         (
             lambda: PeriodicAveraging(8, overlap_steps=2, merge_alpha=1.5),
-            r"merge_alpha must be None or a number in \[0, 1\]",
+            r"merge_alpha must be a number in \[0, 1\]",
         ),
         (lambda: ModifiedLocalGD(8, 0.1, overlap_steps=2), "ModifiedLocalGD cannot overlap or fragment"),
         (lambda: ElasticAveraging(8, fragments=2), "use PeriodicAveraging or DiLoCo"),

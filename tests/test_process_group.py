@@ -1,4 +1,4 @@
-"""lightning_localsgd.process_group: restarted groups never read the previous attempt's store keys.
+"""lightning_localsgd.transport.process_group: restarted groups never read the previous attempt's store keys.
 
 The test process plays torchrun's elastic agent: it hosts the TCPStore that outlives the restart
 attempts and starts the two ranks of each attempt with the environment torchrun gives them
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from lightning_localsgd.process_group import ProcessGroupInitError, attempt_prefix, init_process_group
+from lightning_localsgd.transport.process_group import ProcessGroupInitError, attempt_prefix, init_process_group
 from recipes.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

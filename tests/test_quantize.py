@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_localsgd.quantize import BLOCK, LEVELS, dequantize, packet_bytes, quantize
+from lightning_localsgd.transport.quantize import BLOCK, LEVELS, dequantize, packet_bytes, quantize
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

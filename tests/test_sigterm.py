@@ -9,7 +9,7 @@ import pytest
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_localsgd import DiLoCo, PeriodicAveraging
-from lightning_localsgd.sigterm import (
+from lightning_localsgd.trainer.sigterm import (
     SIGTERM_BROADCAST,
     local_sigterm_check,
     replace_sigterm_check,

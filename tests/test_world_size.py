@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.algorithms.leader import LeaderSGD
-from lightning_localsgd.engine import average_optimizer_states
+from lightning_localsgd.resume import average_optimizer_states
 from tests.launch import run_ranks
 from tests.scenarios_world_size import ALGORITHMS, LR, MOMENTUM, target
 

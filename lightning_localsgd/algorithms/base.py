@@ -49,9 +49,10 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor, nn
 
-from lightning_localsgd.comm import Collectives, Group, NonFinitePolicy, PendingMean
-from lightning_localsgd.contract import RoundPosition, StepReport, SyncContext, SyncEvent
-from lightning_localsgd.params import (
+from lightning_localsgd._checks import check_int, check_number
+from lightning_localsgd.contract import FrontEnd, RoundPosition, StepReport, SyncContext, SyncEvent
+from lightning_localsgd.transport.collectives import Collectives, Group, NonFinitePolicy, PendingMean
+from lightning_localsgd.transport.tensors import (
     BUFFER_POLICIES,
     BufferPolicy,
     Fragment,
@@ -63,13 +64,6 @@ from lightning_localsgd.params import (
     sync_tensors,
     views,
 )
-
-
-def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    """Validate an integer argument with a message that says what to pass instead."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 @dataclass
@@ -108,6 +102,7 @@ class ConsensusAlgorithm(Callback):
 
     overlappable: ClassVar[bool] = False  # supports overlap_steps, fragments, merge_alpha
     equalizes: ClassVar[bool] = True  # a whole sync leaves every replica equal (EASGD's does not)
+    fault_tolerant: ClassVar[bool] = False  # all its state is global: a healing replica group can receive it
 
     def __init__(
         self,
@@ -120,14 +115,14 @@ class ConsensusAlgorithm(Callback):
         fragments: int = 1,
         merge_alpha: float | None = None,
     ) -> None:
-        self.sync_every = check_positive_int("sync_every", sync_every)
-        self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
+        self.sync_every = check_int("sync_every", sync_every)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
         if buffers not in BUFFER_POLICIES:
             raise ValueError(f"buffers must be one of {BUFFER_POLICIES}, got {buffers!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        self.overlap_steps = check_positive_int("overlap_steps", overlap_steps, minimum=0)
-        self.fragments = check_positive_int("fragments", fragments)
+        self.overlap_steps = check_int("overlap_steps", overlap_steps, minimum=0)
+        self.fragments = check_int("fragments", fragments)
         name = type(self).__name__
         if not self.overlappable and (self.overlap_steps or self.fragments != 1 or merge_alpha is not None):
             raise ValueError(
@@ -145,9 +140,7 @@ class ConsensusAlgorithm(Callback):
                 f"raise sync_every or use fragments <= {sync_every}"
             )
         if merge_alpha is not None:
-            ok = isinstance(merge_alpha, (int, float)) and not isinstance(merge_alpha, bool)
-            if not ok or not 0 <= merge_alpha <= 1:
-                raise ValueError(f"merge_alpha must be None or a number in [0, 1] such as 0.5, got {merge_alpha!r}")
+            check_number("merge_alpha", merge_alpha, 0, 1, example="0.5 (or None)")
             if self.overlap_steps == 0:
                 raise ValueError("merge_alpha has no effect without overlap_steps > 0: drop it or set overlap_steps")
         self.merge_alpha = None if merge_alpha is None else float(merge_alpha)
@@ -195,11 +188,12 @@ class ConsensusAlgorithm(Callback):
         (under ``nonfinite="skip"`` the average of the finite ones, as at a sync)."""
         self.comm.mean_(list(self._named_state().values()), self.world, kind=kind, nonfinite=self.nonfinite)
 
+    def check_front_end(self, front_end: FrontEnd) -> None:
+        """Raise, with the fix, if this algorithm cannot run under ``front_end`` (called at setup by both)."""
+
     # ================================================================== Lightning callback hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        from lightning_localsgd.strategy import LocalSGDStrategy
-
-        if stage == "fit" and not isinstance(trainer.strategy, LocalSGDStrategy):
+        if stage == "fit" and not isinstance(trainer.strategy, FrontEnd):
             raise TypeError(
                 f"{type(self).__name__} needs the local-SGD strategy: use Trainer(strategy='localsgd', "
                 f"callbacks=[{type(self).__name__}(...)]) instead of strategy={type(trainer.strategy).__name__}."
@@ -291,7 +285,7 @@ class ConsensusAlgorithm(Callback):
                 self._finish(self._fragments[p], step)
         if self.overlap_steps == 0 and len(self._fragments) == 1:
             if self.is_due(step, self.sync_every):
-                self._whole_sync(step)
+                self.whole_sync(step)
             return
         for fragment in self._fragments:
             if self._fragment_due(fragment, step):
@@ -325,7 +319,7 @@ class ConsensusAlgorithm(Callback):
         for p in list(self._inflight):
             self._finish(self._fragments[p], step)
         if not self.is_synced(step):
-            self._whole_sync(step)
+            self.whole_sync(step)
 
     # ------------------------------------------------------------------ checkpoints
     def replica_state_dict(self) -> dict[str, Tensor]:
@@ -384,6 +378,24 @@ class ConsensusAlgorithm(Callback):
                 mine["inflight_sent"] = {p: v.clone() for p, v in inflight.items()}
             out.append(mine)
         return out
+
+    # ------------------------------------------------------------------ global state moved between live jobs
+    @torch.no_grad()
+    def load_shared_state_(self, state: dict[str, Any]) -> None:
+        """Replace this bound algorithm's global state by ``state`` (another replica's :meth:`state_dict`), in place.
+
+        The anchor keeps its storage (DiLoCo's θ pieces and outer optimizer parameters are views of
+        it). Used by fault tolerance when a replica group heals from a live peer; subclasses with
+        more global state extend it (``fault_tolerant`` algorithms).
+        """
+        self.last_sync_step = int(state["last_sync_step"])
+        self.num_syncs = int(state["num_syncs"])
+        if self.anchor is not None:
+            self.anchor.copy_(state["anchor"])
+
+    def shared_tensors(self) -> list[Tensor]:
+        """The floating tensors of the global state (equal on every rank): the anchor, and what subclasses add."""
+        return [] if self.anchor is None else [self.anchor]
 
     # ================================================================== helpers for subclasses
     @property
@@ -462,7 +474,7 @@ class ConsensusAlgorithm(Callback):
         """Whether the ranks meet at ``step`` anyway: a warm-up step or the step that ends a round with its sync.
 
         The strategy lets Lightning's per-batch SIGTERM broadcast run only before these steps
-        (:mod:`lightning_localsgd.sigterm`): between them a training step sends nothing.
+        (:mod:`lightning_localsgd.trainer.sigterm`): between them a training step sends nothing.
         """
         return self.in_warmup(step) or self.is_due(step, self.sync_every)
 
@@ -508,7 +520,8 @@ class ConsensusAlgorithm(Callback):
         since = step - self.warmup_steps - offset
         return since >= 0 and since % self.sync_every == 0
 
-    def _whole_sync(self, step: int) -> None:
+    def whole_sync(self, step: int) -> None:
+        """One blocking sync of the whole model at ``step``, counted; the replicas are marked equal if it equalizes."""
         self.sync(step)
         self.num_syncs += 1
         if self.equalizes:
@@ -584,3 +597,6 @@ class ConsensusAlgorithm(Callback):
         if fragment.index == len(self._fragments) - 1 and broadcast:  # buffers="broadcast": rank 0's
             self.broadcast_buffers_(broadcast)
         self.num_syncs += 1
+
+
+check_positive_int = check_int  # the name before 0.2 (lightning_localsgd._checks.check_int)

@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_localsgd._checks import check_bool, check_number
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
-from lightning_localsgd.comm import NonFinitePolicy
-from lightning_localsgd.params import BufferPolicy, Fragment
+from lightning_localsgd.transport.collectives import NonFinitePolicy
+from lightning_localsgd.transport.tensors import BufferPolicy, Fragment
 
 OuterOptimizer = Callable[[Iterable[Tensor]], Optimizer]
 """``params -> Optimizer``, e.g. ``functools.partial(torch.optim.Adam, lr=1e-3)`` (jsonargparse's OptimizerCallable)."""
@@ -123,6 +124,7 @@ class DiLoCo(ConsensusAlgorithm):
     """
 
     overlappable = True
+    fault_tolerant = True
 
     def __init__(
         self,
@@ -149,13 +151,9 @@ class DiLoCo(ConsensusAlgorithm):
             fragments=fragments,
             merge_alpha=merge_alpha,
         )
-        if isinstance(outer_lr, bool) or not isinstance(outer_lr, (int, float)) or not outer_lr > 0:
-            raise ValueError(f"outer_lr must be a positive number such as 0.7, got {outer_lr!r}")
-        momentum_ok = isinstance(outer_momentum, (int, float)) and not isinstance(outer_momentum, bool)
-        if not momentum_ok or not 0 <= outer_momentum < 1:
-            raise ValueError(f"outer_momentum must be a number in [0, 1) such as 0.9, got {outer_momentum!r}")
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
+        check_number("outer_lr", outer_lr, 0, low_open=True, example="0.7")
+        check_number("outer_momentum", outer_momentum, 0, 1, high_open=True, example="0.9")
+        check_bool("nesterov", nesterov)
         if outer_optimizer is None:
             if nesterov and outer_momentum == 0:
                 raise ValueError("nesterov=True needs outer_momentum > 0: pass nesterov=False for plain outer SGD")
@@ -223,6 +221,20 @@ class DiLoCo(ConsensusAlgorithm):
             outer.step()
             outer.zero_grad(set_to_none=True)
         return [theta for theta, _ in pieces]
+
+    @torch.no_grad()
+    def load_shared_state_(self, state: dict[str, Any]) -> None:
+        super().load_shared_state_(state)
+        for outer, outer_state in zip(self.outers, state.get("outer_optimizer") or [], strict=True):
+            if outer is not None:
+                outer.load_state_dict(outer_state)
+
+    def shared_tensors(self) -> list[Tensor]:
+        tensors = super().shared_tensors()
+        for outer in self.outers:
+            for values in [] if outer is None else outer.state.values():
+                tensors += [v for v in values.values() if isinstance(v, Tensor) and v.is_floating_point()]
+        return tensors
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

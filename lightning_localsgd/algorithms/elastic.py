@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
+from lightning_localsgd._checks import check_number
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
-from lightning_localsgd.comm import NonFinitePolicy
-from lightning_localsgd.params import BufferPolicy, all_finite, copy_, flatten, lerp_, views
-
-
-def _rate(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r} (e.g. {name}=0.9)")
-    return float(value)
+from lightning_localsgd.transport.collectives import NonFinitePolicy
+from lightning_localsgd.transport.tensors import BufferPolicy, all_finite, copy_, flatten, lerp_, views
 
 
 class ElasticAveraging(ConsensusAlgorithm):
@@ -82,8 +75,8 @@ class ElasticAveraging(ConsensusAlgorithm):
             overlap_steps=overlap_steps,
             fragments=fragments,
         )
-        self.alpha = None if alpha is None else _rate("alpha", alpha)
-        self.beta = _rate("beta", beta)
+        self.alpha = None if alpha is None else check_number("alpha", alpha, 0, 1, low_open=True, example="0.9")
+        self.beta = check_number("beta", beta, 0, 1, low_open=True, example="0.9")
 
     @property
     def moving_rate(self) -> float:

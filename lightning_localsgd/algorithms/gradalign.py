@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -13,9 +12,9 @@ from lightning.pytorch.loops.optimization.closure import AbstractClosure
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_localsgd.algorithms.base import check_positive_int
-from lightning_localsgd.contract import GradientModifier, RoundPosition, StepReport, SyncContext
-from lightning_localsgd.params import copy_, flatten, unflatten_
+from lightning_localsgd._checks import check_int, check_number
+from lightning_localsgd.contract import FrontEnd, GradientModifier, RoundPosition, StepReport, SyncContext
+from lightning_localsgd.transport.tensors import copy_, flatten, unflatten_
 
 
 def _grads(params: list[Tensor]) -> Tensor:
@@ -93,12 +92,11 @@ class GradAlign(GradientModifier):
     """
 
     def __init__(self, beta: float, every: int = 1, log_alignment: bool = True) -> None:
-        if isinstance(beta, bool) or not isinstance(beta, int | float) or not math.isfinite(beta) or beta < 0:
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r} (the paper uses beta = lr / 2)")
+        check_number("beta", beta, 0, example="lr / 2 (the paper's choice)")
         if beta == 0:
             rank_zero_warn("GradAlign(beta=0) only averages gradients (K = 1) at twice DDP's cost; use beta > 0.")
         self.beta = float(beta)
-        self.every = check_positive_int("every", every)
+        self.every = check_int("every", every)
         self.log_alignment = bool(log_alignment)
         self.alignment: float | None = None  # mean cosine of the last aligned update
         self.num_updates = 0
@@ -107,11 +105,9 @@ class GradAlign(GradientModifier):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        from lightning_localsgd.strategy import LocalSGDStrategy
-
         if stage != "fit":
             return
-        if not isinstance(trainer.strategy, LocalSGDStrategy):
+        if not isinstance(trainer.strategy, FrontEnd):
             raise TypeError(
                 "GradAlign needs the local-SGD strategy: use Trainer(strategy='localsgd', callbacks=[PeriodicAveraging("
                 f"sync_every=1), GradAlign(...)]) instead of strategy={type(trainer.strategy).__name__}"
@@ -123,8 +119,6 @@ class GradAlign(GradientModifier):
                 "GradAlign's second pass can only re-run the last micro-batch: use accumulate_grad_batches=1 "
                 "and a larger batch size instead"
             )
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError("GradAlign does not support fp16 loss scaling: use precision='bf16-mixed' or '32-true'")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if self._fresh and self.log_alignment and self.alignment is not None:
@@ -132,6 +126,10 @@ class GradAlign(GradientModifier):
         self._fresh = False
 
     # ------------------------------------------------------------------ the contract
+    def check_front_end(self, front_end: FrontEnd) -> None:
+        if front_end.loss_scaling:
+            raise ValueError("GradAlign does not support fp16 loss scaling: use precision='bf16-mixed' or '32-true'")
+
     def bind(self, ctx: SyncContext) -> None:
         self._ctx = ctx
 

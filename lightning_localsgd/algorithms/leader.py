@@ -11,20 +11,13 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_localsgd.algorithms.base import ConsensusAlgorithm, check_positive_int
-from lightning_localsgd.comm import Group, NonFinitePolicy, NonFiniteReplicaError
+from lightning_localsgd._checks import check_bool, check_int, check_number
+from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.contract import StepReport
-from lightning_localsgd.params import BufferPolicy, all_finite, copy_, flatten, lerp_, views
+from lightning_localsgd.transport.collectives import Group, NonFinitePolicy, NonFiniteReplicaError
+from lightning_localsgd.transport.tensors import BufferPolicy, all_finite, copy_, flatten, lerp_, views
 
 Evaluate = Literal["average", "leader"]
-
-
-def _fraction(name: str, value: Any, *, upper_open: bool = False) -> float:
-    bound = "[0, 1)" if upper_open else "[0, 1]"
-    number = not isinstance(value, bool) and isinstance(value, int | float)
-    if not number or not 0 <= value <= 1 or (upper_open and value == 1):
-        raise ValueError(f"{name} must be a number in {bound}, got {value!r} (e.g. {name}=0.1)")
-    return float(value)
 
 
 class LeaderSGD(ConsensusAlgorithm):
@@ -124,10 +117,10 @@ class LeaderSGD(ConsensusAlgorithm):
             overlap_steps=overlap_steps,
             fragments=fragments,
         )
-        self.pull = _fraction("pull", pull)
-        self.loss_window = check_positive_int("loss_window", loss_window)
+        self.pull = check_number("pull", pull, 0, 1, example="0.1")
+        self.loss_window = check_int("loss_window", loss_window)
         if node_sync_every is not None:
-            check_positive_int("node_sync_every", node_sync_every)
+            check_int("node_sync_every", node_sync_every)
             if node_sync_every >= sync_every or sync_every % node_sync_every != 0:
                 raise ValueError(
                     f"node_sync_every={node_sync_every} must be smaller than sync_every={sync_every} and divide it "
@@ -145,14 +138,12 @@ class LeaderSGD(ConsensusAlgorithm):
                 )
         flags = {"step_pull_per_period": step_pull_per_period, "node_pull_on_global_step": node_pull_on_global_step}
         for name, flag in flags.items():
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be True or False, got {flag!r}")
+            check_bool(name, flag)
         self.node_sync_every = node_sync_every
-        self.node_pull = _fraction("node_pull", 0.1 if node_pull is None else node_pull)
-        self.step_pull = _fraction("step_pull", step_pull, upper_open=True)
-        self.node_step_pull = _fraction(
-            "node_step_pull", 0.0 if node_step_pull is None else node_step_pull, upper_open=True
-        )
+        self.node_pull = check_number("node_pull", 0.1 if node_pull is None else node_pull, 0, 1, example="0.1")
+        self.step_pull = check_number("step_pull", step_pull, 0, 1, high_open=True, example="0.1")
+        node_step_pull = 0.0 if node_step_pull is None else node_step_pull
+        self.node_step_pull = check_number("node_step_pull", node_step_pull, 0, 1, high_open=True, example="0.1")
         self.step_pull_per_period, self.node_pull_on_global_step = step_pull_per_period, node_pull_on_global_step
         if evaluate not in ("average", "leader"):
             raise ValueError(f"evaluate must be 'average' or 'leader', got {evaluate!r}")

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_localsgd._checks import check_bool, check_number
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
-from lightning_localsgd.comm import NonFinitePolicy
 from lightning_localsgd.contract import StepReport
-from lightning_localsgd.params import BufferPolicy, all_finite, copy_, flatten, snapshot, unflatten_
+from lightning_localsgd.transport.collectives import NonFinitePolicy
+from lightning_localsgd.transport.tensors import BufferPolicy, all_finite, copy_, flatten, snapshot, unflatten_
 
 
 class ModifiedLocalGD(ConsensusAlgorithm):
@@ -83,12 +84,8 @@ class ModifiedLocalGD(ConsensusAlgorithm):
             overlap_steps=overlap_steps,
             fragments=fragments,
         )
-        if isinstance(prox, bool) or not isinstance(prox, (int, float)) or not 0 < prox < float("inf"):
-            raise ValueError(
-                f"prox must be a positive number such as 0.01 (for prox=0 use PeriodicAveraging), got {prox!r}"
-            )
-        if not isinstance(correction, bool):
-            raise ValueError(f"correction must be True or False, got {correction!r}")
+        check_number("prox", prox, 0, low_open=True, example="0.01 (for prox=0 use PeriodicAveraging)")
+        check_bool("correction", correction)
         self.prox = float(prox)
         self.correction = correction
         self._z: list[Tensor] | None = None  # center of this worker's proximal term, per trainable parameter

@@ -6,10 +6,11 @@ from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_localsgd.algorithms.base import ConsensusAlgorithm, check_positive_int
-from lightning_localsgd.comm import NonFinitePolicy
+from lightning_localsgd._checks import check_int
+from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.contract import StepReport
-from lightning_localsgd.params import BufferPolicy, float_buffers
+from lightning_localsgd.transport.collectives import NonFinitePolicy
+from lightning_localsgd.transport.tensors import BufferPolicy, float_buffers
 
 
 class PeriodicAveraging(ConsensusAlgorithm):
@@ -65,6 +66,7 @@ class PeriodicAveraging(ConsensusAlgorithm):
     """
 
     overlappable = True
+    fault_tolerant = True
 
     def __init__(
         self,
@@ -88,7 +90,7 @@ class PeriodicAveraging(ConsensusAlgorithm):
             merge_alpha=merge_alpha,
         )
         if node_sync_every is not None:
-            check_positive_int("node_sync_every", node_sync_every)
+            check_int("node_sync_every", node_sync_every)
             if node_sync_every >= sync_every or sync_every % node_sync_every != 0:
                 raise ValueError(
                     f"node_sync_every={node_sync_every} must be smaller than sync_every={sync_every} and divide it "
@@ -138,6 +140,10 @@ class PeriodicAveraging(ConsensusAlgorithm):
         state = super().state_dict()
         state["num_node_syncs"] = self.num_node_syncs
         return state
+
+    def load_shared_state_(self, state: dict[str, Any]) -> None:
+        super().load_shared_state_(state)
+        self.num_node_syncs = int(state.get("num_node_syncs", 0))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

@@ -4,7 +4,7 @@ The consensus algorithm is unchanged: it calls ``comm.mean_(tensors, ctx.world, 
 Under ``fault_tolerance`` the world it was bound with is a :class:`QuorumGroup` (the replica groups
 of the current quorum, not a fixed process group) and the transport a :class:`QuorumCollectives`,
 which turns a sync (``kind="sync"``) into one round of the group's
-:class:`~lightning_localsgd.ft_session.ReplicaGroupSession`:
+:class:`~lightning_localsgd.fault_tolerance.session.ReplicaGroupSession`:
 
 .. math::
     c_j &= [\\text{replica } j \\text{ contributes}],\\qquad
@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_localsgd.comm import Collectives, Group, NonFinitePolicy, PendingMean
-from lightning_localsgd.params import all_finite, flatten, unflatten_
+from lightning_localsgd.transport.collectives import Collectives, Group, NonFinitePolicy, PendingMean
+from lightning_localsgd.transport.tensors import all_finite, flatten, unflatten_
 
 if TYPE_CHECKING:
-    from lightning_localsgd.ft_session import ReplicaGroupSession
+    from lightning_localsgd.fault_tolerance.session import ReplicaGroupSession
 
 JOB_LOCAL_KINDS = ("eval", "checkpoint", "setup")
 
@@ -63,7 +63,7 @@ class QuorumGroup(Group):
 
 
 class QuorumCollectives(Collectives):
-    """:class:`~lightning_localsgd.comm.Collectives` whose means over a :class:`QuorumGroup` are torchft rounds."""
+    """:class:`~lightning_localsgd.transport.collectives.Collectives` whose means over a :class:`QuorumGroup` are torchft rounds."""
 
     # ------------------------------------------------------------------ the one supported collective
     @torch.no_grad()

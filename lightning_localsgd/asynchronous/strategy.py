@@ -18,17 +18,18 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_localsgd.algorithms.base import check_positive_int
-from lightning_localsgd.algorithms.delayed_nesterov import DelayedNesterov, ServerOptimizer
-from lightning_localsgd.async_guards import LockstepGuards
-from lightning_localsgd.async_protocol import AsyncTrainingError, LocalClient, MessageType, RemoteClient
-from lightning_localsgd.async_server import ParameterServer
-from lightning_localsgd.async_worker import AsyncWorker, reconcile, resume_problem, state_dtype
-from lightning_localsgd.comm import Collectives, Group, new_group
-from lightning_localsgd.engine import RankResume, SyncEngine
-from lightning_localsgd.params import flatten, unflatten_
-from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT
-from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy
+from lightning_localsgd._checks import check_bool, check_int, check_number
+from lightning_localsgd.asynchronous.guards import LockstepGuards
+from lightning_localsgd.asynchronous.optimizers import DelayedNesterov, ServerOptimizer
+from lightning_localsgd.asynchronous.protocol import AsyncTrainingError, MessageType, RemoteClient
+from lightning_localsgd.asynchronous.server import LocalClient, ParameterServer
+from lightning_localsgd.asynchronous.worker import AsyncWorker, reconcile, resume_problem, state_dtype
+from lightning_localsgd.engine import SyncEngine
+from lightning_localsgd.resume import RankResume
+from lightning_localsgd.trainer.replica import DEFAULT_TIMEOUT, ReplicaStrategy
+from lightning_localsgd.transport.collectives import Collectives, Group, new_group
+from lightning_localsgd.transport.process_group import DEFAULT_INIT_TIMEOUT
+from lightning_localsgd.transport.tensors import flatten, unflatten_
 
 _CHECKPOINT_KEY = "async_localsgd"
 
@@ -40,7 +41,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     pulled, pushes its pseudo-gradient :math:`g = x_\text{pulled} - x_i` to the parameter server on
     rank 0 and continues from the model the server sends back. The server applies every push once,
     in arrival order, with ``outer_optimizer`` (:class:`~lightning_localsgd.DelayedNesterov` by default;
-    :class:`~lightning_localsgd.algorithms.delayed_nesterov.OuterSGD` for the naive baselines). The
+    :class:`~lightning_localsgd.asynchronous.optimizers.OuterSGD` for the naive baselines). The
     staleness of a push is the number of server updates since that worker's pull. With
     ``dynamic_local_steps`` (DyLU) :math:`H_i = \max(1, \lceil H v_i / \max_j v_j \rceil)`, where
     :math:`v` is each worker's measured optimizer steps per second, so all workers push at about the
@@ -62,7 +63,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
       (docs/async.md, "Resuming").
     * **Lockstep collectives** are impossible while ranks run at their own pace: during training
       ``barrier`` and ``broadcast`` are local, ``self.log(sync_dist=True)`` logs the local value
-      (with a warning) and ``all_gather`` raises (:class:`~lightning_localsgd.async_guards.LockstepGuards`).
+      (with a warning) and ``all_gather`` raises (:class:`~lightning_localsgd.asynchronous.guards.LockstepGuards`).
 
     Example::
 
@@ -80,7 +81,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         speed_smoothing: weight of the previous speed estimate in the EMA, in [0, 1).
         poll_interval: seconds between "is everyone done?" requests of a finished worker.
         timeout: of every server message; a worker silent for longer (dead or stalled) ends the run
-            with :class:`~lightning_localsgd.async_server.AsyncTrainingError`. Must exceed the longest
+            with :class:`~lightning_localsgd.asynchronous.server.AsyncTrainingError`. Must exceed the longest
             round of local steps and the longest validation.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, start_method: as in ``DDPStrategy``.
@@ -118,7 +119,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
             start_method=start_method,
             init_timeout=init_timeout,
         )
-        self.sync_every = check_positive_int("sync_every", sync_every)
+        self.sync_every = check_int("sync_every", sync_every)
         if outer_optimizer is None:
             outer_optimizer = DelayedNesterov(lr=0.7, momentum=0.9)
         if not isinstance(outer_optimizer, ServerOptimizer):
@@ -127,35 +128,46 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
                 f"OuterSGD(lr=0.07, momentum=0.9, nesterov=True), got {type(outer_optimizer).__name__}"
             )
         self.outer_optimizer = outer_optimizer
-        if not isinstance(dynamic_local_steps, bool):
-            raise ValueError(f"dynamic_local_steps must be True or False, got {dynamic_local_steps!r}")
-        self.dynamic_local_steps = dynamic_local_steps
-        self.slowdown = {int(r): float(f) for r, f in dict(slowdown or {}).items()}
-        if any(f < 1 for f in self.slowdown.values()) or any(r < 0 for r in self.slowdown):
-            raise ValueError(f"slowdown maps ranks >= 0 to factors >= 1 (e.g. {{1: 3.0}}), got {slowdown!r}")
-        self.max_updates = None if max_updates is None else check_positive_int("max_updates", max_updates)
-        if not 0 <= speed_smoothing < 1:
-            raise ValueError(f"speed_smoothing must be in [0, 1) such as 0.5, got {speed_smoothing!r}")
-        if not poll_interval > 0:
-            raise ValueError(f"poll_interval must be a positive number of seconds such as 0.05, got {poll_interval!r}")
-        self.speed_smoothing, self.poll_interval = float(speed_smoothing), float(poll_interval)
-        self.server: ParameterServer | None = None  # rank 0 only
-        self.server_comm = Collectives()  # the server thread's own counters (bytes rank 0 sends as replies)
-        self.server_group = Group(None, [0], 0)
+        self.dynamic_local_steps = check_bool("dynamic_local_steps", dynamic_local_steps)
+        self.slowdown = {
+            check_int("a slowdown rank", r, minimum=0): check_number(f"slowdown[{r}]", f, 1, example="{1: 3.0}")
+            for r, f in dict(slowdown or {}).items()
+        }
+        self.max_updates = None if max_updates is None else check_int("max_updates", max_updates)
+        self.speed_smoothing = check_number("speed_smoothing", speed_smoothing, 0, 1, high_open=True, example="0.5")
+        self.poll_interval = check_number("poll_interval (seconds)", poll_interval, 0, low_open=True, example="0.05")
+        self._server: ParameterServer | None = None  # rank 0 only
+        self._server_comm = Collectives()  # the server thread's own counters (bytes rank 0 sends as replies)
+        self._server_group = Group(None, [0], 0)
         self.push_observers: list[Callable[[Any, Tensor], None]] = []  # handed to the server (tests, monitors)
-        self.worker: AsyncWorker | None = None
+        self._worker: AsyncWorker | None = None
         self._names: list[str] = []
         self._num_params = 0
         self._restored_server: dict[str, Any] | None = None
         self._resumed_worker: dict[str, Any] | None = None  # this rank's part of the checkpoint
         self._replay: tuple[int, int] | None = None  # steps and pushes of this worker the restored server holds
 
+    @property
+    def server(self) -> ParameterServer | None:
+        """The parameter server (rank 0, during and after a fit; ``None`` elsewhere)."""
+        return self._server
+
+    @property
+    def worker(self) -> AsyncWorker | None:
+        """This rank's worker of the current (or last) fit."""
+        return self._worker
+
+    @property
+    def server_comm(self) -> Collectives:
+        """The server thread's own transport (its counters: the bytes rank 0 sends as replies)."""
+        return self._server_comm
+
     # ------------------------------------------------------------------ setup
     @override
     def setup_distributed(self) -> None:
         super().setup_distributed()
         if self.world_size > 1:  # used only by the server protocol, so it never mixes with other traffic
-            self.server_group = new_group(list(range(self.world_size)), self.global_rank, timeout=self._timeout)
+            self._server_group = new_group(list(range(self.world_size)), self.global_rank, timeout=self._timeout)
 
     @override
     def setup_environment(self) -> None:
@@ -203,7 +215,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         restored, rank = self._restored_server, self.global_rank
         client: LocalClient | RemoteClient
         if rank == 0:
-            self.server = ParameterServer(
+            self._server = ParameterServer(
                 state.clone(),
                 self._num_params,
                 self.outer_optimizer,
@@ -214,14 +226,14 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
                 timeout=self._timeout_seconds(),
             )
             if restored is not None:
-                self.server.load_state_dict(restored)
-            self.server.observers = self.push_observers
+                self._server.load_state_dict(restored)
+            self._server.observers = self.push_observers
             if self.world_size > 1:
-                self.server.start(self.server_comm, self.server_group)
-            client = LocalClient(self.server, rank)
+                self._server.start(self._server_comm, self._server_group)
+            client = LocalClient(self._server, rank)
         else:
-            client = RemoteClient(self.comm, self.server_group, state.numel(), state.dtype, rank)
-        self.worker = AsyncWorker(
+            client = RemoteClient(self.comm, self._server_group, state.numel(), state.dtype, rank)
+        self._worker = AsyncWorker(
             client,
             self._tensors,
             self._num_params,
@@ -245,8 +257,8 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self._active and self.worker is not None:
-            reply = self.worker.after_step()
+        if self._active and self._worker is not None:
+            reply = self._worker.after_step()
             if reply is not None:
                 if reply.stop:  # max_updates reached on the server
                     self.lightning_module.trainer.should_stop = True
@@ -255,8 +267,8 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
 
     def async_metrics(self) -> dict[str, float]:
         """This worker's H_i, speed, pushes and last staleness; on rank 0 also the server's view per worker."""
-        out = self.worker.metrics() if self.worker is not None else {}
-        server = self.server
+        out = self._worker.metrics() if self._worker is not None else {}
+        server = self._server
         if server is not None:
             with server.lock:
                 for r in range(server.n):
@@ -271,11 +283,11 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     @override
     def on_train_end(self) -> None:
         super().on_train_end()
-        if self._active and self.worker is not None:
-            self.worker.finish()  # last push, DONE, and the final global model on every rank
+        if self._active and self._worker is not None:
+            self._worker.finish()  # last push, DONE, and the final global model on every rank
             self._set_active(False)
-            if self.server is not None and self.server.thread is not None:
-                self.server.thread.join(self._timeout_seconds())
+            if self._server is not None and self._server.thread is not None:
+                self._server.thread.join(self._timeout_seconds())
 
     @override
     def teardown(self) -> None:
@@ -283,7 +295,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         if (
             trainer is not None
             and self._restored_server is not None
-            and self.worker is None
+            and self._worker is None
             and trainer.state.fn == TrainerFn.FITTING
             and trainer.state.status == TrainerStatus.RUNNING
         ):
@@ -300,11 +312,11 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         if not self._active:
             return
         self._set_active(False)
-        if self.server is not None:
-            self.server.abort(f"rank 0 failed: {type(exception).__name__}: {exception}")
-        elif self.worker is not None and not isinstance(exception, AsyncTrainingError):
+        if self._server is not None:
+            self._server.abort(f"rank 0 failed: {type(exception).__name__}: {exception}")
+        elif self._worker is not None and not isinstance(exception, AsyncTrainingError):
             try:  # tell the server at once instead of letting it time out on this rank
-                self.worker.client.request(MessageType.FAIL)
+                self._worker.client.request(MessageType.FAIL)
             except AsyncTrainingError:
                 pass
 
@@ -312,13 +324,13 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     @override
     def on_validation_start(self) -> None:
         super().on_validation_start()
-        if self._active and self.worker is not None:
-            self.worker.begin_evaluation()  # the server's current global model; the replica is parked
+        if self._active and self._worker is not None:
+            self._worker.begin_evaluation()  # the server's current global model; the replica is parked
 
     @override
     def on_validation_end(self) -> None:
-        if self.worker is not None:
-            self.worker.end_evaluation()
+        if self._worker is not None:
+            self._worker.end_evaluation()
         super().on_validation_end()
 
     # ------------------------------------------------------------------ checkpoints
@@ -332,20 +344,20 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         # No collective: every rank writes its own part now; rank 0 also writes the server's cut and
         # the global model as the state_dict. A round that ended at this step was pushed before (inside
         # optimizer_step): the part counts that push, so a resume never pushes it again.
-        if self.worker is not None and "optimizer_states" in checkpoint:
+        if self._worker is not None and "optimizer_states" in checkpoint:
             state = self.lightning_module.state_dict()
-            state.update(zip(self._names, (t.clone() for t in self.worker.replica())))
+            state.update(zip(self._names, (t.clone() for t in self._worker.replica())))
             lightning = {k: v for k, v in checkpoint.items() if k not in ("state_dict", _CHECKPOINT_KEY)}
             part = {
                 "world_size": self.world_size,
                 "rank": self.global_rank,
                 "model": {k: v.detach().clone() for k, v in state.items()},
-                "worker": self.worker.state_dict(),
+                "worker": self._worker.state_dict(),
                 "lightning": lightning,
             }
             self.checkpoint_io.save_checkpoint(part, self.part_path(filepath, self.global_rank))
-        if self.server is not None:
-            saved = self.server.state_dict()
+        if self._server is not None:
+            saved = self._server.state_dict()
             state_dict = dict(checkpoint["state_dict"])
             theta = saved["optimizer"]["theta"][0]
             flat = torch.cat([theta, saved["buffers"]])
@@ -387,7 +399,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         checkpoint.update(saved["lightning"])
         worker, self._replay = reconcile(saved["worker"], checkpoint[_CHECKPOINT_KEY], self.global_rank)
         self._resumed_worker = {**saved, "worker": worker}
-        self.rank_resume = RankResume(saved["model"], saved["lightning"]["optimizer_states"], {}, exact=True)
+        self._rank_resume = RankResume(saved["model"], saved["lightning"]["optimizer_states"], {}, exact=True)
         return checkpoint
 
     @override

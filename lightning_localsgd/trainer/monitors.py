@@ -8,13 +8,13 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_localsgd.contract import SyncEvent, SyncObserver
+from lightning_localsgd.contract import FrontEnd, SyncEvent, SyncObserver
+
+__all__ = ["CommStats", "ReplicaDrift"]
 
 
-def _localsgd_strategy(trainer: Trainer, who: str) -> Any:
-    from lightning_localsgd.strategy import LocalSGDStrategy
-
-    if not isinstance(trainer.strategy, LocalSGDStrategy):
+def _localsgd_strategy(trainer: Trainer, who: str) -> FrontEnd:
+    if not isinstance(trainer.strategy, FrontEnd):
         raise TypeError(f"{who} reads the local-SGD strategy's counters: use it with Trainer(strategy='localsgd')")
     return trainer.strategy
 
@@ -23,7 +23,7 @@ class CommStats(Callback):
     """Log this rank's communication through Lightning's logger every training batch.
 
     Logged (rank 0's values): ``comm/MB_sent`` (cumulative estimated megabytes this rank sent,
-    see :mod:`lightning_localsgd.comm`), ``comm/seconds`` (cumulative wall-clock inside
+    see :mod:`lightning_localsgd.transport.collectives`), ``comm/seconds`` (cumulative wall-clock inside
     collectives, including those running in the background), ``comm/wait_seconds`` (the training
     thread waiting for background syncs), ``comm/syncs`` (synchronizations so far; each fragment's
     counts once).

@@ -13,7 +13,7 @@ from typing import Any
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_localsgd.sigterm import local_sigterm_check, replace_sigterm_check, restore_sigterm_check
+from lightning_localsgd.trainer.sigterm import local_sigterm_check, replace_sigterm_check, restore_sigterm_check
 
 
 class LockstepGuards:

@@ -17,19 +17,21 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_localsgd._checks import check_bool
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
-from lightning_localsgd.comm import Group, NonFinitePolicy, new_group
-from lightning_localsgd.contract import SyncContext
-from lightning_localsgd.engine import CHECKPOINT_KEY, SyncEngine
-from lightning_localsgd.fault_tolerance import TorchFT
-from lightning_localsgd.ft_collectives import QuorumCollectives
-from lightning_localsgd.params import BufferPolicy
-from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT
-from lightning_localsgd.replica_strategy import DEFAULT_TIMEOUT, ReplicaStrategy, loader_state
-from lightning_localsgd.sigterm import replace_sigterm_check, restore_sigterm_check, sigterm_check_at
+from lightning_localsgd.algorithms.periodic import PeriodicAveraging
+from lightning_localsgd.contract import FrontEnd, SyncContext
+from lightning_localsgd.engine import SyncEngine
+from lightning_localsgd.resume import CHECKPOINT_KEY, rank_payload
+from lightning_localsgd.trainer.plugins import FaultTolerancePlugin, FaultTolerantSession
+from lightning_localsgd.trainer.replica import DEFAULT_TIMEOUT, ReplicaStrategy, loader_state
+from lightning_localsgd.trainer.sigterm import replace_sigterm_check, restore_sigterm_check, sigterm_check_at
+from lightning_localsgd.transport.collectives import Group, NonFinitePolicy, new_group
+from lightning_localsgd.transport.process_group import DEFAULT_INIT_TIMEOUT
+from lightning_localsgd.transport.tensors import BufferPolicy
 
 
-class LocalSGDStrategy(ReplicaStrategy):
+class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     """Data-parallel training with local steps and periodic synchronization (``strategy="localsgd"``).
 
     Unlike :class:`~lightning.pytorch.strategies.DDPStrategy`, the module is **not** wrapped in
@@ -76,9 +78,10 @@ class LocalSGDStrategy(ReplicaStrategy):
             the others fail with an error naming the rank, the operation and the peers.
         init_timeout: how long creating the process group waits (default 5 minutes); creation survives
             torchrun restarts (a fresh store namespace per attempt, see ``process_group.py``).
-        fault_tolerance: :class:`~lightning_localsgd.TorchFT` to make this job one replica group of
-            a torchft job: syncs go through torchft rounds, groups may die and come back
-            (docs/fault_tolerance.md). ``None``: the fixed world of this job.
+        fault_tolerance: :class:`~lightning_localsgd.TorchFT` (any
+            :class:`~lightning_localsgd.trainer.plugins.FaultTolerancePlugin`) to make this job one
+            replica group of a torchft job: syncs go through torchft rounds, groups may die and come
+            back (docs/fault_tolerance.md). ``None``: the fixed world of this job.
         start_method, accelerator, parallel_devices, cluster_environment, checkpoint_io,
         precision_plugin, process_group_backend: as in ``DDPStrategy``.
     """
@@ -104,7 +107,7 @@ class LocalSGDStrategy(ReplicaStrategy):
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
-        fault_tolerance: TorchFT | None = None,
+        fault_tolerance: FaultTolerancePlugin | None = None,
     ) -> None:
         super().__init__(
             comm_dtype=comm_dtype,
@@ -131,47 +134,66 @@ class LocalSGDStrategy(ReplicaStrategy):
             ).items()
             if v is not None
         }
-        from lightning_localsgd.algorithms.periodic import PeriodicAveraging
-
         PeriodicAveraging(**self._default_kwargs)
-        self.save_replicas = bool(save_replicas)
-        self.engine: SyncEngine | None = None
-        self.background_group: Group | None = None
+        self.save_replicas = check_bool("save_replicas", save_replicas)
+        self._engine: SyncEngine | None = None
+        self._background_group: Group | None = None
         self._bound = False  # the engine drives this strategy's module (from setup in fit on)
-        # ---- fault tolerance (lightning_localsgd/fault_tolerance.py, ft_*.py): the hook points are marked "ft"
-        if fault_tolerance is not None and not isinstance(fault_tolerance, TorchFT):
+        # Fault tolerance is a plugin (trainer/plugins.py): the strategy calls it at five points, nothing else.
+        if fault_tolerance is not None and not isinstance(fault_tolerance, FaultTolerancePlugin):
             raise TypeError(f"fault_tolerance must be a TorchFT(...) or None, got {type(fault_tolerance).__name__}")
-        self.fault_tolerance = fault_tolerance
-        self.ft_session: Any = None  # ReplicaGroupSession of the current (or last) fit
+        self._fault_tolerance = fault_tolerance
+        self._session: FaultTolerantSession | None = None
         if fault_tolerance is not None:
-            self.comm = QuorumCollectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
+            self._comm = fault_tolerance.collectives(comm_dtype, bucket_mb)
 
     @property
+    def engine(self) -> SyncEngine | None:
+        """The engine of the current (or last) fit (``None`` before the first fit)."""
+        return self._engine
+
+    @property
+    @override
     def algorithm(self) -> ConsensusAlgorithm | None:
         """The consensus algorithm of the current (or last) fit."""
-        return None if self.engine is None else self.engine.algorithm
+        return None if self._engine is None else self._engine.algorithm
+
+    @property
+    def fault_tolerance(self) -> FaultTolerancePlugin | None:
+        """The fault-tolerance plugin given at construction (``None``: the fixed world of this job)."""
+        return self._fault_tolerance
+
+    @property
+    def ft_session(self) -> FaultTolerantSession | None:
+        """The fault-tolerant session of the current (or last) fit (``None`` without ``fault_tolerance``)."""
+        return self._session
+
+    @property
+    @override
+    def loss_scaling(self) -> bool:
+        return getattr(self.precision_plugin, "scaler", None) is not None
 
     # ------------------------------------------------------------------ setup
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
-        self._bound, self.resume_state = False, None  # a new fit: loaded again if resuming
+        self._bound, self._resume_state = False, None  # a new fit: loaded again if resuming
         if not self.fitting():
             return
         self._resolve_engine(self.lightning_module.trainer)
-        if self.fault_tolerance is not None:  # ft
-            self.fault_tolerance.check_supported(self.engine, self.comm)
-        needs_background = self.algorithm.overlap_steps > 0 and self.world_size > 1
-        if needs_background and self.background_group is None:  # every rank decides alike: same config
-            self.background_group = new_group(list(range(self.world_size)), self.global_rank, self._timeout)
-        if self.world_size == 1 and self.fault_tolerance is None:  # ft: a 1-process replica group syncs with others
+        assert self._engine is not None
+        self._engine.check(self)
+        if self._fault_tolerance is not None:
+            self._fault_tolerance.check_supported(self._engine, self._comm)
+        needs_background = self._engine.algorithm.overlap_steps > 0 and self.world_size > 1
+        if needs_background and self._background_group is None:  # every rank decides alike: same config
+            self._background_group = new_group(list(range(self.world_size)), self.global_rank, self._timeout)
+        if self.world_size == 1 and self._fault_tolerance is None:  # a 1-process replica group syncs with others
             rank_zero_warn("LocalSGDStrategy runs on a single process: there is nothing to synchronize.")
 
     def _resolve_engine(self, trainer: Trainer) -> None:
-        from lightning_localsgd.algorithms.periodic import PeriodicAveraging
-
         algorithms, modifiers, observers = SyncEngine.find(trainer.callbacks)
-        if self.engine is not None and algorithms == [self.engine.algorithm]:
+        if self._engine is not None and algorithms == [self._engine.algorithm]:
             return  # a second fit with the same trainer
         if algorithms and self._default_kwargs:
             name = type(algorithms[0]).__name__
@@ -184,52 +206,44 @@ class LocalSGDStrategy(ReplicaStrategy):
         else:
             algorithm = PeriodicAveraging(**self._default_kwargs)
             trainer.callbacks.append(algorithm)
-        self.engine = SyncEngine(algorithm, modifiers[0] if modifiers else None, observers)
+        self._engine = SyncEngine(algorithm, modifiers[0] if modifiers else None, observers)
 
     @override
     def setup(self, trainer: Trainer) -> None:
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        assert self.engine is not None
-        world = self.world_group
-        if self.fault_tolerance is not None:  # ft: the world is the quorum of replica groups
-            from lightning_localsgd.ft_session import ReplicaGroupSession
-
-            self.ft_session = ReplicaGroupSession(
-                self.fault_tolerance, trainer, self.engine.algorithm, self.world_group, self.comm, self.broadcast
-            )
-            world = self.ft_session.group
+        engine = self._engine
+        assert engine is not None
+        world = self._world_group
+        if self._fault_tolerance is not None:  # the world is the quorum of replica groups
+            self._session = self._fault_tolerance.start(trainer, engine, self._world_group, self._comm, self.broadcast)
+            world = self._session.group
         ctx = SyncContext(
-            self.lightning_module,
-            self.comm,
-            world,
-            self.node_group,
-            self.background_group,
-            self.engine.observers,
+            self.lightning_module, self._comm, world, self._node_group, self._background_group, engine.observers
         )
-        step = trainer.global_step if self.resume_state is None else self.resume_state.step
-        self.engine.bind(ctx, step, self.rank_resume)
-        self._bound, self.resume_state = True, None
+        step = trainer.global_step if self._resume_state is None else self._resume_state.step
+        engine.bind(ctx, step, self._rank_resume)
+        self._bound, self._resume_state = True, None
 
     # ------------------------------------------------------------------ the training step
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         if not self._bound or not self.fitting():
             return super().optimizer_step(optimizer, closure, model, **kwargs)
-        assert self.engine is not None
+        assert self._engine is not None
         step = self.lightning_module.trainer.global_step + 1  # the optimizer step this call completes
         run = lambda wrapped: super(LocalSGDStrategy, self).optimizer_step(optimizer, wrapped, model, **kwargs)  # noqa: E731
-        out = self.engine.step(step, closure, run)
-        if self.ft_session is not None:  # ft: a healing in this step's sync gave this group the peers' step
-            self.ft_session.after_step()
+        out = self._engine.step(step, closure, run)
+        if self._session is not None:  # a healing in this step's sync gave this group the peers' step
+            self._session.after_step()
         return out
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
-        if self.engine is not None:
-            self.engine.note_loss(closure_loss)
+        if self._engine is not None:
+            self._engine.note_loss(closure_loss)
 
     # ------------------------------------------------------------------ evaluation on the consensus
     def _driving(self) -> bool:
@@ -250,8 +264,8 @@ class LocalSGDStrategy(ReplicaStrategy):
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self.ft_session is not None and self._driving():  # ft: join the live replica groups
-            self.ft_session.join()
+        if self._session is not None and self._driving():  # join the live replica groups
+            self._session.join()
         if self._driving() and self.world_size > 1:  # no per-step message between syncs (sigterm.py)
             trainer = self.lightning_module.trainer
             replace_sigterm_check(trainer, sigterm_check_at(trainer, self.algorithm.agrees_at))
@@ -272,34 +286,35 @@ class LocalSGDStrategy(ReplicaStrategy):
             step = self.lightning_module.trainer.global_step
             checkpoint["state_dict"] = algorithm.consensus_state_dict(checkpoint["state_dict"], step)
             if self.save_replicas and "optimizer_states" in checkpoint:
-                mine = SyncEngine.rank_payload(
+                mine = rank_payload(
                     algorithm.replica_state_dict(),
                     [self.optimizer_state(opt) for opt in self.optimizers],
                     algorithm.rank_state_dict(),
                 )
                 loops = loader_state(checkpoint)
                 mine["loader"] = None if loops is None else loops.get("combined_loader")  # this rank's position
-                ranks = self.comm.gather_object(mine, self.world_group, kind="checkpoint")  # to rank 0
+                ranks = self._comm.gather_object(mine, self._world_group, kind="checkpoint")  # to rank 0
                 checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size, "ranks": ranks}
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @override
     def teardown(self) -> None:
-        if self.ft_session is not None:  # ft: leave the quorum (the session's history stays readable)
-            self.ft_session.shutdown()
+        if self._session is not None:  # leave the quorum (the session's history stays readable)
+            self._session.shutdown()
         super().teardown()
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        self.rank_resume = None
-        if self.resume_state is not None and self.engine is not None:
-            self.rank_resume = self.resume_state.for_rank(self.global_rank, self.world_size, self.engine.algorithm)
-        if self.rank_resume is not None and self.rank_resume.exact:
-            self.lightning_module.load_state_dict(self.rank_resume.model, strict=strict)
+        self._rank_resume = None
+        resume = self._resume_state
+        if resume is not None and self._engine is not None:
+            self._rank_resume = resume.for_rank(self.global_rank, self.world_size, self._engine.algorithm)
+        if self._rank_resume is not None and self._rank_resume.exact:
+            self.lightning_module.load_state_dict(self._rank_resume.model, strict=strict)
             return
-        if self.rank_resume is not None:
+        if self._rank_resume is not None and resume is not None:
             rank_zero_warn(
-                f"The checkpoint holds replicas of {self.resume_state.world_size} ranks but this run has "
+                f"The checkpoint holds replicas of {resume.world_size} ranks but this run has "
                 f"{self.world_size}: every rank starts from the consensus model with the inner optimizer state "
                 "averaged over the saved ranks; per-rank algorithm state is reduced as each algorithm documents. "
                 "Resume on the original world size to continue exactly."

@@ -4,7 +4,7 @@ The server state is one flat vector ``[θ | float buffers]``; the outer optimize
 push, in arrival order; buffers are replaced by the pushing worker's (last writer wins).
 :meth:`ParameterServer.handle` is the whole logic and does no communication: rank 0's own worker
 calls it directly, remote workers reach it through :meth:`ParameterServer.serve`, a thread on
-rank 0 speaking the protocol of :mod:`lightning_localsgd.async_protocol`. One lock guards the
+rank 0 speaking the protocol of :mod:`lightning_localsgd.asynchronous.protocol`. One lock guards the
 state, so a push is applied completely or not at all, and a checkpoint is a cut between two pushes.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_localsgd.algorithms.delayed_nesterov import ServerOptimizer
-from lightning_localsgd.async_protocol import (
+from lightning_localsgd.asynchronous.optimizers import ServerOptimizer
+from lightning_localsgd.asynchronous.protocol import (
     HEADER,
     TAG_MODEL,
     TAG_PUSH,
@@ -32,7 +32,7 @@ from lightning_localsgd.async_protocol import (
     Reply,
     Status,
 )
-from lightning_localsgd.comm import Collectives, Group
+from lightning_localsgd.transport.collectives import Collectives, Group
 
 
 @dataclass
@@ -236,3 +236,25 @@ class ParameterServer:
                 self._check_stalls()  # a timed-out receive: name the silent worker if there is one
             waiting = [w for w in remote if not self.final_sent[w]]
             self.abort(f"the parameter server thread failed while workers {waiting} were running: {err}")
+
+
+class LocalClient:
+    """Rank 0's own worker: calls the server in-process (no network)."""
+
+    def __init__(self, server: ParameterServer, rank: int = 0) -> None:
+        self.server, self.rank = server, rank
+
+    def request(
+        self, message: MessageType, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None
+    ) -> Reply | None:
+        reply = self.server.handle(message, self.rank, steps, speed, payload)
+        if reply is not None and reply.status == Status.ABORT:
+            raise AsyncTrainingError(f"asynchronous training aborted: {self.server.abort_reason}")
+        return reply
+
+    def check(self) -> None:
+        """Heartbeat; raises if the run was aborted (e.g. a remote worker went silent)."""
+        self.server.check(self.rank)
+
+    def wait(self, seconds: float) -> None:
+        self.server.wait(self.rank, seconds)

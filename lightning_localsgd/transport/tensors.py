@@ -2,7 +2,7 @@
 
 Everything an algorithm synchronizes is a list of tensors taken from the module by
 :func:`sync_tensors`; the helpers below flatten, snapshot and combine such lists so that the
-collectives in :mod:`lightning_localsgd.comm` can move one flat buffer per sync.
+collectives in :mod:`lightning_localsgd.transport.collectives` can move one flat buffer per sync.
 """
 
 from __future__ import annotations

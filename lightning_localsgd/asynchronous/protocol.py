@@ -16,7 +16,8 @@ FAIL       –                                     none: the server aborts the r
 After an abort every request is answered ``ABORT``. Headers are 6 float64 values; a request travels
 as header (+ payload) with tags ``TAG_REQUEST``/``TAG_PUSH``, a reply as header (+ state) with
 ``TAG_REPLY``/``TAG_MODEL``, all on a process group used by nothing else. Rank 0's own worker skips
-the network: :class:`LocalClient` calls :meth:`ParameterServer.handle` in-process.
+the network: :class:`~lightning_localsgd.asynchronous.server.LocalClient` calls
+:meth:`ParameterServer.handle` in-process.
 """
 
 from __future__ import annotations
@@ -24,15 +25,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lightning_localsgd.comm import Collectives, Group
-
-if TYPE_CHECKING:
-    from lightning_localsgd.async_server import ParameterServer
+from lightning_localsgd.transport.collectives import Collectives, Group
 
 HEADER = 6
 TAG_REQUEST, TAG_PUSH, TAG_REPLY, TAG_MODEL = 11, 12, 13, 14
@@ -80,28 +77,6 @@ class Reply:
     def from_header(cls, header: Tensor, state: Tensor | None) -> Reply:
         status, updates, local_steps, staleness, stop, _ = header.tolist()
         return cls(Status(int(status)), state, int(updates), int(local_steps), int(staleness), bool(stop))
-
-
-class LocalClient:
-    """Rank 0's own worker: calls the server in-process (no network)."""
-
-    def __init__(self, server: ParameterServer, rank: int = 0) -> None:
-        self.server, self.rank = server, rank
-
-    def request(
-        self, message: MessageType, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None
-    ) -> Reply | None:
-        reply = self.server.handle(message, self.rank, steps, speed, payload)
-        if reply is not None and reply.status == Status.ABORT:
-            raise AsyncTrainingError(f"asynchronous training aborted: {self.server.abort_reason}")
-        return reply
-
-    def check(self) -> None:
-        """Heartbeat; raises if the run was aborted (e.g. a remote worker went silent)."""
-        self.server.check(self.rank)
-
-    def wait(self, seconds: float) -> None:
-        self.server.wait(self.rank, seconds)
 
 
 class RemoteClient:

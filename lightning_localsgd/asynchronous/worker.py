@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_localsgd.async_protocol import LocalClient, MessageType, RemoteClient, Reply, Status
-from lightning_localsgd.params import flatten, unflatten_
+from lightning_localsgd.asynchronous.protocol import MessageType, RemoteClient, Reply, Status
+from lightning_localsgd.asynchronous.server import LocalClient
+from lightning_localsgd.transport.tensors import flatten, unflatten_
 
 
 def state_dtype(tensors: Sequence[Tensor]) -> torch.dtype:

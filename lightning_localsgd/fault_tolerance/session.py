@@ -5,10 +5,10 @@ A *round* is what every group of a quorum does together, in this order:
 ============  ======================================================================================
 open          ``Manager.start_quorum`` (blocking): the Lighthouse names the live groups; torchft
               rebuilds its process group if they changed; a group behind the others heals (its
-              state is replaced by a live peer's, :mod:`lightning_localsgd.ft_state`)
+              state is replaced by a live peer's, :mod:`lightning_localsgd.fault_tolerance.state`)
 agree         :meth:`ReplicaGroupSession.agree`: four float64 numbers summed over the quorum give
               the number of contributors and check the step (and are the round's barrier)
-average       sync rounds only: :class:`~lightning_localsgd.ft_collectives.QuorumCollectives`
+average       sync rounds only: :class:`~lightning_localsgd.fault_tolerance.collectives.QuorumCollectives`
               sums over the quorum with ``Manager.allreduce`` (a healed group contributes zeros)
 close         ``Manager.should_commit``: True → the mean is written and the step counted;
               False (a peer died in the round) → the same round again, replicas untouched
@@ -35,18 +35,20 @@ import torch
 from lightning.pytorch import Trainer
 from torch import Tensor
 from torch.distributed import TCPStore
+from typing_extensions import override
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
-from lightning_localsgd.comm import Group, NonFiniteReplicaError
-from lightning_localsgd.fault_tolerance import FaultToleranceError, TorchFT, require_torchft
-from lightning_localsgd.ft_collectives import QuorumCollectives, QuorumGroup, _QuorumHandle
-from lightning_localsgd.ft_state import (
+from lightning_localsgd.fault_tolerance.collectives import QuorumCollectives, QuorumGroup, _QuorumHandle
+from lightning_localsgd.fault_tolerance.config import FaultToleranceError, TorchFT, require_torchft
+from lightning_localsgd.fault_tolerance.state import (
     capture_peer_state,
     equalize_job_,
     restore_peer_state_,
     set_optimizer_steps,
     step_schedulers,
 )
+from lightning_localsgd.trainer.plugins import FaultTolerantSession
+from lightning_localsgd.transport.collectives import Group, NonFiniteReplicaError
 
 log = logging.getLogger(__name__)
 STATE_KEY = "lightning_localsgd"
@@ -68,7 +70,7 @@ class RoundRecord:
     wall_time: float  # time.time() at the end
 
 
-class ReplicaGroupSession:
+class ReplicaGroupSession(FaultTolerantSession):
     """The torchft ``Manager`` of this process and the rounds it runs for the consensus algorithm.
 
     Args:
@@ -120,7 +122,7 @@ class ReplicaGroupSession:
                 f"{config.resolved('lighthouse_addr')!r}, or raise connect_timeout"
             ) from err
         self.manager.register_state_dict_fn(STATE_KEY, self._restore, self._capture)
-        self.group = QuorumGroup(_QuorumHandle(), list(job.ranks), job.rank, session=self)
+        self._group = QuorumGroup(_QuorumHandle(), list(job.ranks), job.rank, session=self)
         self.history: list[RoundRecord] = []
         self.contributes = True  # False from healing until the round commits
         self.round_step, self.round_kind = 0, "join"
@@ -130,6 +132,12 @@ class ReplicaGroupSession:
         self._started = self._quorum_seconds = 0.0
         self._closed = False
         self._source = ""
+
+    @property
+    @override
+    def group(self) -> QuorumGroup:
+        """The quorum of live replica groups: what the algorithm syncs over."""
+        return self._group
 
     def _manager(self, module: Any, config: TorchFT, pg_class: Any, host: str, port: int, hostname: str) -> Any:
         """torchft's Manager of this process (a synchronous quorum: heal on the training thread, before the average)."""
@@ -258,14 +266,14 @@ class ReplicaGroupSession:
         return committed
 
     # ------------------------------------------------------------------ joining and healing
+    @override
     def join(self) -> None:
         """The first round of this fit: agree with the live groups on the model, then train from their step."""
         for attempt in range(1, self.max_attempts + 1):
             self.open_round(self.trainer.global_step, "join")
             if self._adopted is not None and self._adopted[1] == "sync":
                 # The peers are in the sync of step S: take part in it like them, contributing nothing.
-                self.algorithm.sync(self._adopted[0])
-                self.algorithm.num_syncs += 1
+                self.algorithm.whole_sync(self._adopted[0])
                 break
             count = self.agree(self.contributes)  # the barrier: healing peers fetch before anyone commits
             if self.close_round(contributors=count or 0):
@@ -283,6 +291,7 @@ class ReplicaGroupSession:
         if kind == "join":
             equalize_job_(self.trainer, self.algorithm, self.comm, self.job)
 
+    @override
     def after_step(self) -> None:
         """Inside an optimizer step, after its sync: adopt the step count a healing gave this group."""
         if self._adopted is None:
@@ -320,6 +329,7 @@ class ReplicaGroupSession:
             "groups is broken; raise TorchFT(max_retries=...) if failures are expected this often."
         )
 
+    @override
     def shutdown(self) -> None:
         """Stop the manager's server, heartbeat and checkpoint server (the Lighthouse drops this group)."""
         if not self._closed:

@@ -14,22 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
-def _check_number(name: str, value: Any, low: float, high: float, example: str, *, open_high: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    ok = ok and low <= value and (value < high if open_high else value <= high)
-    if not ok:
-        interval = f"[{low}, {high})" if open_high else f"[{low}, {high}]"
-        raise ValueError(f"{name} must be a number in {interval} such as {example}, got {value!r}")
-    return float(value)
+from lightning_localsgd._checks import check_bool, check_int, check_number
 
 
 class ServerOptimizer:
     """The interface the parameter server drives: :meth:`bind` to θ, then :meth:`step` once per push."""
 
     def __init__(self, lr: float) -> None:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"lr must be a positive number such as 0.7, got {lr!r}")
+        check_number("lr", lr, 0, low_open=True, example="0.7")
         self.lr = float(lr)
         self.params: list[Tensor] = []
         self.t = 0  # pushes applied since bind
@@ -99,15 +91,11 @@ class DelayedNesterov(ServerOptimizer):
         self, lr: float = 0.7, momentum: float = 0.9, buffer_size: int | None = None, activation: float = 0.0
     ) -> None:
         super().__init__(lr)
-        self.momentum = _check_number("momentum", momentum, 0.0, 1.0, "0.9", open_high=True)
-        if buffer_size is not None and (
-            isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1
-        ):
-            raise ValueError(
-                f"buffer_size must be None (the number of workers) or an integer >= 1, got {buffer_size!r}"
-            )
+        self.momentum = check_number("momentum", momentum, 0, 1, high_open=True, example="0.9")
+        if buffer_size is not None:
+            check_int("buffer_size (None: the number of workers)", buffer_size)
         self.buffer_size = buffer_size
-        self.activation = _check_number("activation", activation, 0.0, 1.0 / (buffer_size or 1), "0.0")
+        self.activation = check_number("activation", activation, 0, 1.0 / (buffer_size or 1), example="0.0")
         self.n = buffer_size or 1  # N in use, fixed at bind
         self.m: list[Tensor] = []
         self.delta: list[Tensor] = []
@@ -175,9 +163,8 @@ class OuterSGD(ServerOptimizer):
 
     def __init__(self, lr: float, momentum: float = 0.0, nesterov: bool = False) -> None:
         super().__init__(lr)
-        self.momentum = _check_number("momentum", momentum, 0.0, 1.0, "0.9", open_high=True)
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
+        self.momentum = check_number("momentum", momentum, 0, 1, high_open=True, example="0.9")
+        check_bool("nesterov", nesterov)
         if nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0: pass OuterSGD(lr, momentum=0.9, nesterov=True)")
         self.nesterov = nesterov

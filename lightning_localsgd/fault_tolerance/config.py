@@ -10,8 +10,8 @@ torchft's Lighthouse; every world synchronization of the consensus algorithm bec
    behind (it just started, or it missed a commit) *heals*: torchft's checkpoint transport sends
    it a live peer's state (the consensus model, DiLoCo's anchor and outer optimizer state, the
    inner optimizer, the LR schedulers, the step count) and the group then takes part in the
-   round without contributing (:mod:`lightning_localsgd.ft_session`);
-2. **average** over the quorum (:mod:`lightning_localsgd.ft_collectives`): a tiny float64
+   round without contributing (:mod:`lightning_localsgd.fault_tolerance.session`);
+2. **average** over the quorum (:mod:`lightning_localsgd.fault_tolerance.collectives`): a tiny float64
    allreduce agrees on how many replicas contribute and on the step, then one allreduce of the
    synchronized values (``Manager.allreduce`` with SUM, in buckets);
 3. **commit** (``Manager.should_commit``): only then is the mean written into the replica. A
@@ -32,13 +32,29 @@ Example::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from lightning_localsgd.comm import Collectives
-    from lightning_localsgd.engine import SyncEngine
+import torch
+from lightning.pytorch import Trainer
+from typing_extensions import override
+
+from lightning_localsgd._checks import check_int, check_seconds
+from lightning_localsgd.engine import SyncEngine
+from lightning_localsgd.trainer.plugins import FaultTolerancePlugin, FaultTolerantSession
+from lightning_localsgd.transport.collectives import Collectives, Group
+
+__all__ = [
+    "INSTALL_HINT",
+    "LIGHTHOUSE_ENV",
+    "REPLICA_ID_ENV",
+    "FaultToleranceError",
+    "TorchFT",
+    "require_torchft",
+    "start_lighthouse",
+]
 
 INSTALL_HINT = "pip install lightning-localsgd[ft]  (or: pip install torchft)"
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
@@ -59,20 +75,8 @@ def require_torchft() -> Any:
     return manager
 
 
-def _seconds(name: str, value: timedelta | float) -> timedelta:
-    if isinstance(value, timedelta):
-        out = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        out = timedelta(seconds=float(value))
-    else:
-        raise TypeError(f"{name} must be a timedelta or a number of seconds such as 60, got {value!r}")
-    if out.total_seconds() <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return out
-
-
 @dataclass(frozen=True)
-class TorchFT:
+class TorchFT(FaultTolerancePlugin):
     """How this Lightning job joins a torchft fault-tolerant job as one replica group.
 
     Argument names follow torchft's ``Manager`` and Lighthouse.
@@ -117,33 +121,44 @@ class TorchFT:
         replica_id = self.replica_id if self.replica_id is not None else os.environ.get(REPLICA_ID_ENV)
         if replica_id is None or str(replica_id) == "":
             raise ValueError(f"TorchFT needs this group's replica_id (e.g. replica_id=0) or {REPLICA_ID_ENV} set")
-        if isinstance(self.min_replicas, bool) or not isinstance(self.min_replicas, int) or self.min_replicas < 1:
-            raise ValueError(f"min_replicas must be an integer >= 1, got {self.min_replicas!r}")
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ValueError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
+        check_int("min_replicas", self.min_replicas)
+        check_int("max_retries", self.max_retries, minimum=0)
         if self.backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
         self._resolved.update(
             lighthouse_addr=lighthouse,
             replica_id=str(replica_id),
-            timeout=_seconds("timeout", self.timeout),
-            quorum_timeout=_seconds("quorum_timeout", self.quorum_timeout),
-            connect_timeout=_seconds("connect_timeout", self.connect_timeout),
-            heartbeat_interval=_seconds("heartbeat_interval", self.heartbeat_interval),
+            timeout=check_seconds("timeout", self.timeout),
+            quorum_timeout=check_seconds("quorum_timeout", self.quorum_timeout),
+            connect_timeout=check_seconds("connect_timeout", self.connect_timeout),
+            heartbeat_interval=check_seconds("heartbeat_interval", self.heartbeat_interval),
         )
 
     def resolved(self, name: str) -> Any:
         """An argument after defaults from the environment and conversion to ``timedelta``."""
         return self._resolved[name]
 
+    # ------------------------------------------------------------------ the strategy's plugin interface
+    @override
+    def collectives(self, comm_dtype: str | torch.dtype | None, bucket_mb: float) -> Collectives:
+        from lightning_localsgd.fault_tolerance.collectives import QuorumCollectives
+
+        return QuorumCollectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
+
+    @override
+    def start(
+        self, trainer: Trainer, engine: SyncEngine, job: Group, comm: Collectives, broadcast: Callable[[Any], Any]
+    ) -> FaultTolerantSession:
+        from lightning_localsgd.fault_tolerance.session import ReplicaGroupSession
+
+        return ReplicaGroupSession(self, trainer, engine.algorithm, job, comm, broadcast)
+
+    @override
     def check_supported(self, engine: SyncEngine, comm: Collectives) -> None:
         """Refuse, with the reason and the fix, what the rounds over replica groups cannot carry."""
-        from lightning_localsgd.algorithms.diloco import DiLoCo
-        from lightning_localsgd.algorithms.periodic import PeriodicAveraging
-
         algorithm = engine.algorithm
         name = type(algorithm).__name__
-        if type(algorithm) not in (PeriodicAveraging, DiLoCo):
+        if not algorithm.fault_tolerant:
             raise ValueError(
                 f"fault_tolerance supports PeriodicAveraging and DiLoCo, got {name}: its state or its syncs "
                 "(per-rank state, leaders, pulls) are not carried by torchft rounds; use one of those two"

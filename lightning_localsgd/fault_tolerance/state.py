@@ -27,9 +27,10 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
-from lightning_localsgd.algorithms.diloco import DiLoCo
-from lightning_localsgd.algorithms.periodic import PeriodicAveraging
-from lightning_localsgd.comm import Collectives, Group
+from lightning_localsgd.transport.collectives import Collectives, Group
+from lightning_localsgd.transport.replicas import broadcast_module_
+
+__all__ = ["capture_peer_state", "equalize_job_", "restore_peer_state_", "set_optimizer_steps", "step_schedulers"]
 
 
 def capture_peer_state(trainer: Trainer, algorithm: ConsensusAlgorithm, step: int, kind: str) -> dict[str, Any]:
@@ -54,27 +55,11 @@ def restore_peer_state_(trainer: Trainer, algorithm: ConsensusAlgorithm, state: 
             f"this group {len(optimizers)} and {len(schedulers)}: every replica group must run the same configuration"
         )
     trainer.lightning_module.load_state_dict(state["module"])
-    load_algorithm_state_(algorithm, state["algorithm"])
+    algorithm.load_shared_state_(state["algorithm"])
     for optimizer, saved in zip(optimizers, state["optimizers"]):
         optimizer.load_state_dict(saved)
     for config, saved in zip(schedulers, state["schedulers"]):
         config.scheduler.load_state_dict(saved)
-
-
-@torch.no_grad()
-def load_algorithm_state_(algorithm: ConsensusAlgorithm, state: dict[str, Any]) -> None:
-    """A bound PeriodicAveraging's or DiLoCo's global state replaced by a peer's, in place."""
-    algorithm.last_sync_step = int(state["last_sync_step"])
-    algorithm.num_syncs = int(state["num_syncs"])
-    if isinstance(algorithm, PeriodicAveraging):
-        algorithm.num_node_syncs = int(state.get("num_node_syncs", 0))
-    if algorithm.anchor is not None:
-        algorithm.anchor.copy_(state["anchor"])
-    if isinstance(algorithm, DiLoCo):
-        saved = state.get("outer_optimizer") or []
-        for outer, outer_state in zip(algorithm.outers, saved, strict=True):
-            if outer is not None:
-                outer.load_state_dict(outer_state)
 
 
 def set_optimizer_steps(trainer: Trainer, completed: int, ready: int | None = None) -> None:
@@ -108,12 +93,5 @@ def equalize_job_(trainer: Trainer, algorithm: ConsensusAlgorithm, comm: Collect
     """
     if job.size == 1:
         return
-    from lightning_localsgd.replica_strategy import broadcast_module_
-
     broadcast_module_(comm, trainer.lightning_module, job)
-    tensors = [] if algorithm.anchor is None else [algorithm.anchor]
-    if isinstance(algorithm, DiLoCo):
-        for outer in algorithm.outers:
-            for state in [] if outer is None else outer.state.values():
-                tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    comm.broadcast_tensors_(tensors, src=job.ranks[0], group=job, kind="setup")
+    comm.broadcast_tensors_(algorithm.shared_tensors(), src=job.ranks[0], group=job, kind="setup")

@@ -14,7 +14,7 @@ Design rules (see docs/design.md):
   parameters in bf16 would round every weight to 3 significant digits.
 * **Integer transport with error feedback.** ``comm_dtype="int8"`` / ``"int4"``: the difference
   from the anchor plus this rank's *residual* (what rounding dropped at earlier syncs) is quantized
-  per block of 128 values (:mod:`lightning_localsgd.quantize`) and reduced in two steps, each
+  per block of 128 values (:mod:`lightning_localsgd.transport.quantize`) and reduced in two steps, each
   moving (m−1)/m of the packet per rank like a ring: an all-to-all sends chunk j of every rank's
   packet to rank j, which sums the m dequantized copies, re-quantizes the sum and keeps that
   rounding in its residual; an all-gather returns every summed chunk to everyone. Every rank
@@ -48,8 +48,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_localsgd.params import all_finite, flatten, flatten_into, unflatten_
-from lightning_localsgd.quantize import BLOCK, IntFormat, dequantize, packet_bytes, quantize
+from lightning_localsgd._checks import check_number
+from lightning_localsgd.transport.quantize import BLOCK, IntFormat, dequantize, packet_bytes, quantize
+from lightning_localsgd.transport.tensors import all_finite, flatten, flatten_into, unflatten_
 
 NonFinitePolicy = Literal["raise", "skip"]
 CommDtype = torch.dtype | IntFormat
@@ -153,10 +154,8 @@ class Collectives:
     """
 
     def __init__(self, comm_dtype: str | torch.dtype | None = None, bucket_mb: float = 256.0) -> None:
-        if bucket_mb <= 0:
-            raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
+        self.bucket_mb = check_number("bucket_mb", bucket_mb, 0, low_open=True, example="256")
         self.comm_dtype: CommDtype | None = parse_comm_dtype(comm_dtype)
-        self.bucket_mb = float(bucket_mb)
         self.counters = CommCounters()
         self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
         self._executor: ThreadPoolExecutor | None = None

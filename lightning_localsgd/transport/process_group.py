@@ -42,12 +42,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_localsgd._checks import check_seconds
+
 #: Longest wait for all ranks to join the process group; under torchrun the agents' rendezvous has
 #: already gathered the nodes, so the workers arrive within seconds of each other.
 DEFAULT_INIT_TIMEOUT = timedelta(minutes=5)
 
-#: Timeout of collectives when none is given (Lightning's and torch's is 30 minutes).
-DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+#: How long any collective (and the async server) waits for a peer before failing with an error that
+#: names the rank and the operation: 10 minutes (Lightning's and torch's default is 30). Raise it for
+#: validations or checkpoint writes longer than this on one rank while the others wait.
+DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 
 class ProcessGroupInitError(RuntimeError):
@@ -81,7 +85,7 @@ def init_process_group(
     main_address: str,
     main_port: int,
     *,
-    timeout: timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
+    timeout: timedelta | None = DEFAULT_TIMEOUT,
     init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
     device_id: torch.device | None = None,
 ) -> None:
@@ -98,8 +102,7 @@ def init_process_group(
     """
     if dist.is_initialized():
         return
-    if init_timeout.total_seconds() <= 0:
-        raise ValueError(f"init_timeout must be positive, got {init_timeout}")
+    init_timeout = check_seconds("init_timeout", init_timeout)
     prefix = attempt_prefix(main_address, main_port)  # before MASTER_* is overwritten below
     os.environ["MASTER_ADDR"] = main_address
     os.environ["MASTER_PORT"] = str(main_port)
