@@ -231,7 +231,7 @@ def make_probe_callback(rank: int, world: int, extra: Any = None) -> Any:
         @staticmethod
         def _counter(trainer: Any) -> dict[str, float]:
             comm = getattr(trainer.strategy, "comm", None)
-            return dict(comm.counters.bytes_by_kind) if comm is not None else {}
+            return dict(comm.counters.bytes_by_purpose) if comm is not None else {}
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             self.counter0 = self._counter(trainer)

@@ -87,7 +87,7 @@ def fit(run: dict[str, Any], root: str) -> dict[str, Any]:
         "seconds": seconds,
         "num_syncs": getattr(algorithm, "num_syncs", 0),
         "bytes_sent": comm.counters.bytes_sent if comm is not None else 0.0,
-        "sync_bytes": comm.counters.bytes_by_kind.get("sync", 0.0) if comm is not None else 0.0,
+        "sync_bytes": comm.counters.bytes_by_purpose.get("sync", 0.0) if comm is not None else 0.0,
     }
 
 

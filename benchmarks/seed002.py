@@ -226,8 +226,8 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
             "num_params": sum(p.numel() for p in model.parameters()),
             "train_loss_last50": statistics.fmean(probe.train_losses[-50:]) if probe.train_losses else None,
             "gradalign_alignment": align_log.series if align_log is not None else None,
-            "counter_bytes_by_kind": dict(strategy.comm.counters.bytes_by_kind) if kind != "ddp" else None,
-            "counter_calls_by_kind": dict(strategy.comm.counters.calls_by_kind) if kind != "ddp" else None,
+            "counter_bytes_by_kind": dict(strategy.comm.counters.bytes_by_purpose) if kind != "ddp" else None,
+            "counter_calls_by_kind": dict(strategy.comm.counters.calls_by_purpose) if kind != "ddp" else None,
         }
         records.append(rec)
         if rank == 0:

@@ -353,9 +353,9 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
             "num_params": num_params,
             "train_loss_last50": statistics.fmean(probe.train_losses[-50:]) if probe.train_losses else None,
             "step_seconds": probe.step_seconds,
-            "counter_bytes_by_kind": dict(strategy.comm.counters.bytes_by_kind) if spec["kind"] != "ddp" else None,
-            "counter_calls_by_kind": dict(strategy.comm.counters.calls_by_kind) if spec["kind"] != "ddp" else None,
-            "counter_seconds_by_kind": dict(strategy.comm.counters.seconds_by_kind) if spec["kind"] != "ddp" else None,
+            "counter_bytes_by_kind": dict(strategy.comm.counters.bytes_by_purpose) if spec["kind"] != "ddp" else None,
+            "counter_calls_by_kind": dict(strategy.comm.counters.calls_by_purpose) if spec["kind"] != "ddp" else None,
+            "counter_seconds_by_kind": dict(strategy.comm.counters.seconds_by_purpose) if spec["kind"] != "ddp" else None,
         }
         if algorithm is not None and hasattr(algorithm, "leader_counts"):
             rec["leader_counts"] = {str(k): v for k, v in algorithm.leader_counts.items()}

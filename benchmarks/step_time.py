@@ -176,9 +176,9 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
             c = comm.counters if comm is not None else None
             return {
                 "lo": read_loopback_bytes() if rank == 0 else None,
-                "counter_bytes": dict(c.bytes_by_kind) if c else None,
-                "counter_seconds": dict(c.seconds_by_kind) if c else None,
-                "counter_calls": dict(c.calls_by_kind) if c else None,
+                "counter_bytes": dict(c.bytes_by_purpose) if c else None,
+                "counter_seconds": dict(c.seconds_by_purpose) if c else None,
+                "counter_calls": dict(c.calls_by_purpose) if c else None,
                 "perf_counter": time.perf_counter(),
             }
 

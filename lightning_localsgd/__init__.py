@@ -76,4 +76,4 @@ __all__ = [
     "start_lighthouse",
 ]
 
-from lightning_localsgd import _graveyard  # noqa: E402, F401  (old module paths, last: everything is loaded)
+from lightning_localsgd import _graveyard  # noqa: F401  (old module paths, last: everything is loaded)

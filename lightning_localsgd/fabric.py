@@ -25,6 +25,7 @@ GradAlign re-runs the step's forward/backward, so under Fabric it needs the step
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
@@ -55,6 +56,8 @@ from lightning_localsgd.transport.process_group import (
     init_strategy_process_group,
 )
 from lightning_localsgd.transport.replicas import broadcast_module_, node_groups
+
+log = logging.getLogger(__name__)
 
 
 class _NothingToSkip(_BackwardSyncControl):
@@ -183,6 +186,12 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
         super().setup_environment()
         self._engine.check(self)
         world, rank = self.world_size, self.global_rank
+        log.debug(
+            "fabric LocalSGDStrategy.setup_environment: rank %d of %d drives %s",
+            rank,
+            world,
+            type(self.algorithm).__name__,
+        )
         self._world_group = Group(None, list(range(world)), rank)
         self._node_group = node_groups(world, self.num_nodes, rank, self._timeout)
         if self.algorithm.overlap_steps > 0 and world > 1:
@@ -236,6 +245,7 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
     @contextmanager
     def consensus(self) -> Iterator[None]:
         """Within the block the model is the consensus; the replicas come back exactly afterwards."""
+        log.debug("fabric LocalSGDStrategy.consensus at step %d", self._step)
         self.algorithm.begin_evaluation(self._step)
         try:
             yield
@@ -244,6 +254,7 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
 
     def finalize(self) -> None:
         """End of training: merge syncs in flight and leave the consensus on every rank."""
+        log.debug("fabric LocalSGDStrategy.finalize at step %d", self._step)
         self.algorithm.finalize(self._step)
 
     # ------------------------------------------------------------------ checkpoints
@@ -257,6 +268,7 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
     ) -> None:
         algorithm, module = self.algorithm, self._module
         assert module is not None, "fabric.setup(model, optimizer) first"
+        log.debug("fabric LocalSGDStrategy.save_checkpoint: %s at step %d", path, self._step)
         extra = {
             CHECKPOINT_KEY: {"step": self._step, "algorithm": algorithm.state_dict(), "world_size": self.world_size}
         }
@@ -265,7 +277,7 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
             mine = rank_payload(
                 algorithm.replica_state_dict(), [o.state_dict() for o in optimizers], algorithm.rank_state_dict()
             )
-            extra[CHECKPOINT_KEY]["ranks"] = self._comm.gather_object(mine, self._world_group, kind="checkpoint")
+            extra[CHECKPOINT_KEY]["ranks"] = self._comm.gather_object(mine, self._world_group, purpose="checkpoint")
         consensus = algorithm.consensus_state_dict(module.state_dict(), self._step)
         converted = self._convert_stateful_objects_in_state(state, filter=(filter or {}))
         for key, obj in state.items():
@@ -293,6 +305,7 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
                 "fabric.load(path) (no state) and restore the objects yourself"
             )
         resume = ResumeState(int(saved["step"]), int(saved["world_size"]), saved.get("ranks"))
+        log.debug("fabric LocalSGDStrategy.load_checkpoint: %s at step %d", path, resume.step)
         self.algorithm.load_state_dict(saved["algorithm"])
         mine = resume.for_rank(self.global_rank, self.world_size, self.algorithm)
         for name, obj in list(state.items()):

@@ -200,7 +200,7 @@ class RunJournal(Callback):
         if final:
             doc["final"] = {"step": trainer.global_step, **self.totals(trainer, pl_module)}
             if isinstance(strategy, LocalSGDStrategy):
-                doc["final"]["MB_by_kind"] = {k: v / 1e6 for k, v in strategy.comm.counters.bytes_by_kind.items()}
+                doc["final"]["MB_by_kind"] = {k: v / 1e6 for k, v in strategy.comm.counters.bytes_by_purpose.items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))

@@ -148,9 +148,9 @@ def async_run(
         "grads": [g for _, g in pushes],
         "val_params": model.val_params,
         "replica_restored": replica_check.restored,
-        "bytes": dict(strategy.comm.counters.bytes_by_kind),
-        "server_bytes": dict(strategy.server_comm.counters.bytes_by_kind),
-        "calls": dict(strategy.comm.counters.calls_by_kind),
+        "bytes": dict(strategy.comm.counters.bytes_by_purpose),
+        "server_bytes": dict(strategy.server_comm.counters.bytes_by_purpose),
+        "calls": dict(strategy.comm.counters.calls_by_purpose),
         "metrics": strategy.async_metrics(),
         "ckpt": str(Path(out_dir) / "mid.ckpt") if save_at is not None else None,
     }
@@ -224,16 +224,16 @@ def p2p_timeout(out_dir: str, devices: int, num_nodes: int, timeout_s: float) ->
     comm, out = Collectives(), {}
     if rank == 0:
         buf = torch.zeros(3)
-        out["src"] = comm.recv_(buf, None, group, kind="probe", tag=5)
+        out["src"] = comm.recv_(buf, None, group, purpose="probe", tag=5)
         out["got"] = buf.tolist()
         start, out["error"] = time.monotonic(), None
         try:
-            comm.recv_(buf, 1, group, kind="probe", tag=6)
+            comm.recv_(buf, 1, group, purpose="probe", tag=6)
         except RuntimeError as err:
             out["error"] = str(err)
         out["waited"] = time.monotonic() - start
     else:
-        comm.send(torch.tensor([1.0, 2.0, 3.0]), 0, group, kind="probe", tag=5)
+        comm.send(torch.tensor([1.0, 2.0, 3.0]), 0, group, purpose="probe", tag=5)
         time.sleep(timeout_s + 2)
-    out["bytes"] = dict(comm.counters.bytes_by_kind)
+    out["bytes"] = dict(comm.counters.bytes_by_purpose)
     return out

@@ -54,8 +54,8 @@ def ddp_equivalence(
         out[name] = torch.stack(rec.after)
         if name == "localsgd":
             counters = trainer.strategy.comm.counters
-            out["calls"] = dict(counters.calls_by_kind)
-            out["bytes"] = dict(counters.bytes_by_kind)
+            out["calls"] = dict(counters.calls_by_purpose)
+            out["bytes"] = dict(counters.bytes_by_purpose)
             out["final"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return out
 
@@ -158,8 +158,8 @@ def record_run(
         "after": rec.after,
         "buffers_before": rec.buffers_before,
         "buffers_after": rec.buffers_after,
-        "calls": dict(counters.calls_by_kind),
-        "bytes": dict(counters.bytes_by_kind),
+        "calls": dict(counters.calls_by_purpose),
+        "bytes": dict(counters.bytes_by_purpose),
         "drifts": drifts,
         "logged": {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("comm/")},
         "error": error,

@@ -71,7 +71,7 @@ def diloco_least_squares(
     return {
         "after": torch.stack(rec.after),  # before the end-of-fit outer step
         "final": model.w.detach().clone(),
-        "calls": dict(trainer.strategy.comm.counters.calls_by_kind),
+        "calls": dict(trainer.strategy.comm.counters.calls_by_purpose),
     }
 
 
@@ -88,7 +88,7 @@ def compare_algorithms(
         trainer = fit(model, ALGORITHMS[algorithm](**kwargs), loader, steps, devices, num_nodes, [rec])
         out[name] = torch.stack(rec.after)
         out[name + "_buffers"] = torch.cat([b.reshape(-1) for b in model.buffers() if b.is_floating_point()])
-        out[name + "_calls"] = dict(trainer.strategy.comm.counters.calls_by_kind)
+        out[name + "_calls"] = dict(trainer.strategy.comm.counters.calls_by_purpose)
     return out
 
 

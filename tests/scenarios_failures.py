@@ -17,11 +17,11 @@ def peer_gone(out_dir: str, devices: int, num_nodes: int) -> dict[str, Any]:
     rank, world = int(os.environ["LOCAL_RANK"]), devices * num_nodes
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=20))
     comm, group = Collectives(), Group(None, list(range(world)), rank)
-    comm.mean_([torch.ones(4)], group, kind="sync")  # both present: fine
+    comm.mean_([torch.ones(4)], group, purpose="sync")  # both present: fine
     if rank == 1:
         return {"rank": 1, "error": None}
     try:
-        comm.mean_([torch.ones(4)], group, kind="sync", step=7)
+        comm.mean_([torch.ones(4)], group, purpose="sync", step=7)
     except CollectiveError as err:
         return {"rank": 0, "error": str(err)}
     return {"rank": 0, "error": "no error"}

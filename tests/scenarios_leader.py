@@ -77,8 +77,8 @@ def _fit(
         "val_steps": log.val_steps,
         "val_params": getattr(model, "val_params", []),
         "final": flat_params(model),
-        "calls": dict(counters.calls_by_kind),
-        "bytes": dict(counters.bytes_by_kind),
+        "calls": dict(counters.calls_by_purpose),
+        "bytes": dict(counters.bytes_by_purpose),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "training_step_calls": getattr(model, "training_step_calls", None),
     }

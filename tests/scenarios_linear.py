@@ -35,7 +35,7 @@ def fit_recipe(out_dir: str, devices: int, num_nodes: int, runs: list[list[str]]
                 "weights": torch.stack(trajectory.weights),
                 "final": torch.cat([p.detach().reshape(-1) for p in cli.model.parameters()]).clone(),
                 "num_syncs": strategy.algorithm.num_syncs,
-                "bytes": dict(strategy.comm.counters.bytes_by_kind),
+                "bytes": dict(strategy.comm.counters.bytes_by_purpose),
                 "seconds": time.perf_counter() - start,
             }
         )

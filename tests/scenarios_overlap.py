@@ -49,13 +49,13 @@ def error_feedback(out_dir: str, devices: int, num_nodes: int, fmt: str, rounds:
         return torch.randn(n, generator=g, dtype=torch.float64) * (1 + i) * 0.01
 
     delivered, truth = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    before = dict(comm.counters.bytes_by_kind)
+    before = dict(comm.counters.bytes_by_purpose)
     for t in range(rounds):
         x = delta(rank, t).clone()
         comm.mean_([x], group, anchor=anchor, residual=residual)
         delivered += x * world  # the sum over ranks this round delivered
         truth += sum(delta(i, t) for i in range(world))
-    sent = comm.counters.bytes_by_kind["sync"] - before.get("sync", 0.0)
+    sent = comm.counters.bytes_by_purpose["sync"] - before.get("sync", 0.0)
     return {
         "delivered": delivered,
         "residual": residual.clone(),

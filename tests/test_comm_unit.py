@@ -33,7 +33,7 @@ def test_mean_is_one_flat_allreduce_then_divide(fake_allreduce):
     c.mean_([a, b], RANK0_OF_2)
     assert a.tolist() == [2.0, 3.0] and b.tolist() == [[4.0]]
     assert len(calls) == 1 and calls[0].tolist() == [1.0, 2.0, 3.0, 0.0, 0.0]  # payload + one flag per rank
-    assert c.counters.bytes_by_kind["sync"] == 2 * (2 - 1) / 2 * 5 * 4  # ring allreduce of 5 fp32 values
+    assert c.counters.bytes_by_purpose["sync"] == 2 * (2 - 1) / 2 * 5 * 4  # ring allreduce of 5 fp32 values
     assert c.counters.calls == 1
 
 
@@ -57,7 +57,7 @@ def test_bf16_transport_sends_deltas_from_the_anchor(fake_allreduce):
     assert anchor[0].tolist() == [100.0, -50.0]  # the anchor is read, never written
     assert calls[0].dtype == torch.bfloat16 and calls[0].tolist() == [0.5, -0.25, 0.0, 0.0]
     assert x.tolist() == [101.0, -49.75]  # anchor + mean delta, in fp32
-    assert c.counters.bytes_by_kind["sync"] == 4 * 2  # 4 bf16 values, ring factor 1 for 2 ranks
+    assert c.counters.bytes_by_purpose["sync"] == 4 * 2  # 4 bf16 values, ring factor 1 for 2 ranks
 
 
 def test_without_an_anchor_values_travel_in_full_precision(fake_allreduce):

@@ -188,7 +188,7 @@ class ScriptedSession(ReplicaGroupSession):
 def quorum_mean(session: ScriptedSession, values: list[float], comm_dtype: Any = None, **kwargs: Any) -> torch.Tensor:
     x = torch.tensor(values, dtype=F64)
     group = QuorumGroup(_QuorumHandle(), [0], 0, session=session)
-    QuorumCollectives(comm_dtype).mean_([x], group, kind="sync", step=10, **kwargs)
+    QuorumCollectives(comm_dtype).mean_([x], group, purpose="sync", step=10, **kwargs)
     return x
 
 
@@ -257,12 +257,12 @@ def test_evaluation_stays_in_the_job_and_other_collectives_refuse():
     session = ScriptedSession([])
     group = QuorumGroup(_QuorumHandle(), [0], 0, session=session)
     comm, x = QuorumCollectives(), torch.tensor([1.0, 2.0])
-    comm.mean_([x], group, kind="eval")  # a one-process job: nothing to average, no round
+    comm.mean_([x], group, purpose="eval")  # a one-process job: nothing to average, no round
     assert x.tolist() == [1.0, 2.0] and session.wire == []
     with pytest.raises(RuntimeError, match="an all-gather over the replica groups is not supported"):
-        comm.all_gather(x, group, kind="monitor")
+        comm.all_gather(x, group, purpose="monitor")
     with pytest.raises(RuntimeError, match="a broadcast over the replica groups"):
-        comm.broadcast_tensors_([x], src=0, group=group, kind="sync")
+        comm.broadcast_tensors_([x], src=0, group=group, purpose="sync")
 
 
 def test_diloco_heals_in_place_then_takes_the_peers_outer_step():

@@ -49,7 +49,7 @@ class DumpFinalState(Callback):
         counters = trainer.strategy.comm.counters
         self.state.update(
             end=flat(pl_module),
-            bytes=dict(counters.bytes_by_kind),
+            bytes=dict(counters.bytes_by_purpose),
             syncs=trainer.strategy.algorithm.num_syncs,
             step=trainer.global_step,
             world=trainer.world_size,

@@ -41,6 +41,7 @@ What the base owns, written once for every algorithm:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -48,6 +49,7 @@ from typing import Any, ClassVar
 import torch
 from lightning.pytorch import Callback
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from lightning_localsgd._checks import check_int, check_number
 from lightning_localsgd.contract import FrontEnd, RoundPosition, StepReport, SyncContext, SyncEvent
@@ -64,6 +66,16 @@ from lightning_localsgd.transport.tensors import (
     sync_tensors,
     views,
 )
+
+__all__ = ["MERGE_RANGE", "SYNC_RANGE", "WAIT_RANGE", "ConsensusAlgorithm", "InFlight"]
+
+log = logging.getLogger(__name__)
+
+# Profiler ranges (torch.profiler / Kineto traces): where a sync is issued, where the training thread
+# waits for one that ran in the background, and where an overlapped sync is merged into the replica.
+SYNC_RANGE = "lightning_localsgd::sync"
+WAIT_RANGE = "lightning_localsgd::wait"
+MERGE_RANGE = "lightning_localsgd::merge"
 
 
 @dataclass
@@ -183,10 +195,10 @@ class ConsensusAlgorithm(Callback):
             flatten_into(mean, self.anchor[fragment.offset : fragment.offset + fragment.numel])
         return mean
 
-    def write_consensus(self, kind: str = "eval") -> None:
-        """Put the consensus into the module (collective, booked under ``kind``). Default: the replicas' average
+    def write_consensus(self, purpose: str = "eval") -> None:
+        """Put the consensus into the module (collective, booked under ``purpose``). Default: the replicas' average
         (under ``nonfinite="skip"`` the average of the finite ones, as at a sync)."""
-        self.comm.mean_(list(self._named_state().values()), self.world, kind=kind, nonfinite=self.nonfinite)
+        self.comm.mean_(list(self._named_state().values()), self.world, purpose=purpose, nonfinite=self.nonfinite)
 
     def check_front_end(self, front_end: FrontEnd) -> None:
         """Raise, with the fix, if this algorithm cannot run under ``front_end`` (called at setup by both)."""
@@ -227,6 +239,7 @@ class ConsensusAlgorithm(Callback):
         """
         self._ctx = ctx
         loaded, fresh = self._loaded, self._loaded is None
+        log.debug("%s: bound at step %d (%s)", type(self).__name__, step, "fresh" if fresh else "restored")
         if fresh:
             self.last_sync_step = step
         averaged, _ = self.sync_tensors()
@@ -244,7 +257,7 @@ class ConsensusAlgorithm(Callback):
                     )
                 self.anchor.copy_(saved)
             elif not self.is_synced(step):  # restored mid-period without an anchor: agree on one
-                self.comm.mean_([self.anchor], self.world, kind="setup")
+                self.comm.mean_([self.anchor], self.world, purpose="setup")
             if self.comm.quantized:
                 self.residual = torch.zeros_like(self.anchor, device=averaged[0].device)
         self.on_bind(fresh)
@@ -268,7 +281,7 @@ class ConsensusAlgorithm(Callback):
             for p in params:
                 if p.grad is None:  # unused on this rank: contribute zeros, as DDP does
                     p.grad = torch.zeros_like(p)
-            self.comm.mean_([p.grad for p in params], self.world, kind="grad", step=step)
+            self.comm.mean_([p.grad for p in params], self.world, purpose="grad", step=step)
             return out
 
         return closure_with_allreduce
@@ -304,6 +317,7 @@ class ConsensusAlgorithm(Callback):
         """Swap the replicas for the consensus; :meth:`end_evaluation` swaps them back exactly."""
         if self._stash is not None or self.holds_consensus(step):
             return
+        log.debug("%s: evaluation at step %d sees the consensus", type(self).__name__, step)
         self._park()
         self.write_consensus()
 
@@ -316,6 +330,7 @@ class ConsensusAlgorithm(Callback):
 
     def finalize(self, step: int) -> None:
         """End of fit: merge what is in flight, then one last blocking sync unless the replicas are equal."""
+        log.debug("%s: finalize at step %d (%d syncs in flight)", type(self).__name__, step, len(self._inflight))
         for p in list(self._inflight):
             self._finish(self._fragments[p], step)
         if not self.is_synced(step):
@@ -443,7 +458,7 @@ class ConsensusAlgorithm(Callback):
         self.comm.mean_(
             tensors,
             group,
-            kind="sync",
+            purpose="sync",
             anchor=anchor,
             residual=residual,
             nonfinite=self.nonfinite,
@@ -461,7 +476,7 @@ class ConsensusAlgorithm(Callback):
     def broadcast_buffers_(self, tensors: list[Tensor], *, node: bool = False) -> None:
         """Give every rank of the world (or node) the first rank's copy of ``tensors``."""
         group = self.node if node else self.world
-        self.comm.broadcast_tensors_(tensors, src=group.ranks[0], group=group, kind="sync")
+        self.comm.broadcast_tensors_(tensors, src=group.ranks[0], group=group, purpose="sync")
 
     def in_warmup(self, step: int) -> bool:
         return step <= self.warmup_steps
@@ -522,7 +537,9 @@ class ConsensusAlgorithm(Callback):
 
     def whole_sync(self, step: int) -> None:
         """One blocking sync of the whole model at ``step``, counted; the replicas are marked equal if it equalizes."""
-        self.sync(step)
+        log.debug("%s: blocking sync at step %d", type(self).__name__, step)
+        with record_function(SYNC_RANGE):
+            self.sync(step)
         self.num_syncs += 1
         if self.equalizes:
             self.mark_equal(step)
@@ -537,38 +554,57 @@ class ConsensusAlgorithm(Callback):
 
     def _sync_blocking(self, fragment: Fragment, step: int) -> None:
         """One fragment's blocking sync on its own schedule (fragments > 1, no overlap)."""
-        averaged, broadcast = self.sync_tensors()
-        self._average_fragment(fragment, step, averaged)
-        self._after_fragment(fragment, broadcast)
+        log.debug("%s: blocking sync of fragment %d at step %d", type(self).__name__, fragment.index, step)
+        with record_function(SYNC_RANGE):
+            averaged, broadcast = self.sync_tensors()
+            self._average_fragment(fragment, step, averaged)
+            self._after_fragment(fragment, broadcast)
 
     def _start(self, fragment: Fragment, step: int) -> None:
         """Start averaging ``fragment`` in the background; local steps go on."""
-        tensors = fragment.tensors(self.sync_tensors()[0])
-        sent = flatten(tensors)
-        if self.anchor is not None:
-            sent = sent.to(self.anchor.dtype)
-        group = self.ctx.background or self.world
-        pending = self.comm.start_mean(
-            sent,
-            group,
-            anchor=self.wire_anchor(fragment),
-            residual=self.residual_of(fragment),
-            nonfinite=self.nonfinite,
-            step=step,
+        log.debug(
+            "%s: fragment %d starts its sync at step %d (lands at %d)",
+            type(self).__name__,
+            fragment.index,
+            step,
+            step + self.overlap_steps,
         )
+        with record_function(SYNC_RANGE):
+            tensors = fragment.tensors(self.sync_tensors()[0])
+            sent = flatten(tensors)
+            if self.anchor is not None:
+                sent = sent.to(self.anchor.dtype)
+            group = self.ctx.background or self.world
+            pending = self.comm.start_mean(
+                sent,
+                group,
+                anchor=self.wire_anchor(fragment),
+                residual=self.residual_of(fragment),
+                nonfinite=self.nonfinite,
+                step=step,
+            )
         self._inflight[fragment.index] = InFlight(step, pending, sent)
 
     def _finish(self, fragment: Fragment, step: int) -> None:
         """Wait for ``fragment``'s average, compute its consensus and merge it into the replica."""
         flight = self._inflight.pop(fragment.index)
-        mean = flight.result()
+        log.debug(
+            "%s: fragment %d merges the sync of step %d at step %d",
+            type(self).__name__,
+            fragment.index,
+            flight.start,
+            step,
+        )
+        with record_function(WAIT_RANGE):
+            mean = flight.result()
         if self.ctx.observers:
             self.ctx.notify(SyncEvent(flight.start, False, flight.sent, mean, self.world, self.comm))
-        averaged, broadcast = self.sync_tensors()
-        tensors = fragment.tensors(averaged)
-        target = self.consensus_of(fragment, views(mean, tensors))
-        self.merge(tensors, target, views(flight.sent, tensors))
-        self._after_fragment(fragment, broadcast)
+        with record_function(MERGE_RANGE):
+            averaged, broadcast = self.sync_tensors()
+            tensors = fragment.tensors(averaged)
+            target = self.consensus_of(fragment, views(mean, tensors))
+            self.merge(tensors, target, views(flight.sent, tensors))
+            self._after_fragment(fragment, broadcast)
 
     @torch.no_grad()
     def merge(self, replica: list[Tensor], target: list[Tensor], sent: list[Tensor]) -> None:

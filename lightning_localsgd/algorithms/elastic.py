@@ -99,7 +99,7 @@ class ElasticAveraging(ConsensusAlgorithm):
         self.comm.mean_(
             [mean],
             self.world,
-            kind="sync",
+            purpose="sync",
             anchor=self.anchor,
             residual=self.residual,
             nonfinite=self.nonfinite,
@@ -118,7 +118,7 @@ class ElasticAveraging(ConsensusAlgorithm):
     def holds_consensus(self, step: int) -> bool:
         return False  # replicas differ from the center even right after a sync
 
-    def write_consensus(self, kind: str = "eval") -> None:
+    def write_consensus(self, purpose: str = "eval") -> None:
         averaged, broadcast = self.sync_tensors()
         copy_(averaged, self.center)
         if broadcast:  # buffers="broadcast": rank 0's

@@ -75,8 +75,8 @@ class GradAlign(GradientModifier):
 
     **Cost.** K = 1: 2 forward/backward passes and 2 allreduces of P values per update (about 2×
     DDP's bytes and compute); ``PeriodicAveraging(1)`` then skips its parameter average (the
-    replicas took the same step and are still equal) and only syncs floating buffers. FedGA: 1 extra forward/backward and 1
-    allreduce of P values per round. Memory: about three model-sized vectors during an update.
+    replicas took the same step and are still equal) and only syncs floating buffers. FedGA: 1 extra
+    forward/backward and 1 allreduce of P values per round. Memory: about three model-sized vectors during an update.
 
     Example::
 
@@ -149,7 +149,7 @@ class GradAlign(GradientModifier):
         loss = closure()  # pass 1 at x: .grad = g_i
         local = _grads(params)
         mean = local.clone()
-        ctx.comm.mean_([mean], ctx.world, kind="gradalign", step=step)  # allreduce 1: g
+        ctx.comm.mean_([mean], ctx.world, purpose="gradalign", step=step)  # allreduce 1: g
         cosine = _cosine(local, mean)
         x = [p.detach().clone() for p in params] if k1 else []
         buffers = [b.detach().clone() for b in module.buffers()]
@@ -173,7 +173,7 @@ class GradAlign(GradientModifier):
             second = _grads(params)
             if self.log_alignment:
                 second = torch.cat([second, cosine.to(second.dtype).reshape(1)])
-            ctx.comm.mean_([second], ctx.world, kind="gradalign", step=step)  # allreduce 2
+            ctx.comm.mean_([second], ctx.world, purpose="gradalign", step=step)  # allreduce 2
             copy_(params, x)  # restore x exactly
             for p in params:
                 if p.grad is None:
@@ -183,7 +183,7 @@ class GradAlign(GradientModifier):
             report.gradients_averaged = True  # equal replicas stay equal: no parameter sync needed
             self.alignment = float(second[n]) if self.log_alignment else None
         elif self.log_alignment:
-            everyone = ctx.comm.all_gather(cosine.reshape(1), ctx.world, kind="monitor")
+            everyone = ctx.comm.all_gather(cosine.reshape(1), ctx.world, purpose="monitor")
             self.alignment = float(everyone.mean())
         self.num_updates += 1
         self._fresh = True

@@ -225,7 +225,7 @@ class LeaderSGD(ConsensusAlgorithm):
         """``(leader's global rank, ranks holding NaN/Inf)`` in ``group``: one all-gather, same on all ranks."""
         averaged, _ = self.sync_tensors()
         local = torch.tensor([self.window_loss(), 0.0 if all_finite(averaged) else 1.0], dtype=torch.float64)
-        table = self.comm.all_gather(local.to(averaged[0].device), group, kind="leader").cpu()
+        table = self.comm.all_gather(local.to(averaged[0].device), group, purpose="leader").cpu()
         losses, bad = table[:, 0].clone(), table[:, 1] != 0
         bad_ranks = [group.ranks[j] for j in range(group.size) if bad[j]]
         if bad_ranks and (self.nonfinite == "raise" or len(bad_ranks) == group.size):
@@ -246,7 +246,7 @@ class LeaderSGD(ConsensusAlgorithm):
         leader, bad = self.elect(group, step)
         averaged, copied = self.sync_tensors()
         flat = flatten(averaged + copied)
-        self.comm.broadcast_(flat, src=leader, group=group, kind="sync")
+        self.comm.broadcast_(flat, src=leader, group=group, purpose="sync")
         target = views(flat, averaged + copied)
         mine = group.ranks[group.rank]
         weight = 1.0 if mine in bad else (self.node_pull if node else self.pull)
@@ -266,26 +266,26 @@ class LeaderSGD(ConsensusAlgorithm):
                 self.mark_equal(step)  # c = 1: every replica is the leader now
 
     # ------------------------------------------------------------------ the consensus model
-    def _leader_state(self, kind: str) -> dict[str, Tensor]:
+    def _leader_state(self, purpose: str) -> dict[str, Tensor]:
         """The global leader's parameters and floating buffers, by state-dict name (collective)."""
         named = self._named_state()
         leader, _ = self.elect(self.world)
         flat = flatten(list(named.values()))
-        self.comm.broadcast_(flat, src=leader, group=self.world, kind=kind)
+        self.comm.broadcast_(flat, src=leader, group=self.world, purpose=purpose)
         return dict(zip(named.keys(), views(flat, list(named.values())), strict=True))
 
-    def write_consensus(self, kind: str = "eval") -> None:
+    def write_consensus(self, purpose: str = "eval") -> None:
         if self.evaluate == "average":
-            return super().write_consensus(kind)
+            return super().write_consensus(purpose)
         named = self._named_state()
-        copy_(list(named.values()), list(self._leader_state(kind).values()))
+        copy_(list(named.values()), list(self._leader_state(purpose).values()))
 
     def finalize(self, step: int) -> None:
         if self.is_synced(step):
             return
         named = list(self._named_state().values())
         if self.evaluate == "average":
-            self.comm.mean_(named, self.world, kind="sync", nonfinite=self.nonfinite, step=step)
+            self.comm.mean_(named, self.world, purpose="sync", nonfinite=self.nonfinite, step=step)
         else:
             copy_(named, list(self._leader_state("sync").values()))
         self.mark_equal(step)

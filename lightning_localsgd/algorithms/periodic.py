@@ -19,7 +19,8 @@ class PeriodicAveraging(ConsensusAlgorithm):
     .. math::
         \text{every step:}\quad x_i &\leftarrow \text{inner\_step}(x_i, \nabla f_i(x_i;\ \text{batch}))
             \qquad\text{(no communication)}\\
-        \text{every } H \text{ steps:}\quad \bar x &\leftarrow \tfrac1n \textstyle\sum_i x_i,\qquad x_i \leftarrow \bar x
+        \text{every } H \text{ steps:}\quad \bar x &\leftarrow \tfrac1n \textstyle\sum_i x_i,
+            \qquad x_i \leftarrow \bar x
 
     The inner optimizer's state (momentum, Adam moments) stays local. With ``H = 1`` and plain SGD
     this is DDP step for step. For overparameterized least squares with full-batch GD on every

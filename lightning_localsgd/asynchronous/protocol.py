@@ -42,7 +42,7 @@ class AsyncTrainingError(RuntimeError):
 class MessageType(IntEnum):
     """What a worker's request asks for (the table above); travels as the header's first value.
 
-    Not to be confused with the byte counter's ``kind`` (``comm.send(..., kind="push")``), the
+    Not to be confused with the byte counter's ``purpose`` (``comm.send(..., purpose="push")``), the
     category a transfer is booked under.
     """
 
@@ -93,19 +93,20 @@ class RemoteClient:
         header = torch.tensor([float(message), steps, speed, 0.0, 0.0, 0.0], dtype=torch.float64)
         what = "push" if message == MessageType.PUSH else "control"
         try:
-            self.comm.send(header, self.server_rank, self.group, kind=what, tag=TAG_REQUEST)
+            self.comm.send(header, self.server_rank, self.group, purpose=what, tag=TAG_REQUEST)
             if payload is not None:
-                self.comm.send(payload, self.server_rank, self.group, kind=what, tag=TAG_PUSH)
+                self.comm.send(payload, self.server_rank, self.group, purpose=what, tag=TAG_PUSH)
             if message == MessageType.FAIL:
                 return None
-            self.comm.recv_(header, self.server_rank, self.group, kind="wait", tag=TAG_REPLY)
+            self.comm.recv_(header, self.server_rank, self.group, purpose="wait", tag=TAG_REPLY)
             reply = Reply.from_header(header, None)
             if reply.status in (Status.MODEL, Status.FINAL):
-                self.comm.recv_(self.state, self.server_rank, self.group, kind="wait", tag=TAG_MODEL)
+                self.comm.recv_(self.state, self.server_rank, self.group, purpose="wait", tag=TAG_MODEL)
                 reply.state = self.state.clone()
         except RuntimeError as err:
             raise AsyncTrainingError(
-                f"rank {self.rank} lost the parameter server on rank {self.server_rank} during a {message.name}: {err}. "
+                f"rank {self.rank} lost the parameter server on rank {self.server_rank} during a {message.name}: "
+                f"{err}. "
                 f"Rank {self.server_rank} died or stalled (see its log), or the strategy's timeout is shorter than "
                 "the server's longest silence."
             ) from err

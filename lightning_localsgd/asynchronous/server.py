@@ -221,17 +221,17 @@ class ParameterServer:
         payload = torch.empty_like(self.state)
         try:
             while not all(self.final_sent[w] for w in remote):
-                src = comm.recv_(header, None, group, kind="server_wait", tag=TAG_REQUEST)
+                src = comm.recv_(header, None, group, purpose="server_wait", tag=TAG_REQUEST)
                 message, steps, speed = MessageType(int(header[0])), int(header[1]), float(header[2])
                 if message == MessageType.PUSH:
-                    comm.recv_(payload, src, group, kind="server_wait", tag=TAG_PUSH)
+                    comm.recv_(payload, src, group, purpose="server_wait", tag=TAG_PUSH)
                 reply = self.handle(message, src, steps, speed, payload if message == MessageType.PUSH else None)
                 if reply is None:
                     continue
-                comm.send(reply.header(), src, group, kind="pull", tag=TAG_REPLY)
+                comm.send(reply.header(), src, group, purpose="pull", tag=TAG_REPLY)
                 if reply.state is not None:
-                    comm.send(reply.state, src, group, kind="pull", tag=TAG_MODEL)
-        except Exception as err:  # noqa: BLE001 - reported to rank 0's worker by check()
+                    comm.send(reply.state, src, group, purpose="pull", tag=TAG_MODEL)
+        except Exception as err:
             with self.lock:
                 self._check_stalls()  # a timed-out receive: name the silent worker if there is one
             waiting = [w for w in remote if not self.final_sent[w]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -315,10 +316,8 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         if self._server is not None:
             self._server.abort(f"rank 0 failed: {type(exception).__name__}: {exception}")
         elif self._worker is not None and not isinstance(exception, AsyncTrainingError):
-            try:  # tell the server at once instead of letting it time out on this rank
+            with contextlib.suppress(AsyncTrainingError):  # tell the server at once instead of letting it time out
                 self._worker.client.request(MessageType.FAIL)
-            except AsyncTrainingError:
-                pass
 
     # ------------------------------------------------------------------ validation on the global model
     @override

@@ -3,7 +3,7 @@
 The consensus algorithm is unchanged: it calls ``comm.mean_(tensors, ctx.world, ...)`` as always.
 Under ``fault_tolerance`` the world it was bound with is a :class:`QuorumGroup` (the replica groups
 of the current quorum, not a fixed process group) and the transport a :class:`QuorumCollectives`,
-which turns a sync (``kind="sync"``) into one round of the group's
+which turns a sync (``purpose="sync"``) into one round of the group's
 :class:`~lightning_localsgd.fault_tolerance.session.ReplicaGroupSession`:
 
 .. math::
@@ -20,7 +20,7 @@ weight that peer twice. The step sums check that every contributor syncs at the 
 :math:`s`. The mean is written into the tensors only after ``should_commit``; a failed attempt
 leaves them untouched and the round is repeated (a new quorum without the dead group).
 
-Evaluation, checkpoint and setup averages (``kind`` ``"eval"``, ``"checkpoint"``, ``"setup"``)
+Evaluation, checkpoint and setup averages (``purpose`` ``"eval"``, ``"checkpoint"``, ``"setup"``)
 stay inside the job: they happen at each group's own pace and need no quorum. Every other
 collective over the quorum raises: nothing falls back silently to a fixed group.
 """
@@ -41,7 +41,7 @@ from lightning_localsgd.transport.tensors import all_finite, flatten, unflatten_
 if TYPE_CHECKING:
     from lightning_localsgd.fault_tolerance.session import ReplicaGroupSession
 
-JOB_LOCAL_KINDS = ("eval", "checkpoint", "setup")
+JOB_LOCAL_PURPOSES = ("eval", "checkpoint", "setup")
 
 
 class _QuorumHandle:
@@ -63,7 +63,7 @@ class QuorumGroup(Group):
 
 
 class QuorumCollectives(Collectives):
-    """:class:`~lightning_localsgd.transport.collectives.Collectives` whose means over a :class:`QuorumGroup` are torchft rounds."""
+    """:class:`~lightning_localsgd.transport.Collectives` whose means over a :class:`QuorumGroup` are torchft rounds."""
 
     # ------------------------------------------------------------------ the one supported collective
     @torch.no_grad()
@@ -72,7 +72,7 @@ class QuorumCollectives(Collectives):
         tensors: Sequence[Tensor],
         group: Group,
         *,
-        kind: str = "sync",
+        purpose: str = "sync",
         anchor: Tensor | Sequence[Tensor] | None = None,
         residual: Tensor | None = None,
         nonfinite: NonFinitePolicy = "raise",
@@ -83,7 +83,7 @@ class QuorumCollectives(Collectives):
             return super().mean_(
                 tensors,
                 group,
-                kind=kind,
+                purpose=purpose,
                 anchor=anchor,
                 residual=residual,
                 nonfinite=nonfinite,
@@ -91,12 +91,12 @@ class QuorumCollectives(Collectives):
                 observer=observer,
             )
         job = group.session.job
-        if kind in JOB_LOCAL_KINDS:
+        if purpose in JOB_LOCAL_PURPOSES:
             return super().mean_(
-                tensors, job, kind=kind, anchor=anchor, residual=residual, nonfinite=nonfinite, step=step
+                tensors, job, purpose=purpose, anchor=anchor, residual=residual, nonfinite=nonfinite, step=step
             )
-        if kind != "sync" or residual is not None or observer is not None:
-            raise self._unsupported(f"an average of kind {kind!r} (residual/observer)")
+        if purpose != "sync" or residual is not None or observer is not None:
+            raise self._unsupported(f"an average of purpose {purpose!r} (residual/observer)")
         if not tensors:
             return
         self._round_mean_(tensors, group.session, anchor, nonfinite, step)
@@ -109,7 +109,7 @@ class QuorumCollectives(Collectives):
         nonfinite: NonFinitePolicy,
         step: int | None,
     ) -> None:
-        for attempt in range(1, session.max_attempts + 1):
+        for attempt in range(1, session.max_attempts + 1):  # noqa: B007 (the else clause reports it)
             session.open_round(step if step is not None else -1, "sync")  # may heal: the anchor changes in place
             base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
             dtype = tensors[0].dtype if base is None else base.dtype
@@ -143,55 +143,55 @@ class QuorumCollectives(Collectives):
             "algorithm's sync average goes through torchft rounds"
         )
 
-    def all_reduce_sum_(self, flat: Tensor, group: Group, kind: str) -> Tensor:
+    def all_reduce_sum_(self, flat: Tensor, group: Group, purpose: str) -> Tensor:
         if isinstance(group, QuorumGroup):
             raise self._unsupported("an allreduce")
-        return super().all_reduce_sum_(flat, group, kind)
+        return super().all_reduce_sum_(flat, group, purpose)
 
-    def all_to_all_(self, out: Tensor, local: Tensor, group: Group, kind: str) -> Tensor:
+    def all_to_all_(self, out: Tensor, local: Tensor, group: Group, purpose: str) -> Tensor:
         if isinstance(group, QuorumGroup):
             raise self._unsupported("an all-to-all")
-        return super().all_to_all_(out, local, group, kind)
+        return super().all_to_all_(out, local, group, purpose)
 
-    def broadcast_(self, flat: Tensor, src: int, group: Group, kind: str) -> Tensor:
+    def broadcast_(self, flat: Tensor, src: int, group: Group, purpose: str) -> Tensor:
         if isinstance(group, QuorumGroup):
             raise self._unsupported("a broadcast")
-        return super().broadcast_(flat, src, group, kind)
+        return super().broadcast_(flat, src, group, purpose)
 
-    def broadcast_tensors_(self, tensors: Sequence[Tensor], src: int, group: Group, kind: str) -> None:
+    def broadcast_tensors_(self, tensors: Sequence[Tensor], src: int, group: Group, purpose: str) -> None:
         if isinstance(group, QuorumGroup):
             raise self._unsupported("a broadcast")
-        super().broadcast_tensors_(tensors, src, group, kind)
+        super().broadcast_tensors_(tensors, src, group, purpose)
 
-    def all_gather(self, local: Tensor, group: Group, kind: str) -> Tensor:
+    def all_gather(self, local: Tensor, group: Group, purpose: str) -> Tensor:
         if isinstance(group, QuorumGroup):
             raise self._unsupported("an all-gather")
-        return super().all_gather(local, group, kind)
+        return super().all_gather(local, group, purpose)
 
-    def gather_object(self, obj: Any, group: Group, kind: str) -> list[Any] | None:
+    def gather_object(self, obj: Any, group: Group, purpose: str) -> list[Any] | None:
         if isinstance(group, QuorumGroup):
             raise self._unsupported("gathering objects")
-        return super().gather_object(obj, group, kind)
+        return super().gather_object(obj, group, purpose)
 
     def start_mean(self, local: Tensor, group: Group, **kwargs: Any) -> PendingMean:
         if isinstance(group, QuorumGroup):
             raise self._unsupported("a background (overlapped) average")
         return super().start_mean(local, group, **kwargs)
 
-    def send(self, tensor: Tensor, dst: int, group: Group, kind: str, tag: int = 0) -> None:
+    def send(self, tensor: Tensor, dst: int, group: Group, purpose: str, tag: int = 0) -> None:
         if isinstance(group, QuorumGroup):
             raise self._unsupported("a send")
-        super().send(tensor, dst, group, kind, tag)
+        super().send(tensor, dst, group, purpose, tag)
 
-    def recv_(self, tensor: Tensor, src: int | None, group: Group, kind: str, tag: int = 0) -> int:
+    def recv_(self, tensor: Tensor, src: int | None, group: Group, purpose: str, tag: int = 0) -> int:
         if isinstance(group, QuorumGroup):
             raise self._unsupported("a receive")
-        return super().recv_(tensor, src, group, kind, tag)
+        return super().recv_(tensor, src, group, purpose, tag)
 
-    def timed_sum_(self, flat: Tensor, kind: str, participants: int, run: Callable[[], bool]) -> bool:
+    def timed_sum_(self, flat: Tensor, purpose: str, participants: int, run: Callable[[], bool]) -> bool:
         """Book ``run`` (a cross-group SUM of ``flat`` over ``participants`` groups) in the counters."""
         start = time.perf_counter()
         ok = run()
         m = max(participants, 1)
-        self.counters.add(kind, 2.0 * (m - 1) / m * flat.numel() * flat.element_size(), time.perf_counter() - start)
+        self.counters.add(purpose, 2.0 * (m - 1) / m * flat.numel() * flat.element_size(), time.perf_counter() - start)
         return ok

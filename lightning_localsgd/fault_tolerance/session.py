@@ -180,10 +180,10 @@ class ReplicaGroupSession(FaultTolerantSession):
         self._quorum_seconds = time.perf_counter() - self._started
         self._open = True
 
-    def sum_(self, flat: Tensor, kind: str) -> bool:
+    def sum_(self, flat: Tensor, purpose: str) -> bool:
         """SUM ``flat`` in place over this job, then over the quorum; False if the attempt failed."""
         if self.job.size > 1:
-            self.comm.all_reduce_sum_(flat, self.job, kind)  # the job's fixed group: its ranks live and die together
+            self.comm.all_reduce_sum_(flat, self.job, purpose)  # the job's fixed group: its ranks live and die together
         per_bucket = max(1, int(self.comm.bucket_mb * 2**20) // flat.element_size())
         from torch.distributed import ReduceOp
 
@@ -192,7 +192,7 @@ class ReplicaGroupSession(FaultTolerantSession):
             ok = all([work.wait() for work in works])  # noqa: C419 - a list: wait for every bucket, even after a failure
             return ok and self.manager.errored() is None
 
-        return self.comm.timed_sum_(flat, kind, self.manager.num_participants(), run)
+        return self.comm.timed_sum_(flat, purpose, self.manager.num_participants(), run)
 
     def agree(
         self, contributes: bool, finite: bool = True, nonfinite: str = "raise", device: torch.device | None = None
@@ -221,7 +221,8 @@ class ReplicaGroupSession(FaultTolerantSession):
             )
         if count == 0:
             raise FaultToleranceError(
-                f"replica group {self.replica_id!r}: no replica of the quorum contributes to the round at step {s:.0f}: "
+                f"replica group {self.replica_id!r}: no replica of the quorum contributes to the round at step "
+                f"{s:.0f}: "
                 "every group in it has just healed from a peer that died since. Restart the groups."
             )
         mean_step = float(meta[2]) / count
@@ -269,7 +270,7 @@ class ReplicaGroupSession(FaultTolerantSession):
     @override
     def join(self) -> None:
         """The first round of this fit: agree with the live groups on the model, then train from their step."""
-        for attempt in range(1, self.max_attempts + 1):
+        for attempt in range(1, self.max_attempts + 1):  # noqa: B007 (the else clause reports it)
             self.open_round(self.trainer.global_step, "join")
             if self._adopted is not None and self._adopted[1] == "sync":
                 # The peers are in the sync of step S: take part in it like them, contributing nothing.
@@ -324,9 +325,9 @@ class ReplicaGroupSession(FaultTolerantSession):
 
     def gave_up(self, attempts: int) -> FaultToleranceError:
         return FaultToleranceError(
-            f"replica group {self.replica_id!r}: the {self.round_kind} round at step {self.round_step} failed {attempts} "
-            f"time(s) (last error: {self.manager.errored()}). Peers keep failing inside rounds or the network between "
-            "groups is broken; raise TorchFT(max_retries=...) if failures are expected this often."
+            f"replica group {self.replica_id!r}: the {self.round_kind} round at step {self.round_step} failed "
+            f"{attempts} time(s) (last error: {self.manager.errored()}). Peers keep failing inside rounds or the "
+            "network between groups is broken; raise TorchFT(max_retries=...) if failures are expected this often."
         )
 
     @override

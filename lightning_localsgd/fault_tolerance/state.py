@@ -94,4 +94,4 @@ def equalize_job_(trainer: Trainer, algorithm: ConsensusAlgorithm, comm: Collect
     if job.size == 1:
         return
     broadcast_module_(comm, trainer.lightning_module, job)
-    comm.broadcast_tensors_(algorithm.shared_tensors(), src=job.ranks[0], group=job, kind="setup")
+    comm.broadcast_tensors_(algorithm.shared_tensors(), src=job.ranks[0], group=job, purpose="setup")

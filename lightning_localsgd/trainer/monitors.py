@@ -74,7 +74,7 @@ class ReplicaDrift(SyncObserver):
 
     def on_sync(self, event: SyncEvent) -> None:
         dist_local = torch.linalg.vector_norm((event.local - event.mean).double()).reshape(1).float()
-        all_d = event.comm.all_gather(dist_local, event.group, kind="monitor").flatten()
+        all_d = event.comm.all_gather(dist_local, event.group, purpose="monitor").flatten()
         prefix = "replica_drift/node_" if event.node else "replica_drift/"
         self.last[prefix + "mean"] = float(all_d.mean())
         self.last[prefix + "max"] = float(all_d.max())

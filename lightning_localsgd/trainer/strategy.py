@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -29,6 +30,8 @@ from lightning_localsgd.trainer.sigterm import replace_sigterm_check, restore_si
 from lightning_localsgd.transport.collectives import Group, NonFinitePolicy, new_group
 from lightning_localsgd.transport.process_group import DEFAULT_INIT_TIMEOUT
 from lightning_localsgd.transport.tensors import BufferPolicy
+
+log = logging.getLogger(__name__)
 
 
 class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
@@ -182,6 +185,12 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             return
         self._resolve_engine(self.lightning_module.trainer)
         assert self._engine is not None
+        log.debug(
+            "LocalSGDStrategy.setup_environment: rank %d of %d drives %s",
+            self.global_rank,
+            self.world_size,
+            type(self._engine.algorithm).__name__,
+        )
         self._engine.check(self)
         if self._fault_tolerance is not None:
             self._fault_tolerance.check_supported(self._engine, self._comm)
@@ -223,6 +232,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             self.lightning_module, self._comm, world, self._node_group, self._background_group, engine.observers
         )
         step = trainer.global_step if self._resume_state is None else self._resume_state.step
+        log.debug("LocalSGDStrategy.setup: binding at step %d (resuming: %s)", step, self._rank_resume is not None)
         engine.bind(ctx, step, self._rank_resume)
         self._bound, self._resume_state = True, None
 
@@ -253,11 +263,13 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     def on_validation_start(self) -> None:
         super().on_validation_start()
         if self._driving():
+            log.debug("LocalSGDStrategy.on_validation_start: the consensus goes in")
             self.algorithm.begin_evaluation(self.lightning_module.trainer.global_step)
 
     @override
     def on_validation_end(self) -> None:
         if self._driving():
+            log.debug("LocalSGDStrategy.on_validation_end: the replicas come back")
             self.algorithm.end_evaluation()
         super().on_validation_end()
 
@@ -274,6 +286,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     def on_train_end(self) -> None:
         super().on_train_end()
         if self._driving():
+            log.debug("LocalSGDStrategy.on_train_end: finalize at step %d", self.lightning_module.trainer.global_step)
             restore_sigterm_check(self.lightning_module.trainer)
             self.algorithm.finalize(self.lightning_module.trainer.global_step)
 
@@ -282,6 +295,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         # Called on every rank (Trainer.save_checkpoint), so collectives are allowed here.
         if self._bound:
+            log.debug("LocalSGDStrategy.save_checkpoint: %s (replicas: %s)", filepath, self.save_replicas)
             algorithm = self.algorithm
             step = self.lightning_module.trainer.global_step
             checkpoint["state_dict"] = algorithm.consensus_state_dict(checkpoint["state_dict"], step)
@@ -293,12 +307,13 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
                 )
                 loops = loader_state(checkpoint)
                 mine["loader"] = None if loops is None else loops.get("combined_loader")  # this rank's position
-                ranks = self._comm.gather_object(mine, self._world_group, kind="checkpoint")  # to rank 0
+                ranks = self._comm.gather_object(mine, self._world_group, purpose="checkpoint")  # to rank 0
                 checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size, "ranks": ranks}
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @override
     def teardown(self) -> None:
+        log.debug("LocalSGDStrategy.teardown")
         if self._session is not None:  # leave the quorum (the session's history stays readable)
             self._session.shutdown()
         super().teardown()

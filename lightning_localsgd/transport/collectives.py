@@ -47,11 +47,13 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.profiler import record_function
 
 from lightning_localsgd._checks import check_number
 from lightning_localsgd.transport.quantize import BLOCK, IntFormat, dequantize, packet_bytes, quantize
 from lightning_localsgd.transport.tensors import all_finite, flatten, flatten_into, unflatten_
 
+BACKGROUND_RANGE = "lightning_localsgd::sync(background)"
 NonFinitePolicy = Literal["raise", "skip"]
 CommDtype = torch.dtype | IntFormat
 """What travels at a sync: a floating dtype, or ``"int8"`` / ``"int4"`` (per-block integers)."""
@@ -70,7 +72,8 @@ def parse_comm_dtype(value: str | torch.dtype | None) -> CommDtype | None:
         dtype = getattr(torch, str(value).removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(
-            f"comm_dtype must be None, a floating dtype such as 'bfloat16' or 'float16', or 'int8' / 'int4', got {value!r}"
+            "comm_dtype must be None, a floating dtype such as 'bfloat16' or 'float16', or 'int8' / 'int4', "
+            f"got {value!r}"
         )
     return dtype
 
@@ -87,29 +90,34 @@ class CollectiveError(RuntimeError):
 class CommCounters:
     """Cumulative communication of this rank, split by purpose (``"sync"``, ``"grad"``, ...)."""
 
-    bytes_by_kind: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    seconds_by_kind: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    calls_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_by_purpose: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    seconds_by_purpose: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    calls_by_purpose: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     wait_seconds: float = 0.0  # the training thread waiting for background syncs (not in ``seconds``)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    # The names before 0.2 ("kind" meant the purpose); read-only.
+    bytes_by_kind = property(lambda self: self.bytes_by_purpose)
+    seconds_by_kind = property(lambda self: self.seconds_by_purpose)
+    calls_by_kind = property(lambda self: self.calls_by_purpose)
+
     @property
     def bytes_sent(self) -> float:
-        return float(sum(self.bytes_by_kind.values()))
+        return float(sum(self.bytes_by_purpose.values()))
 
     @property
     def seconds(self) -> float:
-        return float(sum(self.seconds_by_kind.values()))
+        return float(sum(self.seconds_by_purpose.values()))
 
     @property
     def calls(self) -> int:
-        return int(sum(self.calls_by_kind.values()))
+        return int(sum(self.calls_by_purpose.values()))
 
-    def add(self, kind: str, nbytes: float, seconds: float) -> None:
+    def add(self, purpose: str, nbytes: float, seconds: float) -> None:
         with self._lock:  # the background thread books its collectives too
-            self.bytes_by_kind[kind] += nbytes
-            self.seconds_by_kind[kind] += seconds
-            self.calls_by_kind[kind] += 1
+            self.bytes_by_purpose[purpose] += nbytes
+            self.seconds_by_purpose[purpose] += seconds
+            self.calls_by_purpose[purpose] += 1
 
 
 @dataclass
@@ -167,7 +175,7 @@ class Collectives:
 
     # ------------------------------------------------------------------ primitives
     def _timed(
-        self, kind: str, nbytes: float, fn: Callable[[], Any], op: str = "a collective", group: Group | None = None
+        self, purpose: str, nbytes: float, fn: Callable[[], Any], op: str = "a collective", group: Group | None = None
     ) -> Any:
         start = time.perf_counter()
         try:
@@ -178,14 +186,14 @@ class Collectives:
             me = dist.get_rank() if dist.is_initialized() else "?"
             peers = f" with ranks {group.ranks}" if group is not None else ""
             raise CollectiveError(
-                f"rank {me} gave up on {op} ({kind}){peers} after {time.perf_counter() - start:.0f} s: {err}. "
+                f"rank {me} gave up on {op} ({purpose}){peers} after {time.perf_counter() - start:.0f} s: {err}. "
                 "A peer died or stalled (its own log says why), or it is slower than the timeout: raise "
                 "the strategy's timeout=... if it is only slow."
             ) from err
-        self.counters.add(kind, nbytes, time.perf_counter() - start)
+        self.counters.add(purpose, nbytes, time.perf_counter() - start)
         return out
 
-    def all_reduce_sum_(self, flat: Tensor, group: Group, kind: str) -> Tensor:
+    def all_reduce_sum_(self, flat: Tensor, group: Group, purpose: str) -> Tensor:
         """In-place SUM of a 1-D tensor across ``group``, in buckets of at most ``bucket_mb``."""
         if group.size == 1:
             return flat
@@ -196,49 +204,49 @@ class Collectives:
             for chunk in flat.split(per_bucket):
                 dist.all_reduce(chunk, op=dist.ReduceOp.SUM, group=group.handle)
 
-        self._timed(kind, nbytes, run, "an allreduce", group)
+        self._timed(purpose, nbytes, run, "an allreduce", group)
         return flat
 
-    def all_to_all_(self, out: Tensor, local: Tensor, group: Group, kind: str) -> Tensor:
+    def all_to_all_(self, out: Tensor, local: Tensor, group: Group, purpose: str) -> Tensor:
         """Chunk j of ``local`` goes to the group's j-th rank; ``out`` receives every rank's chunk (group order)."""
         if group.size == 1:
             out.copy_(local)
             return out
         nbytes = (group.size - 1) / group.size * local.numel() * local.element_size()
         self._timed(
-            kind, nbytes, lambda: dist.all_to_all_single(out, local, group=group.handle), "an all-to-all", group
+            purpose, nbytes, lambda: dist.all_to_all_single(out, local, group=group.handle), "an all-to-all", group
         )
         return out
 
-    def broadcast_(self, flat: Tensor, src: int, group: Group, kind: str) -> Tensor:
+    def broadcast_(self, flat: Tensor, src: int, group: Group, purpose: str) -> Tensor:
         """In-place broadcast of a 1-D tensor from global rank ``src`` to ``group``."""
         if group.size == 1:
             return flat
         nbytes = (group.size - 1) / group.size * flat.numel() * flat.element_size()
         self._timed(
-            kind, nbytes, lambda: dist.broadcast(flat, src=src, group=group.handle), f"a broadcast from {src}", group
+            purpose, nbytes, lambda: dist.broadcast(flat, src=src, group=group.handle), f"a broadcast from {src}", group
         )
         return flat
 
-    def all_gather(self, local: Tensor, group: Group, kind: str) -> Tensor:
+    def all_gather(self, local: Tensor, group: Group, purpose: str) -> Tensor:
         """Stack every rank's 1-D ``local`` into a ``(group.size, numel)`` tensor (group order)."""
         if group.size == 1:
             return local.unsqueeze(0).clone()
         out = torch.empty(group.size * local.numel(), dtype=local.dtype, device=local.device)
         nbytes = (group.size - 1) * local.numel() * local.element_size()
         self._timed(
-            kind, nbytes, lambda: _all_gather_flat(out, local.reshape(-1), group.handle), "an all-gather", group
+            purpose, nbytes, lambda: _all_gather_flat(out, local.reshape(-1), group.handle), "an all-gather", group
         )
         return out.view(group.size, local.numel())
 
-    def gather_object(self, obj: Any, group: Group, kind: str) -> list[Any] | None:
+    def gather_object(self, obj: Any, group: Group, purpose: str) -> list[Any] | None:
         """Every rank's picklable ``obj`` on the group's first rank (``None`` elsewhere)."""
         if group.size == 1:
             return [obj]
         dst = group.ranks[0]
         out: list[Any] | None = [None] * group.size if group.rank == 0 else None
         self._timed(
-            kind,
+            purpose,
             0.0,
             lambda: dist.gather_object(obj, out, dst=dst, group=group.handle),
             f"gathering objects on rank {dst}",
@@ -253,7 +261,7 @@ class Collectives:
         tensors: Sequence[Tensor],
         group: Group,
         *,
-        kind: str = "sync",
+        purpose: str = "sync",
         anchor: Tensor | Sequence[Tensor] | None = None,
         residual: Tensor | None = None,
         nonfinite: NonFinitePolicy = "raise",
@@ -265,7 +273,7 @@ class Collectives:
         Args:
             tensors: this rank's tensors; overwritten with the mean.
             group: who averages.
-            kind: the counter the bytes are booked under.
+            purpose: the counter the bytes are booked under.
             anchor: a copy of the tensors (a list, or one flat tensor) that is identical on every rank
                 (the last consensus). Without an anchor the tensors travel in their own dtype.
                 When given and ``comm_dtype`` is set, ``tensors − anchor`` travels in ``comm_dtype``
@@ -288,7 +296,7 @@ class Collectives:
         def refill(out: Tensor) -> None:
             flatten_into(tensors, out)
 
-        mean = self._mean_flat(buf, n, group, kind, anchor, residual, nonfinite, step, refill, "")
+        mean = self._mean_flat(buf, n, group, purpose, anchor, residual, nonfinite, step, refill, "")
         if observer is not None:
             observer(local_copy, mean)
         unflatten_(mean, tensors)
@@ -298,7 +306,7 @@ class Collectives:
         local: Tensor,
         group: Group,
         *,
-        kind: str = "sync",
+        purpose: str = "sync",
         anchor: Tensor | None = None,
         residual: Tensor | None = None,
         nonfinite: NonFinitePolicy = "raise",
@@ -320,9 +328,13 @@ class Collectives:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localsgd-sync")
         future = self._executor.submit(
-            self._mean_flat, buf, n, group, kind, anchor, residual, nonfinite, step, refill, "background/"
+            self._background_mean, buf, n, group, purpose, anchor, residual, nonfinite, step, refill, "background/"
         )
         return PendingMean(future, self.counters)
+
+    def _background_mean(self, *args: Any) -> Tensor:
+        with record_function(BACKGROUND_RANGE):  # the profiler's view of the comm thread
+            return self._mean_flat(*args)
 
     def close(self) -> None:
         """Stop the background thread (after the syncs it runs have finished)."""
@@ -335,7 +347,7 @@ class Collectives:
         buf: Tensor,
         n: int,
         group: Group,
-        kind: str,
+        purpose: str,
         anchor: Tensor | Sequence[Tensor] | None,
         residual: Tensor | None,
         nonfinite: NonFinitePolicy,
@@ -352,9 +364,9 @@ class Collectives:
                 base = anchor if isinstance(anchor, Tensor) else flatten(anchor)
                 local.sub_(base)  # the delta from the shared anchor travels
             if self.quantized and base is not None:
-                divisor = self._quantized_sum_(local, residual, group, kind, finite, nonfinite, step, scratch)
+                divisor = self._quantized_sum_(local, residual, group, purpose, finite, nonfinite, step, scratch)
             else:
-                divisor = self._float_sum_(buf, n, group, kind, base, finite, nonfinite, step, refill, scratch)
+                divisor = self._float_sum_(buf, n, group, purpose, base, finite, nonfinite, step, refill, scratch)
             local.div_(divisor)
             if base is not None:
                 local.add_(base)
@@ -365,7 +377,7 @@ class Collectives:
         buf: Tensor,
         n: int,
         group: Group,
-        kind: str,
+        purpose: str,
         base: Tensor | None,
         finite: bool,
         nonfinite: NonFinitePolicy,
@@ -382,7 +394,7 @@ class Collectives:
             wire[:n].copy_(local)
         wire[n:].zero_()
         wire[n + group.rank] = 0.0 if finite else 1.0
-        self.all_reduce_sum_(wire, group, kind)
+        self.all_reduce_sum_(wire, group, purpose)
         bad_ranks = [group.ranks[i] for i in range(m) if float(wire[n + i]) != 0.0]
         divisor = m
         if bad_ranks:
@@ -396,7 +408,7 @@ class Collectives:
                 retry.copy_(local)
             else:
                 retry.zero_()
-            self.all_reduce_sum_(retry, group, kind)
+            self.all_reduce_sum_(retry, group, purpose)
             divisor = m - len(bad_ranks)
         if wire is not buf:
             local.copy_(wire[:n])
@@ -407,7 +419,7 @@ class Collectives:
         local: Tensor,
         residual: Tensor | None,
         group: Group,
-        kind: str,
+        purpose: str,
         finite: bool,
         nonfinite: NonFinitePolicy,
         step: int | None,
@@ -420,7 +432,7 @@ class Collectives:
         m, n, dtype = group.size, local.numel(), local.dtype
         flags = torch.zeros(m, dtype=torch.float32, device=local.device)
         flags[group.rank] = 0.0 if finite else 1.0
-        self.all_reduce_sum_(flags, group, kind)
+        self.all_reduce_sum_(flags, group, purpose)
         bad_ranks = [group.ranks[i] for i in range(m) if float(flags[i]) != 0.0]
         if bad_ranks:
             self._check_skippable(bad_ranks, m, nonfinite, step)
@@ -434,7 +446,7 @@ class Collectives:
             residual.copy_(padded[:n]).sub_(self._dequantized(sent, chunk, fmt, dtype)[:n])
         per_packet = packet_bytes(chunk, fmt)
         received = torch.empty_like(sent)
-        self.all_to_all_(received, sent, group, kind)  # chunk j of every rank's packet lands on rank j
+        self.all_to_all_(received, sent, group, purpose)  # chunk j of every rank's packet lands on rank j
         mine = self._dequantized(received, chunk, fmt, dtype).view(m, chunk).sum(dim=0)
         summed = quantize(mine, fmt)
         lo = group.rank * chunk
@@ -442,7 +454,7 @@ class Collectives:
         own.add_((mine - dequantize(summed, chunk, fmt, dtype))[: own.numel()])  # the sum's rounding, owed again
         everyone = torch.empty(m * per_packet, dtype=torch.uint8, device=local.device)
         nbytes = (m - 1) * per_packet
-        self._timed(kind, nbytes, lambda: _all_gather_flat(everyone, summed, group.handle), "an all-gather", group)
+        self._timed(purpose, nbytes, lambda: _all_gather_flat(everyone, summed, group.handle), "an all-gather", group)
         local.copy_(self._dequantized(everyone, chunk, fmt, dtype)[:n])
         return m - len(bad_ranks)
 
@@ -471,25 +483,27 @@ class Collectives:
         return buf
 
     @torch.no_grad()
-    def broadcast_tensors_(self, tensors: Sequence[Tensor], src: int, group: Group, kind: str) -> None:
+    def broadcast_tensors_(self, tensors: Sequence[Tensor], src: int, group: Group, purpose: str) -> None:
         """Overwrite ``tensors`` with global rank ``src``'s copy (one flat broadcast)."""
         if group.size == 1 or not tensors:
             return
         flat = flatten(tensors)
-        self.broadcast_(flat, src, group, kind)
+        self.broadcast_(flat, src, group, purpose)
         unflatten_(flat, tensors)
 
     # ------------------------------------------------------------------ point to point (async parameter server)
-    def send(self, tensor: Tensor, dst: int, group: Group, kind: str, tag: int = 0) -> None:
+    def send(self, tensor: Tensor, dst: int, group: Group, purpose: str, tag: int = 0) -> None:
         """Blocking send of a contiguous tensor to global rank ``dst``.
 
         Counts ``numel · element_size`` bytes (what this rank puts on the wire) and the seconds until
         the receiver has taken it. Fails after the group's timeout, or at once if ``dst`` is gone.
         """
         nbytes = float(tensor.numel() * tensor.element_size())
-        self._timed(kind, nbytes, lambda: dist.send(tensor, dst=dst, group=group.handle, tag=tag), f"a send to {dst}")
+        self._timed(
+            purpose, nbytes, lambda: dist.send(tensor, dst=dst, group=group.handle, tag=tag), f"a send to {dst}"
+        )
 
-    def recv_(self, tensor: Tensor, src: int | None, group: Group, kind: str, tag: int = 0) -> int:
+    def recv_(self, tensor: Tensor, src: int | None, group: Group, purpose: str, tag: int = 0) -> int:
         """Blocking receive into ``tensor`` from global rank ``src`` (``None``: from any rank).
 
         Returns the sender's global rank. Counts 0 bytes (bytes are booked by the sender) and the
@@ -497,7 +511,7 @@ class Collectives:
         timeout: with gloo a timed-out receive also closes the connection, so it is final.
         """
         what = f"a receive from {src}" if src is not None else "a receive"
-        return int(self._timed(kind, 0.0, lambda: dist.recv(tensor, src=src, group=group.handle, tag=tag), what))
+        return int(self._timed(purpose, 0.0, lambda: dist.recv(tensor, src=src, group=group.handle, tag=tag), what))
 
 
 def _all_gather_flat(out: Tensor, local: Tensor, handle: Any) -> None:

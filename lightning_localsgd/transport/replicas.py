@@ -40,4 +40,4 @@ def broadcast_module_(comm: Collectives, module: torch.nn.Module, world: Group) 
     for t in list(module.parameters()) + list(module.buffers()):
         by_dtype.setdefault(t.dtype, []).append(t)
     for group in by_dtype.values():
-        comm.broadcast_tensors_(group, src=0, group=world, kind="setup")
+        comm.broadcast_tensors_(group, src=0, group=world, purpose="setup")

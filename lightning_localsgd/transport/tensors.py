@@ -33,7 +33,7 @@ def sync_tensors(module: nn.Module, buffers: BufferPolicy) -> tuple[list[Tensor]
     Parameters are always averaged; floating buffers follow ``buffers``: ``"average"`` puts them
     with the parameters, ``"broadcast"`` takes rank 0's copy, ``"local"`` leaves them out.
     """
-    params = [p for p in module.parameters()]
+    params = list(module.parameters())
     bufs = float_buffers(module)
     if buffers == "average":
         return params + bufs, []
