@@ -32,6 +32,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
 
+__all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
+
 _TMP_MARK = ".tmp-"
 
 

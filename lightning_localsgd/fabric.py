@@ -57,6 +57,8 @@ from lightning_localsgd.transport.process_group import (
 )
 from lightning_localsgd.transport.replicas import broadcast_module_, node_groups
 
+__all__ = ["LocalSGDStrategy"]
+
 log = logging.getLogger(__name__)
 
 

@@ -16,6 +16,8 @@ from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.transport.collectives import NonFinitePolicy
 from lightning_localsgd.transport.tensors import BufferPolicy, Fragment
 
+__all__ = ["DiLoCo", "OuterOptimizer", "outer_optimizer_factory"]
+
 OuterOptimizer = Callable[[Iterable[Tensor]], Optimizer]
 """``params -> Optimizer``, e.g. ``functools.partial(torch.optim.Adam, lr=1e-3)`` (jsonargparse's OptimizerCallable)."""
 

@@ -9,6 +9,8 @@ from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.transport.collectives import NonFinitePolicy
 from lightning_localsgd.transport.tensors import BufferPolicy, all_finite, copy_, flatten, lerp_, views
 
+__all__ = ["ElasticAveraging"]
+
 
 class ElasticAveraging(ConsensusAlgorithm):
     r"""EASGD: the replicas and a center variable attract each other every ``sync_every`` steps.

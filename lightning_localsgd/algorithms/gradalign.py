@@ -16,6 +16,8 @@ from lightning_localsgd._checks import check_int, check_number
 from lightning_localsgd.contract import FrontEnd, GradientModifier, RoundPosition, StepReport, SyncContext
 from lightning_localsgd.transport.tensors import copy_, flatten, unflatten_
 
+__all__ = ["GradAlign"]
+
 
 def _grads(params: list[Tensor]) -> Tensor:
     """The parameters' gradients as one flat copy (zeros for a parameter without a gradient)."""

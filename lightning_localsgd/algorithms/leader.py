@@ -17,6 +17,8 @@ from lightning_localsgd.contract import StepReport
 from lightning_localsgd.transport.collectives import Group, NonFinitePolicy, NonFiniteReplicaError
 from lightning_localsgd.transport.tensors import BufferPolicy, all_finite, copy_, flatten, lerp_, views
 
+__all__ = ["Evaluate", "LeaderSGD"]
+
 Evaluate = Literal["average", "leader"]
 
 

@@ -14,6 +14,8 @@ from lightning_localsgd.contract import StepReport
 from lightning_localsgd.transport.collectives import NonFinitePolicy
 from lightning_localsgd.transport.tensors import BufferPolicy, all_finite, copy_, flatten, snapshot, unflatten_
 
+__all__ = ["ModifiedLocalGD"]
+
 
 class ModifiedLocalGD(ConsensusAlgorithm):
     r"""Local steps on a proximal problem around a per-worker center, with a correction at each sync.

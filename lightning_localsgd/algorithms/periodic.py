@@ -12,6 +12,8 @@ from lightning_localsgd.contract import StepReport
 from lightning_localsgd.transport.collectives import NonFinitePolicy
 from lightning_localsgd.transport.tensors import BufferPolicy, float_buffers
 
+__all__ = ["PeriodicAveraging"]
+
 
 class PeriodicAveraging(ConsensusAlgorithm):
     r"""Local SGD: local optimizer steps, and every ``sync_every`` steps the replicas are averaged.

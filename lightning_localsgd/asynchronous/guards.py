@@ -15,6 +15,8 @@ from torch import Tensor
 
 from lightning_localsgd.trainer.sigterm import local_sigterm_check, replace_sigterm_check, restore_sigterm_check
 
+__all__ = ["LockstepGuards"]
+
 
 class LockstepGuards:
     """Mixin for a DDP-derived strategy (put it first among the bases).

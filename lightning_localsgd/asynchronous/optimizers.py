@@ -16,6 +16,8 @@ from torch import Tensor
 
 from lightning_localsgd._checks import check_bool, check_int, check_number
 
+__all__ = ["DelayedNesterov", "OuterSGD", "ServerOptimizer"]
+
 
 class ServerOptimizer:
     """The interface the parameter server drives: :meth:`bind` to θ, then :meth:`step` once per push."""

@@ -31,6 +31,8 @@ from torch import Tensor
 
 from lightning_localsgd.transport.collectives import Collectives, Group
 
+__all__ = ["AsyncTrainingError", "MessageType", "RemoteClient", "Reply", "Status"]
+
 HEADER = 6
 TAG_REQUEST, TAG_PUSH, TAG_REPLY, TAG_MODEL = 11, 12, 13, 14
 

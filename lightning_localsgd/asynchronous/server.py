@@ -34,6 +34,8 @@ from lightning_localsgd.asynchronous.protocol import (
 )
 from lightning_localsgd.transport.collectives import Collectives, Group
 
+__all__ = ["LocalClient", "ParameterServer", "PushRecord"]
+
 
 @dataclass
 class PushRecord:

@@ -32,6 +32,8 @@ from lightning_localsgd.transport.collectives import Collectives, Group, new_gro
 from lightning_localsgd.transport.process_group import DEFAULT_INIT_TIMEOUT
 from lightning_localsgd.transport.tensors import flatten, unflatten_
 
+__all__ = ["AsyncLocalSGDStrategy"]
+
 _CHECKPOINT_KEY = "async_localsgd"
 
 

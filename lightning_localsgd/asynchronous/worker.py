@@ -14,6 +14,8 @@ from lightning_localsgd.asynchronous.protocol import MessageType, RemoteClient, 
 from lightning_localsgd.asynchronous.server import LocalClient
 from lightning_localsgd.transport.tensors import flatten, unflatten_
 
+__all__ = ["AsyncWorker", "reconcile", "resume_problem", "state_dtype"]
+
 
 def state_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     """The dtype of the global state: float64 for a float64 model, else float32."""

@@ -41,6 +41,8 @@ from lightning_localsgd.transport.tensors import all_finite, flatten, unflatten_
 if TYPE_CHECKING:
     from lightning_localsgd.fault_tolerance.session import ReplicaGroupSession
 
+__all__ = ["JOB_LOCAL_PURPOSES", "QuorumCollectives", "QuorumGroup"]
+
 JOB_LOCAL_PURPOSES = ("eval", "checkpoint", "setup")
 
 

@@ -50,6 +50,8 @@ from lightning_localsgd.fault_tolerance.state import (
 from lightning_localsgd.trainer.plugins import FaultTolerantSession
 from lightning_localsgd.transport.collectives import Group, NonFiniteReplicaError
 
+__all__ = ["STATE_KEY", "ReplicaGroupSession", "RoundRecord"]
+
 log = logging.getLogger(__name__)
 STATE_KEY = "lightning_localsgd"
 

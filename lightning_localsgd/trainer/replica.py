@@ -41,6 +41,8 @@ from lightning_localsgd.transport.process_group import (
 )
 from lightning_localsgd.transport.replicas import broadcast_module_, node_groups
 
+__all__ = ["ReplicaStrategy", "loader_state"]
+
 
 def loader_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     """The fit loop's state in a checkpoint dict, where Lightning keeps the dataloader's ``combined_loader``."""

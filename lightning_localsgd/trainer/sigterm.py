@@ -29,6 +29,15 @@ from typing import Any
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+__all__ = [
+    "SIGTERM_BROADCAST",
+    "lightning_sigterm_check",
+    "local_sigterm_check",
+    "replace_sigterm_check",
+    "restore_sigterm_check",
+    "sigterm_check_at",
+]
+
 SIGTERM_BROADCAST = "_broadcast_sigterm_tensor"  # Lightning's per-batch collective (training_epoch_loop.py)
 
 

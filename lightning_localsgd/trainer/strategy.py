@@ -31,6 +31,8 @@ from lightning_localsgd.transport.collectives import Group, NonFinitePolicy, new
 from lightning_localsgd.transport.process_group import DEFAULT_INIT_TIMEOUT
 from lightning_localsgd.transport.tensors import BufferPolicy
 
+__all__ = ["LocalSGDStrategy"]
+
 log = logging.getLogger(__name__)
 
 

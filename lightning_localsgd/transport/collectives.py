@@ -53,6 +53,21 @@ from lightning_localsgd._checks import check_number
 from lightning_localsgd.transport.quantize import BLOCK, IntFormat, dequantize, packet_bytes, quantize
 from lightning_localsgd.transport.tensors import all_finite, flatten, flatten_into, unflatten_
 
+__all__ = [
+    "BACKGROUND_RANGE",
+    "INT_FORMATS",
+    "CollectiveError",
+    "Collectives",
+    "CommCounters",
+    "CommDtype",
+    "Group",
+    "NonFinitePolicy",
+    "NonFiniteReplicaError",
+    "PendingMean",
+    "new_group",
+    "parse_comm_dtype",
+]
+
 BACKGROUND_RANGE = "lightning_localsgd::sync(background)"
 NonFinitePolicy = Literal["raise", "skip"]
 CommDtype = torch.dtype | IntFormat

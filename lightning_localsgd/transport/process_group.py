@@ -44,6 +44,15 @@ import torch.distributed as dist
 
 from lightning_localsgd._checks import check_seconds
 
+__all__ = [
+    "DEFAULT_INIT_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "ProcessGroupInitError",
+    "attempt_prefix",
+    "init_process_group",
+    "init_strategy_process_group",
+]
+
 #: Longest wait for all ranks to join the process group; under torchrun the agents' rendezvous has
 #: already gathered the nodes, so the workers arrive within seconds of each other.
 DEFAULT_INIT_TIMEOUT = timedelta(minutes=5)

@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+__all__ = ["BLOCK", "LEVELS", "IntFormat", "dequantize", "packet_bytes", "quantize"]
+
 IntFormat = Literal["int8", "int4"]
 BLOCK = 128
 LEVELS: dict[str, int] = {"int8": 127, "int4": 7}

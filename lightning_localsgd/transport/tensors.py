@@ -14,6 +14,25 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+__all__ = [
+    "BUFFER_POLICIES",
+    "BufferPolicy",
+    "Fragment",
+    "all_finite",
+    "copy_",
+    "flatten",
+    "flatten_into",
+    "float_buffers",
+    "lerp_",
+    "partition",
+    "pseudo_gradient",
+    "snapshot",
+    "sq_distance",
+    "sync_tensors",
+    "unflatten_",
+    "views",
+]
+
 BufferPolicy = Literal["average", "broadcast", "local"]
 BUFFER_POLICIES: tuple[str, ...] = ("average", "broadcast", "local")
 
