@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test` (both create .venv when missing);
-# `make test-fast` is the unit loop (no process launches, under a minute).
+# `make test-fast` is the unit loop (no process launches, under a minute); `make lint` is what CI runs
+# before the tests (ruff, ruff format, the import layering of tests/layering.py).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 # takes any torch >= 2.4 (see pyproject.toml).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install lint demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +18,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 install: $(VENV)/.installed
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m tests.layering
 
 test: install
 	$(PY) -m pytest -q --durations=15
