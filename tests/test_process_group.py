@@ -88,7 +88,7 @@ def run_attempt(
             PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         )
         out = tmp / f"{mode}_a{attempt}_r{rank}.json"
-        env["PROCESS_GROUP_PY"] = str(ROOT / "lightning_localsgd" / "process_group.py")
+        env["PROCESS_GROUP_PY"] = str(ROOT / "lightning_localsgd" / "transport" / "process_group.py")
         args = [mode, str(out), str(delays[rank]), str(init_timeout)]
         procs[rank] = (subprocess.Popen([sys.executable, "-c", WORKER, *args], env=env, cwd=tmp), out)
     results = {}
