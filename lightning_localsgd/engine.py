@@ -89,7 +89,8 @@ class SyncEngine:
             closure = self.modifier.wrap_closure(closure, self.algorithm.position(step), report)
         closure = self.algorithm.wrap_closure(closure, step)
         out = run(closure)
-        report.loss = None if self.last_loss is None else float(self.last_loss)
+        if self.algorithm.needs_loss and self.last_loss is not None:  # a host read: only for who needs it
+            report.loss = float(self.last_loss)
         self.last_loss = None  # the next step's backward sets it again
         syncs = self.algorithm.num_syncs
         self.algorithm.after_step(step, report)

@@ -115,6 +115,7 @@ class ConsensusAlgorithm(Callback):
     overlappable: ClassVar[bool] = False  # supports overlap_steps, fragments, merge_alpha
     equalizes: ClassVar[bool] = True  # a whole sync leaves every replica equal (EASGD's does not)
     fault_tolerant: ClassVar[bool] = False  # all its state is global: a healing replica group can receive it
+    needs_loss: ClassVar[bool] = False  # reads StepReport.loss (a device-to-host read every step): LSGD only
 
     def __init__(
         self,

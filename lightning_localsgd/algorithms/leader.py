@@ -92,6 +92,8 @@ class LeaderSGD(ConsensusAlgorithm):
             so the sync cannot arrive late or in pieces (PeriodicAveraging and DiLoCo can).
     """
 
+    needs_loss = True  # the leader is the replica with the lowest windowed training loss
+
     def __init__(
         self,
         sync_every: int = 4,

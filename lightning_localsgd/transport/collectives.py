@@ -51,7 +51,7 @@ from torch.profiler import record_function
 
 from lightning_localsgd._checks import check_number
 from lightning_localsgd.transport.quantize import BLOCK, IntFormat, dequantize, packet_bytes, quantize
-from lightning_localsgd.transport.tensors import all_finite, flatten, flatten_into, unflatten_
+from lightning_localsgd.transport.tensors import flatten, flatten_into, unflatten_
 
 __all__ = [
     "BACKGROUND_RANGE",
@@ -65,6 +65,7 @@ __all__ = [
     "NonFiniteReplicaError",
     "PendingMean",
     "new_group",
+    "nonfinite_flag",
     "parse_comm_dtype",
 ]
 
@@ -91,6 +92,11 @@ def parse_comm_dtype(value: str | torch.dtype | None) -> CommDtype | None:
             f"got {value!r}"
         )
     return dtype
+
+
+def nonfinite_flag(values: Tensor) -> Tensor:
+    """1.0 on the values' device if any of them is NaN/±Inf, else 0.0 (no host read)."""
+    return (~torch.isfinite(values).all()).to(torch.float32)
 
 
 class NonFiniteReplicaError(FloatingPointError):
@@ -373,15 +379,14 @@ class Collectives:
         """The mean over ``group`` of the values in ``buf[:n]`` (``buf[n:]``: m free slots), in ``buf[:n]``."""
         with torch.no_grad():
             local = buf[:n]
-            finite = bool(torch.isfinite(local.sum())) or all_finite([local])  # a finite sum means all finite
             base = None
             if anchor is not None:
                 base = anchor if isinstance(anchor, Tensor) else flatten(anchor)
                 local.sub_(base)  # the delta from the shared anchor travels
             if self.quantized and base is not None:
-                divisor = self._quantized_sum_(local, residual, group, purpose, finite, nonfinite, step, scratch)
+                divisor = self._quantized_sum_(local, residual, group, purpose, nonfinite, step, scratch)
             else:
-                divisor = self._float_sum_(buf, n, group, purpose, base, finite, nonfinite, step, refill, scratch)
+                divisor = self._float_sum_(buf, n, group, purpose, base, nonfinite, step, refill, scratch)
             local.div_(divisor)
             if base is not None:
                 local.add_(base)
@@ -394,26 +399,35 @@ class Collectives:
         group: Group,
         purpose: str,
         base: Tensor | None,
-        finite: bool,
         nonfinite: NonFinitePolicy,
         step: int | None,
         refill: Callable[[Tensor], None],
         scratch: str,
     ) -> int:
-        """Sum ``buf[:n]`` over the group in the wire dtype, the NaN/Inf flags riding in the same call."""
+        """Sum ``buf[:n]`` over the group in the wire dtype, the NaN/Inf flags riding in the same call.
+
+        Each rank writes its code into its own flag slot, on the device (no host read before the
+        call): 1 if its values hold NaN/Inf, 2 if they are finite but overflow the wire dtype (a
+        float16 delta beyond ±65504). The flags are read once, after the sum.
+        """
         m, local, dtype = group.size, buf[:n], buf.dtype
         # Reduced precision only for deltas from an anchor; raw values (e.g. gradients) travel as they are.
         wire_dtype = self.comm_dtype if (isinstance(self.comm_dtype, torch.dtype) and base is not None) else dtype
         wire = buf if wire_dtype == dtype else self._scratch(scratch + "wire", wire_dtype, n + m, buf.device)
+        bad_here = nonfinite_flag(local)
         if wire is not buf:
             wire[:n].copy_(local)
+            bad_here = torch.where(bad_here > 0, bad_here, 2.0 * nonfinite_flag(wire[:n]))  # the cast overflowed
         wire[n:].zero_()
-        wire[n + group.rank] = 0.0 if finite else 1.0
+        wire[n + group.rank] = bad_here.to(wire_dtype)
         self.all_reduce_sum_(wire, group, purpose)
-        bad_ranks = [group.ranks[i] for i in range(m) if float(wire[n + i]) != 0.0]
+        codes = wire[n:].tolist()  # the one device-to-host read of a sync
+        bad_ranks = [group.ranks[i] for i, code in enumerate(codes) if code != 0.0]
         divisor = m
         if bad_ranks:
-            self._check_skippable(bad_ranks, m, nonfinite, step)
+            overflowed = [group.ranks[i] for i, code in enumerate(codes) if code == 2.0]
+            self._check_skippable(bad_ranks, m, nonfinite, step, overflowed, wire_dtype)
+            finite = codes[group.rank] == 0.0
             # Repeat without the bad replicas: they contribute zeros and the divisor shrinks.
             retry = wire[:n]
             if finite:
@@ -435,7 +449,6 @@ class Collectives:
         residual: Tensor | None,
         group: Group,
         purpose: str,
-        finite: bool,
         nonfinite: NonFinitePolicy,
         step: int | None,
         scratch: str,
@@ -446,9 +459,11 @@ class Collectives:
             raise ValueError(f"comm_dtype={fmt!r} needs an error-feedback residual: pass residual= to mean_")
         m, n, dtype = group.size, local.numel(), local.dtype
         flags = torch.zeros(m, dtype=torch.float32, device=local.device)
-        flags[group.rank] = 0.0 if finite else 1.0
+        flags[group.rank] = nonfinite_flag(local)
         self.all_reduce_sum_(flags, group, purpose)
-        bad_ranks = [group.ranks[i] for i in range(m) if float(flags[i]) != 0.0]
+        codes = flags.tolist()  # the one device-to-host read of a sync
+        bad_ranks = [group.ranks[i] for i, code in enumerate(codes) if code != 0.0]
+        finite = codes[group.rank] == 0.0
         if bad_ranks:
             self._check_skippable(bad_ranks, m, nonfinite, step)
         chunk = -(-n // (m * BLOCK)) * BLOCK  # values per rank's chunk, a whole number of blocks
@@ -480,9 +495,22 @@ class Collectives:
         return torch.cat([dequantize(p, chunk, fmt, dtype) for p in packets.split(size)])
 
     @staticmethod
-    def _check_skippable(bad_ranks: list[int], m: int, nonfinite: NonFinitePolicy, step: int | None) -> None:
+    def _check_skippable(
+        bad_ranks: list[int],
+        m: int,
+        nonfinite: NonFinitePolicy,
+        step: int | None,
+        overflowed: Sequence[int] = (),
+        wire_dtype: torch.dtype | None = None,
+    ) -> None:
         if nonfinite == "raise" or len(bad_ranks) == m:
             where = f" at step {step}" if step is not None else ""
+            if overflowed:
+                raise NonFiniteReplicaError(
+                    f"the update of rank(s) {list(overflowed)} overflows {wire_dtype} on the wire{where} (its delta "
+                    f"from the anchor exceeds {torch.finfo(wire_dtype).max:g}); no replica was changed. Use "
+                    "comm_dtype='bfloat16' (the float32 range) or 'int8', or sync more often."
+                )
             raise NonFiniteReplicaError(
                 f"the replica of rank(s) {bad_ranks} holds NaN/Inf{where}; no replica was changed. Lower the "
                 "learning rate or clip gradients, or pass nonfinite='skip' to the algorithm to average the "
