@@ -71,9 +71,9 @@ class StepReport:
 
     ``loss``: the training loss of the batch that completed the step, as passed to ``backward``
     (``None`` if backward never saw one, or if the algorithm does not read it: reading it costs a
-    device-to-host synchronization, so it is filled only for algorithms with ``needs_loss = True``). ``gradients_averaged``: the update used gradients
-    averaged over the world (e.g. GradAlign with ``sync_every=1``), so replicas that were equal
-    before the step are still equal after it.
+    device-to-host synchronization, so it is filled only for algorithms with ``needs_loss = True``).
+    ``gradients_averaged``: the update used gradients averaged over the world (e.g. GradAlign with
+    ``sync_every=1``), so replicas that were equal before the step are still equal after it.
     """
 
     step: int

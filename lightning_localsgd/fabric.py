@@ -49,7 +49,7 @@ from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
 from lightning_localsgd.contract import FrontEnd, GradientModifier, SyncContext, SyncObserver
 from lightning_localsgd.engine import SyncEngine
 from lightning_localsgd.resume import CHECKPOINT_KEY, ResumeState, rank_payload
-from lightning_localsgd.transport.collectives import Collectives, Group, new_group
+from lightning_localsgd.transport.collectives import Collectives, Group, destroy_groups, new_group
 from lightning_localsgd.transport.process_group import (
     DEFAULT_INIT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -138,6 +138,7 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
         self._world_group = Group(None, [0], 0)
         self._node_group = Group(None, [0], 0)
         self._background_group: Group | None = None
+        self._groups: list[Group] = []  # the process groups this strategy made (destroyed at teardown)
         self._step = 0  # completed optimizer steps
         self._module: Module | None = None
         self._optimizers = 0
@@ -195,9 +196,10 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
             type(self.algorithm).__name__,
         )
         self._world_group = Group(None, list(range(world)), rank)
-        self._node_group = node_groups(world, self.num_nodes, rank, self._timeout)
+        self._node_group = node_groups(world, self.num_nodes, rank, self._timeout, created=self._groups)
         if self.algorithm.overlap_steps > 0 and world > 1:
             self._background_group = new_group(list(range(world)), rank, self._timeout)
+            self._groups.append(self._background_group)
 
     @override
     def setup_module(self, module: Module) -> Module:
@@ -328,7 +330,9 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
 
     @override
     def teardown(self) -> None:
-        self._comm.close()
+        self._comm.close()  # the background thread's syncs end first: they use the groups
+        destroy_groups(self._groups)
+        self._groups.clear()
         super().teardown()
 
     @classmethod

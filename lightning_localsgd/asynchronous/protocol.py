@@ -22,6 +22,7 @@ the network: :class:`~lightning_localsgd.asynchronous.server.LocalClient` calls
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -31,7 +32,16 @@ from torch import Tensor
 
 from lightning_localsgd.transport.collectives import Collectives, Group
 
-__all__ = ["AsyncTrainingError", "MessageType", "RemoteClient", "Reply", "Status"]
+__all__ = [
+    "AsyncTrainingError",
+    "MessageType",
+    "ProtocolError",
+    "RemoteClient",
+    "Reply",
+    "Status",
+    "check_request",
+    "parse_request",
+]
 
 HEADER = 6
 TAG_REQUEST, TAG_PUSH, TAG_REPLY, TAG_MODEL = 11, 12, 13, 14
@@ -39,6 +49,10 @@ TAG_REQUEST, TAG_PUSH, TAG_REPLY, TAG_MODEL = 11, 12, 13, 14
 
 class AsyncTrainingError(RuntimeError):
     """Asynchronous training cannot continue: a worker or the parameter server died, stalled or failed."""
+
+
+class ProtocolError(AsyncTrainingError):
+    """A request that does not follow the protocol (unknown type, or steps/speed that are not finite)."""
 
 
 class MessageType(IntEnum):
@@ -81,6 +95,27 @@ class Reply:
         return cls(Status(int(status)), state, int(updates), int(local_steps), int(staleness), bool(stop))
 
 
+def check_request(message: float, steps: float, speed: float) -> tuple[MessageType, int, float]:
+    """The request's type, steps and speed, or :class:`ProtocolError` naming the bad field.
+
+    The server validates every request before acting on it, so a malformed one is refused whole:
+    nothing of it is applied.
+    """
+    if not math.isfinite(message) or message not in {float(m) for m in MessageType}:
+        raise ProtocolError(f"an unknown message type {message!r} (expected one of {[int(m) for m in MessageType]})")
+    if not math.isfinite(steps) or steps < 0 or steps != int(steps):
+        raise ProtocolError(f"steps={steps!r}, not a number of local steps")
+    if not math.isfinite(speed) or speed < 0:
+        raise ProtocolError(f"speed={speed!r}, not a finite speed >= 0 (steps per second)")
+    return MessageType(int(message)), int(steps), float(speed)
+
+
+def parse_request(header: Tensor) -> tuple[MessageType, int, float]:
+    """A request header's type, steps and speed, validated (:func:`check_request`); one host read."""
+    message, steps, speed = header[:3].tolist()
+    return check_request(message, steps, speed)
+
+
 class RemoteClient:
     """A worker on rank > 0: requests over the server's dedicated process group, replies from its first rank."""
 
@@ -96,8 +131,8 @@ class RemoteClient:
         what = "push" if message == MessageType.PUSH else "control"
         try:
             self.comm.send(header, self.server_rank, self.group, purpose=what, tag=TAG_REQUEST)
-            if payload is not None:
-                self.comm.send(payload, self.server_rank, self.group, purpose=what, tag=TAG_PUSH)
+            if payload is not None:  # staged through host memory: the server's group is gloo
+                self.comm.send(payload.to(self.state.device), self.server_rank, self.group, purpose=what, tag=TAG_PUSH)
             if message == MessageType.FAIL:
                 return None
             self.comm.recv_(header, self.server_rank, self.group, purpose="wait", tag=TAG_REPLY)

@@ -29,8 +29,11 @@ from lightning_localsgd.asynchronous.protocol import (
     TAG_REQUEST,
     AsyncTrainingError,
     MessageType,
+    ProtocolError,
     Reply,
     Status,
+    check_request,
+    parse_request,
 )
 from lightning_localsgd.transport.collectives import Collectives, Group
 
@@ -93,6 +96,11 @@ class ParameterServer:
         """Answer one request of ``worker`` (``None`` for FAIL); a PUSH is applied here, once."""
         with self.lock:
             self.last_heard[worker] = time.monotonic()
+            try:
+                message, steps, speed = check_request(float(message), float(steps), float(speed))
+            except ProtocolError as err:  # refused whole: nothing of it is applied
+                self.abort(f"worker rank {worker} sent a malformed request: {err}")
+                return Reply(Status.ABORT)
             if message == MessageType.FAIL:
                 self.abort(f"worker rank {worker} failed (its log has the traceback)")
                 return None
@@ -224,7 +232,12 @@ class ParameterServer:
         try:
             while not all(self.final_sent[w] for w in remote):
                 src = comm.recv_(header, None, group, purpose="server_wait", tag=TAG_REQUEST)
-                message, steps, speed = MessageType(int(header[0])), int(header[1]), float(header[2])
+                try:
+                    message, steps, speed = parse_request(header)
+                except ProtocolError as err:
+                    self.abort(f"worker rank {src} sent a malformed request: {err}")
+                    comm.send(Reply(Status.ABORT).header(), src, group, purpose="pull", tag=TAG_REPLY)
+                    continue
                 if message == MessageType.PUSH:
                     comm.recv_(payload, src, group, purpose="server_wait", tag=TAG_PUSH)
                 reply = self.handle(message, src, steps, speed, payload if message == MessageType.PUSH else None)
@@ -249,6 +262,8 @@ class LocalClient:
     def request(
         self, message: MessageType, steps: int = 0, speed: float = 0.0, payload: Tensor | None = None
     ) -> Reply | None:
+        if payload is not None:  # the server's θ lives in host memory
+            payload = payload.to(self.server.state.device)
         reply = self.server.handle(message, self.rank, steps, speed, payload)
         if reply is not None and reply.status == Status.ABORT:
             raise AsyncTrainingError(f"asynchronous training aborted: {self.server.abort_reason}")

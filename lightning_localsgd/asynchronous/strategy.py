@@ -28,9 +28,9 @@ from lightning_localsgd.asynchronous.worker import AsyncWorker, reconcile, resum
 from lightning_localsgd.engine import SyncEngine
 from lightning_localsgd.resume import RankResume
 from lightning_localsgd.trainer.replica import DEFAULT_TIMEOUT, ReplicaStrategy
-from lightning_localsgd.transport.collectives import Collectives, Group, new_group
+from lightning_localsgd.transport.collectives import Collectives, Group
 from lightning_localsgd.transport.process_group import DEFAULT_INIT_TIMEOUT
-from lightning_localsgd.transport.tensors import flatten, unflatten_
+from lightning_localsgd.transport.tensors import flatten, host_copy, unflatten_
 
 __all__ = ["AsyncLocalSGDStrategy"]
 
@@ -170,7 +170,9 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
     def setup_distributed(self) -> None:
         super().setup_distributed()
         if self.world_size > 1:  # used only by the server protocol, so it never mixes with other traffic
-            self._server_group = new_group(list(range(self.world_size)), self.global_rank, timeout=self._timeout)
+            # gloo whatever the world's backend: the server keeps θ and the headers in host memory and
+            # needs a receive from any source, which NCCL does not have
+            self._server_group = self._new_group(backend="gloo")
 
     @override
     def setup_environment(self) -> None:
@@ -219,7 +221,7 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
         client: LocalClient | RemoteClient
         if rank == 0:
             self._server = ParameterServer(
-                state.clone(),
+                host_copy(state),  # θ in host memory: no model-sized copy on rank 0's accelerator
                 self._num_params,
                 self.outer_optimizer,
                 self.world_size,
@@ -307,6 +309,8 @@ class AsyncLocalSGDStrategy(LockstepGuards, ReplicaStrategy):
             # the server, and every worker owes the server its DONE and takes the final global model.
             self.on_train_start()
             self.on_train_end()
+        if self._server is not None and self._server.thread is not None and self._server.thread.is_alive():
+            self._groups.remove(self._server_group)  # never pull a group from under a thread blocked on it
         super().teardown()
 
     @override

@@ -188,7 +188,8 @@ class AsyncWorker:
         return reply
 
     def adopt(self, state: Tensor) -> None:
-        """Load the server's state into the module; it is the new anchor."""
+        """Load the server's state (in host memory) into the module; it is the new anchor, on the module's device."""
+        state = state.to(self.anchor.device)
         unflatten_(state, self.tensors())
         self.anchor = state
 

@@ -33,7 +33,7 @@ from typing_extensions import override
 from lightning_localsgd._checks import check_seconds
 from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
 from lightning_localsgd.resume import RankResume, ResumeState
-from lightning_localsgd.transport.collectives import Collectives, Group
+from lightning_localsgd.transport.collectives import Collectives, Group, destroy_groups, new_group
 from lightning_localsgd.transport.process_group import (
     DEFAULT_INIT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -92,6 +92,7 @@ class ReplicaStrategy(DDPStrategy):
         self._comm = Collectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
         self._world_group = Group(None, [0], 0)
         self._node_group = Group(None, [0], 0)
+        self._groups: list[Group] = []  # the process groups this strategy made (destroyed at teardown)
         self._resume_state: ResumeState | None = None  # the checkpoint being resumed, read once
         self._rank_resume: RankResume | None = None  # this rank's part of it, until the optimizer is loaded
 
@@ -122,7 +123,7 @@ class ReplicaStrategy(DDPStrategy):
         super().setup_distributed()  # Lightning's own init finds the group and goes on
         world, rank = self.world_size, self.global_rank
         self._world_group = Group(None, list(range(world)), rank)
-        self._node_group = node_groups(world, self.num_nodes, rank, self._timeout)
+        self._node_group = node_groups(world, self.num_nodes, rank, self._timeout, created=self._groups)
 
     # ------------------------------------------------------------------ setup: no DDP wrapper
     @override
@@ -161,5 +162,13 @@ class ReplicaStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
-        self._comm.close()
+        self._comm.close()  # the background thread's syncs end first: they use the groups
+        destroy_groups(self._groups)
+        self._groups.clear()
         super().teardown()
+
+    def _new_group(self, backend: str | None = None) -> Group:
+        """A group over every rank of this job, destroyed at teardown (every rank calls this alike)."""
+        group = new_group(list(range(self.world_size)), self.global_rank, self._timeout, backend=backend)
+        self._groups.append(group)
+        return group

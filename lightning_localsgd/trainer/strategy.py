@@ -27,7 +27,7 @@ from lightning_localsgd.resume import CHECKPOINT_KEY, rank_payload
 from lightning_localsgd.trainer.plugins import FaultTolerancePlugin, FaultTolerantSession
 from lightning_localsgd.trainer.replica import DEFAULT_TIMEOUT, ReplicaStrategy, loader_state
 from lightning_localsgd.trainer.sigterm import replace_sigterm_check, restore_sigterm_check, sigterm_check_at
-from lightning_localsgd.transport.collectives import Group, NonFinitePolicy, new_group
+from lightning_localsgd.transport.collectives import Group, NonFinitePolicy
 from lightning_localsgd.transport.process_group import DEFAULT_INIT_TIMEOUT
 from lightning_localsgd.transport.tensors import BufferPolicy
 
@@ -197,8 +197,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         if self._fault_tolerance is not None:
             self._fault_tolerance.check_supported(self._engine, self._comm)
         needs_background = self._engine.algorithm.overlap_steps > 0 and self.world_size > 1
-        if needs_background and self._background_group is None:  # every rank decides alike: same config
-            self._background_group = new_group(list(range(self.world_size)), self.global_rank, self._timeout)
+        self._background_group = self._new_group() if needs_background else None  # every rank decides alike
         if self.world_size == 1 and self._fault_tolerance is None:  # a 1-process replica group syncs with others
             rank_zero_warn("LocalSGDStrategy runs on a single process: there is nothing to synchronize.")
 

@@ -64,6 +64,7 @@ __all__ = [
     "NonFinitePolicy",
     "NonFiniteReplicaError",
     "PendingMean",
+    "destroy_groups",
     "new_group",
     "nonfinite_flag",
     "parse_comm_dtype",
@@ -74,10 +75,16 @@ NonFinitePolicy = Literal["raise", "skip"]
 CommDtype = torch.dtype | IntFormat
 """What travels at a sync: a floating dtype, or ``"int8"`` / ``"int4"`` (per-block integers)."""
 INT_FORMATS: tuple[str, ...] = ("int8", "int4")
+WIRE_FLOATS: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def parse_comm_dtype(value: str | torch.dtype | None) -> CommDtype | None:
-    """``None``, a floating dtype (or its name, e.g. ``"bfloat16"``), ``"int8"`` or ``"int4"``."""
+    """``None``, ``"bfloat16"``, ``"float16"``, ``"float32"`` (a dtype or its name), ``"int8"`` or ``"int4"``.
+
+    Other dtypes are refused: float8 has no allreduce on gloo or NCCL and its 2-3 significant bits
+    would swamp the deltas (use ``"int8"``: per-block scales, error feedback); float64 would send
+    more bytes than an fp32 model's own parameters.
+    """
     if value is None:
         return None
     if isinstance(value, str) and value in INT_FORMATS:
@@ -86,10 +93,13 @@ def parse_comm_dtype(value: str | torch.dtype | None) -> CommDtype | None:
         dtype: Any = value
     else:
         dtype = getattr(torch, str(value).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    if not isinstance(dtype, torch.dtype) or dtype not in WIRE_FLOATS:
+        hint = ""
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            hint = " (float8: use 'int8', per-block scales with error feedback; float64: use None)"
         raise ValueError(
             "comm_dtype must be None, a floating dtype such as 'bfloat16' or 'float16', or 'int8' / 'int4', "
-            f"got {value!r}"
+            f"got {value!r}{hint}"
         )
     return dtype
 
@@ -563,11 +573,22 @@ def _all_gather_flat(out: Tensor, local: Tensor, handle: Any) -> None:
     gather(out, local, group=handle)
 
 
-def new_group(ranks: list[int], rank: int, timeout: Any = None) -> Group:
+def new_group(ranks: list[int], rank: int, timeout: Any = None, backend: str | None = None) -> Group:
     """A new process group over ``ranks`` (every process must call this, in the same order).
 
     ``rank`` is this process's global rank; ``timeout`` (a ``timedelta``) bounds every operation on
-    the group, including point-to-point receives.
+    the group, including point-to-point receives; ``backend`` (default: the world's) e.g. ``"gloo"``
+    for a group that carries host tensors next to an NCCL world. Release it with :func:`destroy_groups`.
     """
-    handle = dist.new_group(ranks, timeout=timeout)
+    handle = dist.new_group(ranks, timeout=timeout, backend=backend)
     return Group(handle, list(ranks), ranks.index(rank) if rank in ranks else -1)
+
+
+def destroy_groups(groups: Sequence[Group]) -> None:
+    """Destroy the process groups :func:`new_group` made (this rank's handles; a no-op for the rest).
+
+    Strategies call it at teardown, so that a sweep of fits does not pile up communicators.
+    """
+    for group in groups:
+        if isinstance(group.handle, dist.ProcessGroup) and group.rank >= 0 and dist.is_initialized():
+            dist.destroy_process_group(group.handle)

@@ -16,8 +16,13 @@ from lightning_localsgd.transport.collectives import Collectives, Group, new_gro
 __all__ = ["broadcast_module_", "node_groups"]
 
 
-def node_groups(world_size: int, num_nodes: int, rank: int, timeout: timedelta | None) -> Group:
-    """This rank's node group (every rank creates every node's group, in the same order)."""
+def node_groups(
+    world_size: int, num_nodes: int, rank: int, timeout: timedelta | None, created: list[Group] | None = None
+) -> Group:
+    """This rank's node group (every rank creates every node's group, in the same order).
+
+    The groups it creates are appended to ``created`` (to be destroyed at teardown).
+    """
     per_node = world_size // num_nodes
     mine = Group(None, list(range(world_size)), rank)
     if num_nodes == 1:
@@ -29,6 +34,8 @@ def node_groups(world_size: int, num_nodes: int, rank: int, timeout: timedelta |
             if per_node > 1
             else Group(None, ranks, ranks.index(rank) if rank in ranks else -1)
         )
+        if per_node > 1 and created is not None:
+            created.append(group)
         if rank in ranks:
             mine = group
     return mine

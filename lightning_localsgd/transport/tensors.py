@@ -23,6 +23,7 @@ __all__ = [
     "flatten",
     "flatten_into",
     "float_buffers",
+    "host_copy",
     "lerp_",
     "partition",
     "pseudo_gradient",
@@ -102,6 +103,12 @@ def snapshot(tensors: Sequence[Tensor], device: torch.device | str | None = None
         dtype = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
         out.append(t.detach().to(device=device or t.device, dtype=dtype, copy=True))
     return out
+
+
+def host_copy(tensor: Tensor) -> Tensor:
+    """A copy of ``tensor`` in host memory: pinned when it comes from an accelerator (fast, asynchronous copies)."""
+    out = tensor.detach().to("cpu", copy=True)
+    return out.pin_memory() if tensor.device.type != "cpu" and torch.accelerator.is_available() else out
 
 
 @torch.no_grad()
