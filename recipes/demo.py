@@ -35,8 +35,8 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import environment, recipe_env, time_held, time_to
-from recipes.launch import describe_link, link_bits_per_second, shaped_link
+from recipes.launch import describe_link, link_bits_per_second, recipe_env, shaped_link
+from recipes.measure import environment, time_held, time_to
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "image_classification"

@@ -150,6 +150,22 @@ def set_loopback(prefix: Sequence[str], up: bool) -> None:
     _run(["ip", "netns", "exec", prefix[3], "ip", "link", "set", "lo", "up" if up else "down"])
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+"""The folder that holds ``recipes/`` (with ``configs/`` and ``benchmarks/`` in a checkout)."""
+
+
+def recipe_env() -> dict[str, str]:
+    """The environment of one ``python -m recipes...`` process that starts its own ranks with
+    Lightning's launcher: one compute thread, this checkout first on the path, and none of an outer
+    launcher's rank variables (they would make Lightning think it was started by one)."""
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(CHECKOUT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK"):
+        env.pop(key, None)
+    return env
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
