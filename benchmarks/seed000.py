@@ -3,7 +3,7 @@
 Zhu, Vardhan, Mazumdar, "Distributed Gradient Descent with Many Local Steps in Overparameterized
 Models" (arXiv 2412.07971). Every distributed run below is ``python -m recipes.linear fit
 --config configs/linear/base.yaml --config configs/linear/<algorithm>.yaml ...`` executed on 2
-gloo ranks on 127.0.0.1 (launched as :func:`tests.launch.run_ranks` does, several fits per
+gloo ranks on 127.0.0.1 (launched by :func:`recipes.launch.run_local_ranks`, several fits per
 launch); the centralized runs are the same recipe on one process holding both shards. Each
 rank's loss is the mean over its shard, full batch, plain SGD from zero, float64.
 
@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from benchmarks.common import ROOT, environment
+from recipes.launch import run_local_ranks
 
 CONFIGS = ROOT / "configs" / "linear"
 RESULTS = ROOT / "benchmarks" / "results" / "seed000"
@@ -92,17 +95,39 @@ def fit(run: dict[str, Any], root: str) -> dict[str, Any]:
 
 
 def rank_runs(out_dir: str, devices: int, num_nodes: int, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Entry point of each rank (``tests.worker``): the fits one after another in this process."""
+    """What each rank runs: the fits one after another in this process."""
     import warnings
 
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
     return [fit(run, out_dir) for run in runs]
 
 
-def distributed(runs: list[dict[str, Any]], timeout: float) -> dict[str, dict[str, Any]]:
-    from tests.launch import run_ranks
+def rank_main(kwargs_path: str) -> None:
+    """Entry point of each rank (``--worker kwargs.pt``, started by :func:`run_ranks`): :func:`rank_runs`
+    on the ``torch.save``d keyword arguments; its results (tensors) go to ``out_dir/result<rank>.pt``."""
+    torch.set_num_threads(1)
+    kwargs = torch.load(kwargs_path, weights_only=False)
+    result = rank_runs(**kwargs)
+    rank = int(os.environ["NODE_RANK"]) * kwargs["devices"] + int(os.environ["LOCAL_RANK"])
+    torch.save(result, Path(kwargs["out_dir"]) / f"result{rank}.pt")
+    if torch.distributed.is_initialized():
+        # gloo can abort at interpreter exit when a group is still alive (pytorch/pytorch#190489)
+        torch.distributed.destroy_process_group()
 
-    rank0, rank1 = run_ranks("benchmarks.seed000:rank_runs", world=2, timeout=timeout, runs=runs)
+
+def run_ranks(runs: list[dict[str, Any]], world: int, timeout: float) -> list[list[dict[str, Any]]]:
+    """:func:`rank_runs` on ``world`` gloo ranks of one node (:func:`recipes.launch.run_local_ranks`);
+    every rank's results, in rank order. A failed or hung rank raises ``RuntimeError`` with the logs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        kwargs_path = Path(tmp) / "kwargs.pt"
+        torch.save({"out_dir": tmp, "devices": world, "num_nodes": 1, "runs": runs}, kwargs_path)
+        cmd = [sys.executable, "-m", "benchmarks.seed000", "--worker", str(kwargs_path)]
+        run_local_ranks(cmd, world, 1, log_dir=tmp, timeout=timeout, cwd=tmp, pythonpath=ROOT)
+        return [torch.load(Path(tmp) / f"result{r}.pt", weights_only=False) for r in range(world)]
+
+
+def distributed(runs: list[dict[str, Any]], timeout: float) -> dict[str, dict[str, Any]]:
+    rank0, rank1 = run_ranks(runs, world=2, timeout=timeout)
     for a, b in zip(rank0, rank1):  # after fit every rank holds the consensus
         assert torch.equal(a["weights"][-1], b["weights"][-1]), a["name"]
     return {r["name"]: r for r in rank0}
@@ -641,6 +666,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per 2-rank launch")
     p.add_argument("--docs", action="store_true", help="also save small PNG copies to docs/results/img/")
     p.add_argument("--replot", action="store_true", help="redraw the PNGs and tables from seed000.json, no runs")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -653,6 +679,9 @@ def write_pngs(results: dict[str, Any], docs: bool) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.worker:
+        rank_main(args.worker)
+        return {}
     if args.replot:
         doc = json.loads((RESULTS / "seed000.json").read_text())
         for name, text in doc["tables"].items():
@@ -680,7 +709,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.save({k: v.pop("weights") for k, v in results.items()}, RESULTS / "trajectories.pt")
     pngs = write_pngs(results, args.docs)
     doc = {
-        "settings": vars(args),
+        "settings": {k: v for k, v in vars(args).items() if k != "worker"},
         "results": results,
         "tables": tables,
         "seconds": timing,
