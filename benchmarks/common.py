@@ -1,5 +1,6 @@
 """What the benchmarks share: launching ranks, the environment record, number formatting, time to a
-target, and the probe callback of the MNIST reproductions (:mod:`benchmarks.seed002`, :mod:`benchmarks.seed003`).
+target, and the probe callback of the MNIST reproductions (:mod:`benchmarks.gradalign_label_skew`,
+:mod:`benchmarks.lsgd_vs_easgd`).
 
 * :func:`launch_ranks` runs ``python -m <module> --worker cfg.json`` on ``world`` ranks through
   :func:`recipes.launch.run_local_ranks`; the worker side is :func:`recipes.launch.run_rank_from_file`.
@@ -137,7 +138,7 @@ def make_probe_callback(rank: int, world: int, extra: Any = None) -> Any:
     The module keeps ``val_sums``, a (2, 3) float64 tensor of (correct, count, loss sum) per
     validation loader (0: test, 1: an optional training subset) that its ``validation_step`` adds to.
     ``extra(trainer, module) -> dict`` runs on every rank at each evaluation (on the consensus)
-    and its values are stored with the point (seed002's gradient alignment).
+    and its values are stored with the point (gradalign_label_skew's gradient alignment).
     """
     import torch
     import torch.distributed as dist

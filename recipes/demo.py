@@ -275,7 +275,7 @@ ADVICE = {
     "raise `pull` (e.g. 0.5) or add the authors' per-step pull (`step_pull: 0.1, step_pull_per_period: true`)",
     "easgd": "raise `beta` or lower `sync_every` so that the center follows the replicas faster",
     "gradalign": "GradAlign runs 2 passes and 2 allreduces per update: on iid shards it costs more than it brings; "
-    "its case is label skew (docs/results/seed002_seed003.md)",
+    "its case is label skew (docs/results/lsgd_vs_easgd_and_gradalign_label_skew.md)",
 }
 IMAGE_POINTS = 100 / 359  # one of the 359 validation digits, in accuracy points
 

@@ -1,4 +1,4 @@
-"""Seed 000 reproduction: the implicit bias of Local-GD with many local steps, through the library.
+"""The implicit bias of Local-GD with many local steps, through the library (the seed 000 reproduction).
 
 Zhu, Vardhan, Mazumdar, "Distributed Gradient Descent with Many Local Steps in Overparameterized
 Models" (arXiv 2412.07971). Every distributed run below is ``python -m recipes.linear fit
@@ -21,13 +21,14 @@ c. **Last-layer fine-tuning**: resnet18 pretrained on MNIST-5k (``recipes.demo``
    (rank 0 holds digits 0–4, rank 1 digits 5–9). References: the multiclass hard-margin SVM
    (``LinearSVC(multi_class="crammer_singer", fit_intercept=False)``) and the regularized model.
 
-    python -m benchmarks.seed000                      # everything, ~5–10 min on 2 busy cores
-    python -m benchmarks.seed000 --parts regression --quick
-    python -m benchmarks.seed000 --docs               # also write small PNG copies to docs/results/img/
-    python -m benchmarks.seed000 --replot --docs      # redraw from seed000.json without running
+    python -m benchmarks.local_gd_implicit_bias                  # everything, ~5–10 min on 2 busy cores
+    python -m benchmarks.local_gd_implicit_bias --parts regression --quick
+    python -m benchmarks.local_gd_implicit_bias --docs           # also write small PNG copies to docs/results/img/
+    python -m benchmarks.local_gd_implicit_bias --replot --docs  # redraw from the JSON without running
 
-Outputs in ``benchmarks/results/seed000/``: ``seed000.json`` (settings, references, every
-recorded metric, tables), ``trajectories.pt`` (the weights), ``seed000_<part>.png``.
+Outputs in ``benchmarks/results/local_gd_implicit_bias/``: ``local_gd_implicit_bias.json`` (settings,
+references, every recorded metric, tables), ``trajectories.pt`` (the weights),
+``local_gd_implicit_bias_<part>.png``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from benchmarks.common import ROOT, environment
 from recipes.launch import run_local_ranks
 
 CONFIGS = ROOT / "configs" / "linear"
-RESULTS = ROOT / "benchmarks" / "results" / "seed000"
+NAME = "local_gd_implicit_bias"
+RESULTS = ROOT / "benchmarks" / "results" / NAME
 DOCS_IMG = ROOT / "docs" / "results" / "img"
 F64 = torch.float64
 SEPARABLE = ["--data.source=separable", "--data.dim=50", "--data.samples_per_shard=20"]
@@ -121,7 +123,7 @@ def run_ranks(runs: list[dict[str, Any]], world: int, timeout: float) -> list[li
     with tempfile.TemporaryDirectory() as tmp:
         kwargs_path = Path(tmp) / "kwargs.pt"
         torch.save({"out_dir": tmp, "devices": world, "num_nodes": 1, "runs": runs}, kwargs_path)
-        cmd = [sys.executable, "-m", "benchmarks.seed000", "--worker", str(kwargs_path)]
+        cmd = [sys.executable, "-m", f"benchmarks.{NAME}", "--worker", str(kwargs_path)]
         run_local_ranks(cmd, world, 1, log_dir=tmp, timeout=timeout, cwd=tmp, pythonpath=ROOT)
         return [torch.load(Path(tmp) / f"result{r}.pt", weights_only=False) for r in range(world)]
 
@@ -382,8 +384,8 @@ def backbone_weights() -> tuple[Path, dict[str, Any]]:
             demo.pretrain(demo_args, path)
     except (ImportError, AttributeError):  # the demo moved: pretrain here with the same recipe
         path = Path(os.environ.get("LIGHTNING_LOCALSGD_CACHE", "~/.cache/lightning-localsgd")).expanduser()
-        path = path / "resnet18_mnist5k_32px_seed000.pth"
-        info = {"source": "benchmarks.seed000 (fallback)", "model": "resnet18", "epochs": 2}
+        path = path / "resnet18_mnist5k_32px_seed000.pth"  # the cache file keeps its name (existing caches reused)
+        info = {"source": f"benchmarks.{NAME} (fallback)", "model": "resnet18", "epochs": 2}
         if not path.is_file():
             pretrain_fallback(path)
     meta = path.with_suffix(".json")
@@ -658,22 +660,22 @@ def save(fig, path: Path, dpi: int) -> Path:
 
 # ------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.seed000", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="regression,classification,finetune")
     p.add_argument("--prox", type=float, default=1e-3, help="λ of ModifiedLocalGD in part b")
     p.add_argument("--finetune-prox", type=float, nargs="+", default=[1e-3, 1e-4], help="λ values of part c")
     p.add_argument("--quick", action="store_true", help="a few rounds per run: a smoke check")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per 2-rank launch")
     p.add_argument("--docs", action="store_true", help="also save small PNG copies to docs/results/img/")
-    p.add_argument("--replot", action="store_true", help="redraw the PNGs and tables from seed000.json, no runs")
+    p.add_argument("--replot", action="store_true", help=f"redraw the PNGs and tables from {NAME}.json, no runs")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def write_pngs(results: dict[str, Any], docs: bool) -> list[Path]:
-    pngs = plot(results, lambda part: RESULTS / f"seed000_{part}.png")
+    pngs = plot(results, lambda part: RESULTS / f"{NAME}_{part}.png")
     if docs:  # smaller copies for the repository
-        plot(results, lambda part: DOCS_IMG / f"seed000_{part}.png", dpi=72)
+        plot(results, lambda part: DOCS_IMG / f"{NAME}_{part}.png", dpi=72)
     return pngs
 
 
@@ -683,7 +685,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rank_main(args.worker)
         return {}
     if args.replot:
-        doc = json.loads((RESULTS / "seed000.json").read_text())
+        doc = json.loads((RESULTS / f"{NAME}.json").read_text())
         for name, text in doc["tables"].items():
             print(f"\n== {name}\n{text}")
         print("Wrote", [p.name for p in write_pngs(doc["results"], args.docs)])
@@ -716,9 +718,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "total_seconds": time.perf_counter() - started,
         "machine": dict(environment(), loadavg_start=load),
     }
-    (RESULTS / "seed000.json").write_text(json.dumps(doc, indent=1, default=float))
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(doc, indent=1, default=float))
     print(
-        f"Wrote {RESULTS / 'seed000.json'}, trajectories.pt and {[p.name for p in pngs]} "
+        f"Wrote {RESULTS / f'{NAME}.json'}, trajectories.pt and {[p.name for p in pngs]} "
         f"({doc['total_seconds']:.0f} s; load average {load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end)."
     )
     return doc
