@@ -26,7 +26,7 @@ from lightning.fabric import Fabric
 
 from lightning_localsgd import DiLoCo, PeriodicAveraging
 from lightning_localsgd.fabric import LocalSGDStrategy
-from recipes.char_lm import VOCAB_SIZE, CharGPT, StdlibCorpusDataModule
+from .char_lm import VOCAB_SIZE, CharGPT, StdlibCorpusDataModule
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

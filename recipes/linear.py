@@ -256,7 +256,7 @@ class LinearDataModule(LightningDataModule):
         return train, (torch.cat(tx), torch.cat(ty))
 
     def _feature_shards(self, num_shards: int) -> tuple[list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]:
-        from recipes.partition import partition
+        from .partition import partition
 
         a = self._arrays()
         x, y = torch.from_numpy(a["x_train"]).double(), torch.from_numpy(a["y_train"])

@@ -27,7 +27,7 @@ def environment(*modules: str, link: str | None = None) -> dict[str, Any]:
     import lightning
     import torch
 
-    from recipes.launch import describe_link
+    from .launch import describe_link
 
     record: dict[str, Any] = {
         "python": platform.python_version(),
