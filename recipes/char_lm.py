@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_localsgd  # noqa: F401  (registers the strategy names "localsgd", "async_localsgd", ...)
+
 from .data import shuffled_loader
 
 VOCAB_SIZE = 256

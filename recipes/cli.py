@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 import lightning_localsgd  # noqa: F401  (registers the strategy names)
+
 from .data import PartitionedDataModule
 from .image_classification import ImageClassifier
 

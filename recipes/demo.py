@@ -289,7 +289,10 @@ def footnotes(summary: dict[str, Any]) -> list[str]:
         if r["seconds_to_held"] is not None:
             continue
         if r["seconds_to_target"] is None:
-            what = f"never reached {100 * target:.2f}% (best {100 * r['best_acc']:.2f}%, final {100 * r['final_acc']:.2f}%)"
+            what = (
+                f"never reached {100 * target:.2f}% "
+                f"(best {100 * r['best_acc']:.2f}%, final {100 * r['final_acc']:.2f}%)"
+            )
         else:
             gap = (target - r["final_acc"]) / (IMAGE_POINTS / 100)
             what = (
@@ -325,7 +328,7 @@ def format_table(summary: dict[str, Any], link: str | None = None) -> str:
             f"{label:<16}{100 * r['final_acc']:>9.2f}%{r['train_seconds']:>9.1f}{total:>9}{r['MB_sent']:>10.1f}"
             f"{int(r['syncs']):>7}{hit:>12}{speed:>9}{steps:>7}{held:>7}{r['ms_per_step']:>9.0f}{load:>11}"
         )
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 def plot_series(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
@@ -396,7 +399,8 @@ LEGEND = (
 def verdict_line(
     summary: dict[str, Any], slack: float, run: str = "localsgd", target: float = 1.3
 ) -> tuple[bool | None, str]:
-    """Whether ``run`` reached DDP's final accuracy − ``slack`` at least ``target``× sooner, and the sentence saying so."""
+    """Whether ``run`` reached DDP's final accuracy − ``slack`` at least ``target``× sooner, and the sentence
+    saying so."""
     rows = summary["rows"]
     if "ddp" not in rows or run not in rows:
         return None, f"(the {target:g}x target compares {run} with ddp: run both)"
@@ -443,10 +447,12 @@ def write_docs(doc: dict[str, Any], table: str, verdict: str, png: Path) -> Path
     text = f"""# {title}
 
 Written by `{command}` ({doc.get("date", "?")}, {cpus} CPUs,
-gloo on 127.0.0.1, link: {describe_link(link)}, {doc["demo_seconds"]:.0f} s for the whole demo). Pretrained weights: {st["model"]} trained
+gloo on 127.0.0.1, link: {describe_link(link)}, {doc["demo_seconds"]:.0f} s for the whole demo). \
+Pretrained weights: {st["model"]} trained
 on MNIST-5k ({100 * pre.get("val_acc", float("nan")):.1f}% val) or the hub. Fine-tuning on scikit-learn's digits
 ({st["image_size"]}×{st["image_size"]}), {st["steps"]} optimizer steps of {st["batch_size"]} images per rank, lr
-{st["lr"]} (SGD momentum 0.9, cosine), validation on the 359 held-out digits every {st["val_every"]} steps{_evaluation_note(st)},
+{st["lr"]} (SGD momentum 0.9, cosine), validation on the 359 held-out digits every {st["val_every"]} \
+steps{_evaluation_note(st)},
 seed {st["seed"]}; every algorithm with its overlay in `configs/image_classification/`.
 
 ```

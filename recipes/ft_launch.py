@@ -31,6 +31,7 @@ from typing import Any
 from lightning.pytorch import Callback, Trainer
 
 from lightning_localsgd.fault_tolerance.config import start_lighthouse
+
 from .launch import free_port
 
 INCARNATION_ENV = "LOCALSGD_FT_INCARNATION"

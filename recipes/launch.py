@@ -31,7 +31,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +130,8 @@ def shaped_link(rate: str | None) -> Iterator[list[str]]:
     finally:
         pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
         for pid in pids:
-            try:
+            with suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -240,7 +238,7 @@ def _run_ranks(
             env["PYTHONPATH"] = str(pythonpath) + os.pathsep + env.get("PYTHONPATH", "")
         for key in ("GROUP_RANK", "LOCAL_WORLD_SIZE", "RANK"):  # torchrun's, which would override ours
             env.pop(key, None)
-        log = open(Path(log_dir) / f"rank{rank}.log", "w")
+        log = open(Path(log_dir) / f"rank{rank}.log", "w")  # noqa: SIM115 - open while the rank runs, closed below
         procs.append((subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT), log))
     failed: int | str | None = None
     deadline = time.monotonic() + timeout

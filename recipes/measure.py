@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 from datetime import datetime, timezone
@@ -93,7 +94,7 @@ def time_to_interpolated(
     the crossing (its end when its start is already there). ``None``: never.
     """
     pts = sorted((c[clock], c[value]) for c in curve)
-    for (t0, y0), (t1, y1) in zip(pts, pts[1:]):
+    for (t0, y0), (t1, y1) in itertools.pairwise(pts):
         if y1 <= target:
             return t1 if y0 == y1 or y0 <= target else t0 + (t1 - t0) * (y0 - target) / (y0 - y1)
     return None
