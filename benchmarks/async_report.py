@@ -87,20 +87,22 @@ def summarize(
     seeds = {d["seed"]: per_seed(d["runs"], sync, updates) for d in docs}
     specs = list(docs[0]["runs"])
     table = {}
+
+    def stat(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+        vals = [r[key] for r in rows]
+        ok = [v for v in vals if v is not None]
+        return {
+            "each": vals,
+            "mean": statistics.fmean(ok) if len(ok) == len(vals) else None,
+            "min": min(ok, default=None),
+            "max": max(ok, default=None),
+        }
+
     for spec in specs:
         rows = [seeds[s][spec] for s in seeds]
-
-        def stat(key: str) -> dict[str, Any]:
-            vals = [r[key] for r in rows]
-            ok = [v for v in vals if v is not None]
-            return {
-                "each": vals,
-                "mean": statistics.fmean(ok) if len(ok) == len(vals) else None,
-                "min": min(ok, default=None),
-                "max": max(ok, default=None),
-            }
-
-        table[spec] = {k: stat(k) for k in ("final_loss", "last_half_gap", "speedup", "inner_steps", "virtual_seconds")}
+        table[spec] = {
+            k: stat(rows, k) for k in ("final_loss", "last_half_gap", "speedup", "inner_steps", "virtual_seconds")
+        }
     c1 = table[dn_dylu]["last_half_gap"]["mean"]
     longer = longer_runs(docs, long_docs, sync) if long_docs else {}
     c2 = table[dn_dylu]["speedup"]["each"]
@@ -141,7 +143,10 @@ def summarize(
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    head = f"{'variant':<18}{'final loss':>18}{'last-half gap':>22}{'speed-up to sync final':>26}{'inner steps':>13}{'virtual h':>10}"
+    head = (
+        f"{'variant':<18}{'final loss':>18}{'last-half gap':>22}{'speed-up to sync final':>26}"
+        f"{'inner steps':>13}{'virtual h':>10}"
+    )
     lines = [head, "-" * len(head)]
     for spec, t in summary["table"].items():
         fl, gap, sp = t["final_loss"], t["last_half_gap"], t["speedup"]
@@ -160,7 +165,8 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"longer run {spec}: "
             + "; ".join(
-                f"seed {s}: sync's final loss at update {fmt_spec(r['updates_to_sync_final'], '.0f')} of {r['updates_run']:.0f}, "
+                f"seed {s}: sync's final loss at update {fmt_spec(r['updates_to_sync_final'], '.0f')} "
+                f"of {r['updates_run']:.0f}, "
                 f"{fmt_spec(r['time_to_sync_final'], '.0f')} virtual s, speed-up {fmt_spec(r['speedup'], '.2f')}"
                 for s, r in per.items()
             )

@@ -46,6 +46,7 @@ Nothing is asserted: the paper's targets are reported.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -235,7 +236,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any] | None:
 # ====================================================================== summary
 def interp_at(curve: list[dict[str, Any]], key: str, x: float) -> float | None:
     pts = sorted((c[key], c["val_loss"]) for c in curve)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return None
@@ -316,7 +317,7 @@ def main() -> None:
     cfg = {
         "H": args.H,
         "rounds": args.rounds,
-        "async_updates": int(round(args.rounds * args.async_factor)),
+        "async_updates": round(args.rounds * args.async_factor),
         "scale": args.scale,
         "sync_outer_lr": args.sync_outer_lr,
         "async_outer_lr": args.async_outer_lr,

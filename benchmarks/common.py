@@ -1,12 +1,17 @@
 """What the benchmarks share: launching ranks, the environment record, number formatting, time to a
-target, and the probe callback of the MNIST reproductions (:mod:`benchmarks.seed002`, :mod:`benchmarks.seed003`).
+target, and the probe callback of the MNIST reproductions (:mod:`benchmarks.gradalign_label_skew`,
+:mod:`benchmarks.lsgd_vs_easgd`).
 
 * :func:`launch_ranks` runs ``python -m <module> --worker cfg.json`` on ``world`` ranks through
   :func:`recipes.launch.run_local_ranks`; the worker side is :func:`recipes.launch.run_rank_from_file`.
-  :func:`recipe_env` is the environment of a recipe process that starts its own ranks (Lightning's launcher).
+  :func:`recipe_env` (from :mod:`recipes.launch`) is the environment of a recipe process that starts
+  its own ranks (Lightning's launcher).
 * :func:`environment` is the record every results JSON carries (versions, cores, load average, date, link).
 * :func:`fmt` / :func:`fmt_spec` print numbers in tables (``-`` for a missing one).
 * :func:`time_to`, :func:`time_held` and :func:`time_to_interpolated`: when a curve reaches a target.
+
+The environment record and the time-to-target helpers live in :mod:`recipes.measure` (the demo uses
+them too, and recipes never import benchmarks); they are re-exported here under the same names.
 """
 
 from __future__ import annotations
@@ -14,15 +19,36 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from recipes.launch import read_loopback_bytes, run_local_ranks
+from recipes.launch import read_loopback_bytes, recipe_env, run_local_ranks
+from recipes.measure import environment, loadavg, time_held, time_to, time_to_interpolated
+
+__all__ = [
+    "DOCS_IMG",
+    "RESULTS",
+    "ROOT",
+    "TRAIN_KINDS",
+    "ddp_closed_form_bytes_per_step",
+    "environment",
+    "fmt",
+    "fmt_spec",
+    "global_rank",
+    "interleaved_schedule",
+    "launch_ranks",
+    "load_text",
+    "loadavg",
+    "make_probe_callback",
+    "recipe_env",
+    "time_held",
+    "time_to",
+    "time_to_interpolated",
+    "write_report",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,55 +99,14 @@ def interleaved_schedule(names: list[str], repeats: int, seed: int) -> list[dict
     return schedule
 
 
-def recipe_env() -> dict[str, str]:
-    """The environment of one ``python -m recipes...`` process that starts its own ranks with
-    Lightning's launcher: one compute thread, this checkout first on the path, and none of an outer
-    launcher's rank variables (they would make Lightning think it was started by one)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK"):
-        env.pop(key, None)
-    return env
-
-
-# ====================================================================== the environment record
-def loadavg() -> list[float] | None:
-    """``os.getloadavg()`` as a list, or ``None`` where the platform has none."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def environment(*modules: str, link: str | None = None) -> dict[str, Any]:
-    """Versions (python, torch, lightning and ``modules``), platform, cores, load average now, date, link."""
-    import importlib
-
-    import lightning
-    import torch
-
-    from recipes.launch import describe_link
-
-    record: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-    }
-    for name in modules:
-        record[name] = importlib.import_module(name).__version__
-    record.update(
-        platform=platform.platform(),
-        cpu_count=os.cpu_count(),
-        loadavg_end=loadavg(),
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        link=describe_link(link),
-    )
-    return record
-
-
 def load_text(summary: dict[str, Any]) -> str:
     """``", load avg a-b on N cores"`` over the ``loadavg_before_each`` of a summary's variants (empty
     when none was recorded)."""
-    loads = [l for s in summary["variants"].values() for l in s["loadavg_before_each"] if l]
+    loads = [load for s in summary["variants"].values() for load in s["loadavg_before_each"] if load]
     if not loads:
         return ""
-    return f", load avg {min(l[0] for l in loads):.1f}-{max(l[0] for l in loads):.1f} on {os.cpu_count()} cores"
+    low, high = min(load[0] for load in loads), max(load[0] for load in loads)
+    return f", load avg {low:.1f}-{high:.1f} on {os.cpu_count()} cores"
 
 
 # ====================================================================== formatting
@@ -135,59 +120,6 @@ def fmt(value: Any, scale: float = 1.0, digits: int = 3) -> str:
 def fmt_spec(value: Any, spec: str) -> str:
     """``format(value, spec)`` (e.g. ``"+.1%"``); ``-`` for ``None``."""
     return "-" if value is None else format(value, spec)
-
-
-# ====================================================================== time to a target
-def _reached(v: float, target: float, lower_is_better: bool) -> bool:
-    return v <= target if lower_is_better else v >= target
-
-
-def time_to(
-    records: list[dict[str, Any]],
-    target: float,
-    clock: str = "train_seconds",
-    value: str = "value",
-    lower_is_better: bool = False,
-) -> Any:
-    """The ``clock`` of the first record whose ``value`` reaches ``target`` (at or above it; at or
-    below with ``lower_is_better``), or ``None``: never."""
-    for r in records:
-        if _reached(r[value], target, lower_is_better):
-            return r[clock]
-    return None
-
-
-def time_held(
-    records: list[dict[str, Any]],
-    target: float,
-    clock: str = "train_seconds",
-    value: str = "value",
-    lower_is_better: bool = False,
-) -> Any:
-    """The ``clock`` of the first record from which every later record stays at the target (``None``:
-    the last one misses it). Stricter than :func:`time_to`: a single lucky evaluation does not count."""
-    held = None
-    for r in records:
-        if not _reached(r[value], target, lower_is_better):
-            held = None
-        elif held is None:
-            held = r[clock]
-    return held
-
-
-def time_to_interpolated(
-    curve: list[dict[str, Any]], target: float, clock: str = "time", value: str = "val_loss"
-) -> float | None:
-    """When a falling curve first reaches ``target``, linear between its points (sorted by ``clock``).
-
-    Each segment is judged by its end: the first segment whose end is at or below ``target`` gives
-    the crossing (its end when its start is already there). ``None``: never.
-    """
-    pts = sorted((c[clock], c[value]) for c in curve)
-    for (t0, y0), (t1, y1) in zip(pts, pts[1:]):
-        if y1 <= target:
-            return t1 if y0 == y1 or y0 <= target else t0 + (t1 - t0) * (y0 - target) / (y0 - y1)
-    return None
 
 
 # ====================================================================== bytes
@@ -207,7 +139,7 @@ def make_probe_callback(rank: int, world: int, extra: Any = None) -> Any:
     The module keeps ``val_sums``, a (2, 3) float64 tensor of (correct, count, loss sum) per
     validation loader (0: test, 1: an optional training subset) that its ``validation_step`` adds to.
     ``extra(trainer, module) -> dict`` runs on every rank at each evaluation (on the consensus)
-    and its values are stored with the point (seed002's gradient alignment).
+    and its values are stored with the point (gradalign_label_skew's gradient alignment).
     """
     import torch
     import torch.distributed as dist

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for s, r in rows.items():
         print(
             f"{s:<12}{r['amplification']:>9.1f}{100 * r['final_acc']:>7.2f}%{100 * r['lowest_acc']:>7.1f}%"
-            f"{str(r['first_step_at_target'] or 'never'):>16}{str(r['held_from_step'] or '-'):>11}"
+            f"{r['first_step_at_target'] or 'never'!s:>16}{r['held_from_step'] or '-'!s:>11}"
         )
     doc = {
         "target": target,

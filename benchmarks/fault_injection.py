@@ -5,11 +5,16 @@ Keys of the worker's JSON config read here (all optional; the attempts a fault f
 
 | key | fault |
 |---|---|
-| ``kill_step``, ``victim``, ``kill_when="after_step"`` | SIGKILL after optimizer step ``kill_step`` (before that step's checkpoint) |
-| ``kill_when="before_step"`` | SIGKILL inside step ``kill_step``, after backward, before the update (at a sync step the peers are left in the sync's allreduce) |
-| ``kill_when="during_save"`` | SIGKILL halfway through writing ``last.ckpt`` after step ``kill_step`` (``victim`` must be rank 0, the writer) |
-| ``kill_when="while_peer_saves"``, ``kill_delay`` | SIGKILL ``kill_delay`` s after step ``kill_step`` ends, while rank 0 still writes that step's checkpoint |
-| ``nan_step``, ``nan_rank`` | the gradients of step ``nan_step`` on ``nan_rank`` become NaN (so do that replica and its momentum) |
+| ``kill_step``, ``victim``, ``kill_when="after_step"`` | SIGKILL after optimizer step ``kill_step`` (before that
+  step's checkpoint) |
+| ``kill_when="before_step"`` | SIGKILL inside step ``kill_step``, after backward, before the update (at a sync
+  step the peers are left in the sync's allreduce) |
+| ``kill_when="during_save"`` | SIGKILL halfway through writing ``last.ckpt`` after step ``kill_step`` (``victim``
+  must be rank 0, the writer) |
+| ``kill_when="while_peer_saves"``, ``kill_delay`` | SIGKILL ``kill_delay`` s after step ``kill_step`` ends, while
+  rank 0 still writes that step's checkpoint |
+| ``nan_step``, ``nan_rank`` | the gradients of step ``nan_step`` on ``nan_rank`` become NaN (so do that replica and
+  its momentum) |
 | ``slow_save`` | every checkpoint write takes about this many seconds (written in 8 chunks: a slow disk) |
 | ``step_sleep`` | seconds of sleep after every optimizer step (so that a partition falls mid-run) |
 | ``log_saves`` | ``save_start``/``save_end`` events around every checkpoint write (also with ``slow_save``) |

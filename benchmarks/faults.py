@@ -42,7 +42,7 @@ BASE: dict[str, Any] = {
     "victim": None,
 }
 SYNC_STEPS = [s for s in range(2, LIGHTNING["steps"] - 1) if s % LIGHTNING["sync_every"]]
-AT_SYNC = [s for s in range(LIGHTNING["sync_every"], LIGHTNING["steps"] - 1, LIGHTNING["sync_every"])]
+AT_SYNC = list(range(LIGHTNING["sync_every"], LIGHTNING["steps"] - 1, LIGHTNING["sync_every"]))
 PARTITION_LINK = "10gbit"  # the namespace's loopback; the partition takes it down
 FAULTS: dict[str, str] = {  # id → what the row means (table order)
     "kill_mid": "kill -9 of a random worker after a random mid-period step (PeriodicAveraging / DiLoCo)",
@@ -222,7 +222,7 @@ def checkpoints_intact(ckpt_dir: Path, events: list[dict[str, Any]]) -> tuple[bo
     for path in files:
         try:
             saved = torch.load(path, weights_only=False, map_location="cpu")
-        except Exception as err:  # noqa: BLE001 - any failure to load is the finding
+        except Exception as err:  # any failure to load is the finding
             problems.append(f"{path.name} does not load ({type(err).__name__})")
             continue
         if ".rank" in path.name:  # an async worker's own part: written at the worker's own step
@@ -399,7 +399,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         }
         try:
             record.update(analyse(spec, job, workdir, refs))
-        except Exception as err:  # noqa: BLE001 - keep measuring; --report-only --reanalyse after the fix
+        except Exception as err:  # keep measuring; --report-only --reanalyse after the fix
             record.update(ok=False, outcome=f"analysis failed: {type(err).__name__}: {err}", detect_s=None)
         runs.append(record)
         with partial.open("a") as f:

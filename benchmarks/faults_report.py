@@ -208,7 +208,8 @@ def write_page(data: dict[str, Any], docs: Path, lines: list[str]) -> None:
     partial = (
         [
             f"**Partial measurement:** {len(runs)} of the {planned} planned runs ran before the session's deadline "
-            "(2 CPU cores shared with other jobs: a job took 2–17 minutes, almost all of it Python imports at nice 19). "
+            "(2 CPU cores shared with other jobs: a job took 2–17 minutes, "
+            "almost all of it Python imports at nice 19). "
             + (f"Not run at all: {', '.join(missing)}. " if missing else "")
             + "`--resume` continues it.",
             "",
@@ -224,7 +225,8 @@ def write_page(data: dict[str, Any], docs: Path, lines: list[str]) -> None:
             "**Claim:** a worker killed at any step under `torchrun --max-restarts=1` costs the steps since the last "
             "checkpoint and nothing else: the synchronous algorithms end on a model bit-equal to the uninterrupted "
             "run's; no fault hangs past the documented timeout; no checkpoint that was written is lost. "
-            f"**Verdict: {verdict}**{' (' + '; '.join(reasons) + ')' if reasons else ''} — {sum(r['ok'] for r in sync_kills)}/{len(sync_kills)} synchronous kill runs "
+            f"**Verdict: {verdict}**{' (' + '; '.join(reasons) + ')' if reasons else ''} — "
+            f"{sum(r['ok'] for r in sync_kills)}/{len(sync_kills)} synchronous kill runs "
             f"bit-equal, {len(kills)} kill runs in all, {hangs} hangs, {promised}/{len(runs)} runs did what the "
             "library promises for their fault (the async strategy's behaviour is reported as measured; see below)."
         ),
@@ -236,11 +238,13 @@ def write_page(data: dict[str, Any], docs: Path, lines: list[str]) -> None:
         "",
         (
             f"torch {data['torch']}, Lightning {data['lightning']}, {data['date']}, 2 CPU cores shared with other jobs "
-            f"(load average {min(loads):.1f}–{max(loads):.1f} before the runs). Raw numbers: [faults.json](faults.json). "
+            f"(load average {min(loads):.1f}–{max(loads):.1f} before the runs). "
+            "Raw numbers: [faults.json](faults.json). "
             "Every run: 2 ranks, float64 regressor, 24 optimizer steps, 5 batches per epoch (StatefulDataLoader), "
             "sync every 4 steps, `ModelCheckpoint(every_n_train_steps=6, save_last=True)`, the script resumes from "
             f"`last.ckpt`; timeouts {data['config']['timeout']} s (collectives, async server) and "
-            f"{data['config']['init_timeout']} s (group creation). Kill steps and victims drawn with seed {data['seed']}. "
+            f"{data['config']['init_timeout']} s (group creation). "
+            f"Kill steps and victims drawn with seed {data['seed']}. "
             "*Seconds to detect*: from the fault (the victim's last log line before SIGKILL, the NaN, the link going "
             "down) to the first of torchrun's agent reporting the failed worker and an exception in a rank. *Steps "
             "lost*: the last step any rank completed before the fault minus the step the restart resumed from."
@@ -253,7 +257,8 @@ def write_page(data: dict[str, Any], docs: Path, lines: list[str]) -> None:
         + ", ".join(f"{k} {v['final_loss']:.4f}" for k, v in data["references"].items())
         + ".",
         "",
-        "What each fault means and what the library does about it: [../reliability.md](../reliability.md#5-the-fault-matrix).",
+        "What each fault means and what the library does about it: "
+        "[../reliability.md](../reliability.md#5-the-fault-matrix).",
         "",
     ]
     (results / "faults.md").write_text("\n".join(page))
@@ -262,7 +267,7 @@ def write_page(data: dict[str, Any], docs: Path, lines: list[str]) -> None:
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
-        note = partial[:1] + [""] if partial else []
+        note = [*partial[:1], ""] if partial else []
         reliability.write_text(head + BEGIN + "\n" + "\n".join(note + lines) + "\n" + END + tail)
 
 

@@ -250,9 +250,12 @@ def table(summary: dict[str, Any]) -> str:
     for algorithm, s in summary.items():
         for r in s["rows"]:
             lines.append(
-                f"| {algorithm} | {r['seed']} | {r['kill_to_quorum_without_it_s']:.2f} | {r['survivors_extra_wait_s']:.2f} "
-                f"| {sum(r['survivor_steps_lost'])} | {r['restart_to_back_in_quorum_s']:.1f} ({r['restart_startup_s']:.1f} + "
-                f"{r['join_s']:.1f}) | {r['steps_missed_by_group2']} | {r['val_acc_fault']:.4f} / {r['val_acc_no_fault']:.4f} |"
+                f"| {algorithm} | {r['seed']} | {r['kill_to_quorum_without_it_s']:.2f} "
+                f"| {r['survivors_extra_wait_s']:.2f} "
+                f"| {sum(r['survivor_steps_lost'])} | {r['restart_to_back_in_quorum_s']:.1f} "
+                f"({r['restart_startup_s']:.1f} + "
+                f"{r['join_s']:.1f}) | {r['steps_missed_by_group2']} "
+                f"| {r['val_acc_fault']:.4f} / {r['val_acc_no_fault']:.4f} |"
             )
     return "\n".join(lines)
 
@@ -280,7 +283,7 @@ def plot(result: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
         title=f"{cfg['algorithm']}, seed {cfg['seed']}: quorum at every committed sync",
     )
     ax1.legend(fontsize=7, loc="lower right")
-    for i, (algorithm, s) in enumerate(summary.items()):
+    for i, s in enumerate(summary.values()):
         for j, r in enumerate(s["rows"]):
             x = i + (j - (len(s["rows"]) - 1) / 2) * 0.15  # one pair per seed
             ax2.plot([x, x], [r["val_acc_no_fault"], r["val_acc_fault"]], "k-", lw=0.8)

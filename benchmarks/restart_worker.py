@@ -34,6 +34,7 @@ Without torchrun (ranks started by ``recipes.launch.run_local_ranks``) the rank 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -255,10 +256,8 @@ def wait_for(cfg: dict[str, Any], rule: dict[str, Any], stopped: Any = lambda: F
     while time.monotonic() < deadline:
         events = []
         for line in path.read_text().splitlines():
-            try:
+            with contextlib.suppress(json.JSONDecodeError):  # a line another process is still writing
                 events.append(json.loads(line))
-            except json.JSONDecodeError:  # a line another process is still writing
-                pass
         if any(all(e.get(k) == v for k, v in rule["until"].items()) for e in events):
             break
         time.sleep(0.05)

@@ -11,7 +11,8 @@ Variants (each run is one ``torchrun --nproc-per-node=2 --max-restarts=1`` job, 
 |---|---|
 | ``torch`` | plain torch: ``init_process_group("gloo")`` (env://), allreduce, rank 1 exits, restart, allreduce |
 | ``torch+fix`` | the same with ``lightning_localsgd.transport.process_group.init_process_group`` |
-| ``lightning`` | ``LocalSGDStrategy`` (timeout 60 s), PeriodicAveraging / DiLoCo on alternate runs, 24 steps of 5 batches per epoch, checkpoints every 6 steps, rank 1 SIGKILLed after step 13, resume from ``last.ckpt`` |
+| ``lightning`` | ``LocalSGDStrategy`` (timeout 60 s), PeriodicAveraging / DiLoCo on alternate runs, 24 steps of
+  5 batches per epoch, checkpoints every 6 steps, rank 1 SIGKILLed after step 13, resume from ``last.ckpt`` |
 | ``lightning+fix`` | the same through ``RestartSafeStrategy`` (the proposed ``setup_distributed`` wiring) |
 
 A run *trains to the end* when the restarted attempt finishes on both ranks; for the Lightning
@@ -23,6 +24,7 @@ order; ``os.getloadavg()`` is recorded before every run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -157,10 +159,8 @@ def kill_job(agent: int, workers: list[int]) -> None:
     """SIGKILL the agent's session and each of its workers (each in a session of its own)."""
     os.killpg(agent, signal.SIGKILL)
     for pid in workers:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def classify(job: dict[str, Any], reference: list[str] | None, steps: int) -> tuple[bool, str]:

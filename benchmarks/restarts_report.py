@@ -56,7 +56,8 @@ def write_page(data: dict[str, Any], rows: list[dict[str, Any]], docs: Path) -> 
     lines = [
         "# Restarts under torchrun: does the restarted group come up? (issue 11, item 1)",
         "",
-        "**Claim:** with `lightning_localsgd.transport.process_group.init_process_group` every restart attempt comes up and "
+        "**Claim:** with `lightning_localsgd.transport.process_group.init_process_group` "
+        "every restart attempt comes up and "
         "trains to the end (target: 20 of 20). **Verdict: "
         + ("met" if all_fixed and all(r["runs"] >= 20 for r in fixed) else "not met")
         + "** — "

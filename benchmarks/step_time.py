@@ -457,7 +457,7 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
                 ),
             }
         if spec.get("comm_dtype") in ("bfloat16", "int8", "int4"):
-            stem = name.rsplit("_", 1)[0] if name.endswith(spec["comm_dtype"]) or name.endswith("bf16") else name
+            stem = name.rsplit("_", 1)[0] if name.endswith((spec["comm_dtype"], "bf16")) else name
             fp32 = summary.get(stem, {}) or summary.get(f"localsgd_H{spec['H']}", {})
             pair: dict[str, Any] = {
                 "target": {"bfloat16": 0.5, "int8": 0.29, "int4": 0.15}[spec["comm_dtype"]],
@@ -475,7 +475,8 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
 def table(summary: dict[str, dict[str, Any]]) -> str:
     head = (
         f"{'variant':<20} {'mean ms':>8} {'median':>8} {'x floor':>8} {'(med)':>6} {'slowest':>8} {'x floor':>8} "
-        f"{'counter MB/step':>15} {'lo MB/step/rank':>15} {'bytes x DDP lo':>14} {'counter':>8} {'expected':>8} {'lo/ctr':>6}"
+        f"{'counter MB/step':>15} {'lo MB/step/rank':>15} {'bytes x DDP lo':>14} {'counter':>8} {'expected':>8} "
+        f"{'lo/ctr':>6}"
     )
     lines = [head, "-" * len(head)]
     for name, s in summary.items():
@@ -484,10 +485,14 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
             continue
         lines.append(
             f"{name:<20} {fmt(s['step_time_mean_s'], 1e3, 1):>8} {fmt(s['step_time_median_s'], 1e3, 1):>8} "
-            f"{fmt(s.get('step_time_ratio_mean_vs_floor')):>8} {fmt(s.get('step_time_ratio_median_vs_floor'), 1, 2):>6} "
-            f"{fmt(s.get('slowest_rank_step_time_s'), 1e3, 1):>8} {fmt(s.get('step_time_ratio_slowest_rank_vs_floor')):>8} "
-            f"{fmt(s.get('counter_bytes_per_step'), 1e-6, 3):>15} {fmt(s.get('lo_bytes_per_step_per_rank'), 1e-6, 3):>15} "
-            f"{fmt(s.get('bytes_ratio_lo_vs_ddp'), 1, 4):>14} {fmt(s.get('bytes_ratio_counter_vs_ddp_estimate'), 1, 4):>8} "
+            f"{fmt(s.get('step_time_ratio_mean_vs_floor')):>8} "
+            f"{fmt(s.get('step_time_ratio_median_vs_floor'), 1, 2):>6} "
+            f"{fmt(s.get('slowest_rank_step_time_s'), 1e3, 1):>8} "
+            f"{fmt(s.get('step_time_ratio_slowest_rank_vs_floor')):>8} "
+            f"{fmt(s.get('counter_bytes_per_step'), 1e-6, 3):>15} "
+            f"{fmt(s.get('lo_bytes_per_step_per_rank'), 1e-6, 3):>15} "
+            f"{fmt(s.get('bytes_ratio_lo_vs_ddp'), 1, 4):>14} "
+            f"{fmt(s.get('bytes_ratio_counter_vs_ddp_estimate'), 1, 4):>8} "
             f"{fmt(s.get('expected_bytes_ratio_vs_ddp'), 1, 4):>8} {fmt(s.get('lo_over_counter'), 1, 3):>6}"
         )
     return "\n".join(lines)
@@ -522,7 +527,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
                 color="white",
             )
     finite = [r for r in ratios + medians if not math.isnan(r)]
-    ax1.set_ylim(0, max(finite + [1.1]) * 1.3)
+    ax1.set_ylim(0, max([*finite, 1.1]) * 1.3)
     ax1.set_xticks(x, names, rotation=30, ha="right")
     ax1.set_ylabel("step time ÷ floor's")
     ax1.set_title("Step time (lower is better)")
@@ -533,7 +538,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     ctr = [summary[n].get("bytes_ratio_counter_vs_ddp_estimate") for n in names]
     exp = [summary[n].get("expected_bytes_ratio_vs_ddp") for n in names]
     positive = [v for v in exp if v is not None and v > 0]
-    floor_y = min(positive + [0.1]) / 4  # bottom of the log axis; smaller values are drawn as "≈0"
+    floor_y = min([*positive, 0.1]) / 4  # bottom of the log axis; smaller values are drawn as "≈0"
     for i, (a, c, e) in enumerate(zip(lo, ctr, exp)):
         for off, v, color, label in (
             (-w / 2, a, "tab:green", "loopback (/proc/net/dev)"),
@@ -789,7 +794,8 @@ def report(result: dict[str, Any], out_dir: Path) -> None:
             )
         elif key.endswith("_peak_bytes_vs_full_sync"):
             print(
-                f"target {key}: <= {v['target']:.3f}, counter {fmt(v.get('counter'), 1, 3)}, lo {fmt(v.get('lo'), 1, 3)}"
+                f"target {key}: <= {v['target']:.3f}, counter {fmt(v.get('counter'), 1, 3)}, "
+                f"lo {fmt(v.get('lo'), 1, 3)}"
             )
         elif key.endswith("_step_time_vs_floor") and key != "localsgd_H8_step_time_vs_floor":
             print(

@@ -10,4 +10,8 @@
   char-level LM on the standard library's source (``python -m recipes.<name> fit --config ...``).
 
 Configs live in ``configs/<recipe>/``: a ``base.yaml`` plus one small overlay per algorithm.
+
+The wheel installs this folder as ``lightning_localsgd_recipes`` (the ``lightning-localsgd`` script is
+``lightning_localsgd_recipes.cli:main``); in a checkout it runs as ``recipes``. The modules import each
+other relatively so that they work under either name.
 """

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_localsgd  # noqa: F401  (registers the strategy names "localsgd", "async_localsgd", ...)
-from recipes.data import shuffled_loader
+
+from .data import shuffled_loader
 
 VOCAB_SIZE = 256
 

@@ -1,4 +1,4 @@
-"""The char-level LM recipe as a Lightning Fabric loop: ``Fabric(strategy=lightning_localsgd.fabric.LocalSGDStrategy(...))``.
+"""The char-level LM recipe as a Lightning Fabric loop on ``lightning_localsgd.fabric.LocalSGDStrategy``.
 
 The same model (:class:`recipes.char_lm.CharGPT`, used as a plain module) and data
 (:class:`recipes.char_lm.StdlibCorpusDataModule`, each rank its own shard) as
@@ -26,7 +26,8 @@ from lightning.fabric import Fabric
 
 from lightning_localsgd import DiLoCo, PeriodicAveraging
 from lightning_localsgd.fabric import LocalSGDStrategy
-from recipes.char_lm import VOCAB_SIZE, CharGPT, StdlibCorpusDataModule
+
+from .char_lm import VOCAB_SIZE, CharGPT, StdlibCorpusDataModule
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -19,8 +19,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 import lightning_localsgd  # noqa: F401  (registers the strategy names)
-from recipes.data import PartitionedDataModule
-from recipes.image_classification import ImageClassifier
+
+from .data import PartitionedDataModule
+from .image_classification import ImageClassifier
 
 
 class RecipeCLI(LightningCLI):

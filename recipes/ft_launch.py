@@ -31,7 +31,8 @@ from typing import Any
 from lightning.pytorch import Callback, Trainer
 
 from lightning_localsgd.fault_tolerance.config import start_lighthouse
-from recipes.launch import free_port
+
+from .launch import free_port
 
 INCARNATION_ENV = "LOCALSGD_FT_INCARNATION"
 

@@ -4,7 +4,7 @@ Run it through LightningCLI (see ``configs/image_classification/``)::
 
     lightning-localsgd fit --config configs/image_classification/base.yaml \
         --config configs/image_classification/localsgd.yaml
-    python -m recipes.image_classification fit --config ...    # the same
+    python -m recipes.cli fit --config ...                     # the same
 """
 
 from __future__ import annotations
@@ -171,9 +171,3 @@ def lr_factor_fn(scheduler: str, warmup_steps: int, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-if __name__ == "__main__":
-    from recipes.cli import main
-
-    main()

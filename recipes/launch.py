@@ -31,7 +31,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +130,8 @@ def shaped_link(rate: str | None) -> Iterator[list[str]]:
     finally:
         pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
         for pid in pids:
-            try:
+            with suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -148,6 +146,22 @@ def set_loopback(prefix: Sequence[str], up: bool) -> None:
     if len(prefix) < 4 or list(prefix[:3]) != ["ip", "netns", "exec"]:
         raise ValueError(f"set_loopback needs the prefix shaped_link(rate) yields for a rate, got {list(prefix)!r}")
     _run(["ip", "netns", "exec", prefix[3], "ip", "link", "set", "lo", "up" if up else "down"])
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+"""The folder that holds ``recipes/`` (with ``configs/`` and ``benchmarks/`` in a checkout)."""
+
+
+def recipe_env() -> dict[str, str]:
+    """The environment of one ``python -m recipes...`` process that starts its own ranks with
+    Lightning's launcher: one compute thread, this checkout first on the path, and none of an outer
+    launcher's rank variables (they would make Lightning think it was started by one)."""
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(CHECKOUT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK"):
+        env.pop(key, None)
+    return env
 
 
 def free_port() -> int:
@@ -224,7 +238,7 @@ def _run_ranks(
             env["PYTHONPATH"] = str(pythonpath) + os.pathsep + env.get("PYTHONPATH", "")
         for key in ("GROUP_RANK", "LOCAL_WORLD_SIZE", "RANK"):  # torchrun's, which would override ours
             env.pop(key, None)
-        log = open(Path(log_dir) / f"rank{rank}.log", "w")
+        log = open(Path(log_dir) / f"rank{rank}.log", "w")  # noqa: SIM115 - open while the rank runs, closed below
         procs.append((subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT), log))
     failed: int | str | None = None
     deadline = time.monotonic() + timeout

@@ -14,7 +14,7 @@ the global objective is ``f = mean_i f_i``, the loss of one process holding all 
 ``task`` are linked by :class:`LinearCLI`). ``LinearDataModule`` makes or loads the data and gives
 each rank its own shard, so ``trainer.use_distributed_sampler`` must be ``false``. The last line
 above is the centralized reference: one process holding both shards. :class:`Trajectory` records
-the consensus at every sync (``benchmarks/seed000.py`` uses it).
+the consensus at every sync (``benchmarks/local_gd_implicit_bias.py`` uses it).
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ class LinearDataModule(LightningDataModule):
         return train, (torch.cat(tx), torch.cat(ty))
 
     def _feature_shards(self, num_shards: int) -> tuple[list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]:
-        from recipes.partition import partition
+        from .partition import partition
 
         a = self._arrays()
         x, y = torch.from_numpy(a["x_train"]).double(), torch.from_numpy(a["y_train"])

@@ -114,12 +114,12 @@ def test_load_text_spans_the_recorded_one_minute_loads(monkeypatch):
 @pytest.mark.parametrize(
     "module",
     [
-        "seed002",
-        "seed003",
+        "gradalign_label_skew",
+        "lsgd_vs_easgd",
         "step_time",
         "async_repro",
         "async_report",
-        "seed000_finetune",
+        "modified_local_gd_finetune",
         "overlap_quality",
         "diloco_short_rounds",
     ],

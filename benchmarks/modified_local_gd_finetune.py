@@ -1,9 +1,9 @@
-"""Seed 000 on the timm recipe: Modified Local-GD vs plain Local-GD with many local steps under label skew.
+"""Modified Local-GD vs plain Local-GD with many local steps under label skew (the seed 000 paper on the timm recipe).
 
 Zhu, Vardhan, Mazumdar, "Distributed Gradient Descent with Many Local Steps in Overparameterized
 Models" (arXiv 2412.07971) propose Modified Local-GD (proximal local problems, corrected
 aggregation) for fine-tuning pretrained networks when the workers' data differ. Here the whole
-network is fine-tuned (not only the last layer, see ``benchmarks/seed000.py`` part c):
+network is fine-tuned (not only the last layer, see ``benchmarks/local_gd_implicit_bias.py`` part c):
 
 * ``resnet18`` pretrained on MNIST-5k by ``recipes.demo`` stage 1 (cached; pretrained here if missing),
   fine-tuned on scikit-learn's digits (32×32) with ``recipes/image_classification.py`` on 2 CPU
@@ -15,12 +15,13 @@ network is fine-tuned (not only the last layer, see ``benchmarks/seed000.py`` pa
 * variants: ``localgd`` = ``PeriodicAveraging(H)``, ``modified`` = ``ModifiedLocalGD(H, prox=λ)``,
   ``ddp`` (the same number of optimizer steps, validated every H steps) as the centralized reference.
 
-    python -m benchmarks.seed000_finetune --seeds 0 1 2 --docs     # ~15 min on 2 cores
-    python -m benchmarks.seed000_finetune --variants modified --prox 0.01 0.1 1.0 --seeds 100 --name seed000_prox_pilot
-    python -m benchmarks.seed000_finetune --replot --docs
+    python -m benchmarks.modified_local_gd_finetune --seeds 0 1 2 --docs     # ~15 min on 2 cores
+    python -m benchmarks.modified_local_gd_finetune --variants modified --prox 0.01 0.1 1.0 --seeds 100 \\
+        --name modified_local_gd_prox_pilot
+    python -m benchmarks.modified_local_gd_finetune --replot --docs
 
-Writes ``benchmarks/results/<name>/seed000_finetune.json`` and ``.png``; ``--docs`` copies both to
-``docs/results/``.
+Writes ``benchmarks/results/<name>/modified_local_gd_finetune.json`` and ``.png``; ``--docs`` copies both
+to ``docs/results/`` (the plot to ``docs/results/img/``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from benchmarks.common import RESULTS, ROOT, environment, recipe_env
 
 CONFIGS = ROOT / "configs" / "image_classification"
 DOCS = ROOT / "docs" / "results"
+NAME = "modified_local_gd_finetune"
 OVERLAYS = {"localgd": "localsgd", "modified": "modified_localgd", "ddp": "ddp"}
 
 
@@ -172,8 +174,8 @@ def plot(summary: dict[str, Any], H: int, path: Path, dpi: int = 100) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.seed000_finetune", description=__doc__.split("\n")[0])
-    ap.add_argument("--name", default="seed000_finetune")
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n")[0])
+    ap.add_argument("--name", default=NAME)
     ap.add_argument("--variants", default="localgd,modified,ddp")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--H", type=int, default=64)
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     out = RESULTS / args.name
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "seed000_finetune.json"
+    path = out / f"{NAME}.json"
     if args.replot:
         doc = json.loads(path.read_text())
     else:
@@ -208,18 +210,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for prox in args.prox if v == "modified" else [None]:
                     runs.append(run(v, seed, prox, args, weights, out))
         doc = {
-            "settings": {k: v for k, v in vars(args).items()},
+            "settings": dict(vars(args)),
             "weights": str(weights),
             "runs": runs,
             "seconds": time.perf_counter() - started,
             "environment": environment(),
-            "command": "python -m benchmarks.seed000_finetune " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": f"python -m benchmarks.{NAME} " + " ".join(sys.argv[1:] if argv is None else argv),
         }
     summary = summarize(doc["runs"])
     modified = next((k for k in summary if k.startswith("modified")), "modified")
     doc.update(summary=summary, verdict=verdict(summary, modified))
     path.write_text(json.dumps(doc, indent=1))
-    plot(summary, doc["settings"]["H"], out / "seed000_finetune.png")
+    plot(summary, doc["settings"]["H"], out / f"{NAME}.png")
     for name, s in summary.items():
         print(
             f"{name:<18} final {statistics.fmean(s['final_each']):.4f} {s['final_each']}  mean over rounds "
@@ -227,8 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     print("verdict:", doc["verdict"])
     if args.docs:
-        plot(summary, doc["settings"]["H"], DOCS / "img" / "seed000_timm_finetune.png", dpi=80)
-        (DOCS / "seed000_finetune.json").write_text(json.dumps(doc))
+        plot(summary, doc["settings"]["H"], DOCS / "img" / f"{NAME}.png", dpi=80)
+        (DOCS / f"{NAME}.json").write_text(json.dumps(doc))
     return doc
 
 

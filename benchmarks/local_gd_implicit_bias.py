@@ -1,9 +1,9 @@
-"""Seed 000 reproduction: the implicit bias of Local-GD with many local steps, through the library.
+"""The implicit bias of Local-GD with many local steps, through the library (the seed 000 reproduction).
 
 Zhu, Vardhan, Mazumdar, "Distributed Gradient Descent with Many Local Steps in Overparameterized
 Models" (arXiv 2412.07971). Every distributed run below is ``python -m recipes.linear fit
 --config configs/linear/base.yaml --config configs/linear/<algorithm>.yaml ...`` executed on 2
-gloo ranks on 127.0.0.1 (launched as :func:`tests.launch.run_ranks` does, several fits per
+gloo ranks on 127.0.0.1 (launched by :func:`recipes.launch.run_local_ranks`, several fits per
 launch); the centralized runs are the same recipe on one process holding both shards. Each
 rank's loss is the mean over its shard, full batch, plain SGD from zero, float64.
 
@@ -21,13 +21,14 @@ c. **Last-layer fine-tuning**: resnet18 pretrained on MNIST-5k (``recipes.demo``
    (rank 0 holds digits 0–4, rank 1 digits 5–9). References: the multiclass hard-margin SVM
    (``LinearSVC(multi_class="crammer_singer", fit_intercept=False)``) and the regularized model.
 
-    python -m benchmarks.seed000                      # everything, ~5–10 min on 2 busy cores
-    python -m benchmarks.seed000 --parts regression --quick
-    python -m benchmarks.seed000 --docs               # also write small PNG copies to docs/results/img/
-    python -m benchmarks.seed000 --replot --docs      # redraw from seed000.json without running
+    python -m benchmarks.local_gd_implicit_bias                  # everything, ~5–10 min on 2 busy cores
+    python -m benchmarks.local_gd_implicit_bias --parts regression --quick
+    python -m benchmarks.local_gd_implicit_bias --docs           # also write small PNG copies to docs/results/img/
+    python -m benchmarks.local_gd_implicit_bias --replot --docs  # redraw from the JSON without running
 
-Outputs in ``benchmarks/results/seed000/``: ``seed000.json`` (settings, references, every
-recorded metric, tables), ``trajectories.pt`` (the weights), ``seed000_<part>.png``.
+Outputs in ``benchmarks/results/local_gd_implicit_bias/``: ``local_gd_implicit_bias.json`` (settings,
+references, every recorded metric, tables), ``trajectories.pt`` (the weights),
+``local_gd_implicit_bias_<part>.png``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,9 +48,11 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from benchmarks.common import ROOT, environment
+from recipes.launch import run_local_ranks
 
 CONFIGS = ROOT / "configs" / "linear"
-RESULTS = ROOT / "benchmarks" / "results" / "seed000"
+NAME = "local_gd_implicit_bias"
+RESULTS = ROOT / "benchmarks" / "results" / NAME
 DOCS_IMG = ROOT / "docs" / "results" / "img"
 F64 = torch.float64
 SEPARABLE = ["--data.source=separable", "--data.dim=50", "--data.samples_per_shard=20"]
@@ -58,7 +63,8 @@ def recipe_args(overlay: str | None, steps: int, *extra: str) -> list[str]:
     args = ["--config", str(CONFIGS / "base.yaml")]
     if overlay is not None:
         args += ["--config", str(CONFIGS / f"{overlay}.yaml")]
-    return args + [
+    return [
+        *args,
         f"--trainer.max_steps={steps}",
         f"--data.steps_per_epoch={steps}",
         "--trainer.limit_val_batches=0",
@@ -92,17 +98,39 @@ def fit(run: dict[str, Any], root: str) -> dict[str, Any]:
 
 
 def rank_runs(out_dir: str, devices: int, num_nodes: int, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Entry point of each rank (``tests.worker``): the fits one after another in this process."""
+    """What each rank runs: the fits one after another in this process."""
     import warnings
 
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
     return [fit(run, out_dir) for run in runs]
 
 
-def distributed(runs: list[dict[str, Any]], timeout: float) -> dict[str, dict[str, Any]]:
-    from tests.launch import run_ranks
+def rank_main(kwargs_path: str) -> None:
+    """Entry point of each rank (``--worker kwargs.pt``, started by :func:`run_ranks`): :func:`rank_runs`
+    on the ``torch.save``d keyword arguments; its results (tensors) go to ``out_dir/result<rank>.pt``."""
+    torch.set_num_threads(1)
+    kwargs = torch.load(kwargs_path, weights_only=False)
+    result = rank_runs(**kwargs)
+    rank = int(os.environ["NODE_RANK"]) * kwargs["devices"] + int(os.environ["LOCAL_RANK"])
+    torch.save(result, Path(kwargs["out_dir"]) / f"result{rank}.pt")
+    if torch.distributed.is_initialized():
+        # gloo can abort at interpreter exit when a group is still alive (pytorch/pytorch#190489)
+        torch.distributed.destroy_process_group()
 
-    rank0, rank1 = run_ranks("benchmarks.seed000:rank_runs", world=2, timeout=timeout, runs=runs)
+
+def run_ranks(runs: list[dict[str, Any]], world: int, timeout: float) -> list[list[dict[str, Any]]]:
+    """:func:`rank_runs` on ``world`` gloo ranks of one node (:func:`recipes.launch.run_local_ranks`);
+    every rank's results, in rank order. A failed or hung rank raises ``RuntimeError`` with the logs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        kwargs_path = Path(tmp) / "kwargs.pt"
+        torch.save({"out_dir": tmp, "devices": world, "num_nodes": 1, "runs": runs}, kwargs_path)
+        cmd = [sys.executable, "-m", f"benchmarks.{NAME}", "--worker", str(kwargs_path)]
+        run_local_ranks(cmd, world, 1, log_dir=tmp, timeout=timeout, cwd=tmp, pythonpath=ROOT)
+        return [torch.load(Path(tmp) / f"result{r}.pt", weights_only=False) for r in range(world)]
+
+
+def distributed(runs: list[dict[str, Any]], timeout: float) -> dict[str, dict[str, Any]]:
+    rank0, rank1 = run_ranks(runs, world=2, timeout=timeout)
     for a, b in zip(rank0, rank1):  # after fit every rank holds the consensus
         assert torch.equal(a["weights"][-1], b["weights"][-1]), a["name"]
     return {r["name"]: r for r in rank0}
@@ -357,8 +385,8 @@ def backbone_weights() -> tuple[Path, dict[str, Any]]:
             demo.pretrain(demo_args, path)
     except (ImportError, AttributeError):  # the demo moved: pretrain here with the same recipe
         path = Path(os.environ.get("LIGHTNING_LOCALSGD_CACHE", "~/.cache/lightning-localsgd")).expanduser()
-        path = path / "resnet18_mnist5k_32px_seed000.pth"
-        info = {"source": "benchmarks.seed000 (fallback)", "model": "resnet18", "epochs": 2}
+        path = path / "resnet18_mnist5k_32px_seed000.pth"  # the cache file keeps its name (existing caches reused)
+        info = {"source": f"benchmarks.{NAME} (fallback)", "model": "resnet18", "epochs": 2}
         if not path.is_file():
             pretrain_fallback(path)
     meta = path.with_suffix(".json")
@@ -633,28 +661,32 @@ def save(fig, path: Path, dpi: int) -> Path:
 
 # ------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.seed000", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="regression,classification,finetune")
     p.add_argument("--prox", type=float, default=1e-3, help="λ of ModifiedLocalGD in part b")
     p.add_argument("--finetune-prox", type=float, nargs="+", default=[1e-3, 1e-4], help="λ values of part c")
     p.add_argument("--quick", action="store_true", help="a few rounds per run: a smoke check")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per 2-rank launch")
     p.add_argument("--docs", action="store_true", help="also save small PNG copies to docs/results/img/")
-    p.add_argument("--replot", action="store_true", help="redraw the PNGs and tables from seed000.json, no runs")
+    p.add_argument("--replot", action="store_true", help=f"redraw the PNGs and tables from {NAME}.json, no runs")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def write_pngs(results: dict[str, Any], docs: bool) -> list[Path]:
-    pngs = plot(results, lambda part: RESULTS / f"seed000_{part}.png")
+    pngs = plot(results, lambda part: RESULTS / f"{NAME}_{part}.png")
     if docs:  # smaller copies for the repository
-        plot(results, lambda part: DOCS_IMG / f"seed000_{part}.png", dpi=72)
+        plot(results, lambda part: DOCS_IMG / f"{NAME}_{part}.png", dpi=72)
     return pngs
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.worker:
+        rank_main(args.worker)
+        return {}
     if args.replot:
-        doc = json.loads((RESULTS / "seed000.json").read_text())
+        doc = json.loads((RESULTS / f"{NAME}.json").read_text())
         for name, text in doc["tables"].items():
             print(f"\n== {name}\n{text}")
         print("Wrote", [p.name for p in write_pngs(doc["results"], args.docs)])
@@ -680,16 +712,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.save({k: v.pop("weights") for k, v in results.items()}, RESULTS / "trajectories.pt")
     pngs = write_pngs(results, args.docs)
     doc = {
-        "settings": vars(args),
+        "settings": {k: v for k, v in vars(args).items() if k != "worker"},
         "results": results,
         "tables": tables,
         "seconds": timing,
         "total_seconds": time.perf_counter() - started,
         "machine": dict(environment(), loadavg_start=load),
     }
-    (RESULTS / "seed000.json").write_text(json.dumps(doc, indent=1, default=float))
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(doc, indent=1, default=float))
     print(
-        f"Wrote {RESULTS / 'seed000.json'}, trajectories.pt and {[p.name for p in pngs]} "
+        f"Wrote {RESULTS / f'{NAME}.json'}, trajectories.pt and {[p.name for p in pngs]} "
         f"({doc['total_seconds']:.0f} s; load average {load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end)."
     )
     return doc
