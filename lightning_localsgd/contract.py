@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback
 from torch import Tensor, nn
 
@@ -47,6 +48,7 @@ __all__ = [
     "SyncContext",
     "SyncEvent",
     "SyncObserver",
+    "scale_of",
 ]
 
 
@@ -117,6 +119,11 @@ class SyncContext:
         node: the ranks of this node (``world`` on one node).
         background: a group reserved for syncs that overlap local steps (``None`` when nothing overlaps).
         observers: told about every sync.
+        gradient_scale: ``gradient_scale()`` is the factor the gradients of the step's closure carry
+            (fp16 loss scaling's current scale, a tensor on the device: reading it costs no host
+            synchronization), or ``None`` when they are unscaled. An algorithm that adds a term to
+            the gradients inside the closure (ModifiedLocalGD's λ(w − z)) multiplies it by this, so
+            that the scaler's unscaling leaves the term as it is in fp32.
     """
 
     module: nn.Module
@@ -125,10 +132,24 @@ class SyncContext:
     node: Group
     background: Group | None = None
     observers: Sequence[SyncObserver] = field(default_factory=tuple)
+    gradient_scale: Callable[[], Tensor | None] = field(default=lambda: None)
 
     def notify(self, event: SyncEvent) -> None:
         for observer in self.observers:
             observer.on_sync(event)
+
+
+def scale_of(scaler: Any) -> Tensor | None:
+    """A ``torch.amp.GradScaler``'s current scale as a device tensor (``None``: no scaler, or disabled).
+
+    ``GradScaler.get_scale()`` returns a Python float, a device-to-host synchronization; the
+    scaler's own tensor is read instead (``_get_scale_async``, what ``GradScaler.unscale_`` uses),
+    and ``get_scale()`` only before the scaler has made it (before its first ``scale()``).
+    """
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = scaler._get_scale_async()
+    return scale if scale is not None else torch.tensor(scaler.get_scale())
 
 
 class GradientModifier(Callback):

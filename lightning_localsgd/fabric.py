@@ -46,7 +46,7 @@ from lightning_localsgd._checks import check_bool, check_seconds
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.algorithms.periodic import PeriodicAveraging
 from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
-from lightning_localsgd.contract import FrontEnd, GradientModifier, SyncContext, SyncObserver
+from lightning_localsgd.contract import FrontEnd, GradientModifier, SyncContext, SyncObserver, scale_of
 from lightning_localsgd.engine import SyncEngine
 from lightning_localsgd.resume import CHECKPOINT_KEY, ResumeState, rank_payload
 from lightning_localsgd.transport.collectives import Collectives, Group, destroy_groups, new_group
@@ -226,6 +226,7 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
             self._node_group,
             self._background_group,
             self._engine.observers,
+            gradient_scale=lambda: scale_of(getattr(self.precision, "scaler", None)),
         )
         self._engine.bind(ctx, step, restored)
 
@@ -240,10 +241,21 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
         # Without a closure, fabric.backward already ran: the step's closure only hands back its loss.
         closure: Callable[[], Any] = kwargs.pop("closure", None) or (lambda: self._engine.last_loss)
         step = self._step + 1
-        run = lambda wrapped: super(LocalSGDStrategy, self).optimizer_step(optimizer, closure=wrapped, **kwargs)  # noqa: E731
-        out = self._engine.step(step, closure, run, optimizer)
+        out = self._engine.step(step, closure, lambda wrapped: self._run_step(optimizer, wrapped, **kwargs), optimizer)
         self._step = step
         return out
+
+    def _run_step(self, optimizer: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        """The optimizer step through Fabric's precision plugin, with the engine's closure.
+
+        fp16 loss scaling: ``GradScaler.step`` refuses a closure, so the closure runs first (its
+        additions to the gradients carry the scale, see ``SyncContext.gradient_scale``) and the
+        scaler then unscales, skips the step on Inf/NaN, and updates its scale.
+        """
+        if self.loss_scaling:
+            closure()
+            return super().optimizer_step(optimizer, **kwargs)
+        return super().optimizer_step(optimizer, closure=closure, **kwargs)
 
     # ------------------------------------------------------------------ evaluation and the end
     @contextmanager

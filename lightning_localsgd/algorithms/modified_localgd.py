@@ -117,9 +117,14 @@ class ModifiedLocalGD(ConsensusAlgorithm):
                         p.grad = torch.zeros_like(p)
                 grads = [p.grad for p in params]
                 centers = [z.to(p.dtype) for p, z in zip(params, self._z, strict=True)]
-                # ∇ of (λ/2)||w − z_i||² = λw − λz_i, added in place (no model-sized temporary)
-                torch._foreach_add_(grads, params, alpha=self.prox)
-                torch._foreach_add_(grads, centers, alpha=-self.prox)
+                scale = self.ctx.gradient_scale()
+                if scale is None:  # ∇ of (λ/2)||w − z_i||² = λw − λz_i, added in place (no model-sized temporary)
+                    torch._foreach_add_(grads, params, alpha=self.prox)
+                    torch._foreach_add_(grads, centers, alpha=-self.prox)
+                else:  # fp16 loss scaling: the gradients carry the scale S, so the term must too (S·λ(w − z_i))
+                    term = torch._foreach_sub(params, centers)
+                    torch._foreach_mul_(term, scale * self.prox)
+                    torch._foreach_add_(grads, term)
             return out
 
         return closure_with_prox

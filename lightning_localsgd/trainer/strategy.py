@@ -21,7 +21,7 @@ from typing_extensions import override
 from lightning_localsgd._checks import check_bool
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.algorithms.periodic import PeriodicAveraging
-from lightning_localsgd.contract import FrontEnd, SyncContext
+from lightning_localsgd.contract import FrontEnd, SyncContext, scale_of
 from lightning_localsgd.engine import SyncEngine
 from lightning_localsgd.resume import CHECKPOINT_KEY, rank_payload
 from lightning_localsgd.trainer.plugins import FaultTolerancePlugin, FaultTolerantSession
@@ -230,7 +230,13 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             self._session = self._fault_tolerance.start(trainer, engine, self._world_group, self._comm, self.broadcast)
             world = self._session.group
         ctx = SyncContext(
-            self.lightning_module, self._comm, world, self._node_group, self._background_group, engine.observers
+            self.lightning_module,
+            self._comm,
+            world,
+            self._node_group,
+            self._background_group,
+            engine.observers,
+            gradient_scale=lambda: scale_of(getattr(self.precision_plugin, "scaler", None)),
         )
         step = trainer.global_step if self._resume_state is None else self._resume_state.step
         log.debug("LocalSGDStrategy.setup: binding at step %d (resuming: %s)", step, self._rank_resume is not None)
