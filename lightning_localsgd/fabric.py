@@ -54,6 +54,7 @@ from lightning_localsgd.transport.process_group import (
     DEFAULT_INIT_TIMEOUT,
     DEFAULT_TIMEOUT,
     init_strategy_process_group,
+    serialize_threads,
 )
 from lightning_localsgd.transport.replicas import broadcast_module_, node_groups
 
@@ -183,6 +184,29 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
         self._set_world_ranks()
         init_strategy_process_group(self)
         super()._setup_distributed()  # Lightning's own init finds the group and goes on
+        self._comm.serialize_threads = serialize_threads()
+
+    # ------------------------------------------------------------------ Fabric's own collectives
+    # fabric.barrier/broadcast/all_reduce/all_gather: on NCCL they wait for a background sync first.
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        self._comm.before_collective()
+        super().barrier(*args, **kwargs)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        self._comm.before_collective()
+        return super().broadcast(obj, src)
+
+    @override
+    def all_reduce(self, tensor: Tensor, group: Any | None = None, reduce_op: Any = "mean") -> Tensor:
+        self._comm.before_collective()
+        return super().all_reduce(tensor, group, reduce_op)
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        self._comm.before_collective()
+        return super().all_gather(tensor, group, sync_grads)
 
     @override
     def setup_environment(self) -> None:

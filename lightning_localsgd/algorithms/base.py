@@ -624,10 +624,10 @@ class ConsensusAlgorithm(Callback):
         """
         if self.merge_alpha is None:
             for x, c, s in zip(replica, target, sent, strict=True):
-                x.add_(c.to(x.dtype) - s.to(x.dtype))
+                x.add_(c.to(x) - s.to(x))  # to(x): dtype and device (a CPU anchor_device)
         else:
             for x, c in zip(replica, target, strict=True):
-                x.lerp_(c.to(x.dtype), 1.0 - self.merge_alpha)
+                x.lerp_(c.to(x), 1.0 - self.merge_alpha)
 
     def _after_fragment(self, fragment: Fragment, broadcast: list[Tensor]) -> None:
         """A fragment's sync is complete (the replicas still differ: other fragments, or local progress)."""

@@ -28,6 +28,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_localsgd._checks import check_seconds
@@ -38,6 +39,7 @@ from lightning_localsgd.transport.process_group import (
     DEFAULT_INIT_TIMEOUT,
     DEFAULT_TIMEOUT,
     init_strategy_process_group,
+    serialize_threads,
 )
 from lightning_localsgd.transport.replicas import broadcast_module_, node_groups
 
@@ -124,6 +126,30 @@ class ReplicaStrategy(DDPStrategy):
         world, rank = self.world_size, self.global_rank
         self._world_group = Group(None, list(range(world)), rank)
         self._node_group = node_groups(world, self.num_nodes, rank, self._timeout, created=self._groups)
+        self._comm.serialize_threads = serialize_threads()
+
+    # ------------------------------------------------------------------ Lightning's own collectives
+    # ModelCheckpoint's and self.log(sync_dist=True)'s reductions, broadcasts and barriers go through
+    # these: on NCCL they wait for a sync running in the background first (Collectives.before_collective).
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        self._comm.before_collective()
+        super().barrier(*args, **kwargs)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        self._comm.before_collective()
+        return super().broadcast(obj, src)
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        self._comm.before_collective()
+        return super().reduce(tensor, group, reduce_op)
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        self._comm.before_collective()
+        return super().all_gather(tensor, group, sync_grads)
 
     # ------------------------------------------------------------------ setup: no DDP wrapper
     @override

@@ -77,16 +77,21 @@ def local_sigterm_check(trainer: Any) -> Callable[[], None]:
     return check
 
 
-def sigterm_check_at(trainer: Any, meets: Callable[[int], bool]) -> Callable[[], None]:
+def sigterm_check_at(
+    trainer: Any, meets: Callable[[int], bool], before: Callable[[], None] | None = None
+) -> Callable[[], None]:
     """Lightning's broadcast before the batches of steps ``s`` (1-based) with ``meets(s)``, nothing otherwise.
 
     ``meets`` must give every rank the same answer (a function of the step number), since the
-    broadcast is a collective. A flag raised in between waits for the next such step.
+    broadcast is a collective. A flag raised in between waits for the next such step. ``before``
+    runs first (the transport's ``before_collective``: on NCCL, wait for a background sync).
     """
     broadcast = lightning_sigterm_check(trainer)
 
     def check() -> None:
         if meets(trainer.global_step + 1):
+            if before is not None:
+                before()
             broadcast()
 
     return check

@@ -287,7 +287,8 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             self._session.join()
         if self._driving() and self.world_size > 1:  # no per-step message between syncs (sigterm.py)
             trainer = self.lightning_module.trainer
-            replace_sigterm_check(trainer, sigterm_check_at(trainer, self.algorithm.agrees_at))
+            check = sigterm_check_at(trainer, self.algorithm.agrees_at, before=self._comm.before_collective)
+            replace_sigterm_check(trainer, check)
 
     @override
     def on_train_end(self) -> None:

@@ -40,7 +40,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -51,6 +51,7 @@ from torch.profiler import record_function
 
 from lightning_localsgd._checks import check_number
 from lightning_localsgd.transport.quantize import BLOCK, IntFormat, dequantize, packet_bytes, quantize
+from lightning_localsgd.transport.streams import StreamOrder, side_stream
 from lightning_localsgd.transport.tensors import flatten, flatten_into, unflatten_
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
 ]
 
 BACKGROUND_RANGE = "lightning_localsgd::sync(background)"
+_comm_thread = threading.local()  # .active: this thread is the comm thread
 NonFinitePolicy = Literal["raise", "skip"]
 CommDtype = torch.dtype | IntFormat
 """What travels at a sync: a floating dtype, or ``"int8"`` / ``"int4"`` (per-block integers)."""
@@ -125,6 +127,7 @@ class CommCounters:
     seconds_by_purpose: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls_by_purpose: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     wait_seconds: float = 0.0  # the training thread waiting for background syncs (not in ``seconds``)
+    serialized: int = 0  # times the training thread waited for the comm thread before its own collective
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # The names before 0.2 ("kind" meant the purpose); read-only.
@@ -165,21 +168,35 @@ class Group:
 
 
 class PendingMean:
-    """A mean running on the background thread; :meth:`wait` returns it (a flat tensor)."""
+    """A mean running on the background thread; :meth:`wait` returns it (a flat tensor).
 
-    def __init__(self, future: Future[Tensor], counters: CommCounters) -> None:
+    ``keep``: the tensors the background work reads, referenced until :meth:`wait` (on an
+    accelerator, their memory must not return to the training stream before the side stream is
+    done with it; see :mod:`lightning_localsgd.transport.streams`).
+    """
+
+    def __init__(
+        self, future: Future[Tensor], counters: CommCounters, order: StreamOrder | None = None, keep: Any = None
+    ) -> None:
         self._future = future
         self._counters = counters
+        self._order = order
+        self._keep = keep
+        self._mean: Tensor | None = None
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self) -> Tensor:
         """Block until the mean is known; re-raises what the background thread raised."""
-        start = time.perf_counter()
-        out = self._future.result()
-        self._counters.wait_seconds += time.perf_counter() - start
-        return out
+        if self._mean is None:
+            start = time.perf_counter()
+            self._mean = self._future.result()
+            if self._order is not None:
+                self._order.join()  # the training stream waits for the side stream's last kernel
+            self._keep = None
+            self._counters.wait_seconds += time.perf_counter() - start
+        return self._mean
 
 
 class Collectives:
@@ -196,8 +213,11 @@ class Collectives:
         self.bucket_mb = check_number("bucket_mb", bucket_mb, 0, low_open=True, example="256")
         self.comm_dtype: CommDtype | None = parse_comm_dtype(comm_dtype)
         self.counters = CommCounters()
+        self.serialize_threads = False  # see before_collective
         self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
         self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future[Any]] = []
+        self._streams: dict[torch.device, Any] = {}
 
     @property
     def quantized(self) -> bool:
@@ -208,6 +228,7 @@ class Collectives:
     def _timed(
         self, purpose: str, nbytes: float, fn: Callable[[], Any], op: str = "a collective", group: Group | None = None
     ) -> Any:
+        self.before_collective()
         start = time.perf_counter()
         try:
             out = fn()
@@ -352,20 +373,47 @@ class Collectives:
         n = local.numel()
         buf = torch.empty(n + group.size, dtype=local.dtype, device=local.device)
         buf[:n].copy_(local)
+        order = StreamOrder(local.device, self._side_stream(local.device))  # after the snapshot's copy
 
         def refill(out: Tensor) -> None:
             out.copy_(local)
 
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localsgd-sync")
-        future = self._executor.submit(
-            self._background_mean, buf, n, group, purpose, anchor, residual, nonfinite, step, refill, "background/"
-        )
-        return PendingMean(future, self.counters)
+        args = (buf, n, group, purpose, anchor, residual, nonfinite, step, refill, "background/")
+        future = self._executor.submit(self._background_mean, order, *args)
+        self._pending = [f for f in self._pending if not f.done()] + [future]
+        return PendingMean(future, self.counters, order, keep=(buf, local, anchor, residual))
 
-    def _background_mean(self, *args: Any) -> Tensor:
-        with record_function(BACKGROUND_RANGE):  # the profiler's view of the comm thread
+    def _background_mean(self, order: StreamOrder, *args: Any) -> Tensor:
+        _comm_thread.active = True
+        with record_function(BACKGROUND_RANGE), order.on_side():  # the profiler's view; the side stream
             return self._mean_flat(*args)
+
+    def _side_stream(self, device: torch.device) -> Any | None:
+        if device not in self._streams:
+            self._streams[device] = side_stream(device)
+        return self._streams[device]
+
+    def quiesce(self) -> None:
+        """Wait until no background sync is running (their means are kept for their merge step)."""
+        for future in self._pending:
+            if not future.done():
+                start = time.perf_counter()
+                wait([future])
+                self.counters.wait_seconds += time.perf_counter() - start
+                self.counters.serialized += 1
+        self._pending = []
+
+    def before_collective(self) -> None:
+        """Called before the training thread issues a collective (this class's, or Lightning's own).
+
+        With ``serialize_threads`` (set by the strategies on NCCL), it first waits for the syncs in
+        flight: two threads driving two NCCL communicators in different orders can deadlock, so on
+        NCCL only one of them communicates at a time. On gloo the two groups run side by side.
+        """
+        if self.serialize_threads and not getattr(_comm_thread, "active", False):
+            self.quiesce()
 
     def close(self) -> None:
         """Stop the background thread (after the syncs it runs have finished)."""

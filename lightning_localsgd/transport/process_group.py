@@ -49,6 +49,7 @@ __all__ = [
     "attempt_prefix",
     "init_process_group",
     "init_strategy_process_group",
+    "serialize_threads",
 ]
 
 #: Longest wait for all ranks to join the process group; under torchrun the agents' rendezvous has
@@ -59,6 +60,15 @@ DEFAULT_INIT_TIMEOUT = timedelta(minutes=5)
 #: names the rank and the operation: 10 minutes (Lightning's and torch's default is 30). Raise it for
 #: validations or checkpoint writes longer than this on one rank while the others wait.
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+
+def serialize_threads() -> bool:
+    """Whether the world's backend needs one communicating thread at a time (NCCL, and anything not gloo).
+
+    NCCL runs each communicator's collectives in issue order; two threads issuing on two
+    communicators in different orders on different ranks can deadlock. gloo has no such constraint.
+    """
+    return dist.is_initialized() and dist.get_backend() != "gloo"
 
 
 class ProcessGroupInitError(RuntimeError):

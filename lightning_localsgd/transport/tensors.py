@@ -122,12 +122,12 @@ def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
 def lerp_(x: Sequence[Tensor], target: Sequence[Tensor], weight: float) -> None:
     """``x ← (1 − weight)·x + weight·target`` in place."""
     for a, b in zip(x, target, strict=True):
-        a.lerp_(b.to(a.dtype), weight)
+        a.lerp_(b.to(a), weight)
 
 
 def pseudo_gradient(anchor: Sequence[Tensor], local: Sequence[Tensor]) -> list[Tensor]:
     """``anchor − local`` per tensor: the "gradient" an outer optimizer steps on (DiLoCo)."""
-    return [a - b.to(a.dtype) for a, b in zip(anchor, local, strict=True)]
+    return [a - b.to(a) for a, b in zip(anchor, local, strict=True)]
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
