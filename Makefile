@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # takes any torch >= 2.4 (see pyproject.toml).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install lint demo test test-fast bench clean
+.PHONY: install lint demo test test-fast bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-fast: install
 
 demo: install
 	$(PY) -m recipes.demo
+
+# Where a CUDA GPU exists: every algorithm x wire x overlap x front end on the GPU against the CPU, peak
+# memory, quantization throughput; writes docs/results/gpu.md. Elsewhere it says so and exits 2.
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check
 
 bench: install
 	$(PY) -m benchmarks.step_time
