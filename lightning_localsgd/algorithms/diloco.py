@@ -92,9 +92,11 @@ class DiLoCo(ConsensusAlgorithm):
     :math:`\mathrm{lr}/(1-\beta)` near 1–2 there (docs/algorithms/diloco.md).
 
     **Cost.** One allreduce of P values every H steps: 1/H of DDP's bytes (half again with
-    ``LocalSGDStrategy(comm_dtype="bfloat16")``, where only ``replica − anchor`` travels). Memory:
-    the anchor (P values in fp32, on ``anchor_device``), the outer optimizer's state (P more for
-    SGD momentum, 2P for Adam) and a transient P for the pseudo-gradient during the outer step.
+    ``LocalSGDStrategy(comm_dtype="bfloat16")``, where only ``replica − anchor`` travels). Memory held
+    between steps (docs/gpu.md, counted by tests/test_memory.py): the anchor θ (P values in fp32,
+    on ``anchor_device``), the outer optimizer's state (P more for SGD momentum, 2P for Adam) and
+    the transport's flat buffer: 3.0 model copies with Nesterov; 6.0 with overlap and an int8 wire
+    (values sent, the mean in flight, residual, packets); a transient P for the pseudo-gradient.
     Checkpoints carry the anchor and the outer optimizer's state.
 
     Example::

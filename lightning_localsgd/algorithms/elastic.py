@@ -38,8 +38,9 @@ class ElasticAveraging(ConsensusAlgorithm):
     rank 0's buffers under ``buffers="broadcast"``).
 
     **Cost.** One allreduce of P values every τ steps, the same bytes as
-    :class:`~lightning_localsgd.PeriodicAveraging` (1/τ of DDP's). Memory: the center (one
-    fp32-or-wider copy of the model) plus a P-sized buffer during a sync.
+    :class:`~lightning_localsgd.PeriodicAveraging` (1/τ of DDP's). Memory held between steps:
+    the center (one fp32-or-wider copy of the model) and the transport's flat buffer, 2.0 model
+    copies (docs/gpu.md).
 
     Example::
 

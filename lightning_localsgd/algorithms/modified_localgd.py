@@ -45,9 +45,10 @@ class ModifiedLocalGD(ConsensusAlgorithm):
     Between syncs, validation and checkpoints use the replicas' average; the end of ``fit`` closes
     a partial round with one more sync.
 
-    **Cost.** One allreduce of P values every H steps (1/H of DDP's bytes). Memory: z_i and q_i
-    (two model-sized copies in fp32 per worker; one with ``correction=False``), a transient P at a
-    sync, and an fp32 anchor with a reduced-precision transport. Each rank's z_i and q_i ride in
+    **Cost.** One allreduce of P values every H steps (1/H of DDP's bytes). Memory held between
+    steps: z_i and q_i (two model-sized copies in fp32 per worker; one with ``correction=False``) and
+    the transport's flat buffer, 3.0 (2.0) model copies (docs/gpu.md), and an fp32 anchor with a
+    reduced-precision transport. Each rank's z_i and q_i ride in
     the checkpoint (resuming on another world size restarts them from the consensus).
 
     Example::

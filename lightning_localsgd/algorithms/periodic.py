@@ -48,8 +48,10 @@ class PeriodicAveraging(ConsensusAlgorithm):
 
     **Cost.** One allreduce of P values every H steps: bytes per step are 1/H of DDP's
     (``comm_dtype=torch.bfloat16`` on the strategy halves them again; ``"int8"`` sends about a
-    quarter). Memory: none extra, or one fp32 anchor copy of the model when a reduced-precision
-    transport is used; with overlap, one copy of what is in flight.
+    quarter). Memory held between steps, in fp32 model copies (docs/gpu.md, counted by
+    tests/test_memory.py): 1.0 (the transport's flat buffer); 2.5 with a bf16 wire, 4.0 with int8
+    (anchor, residual, packets); 2.0 with overlap τ > 0 (values sent + the mean in flight), 2.0/P
+    with P fragments.
 
     Example::
 
