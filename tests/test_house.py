@@ -1,0 +1,49 @@
+"""House rules that are not numbers elsewhere: atomic writes under Fabric too, read-only strategy internals,
+one name per meaning (the byte counters' purpose), profiler ranges around sync / wait / merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lightning_localsgd import AsyncLocalSGDStrategy, AtomicCheckpointIO, LocalSGDStrategy, PeriodicAveraging
+from lightning_localsgd.fabric import LocalSGDStrategy as FabricLocalSGDStrategy
+from lightning_localsgd.transport.collectives import Collectives
+from tests.fakes import FakeCollectives, Toy, bind_fake
+
+
+def test_fabric_writes_checkpoints_atomically_by_default_like_the_trainer():
+    assert isinstance(FabricLocalSGDStrategy().checkpoint_io, AtomicCheckpointIO)
+    assert isinstance(LocalSGDStrategy().checkpoint_io, AtomicCheckpointIO)
+
+
+@pytest.mark.parametrize("make", [LocalSGDStrategy, FabricLocalSGDStrategy, AsyncLocalSGDStrategy])
+@pytest.mark.parametrize("name", ["comm", "world_group", "node_group", "engine"])
+def test_strategy_internals_are_read_only(make, name):
+    strategy = make()
+    if not hasattr(type(strategy), name):
+        pytest.skip(f"{make.__name__} has no {name}")
+    with pytest.raises(AttributeError):
+        setattr(strategy, name, None)
+
+
+def test_the_byte_counters_are_split_by_purpose():
+    comm = Collectives()
+    comm.counters.add("sync", 8.0, 0.25)
+    comm.counters.add("eval", 4.0, 0.5)
+    assert dict(comm.counters.bytes_by_purpose) == {"sync": 8.0, "eval": 4.0}
+    assert comm.counters.bytes_sent == 12.0 and comm.counters.seconds == 0.75 and comm.counters.calls == 2
+
+
+def test_syncs_waits_and_merges_show_as_profiler_ranges():
+    module, comm = Toy(), FakeCollectives()
+    algorithm = PeriodicAveraging(2, overlap_steps=1)
+    bind_fake(algorithm, module, comm)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        algorithm.after_step(2)  # starts the sync in the background
+        algorithm.after_step(3)  # waits for it and merges
+    comm.close()
+    names = {event.name for event in prof.events()}
+    assert {"lightning_localsgd::sync", "lightning_localsgd::wait", "lightning_localsgd::merge"} <= names
+    assert torch.isfinite(module.flat()).all()
