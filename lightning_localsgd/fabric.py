@@ -48,7 +48,7 @@ from lightning_localsgd.algorithms.periodic import PeriodicAveraging
 from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
 from lightning_localsgd.contract import FrontEnd, GradientModifier, SyncContext, SyncObserver, scale_of
 from lightning_localsgd.engine import SyncEngine
-from lightning_localsgd.resume import CHECKPOINT_KEY, ResumeState, rank_payload
+from lightning_localsgd.resume import CHECKPOINT_KEY, ResumeState, part_path, rank_payload, stale_parts
 from lightning_localsgd.transport.collectives import Collectives, Group, destroy_groups, new_group
 from lightning_localsgd.transport.process_group import (
     DEFAULT_INIT_TIMEOUT,
@@ -312,12 +312,13 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
         extra = {
             CHECKPOINT_KEY: {"step": self._step, "algorithm": algorithm.state_dict(), "world_size": self.world_size}
         }
-        if self.save_replicas:
+        if self.save_replicas:  # every rank writes its own part: rank 0 never holds the others' (resume.py)
             optimizers = [o for o in state.values() if isinstance(o, Optimizer)]
             mine = rank_payload(
                 algorithm.replica_state_dict(), [o.state_dict() for o in optimizers], algorithm.rank_state_dict()
             )
-            extra[CHECKPOINT_KEY]["ranks"] = self._comm.gather_object(mine, self._world_group, purpose="checkpoint")
+            self.checkpoint_io.save_checkpoint(mine, part_path(path, self._step, self.global_rank))
+            extra[CHECKPOINT_KEY]["parts"] = True
         consensus = algorithm.consensus_state_dict(module.state_dict(), self._step)
         converted = self._convert_stateful_objects_in_state(state, filter=(filter or {}))
         for key, obj in state.items():
@@ -326,6 +327,10 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
         converted.update(extra)
         if self.is_global_zero:
             self.checkpoint_io.save_checkpoint(checkpoint=converted, path=path, storage_options=storage_options)
+        if self.save_replicas:  # the file that refers to the new parts exists: the older ones go
+            self.barrier("lightning_localsgd.parts")
+            for stale in stale_parts(path, self.global_rank, keep_step=self._step):
+                self.checkpoint_io.remove_checkpoint(stale)
 
     @override
     def load_checkpoint(
@@ -344,7 +349,12 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
                 f"{path} was not written by lightning_localsgd.fabric.LocalSGDStrategy: load it with "
                 "fabric.load(path) (no state) and restore the objects yourself"
             )
-        resume = ResumeState(int(saved["step"]), int(saved["world_size"]), saved.get("ranks"))
+        step, world_size = int(saved["step"]), int(saved["world_size"])
+        if saved.get("parts"):
+            read = lambda r: self.checkpoint_io.load_checkpoint(part_path(path, step, r), weights_only=weights_only)  # noqa: E731
+            resume = ResumeState(step, world_size, read_part=read)
+        else:  # the parts inside the file (before 0.2), or none (save_replicas=False)
+            resume = ResumeState(step, world_size if "ranks" in saved else None, saved.get("ranks"))
         log.debug("fabric LocalSGDStrategy.load_checkpoint: %s at step %d", path, resume.step)
         self.algorithm.load_state_dict(saved["algorithm"])
         mine = resume.for_rank(self.global_rank, self.world_size, self.algorithm)

@@ -11,6 +11,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_localsgd import LocalSGDStrategy
+from lightning_localsgd.resume import read_parts
 from tests.models import Recorder, TinyNet, loader, regression_data, trainer_kwargs
 
 TIMEOUT = timedelta(seconds=60)
@@ -150,7 +151,7 @@ def record_run(
     error = None
     try:
         trainer.fit(net, loader(regression_data(16 * devices * num_nodes), batch_size=4))
-    except Exception as exc:  # noqa: BLE001 - the test inspects it
+    except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
     counters = trainer.strategy.comm.counters
     return {
@@ -226,7 +227,10 @@ def resume_and_evaluate(out_dir: str, devices: int, num_nodes: int, steps: int, 
     fit("plain", validate=False, save=False)
     for s in (4, 6):
         fit(f"resumed_{s}", validate=False, save=False, ckpt_path=str(ckpt_dir / "full" / f"step={s}.ckpt"))
-    out["checkpoints"] = {s: torch.load(ckpt_dir / "full" / f"step={s}.ckpt", weights_only=False) for s in (3, 4, 6)}
+    out["checkpoints"] = {}
+    for s in (3, 4, 6):  # the file, with every rank's part beside it (lightning_localsgd/resume.py)
+        path = ckpt_dir / "full" / f"step={s}.ckpt"
+        out["checkpoints"][s] = dict(torch.load(path, weights_only=False), parts=read_parts(path))
     # the bf16 transport keeps an anchor: it must come back from the checkpoint too
     fit("bf16_full", validate=False, save=True, comm_dtype="bfloat16")
     fit("bf16_resumed_4", False, False, str(ckpt_dir / "bf16_full" / "step=4.ckpt"), comm_dtype="bfloat16")

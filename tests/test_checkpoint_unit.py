@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_localsgd import LocalSGDStrategy, PeriodicAveraging
+from lightning_localsgd.resume import part_path, read_parts
 from tests.models import Recorder, TinyNet, flat_params, loader, regression_data, trainer_kwargs
 
 
@@ -29,9 +30,11 @@ def fit(tmp_path, max_steps, ckpt_path=None, save=False):
 def test_resume_on_a_different_world_size_starts_every_rank_from_the_consensus(tmp_path):
     fit(tmp_path, 2, save=True)
     ckpt = torch.load(tmp_path / "one_rank.ckpt", weights_only=False)
-    assert ckpt["localsgd"]["world_size"] == 1 and len(ckpt["localsgd"]["ranks"]) == 1
-    # Pretend two ranks wrote it: two different replicas and momenta, the consensus as the model.
-    mine = ckpt["localsgd"]["ranks"][0]
+    parts = read_parts(tmp_path / "one_rank.ckpt")
+    assert ckpt["localsgd"] == {"world_size": 1, "step": 2} and len(parts) == 1
+    # Pretend two ranks wrote it (in the layout before 0.2, parts inside the file, which still loads):
+    # two different replicas and momenta, the consensus as the model.
+    mine = parts[0]
     other = {k: v + 1.0 for k, v in mine["model"].items()}
     momentum = mine["optimizer_states"][0]["state"][0]["momentum_buffer"]
     tripled = copy.deepcopy(mine["optimizer_states"])
@@ -66,9 +69,11 @@ def test_resume_on_a_different_world_size_starts_every_rank_from_the_consensus(t
 def test_same_world_size_resume_loads_the_rank_replica(tmp_path):
     fit(tmp_path, 2, save=True)
     ckpt = torch.load(tmp_path / "one_rank.ckpt", weights_only=False)
-    ckpt["localsgd"]["ranks"][0]["model"] = {k: v + 0.25 for k, v in ckpt["localsgd"]["ranks"][0]["model"].items()}
+    (part,) = read_parts(tmp_path / "one_rank.ckpt")  # rank 0's own file beside the checkpoint
+    part["model"] = {k: v + 0.25 for k, v in part["model"].items()}
     torch.save(ckpt, tmp_path / "edited.ckpt")
+    torch.save(part, part_path(tmp_path / "edited.ckpt", ckpt["localsgd"]["step"], 0))
     model, rec = fit(tmp_path, 3, ckpt_path=tmp_path / "edited.ckpt")
-    replica = torch.cat([v.reshape(-1) for v in ckpt["localsgd"]["ranks"][0]["model"].values()])
+    replica = torch.cat([v.reshape(-1) for v in part["model"].values()])
     assert torch.equal(rec.before_update[0][0], replica)
     assert not torch.equal(flat_params(model), replica)  # and training went on from it

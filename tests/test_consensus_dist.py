@@ -29,12 +29,12 @@ def test_consensus_in_evaluation_checkpoints_and_after_fit_and_exact_resume():
         mean = (full[0]["after"][s - 1] + full[1]["after"][s - 1]) / 2
         assert (saved - mean).abs().max() <= 1e-12
         for rank in (0, 1):
-            replica = ckpt["localsgd"]["ranks"][rank]["model"]
+            replica = ckpt["parts"][rank]["model"]
             assert torch.equal(torch.cat([replica[n].reshape(-1) for n in names]), full[rank]["after"][s - 1])
         # every rank's momentum travels too: torch SGD steps x_s = x_{s-1} - lr * b_s on each rank, and at a
         # sync (3, 6) both ranks then hold the mean, so the buffers of the first parameter (net.0.weight,
         # which leads the flat vectors) follow from the recorded parameters
-        ranks = ckpt["localsgd"]["ranks"]
+        ranks = ckpt["parts"]
         b = [ranks[r]["optimizer_states"][0]["state"][0]["momentum_buffer"].reshape(-1) for r in (0, 1)]
         n, lr = b[0].numel(), 0.1
         prev = [full[r]["after"][s - 2][:n] for r in (0, 1)]

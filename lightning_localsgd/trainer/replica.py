@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from lightning_localsgd._checks import check_seconds
 from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
-from lightning_localsgd.resume import RankResume, ResumeState
+from lightning_localsgd.resume import RankResume, ResumeState, part_path, stale_parts
 from lightning_localsgd.transport.collectives import Collectives, Group, destroy_groups, new_group
 from lightning_localsgd.transport.process_group import (
     DEFAULT_INIT_TIMEOUT,
@@ -171,13 +171,32 @@ class ReplicaStrategy(DDPStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        self._resume_state = ResumeState.from_checkpoint(checkpoint) if self.fitting() else None
+        self._resume_state = None
+        if self.fitting():
+            read = lambda path: self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)  # noqa: E731
+            self._resume_state = ResumeState.from_checkpoint(checkpoint, checkpoint_path, read)
         resume, loops = self._resume_state, loader_state(checkpoint)
-        if resume is not None and resume.ranks is not None and resume.world_size == self.world_size and loops:
-            mine = resume.ranks[self.global_rank].get("loader")
+        if resume is not None and resume.has_parts and resume.world_size == self.world_size and loops:
+            mine = resume.part(self.global_rank).get("loader")
             if mine is not None:  # this rank's own dataloader position, not rank 0's
                 loops["combined_loader"] = mine
         return checkpoint
+
+    def write_part(self, part: dict[str, Any], filepath: Any, step: int) -> None:
+        """This rank's part of the checkpoint at ``filepath`` (every rank writes its own, atomically)."""
+        self.checkpoint_io.save_checkpoint(part, part_path(filepath, step, self.global_rank))
+
+    def drop_stale_parts(self, filepath: Any, step: int) -> None:
+        """After rank 0 wrote the file for ``step``: this rank's parts of earlier saves to the same path go."""
+        self.barrier("lightning_localsgd.parts")  # the file that refers to the new parts exists now
+        for stale in stale_parts(filepath, self.global_rank, keep_step=step):
+            self.checkpoint_io.remove_checkpoint(stale)
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        super().remove_checkpoint(filepath)  # the file (rank 0)
+        for part in stale_parts(filepath, self.global_rank, keep_step=None):  # and this rank's parts of it
+            self.checkpoint_io.remove_checkpoint(part)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:

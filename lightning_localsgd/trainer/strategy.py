@@ -315,8 +315,11 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
                 )
                 loops = loader_state(checkpoint)
                 mine["loader"] = None if loops is None else loops.get("combined_loader")  # this rank's position
-                ranks = self._comm.gather_object(mine, self._world_group, purpose="checkpoint")  # to rank 0
-                checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size, "ranks": ranks}
+                checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size, "step": step}
+                self.write_part(mine, filepath, step)  # every rank its own: rank 0 never holds the others'
+                super().save_checkpoint(checkpoint, filepath, storage_options)
+                self.drop_stale_parts(filepath, step)
+                return
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @override
