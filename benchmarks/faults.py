@@ -217,7 +217,8 @@ def checkpoints_intact(ckpt_dir: Path, events: list[dict[str, Any]]) -> tuple[bo
     """Every checkpoint file loads; every write that completed left its file; no temp file remains."""
     import torch
 
-    files = sorted([*ckpt_dir.glob("*.ckpt"), *ckpt_dir.glob("*.ckpt.rank*")]) if ckpt_dir.exists() else []
+    globs = ("*.ckpt", "*.ckpt.rank*", "*.ckpt.step*.rank*")
+    files = sorted({p for g in globs for p in ckpt_dir.glob(g)}) if ckpt_dir.exists() else []
     problems = []
     for path in files:
         try:
@@ -225,15 +226,21 @@ def checkpoints_intact(ckpt_dir: Path, events: list[dict[str, Any]]) -> tuple[bo
         except Exception as err:  # any failure to load is the finding
             problems.append(f"{path.name} does not load ({type(err).__name__})")
             continue
-        if ".rank" in path.name:  # an async worker's own part: written at the worker's own step
+        if ".rank" in path.name:  # a rank's own part (sync: <file>.step<s>.rank<r>; async: <file>.rank<r>)
             continue
         step = saved["global_step"]
         m = re.match(r"step=(\d+)\.ckpt", path.name)
         if m and int(m.group(1)) != step:
             problems.append(f"{path.name} holds step {step}")
+        parts = saved.get("localsgd") or {}
+        for r in range(int(parts.get("world_size", 0))) if "step" in parts else ():  # the parts the file refers to
+            if not (ckpt_dir / f"{path.name}.step{parts['step']}.rank{r}").exists():
+                problems.append(f"{path.name}'s part of rank {r} (step {parts['step']}) is missing")
     for e in events:
         if e["event"] == "save_end":
             name = e["file"].split(".tmp-")[0].lstrip(".")
+            if re.search(r"\.step\d+\.rank\d+$", name):
+                continue  # a part is superseded by the next save's once that save's file exists (checked above)
             if not (ckpt_dir / name).exists():
                 problems.append(f"{name} was written (step {e['step']}) and is gone")
     temps = [p.name for p in ckpt_dir.glob(".*.tmp-*")] if ckpt_dir.exists() else []

@@ -62,6 +62,16 @@ def test_checkpoints_intact_finds_torn_and_missing_files(tmp_path) -> None:
     assert "last.ckpt.rank0 does not load" in note
 
 
+def test_checkpoints_intact_wants_the_parts_a_file_refers_to_and_not_the_superseded_ones(tmp_path) -> None:
+    torch.save({"global_step": 12, "localsgd": {"world_size": 2, "step": 12}}, tmp_path / "last.ckpt")
+    torch.save({"model": {}}, tmp_path / "last.ckpt.step12.rank0")
+    superseded = [{"event": "save_end", "file": ".last.ckpt.step6.rank1.tmp-3", "step": 6}]  # removed by design
+    ok, note = checkpoints_intact(tmp_path, superseded)
+    assert not ok and note == "last.ckpt's part of rank 1 (step 12) is missing"
+    torch.save({"model": {}}, tmp_path / "last.ckpt.step12.rank1")
+    assert checkpoints_intact(tmp_path, superseded) == (True, "3 files load")
+
+
 @pytest.mark.parametrize("fixed", [True, False])
 def test_a_skipped_replica_rejoins_with_its_nonfinite_momentum_reset(fixed: bool) -> None:
     # Found by the fault matrix's NaN row: under nonfinite="skip" the NaN replica received the

@@ -51,7 +51,7 @@ from lightning.pytorch import Callback
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from lightning_localsgd._checks import check_int, check_number
+from lightning_localsgd._checks import check_bool, check_int, check_number
 from lightning_localsgd.contract import FrontEnd, RoundPosition, StepReport, SyncContext, SyncEvent
 from lightning_localsgd.transport.collectives import Collectives, Group, NonFinitePolicy, PendingMean
 from lightning_localsgd.transport.tensors import (
@@ -61,6 +61,7 @@ from lightning_localsgd.transport.tensors import (
     copy_,
     flatten,
     flatten_into,
+    host_copy,
     partition,
     snapshot,
     sync_tensors,
@@ -110,6 +111,12 @@ class ConsensusAlgorithm(Callback):
         fragments: P, groups of tensors synced at staggered steps (1: the whole model at once).
         merge_alpha: how an overlapped sync is merged (see :meth:`merge`); ``None``: keep the
             local progress made during the overlap.
+        offload: keep every model-sized tensor this algorithm holds between steps (the anchor,
+            DiLoCo's outer state, the error-feedback residual, the values an overlapped sync was sent
+            with, ModifiedLocalGD's z/q, LSGD's leader copies) in host memory, pinned when the model
+            is on an accelerator, and let the transport free its flat buffers after each sync.
+            Costs host-device copies at each sync (and at each step for ModifiedLocalGD's z);
+            docs/gpu.md has what each configuration then holds on the device.
     """
 
     overlappable: ClassVar[bool] = False  # supports overlap_steps, fragments, merge_alpha
@@ -127,8 +134,10 @@ class ConsensusAlgorithm(Callback):
         overlap_steps: int = 0,
         fragments: int = 1,
         merge_alpha: float | None = None,
+        offload: bool = False,
     ) -> None:
         self.sync_every = check_int("sync_every", sync_every)
+        self.offload = check_bool("offload", offload)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
         if buffers not in BUFFER_POLICIES:
             raise ValueError(f"buffers must be one of {BUFFER_POLICIES}, got {buffers!r}")
@@ -163,7 +172,7 @@ class ConsensusAlgorithm(Callback):
         self.num_syncs = 0  # completed synchronizations (each fragment's counts once)
         self.anchor: Tensor | None = None  # flat last consensus of the synchronized tensors
         self.residual: Tensor | None = None  # flat error-feedback residual (integer transport)
-        self.anchor_device: torch.device | None = None
+        self.anchor_device: torch.device | None = torch.device("cpu") if self.offload else None
         self._ctx: SyncContext | None = None
         self._fragments: list[Fragment] = []
         self._inflight: dict[int, InFlight] = {}
@@ -248,7 +257,7 @@ class ConsensusAlgorithm(Callback):
         self.anchor = self.residual = None
         self._inflight = {}
         if self.needs_anchor():
-            self.anchor = flatten(snapshot(averaged, device=self.anchor_device))
+            self.anchor = self.hold(flatten(snapshot(averaged, device=self.anchor_device)))
             if loaded is not None and loaded.get("anchor") is not None:
                 saved = loaded["anchor"]
                 if saved.numel() != self.anchor.numel():
@@ -258,9 +267,12 @@ class ConsensusAlgorithm(Callback):
                     )
                 self.anchor.copy_(saved)
             elif not self.is_synced(step):  # restored mid-period without an anchor: agree on one
-                self.comm.mean_([self.anchor], self.world, purpose="setup")
+                agreed = self.anchor.to(averaged[0].device)  # the wire's device (the anchor may be offloaded)
+                self.comm.mean_([agreed], self.world, purpose="setup")
+                self.anchor.copy_(agreed)
             if self.comm.quantized:
-                self.residual = torch.zeros_like(self.anchor, device=averaged[0].device)
+                self.residual = self.hold(torch.zeros_like(self.anchor, device=averaged[0].device))
+        self.comm.keep_buffers = not self.offload
         self.on_bind(fresh)
         if restored is not None:
             self.load_rank_state_dict(restored)
@@ -268,7 +280,8 @@ class ConsensusAlgorithm(Callback):
             for p, f in (loaded.get("inflight") or {}).items():
                 sent = restored.get("inflight_sent", {}).get(p)
                 device = averaged[0].device
-                self._inflight[int(p)] = InFlight(int(f["start"]), None, sent.to(device), f["mean"].to(device))
+                sent = self.hold(sent.to(device))
+                self._inflight[int(p)] = InFlight(int(f["start"]), None, sent, f["mean"].to(device))
         self._loaded = None
 
     def wrap_closure(self, closure: Callable[[], Any], step: int) -> Callable[[], Any]:
@@ -513,6 +526,10 @@ class ConsensusAlgorithm(Callback):
         piece = self.anchor[fragment.offset : fragment.offset + fragment.numel]
         return piece if piece.device == fragment.device else piece.to(fragment.device)
 
+    def hold(self, tensor: Tensor) -> Tensor:
+        """``tensor`` as this algorithm keeps it between steps: itself, or a (pinned) host copy under ``offload``."""
+        return host_copy(tensor) if self.offload else tensor
+
     def residual_of(self, fragment: Fragment) -> Tensor | None:
         if self.residual is None:
             return None
@@ -575,6 +592,7 @@ class ConsensusAlgorithm(Callback):
             sent = flatten(tensors)
             if self.anchor is not None:
                 sent = sent.to(self.anchor.dtype)
+            sent = self.hold(sent)  # kept until the merge: in host memory under offload
             group = self.ctx.background or self.world
             pending = self.comm.start_mean(
                 sent,
@@ -583,6 +601,7 @@ class ConsensusAlgorithm(Callback):
                 residual=self.residual_of(fragment),
                 nonfinite=self.nonfinite,
                 step=step,
+                device=tensors[0].device,
             )
         self._inflight[fragment.index] = InFlight(step, pending, sent)
 

@@ -125,6 +125,8 @@ class DiLoCo(ConsensusAlgorithm):
         overlap_steps: τ < H, inner steps an outer step's communication overlaps (0: blocking).
         fragments: P <= H, staggered ranges of values, each with its own outer optimizer.
         merge_alpha: ``None`` (keep local progress) or α in [0, 1] (torchft's mix); needs τ > 0.
+        offload: every model-sized tensor it holds between steps in (pinned) host memory
+            (see :class:`~lightning_localsgd.ConsensusAlgorithm`).
     """
 
     overlappable = True
@@ -145,6 +147,7 @@ class DiLoCo(ConsensusAlgorithm):
         overlap_steps: int = 0,
         fragments: int = 1,
         merge_alpha: float | None = None,
+        offload: bool = False,
     ) -> None:
         super().__init__(
             sync_every,
@@ -154,6 +157,7 @@ class DiLoCo(ConsensusAlgorithm):
             overlap_steps=overlap_steps,
             fragments=fragments,
             merge_alpha=merge_alpha,
+            offload=offload,
         )
         check_number("outer_lr", outer_lr, 0, low_open=True, example="0.7")
         check_number("outer_momentum", outer_momentum, 0, 1, high_open=True, example="0.9")
@@ -177,9 +181,13 @@ class DiLoCo(ConsensusAlgorithm):
             if not isinstance(probe, Optimizer):
                 raise TypeError(f"outer_optimizer must build a torch.optim.Optimizer, it built {type(probe).__name__}")
         try:
-            self.anchor_device = None if anchor_device is None else torch.device(anchor_device)
+            device = None if anchor_device is None else torch.device(anchor_device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"anchor_device must be None, 'cpu' or a torch.device, got {anchor_device!r}") from err
+        if self.offload and device is not None and device.type != "cpu":
+            raise ValueError(f"offload=True keeps the anchor in host memory: drop anchor_device={anchor_device!r}")
+        if device is not None:
+            self.anchor_device = device
         self.outer_factory = factory
         self.outers: list[Optimizer | None] = []  # one outer optimizer per fragment (None: nothing trainable)
         self._thetas: list[list[tuple[Tensor, bool]]] = []  # per fragment: (θ piece, stepped by the outer optimizer)

@@ -56,6 +56,8 @@ class ElasticAveraging(ConsensusAlgorithm):
             moves toward the mean of the finite replicas; the bad replica is reset to the center).
         overlap_steps, fragments: must stay 0 and 1: the elastic force uses the center of the sync step,
             so the sync cannot arrive late or in pieces (PeriodicAveraging and DiLoCo can).
+        offload: every model-sized tensor it holds between steps in (pinned) host memory
+            (see :class:`~lightning_localsgd.ConsensusAlgorithm`).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class ElasticAveraging(ConsensusAlgorithm):
         nonfinite: NonFinitePolicy = "raise",
         overlap_steps: int = 0,
         fragments: int = 1,
+        offload: bool = False,
     ) -> None:
         super().__init__(
             sync_every,
@@ -77,6 +80,7 @@ class ElasticAveraging(ConsensusAlgorithm):
             nonfinite=nonfinite,
             overlap_steps=overlap_steps,
             fragments=fragments,
+            offload=offload,
         )
         self.alpha = None if alpha is None else check_number("alpha", alpha, 0, 1, low_open=True, example="0.9")
         self.beta = check_number("beta", beta, 0, 1, low_open=True, example="0.9")
@@ -103,7 +107,7 @@ class ElasticAveraging(ConsensusAlgorithm):
             [mean],
             self.world,
             purpose="sync",
-            anchor=self.anchor,
+            anchor=self.anchor.to(mean.device),  # the wire's device (the center may be offloaded)
             residual=self.residual,
             nonfinite=self.nonfinite,
             step=step,

@@ -90,6 +90,8 @@ class LeaderSGD(ConsensusAlgorithm):
             the leader and takes the leader's copy whole).
         overlap_steps, fragments: must stay 0 and 1: a pull moves the replica toward the leader it has now,
             so the sync cannot arrive late or in pieces (PeriodicAveraging and DiLoCo can).
+        offload: every model-sized tensor it holds between steps in (pinned) host memory
+            (see :class:`~lightning_localsgd.ConsensusAlgorithm`).
     """
 
     needs_loss = True  # the leader is the replica with the lowest windowed training loss
@@ -112,6 +114,7 @@ class LeaderSGD(ConsensusAlgorithm):
         nonfinite: NonFinitePolicy = "raise",
         overlap_steps: int = 0,
         fragments: int = 1,
+        offload: bool = False,
     ) -> None:
         super().__init__(
             sync_every,
@@ -120,6 +123,7 @@ class LeaderSGD(ConsensusAlgorithm):
             nonfinite=nonfinite,
             overlap_steps=overlap_steps,
             fragments=fragments,
+            offload=offload,
         )
         self.pull = check_number("pull", pull, 0, 1, example="0.1")
         self.loss_window = check_int("loss_window", loss_window)
@@ -259,9 +263,9 @@ class LeaderSGD(ConsensusAlgorithm):
         if (self.node_step_pull if node else self.step_pull) > 0:
             copy = flat[: sum(t.numel() for t in averaged)]
             if node:
-                self._node_copy = copy
+                self._node_copy = self.hold(copy)
             else:
-                self._copy = copy
+                self._copy = self.hold(copy)
         if not node:
             self.leader = leader
             self.leader_counts[leader] = self.leader_counts.get(leader, 0) + 1
@@ -321,8 +325,8 @@ class LeaderSGD(ConsensusAlgorithm):
         self._losses = deque((float(v) for v in state.get("losses", [])), maxlen=self.loss_window)
         device = next(self.module.parameters()).device
         copy, node_copy = state.get("leader_copy"), state.get("node_leader_copy")
-        self._copy = None if copy is None else copy.to(device)
-        self._node_copy = None if node_copy is None else node_copy.to(device)
+        self._copy = None if copy is None else self.hold(copy.to(device))
+        self._node_copy = None if node_copy is None else self.hold(node_copy.to(device))
 
     @staticmethod
     def reduce_rank_states(states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:

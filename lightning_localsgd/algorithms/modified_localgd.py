@@ -65,6 +65,8 @@ class ModifiedLocalGD(ConsensusAlgorithm):
             worker's q_i restarts at 0).
         overlap_steps, fragments: must stay 0 and 1: the proximal centers z_i need the consensus at the sync step,
             so the sync cannot arrive late or in pieces (PeriodicAveraging and DiLoCo can).
+        offload: every model-sized tensor it holds between steps in (pinned) host memory
+            (see :class:`~lightning_localsgd.ConsensusAlgorithm`).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class ModifiedLocalGD(ConsensusAlgorithm):
         nonfinite: NonFinitePolicy = "raise",
         overlap_steps: int = 0,
         fragments: int = 1,
+        offload: bool = False,
     ) -> None:
         super().__init__(
             sync_every,
@@ -86,6 +89,7 @@ class ModifiedLocalGD(ConsensusAlgorithm):
             nonfinite=nonfinite,
             overlap_steps=overlap_steps,
             fragments=fragments,
+            offload=offload,
         )
         check_number("prox", prox, 0, low_open=True, example="0.01 (for prox=0 use PeriodicAveraging)")
         check_bool("correction", correction)
@@ -98,8 +102,8 @@ class ModifiedLocalGD(ConsensusAlgorithm):
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def on_bind(self, fresh: bool) -> None:
-        self._z = snapshot(self._trainable())  # overwritten by load_rank_state_dict on an exact resume
-        self._q = [torch.zeros_like(z) for z in self._z] if self.correction else None
+        self._z = [self.hold(z) for z in snapshot(self._trainable())]  # overwritten by an exact resume
+        self._q = [self.hold(torch.zeros_like(z)) for z in self._z] if self.correction else None
 
     def wrap_closure(self, closure: Callable[[], Any], step: int) -> Callable[[], Any]:
         closure = super().wrap_closure(closure, step)
@@ -117,7 +121,7 @@ class ModifiedLocalGD(ConsensusAlgorithm):
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                 grads = [p.grad for p in params]
-                centers = [z.to(p.dtype) for p, z in zip(params, self._z, strict=True)]
+                centers = [z.to(p, non_blocking=True) for p, z in zip(params, self._z, strict=True)]
                 scale = self.ctx.gradient_scale()
                 if scale is None:  # ∇ of (λ/2)||w − z_i||² = λw − λz_i, added in place (no model-sized temporary)
                     torch._foreach_add_(grads, params, alpha=self.prox)
@@ -142,7 +146,7 @@ class ModifiedLocalGD(ConsensusAlgorithm):
         params = self._trainable()
         q_new = None
         if self._q is not None:
-            q_new = [z - p.to(z.dtype) for z, p in zip(self._z, params)]  # q_i ← z_i − x_i, pre-sync replica
+            q_new = [z - p.to(z) for z, p in zip(self._z, params)]  # q_i ← z_i − x_i, pre-sync replica
             if self.nonfinite == "skip" and not all_finite(params):
                 q_new = [torch.zeros_like(q) for q in q_new]  # this replica is dropped from the mean
         whole = self._fragments[0]
@@ -151,7 +155,7 @@ class ModifiedLocalGD(ConsensusAlgorithm):
         if q_new is not None:
             self._q = q_new
         for z, p, q in zip(self._z, params, self._q or [None] * len(params)):
-            z.copy_(p if q is None else p.to(z.dtype) + q)  # z_i = x̄ + q_i
+            z.copy_(p if q is None else p.to(z) + q)  # z_i = x̄ + q_i
         if self.anchor is not None:
             self.consensus_of(whole, averaged)  # the anchor follows the consensus
 

@@ -68,6 +68,8 @@ class PeriodicAveraging(ConsensusAlgorithm):
         overlap_steps: τ < H, local steps a sync's communication overlaps (0: blocking).
         fragments: P <= H, staggered groups of values (1: the whole model at once).
         merge_alpha: ``None`` (keep local progress) or α in [0, 1] (torchft's mix); needs τ > 0.
+        offload: every model-sized tensor it holds between steps in (pinned) host memory
+            (see :class:`~lightning_localsgd.ConsensusAlgorithm`).
     """
 
     overlappable = True
@@ -84,6 +86,7 @@ class PeriodicAveraging(ConsensusAlgorithm):
         overlap_steps: int = 0,
         fragments: int = 1,
         merge_alpha: float | None = None,
+        offload: bool = False,
     ) -> None:
         super().__init__(
             sync_every,
@@ -93,6 +96,7 @@ class PeriodicAveraging(ConsensusAlgorithm):
             overlap_steps=overlap_steps,
             fragments=fragments,
             merge_alpha=merge_alpha,
+            offload=offload,
         )
         if node_sync_every is not None:
             check_int("node_sync_every", node_sync_every)

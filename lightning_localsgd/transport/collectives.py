@@ -214,6 +214,7 @@ class Collectives:
         self.comm_dtype: CommDtype | None = parse_comm_dtype(comm_dtype)
         self.counters = CommCounters()
         self.serialize_threads = False  # see before_collective
+        self.keep_buffers = True  # the flat buffers persist between syncs (False: offload, see ConsensusAlgorithm)
         self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future[Any]] = []
@@ -363,6 +364,7 @@ class Collectives:
         residual: Tensor | None = None,
         nonfinite: NonFinitePolicy = "raise",
         step: int | None = None,
+        device: torch.device | None = None,
     ) -> PendingMean:
         """Start averaging the flat ``local`` over ``group`` on the background thread.
 
@@ -371,9 +373,10 @@ class Collectives:
         mean comes back in a new flat tensor. Use a group that nothing else uses concurrently.
         """
         n = local.numel()
-        buf = torch.empty(n + group.size, dtype=local.dtype, device=local.device)
+        device = local.device if device is None else device  # the wire's device (``local`` may be in host memory)
+        buf = torch.empty(n + group.size, dtype=local.dtype, device=device)
         buf[:n].copy_(local)
-        order = StreamOrder(local.device, self._side_stream(local.device))  # after the snapshot's copy
+        order = StreamOrder(device, self._side_stream(device))  # after the snapshot's copy
 
         def refill(out: Tensor) -> None:
             out.copy_(local)
@@ -515,6 +518,10 @@ class Collectives:
         fmt: IntFormat = self.comm_dtype  # type: ignore[assignment]
         if residual is None:
             raise ValueError(f"comm_dtype={fmt!r} needs an error-feedback residual: pass residual= to mean_")
+        if residual.device != local.device:  # kept in host memory (offload): used here, written back below
+            host, residual = residual, residual.to(local.device, non_blocking=True)
+        else:
+            host = None
         m, n, dtype = group.size, local.numel(), local.dtype
         flags = torch.zeros(m, dtype=torch.float32, device=local.device)
         flags[group.rank] = nonfinite_flag(local)
@@ -543,6 +550,8 @@ class Collectives:
         everyone = torch.empty(m * per_packet, dtype=torch.uint8, device=local.device)
         nbytes = (m - 1) * per_packet
         self._timed(purpose, nbytes, lambda: _all_gather_flat(everyone, summed, group.handle), "an all-gather", group)
+        if host is not None:  # blocking: a host read of it later must see the new values
+            host.copy_(residual)
         local.copy_(self._dequantized(everyone, chunk, fmt, dtype)[:n])
         return m - len(bad_ranks)
 
@@ -577,6 +586,8 @@ class Collectives:
 
     def _scratch(self, name: str, dtype: torch.dtype, numel: int, device: torch.device) -> Tensor:
         """A reusable 1-D buffer (one per name/dtype/device), reallocated only when the size changes."""
+        if not self.keep_buffers:
+            return torch.empty(numel, dtype=dtype, device=device)
         key = (name, dtype, device)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() != numel:

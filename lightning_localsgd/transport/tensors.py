@@ -106,9 +106,11 @@ def snapshot(tensors: Sequence[Tensor], device: torch.device | str | None = None
 
 
 def host_copy(tensor: Tensor) -> Tensor:
-    """A copy of ``tensor`` in host memory: pinned when it comes from an accelerator (fast, asynchronous copies)."""
+    """A copy of ``tensor`` in host memory, pinned when an accelerator is present (fast, asynchronous copies)."""
     out = tensor.detach().to("cpu", copy=True)
-    return out.pin_memory() if tensor.device.type != "cpu" and torch.accelerator.is_available() else out
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; torch.cuda before
+    present = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return out.pin_memory() if present else out
 
 
 @torch.no_grad()
