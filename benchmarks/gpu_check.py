@@ -40,9 +40,20 @@ from benchmarks.common import ROOT, environment, global_rank, launch_ranks
 
 DOCS = ROOT / "docs" / "results"
 TOLERANCE = 1e-3  # |GPU − CPU| / |CPU final − CPU start|; fp32 rounding differences are ~1e-6
-ALGORITHMS = ["periodic", "diloco", "diloco_cpu_anchor", "modified_localgd", "lsgd", "easgd", "gradalign"]
+ALGORITHMS = [
+    "periodic",
+    "periodic_offload",
+    "diloco",
+    "diloco_cpu_anchor",
+    "diloco_offload",
+    "modified_localgd",
+    "modified_localgd_offload",
+    "lsgd",
+    "easgd",
+    "gradalign",
+]
 WIRES = ["fp32", "bf16", "int8"]
-OVERLAP = {"periodic", "diloco", "diloco_cpu_anchor"}  # the algorithms that can overlap their syncs
+OVERLAP = {"periodic", "periodic_offload", "diloco", "diloco_cpu_anchor", "diloco_offload"}  # can overlap
 
 
 def configurations(quick: bool, only: list[str] | None = None) -> list[dict[str, Any]]:
@@ -88,6 +99,9 @@ def make_algorithm(c: dict[str, Any]) -> list[Any]:
         "periodic": lambda: [PeriodicAveraging(4, overlap_steps=tau)],
         "diloco": lambda: [DiLoCo(4, overlap_steps=tau)],
         "diloco_cpu_anchor": lambda: [DiLoCo(4, overlap_steps=tau, anchor_device="cpu")],
+        "periodic_offload": lambda: [PeriodicAveraging(4, overlap_steps=tau, offload=True)],
+        "diloco_offload": lambda: [DiLoCo(4, overlap_steps=tau, offload=True)],
+        "modified_localgd_offload": lambda: [ModifiedLocalGD(4, prox=0.5, offload=True)],
         "modified_localgd": lambda: [ModifiedLocalGD(4, prox=0.5)],
         "lsgd": lambda: [LeaderSGD(4, pull=0.5)],
         "easgd": lambda: [ElasticAveraging(4)],
