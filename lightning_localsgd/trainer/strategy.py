@@ -302,12 +302,13 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         # Called on every rank (Trainer.save_checkpoint), so collectives are allowed here.
+        step, parts = self.lightning_module.trainer.global_step, False
         if self._bound:
             log.debug("LocalSGDStrategy.save_checkpoint: %s (replicas: %s)", filepath, self.save_replicas)
             algorithm = self.algorithm
-            step = self.lightning_module.trainer.global_step
             checkpoint["state_dict"] = algorithm.consensus_state_dict(checkpoint["state_dict"], step)
-            if self.save_replicas and "optimizer_states" in checkpoint:
+            parts = self.save_replicas and "optimizer_states" in checkpoint
+            if parts:
                 mine = rank_payload(
                     algorithm.replica_state_dict(),
                     [self.optimizer_state(opt) for opt in self.optimizers],
@@ -317,10 +318,9 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
                 mine["loader"] = None if loops is None else loops.get("combined_loader")  # this rank's position
                 checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size, "step": step}
                 self.write_part(mine, filepath, step)  # every rank its own: rank 0 never holds the others'
-                super().save_checkpoint(checkpoint, filepath, storage_options)
-                self.drop_stale_parts(filepath, step)
-                return
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        super().save_checkpoint(checkpoint, filepath, storage_options)  # the file (rank 0)
+        if parts:
+            self.drop_stale_parts(filepath, step)
 
     @override
     def teardown(self) -> None:
