@@ -28,7 +28,7 @@ class FakeCollectives(Collectives):
         rows: ``{global rank: values}``, the other ranks' rows of an all-gather.
         broadcasts: ``{global rank: flat}``, what a broadcast from that rank delivers.
         sent: every allreduce buffer this rank put on the wire (payload, then one flag per rank).
-        broadcast_log: ``(src, kind)`` of every broadcast.
+        broadcast_log: ``(src, purpose)`` of every broadcast.
     """
 
     def __init__(self, comm_dtype: Any = None) -> None:
@@ -39,18 +39,18 @@ class FakeCollectives(Collectives):
         self.sent: list[Tensor] = []
         self.broadcast_log: list[tuple[int, str]] = []
 
-    def all_reduce_sum_(self, flat: Tensor, group: Group, kind: str) -> Tensor:
+    def all_reduce_sum_(self, flat: Tensor, group: Group, purpose: str) -> Tensor:
         self.sent.append(flat.clone())
         flat[: self.other.numel()] += self.other.to(flat.dtype)
         return flat
 
-    def all_gather(self, local: Tensor, group: Group, kind: str) -> Tensor:
+    def all_gather(self, local: Tensor, group: Group, purpose: str) -> Tensor:
         me = group.ranks[group.rank]
         rows = [local if r == me else torch.as_tensor(self.rows[r], dtype=local.dtype) for r in group.ranks]
         return torch.stack([row.reshape(-1) for row in rows])
 
-    def broadcast_(self, flat: Tensor, src: int, group: Group, kind: str) -> Tensor:
-        self.broadcast_log.append((src, kind))
+    def broadcast_(self, flat: Tensor, src: int, group: Group, purpose: str) -> Tensor:
+        self.broadcast_log.append((src, purpose))
         if src != group.ranks[group.rank]:
             flat.copy_(self.broadcasts[src])
         return flat

@@ -40,10 +40,11 @@ def main(mode, out, delay, init_timeout):
     time.sleep(delay)
     result = {"rank": rank, "attempt": attempt}
     try:
-        if mode == "fixed":  # the module file alone: importing the package would import Lightning (slow)
-            spec = importlib.util.spec_from_file_location("process_group", os.environ["PROCESS_GROUP_PY"])
-            pg = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(pg)
+        if mode == "fixed":  # the module files alone: importing the package would import Lightning (slow)
+            for name, path in (("lightning_localsgd._checks", "CHECKS_PY"), ("process_group", "PROCESS_GROUP_PY")):
+                spec = importlib.util.spec_from_file_location(name, os.environ[path])
+                pg = sys.modules[name] = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(pg)
             pg.init_process_group("gloo", rank, 2, "127.0.0.1", int(os.environ["MASTER_PORT"]),
                                   timeout=timedelta(seconds=60), init_timeout=timedelta(seconds=init_timeout))
             if rank == 1 and attempt == 0:
@@ -88,7 +89,8 @@ def run_attempt(
             PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         )
         out = tmp / f"{mode}_a{attempt}_r{rank}.json"
-        env["PROCESS_GROUP_PY"] = str(ROOT / "lightning_localsgd" / "process_group.py")
+        env["PROCESS_GROUP_PY"] = str(ROOT / "lightning_localsgd" / "transport" / "process_group.py")
+        env["CHECKS_PY"] = str(ROOT / "lightning_localsgd" / "_checks.py")  # its one import from the package
         args = [mode, str(out), str(delays[rank]), str(init_timeout)]
         procs[rank] = (subprocess.Popen([sys.executable, "-c", WORKER, *args], env=env, cwd=tmp), out)
     results = {}
