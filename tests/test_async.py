@@ -398,7 +398,7 @@ def test_per_worker_max_steps_and_resume_on_two_ranks():
 def test_point_to_point_counts_bytes_and_times_out():
     """comm.send/recv_: any-source receive names the sender, bytes are booked by the sender, and a receive
     from a peer that never sends fails after the group's timeout (gloo), instead of hanging."""
-    r0, r1 = run_ranks("tests.scenarios_async:p2p_timeout", world=2, timeout_s=3)
+    r0, r1 = run_ranks("tests.scenarios_async:p2p_timeout", world=2, fresh=True, timeout_s=3)  # a gloo timeout
     assert r0["src"] == 1 and r0["got"] == [1.0, 2.0, 3.0] and r0["bytes"] == {"probe": 0.0}
     assert r1["bytes"] == {"probe": 12.0}  # three fp32 values
     assert r0["error"] is not None and "Timed out" in r0["error"]
@@ -407,7 +407,13 @@ def test_point_to_point_counts_bytes_and_times_out():
 
 def test_a_dead_worker_ends_the_run_with_a_clear_error_within_the_timeout():
     r0, r1 = run_ranks(
-        "tests.scenarios_async:async_run", world=2, max_updates=None, max_steps=100_000, timeout_s=10, die_at=(1, 6)
+        "tests.scenarios_async:async_run",
+        world=2,
+        fresh=True,  # a rank leaves without a word
+        max_updates=None,
+        max_steps=100_000,
+        timeout_s=10,
+        die_at=(1, 6),
     )
     assert "died_at" in r1
     assert r0["error"] is not None and "worker rank 1 has sent nothing" in r0["error"], r0["error"]
@@ -416,7 +422,13 @@ def test_a_dead_worker_ends_the_run_with_a_clear_error_within_the_timeout():
 
 def test_a_dead_server_ends_the_workers_with_a_clear_error():
     r0, r1 = run_ranks(
-        "tests.scenarios_async:async_run", world=2, max_updates=None, max_steps=100_000, timeout_s=10, die_at=(0, 6)
+        "tests.scenarios_async:async_run",
+        world=2,
+        fresh=True,  # a rank leaves without a word
+        max_updates=None,
+        max_steps=100_000,
+        timeout_s=10,
+        die_at=(0, 6),
     )
     assert "died_at" in r0
     assert r1["error"] is not None and "lost the parameter server on rank 0" in r1["error"], r1["error"]
