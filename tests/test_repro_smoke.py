@@ -1,6 +1,6 @@
 """The reproductions' bookkeeping against closed forms (benchmarks/seed002.py, benchmarks/seed003.py).
 
-One tiny launch of the seed003 benchmark on 4 processes as 2 nodes × 2: the training bytes it
+One tiny run of the seed003 benchmark's worker on 4 processes as 2 nodes × 2: the training bytes it
 records from the library's counter for each variant must equal the closed form of that algorithm's
 collectives, and the label-skew partition of seed002 must hold the classes its docstring states.
 """
@@ -11,9 +11,10 @@ import pytest
 
 pytest.importorskip("mlxtend")
 
-from benchmarks.common import ddp_closed_form_bytes_per_step, launch_ranks  # noqa: E402
+from benchmarks.common import ddp_closed_form_bytes_per_step  # noqa: E402
 from benchmarks.seed002 import label_skew_shards  # noqa: E402
 from benchmarks.seed003 import DEFAULT_VARIANTS, mnist_split, summarize, variant_specs  # noqa: E402
+from tests.launch import run_ranks  # noqa: E402
 
 P = 16_938  # parameters of benchmarks.seed003.make_cnn
 
@@ -62,8 +63,8 @@ def test_seed003_bytes_per_variant_equal_the_closed_forms():
         "specs": {n: specs[n] for n in names},
         "schedule": [{"variant": n, "repeat": 0, "seed": 0} for n in names],
     }
-    ranks, logs = launch_ranks("benchmarks.seed003", cfg, world, nodes, timeout=280)
-    assert ranks is not None, logs
+    # the worker entry (python -m benchmarks.seed003 --worker cfg.json) on shared rank processes
+    ranks = run_ranks("tests.scenarios_bench:seed003_worker", world=world, nodes=nodes, timeout=280, cfg=cfg)
     f = 4  # fp32
     allreduce = 2 * (world - 1) / world * f * (P + world)  # the buffer carries one NaN flag per rank
     gather = (world - 1) * 2 * 8  # election: two float64 per rank

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import logging
 import os
 import random
 import signal
@@ -57,6 +58,7 @@ class FreshState:
         for sig in signal.valid_signals():
             with contextlib.suppress(OSError, ValueError):
                 self.signals[sig] = signal.getsignal(sig)
+        self.log_levels = self.loggers()
         self.torch = (
             torch.get_default_dtype(),
             torch.get_num_threads(),
@@ -73,6 +75,9 @@ class FreshState:
         for sig, handler in self.signals.items():
             if handler is not None and signal.getsignal(sig) != handler:
                 signal.signal(sig, handler)
+        for name, level in self.loggers().items():  # a scenario may quieten a logger (seed003 does)
+            if level != self.log_levels.get(name, logging.NOTSET):
+                logging.getLogger(name or None).setLevel(self.log_levels.get(name, logging.NOTSET))
         dtype, threads, deterministic, warn_always, anomaly = self.torch
         torch.set_default_dtype(dtype)
         torch.set_num_threads(threads)
@@ -84,6 +89,12 @@ class FreshState:
         random.seed()
         if "numpy" in sys.modules:
             sys.modules["numpy"].random.seed()
+
+    @staticmethod
+    def loggers() -> dict[str, int]:
+        """The level of the root logger (``""``) and of every named logger created so far."""
+        named = logging.root.manager.loggerDict.items()
+        return {"": logging.root.level} | {n: lg.level for n, lg in named if isinstance(lg, logging.Logger)}
 
     def leftovers(self) -> list[str]:
         problems = []
