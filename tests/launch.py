@@ -42,6 +42,7 @@ from recipes.launch import free_port, run_local_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_TAIL = 6000  # characters of each rank's output in the error of a failed launch
+PRELOAD = ("lightning.pytorch", "lightning_localsgd")  # imported by a pool's ranks before their first scenario
 
 
 def run_ranks(
@@ -99,7 +100,7 @@ class RankPool:
     one log file per rank; a failure shows the part written during the failed scenario.
     """
 
-    def __init__(self, world: int, nodes: int) -> None:
+    def __init__(self, world: int, nodes: int, preload: tuple[str, ...] = PRELOAD) -> None:
         self.world, self.nodes, self.per_node = world, nodes, world // nodes
         self.dir = tempfile.TemporaryDirectory(prefix=f"rank-pool-{world}x{nodes}-")
         self.procs: list[subprocess.Popen] = []
@@ -109,6 +110,7 @@ class RankPool:
             parent, child = socket.socketpair()
             env = rank_environment(rank, world, self.per_node, port=0)  # every scenario sets its own port
             cmd = [sys.executable, "-m", "tests.worker", "--serve", str(child.fileno()), str(self.per_node), str(nodes)]
+            cmd += preload
             with open(self.log(rank), "w") as log:
                 proc = subprocess.Popen(
                     cmd, env=env, cwd=self.dir.name, stdout=log, stderr=subprocess.STDOUT, pass_fds=(child.fileno(),)

@@ -1,9 +1,9 @@
 """Entry point of one rank started by :mod:`tests.launch`.
 
 ``python -m tests.worker TARGET KWARGS_PT OUT_DIR DEVICES NODES`` runs one scenario and exits (a fresh
-rank). ``python -m tests.worker --serve FD DEVICES NODES`` is a rank of a :class:`tests.launch.RankPool`:
+rank). ``python -m tests.worker --serve FD DEVICES NODES [MODULE ...]`` is a rank of a :class:`tests.launch.RankPool`:
 it runs the scenarios sent over the socket ``FD`` one after another, each from the state of a fresh
-rank (:class:`FreshState`), until the socket closes.
+rank (:class:`FreshState`, captured after importing the MODULEs), until the socket closes.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class FreshState:
         if dist.is_initialized() or dist.distributed_c10d._world.pg_map:
             problems.append("a process group is still alive")
         gc.collect()
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + 2.0  # the library joins its threads at teardown: a grace for stragglers
         for thread in threading.enumerate():
             if thread.ident not in self.threads:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -127,13 +127,11 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def serve(fd: int, devices: int, nodes: int) -> None:
+def serve(fd: int, devices: int, nodes: int, preload: list[str]) -> None:
     die_with_parent()
     torch.set_num_threads(1)
-    import lightning.pytorch  # noqa: F401  (what every scenario imports: loaded before the state is captured)
-
-    import lightning_localsgd  # noqa: F401
-
+    for module in preload:  # what the scenarios import (Lightning, the library): loaded before the state is captured
+        importlib.import_module(module)
     conn = Connection(fd)
     fresh = FreshState()
     while True:
@@ -156,6 +154,6 @@ def serve(fd: int, devices: int, nodes: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--serve":
-        serve(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        serve(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
     else:
         main()
