@@ -73,6 +73,9 @@ def sleep(out_dir: str, devices: int, num_nodes: int, seconds: float) -> None:
     time.sleep(seconds)
 
 
-def leave_a_thread(out_dir: str, devices: int, num_nodes: int) -> str:
+def leave_a_thread_and_a_patch(out_dir: str, devices: int, num_nodes: int) -> str:
+    import recipes.launch
+
     threading.Thread(target=time.sleep, args=(60,), name="left-behind", daemon=True).start()
+    recipes.launch.free_port = lambda: 1
     return "done"

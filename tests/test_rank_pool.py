@@ -29,7 +29,7 @@ def pool() -> Iterator[RankPool]:
 @pytest.fixture(scope="module")
 def shared() -> Iterator[RankPool]:
     """A pool for the tests that keep it: the fresh-state test, then the one that retires it."""
-    pool = RankPool(2, 1, preload=())
+    pool = RankPool(2, 1, preload=("recipes.launch",))
     yield pool
     pool.close(kill=True)
 
@@ -77,6 +77,6 @@ def test_a_hang_is_killed_after_the_timeout(pool: RankPool) -> None:
 
 def test_what_a_scenario_leaves_that_cannot_be_undone_retires_the_processes(shared: RankPool) -> None:
     procs = list(shared.procs)
-    with pytest.warns(UserWarning, match=r"retired after tests.scenarios_pool:leave_a_thread.*left-behind"):
-        assert shared.run("tests.scenarios_pool:leave_a_thread", {}, timeout=120) == ["done", "done"]
+    with pytest.warns(UserWarning, match=r"retired after .*left-behind.*replaced: \['recipes.launch.free_port'\]"):
+        assert shared.run("tests.scenarios_pool:leave_a_thread_and_a_patch", {}, timeout=120) == ["done", "done"]
     assert dead(procs) and not shared.alive()

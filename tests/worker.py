@@ -46,6 +46,9 @@ def main() -> None:
         dist.destroy_process_group()
 
 
+LIBRARY = {"lightning_localsgd", "recipes", "benchmarks"}  # modules a scenario must not leave patched
+
+
 class FreshState:
     """What a freshly started rank looks like, captured before the first scenario: :meth:`restore` puts it
     back before each scenario; :meth:`leftovers` ends the scenario's process groups and names what could
@@ -59,6 +62,7 @@ class FreshState:
             with contextlib.suppress(OSError, ValueError):
                 self.signals[sig] = signal.getsignal(sig)
         self.log_levels = self.loggers()
+        self.library = self.library_attributes()
         self.torch = (
             torch.get_default_dtype(),
             torch.get_num_threads(),
@@ -71,6 +75,8 @@ class FreshState:
         os.environ.clear()
         os.environ.update(self.environ)
         os.environ["MASTER_PORT"] = str(port)  # a new rendezvous for every scenario
+        for key, value in self.library_attributes().items():  # modules loaded since: as they are now
+            self.library.setdefault(key, value)
         os.chdir(out_dir)
         for sig, handler in self.signals.items():
             if handler is not None and signal.getsignal(sig) != handler:
@@ -96,6 +102,16 @@ class FreshState:
         named = logging.root.manager.loggerDict.items()
         return {"": logging.root.level} | {n: lg.level for n, lg in named if isinstance(lg, logging.Logger)}
 
+    @staticmethod
+    def library_attributes() -> dict[tuple[str, str], Any]:
+        """Every module-level attribute of the library's loaded modules (a monkeypatch replaces one)."""
+        return {
+            (name, attr): value
+            for name, module in list(sys.modules.items())
+            if name.split(".")[0] in LIBRARY and module is not None
+            for attr, value in vars(module).items()
+        }
+
     def leftovers(self) -> list[str]:
         problems = []
         try:
@@ -113,6 +129,10 @@ class FreshState:
         left = [t.name for t in threading.enumerate() if t.ident not in self.threads and t.is_alive()]
         if left:
             problems.append(f"threads still running: {left}")
+        now = self.library_attributes()
+        patched = sorted(f"{m}.{a}" for (m, a), value in self.library.items() if now.get((m, a), value) is not value)
+        if patched:
+            problems.append(f"module attributes replaced: {patched}")
         for sig, handler in self.signals.items():
             if handler is None and signal.getsignal(sig) is not None:
                 problems.append(f"a handler of {signal.Signals(sig).name} installed outside Python")
