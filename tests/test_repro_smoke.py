@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("mlxtend")
 
-from benchmarks.common import ddp_closed_form_bytes_per_step  # noqa: E402
-from benchmarks.seed002 import label_skew_shards  # noqa: E402
-from benchmarks.seed003 import DEFAULT_VARIANTS, mnist_split, summarize, variant_specs  # noqa: E402
-from tests.launch import run_ranks  # noqa: E402
+from benchmarks.common import ddp_closed_form_bytes_per_step
+from benchmarks.seed002 import label_skew_shards
+from benchmarks.seed003 import DEFAULT_VARIANTS, mnist_split, summarize, variant_specs
+from tests.launch import run_ranks
 
 P = 16_938  # parameters of benchmarks.seed003.make_cnn
 
