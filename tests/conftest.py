@@ -2,7 +2,7 @@
 the tests that start processes (real gloo ranks, torchrun, benchmark or demo runs) or train for long.
 
 A test is marked ``launches`` when it carries ``@pytest.mark.launches`` itself, or when a launcher
-(``run_ranks``, ``run_local_ranks``, ``launch_ranks`` of benchmarks/common.py, ``subprocess``, ...)
+(``run_ranks``, ``RankPool``, ``run_local_ranks``, ``launch_ranks`` of benchmarks/common.py, ``subprocess``, ...)
 is named in its code, in the code of a function of its own module that it calls (transitively), or
 in the code of one of its fixtures (and what they call). The rank processes that ``run_ranks``
 shares between tests (tests/launch.py) are stopped at the end of the session.
@@ -16,7 +16,16 @@ from typing import Any
 
 import pytest
 
-LAUNCHERS = {"run_ranks", "run_local_ranks", "launch_ranks", "subprocess", "run_torchrun", "run_attempt", "run_job"}
+LAUNCHERS = {
+    "run_ranks",
+    "run_local_ranks",
+    "launch_ranks",
+    "subprocess",
+    "run_torchrun",
+    "run_attempt",
+    "run_job",
+    "RankPool",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
