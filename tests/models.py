@@ -97,7 +97,7 @@ class Recorder(Callback):
         self.buffers_after: list[dict[str, Tensor]] = []
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        params = [p for p in pl_module.parameters()]
+        params = list(pl_module.parameters())
         self.before_update.append(
             (flat_params(pl_module), torch.cat([p.grad.detach().reshape(-1).clone() for p in params]))
         )

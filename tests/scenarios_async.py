@@ -130,7 +130,7 @@ def async_run(
     start, error = time.time(), None
     try:
         trainer.fit(model, data, loader(regression_data(8)) if validate_every else None, ckpt_path=resume)
-    except Exception as exc:  # noqa: BLE001 - the test inspects it
+    except Exception as exc:  # the test inspects it
         error = f"{type(exc).__name__}: {exc}"
     w = strategy.worker
     server = strategy.server
@@ -191,7 +191,7 @@ def single_worker(out_dir: str, devices: int, num_nodes: int, steps: int, sync_e
             timeout=timedelta(seconds=60),
         )
         grads: list[torch.Tensor] = []
-        strategy.push_observers.append(lambda record, g: grads.append(g.clone()))
+        strategy.push_observers.append(lambda record, g, grads=grads: grads.append(g.clone()))
         start_cb = _Start()
         callbacks: list[Callback] = [start_cb]
         save = name == "full"

@@ -99,7 +99,7 @@ def fabric_run(
     for step in range(start + 1, steps + 1):
         x, y = next(batches)
 
-        def closure() -> Tensor:
+        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:  # this step's batch, bound now
             with fabric.autocast():  # the loss in the precision's context, as the Trainer's training_step
                 loss = nn.functional.mse_loss(model(x), y)
             fabric.backward(loss)

@@ -3,6 +3,7 @@ bookkeeping in-process, and real gloo runs (2 ranks, one slowed 3x) replayed aga
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -318,7 +319,7 @@ def test_dynamic_local_updates_and_validation_on_the_global_model():
         assert rec.local_steps == max(1, math.ceil(H * (rec.speed / rec.max_speed)))
     for w in (0, 1):  # each worker runs the H_i it was given (its last push may be a partial round)
         mine = [rec for rec in records if rec.worker == w]
-        assert mine[0].steps == H and all(b.steps == a.local_steps for a, b in zip(mine[:-2], mine[1:-1]))
+        assert mine[0].steps == H and all(b.steps == a.local_steps for a, b in itertools.pairwise(mine[:-1]))
     assert [rec for rec in records if rec.worker == 0][-1].local_steps == H
     assert [rec for rec in records if rec.worker == 1][-1].local_steps <= H // 2
     _check_replay_and_counts(r0, r1, lr=0.5, beta=0.9, c=0.0)
@@ -398,7 +399,7 @@ def test_per_worker_max_steps_and_resume_on_two_ranks():
 def test_point_to_point_counts_bytes_and_times_out():
     """comm.send/recv_: any-source receive names the sender, bytes are booked by the sender, and a receive
     from a peer that never sends fails after the group's timeout (gloo), instead of hanging."""
-    r0, r1 = run_ranks("tests.scenarios_async:p2p_timeout", world=2, timeout_s=3)
+    r0, r1 = run_ranks("tests.scenarios_async:p2p_timeout", world=2, fresh=True, timeout_s=3)  # a gloo timeout
     assert r0["src"] == 1 and r0["got"] == [1.0, 2.0, 3.0] and r0["bytes"] == {"probe": 0.0}
     assert r1["bytes"] == {"probe": 12.0}  # three fp32 values
     assert r0["error"] is not None and "Timed out" in r0["error"]
@@ -407,7 +408,13 @@ def test_point_to_point_counts_bytes_and_times_out():
 
 def test_a_dead_worker_ends_the_run_with_a_clear_error_within_the_timeout():
     r0, r1 = run_ranks(
-        "tests.scenarios_async:async_run", world=2, max_updates=None, max_steps=100_000, timeout_s=10, die_at=(1, 6)
+        "tests.scenarios_async:async_run",
+        world=2,
+        fresh=True,  # a rank leaves without a word
+        max_updates=None,
+        max_steps=100_000,
+        timeout_s=10,
+        die_at=(1, 6),
     )
     assert "died_at" in r1
     assert r0["error"] is not None and "worker rank 1 has sent nothing" in r0["error"], r0["error"]
@@ -416,7 +423,13 @@ def test_a_dead_worker_ends_the_run_with_a_clear_error_within_the_timeout():
 
 def test_a_dead_server_ends_the_workers_with_a_clear_error():
     r0, r1 = run_ranks(
-        "tests.scenarios_async:async_run", world=2, max_updates=None, max_steps=100_000, timeout_s=10, die_at=(0, 6)
+        "tests.scenarios_async:async_run",
+        world=2,
+        fresh=True,  # a rank leaves without a word
+        max_updates=None,
+        max_steps=100_000,
+        timeout_s=10,
+        die_at=(0, 6),
     )
     assert "died_at" in r0
     assert r1["error"] is not None and "lost the parameter server on rank 0" in r1["error"], r1["error"]

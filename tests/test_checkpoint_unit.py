@@ -44,7 +44,7 @@ def test_resume_on_a_different_world_size_starts_every_rank_from_the_consensus(t
     torch.save(ckpt, tmp_path / "two_ranks.ckpt")
 
     with pytest.warns(UserWarning, match="replicas of 2 ranks but this run has 1.*averaged over the saved ranks"):
-        model, rec = fit(tmp_path, 3, ckpt_path=tmp_path / "two_ranks.ckpt")
+        _, rec = fit(tmp_path, 3, ckpt_path=tmp_path / "two_ranks.ckpt")
     expected = torch.cat([v.reshape(-1) for k, v in ckpt["state_dict"].items() if "net" in k])
     assert torch.equal(rec.before_update[0][0], expected)  # the consensus, not rank 0's replica
     # the inner optimizer state is the ranks' average, (m + 3m) / 2, not rank 0's: check it through the

@@ -139,4 +139,4 @@ def test_command_line_overrides_the_overlay(tmp_path):
     )
     assert cli.datamodule.partition == "dirichlet" and cli.datamodule.alpha == 0.1
     trainable = [n for n, p in cli.model.net.named_parameters() if p.requires_grad]
-    assert trainable and all(n.startswith("fc.") or n.startswith("head") for n in trainable), trainable
+    assert trainable and all(n.startswith(("fc.", "head")) for n in trainable), trainable

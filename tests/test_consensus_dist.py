@@ -22,7 +22,7 @@ def test_consensus_in_evaluation_checkpoints_and_after_fit_and_exact_resume():
     assert not torch.allclose(full[0]["after"][3], full[1]["after"][3])  # step 4 is mid-period
 
     # a checkpoint stores the consensus as its model, and every rank's own replica beside it
-    names = [n for n in r0["checkpoints"][4]["state_dict"]]
+    names = list(r0["checkpoints"][4]["state_dict"])
     for s in (3, 4, 6):
         ckpt = r0["checkpoints"][s]
         saved = torch.cat([ckpt["state_dict"][n].reshape(-1) for n in names])

@@ -62,9 +62,10 @@ def test_easgd_update_by_hand():
 
 
 def test_easgd_with_the_lsgd_authors_beta_by_hand():
-    # β = 0.43 (EASGD in the LSGD authors' train.sh), α = β/n = 0.215; x_0 = (3, 0), x_1 = (1, 4), x̃ = (1, 2), m = (2, 2)
+    # β = 0.43 (EASGD in the LSGD authors' train.sh), α = β/n = 0.215;
+    # x_0 = (3, 0), x_1 = (1, 4), x̃ = (1, 2), m = (2, 2)
     algo = ElasticAveraging(sync_every=1, beta=0.43)
-    module, comm = attached(algo, x=[3.0, 0.0], center=[1.0, 2.0], other=[1.0, 4.0])
+    module, _ = attached(algo, x=[3.0, 0.0], center=[1.0, 2.0], other=[1.0, 4.0])
     assert algo.moving_rate == 0.215
     algo.after_step(1)
     assert values(module.parameters()) == pytest.approx([2.57, 0.43], abs=1e-15)  # x_0 − 0.215·(x_0 − x̃)

@@ -81,7 +81,7 @@ def test_documented_command_line_variants():
 
 def test_synthetic_shards_are_heterogeneous_overparameterized_and_separable():
     reg = LinearDataModule(source="regression", dim=200, samples_per_shard=10)
-    (x0, y0), (x1, y1) = reg.shards(2)[0]
+    (x0, _), (x1, _) = reg.shards(2)[0]
     assert x0.shape == (10, 200) and x0.dtype == F64
     torch.testing.assert_close(x0.norm(dim=1), torch.ones(10, dtype=F64))
     assert torch.linalg.matrix_rank(torch.cat([x0, x1])) == 20  # 20 rows in 200 dims: interpolable
@@ -92,7 +92,7 @@ def test_synthetic_shards_are_heterogeneous_overparameterized_and_separable():
 
     sep = LinearDataModule(source="separable", dim=50, samples_per_shard=20, margin=0.1)
     shards, (xt, yt) = sep.shards(2)
-    for x, y in shards:
+    for _, y in shards:
         assert set(y.tolist()) == {-1.0, 1.0}  # both classes on every shard
     # one hyperplane through 0, the generator's first draw w*, separates all of it, train and test
     x_all = torch.cat([x for x, _ in shards] + [xt])
@@ -109,7 +109,7 @@ def test_feature_file_shards_follow_the_label_skew(tmp_path):
     np.savez(path, x_train=rng.normal(size=(80, 6)), y_train=y, x_test=rng.normal(size=(20, 6)), y_test=y[:20])
     data = LinearDataModule(source="features", features_file=str(path), partition="classes", classes_per_rank=5)
     assert (data.task, data.num_features, data.num_outputs) == ("multiclass", 6, 10)
-    (x0, y0), (x1, y1) = data.shards(2)[0]
+    (x0, y0), (_, y1) = data.shards(2)[0]
     assert set(y0.tolist()) == {0, 1, 2, 3, 4} and set(y1.tolist()) == {5, 6, 7, 8, 9}
     assert y0.dtype == torch.long and x0.dtype == F64 and len(y0) == len(y1) == 40
     with pytest.raises(ValueError, match="needs features_file"):

@@ -9,6 +9,7 @@ counter equals the closed form for the setup broadcast and the syncs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -66,48 +67,48 @@ def test_two_nodes_by_torchrun_reach_consensus_and_count_bytes(tmp_path):
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = []
-    for node in range(2):
-        cmd = [
-            str(TORCHRUN),
-            "--nnodes=2",
-            "--nproc-per-node=1",
-            f"--node-rank={node}",
-            "--master-addr=127.0.0.1",
-            f"--master-port={port}",
-            "-m",
-            "recipes.cli",
-            "fit",
-            "--config",
-            str(configs / "base.yaml"),
-            "--config",
-            str(configs / "localsgd.yaml"),
-            "--trainer.accelerator=cpu",
-            "--trainer.num_nodes=2",
-            "--trainer.devices=1",
-            f"--trainer.max_steps={STEPS}",
-            "--trainer.limit_val_batches=0",
-            "--trainer.logger=false",
-            "--trainer.enable_checkpointing=false",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--model.model_name={MODEL}",
-            "--data.image_size=16",
-            "--trainer.callbacks+=tests.test_multinode_recipe.DumpFinalState",
-            f"--trainer.callbacks.out_dir={tmp_path}",
-        ]
-        log = open(tmp_path / f"node{node}.log", "w")
-        procs.append((subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT), log))
-    try:
-        codes = [p.wait(timeout=150) for p, _ in procs]
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
-    logs = "\n".join(f"--- node {i} ---\n" + (tmp_path / f"node{i}.log").read_text()[-4000:] for i in range(2))
-    assert codes == [0, 0], logs
+    with contextlib.ExitStack() as logs:  # every node's log file, closed after the nodes ended
+        for node in range(2):
+            cmd = [
+                str(TORCHRUN),
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={node}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "recipes.cli",
+                "fit",
+                "--config",
+                str(configs / "base.yaml"),
+                "--config",
+                str(configs / "localsgd.yaml"),
+                "--trainer.accelerator=cpu",
+                "--trainer.num_nodes=2",
+                "--trainer.devices=1",
+                f"--trainer.max_steps={STEPS}",
+                "--trainer.limit_val_batches=0",
+                "--trainer.logger=false",
+                "--trainer.enable_checkpointing=false",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                f"--trainer.default_root_dir={tmp_path}",
+                f"--model.model_name={MODEL}",
+                "--data.image_size=16",
+                "--trainer.callbacks+=tests.test_multinode_recipe.DumpFinalState",
+                f"--trainer.callbacks.out_dir={tmp_path}",
+            ]
+            log = logs.enter_context(open(tmp_path / f"node{node}.log", "w"))
+            procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT))
+        try:
+            codes = [p.wait(timeout=150) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    tails = "\n".join(f"--- node {i} ---\n" + (tmp_path / f"node{i}.log").read_text()[-4000:] for i in range(2))
+    assert codes == [0, 0], tails
 
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert (r0["env"], r0["world"], r0["node_rank"], r1["node_rank"]) == ("TorchElasticEnvironment", 2, 0, 1)

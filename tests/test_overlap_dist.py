@@ -56,7 +56,7 @@ def reference(steps: int, H: int, P: int, tau: int, outer: tuple[float, float] |
             opt.zero_grad()
             nn.functional.mse_loss(m(x), y).backward()
             opt.step()
-        for p, (start, sent) in list(inflight.items()):
+        for p, (start, _) in list(inflight.items()):
             if start + tau == s:
                 land(p, inflight.pop(p)[1])
         for p in range(P):

@@ -1,7 +1,7 @@
 """The reproductions' bookkeeping against closed forms (benchmarks/gradalign_label_skew.py,
 benchmarks/lsgd_vs_easgd.py).
 
-One tiny launch of the lsgd_vs_easgd benchmark on 4 processes as 2 nodes × 2: the training bytes it
+One tiny run of the lsgd_vs_easgd benchmark's worker on 4 processes as 2 nodes × 2: the training bytes it
 records from the library's counter for each variant must equal the closed form of that algorithm's
 collectives, and the label-skew partition of gradalign_label_skew must hold the classes its docstring states.
 """
@@ -12,9 +12,10 @@ import pytest
 
 pytest.importorskip("mlxtend")
 
-from benchmarks.common import ddp_closed_form_bytes_per_step, launch_ranks  # noqa: E402
-from benchmarks.gradalign_label_skew import label_skew_shards  # noqa: E402
-from benchmarks.lsgd_vs_easgd import DEFAULT_VARIANTS, mnist_split, summarize, variant_specs  # noqa: E402
+from benchmarks.common import ddp_closed_form_bytes_per_step
+from benchmarks.gradalign_label_skew import label_skew_shards
+from benchmarks.lsgd_vs_easgd import DEFAULT_VARIANTS, mnist_split, summarize, variant_specs
+from tests.launch import run_ranks
 
 P = 16_938  # parameters of benchmarks.lsgd_vs_easgd.make_cnn
 
@@ -63,8 +64,8 @@ def test_lsgd_vs_easgd_bytes_per_variant_equal_the_closed_forms():
         "specs": {n: specs[n] for n in names},
         "schedule": [{"variant": n, "repeat": 0, "seed": 0} for n in names],
     }
-    ranks, logs = launch_ranks("benchmarks.lsgd_vs_easgd", cfg, world, nodes, timeout=280)
-    assert ranks is not None, logs
+    # the worker entry (python -m benchmarks.lsgd_vs_easgd --worker cfg.json) on shared rank processes
+    ranks = run_ranks("tests.scenarios_bench:lsgd_vs_easgd_worker", world=world, nodes=nodes, timeout=280, cfg=cfg)
     f = 4  # fp32
     allreduce = 2 * (world - 1) / world * f * (P + world)  # the buffer carries one NaN flag per rank
     gather = (world - 1) * 2 * 8  # election: two float64 per rank

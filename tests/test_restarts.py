@@ -1,8 +1,10 @@
 """Acceptance of issue 11 for the synchronous algorithms: a worker SIGKILLed under
 ``torchrun --max-restarts=1`` and the final model equal, bit for bit (float64), to an uninterrupted run.
 
-Each case runs two torchrun jobs side by side (``benchmarks/restart_worker.py``): the uninterrupted
-run and the run in which rank 1 kills itself after optimizer step 13. The restarted attempt resumes
+Each case runs the worker of ``benchmarks/restart_worker.py`` twice: under torchrun, the run in which
+rank 1 kills itself after optimizer step 13, and, as the reference, the uninterrupted run (the same
+worker code and config without the kill, on the shared rank processes of ``tests/launch.py``: under
+torchrun it would cost three more process starts and compute the same numbers). The restarted attempt resumes
 from ``last.ckpt`` of step 12, in the middle of an epoch (5 batches per epoch, each rank shuffling
 its own shard with its own seed through a ``StatefulDataLoader``). ``LocalSGDStrategy`` creates the
 process group so that the restart comes up (``process_group.init_process_group``) and keeps every
@@ -11,12 +13,12 @@ rank's own dataloader position in the checkpoint.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from benchmarks.restarts import LIGHTNING, run_job
+from tests.launch import run_ranks
 
 JOB_TIMEOUT = 240.0  # seconds per torchrun job; a hang fails the test
 
@@ -28,12 +30,10 @@ def test_killed_worker_resumes_bit_exactly(tmp_path: Path, algorithm: str) -> No
     resume_step = cfg["kill_step"] // cfg["save_every"] * cfg["save_every"]
     assert batches_per_epoch == 5 and resume_step == 12 and resume_step % batches_per_epoch != 0  # mid-epoch
 
-    with ThreadPoolExecutor(2) as pool:
-        killed_f = pool.submit(run_job, {**cfg, "kill_attempts": [0]}, tmp_path / "killed", JOB_TIMEOUT)
-        whole_f = pool.submit(run_job, {**cfg, "kill_attempts": []}, tmp_path / "whole", JOB_TIMEOUT)
-        killed, whole = killed_f.result(), whole_f.result()
+    killed = run_job({**cfg, "kill_attempts": [0]}, tmp_path / "killed", JOB_TIMEOUT)
+    whole = run_ranks("tests.scenarios_bench:restart_reference", timeout=JOB_TIMEOUT, cfg={**cfg, "kill_attempts": []})
 
-    assert whole["rc"] == 0 and killed["rc"] == 0, killed["log_tail"] + whole["log_tail"]
+    assert killed["rc"] == 0, killed["log_tail"]
     kills = [e for e in killed["events"] if e["event"] == "kill"]
     assert [(e["rank"], e["attempt"], e["step"]) for e in kills] == [(1, 0, 13)]
     restarted = sorted(
@@ -41,7 +41,7 @@ def test_killed_worker_resumes_bit_exactly(tmp_path: Path, algorithm: str) -> No
     )
     assert restarted == [(0, resume_step), (1, resume_step)]  # the restarted group came up and resumed at step 12
     for rank in (0, 1):
-        got, want = killed["results"][rank], whole["results"][rank]
+        got, want = killed["results"][rank], whole[rank]
         assert got["attempt"] == 1 and got["global_step"] == want["global_step"] == cfg["steps"]
         # the data each rank saw after the restart is the uninterrupted run's, batch for batch
         assert got["batch_sums"] == want["batch_sums"][resume_step:]

@@ -140,7 +140,7 @@ def check_resume(name: str, before: int, after: int, ckpt_dir: Path, saved: list
     torch.testing.assert_close(ckpt["state_dict"]["w"], mean(at_save["w"]), **EXACT)  # the consensus
     rank0_momentum = read_parts(ckpt_dir / f"{name}.ckpt")[0]["optimizer_states"][0]["state"][0]["momentum_buffer"]
     assert not torch.equal(rank0_momentum, mean(at_save["buf"]))  # so averaging is distinguishable from rank 0's
-    (algo_state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("DiLoCo") or k.startswith("Periodic")]
+    (algo_state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith(("DiLoCo", "Periodic"))]
     assert len(runs) == after
     for r, run in enumerate(runs):
         got = run[name]
