@@ -21,8 +21,9 @@ from lightning_localsgd.contract import FrontEnd, GradientModifier, StepReport, 
 
 # RankResume/ResumeState lived here before 0.2: imported by name for old code (`from ...engine import ResumeState`).
 from lightning_localsgd.resume import CHECKPOINT_KEY, RankResume, ResumeState, average_optimizer_states  # noqa: F401
+from lightning_localsgd.transport.collectives import Collectives
 
-__all__ = ["SyncEngine", "reset_nonfinite_state"]
+__all__ = ["SyncEngine", "WaitsForBackgroundSyncs", "reset_nonfinite_state"]
 
 
 class SyncEngine:
@@ -97,6 +98,39 @@ class SyncEngine:
         if optimizer is not None and self.algorithm.nonfinite == "skip" and self.algorithm.num_syncs != syncs:
             reset_nonfinite_state(optimizer)
         return out
+
+
+class WaitsForBackgroundSyncs:
+    """Both front ends' strategies: Lightning's own collectives wait for a background sync first on NCCL.
+
+    ``ModelCheckpoint``'s and ``self.log(sync_dist=True)``'s reductions, broadcasts and barriers (the
+    Trainer's ``reduce``, Fabric's ``all_reduce``) go through these methods; each first calls the
+    transport's :meth:`~lightning_localsgd.transport.collectives.Collectives.before_collective`
+    (docs/gpu.md, "Two communicating threads on NCCL"), then the strategy's own. Put it first among
+    the bases: ``class S(WaitsForBackgroundSyncs, DDPStrategy)``.
+    """
+
+    comm: Collectives  # the strategy's transport
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        self.comm.before_collective()
+        super().barrier(*args, **kwargs)  # type: ignore[misc]
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        self.comm.before_collective()
+        return super().broadcast(obj, src)  # type: ignore[misc]
+
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        self.comm.before_collective()
+        return super().all_gather(tensor, group, sync_grads)  # type: ignore[misc]
+
+    def reduce(self, *args: Any, **kwargs: Any) -> Any:  # the Trainer's
+        self.comm.before_collective()
+        return super().reduce(*args, **kwargs)  # type: ignore[misc]
+
+    def all_reduce(self, *args: Any, **kwargs: Any) -> Any:  # Fabric's
+        self.comm.before_collective()
+        return super().all_reduce(*args, **kwargs)  # type: ignore[misc]
 
 
 def reset_nonfinite_state(optimizer: Optimizer) -> int:

@@ -47,7 +47,7 @@ from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.algorithms.periodic import PeriodicAveraging
 from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
 from lightning_localsgd.contract import FrontEnd, GradientModifier, SyncContext, SyncObserver, scale_of
-from lightning_localsgd.engine import SyncEngine
+from lightning_localsgd.engine import SyncEngine, WaitsForBackgroundSyncs
 from lightning_localsgd.resume import CHECKPOINT_KEY, ResumeState, part_path, rank_payload, stale_parts
 from lightning_localsgd.transport.collectives import Collectives, Group, destroy_groups, new_group
 from lightning_localsgd.transport.process_group import (
@@ -71,7 +71,7 @@ class _NothingToSkip(_BackwardSyncControl):
         return nullcontext()
 
 
-class LocalSGDStrategy(DDPStrategy, FrontEnd):
+class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
     """Fabric strategy: local optimizer steps, and the algorithm's synchronization instead of DDP's allreduce.
 
     Args:
@@ -185,28 +185,6 @@ class LocalSGDStrategy(DDPStrategy, FrontEnd):
         init_strategy_process_group(self)
         super()._setup_distributed()  # Lightning's own init finds the group and goes on
         self._comm.serialize_threads = serialize_threads()
-
-    # ------------------------------------------------------------------ Fabric's own collectives
-    # fabric.barrier/broadcast/all_reduce/all_gather: on NCCL they wait for a background sync first.
-    @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        self._comm.before_collective()
-        super().barrier(*args, **kwargs)
-
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        self._comm.before_collective()
-        return super().broadcast(obj, src)
-
-    @override
-    def all_reduce(self, tensor: Tensor, group: Any | None = None, reduce_op: Any = "mean") -> Tensor:
-        self._comm.before_collective()
-        return super().all_reduce(tensor, group, reduce_op)
-
-    @override
-    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
-        self._comm.before_collective()
-        return super().all_gather(tensor, group, sync_grads)
 
     @override
     def setup_environment(self) -> None:

@@ -28,11 +28,11 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_localsgd._checks import check_seconds
 from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
+from lightning_localsgd.engine import WaitsForBackgroundSyncs
 from lightning_localsgd.resume import RankResume, ResumeState, part_path, stale_parts
 from lightning_localsgd.transport.collectives import Collectives, Group, destroy_groups, new_group
 from lightning_localsgd.transport.process_group import (
@@ -51,7 +51,7 @@ def loader_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     return checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict")
 
 
-class ReplicaStrategy(DDPStrategy):
+class ReplicaStrategy(WaitsForBackgroundSyncs, DDPStrategy):
     """A ``DDPStrategy`` without the DDP wrapper: one replica per rank (base of the library's strategies).
 
     Args:
@@ -127,29 +127,6 @@ class ReplicaStrategy(DDPStrategy):
         self._world_group = Group(None, list(range(world)), rank)
         self._node_group = node_groups(world, self.num_nodes, rank, self._timeout, created=self._groups)
         self._comm.serialize_threads = serialize_threads()
-
-    # ------------------------------------------------------------------ Lightning's own collectives
-    # ModelCheckpoint's and self.log(sync_dist=True)'s reductions, broadcasts and barriers go through
-    # these: on NCCL they wait for a sync running in the background first (Collectives.before_collective).
-    @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        self._comm.before_collective()
-        super().barrier(*args, **kwargs)
-
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        self._comm.before_collective()
-        return super().broadcast(obj, src)
-
-    @override
-    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
-        self._comm.before_collective()
-        return super().reduce(tensor, group, reduce_op)
-
-    @override
-    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
-        self._comm.before_collective()
-        return super().all_gather(tensor, group, sync_grads)
 
     # ------------------------------------------------------------------ setup: no DDP wrapper
     @override
