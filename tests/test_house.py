@@ -48,3 +48,27 @@ def test_syncs_waits_and_merges_show_as_profiler_ranges():
     names = {event.name for event in prof.events()}
     assert {"lightning_localsgd::sync", "lightning_localsgd::wait", "lightning_localsgd::merge"} <= names
     assert torch.isfinite(module.flat()).all()
+
+
+class Event:
+    """A device event as torch.cuda.Event behaves: recorded at a time, complete or not."""
+
+    def __init__(self, ms: float, done: bool = True) -> None:
+        self.ms, self.done = ms, done
+
+    def query(self) -> bool:
+        return self.done
+
+    def elapsed_time(self, end: Event) -> float:
+        return end.ms - self.ms
+
+
+def test_device_time_is_added_when_the_collective_has_completed():
+    comm = Collectives()
+    comm.counters.add_device_timed("sync", 100.0, Event(0.0), Event(250.0))  # 250 ms, complete
+    late_end = Event(1500.0, done=False)
+    comm.counters.add_device_timed("sync", 100.0, Event(1000.0), late_end)  # still running
+    assert comm.counters.bytes_sent == 200.0 and comm.counters.calls == 2  # booked at once
+    assert comm.counters.seconds == 0.25  # only the completed one
+    late_end.done = True
+    assert comm.counters.seconds == 0.75 and dict(comm.counters.seconds_by_purpose) == {"sync": 0.75}

@@ -66,6 +66,7 @@ __all__ = [
     "NonFiniteReplicaError",
     "PendingMean",
     "destroy_groups",
+    "device_events",
     "new_group",
     "nonfinite_flag",
     "parse_comm_dtype",
@@ -106,6 +107,16 @@ def parse_comm_dtype(value: str | torch.dtype | None) -> CommDtype | None:
     return dtype
 
 
+def device_events(device: torch.device | None) -> tuple[Any, Any] | None:
+    """Two timing events on ``device``'s current stream, or ``None`` (the CPU, or a device without events)."""
+    if device is None or device.type == "cpu":
+        return None
+    module = torch.get_device_module(device)
+    if not hasattr(module, "Event"):
+        return None
+    return module.Event(enable_timing=True), module.Event(enable_timing=True)
+
+
 def nonfinite_flag(values: Tensor) -> Tensor:
     """1.0 on the values' device if any of them is NaN/±Inf, else 0.0 (no host read)."""
     return (~torch.isfinite(values).all()).to(torch.float32)
@@ -121,7 +132,12 @@ class CollectiveError(RuntimeError):
 
 @dataclass
 class CommCounters:
-    """Cumulative communication of this rank, split by purpose (``"sync"``, ``"grad"``, ...)."""
+    """Cumulative communication of this rank, split by purpose (``"sync"``, ``"grad"``, ...).
+
+    Bytes are the ring estimates of the module docstring. Seconds: wall-clock inside the call on the
+    CPU; on an accelerator the device time between events around the call, added once the
+    collective has completed (:meth:`settle`, which :attr:`seconds` calls).
+    """
 
     bytes_by_purpose: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     seconds_by_purpose: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -129,6 +145,7 @@ class CommCounters:
     wait_seconds: float = 0.0  # the training thread waiting for background syncs (not in ``seconds``)
     serialized: int = 0  # times the training thread waited for the comm thread before its own collective
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _device_timed: list[tuple[str, Any, Any]] = field(default_factory=list, repr=False)
 
     # The names before 0.2 ("kind" meant the purpose); read-only.
     bytes_by_kind = property(lambda self: self.bytes_by_purpose)
@@ -141,6 +158,7 @@ class CommCounters:
 
     @property
     def seconds(self) -> float:
+        self.settle()
         return float(sum(self.seconds_by_purpose.values()))
 
     @property
@@ -152,6 +170,25 @@ class CommCounters:
             self.bytes_by_purpose[purpose] += nbytes
             self.seconds_by_purpose[purpose] += seconds
             self.calls_by_purpose[purpose] += 1
+
+    def add_device_timed(self, purpose: str, nbytes: float, start: Any, end: Any) -> None:
+        """A collective on an accelerator: its bytes now, its time from two device events once it completed."""
+        with self._lock:
+            self.bytes_by_purpose[purpose] += nbytes
+            self.calls_by_purpose[purpose] += 1
+            self.seconds_by_purpose[purpose] += 0.0
+            self._device_timed.append((purpose, start, end))
+
+    def settle(self) -> None:
+        """Add the device time of the collectives that have completed since (no host synchronization)."""
+        with self._lock:
+            waiting = []
+            for purpose, start, end in self._device_timed:
+                if end.query():
+                    self.seconds_by_purpose[purpose] += start.elapsed_time(end) / 1000.0  # ms
+                else:
+                    waiting.append((purpose, start, end))
+            self._device_timed = waiting
 
 
 @dataclass
@@ -227,9 +264,24 @@ class Collectives:
 
     # ------------------------------------------------------------------ primitives
     def _timed(
-        self, purpose: str, nbytes: float, fn: Callable[[], Any], op: str = "a collective", group: Group | None = None
+        self,
+        purpose: str,
+        nbytes: float,
+        fn: Callable[[], Any],
+        op: str = "a collective",
+        group: Group | None = None,
+        device: torch.device | None = None,
     ) -> Any:
+        """Run the collective ``fn``, book its bytes and time; a failure names this rank, ``op`` and the peers.
+
+        On an accelerator (``device``) the time is the device's, between events recorded around the
+        call (a call returns once queued, see docs/gpu.md); it is added when the collective has
+        completed (:meth:`CommCounters.settle`). On the CPU it is the call's wall-clock.
+        """
         self.before_collective()
+        events = device_events(device)
+        if events is not None:
+            events[0].record()
         start = time.perf_counter()
         try:
             out = fn()
@@ -243,7 +295,11 @@ class Collectives:
                 "A peer died or stalled (its own log says why), or it is slower than the timeout: raise "
                 "the strategy's timeout=... if it is only slow."
             ) from err
-        self.counters.add(purpose, nbytes, time.perf_counter() - start)
+        if events is not None:
+            events[1].record()
+            self.counters.add_device_timed(purpose, nbytes, *events)
+        else:
+            self.counters.add(purpose, nbytes, time.perf_counter() - start)
         return out
 
     def all_reduce_sum_(self, flat: Tensor, group: Group, purpose: str) -> Tensor:
@@ -257,7 +313,7 @@ class Collectives:
             for chunk in flat.split(per_bucket):
                 dist.all_reduce(chunk, op=dist.ReduceOp.SUM, group=group.handle)
 
-        self._timed(purpose, nbytes, run, "an allreduce", group)
+        self._timed(purpose, nbytes, run, "an allreduce", group, flat.device)
         return flat
 
     def all_to_all_(self, out: Tensor, local: Tensor, group: Group, purpose: str) -> Tensor:
@@ -267,7 +323,12 @@ class Collectives:
             return out
         nbytes = (group.size - 1) / group.size * local.numel() * local.element_size()
         self._timed(
-            purpose, nbytes, lambda: dist.all_to_all_single(out, local, group=group.handle), "an all-to-all", group
+            purpose,
+            nbytes,
+            lambda: dist.all_to_all_single(out, local, group=group.handle),
+            "an all-to-all",
+            group,
+            local.device,
         )
         return out
 
@@ -277,7 +338,12 @@ class Collectives:
             return flat
         nbytes = (group.size - 1) / group.size * flat.numel() * flat.element_size()
         self._timed(
-            purpose, nbytes, lambda: dist.broadcast(flat, src=src, group=group.handle), f"a broadcast from {src}", group
+            purpose,
+            nbytes,
+            lambda: dist.broadcast(flat, src=src, group=group.handle),
+            f"a broadcast from {src}",
+            group,
+            flat.device,
         )
         return flat
 
@@ -288,7 +354,12 @@ class Collectives:
         out = torch.empty(group.size * local.numel(), dtype=local.dtype, device=local.device)
         nbytes = (group.size - 1) * local.numel() * local.element_size()
         self._timed(
-            purpose, nbytes, lambda: _all_gather_flat(out, local.reshape(-1), group.handle), "an all-gather", group
+            purpose,
+            nbytes,
+            lambda: _all_gather_flat(out, local.reshape(-1), group.handle),
+            "an all-gather",
+            group,
+            local.device,
         )
         return out.view(group.size, local.numel())
 
@@ -549,7 +620,8 @@ class Collectives:
         own.add_((mine - dequantize(summed, chunk, fmt, dtype))[: own.numel()])  # the sum's rounding, owed again
         everyone = torch.empty(m * per_packet, dtype=torch.uint8, device=local.device)
         nbytes = (m - 1) * per_packet
-        self._timed(purpose, nbytes, lambda: _all_gather_flat(everyone, summed, group.handle), "an all-gather", group)
+        gather = lambda: _all_gather_flat(everyone, summed, group.handle)  # noqa: E731
+        self._timed(purpose, nbytes, gather, "an all-gather", group, local.device)
         if host is not None:  # blocking: a host read of it later must see the new values
             host.copy_(residual)
         local.copy_(self._dequantized(everyone, chunk, fmt, dtype)[:n])
