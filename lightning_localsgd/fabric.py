@@ -48,7 +48,14 @@ from lightning_localsgd.algorithms.periodic import PeriodicAveraging
 from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
 from lightning_localsgd.contract import FrontEnd, GradientModifier, SyncContext, SyncObserver, scale_of
 from lightning_localsgd.engine import SyncEngine, WaitsForBackgroundSyncs
-from lightning_localsgd.resume import CHECKPOINT_KEY, ResumeState, part_path, rank_payload, stale_parts
+from lightning_localsgd.resume import (
+    CHECKPOINT_KEY,
+    ResumeState,
+    drop_stale_parts,
+    part_reader,
+    rank_payload,
+    write_part,
+)
 from lightning_localsgd.transport.collectives import Collectives, Group, destroy_groups, new_group
 from lightning_localsgd.transport.process_group import (
     DEFAULT_INIT_TIMEOUT,
@@ -295,7 +302,7 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
             mine = rank_payload(
                 algorithm.replica_state_dict(), [o.state_dict() for o in optimizers], algorithm.rank_state_dict()
             )
-            self.checkpoint_io.save_checkpoint(mine, part_path(path, self._step, self.global_rank))
+            write_part(self.checkpoint_io, mine, path, self._step, self.global_rank)
             extra[CHECKPOINT_KEY]["parts"] = True
         consensus = algorithm.consensus_state_dict(module.state_dict(), self._step)
         converted = self._convert_stateful_objects_in_state(state, filter=(filter or {}))
@@ -306,9 +313,8 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         if self.is_global_zero:
             self.checkpoint_io.save_checkpoint(checkpoint=converted, path=path, storage_options=storage_options)
         if self.save_replicas:  # the file that refers to the new parts exists: the older ones go
-            self.barrier("lightning_localsgd.parts")
-            for stale in stale_parts(path, self.global_rank, keep_step=self._step):
-                self.checkpoint_io.remove_checkpoint(stale)
+            barrier = lambda: self.barrier("lightning_localsgd.parts")  # noqa: E731
+            drop_stale_parts(self.checkpoint_io, barrier, path, self._step, self.global_rank)
 
     @override
     def load_checkpoint(
@@ -329,8 +335,8 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
             )
         step, world_size = int(saved["step"]), int(saved["world_size"])
         if saved.get("parts"):
-            read = lambda r: self.checkpoint_io.load_checkpoint(part_path(path, step, r), weights_only=weights_only)  # noqa: E731
-            resume = ResumeState(step, world_size, read_part=read)
+            read = lambda p: self.checkpoint_io.load_checkpoint(p, weights_only=weights_only)  # noqa: E731
+            resume = ResumeState(step, world_size, read_part=part_reader(path, step, read))
         else:  # the parts inside the file (before 0.2), or none (save_replicas=False)
             resume = ResumeState(step, world_size if "ranks" in saved else None, saved.get("ranks"))
         log.debug("fabric LocalSGDStrategy.load_checkpoint: %s at step %d", path, resume.step)

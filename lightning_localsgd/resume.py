@@ -37,11 +37,14 @@ __all__ = [
     "RankResume",
     "ResumeState",
     "average_optimizer_states",
+    "drop_stale_parts",
     "part_path",
+    "part_reader",
     "rank_payload",
     "read_parts",
     "stale_parts",
     "to_host",
+    "write_part",
 ]
 
 CHECKPOINT_KEY = "localsgd"
@@ -59,6 +62,23 @@ def stale_parts(path: Any, rank: int, keep_step: int | None) -> list[str]:
     found = fs.glob(f"{path}.step*.rank{rank}")
     keep = None if keep_step is None else os.path.basename(part_path(path, keep_step, rank))
     return [f for f in found if os.path.basename(f) != keep]
+
+
+def write_part(io: Any, part: dict[str, Any], path: Any, step: int, rank: int) -> None:
+    """Rank ``rank``'s part of the checkpoint at ``path`` (every rank writes its own, with ``io``: atomically)."""
+    io.save_checkpoint(part, part_path(path, step, rank))
+
+
+def drop_stale_parts(io: Any, barrier: Callable[[], None], path: Any, step: int, rank: int) -> None:
+    """After rank 0 wrote the file for ``step`` (the ``barrier``): this rank's parts of earlier saves go."""
+    barrier()  # the file that refers to the new parts exists now
+    for stale in stale_parts(path, rank, keep_step=step):
+        io.remove_checkpoint(stale)
+
+
+def part_reader(path: Any, step: int, read: Callable[[str], dict[str, Any]]) -> Callable[[int], dict[str, Any]]:
+    """``read_part(rank)`` for the parts of the checkpoint at ``path`` saved at ``step``."""
+    return lambda rank: read(part_path(path, step, rank))
 
 
 def to_host(obj: Any) -> Any:
@@ -132,8 +152,7 @@ class ResumeState:
             return cls(step, int(saved["world_size"]), list(saved["ranks"]))
         if read is None or path is None:
             raise ValueError("this checkpoint keeps each rank's state in part files: pass its path and a reader")
-        saved_step = int(saved["step"])
-        return cls(step, int(saved["world_size"]), read_part=lambda r: read(part_path(path, saved_step, r)))
+        return cls(step, int(saved["world_size"]), read_part=part_reader(path, int(saved["step"]), read))
 
     @property
     def has_parts(self) -> bool:

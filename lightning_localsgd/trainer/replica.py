@@ -33,7 +33,7 @@ from typing_extensions import override
 from lightning_localsgd._checks import check_seconds
 from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
 from lightning_localsgd.engine import WaitsForBackgroundSyncs
-from lightning_localsgd.resume import RankResume, ResumeState, part_path, stale_parts
+from lightning_localsgd.resume import RankResume, ResumeState, stale_parts
 from lightning_localsgd.transport.collectives import Collectives, Group, destroy_groups, new_group
 from lightning_localsgd.transport.process_group import (
     DEFAULT_INIT_TIMEOUT,
@@ -158,16 +158,6 @@ class ReplicaStrategy(WaitsForBackgroundSyncs, DDPStrategy):
             if mine is not None:  # this rank's own dataloader position, not rank 0's
                 loops["combined_loader"] = mine
         return checkpoint
-
-    def write_part(self, part: dict[str, Any], filepath: Any, step: int) -> None:
-        """This rank's part of the checkpoint at ``filepath`` (every rank writes its own, atomically)."""
-        self.checkpoint_io.save_checkpoint(part, part_path(filepath, step, self.global_rank))
-
-    def drop_stale_parts(self, filepath: Any, step: int) -> None:
-        """After rank 0 wrote the file for ``step``: this rank's parts of earlier saves to the same path go."""
-        self.barrier("lightning_localsgd.parts")  # the file that refers to the new parts exists now
-        for stale in stale_parts(filepath, self.global_rank, keep_step=step):
-            self.checkpoint_io.remove_checkpoint(stale)
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:

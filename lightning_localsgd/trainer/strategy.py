@@ -23,7 +23,7 @@ from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.algorithms.periodic import PeriodicAveraging
 from lightning_localsgd.contract import FrontEnd, SyncContext, scale_of
 from lightning_localsgd.engine import SyncEngine
-from lightning_localsgd.resume import CHECKPOINT_KEY, rank_payload
+from lightning_localsgd.resume import CHECKPOINT_KEY, drop_stale_parts, rank_payload, write_part
 from lightning_localsgd.trainer.plugins import FaultTolerancePlugin, FaultTolerantSession
 from lightning_localsgd.trainer.replica import DEFAULT_TIMEOUT, ReplicaStrategy, loader_state
 from lightning_localsgd.trainer.sigterm import replace_sigterm_check, restore_sigterm_check, sigterm_check_at
@@ -317,10 +317,11 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
                 loops = loader_state(checkpoint)
                 mine["loader"] = None if loops is None else loops.get("combined_loader")  # this rank's position
                 checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size, "step": step}
-                self.write_part(mine, filepath, step)  # every rank its own: rank 0 never holds the others'
+                write_part(self.checkpoint_io, mine, filepath, step, self.global_rank)  # rank 0 never holds others'
         super().save_checkpoint(checkpoint, filepath, storage_options)  # the file (rank 0)
         if parts:
-            self.drop_stale_parts(filepath, step)
+            barrier = lambda: self.barrier("lightning_localsgd.parts")  # noqa: E731
+            drop_stale_parts(self.checkpoint_io, barrier, filepath, step, self.global_rank)
 
     @override
     def teardown(self) -> None:
