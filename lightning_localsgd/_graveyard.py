@@ -36,12 +36,14 @@ MOVED: dict[str, str] = {
 }
 """Old module path → the module that holds its code now."""
 
-#: Names a package exported before 0.2 that now live in a wing (the core may not import the wing).
+#: Names a module exported before 0.2 that now live elsewhere (where the import direction forbids a re-export).
 _MOVED_NAMES = {
     "lightning_localsgd.algorithms": (
         "lightning_localsgd.asynchronous.optimizers",
         ("DelayedNesterov", "OuterSGD", "ServerOptimizer"),
     ),
+    # rank 0's in-process client moved beside the server (the protocol module cannot import it back)
+    "lightning_localsgd.asynchronous.protocol": ("lightning_localsgd.asynchronous.server", ("LocalClient",)),
 }
 
 

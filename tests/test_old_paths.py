@@ -19,7 +19,7 @@ OLD_NAMES = {  # the old module -> names users imported from it
     "lightning_localsgd.strategy": ["LocalSGDStrategy"],
     "lightning_localsgd.replica_strategy": ["ReplicaStrategy", "DEFAULT_TIMEOUT", "loader_state"],
     "lightning_localsgd.async_strategy": ["AsyncLocalSGDStrategy"],
-    "lightning_localsgd.async_protocol": ["AsyncTrainingError", "MessageType", "RemoteClient"],
+    "lightning_localsgd.async_protocol": ["AsyncTrainingError", "MessageType", "RemoteClient", "LocalClient"],
     "lightning_localsgd.algorithms.delayed_nesterov": ["DelayedNesterov", "OuterSGD", "ServerOptimizer"],
     "lightning_localsgd.monitors": ["CommStats", "ReplicaDrift"],
     "lightning_localsgd.ft_session": ["ReplicaGroupSession"],
@@ -47,7 +47,7 @@ def test_names_that_moved_between_packages_still_resolve():
     from lightning_localsgd.algorithms.base import check_positive_int
     from lightning_localsgd.engine import CHECKPOINT_KEY, RankResume, ResumeState, average_optimizer_states
     from lightning_localsgd.fault_tolerance import INSTALL_HINT, FaultToleranceError, TorchFT, start_lighthouse
-    from lightning_localsgd.process_group import DEFAULT_INIT_TIMEOUT
+    from lightning_localsgd.process_group import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_INIT_TIMEOUT
     from lightning_localsgd.resume import CHECKPOINT_KEY as key
     from lightning_localsgd.resume import RankResume as rank_resume
     from lightning_localsgd.resume import ResumeState as resume_state
@@ -71,6 +71,7 @@ def test_names_that_moved_between_packages_still_resolve():
         lightning_localsgd.start_lighthouse,
     )
     assert "torchft" in INSTALL_HINT and DEFAULT_INIT_TIMEOUT.total_seconds() == 300
+    assert DEFAULT_COLLECTIVE_TIMEOUT.total_seconds() == 600
     assert check_positive_int("x", 3) == 3
     counters = CommCounters()
     counters.add("sync", 10.0, 0.5)

@@ -60,6 +60,7 @@ DEFAULT_INIT_TIMEOUT = timedelta(minutes=5)
 #: names the rank and the operation: 10 minutes (Lightning's and torch's default is 30). Raise it for
 #: validations or checkpoint writes longer than this on one rank while the others wait.
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+DEFAULT_COLLECTIVE_TIMEOUT = DEFAULT_TIMEOUT  # its name before 0.2 (lightning_localsgd.process_group)
 
 
 def serialize_threads() -> bool:
