@@ -193,3 +193,8 @@ class FrontEnd(ABC):
     @abstractmethod
     def loss_scaling(self) -> bool:
         """Whether fp16 loss scaling (a ``GradScaler``) scales the gradients the step's closure produces."""
+
+    @property
+    def within_node(self) -> str | None:
+        """What a replica is: ``None``, one process; ``"ddp"``, one node (DDP inside, replica groups)."""
+        return None

@@ -63,7 +63,7 @@ from lightning_localsgd.transport.process_group import (
     init_strategy_process_group,
     serialize_threads,
 )
-from lightning_localsgd.transport.replicas import broadcast_module_, node_groups
+from lightning_localsgd.transport.replicas import broadcast_module_, check_within_node, node_groups, replica_group
 
 __all__ = ["LocalSGDStrategy"]
 
@@ -94,6 +94,10 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         timeout: how long any collective waits (default 10 minutes), then an error naming the rank.
         init_timeout: how long creating the process group waits (default 5 minutes); torchrun restarts
             come up (see ``process_group.py``).
+        within_node: ``None`` (every process is a replica) or ``"ddp"`` (every node is one replica:
+            ``fabric.setup`` wraps the model in ``DistributedDataParallel`` over the node's processes
+            and the algorithm syncs across nodes; see the Trainer's ``LocalSGDStrategy`` and
+            docs/multinode.md). ``**ddp_kwargs`` go to ``DistributedDataParallel``.
         accelerator, parallel_devices, cluster_environment, precision, process_group_backend,
         start_method: as in Fabric's ``DDPStrategy``.
     """
@@ -115,7 +119,10 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
+        within_node: Literal["ddp"] | None = None,
+        **ddp_kwargs: Any,
     ) -> None:
+        check_within_node(within_node, ddp_kwargs)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -125,6 +132,7 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
+            **ddp_kwargs,
         )
         if algorithm is None:
             algorithm = PeriodicAveraging()
@@ -143,14 +151,17 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         self._engine = SyncEngine(algorithm, gradient_modifier, observers)
         self._comm = Collectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
         self.save_replicas = check_bool("save_replicas", save_replicas)
+        self._within_node = within_node
         self._world_group = Group(None, [0], 0)
         self._node_group = Group(None, [0], 0)
+        self._replica_world = self._world_group  # the group the algorithm syncs over
         self._background_group: Group | None = None
         self._groups: list[Group] = []  # the process groups this strategy made (destroyed at teardown)
         self._step = 0  # completed optimizer steps
         self._module: Module | None = None
         self._optimizers = 0
-        self._backward_sync_control = _NothingToSkip()
+        if within_node is None:  # with DDP inside a node, Fabric's DDP control of the backward sync stays
+            self._backward_sync_control = _NothingToSkip()
 
     @property
     def engine(self) -> SyncEngine:
@@ -174,6 +185,16 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
     @property
     def node_group(self) -> Group:
         return self._node_group
+
+    @property
+    def replica_group(self) -> Group:
+        """The group the consensus algorithm syncs over (one rank per node under ``within_node``)."""
+        return self._replica_world
+
+    @property
+    @override
+    def within_node(self) -> str | None:
+        return self._within_node
 
     @property
     def step(self) -> int:
@@ -206,18 +227,31 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         )
         self._world_group = Group(None, list(range(world)), rank)
         self._node_group = node_groups(world, self.num_nodes, rank, self._timeout, created=self._groups)
-        if self.algorithm.overlap_steps > 0 and world > 1:
-            self._background_group = new_group(list(range(world)), rank, self._timeout)
-            self._groups.append(self._background_group)
+        self._replica_world = self._world_group
+        if self._within_node is not None:
+            node = self._node_group
+            self._replica_world = replica_group(world, self.num_nodes, rank, node, self._timeout, self._groups)
+        if self.algorithm.overlap_steps > 0 and self._replica_world.size > 1:
+            if self._within_node is not None:  # its own cross and node groups
+                node = node_groups(world, self.num_nodes, rank, self._timeout, created=self._groups)
+                self._background_group = replica_group(world, self.num_nodes, rank, node, self._timeout, self._groups)
+            else:
+                self._background_group = new_group(list(range(world)), rank, self._timeout)
+                self._groups.append(self._background_group)
 
     @override
     def setup_module(self, module: Module) -> Module:
         if self._module is not None:
             raise ValueError("lightning_localsgd.fabric.LocalSGDStrategy drives one model: call fabric.setup once")
-        broadcast_module_(self._comm, module, self._world_group)  # no DDP wrapper: replicas start equal
+        broadcast_module_(self._comm, module, self._world_group)  # replicas start equal
         self._module = module
         self._bind(self._step, None)
-        return module
+        if self._within_node == "ddp" and self._node_group.size > 1:  # DDP over this node's processes only
+            self._ddp_kwargs = {**self._ddp_kwargs, "process_group": self._node_group.handle}
+            wrapped = super().setup_module(module)
+            self._ddp_kwargs.pop("process_group")
+            return wrapped
+        return module  # no DDP wrapper: a backward sends nothing
 
     @override
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
@@ -231,7 +265,7 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         ctx = SyncContext(
             self._module,
             self._comm,
-            self._world_group,
+            self._replica_world,
             self._node_group,
             self._background_group,
             self._engine.observers,
@@ -243,6 +277,8 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
     @override
     def backward(self, tensor: Tensor, module: Module | None, *args: Any, **kwargs: Any) -> None:
         self._engine.note_loss(tensor)
+        if self._within_node is not None:  # DDP's backward communicates on this thread (NCCL: one at a time)
+            self._comm.before_collective()
         super().backward(tensor, module, *args, **kwargs)
 
     @override

@@ -131,6 +131,12 @@ class GradAlign(GradientModifier):
     def check_front_end(self, front_end: FrontEnd) -> None:
         if front_end.loss_scaling:
             raise ValueError("GradAlign does not support fp16 loss scaling: use precision='bf16-mixed' or '32-true'")
+        if front_end.within_node is not None:
+            raise ValueError(
+                f"GradAlign aligns each process's own gradient with the average; under within_node="
+                f"{front_end.within_node!r} the processes of a node share one DDP gradient. Use "
+                "LocalSGDStrategy(within_node=None) (one replica per process) with GradAlign"
+            )
 
     def bind(self, ctx: SyncContext) -> None:
         self._ctx = ctx

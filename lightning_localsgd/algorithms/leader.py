@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_localsgd._checks import check_bool, check_int, check_number
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
-from lightning_localsgd.contract import StepReport
+from lightning_localsgd.contract import FrontEnd, StepReport
 from lightning_localsgd.transport.collectives import Group, NonFinitePolicy, NonFiniteReplicaError
 from lightning_localsgd.transport.tensors import BufferPolicy, all_finite, copy_, flatten, lerp_, views
 
@@ -228,6 +228,15 @@ class LeaderSGD(ConsensusAlgorithm):
     def window_loss(self) -> float:
         """This rank's mean loss over its last ``loss_window`` batches (+inf before the first)."""
         return sum(self._losses) / len(self._losses) if self._losses else math.inf
+
+    def check_front_end(self, front_end: FrontEnd) -> None:
+        if front_end.within_node is not None:
+            raise ValueError(
+                f"{type(self).__name__} elects the process with the lowest training loss, but under within_node="
+                f"{front_end.within_node!r} the processes of a node are one replica with per-process losses. Use "
+                "LocalSGDStrategy(within_node=None) (one replica per process) with LeaderSGD, or PeriodicAveraging / "
+                "DiLoCo / EASGD with replica groups"
+            )
 
     def elect(self, group: Group, step: int | None = None) -> tuple[int, list[int]]:
         """``(leader's global rank, ranks holding NaN/Inf)`` in ``group``: one all-gather, same on all ranks."""

@@ -8,7 +8,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_localsgd._checks import check_int
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
-from lightning_localsgd.contract import StepReport
+from lightning_localsgd.contract import FrontEnd, StepReport
 from lightning_localsgd.transport.collectives import NonFinitePolicy
 from lightning_localsgd.transport.tensors import BufferPolicy, float_buffers
 
@@ -112,6 +112,13 @@ class PeriodicAveraging(ConsensusAlgorithm):
                 )
         self.node_sync_every = node_sync_every
         self.num_node_syncs = 0
+
+    def check_front_end(self, front_end: FrontEnd) -> None:
+        if self.node_sync_every is not None and front_end.within_node is not None:
+            raise ValueError(
+                f"node_sync_every averages the processes of a node, but under within_node={front_end.within_node!r} "
+                "they are one replica already (DDP inside the node): drop node_sync_every"
+            )
 
     def on_bind(self, fresh: bool) -> None:
         node, world = self.node, self.world

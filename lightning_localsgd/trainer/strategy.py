@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -29,6 +30,7 @@ from lightning_localsgd.trainer.replica import DEFAULT_TIMEOUT, ReplicaStrategy,
 from lightning_localsgd.trainer.sigterm import replace_sigterm_check, restore_sigterm_check, sigterm_check_at
 from lightning_localsgd.transport.collectives import Group, NonFinitePolicy
 from lightning_localsgd.transport.process_group import DEFAULT_INIT_TIMEOUT
+from lightning_localsgd.transport.replicas import check_within_node, node_groups, replica_group
 from lightning_localsgd.transport.tensors import BufferPolicy
 
 __all__ = ["LocalSGDStrategy"]
@@ -83,6 +85,14 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             the others fail with an error naming the rank, the operation and the peers.
         init_timeout: how long creating the process group waits (default 5 minutes); creation survives
             torchrun restarts (a fresh store namespace per attempt, see ``process_group.py``).
+        within_node: what a replica is. ``None`` (default): every process is a replica. ``"ddp"``:
+            every node is one replica (replica groups, docs/multinode.md): the module is wrapped in
+            ``DistributedDataParallel`` over the node's processes (gradients averaged every step on
+            the fast link inside the node, overlapped with backward), and the consensus algorithm
+            syncs across nodes only. At a sync each of a node's k processes averages 1/k of the
+            model with its peers on the other nodes, then the node all-gathers the slices: one
+            model's worth per node crosses the slow link. ``**ddp_kwargs`` go to
+            ``DistributedDataParallel`` as with Lightning's ``DDPStrategy``.
         fault_tolerance: :class:`~lightning_localsgd.TorchFT` (any
             :class:`~lightning_localsgd.trainer.plugins.FaultTolerancePlugin`) to make this job one
             replica group of a torchft job: syncs go through torchft rounds, groups may die and come
@@ -113,7 +123,10 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
         fault_tolerance: FaultTolerancePlugin | None = None,
+        within_node: Literal["ddp"] | None = None,
+        **ddp_kwargs: Any,
     ) -> None:
+        check_within_node(within_node, ddp_kwargs, fault_tolerance is not None)
         super().__init__(
             comm_dtype=comm_dtype,
             bucket_mb=bucket_mb,
@@ -126,7 +139,10 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             timeout=timeout,
             start_method=start_method,
             init_timeout=init_timeout,
+            **ddp_kwargs,
         )
+        self._within_node = within_node
+        self._replica_world: Group = self._world_group  # the group the algorithm syncs over
         # Arguments of the default PeriodicAveraging, validated now by building it once.
         self._default_kwargs = {
             k: v
@@ -178,6 +194,49 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     def loss_scaling(self) -> bool:
         return getattr(self.precision_plugin, "scaler", None) is not None
 
+    @property
+    @override
+    def within_node(self) -> str | None:
+        """``None``: every process is a replica; ``"ddp"``: every node is one (DDP inside)."""
+        return self._within_node
+
+    @property
+    def replica_group(self) -> Group:
+        """The group the consensus algorithm syncs over: every rank, or under ``within_node`` one rank
+        per node with the node as its replica (see :class:`~lightning_localsgd.transport.collectives.Group`)."""
+        return self._replica_world
+
+    # ------------------------------------------------------------------ replica groups
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        self._replica_world = self._world_group
+        if self._within_node is not None:
+            self._replica_world = replica_group(
+                self.world_size, self.num_nodes, self.global_rank, self._node_group, self._timeout, self._groups
+            )
+
+    def _new_replica_group(self) -> Group:
+        """A fresh replica group (its own cross and node groups) for the background thread's syncs."""
+        node = node_groups(self.world_size, self.num_nodes, self.global_rank, self._timeout, created=self._groups)
+        return replica_group(self.world_size, self.num_nodes, self.global_rank, node, self._timeout, self._groups)
+
+    @override
+    def configure_ddp(self) -> None:
+        super().configure_ddp()  # replicas start equal (rank 0's module, or each rank's restored replica)
+        if self._within_node == "ddp" and self._node_group.size > 1:
+            log.debug("LocalSGDStrategy.configure_ddp: DDP over the %d processes of this node", self._node_group.size)
+            self._ddp_kwargs = {**self._ddp_kwargs, "process_group": self._node_group.handle}
+            self.model = self._setup_model(self.model)  # Lightning's DDP wrapper, over this node only
+            self._ddp_kwargs.pop("process_group")
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self.model, DistributedDataParallel):
+            # DDP's forward and backward communicate on this thread: on NCCL one thread at a time (docs/gpu.md).
+            self._comm.before_collective()
+        return super().training_step(*args, **kwargs)
+
     # ------------------------------------------------------------------ setup
     @override
     def setup_environment(self) -> None:
@@ -196,8 +255,10 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         self._engine.check(self)
         if self._fault_tolerance is not None:
             self._fault_tolerance.check_supported(self._engine, self._comm)
-        needs_background = self._engine.algorithm.overlap_steps > 0 and self.world_size > 1
-        self._background_group = self._new_group() if needs_background else None  # every rank decides alike
+        needs_background = self._engine.algorithm.overlap_steps > 0 and self._replica_world.size > 1
+        self._background_group = None  # every rank decides alike
+        if needs_background:
+            self._background_group = self._new_replica_group() if self._within_node else self._new_group()
         if self.world_size == 1 and self._fault_tolerance is None:  # a 1-process replica group syncs with others
             rank_zero_warn("LocalSGDStrategy runs on a single process: there is nothing to synchronize.")
 
@@ -225,7 +286,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             return
         engine = self._engine
         assert engine is not None
-        world = self._world_group
+        world = self._replica_world
         if self._fault_tolerance is not None:  # the world is the quorum of replica groups
             self._session = self._fault_tolerance.start(trainer, engine, self._world_group, self._comm, self.broadcast)
             world = self._session.group

@@ -193,15 +193,31 @@ class CommCounters:
 
 @dataclass
 class Group:
-    """A process group with the facts collectives need: its handle, size and this rank's place."""
+    """A process group with the facts collectives need: its handle, size and this rank's place.
+
+    **Replica groups.** When ``node`` is set, a replica is a group of ranks that hold equal values
+    (a node running DDP inside, ``LocalSGDStrategy(within_node="ddp")``). Then ``handle``,
+    ``ranks`` and ``rank`` are this rank's *cross* group: one rank per replica, the ranks with this
+    rank's local rank on every node, so ``size`` is the number of replicas and a plain collective
+    over the group reaches every replica once. ``node`` is the group of this rank's replica. A
+    mean over such a group is split (:meth:`Collectives.mean_`): local rank j of every node averages
+    slice j of the flat buffer with its peers across nodes, then each node all-gathers its slices,
+    so each node sends one model's worth across nodes per sync, spread over all of its ranks.
+    """
 
     handle: Any  # a torch ProcessGroup, or None for the default (world) group
     ranks: list[int]  # global ranks, in group order
     rank: int  # this process's index in ``ranks``
+    node: Group | None = None  # the ranks of this rank's replica, which hold equal values (replica groups)
 
     @property
     def size(self) -> int:
         return len(self.ranks)
+
+    @property
+    def split(self) -> bool:
+        """Whether a mean over this group is split across the ranks of each replica (see above)."""
+        return self.node is not None and self.node.size > 1
 
 
 class PendingMean:
@@ -507,8 +523,15 @@ class Collectives:
         step: int | None,
         refill: Callable[[Tensor], None],
         scratch: str,
+        code: Tensor | None = None,
     ) -> Tensor:
-        """The mean over ``group`` of the values in ``buf[:n]`` (``buf[n:]``: m free slots), in ``buf[:n]``."""
+        """The mean over ``group`` of the values in ``buf[:n]`` (``buf[n:]``: m free slots), in ``buf[:n]``.
+
+        ``code``: this rank's NaN/Inf code computed by the caller (a split mean computes it over the
+        whole buffer, so that every slice of a replica reaches the same verdict).
+        """
+        if group.split and n >= group.node.size**2:  # type: ignore[union-attr]  # (every slice holds values)
+            return self._split_mean(buf, n, group, purpose, anchor, residual, nonfinite, step, refill, scratch)
         with torch.no_grad():
             local = buf[:n]
             base = None
@@ -516,13 +539,79 @@ class Collectives:
                 base = anchor if isinstance(anchor, Tensor) else flatten(anchor)
                 local.sub_(base)  # the delta from the shared anchor travels
             if self.quantized and base is not None:
-                divisor = self._quantized_sum_(local, residual, group, purpose, nonfinite, step, scratch)
+                divisor = self._quantized_sum_(local, residual, group, purpose, nonfinite, step, scratch, code)
             else:
-                divisor = self._float_sum_(buf, n, group, purpose, base, nonfinite, step, refill, scratch)
+                divisor = self._float_sum_(buf, n, group, purpose, base, nonfinite, step, refill, scratch, code)
             local.div_(divisor)
             if base is not None:
                 local.add_(base)
             return local
+
+    def _split_mean(
+        self,
+        buf: Tensor,
+        n: int,
+        group: Group,
+        purpose: str,
+        anchor: Tensor | Sequence[Tensor] | None,
+        residual: Tensor | None,
+        nonfinite: NonFinitePolicy,
+        step: int | None,
+        refill: Callable[[Tensor], None],
+        scratch: str,
+    ) -> Tensor:
+        r"""The mean over a replica group (``group.node`` set), split across each replica's k ranks.
+
+        Every rank of a replica holds the same n values x. With :math:`c = \lceil n/k \rceil`, local
+        rank j owns the slice :math:`S_j = [jc, \min((j+1)c, n))` and computes
+        :math:`\bar x[S_j] = \frac1N \sum_{\text{replicas } r} x_r[S_j]` over its cross group
+        (``group``'s handle: local rank j of each of the N replicas) with the usual arithmetic (anchor
+        deltas, wire formats, error feedback on its slice of ``residual``); the replica's ranks then
+        all-gather their slices, so every rank ends with the whole mean. Bytes per rank across replicas:
+        an allreduce of c values (2·(N−1)/N·c per rank, ≈ one model per replica per sync in all);
+        inside the replica an all-gather of (k−1)·c values, booked under ``purpose + "/node"``.
+
+        The NaN/Inf verdict is computed once over the whole buffer (equal on the replica's ranks), so
+        every slice skips or raises for the same replicas. Equal to an unsplit mean over the cross
+        group for float transports (the same sums, slice by slice); integer transports round per
+        block of their slice, with the same error-feedback guarantee.
+        """
+        node = group.node
+        assert node is not None
+        k, j, m = node.size, node.rank, group.size
+        local, dtype, device = buf[:n], buf.dtype, buf.device
+        base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
+        code = nonfinite_flag(local)
+        wire = self.comm_dtype
+        if wire == torch.float16 and dtype != torch.float16 and base is not None:
+            limit = torch.finfo(wire).max  # the delta would overflow the wire dtype (float16)
+            overflow = ((local - base).abs().amax() > limit).to(torch.float32)
+            code = torch.where(code > 0, code, 2.0 * overflow)
+        chunk = -(-n // k)
+        lo, hi = min(j * chunk, n), min((j + 1) * chunk, n)
+        part = self._scratch(scratch + "slice", dtype, hi - lo + m, device)  # the slice, then m flag slots
+        part[: hi - lo].copy_(local[lo:hi])
+
+        def refill_slice(out: Tensor) -> None:
+            whole = torch.empty(n, dtype=dtype, device=device)
+            refill(whole)
+            out.copy_(whole[lo:hi])
+
+        cross = Group(group.handle, group.ranks, group.rank)
+        piece_anchor = None if base is None else base[lo:hi]
+        piece_residual = None if residual is None else residual[lo:hi]
+        args = (purpose, piece_anchor, piece_residual, nonfinite, step, refill_slice, scratch + "slice/")
+        mean = self._mean_flat(part, hi - lo, cross, *args, code=code)
+        gathered = self._scratch(scratch + "gathered", dtype, k * chunk, device)
+        mine = gathered[j * chunk : (j + 1) * chunk]  # this rank's slot, used as the all-gather's input
+        mine[: hi - lo].copy_(mean)
+        mine[hi - lo :].zero_()
+        nbytes = (k - 1) * chunk * buf.element_size()
+        send = mine.clone()  # all-gather input and output must not overlap
+        gather = lambda: _all_gather_flat(gathered, send, node.handle)  # noqa: E731
+        self._timed(purpose + "/node", nbytes, gather, "an all-gather inside the replica", node, device)
+        local.copy_(gathered[:n])
+        return local
 
     def _float_sum_(
         self,
@@ -535,6 +624,7 @@ class Collectives:
         step: int | None,
         refill: Callable[[Tensor], None],
         scratch: str,
+        code: Tensor | None = None,
     ) -> int:
         """Sum ``buf[:n]`` over the group in the wire dtype, the NaN/Inf flags riding in the same call.
 
@@ -546,10 +636,11 @@ class Collectives:
         # Reduced precision only for deltas from an anchor; raw values (e.g. gradients) travel as they are.
         wire_dtype = self.comm_dtype if (isinstance(self.comm_dtype, torch.dtype) and base is not None) else dtype
         wire = buf if wire_dtype == dtype else self._scratch(scratch + "wire", wire_dtype, n + m, buf.device)
-        bad_here = nonfinite_flag(local)
+        bad_here = nonfinite_flag(local) if code is None else code
         if wire is not buf:
             wire[:n].copy_(local)
-            bad_here = torch.where(bad_here > 0, bad_here, 2.0 * nonfinite_flag(wire[:n]))  # the cast overflowed
+            if code is None:
+                bad_here = torch.where(bad_here > 0, bad_here, 2.0 * nonfinite_flag(wire[:n]))  # the cast overflowed
         wire[n:].zero_()
         wire[n + group.rank] = bad_here.to(wire_dtype)
         self.all_reduce_sum_(wire, group, purpose)
@@ -584,6 +675,7 @@ class Collectives:
         nonfinite: NonFinitePolicy,
         step: int | None,
         scratch: str,
+        code: Tensor | None = None,
     ) -> int:
         """Sum ``local`` (deltas) over the group as integers with error feedback; see the module docs."""
         fmt: IntFormat = self.comm_dtype  # type: ignore[assignment]
@@ -595,7 +687,7 @@ class Collectives:
             host = None
         m, n, dtype = group.size, local.numel(), local.dtype
         flags = torch.zeros(m, dtype=torch.float32, device=local.device)
-        flags[group.rank] = nonfinite_flag(local)
+        flags[group.rank] = nonfinite_flag(local) if code is None else code
         self.all_reduce_sum_(flags, group, purpose)
         codes = flags.tolist()  # the one device-to-host read of a sync
         bad_ranks = [group.ranks[i] for i, code in enumerate(codes) if code != 0.0]

@@ -6,14 +6,18 @@ hold no Lightning object, only a module, a transport and groups.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_localsgd.transport.collectives import Collectives, Group, new_group
 
-__all__ = ["broadcast_module_", "node_groups"]
+__all__ = ["broadcast_module_", "check_within_node", "node_groups", "replica_group"]
 
 
 def node_groups(
@@ -41,6 +45,44 @@ def node_groups(
     return mine
 
 
+def replica_group(
+    world_size: int,
+    num_nodes: int,
+    rank: int,
+    node: Group,
+    timeout: timedelta | None,
+    created: list[Group] | None = None,
+) -> Group:
+    """The group a consensus algorithm syncs over when a replica is a node (replica groups).
+
+    Every rank creates the k cross groups ``{j, j + k, j + 2k, ...}`` (local rank j of every node,
+    k ranks per node), in the same order; this rank's becomes the handle of the returned group and
+    ``node`` its replica (see :class:`~lightning_localsgd.transport.collectives.Group`). With one node
+    the group holds one replica and nothing is ever sent over it.
+    """
+    if num_nodes < 1 or world_size % num_nodes:
+        raise ValueError(
+            f"replica groups need the same number of processes on every node: {world_size} processes do not "
+            f"divide into {num_nodes} nodes. Launch devices={max(1, world_size // max(num_nodes, 1))} per node on "
+            "every node (or fix num_nodes)"
+        )
+    per_node = world_size // num_nodes
+    if node.size != per_node:
+        raise ValueError(f"this rank's node group has {node.size} ranks, expected {per_node}")
+    local = rank % per_node
+    mine = Group(None, [rank], 0, node=node)
+    for j in range(per_node):
+        ranks = [j + n * per_node for n in range(num_nodes)]
+        if num_nodes == 1:
+            continue
+        group = new_group(ranks, rank, timeout)
+        if created is not None:
+            created.append(group)
+        if j == local:
+            mine = Group(group.handle, group.ranks, group.rank, node=node)
+    return mine
+
+
 def broadcast_module_(comm: Collectives, module: torch.nn.Module, world: Group) -> None:
     """Every rank takes rank 0's parameters and buffers (one flat broadcast per dtype)."""
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
@@ -48,3 +90,30 @@ def broadcast_module_(comm: Collectives, module: torch.nn.Module, world: Group) 
         by_dtype.setdefault(t.dtype, []).append(t)
     for group in by_dtype.values():
         comm.broadcast_tensors_(group, src=0, group=world, purpose="setup")
+
+
+def check_within_node(within_node: Any, ddp_kwargs: Mapping[str, Any], fault_tolerant: bool = False) -> None:
+    """Refuse, with the fix, a ``within_node`` value or DDP arguments that cannot work."""
+    if within_node not in (None, "ddp"):
+        later = " ('fsdp' is not available yet: use 'ddp')" if within_node == "fsdp" else ""
+        raise ValueError(
+            f"within_node must be None (every process is a replica) or 'ddp' (every node is one replica, "
+            f"DDP inside it), got {within_node!r}{later}"
+        )
+    if ddp_kwargs and within_node is None:
+        raise TypeError(
+            f"LocalSGDStrategy got {sorted(ddp_kwargs)}: DistributedDataParallel arguments need within_node='ddp' "
+            "(without it the module is not wrapped in DDP); pass within_node='ddp' or drop them"
+        )
+    accepted = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module", "device_ids"}
+    accepted -= {"process_group", "output_device"}
+    unknown = sorted(set(ddp_kwargs) - accepted)
+    if unknown:
+        raise TypeError(
+            f"LocalSGDStrategy got unknown arguments {unknown}; DistributedDataParallel takes {sorted(accepted)} "
+            "(process_group and device_ids are the strategy's: the node's processes, this rank's device)"
+        )
+    if within_node is not None and fault_tolerant:
+        raise ValueError(
+            "fault_tolerance with within_node='ddp' is not supported yet: use one of them (docs/multinode.md)"
+        )

@@ -1,0 +1,249 @@
+"""Replica groups: ``LocalSGDStrategy(within_node="ddp")``, DDP inside each node, the consensus across nodes.
+
+References, each independent of the code under test:
+
+* the split cross-node mean against a whole-buffer mean over the same ranks and a plain-torch mean;
+* one node against Lightning's own ``DDPStrategy``, step for step;
+* 2 nodes × 2 ranks against a plain-torch replay (gradients averaged inside each node, the nodes
+  averaged every H steps), and against per-process local SGD on 2 ranks with each node's whole
+  batch (DiLoCo blocking, overlapped, streamed);
+* bytes against their closed forms.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_localsgd import DiLoCo, GradAlign, LeaderSGD, LocalSGDStrategy, PeriodicAveraging, TorchFT
+from lightning_localsgd.contract import FrontEnd
+from lightning_localsgd.transport.collectives import Group
+from lightning_localsgd.transport.replicas import replica_group
+from tests.launch import run_ranks
+from tests.models import TinyNet
+from tests.scenarios_groups import node_batch
+
+pytestmark = pytest.mark.timeout(600)
+N_PARAMS = 5 * 8 + 8 + 8 + 1  # TinyNet(5, 8): Linear(5, 8) + Linear(8, 1)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_within_node_values_and_ddp_arguments_are_checked_at_construction():
+    with pytest.raises(ValueError, match="within_node must be None .* or 'ddp'.*'fsdp' is not available yet"):
+        LocalSGDStrategy(within_node="fsdp")
+    with pytest.raises(ValueError, match="within_node must be"):
+        LocalSGDStrategy(within_node="node")
+    with pytest.raises(TypeError, match="need within_node='ddp'"):
+        LocalSGDStrategy(find_unused_parameters=True)
+    with pytest.raises(TypeError, match=r"unknown arguments \['bucket_size'\]"):
+        LocalSGDStrategy(within_node="ddp", bucket_size=25)
+    with pytest.raises(TypeError, match="process_group and device_ids are the strategy's"):
+        LocalSGDStrategy(within_node="ddp", process_group=None)
+    with pytest.raises(ValueError, match="fault_tolerance with within_node='ddp' is not supported yet"):
+        ft = TorchFT(lighthouse_addr="http://127.0.0.1:29510", replica_id=0)
+        LocalSGDStrategy(within_node="ddp", fault_tolerance=ft)
+    strategy = LocalSGDStrategy(within_node="ddp", find_unused_parameters=True, bucket_cap_mb=4)
+    assert strategy.within_node == "ddp"
+    assert strategy._ddp_kwargs == {"find_unused_parameters": True, "bucket_cap_mb": 4}
+    assert LocalSGDStrategy().within_node is None
+
+
+class _GroupsFrontEnd(FrontEnd):
+    comm = None  # type: ignore[assignment]
+    algorithm = None
+    loss_scaling = False
+    within_node = "ddp"  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("callback", "message"),
+    [
+        (LeaderSGD(4), "LeaderSGD elects the process with the lowest training loss.*within_node=None"),
+        (GradAlign(0.1), "GradAlign aligns each process's own gradient.*within_node=None"),
+        (PeriodicAveraging(4, node_sync_every=2), "drop node_sync_every"),
+    ],
+)
+def test_algorithms_that_cannot_use_replica_groups_refuse_at_setup(callback, message):
+    with pytest.raises(ValueError, match=message):
+        callback.check_front_end(_GroupsFrontEnd())
+    PeriodicAveraging(4).check_front_end(_GroupsFrontEnd())  # the others accept
+    DiLoCo(4, overlap_steps=2).check_front_end(_GroupsFrontEnd())
+
+
+def test_a_node_size_that_does_not_divide_the_world_is_refused():
+    with pytest.raises(ValueError, match="5 processes do not divide into 2 nodes"):
+        replica_group(5, 2, 0, Group(None, [0, 1], 0), timedelta(seconds=1))
+
+
+# ---------------------------------------------------------------------------------------------- the transport
+def test_split_cross_node_mean_equals_a_whole_buffer_mean_and_its_closed_form_bytes():
+    n = 1000
+    ranks = run_ranks("tests.scenarios_groups:split_means", world=4, nodes=2, n=n, nan_slice=1)
+    xs = {r["node"]: r["x"] for r in ranks}
+    exact = (xs[0] + xs[1]) / 2
+    chunk = n // 2  # ceil(1000 / 2): each of a node's 2 ranks reduces half the model across nodes
+    for r in ranks:
+        fp64 = r["fp64"]
+        assert torch.equal(fp64["split"]["mean"], fp64["whole"]["mean"])  # the same sums, slice by slice
+        assert torch.allclose(fp64["split"]["mean"], exact, rtol=0, atol=1e-15)
+        # closed form: an allreduce of the slice (+2 NaN flags) over 2 nodes sends 2·(2−1)/2·(c+2)·8 bytes;
+        # the node's all-gather (2−1)·c·8; the whole-buffer mean sends the whole model from every rank
+        assert fp64["split"]["bytes"] == {"sync": (chunk + 2) * 8.0, "sync/node": chunk * 8.0}
+        assert fp64["whole"]["bytes"] == {"sync": (n + 2) * 8.0}
+        bf16 = r["bf16"]
+        assert torch.equal(bf16["split"]["mean"], bf16["whole"]["mean"])  # deltas from the anchor, bf16 on the wire
+        assert (bf16["split"]["mean"] - exact).abs().max() < 2e-2
+        assert bf16["split"]["bytes"]["sync"] == (chunk + 2) * 2.0
+        # int8: per-block rounding of the slice; what rounding dropped is in the residuals (error feedback)
+        int8 = r["int8"]
+        assert (int8["split"]["mean"] - exact).abs().max() < 0.05
+        assert torch.equal(r["background"], fp64["split"]["mean"])
+    # every rank of the world ends with the same bytes (the all-gather hands out the same slices)
+    for label in ("fp64", "bf16", "int8"):
+        assert all(torch.equal(r[label]["split"]["mean"], ranks[0][label]["split"]["mean"]) for r in ranks)
+    # error feedback, split: the mean plus the average of the residuals is the exact mean
+    # (each slice's residual lives on the rank that owns the slice; the other slice's stays zero)
+    total_residual = sum(r["int8"]["split"]["residual"] for r in ranks) / 2  # 2 nodes
+    recovered = ranks[0]["int8"]["split"]["mean"] + total_residual
+    assert torch.allclose(recovered, exact, atol=1e-6)
+    for r in ranks:
+        own = slice(0, chunk) if r["rank"] % 2 == 0 else slice(chunk, n)
+        other = slice(chunk, n) if r["rank"] % 2 == 0 else slice(0, chunk)
+        assert r["int8"]["split"]["residual"][other].abs().max() == 0
+        assert r["int8"]["split"]["residual"][own].abs().max() > 0
+    # NaN in slice 1 of node 1 only: both slices skip node 1 (one verdict per replica), or every rank raises
+    for r in ranks:
+        assert torch.equal(r["nonfinite"]["skip"], xs[0])
+        assert "holds NaN/Inf" in r["nonfinite"]["raise"]
+
+
+# ---------------------------------------------------------------------------------------------- the strategy
+def test_one_node_of_replica_groups_is_lightning_ddp_step_for_step():
+    out = run_ranks("tests.scenarios_core:ddp_equivalence", world=2, nodes=1, steps=6, localsgd={"within_node": "ddp"})
+    for r in out:
+        assert (r["ddp"] - r["localsgd"]).abs().max() <= 1e-12
+        assert r["bytes"].get("sync", 0.0) == 0.0  # one replica: nothing to sync
+
+
+def _replay_periodic(initial: torch.Tensor, steps: int, h: int, lr: float = 0.1) -> list[list[torch.Tensor]]:
+    """Plain torch: each node steps SGD on its whole batch (DDP's average of its ranks' halves), the
+    two nodes' parameters are averaged after every H-th step. Returns each node's parameters after each step."""
+    net = TinyNet()
+    names = [name for name, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+
+    def unflat(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            out[name] = flat[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        return out
+
+    theta = [initial.clone(), initial.clone()]
+    history = []
+    for t in range(steps):
+        for v in range(2):
+            x, y = node_batch(v, t)
+            w = theta[v].clone().requires_grad_(True)
+            pred = torch.func.functional_call(net, unflat(w), (x,))
+            loss = nn.functional.mse_loss(pred, y)
+            (grad,) = torch.autograd.grad(loss, w)
+            theta[v] = (theta[v] - lr * grad).detach()
+        if (t + 1) % h == 0:
+            mean = (theta[0] + theta[1]) / 2
+            theta = [mean.clone(), mean.clone()]
+        history.append([theta[0].clone(), theta[1].clone()])
+    return history
+
+
+def test_two_nodes_of_two_ranks_follow_a_plain_torch_replay_and_per_process_local_sgd():
+    steps, h = 12, 4
+    diloco = {"sync_every": 4, "outer_lr": 0.7, "outer_momentum": 0.5}
+    variants = {
+        "diloco": diloco,
+        "diloco_overlap": {**diloco, "overlap_steps": 2},
+        "diloco_streaming": {**diloco, "overlap_steps": 1, "fragments": 2},
+    }
+    runs = [
+        {"name": "periodic", "algorithm": "periodic", "kwargs": {"sync_every": h}, "steps": steps, "monitors": True},
+        {
+            "name": "periodic_warmup",
+            "algorithm": "periodic",
+            "kwargs": {"sync_every": h, "warmup_steps": 2},
+            "steps": 8,
+        },
+        *({"name": k, "algorithm": "diloco", "kwargs": v, "steps": steps} for k, v in variants.items()),
+        {
+            "name": "diloco_int8",
+            "algorithm": "diloco",
+            "kwargs": diloco,
+            "steps": steps,
+            "strategy": {"comm_dtype": "int8"},
+        },
+    ]
+    groups = run_ranks("tests.scenarios_groups:fit_groups", world=4, nodes=2, runs=runs)
+    fabric_runs = [run for run in runs if run["name"] in ("periodic", "diloco_overlap")]
+    fabric = run_ranks("tests.scenarios_groups:fabric_groups", world=4, nodes=2, runs=fabric_runs)
+    reference_runs = [{**run, "groups": False, "monitors": False} for run in runs if run["name"] != "diloco_int8"]
+    reference = run_ranks("tests.scenarios_groups:fit_groups", world=2, nodes=2, runs=reference_runs)
+
+    # the module is DDP-wrapped over each node, and the algorithm sees 2 replicas
+    assert all(r["periodic"]["wrapped"] == "DistributedDataParallel" for r in groups)
+    assert all(r["periodic"]["replicas"] == 2 for r in groups)
+    # the two ranks of a node hold the same replica after every step, bit for bit
+    for name in [run["name"] for run in runs]:
+        for v in range(2):
+            assert torch.equal(groups[2 * v][name]["after"], groups[2 * v + 1][name]["after"]), (name, v)
+
+    # PeriodicAveraging against the plain-torch replay
+    history = _replay_periodic(groups[0]["periodic"]["initial"], steps, h)
+    for r in groups:
+        v = r["rank"] // 2
+        for t in range(steps):
+            assert (r["periodic"]["after"][t] - history[t][v]).abs().max() <= 1e-12, (r["rank"], t)
+    # hand-checkable: after step 4 both nodes hold the same parameters, after step 5 they differ
+    assert torch.equal(groups[0]["periodic"]["after"][3], groups[2]["periodic"]["after"][3])
+    assert not torch.equal(groups[0]["periodic"]["after"][4], groups[2]["periodic"]["after"][4])
+
+    # every algorithm against per-process local SGD with each node's whole batch (2 ranks)
+    for run in reference_runs:
+        name = run["name"]
+        for r in groups:
+            ref = reference[r["rank"] // 2][name]["after"]
+            assert (r[name]["after"] - ref).abs().max() <= 1e-10, (name, r["rank"])
+
+    # Fabric's front end, the same runs written as a Fabric loop
+    for r, f in zip(groups, fabric, strict=True):
+        for run in fabric_runs:
+            assert f[run["name"]]["wrapped"] == "DistributedDataParallel"
+            assert (f[run["name"]]["after"] - r[run["name"]]["after"]).abs().max() <= 1e-12, (run["name"], r["rank"])
+
+    # int8 across nodes: equal inside each node (above), the consensus close to the fp64 one
+    assert (groups[0]["diloco_int8"]["final"] - groups[0]["diloco"]["final"]).abs().max() < 0.05
+    assert torch.equal(groups[0]["diloco_int8"]["final"], groups[3]["diloco_int8"]["final"])
+
+    # bytes: each rank reduces half the model with its peer on the other node, 3 syncs in 12 steps
+    half = -(-N_PARAMS // 2)
+    for r in groups:
+        mine = half if r["rank"] % 2 == 0 else N_PARAMS - half
+        assert r["periodic"]["bytes"]["sync"] == 3 * (mine + 2) * 8.0, r["periodic"]["bytes"]
+        assert r["periodic"]["bytes"]["sync/node"] == 3 * half * 8.0
+        # ReplicaDrift: one distance per node, computed over that rank's slice of the pre-sync replica
+        assert len(r["periodic"]["drifts"]) == steps
+    # cross-node bytes per node per sync = one model (its two ranks' halves) + 2 flags each
+    per_node = groups[0]["periodic"]["bytes"]["sync"] + groups[1]["periodic"]["bytes"]["sync"]
+    assert per_node == 3 * (N_PARAMS + 4) * 8.0
+
+
+def test_replica_groups_resume_exactly_mid_round():
+    """A checkpoint at step 6 (H = 4: mid-round, a sync in flight) resumed by a new Trainer continues bit for bit."""
+    run = {"algorithm": "diloco", "kwargs": {"sync_every": 4, "outer_momentum": 0.5, "overlap_steps": 1}}
+    runs = [{**run, "name": "run", "steps": 12, "epoch": 6, "resume_at": 6}]  # step 6 ends an epoch
+    ranks = run_ranks("tests.scenarios_groups:fit_groups", world=4, nodes=2, runs=runs)
+    for r in ranks:
+        straight, resumed = r["run"]["after"], r["run"]["resumed"]
+        assert resumed.shape == (6, N_PARAMS)
+        assert torch.equal(resumed, straight[6:]), r["rank"]
