@@ -80,8 +80,10 @@ def fit_groups(
 
     Each run: ``name``, ``groups`` (within_node="ddp", else one replica per process), ``algorithm``
     and ``kwargs`` (PeriodicAveraging or DiLoCo), ``steps``, optional ``strategy`` (more
-    LocalSGDStrategy arguments), ``epoch`` (batches per epoch, default ``steps``), ``resume_at``
-    (fit to that step, save, and resume in a new Trainer to ``steps``), ``monitors``.
+    LocalSGDStrategy arguments), ``model`` (TinyNet arguments), ``trainer`` (Trainer arguments),
+    ``epoch`` (batches per epoch, default ``steps``), ``resume_at`` (a checkpoint written at that
+    step into ``checkpoint_dir``, resumed by a new Trainer to ``steps``), ``resume_from`` (resume
+    that checkpoint), ``val_every`` (validate every that many steps), ``monitors``.
     """
     rank = int(os.environ.get("NODE_RANK", 0)) * devices + int(os.environ.get("LOCAL_RANK", 0))
     out: dict[str, Any] = {"rank": rank}
@@ -101,7 +103,9 @@ def _fit_one(run: dict[str, Any], rank: int, devices: int, num_nodes: int, out_d
             strategy=strategy,
             max_steps=max_steps,
             callbacks=callbacks,
-            **trainer_kwargs(devices, num_nodes, use_distributed_sampler=False, enable_checkpointing=True),
+            **trainer_kwargs(
+                devices, num_nodes, use_distributed_sampler=False, enable_checkpointing=True, **run.get("trainer", {})
+            ),
         )
 
     seed_everything(0)
@@ -117,20 +121,27 @@ def _fit_one(run: dict[str, Any], rank: int, devices: int, num_nodes: int, out_d
     callbacks: list[Callback] = [rec, init, _algorithm(run["algorithm"], run["kwargs"])]
     if run.get("monitors"):
         callbacks += [drift, CommStats(), Keep()]
-    net = TinyNet().double()  # fp64 before a checkpoint is loaded into it (64-true converts only later)
-    resume_at = run.get("resume_at")
+    net = TinyNet(**run.get("model", {})).double()  # fp64 before a checkpoint is loaded (64-true converts later)
+    resume_at, checkpoints = run.get("resume_at"), run.get("checkpoint_dir", out_dir)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
-    if resume_at is None:
+    if run.get("resume_from"):  # another world size's checkpoint
+        trainer = trainer_for(run["steps"], callbacks)
+        trainer.fit(net, loader, ckpt_path=run["resume_from"])
+    elif run.get("val_every"):  # validation on the consensus every val_every steps (one batch)
+        run = {**run, "trainer": {"val_check_interval": run["val_every"], "check_val_every_n_epoch": None}}
+        trainer = trainer_for(run["steps"], callbacks)
+        trainer.fit(net, loader, torch.utils.data.DataLoader([node_batch(99, 0)], batch_size=None))
+    elif resume_at is None:
         trainer = trainer_for(run["steps"], callbacks)
         trainer.fit(net, loader)
     else:  # a checkpoint written while training at step resume_at, resumed by a new Trainer and model
-        saver = ModelCheckpoint(dirpath=out_dir, every_n_train_steps=resume_at, save_top_k=-1)
+        saver = ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=resume_at, save_top_k=-1)
         straight = trainer_for(run["steps"], [*callbacks, saver])
         straight.fit(net, loader)
         seed_everything(1)  # the resumed run must not depend on the RNG
         net, resumed = TinyNet().double(), Recorder()
         trainer = trainer_for(run["steps"], [resumed, _algorithm(run["algorithm"], run["kwargs"])])
-        trainer.fit(net, loader, ckpt_path=Path(out_dir) / f"epoch=0-step={resume_at}.ckpt")
+        trainer.fit(net, loader, ckpt_path=Path(checkpoints) / f"epoch=0-step={resume_at}.ckpt")
         out["resumed"] = torch.stack(resumed.after)  # the steps after resume_at, to compare with the straight run's
     counters = trainer.strategy.comm.counters
     out.update(
@@ -143,6 +154,8 @@ def _fit_one(run: dict[str, Any], rank: int, devices: int, num_nodes: int, out_d
             "drifts": drifts,
             "wrapped": init.wrapper,
             "replicas": trainer.strategy.replica_group.size,
+            "buffers": {k: b.detach().clone() for k, b in net.named_buffers()},
+            "val_params": list(net.val_params),
         }
     )
     return out

@@ -73,6 +73,27 @@ def test_algorithms_that_cannot_use_replica_groups_refuse_at_setup(callback, mes
     DiLoCo(4, overlap_steps=2).check_front_end(_GroupsFrontEnd())
 
 
+def test_sync_batchnorm_synchronizes_inside_the_node_only_and_is_refused_per_process():
+    """SyncBatchNorm needs GPU modules under DDP, so this checks the conversion (process group of the node)."""
+    from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+
+    from lightning_localsgd.trainer.strategy import NodeSyncBatchNorm
+
+    strategy = LocalSGDStrategy(within_node="ddp")
+    strategy._layer_sync = TorchSyncBatchNorm()
+    node_handle = object()
+    strategy._node_group = Group(node_handle, [0, 1], 0)
+    strategy._check_layer_sync()
+    assert isinstance(strategy._layer_sync, NodeSyncBatchNorm)
+    converted = strategy._layer_sync.apply(TinyNet(batchnorm=True))
+    sync = [m for m in converted.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert len(sync) == 1 and sync[0].process_group is node_handle
+    per_process = LocalSGDStrategy()
+    per_process._layer_sync = TorchSyncBatchNorm()
+    with pytest.raises(ValueError, match="sync_batchnorm=True would allreduce batch statistics over every process"):
+        per_process._check_layer_sync()
+
+
 def test_a_node_size_that_does_not_divide_the_world_is_refused():
     with pytest.raises(ValueError, match="5 processes do not divide into 2 nodes"):
         replica_group(5, 2, 0, Group(None, [0, 1], 0), timedelta(seconds=1))
@@ -176,6 +197,7 @@ def test_two_nodes_of_two_ranks_follow_a_plain_torch_replay_and_per_process_loca
             "steps": 8,
         },
         *({"name": k, "algorithm": "diloco", "kwargs": v, "steps": steps} for k, v in variants.items()),
+        {"name": "validate", "algorithm": "periodic", "kwargs": {"sync_every": h}, "steps": 8, "val_every": 3},
         {
             "name": "diloco_int8",
             "algorithm": "diloco",
@@ -187,7 +209,9 @@ def test_two_nodes_of_two_ranks_follow_a_plain_torch_replay_and_per_process_loca
     groups = run_ranks("tests.scenarios_groups:fit_groups", world=4, nodes=2, runs=runs)
     fabric_runs = [run for run in runs if run["name"] in ("periodic", "diloco_overlap")]
     fabric = run_ranks("tests.scenarios_groups:fabric_groups", world=4, nodes=2, runs=fabric_runs)
-    reference_runs = [{**run, "groups": False, "monitors": False} for run in runs if run["name"] != "diloco_int8"]
+    reference_runs = [
+        {**run, "groups": False, "monitors": False} for run in runs if run["name"] not in ("diloco_int8", "validate")
+    ]
     reference = run_ranks("tests.scenarios_groups:fit_groups", world=2, nodes=2, runs=reference_runs)
 
     # the module is DDP-wrapped over each node, and the algorithm sees 2 replicas
@@ -215,6 +239,14 @@ def test_two_nodes_of_two_ranks_follow_a_plain_torch_replay_and_per_process_loca
             ref = reference[r["rank"] // 2][name]["after"]
             assert (r[name]["after"] - ref).abs().max() <= 1e-10, (name, r["rank"])
 
+    # validation at steps 3 and 6 (mid-round) sees the average of the two nodes, and training goes on untouched
+    for r in groups:
+        assert torch.equal(r["validate"]["after"], r["periodic"]["after"][:8])
+        assert len(r["validate"]["val_params"]) == 2
+        for i, step in enumerate((3, 6)):
+            mean = (groups[0]["validate"]["after"][step - 1] + groups[2]["validate"]["after"][step - 1]) / 2
+            assert (r["validate"]["val_params"][i] - mean).abs().max() <= 1e-12, (r["rank"], step)
+
     # Fabric's front end, the same runs written as a Fabric loop
     for r, f in zip(groups, fabric, strict=True):
         for run in fabric_runs:
@@ -238,12 +270,19 @@ def test_two_nodes_of_two_ranks_follow_a_plain_torch_replay_and_per_process_loca
     assert per_node == 3 * (N_PARAMS + 4) * 8.0
 
 
-def test_replica_groups_resume_exactly_mid_round():
-    """A checkpoint at step 6 (H = 4: mid-round, a sync in flight) resumed by a new Trainer continues bit for bit."""
+def test_replica_groups_resume_exactly_mid_round_and_on_another_world_size(tmp_path):
+    """A checkpoint at step 6 (H = 4: mid-round) resumed by a new Trainer continues bit for bit on 2 nodes × 2;
+    on 2 nodes × 1 every rank starts from the consensus (the two nodes' average)."""
     run = {"algorithm": "diloco", "kwargs": {"sync_every": 4, "outer_momentum": 0.5, "overlap_steps": 1}}
-    runs = [{**run, "name": "run", "steps": 12, "epoch": 6, "resume_at": 6}]  # step 6 ends an epoch
+    runs = [{**run, "name": "run", "steps": 12, "epoch": 6, "resume_at": 6, "checkpoint_dir": str(tmp_path)}]
     ranks = run_ranks("tests.scenarios_groups:fit_groups", world=4, nodes=2, runs=runs)
     for r in ranks:
         straight, resumed = r["run"]["after"], r["run"]["resumed"]
         assert resumed.shape == (6, N_PARAMS)
         assert torch.equal(resumed, straight[6:]), r["rank"]
+    smaller = [{**run, "name": "run", "steps": 12, "epoch": 6, "resume_from": str(tmp_path / "epoch=0-step=6.ckpt")}]
+    two = run_ranks("tests.scenarios_groups:fit_groups", world=2, nodes=2, runs=smaller)
+    consensus = (ranks[0]["run"]["after"][5] + ranks[2]["run"]["after"][5]) / 2
+    for r in two:
+        assert (r["run"]["initial"] - consensus).abs().max() <= 1e-12
+        assert r["run"]["after"].shape == (6, N_PARAMS)  # steps 7..12

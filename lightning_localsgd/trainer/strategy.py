@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import Trainer
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
@@ -216,6 +217,19 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
                 self.world_size, self.num_nodes, self.global_rank, self._node_group, self._timeout, self._groups
             )
 
+    def _check_layer_sync(self) -> None:
+        """``Trainer(sync_batchnorm=True)``: batch statistics synchronized inside the replica, never across nodes."""
+        if self._layer_sync is None:
+            return
+        if self._within_node is None:
+            raise ValueError(
+                "sync_batchnorm=True would allreduce batch statistics over every process at every forward "
+                "pass, the per-step traffic LocalSGDStrategy avoids: drop it, or use "
+                "LocalSGDStrategy(within_node='ddp') to synchronize BatchNorm inside each node"
+            )
+        if isinstance(self._layer_sync, TorchSyncBatchNorm):
+            self._layer_sync = NodeSyncBatchNorm(self._node_group.handle)
+
     def _new_replica_group(self) -> Group:
         """A fresh replica group (its own cross and node groups) for the background thread's syncs."""
         node = node_groups(self.world_size, self.num_nodes, self.global_rank, self._timeout, created=self._groups)
@@ -253,6 +267,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             type(self._engine.algorithm).__name__,
         )
         self._engine.check(self)
+        self._check_layer_sync()
         if self._fault_tolerance is not None:
             self._fault_tolerance.check_supported(self._engine, self._comm)
         needs_background = self._engine.algorithm.overlap_steps > 0 and self._replica_world.size > 1
@@ -429,6 +444,17 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
                 start_method=start_method,
                 comm_dtype=comm_dtype,
             )
+
+
+class NodeSyncBatchNorm(TorchSyncBatchNorm):
+    """``sync_batchnorm=True`` under replica groups: BatchNorm statistics synchronized over the node's processes."""
+
+    def __init__(self, process_group: Any) -> None:
+        self.process_group = process_group
+
+    @override
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=self.process_group)
 
 
 LocalSGDStrategy.register_strategies(StrategyRegistry)
