@@ -97,7 +97,8 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         within_node: ``None`` (every process is a replica) or ``"ddp"`` (every node is one replica:
             ``fabric.setup`` wraps the model in ``DistributedDataParallel`` over the node's processes
             and the algorithm syncs across nodes; see the Trainer's ``LocalSGDStrategy`` and
-            docs/multinode.md). ``**ddp_kwargs`` go to ``DistributedDataParallel``.
+            docs/multinode.md).
+        ddp_kwargs: arguments of ``DistributedDataParallel`` under ``within_node="ddp"``.
         accelerator, parallel_devices, cluster_environment, precision, process_group_backend,
         start_method: as in Fabric's ``DDPStrategy``.
     """
@@ -120,8 +121,9 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
         within_node: Literal["ddp"] | None = None,
-        **ddp_kwargs: Any,
+        ddp_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        ddp_kwargs = dict(ddp_kwargs or {})
         check_within_node(within_node, ddp_kwargs)
         super().__init__(
             accelerator=accelerator,

@@ -113,6 +113,10 @@ def test_known_overlays_values(tmp_path):
     assert cli.trainer.strategy.comm.comm_dtype is torch.bfloat16
     assert algorithm(cli).sync_every == 8
 
+    cli = parse(base, d / "localsgd_groups.yaml", tmp_path=tmp_path)
+    assert cli.trainer.strategy.within_node == "ddp"
+    assert (algorithm(cli).sync_every, algorithm(cli).overlap_steps) == (8, 7)
+
     algo = algorithm(parse(base, d / "diloco.yaml", tmp_path=tmp_path))
     assert type(algo).__name__ == "DiLoCo" and algo.sync_every == 8
     outer = algo.outer_factory([torch.zeros(1, requires_grad=True)])  # the default outer SGD from the YAML values

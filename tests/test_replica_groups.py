@@ -36,16 +36,16 @@ def test_within_node_values_and_ddp_arguments_are_checked_at_construction():
         LocalSGDStrategy(within_node="fsdp")
     with pytest.raises(ValueError, match="within_node must be"):
         LocalSGDStrategy(within_node="node")
-    with pytest.raises(TypeError, match="need within_node='ddp'"):
-        LocalSGDStrategy(find_unused_parameters=True)
-    with pytest.raises(TypeError, match=r"unknown arguments \['bucket_size'\]"):
-        LocalSGDStrategy(within_node="ddp", bucket_size=25)
-    with pytest.raises(TypeError, match="process_group and device_ids are the strategy's"):
-        LocalSGDStrategy(within_node="ddp", process_group=None)
+    with pytest.raises(TypeError, match="ddp_kwargs=.* needs within_node='ddp'"):
+        LocalSGDStrategy(ddp_kwargs={"find_unused_parameters": True})
+    with pytest.raises(TypeError, match=r"ddp_kwargs holds \['bucket_size'\], which DistributedDataParallel does not"):
+        LocalSGDStrategy(within_node="ddp", ddp_kwargs={"bucket_size": 25})
+    with pytest.raises(TypeError, match=r"ddp_kwargs holds \['process_group'\].*the strategy sets"):
+        LocalSGDStrategy(within_node="ddp", ddp_kwargs={"process_group": None})
     with pytest.raises(ValueError, match="fault_tolerance with within_node='ddp' is not supported yet"):
         ft = TorchFT(lighthouse_addr="http://127.0.0.1:29510", replica_id=0)
         LocalSGDStrategy(within_node="ddp", fault_tolerance=ft)
-    strategy = LocalSGDStrategy(within_node="ddp", find_unused_parameters=True, bucket_cap_mb=4)
+    strategy = LocalSGDStrategy(within_node="ddp", ddp_kwargs={"find_unused_parameters": True, "bucket_cap_mb": 4})
     assert strategy.within_node == "ddp"
     assert strategy._ddp_kwargs == {"find_unused_parameters": True, "bucket_cap_mb": 4}
     assert LocalSGDStrategy().within_node is None

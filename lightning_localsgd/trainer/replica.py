@@ -77,7 +77,6 @@ class ReplicaStrategy(WaitsForBackgroundSyncs, DDPStrategy):
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
-        **ddp_kwargs: Any,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -88,7 +87,6 @@ class ReplicaStrategy(WaitsForBackgroundSyncs, DDPStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
-            **ddp_kwargs,  # DistributedDataParallel's arguments, for a subclass that wraps (within_node="ddp")
         )
         self.init_timeout = check_seconds("init_timeout", init_timeout)
         if timeout is not None:

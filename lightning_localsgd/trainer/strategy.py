@@ -92,8 +92,9 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             the fast link inside the node, overlapped with backward), and the consensus algorithm
             syncs across nodes only. At a sync each of a node's k processes averages 1/k of the
             model with its peers on the other nodes, then the node all-gathers the slices: one
-            model's worth per node crosses the slow link. ``**ddp_kwargs`` go to
-            ``DistributedDataParallel`` as with Lightning's ``DDPStrategy``.
+            model's worth per node crosses the slow link.
+        ddp_kwargs: arguments of ``DistributedDataParallel`` under ``within_node="ddp"`` (what
+            Lightning's ``DDPStrategy(**kwargs)`` takes, e.g. ``{"find_unused_parameters": True}``).
         fault_tolerance: :class:`~lightning_localsgd.TorchFT` (any
             :class:`~lightning_localsgd.trainer.plugins.FaultTolerancePlugin`) to make this job one
             replica group of a torchft job: syncs go through torchft rounds, groups may die and come
@@ -125,8 +126,9 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
         fault_tolerance: FaultTolerancePlugin | None = None,
         within_node: Literal["ddp"] | None = None,
-        **ddp_kwargs: Any,
+        ddp_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        ddp_kwargs = dict(ddp_kwargs or {})
         check_within_node(within_node, ddp_kwargs, fault_tolerance is not None)
         super().__init__(
             comm_dtype=comm_dtype,
@@ -140,8 +142,8 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             timeout=timeout,
             start_method=start_method,
             init_timeout=init_timeout,
-            **ddp_kwargs,
         )
+        self._ddp_kwargs = ddp_kwargs  # DistributedDataParallel's arguments (within_node="ddp")
         self._within_node = within_node
         self._replica_world: Group = self._world_group  # the group the algorithm syncs over
         # Arguments of the default PeriodicAveraging, validated now by building it once.

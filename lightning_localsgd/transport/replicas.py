@@ -102,16 +102,16 @@ def check_within_node(within_node: Any, ddp_kwargs: Mapping[str, Any], fault_tol
         )
     if ddp_kwargs and within_node is None:
         raise TypeError(
-            f"LocalSGDStrategy got {sorted(ddp_kwargs)}: DistributedDataParallel arguments need within_node='ddp' "
-            "(without it the module is not wrapped in DDP); pass within_node='ddp' or drop them"
+            f"ddp_kwargs={dict(ddp_kwargs)} needs within_node='ddp' (without it the module is not wrapped in "
+            "DistributedDataParallel): pass within_node='ddp' or drop ddp_kwargs"
         )
     accepted = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module", "device_ids"}
     accepted -= {"process_group", "output_device"}
     unknown = sorted(set(ddp_kwargs) - accepted)
     if unknown:
         raise TypeError(
-            f"LocalSGDStrategy got unknown arguments {unknown}; DistributedDataParallel takes {sorted(accepted)} "
-            "(process_group and device_ids are the strategy's: the node's processes, this rank's device)"
+            f"ddp_kwargs holds {unknown}, which DistributedDataParallel does not take or the strategy sets "
+            f"(process_group: the node's processes; device_ids: this rank's device). It takes {sorted(accepted)}"
         )
     if within_node is not None and fault_tolerant:
         raise ValueError(
