@@ -20,7 +20,15 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_localsgd import CommStats, DiLoCo, LocalSGDStrategy, PeriodicAveraging, ReplicaDrift
+from lightning_localsgd import (
+    CommStats,
+    DiLoCo,
+    ElasticAveraging,
+    LocalSGDStrategy,
+    ModifiedLocalGD,
+    PeriodicAveraging,
+    ReplicaDrift,
+)
 from lightning_localsgd.transport.collectives import Collectives, Group
 from lightning_localsgd.transport.replicas import node_groups, replica_group
 from tests.models import Recorder, TinyNet, flat_params, trainer_kwargs
@@ -67,7 +75,13 @@ class Initial(Callback):
 
 
 def _algorithm(name: str, kwargs: dict[str, Any]) -> Any:
-    return {"periodic": PeriodicAveraging, "diloco": DiLoCo}[name](**kwargs)
+    classes = {
+        "periodic": PeriodicAveraging,
+        "diloco": DiLoCo,
+        "modified_localgd": ModifiedLocalGD,
+        "easgd": ElasticAveraging,
+    }
+    return classes[name](**kwargs)
 
 
 def fit_groups(

@@ -197,6 +197,18 @@ def test_two_nodes_of_two_ranks_follow_a_plain_torch_replay_and_per_process_loca
             "steps": 8,
         },
         *({"name": k, "algorithm": "diloco", "kwargs": v, "steps": steps} for k, v in variants.items()),
+        {
+            "name": "modified_localgd",
+            "algorithm": "modified_localgd",
+            "kwargs": {"sync_every": h, "prox": 0.3},
+            "steps": 8,
+        },
+        {
+            "name": "easgd",
+            "algorithm": "easgd",
+            "kwargs": {"sync_every": h, "beta": 0.5},
+            "steps": 8,
+        },  # α = β / 2 nodes
         {"name": "validate", "algorithm": "periodic", "kwargs": {"sync_every": h}, "steps": 8, "val_every": 3},
         {
             "name": "diloco_int8",
