@@ -60,14 +60,25 @@ TRAIN_KINDS = ("sync", "grad", "leader", "gradalign")
 
 # ====================================================================== launching
 def launch_ranks(
-    module: str, cfg: dict[str, Any], world: int, nodes: int = 1, *, timeout: float, link: str | None = None
+    module: str,
+    cfg: dict[str, Any],
+    world: int,
+    nodes: int = 1,
+    *,
+    timeout: float,
+    link: str | None = None,
+    node_namespaces: bool = False,
+    independent_nodes: bool = False,
+    traffic: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]] | None, str]:
     """Run ``python -m <module> --worker cfg.json`` on ``world`` processes as ``nodes`` nodes.
 
     The worker reads ``cfg`` plus ``out_dir``, ``world``, ``nodes`` and ``per_node`` and writes
     ``rank<r>.json`` (:func:`recipes.launch.run_rank_from_file`). ``link`` (e.g. ``"100mbit"``) puts
-    the ranks behind a shaped loopback. Returns every rank's result in rank order and ``""``, or
-    ``None`` and the tail of every rank's log.
+    the ranks behind a shaped loopback. ``node_namespaces`` / ``independent_nodes``: two simulated
+    nodes joined by a link of ``link`` / each node its own job (:func:`recipes.launch.run_local_ranks`);
+    ``traffic`` (a dict) then receives the run's bytes per path. Returns every rank's result in rank
+    order and ``""``, or ``None`` and the tail of every rank's log.
     """
     per_node = world // nodes
     with tempfile.TemporaryDirectory(prefix=f"{module.rsplit('.', 1)[-1]}_") as tmp:
@@ -76,11 +87,23 @@ def launch_ranks(
         cfg_path.write_text(json.dumps(cfg))
         cmd = [sys.executable, "-m", module, "--worker", str(cfg_path)]
         try:
-            run_local_ranks(
-                cmd, world, nodes, log_dir=tmp, timeout=timeout, cwd=ROOT, pythonpath=ROOT, log_tail=4000, link=link
+            paths = run_local_ranks(
+                cmd,
+                world,
+                nodes,
+                log_dir=tmp,
+                timeout=timeout,
+                cwd=ROOT,
+                pythonpath=ROOT,
+                log_tail=4000,
+                link=link,
+                node_namespaces=node_namespaces,
+                independent_nodes=independent_nodes,
             )
         except RuntimeError as err:
             return None, str(err)
+        if traffic is not None and paths is not None:
+            traffic.update(paths)
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)], ""
 
 

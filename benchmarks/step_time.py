@@ -50,6 +50,42 @@ Run (the variants run one after another, ``--world`` processes each)::
 
 Writes ``benchmarks/results/<name>/step_time.json`` (raw numbers and ratios) and
 ``step_time.png``, and prints a table. Nothing is asserted: the targets are reported.
+
+**Two nodes.** ``--nodes 2`` runs ``--world`` (default 4) ranks as 2 simulated nodes × ``world/2``
+ranks (:func:`recipes.launch.two_nodes`): each node a private network namespace with an unshaped
+loopback, the two joined by a veth pair shaped at ``--link`` on both ends (no ``--link``: an
+unshaped veth). Same-node pairs talk over the node's loopback, cross-node pairs over the veth. Root
+and iproute2 are needed; without them the benchmark says so and stops. Every variant trains with
+``Trainer(devices=world/2, num_nodes=2)``; the variants (default: all of these)::
+
+==========================  ======================================================================
+floor                       as above: no communication inside the measured window
+node_ddp                    node-local DDP: each node its own independent ``world/2``-rank DDP job
+                            (its own ``MASTER_ADDR``/port), both started at once, nothing crosses
+                            nodes: the floor that replica groups are measured against
+ddp                         Lightning's DDP over all ranks (gradient allreduce across the link)
+localsgd_H8                 per-process local SGD: every rank a replica (``LocalSGDStrategy``)
+groups_localsgd_H8          replica groups: ``LocalSGDStrategy(within_node="ddp")`` +
+                            ``PeriodicAveraging(8)``: DDP inside each node, the replicas (one per
+                            node) averaged across the link every 8 steps
+groups_localsgd_H8_tau7     the same with ``overlap_steps=7``
+groups_diloco_H8_tau7       ``DiLoCo(8, overlap_steps=7)`` across nodes, DDP inside them
+==========================  ======================================================================
+
+Any name of the grammar above, prefixed with ``groups_``, is a replica-groups variant
+(``groups_{localsgd|diloco}_H{h}[_P{p}][_tau{t}][_{dtype}]``); ``node_ddp`` and ``groups_*`` need
+``--nodes 2``. Measured per variant, besides the step times and the library's counter: the first
+rank of each node reads its namespace's ``/proc/net/dev`` at the start of the first and the end of
+the last measured step, giving **cross-node bytes per step per node** (veth tx) and **intra-node
+bytes per step per node** (loopback tx); the harness also records each launch's whole-run totals
+(``runs[...]["traffic"]``). Step-time ratios are the slowest rank's mean step against the floor's
+and against ``node_ddp``'s. For ``ddp`` the ring estimate 2·(m−1)/m·B (B = fp32 gradient bytes, m =
+ranks) is printed beside the measured veth and loopback bytes: gloo's ring crosses each path once
+per node. Run::
+
+    python -m benchmarks.step_time --nodes 2 --link 1gbit --name two_nodes_1gbit     # all of the above
+    python -m benchmarks.step_time --nodes 2 --link 1gbit --world 4 --steps 16 --warmup 4 \
+        --variants floor,node_ddp,ddp,localsgd_H8 --name smoke_2node                  # a quick check
 """
 
 from __future__ import annotations
@@ -67,7 +103,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, environment, fmt, launch_ranks, loadavg
-from recipes.launch import LinkUnavailable, check_link_support, describe_link, read_loopback_bytes, run_rank_from_file
+from recipes.launch import (
+    LinkUnavailable,
+    check_link_support,
+    describe_link,
+    describe_node_link,
+    read_interface_bytes,
+    read_loopback_bytes,
+    run_rank_from_file,
+)
+
+TWO_NODE_VARIANTS = "floor,node_ddp,ddp,localsgd_H8,groups_localsgd_H8,groups_localsgd_H8_tau7,groups_diloco_H8_tau7"
+"""The default ``--variants`` with ``--nodes 2``."""
 
 
 # ====================================================================== shared helpers
@@ -84,7 +131,7 @@ def variant_specs(hs: list[int], bf16_h: list[int], postlocal_period: int) -> di
     return specs
 
 
-_VARIANT = re.compile(r"^(localsgd|diloco)_H(\d+)(?:_P(\d+))?(?:_tau(\d+))?(?:_(bfloat16|bf16|int8|int4))?$")
+_VARIANT = re.compile(r"^(groups_)?(localsgd|diloco)_H(\d+)(?:_P(\d+))?(?:_tau(\d+))?(?:_(bfloat16|bf16|int8|int4))?$")
 
 
 def parse_variant(name: str) -> dict[str, Any] | None:
@@ -92,9 +139,9 @@ def parse_variant(name: str) -> dict[str, Any] | None:
     m = _VARIANT.match(name)
     if m is None:
         return None
-    algorithm, h, p, tau, dtype = m.groups()
+    groups, algorithm, h, p, tau, dtype = m.groups()
     dtype = "bfloat16" if dtype == "bf16" else dtype
-    return {
+    spec: dict[str, Any] = {
         "kind": "localsgd",
         "algorithm": "periodic" if algorithm == "localsgd" else "diloco",
         "H": int(h),
@@ -102,6 +149,9 @@ def parse_variant(name: str) -> dict[str, Any] | None:
         "overlap_steps": int(tau or 0),
         "comm_dtype": dtype,
     }
+    if groups:
+        spec["within_node"] = "ddp"
+    return spec
 
 
 # ====================================================================== one rank (worker process)
@@ -120,8 +170,14 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
     from lightning_localsgd import LocalSGDStrategy
 
     torch.set_num_threads(1)
-    world = int(os.environ["WORLD_SIZE"])
-    rank = int(os.environ["NODE_RANK"]) * (world // cfg["nodes"]) + int(os.environ["LOCAL_RANK"])
+    world = int(os.environ["WORLD_SIZE"])  # this job's: ranks per node for node_ddp (one job per node)
+    per_node = cfg.get("per_node") or world // cfg["nodes"]
+    node = int(os.environ.get("LOCALSGD_NODE", os.environ["NODE_RANK"]))  # the simulated node, whatever the job
+    rank = node * per_node + int(os.environ["LOCAL_RANK"])  # index among all ranks of the launch
+    two_nodes = cfg["nodes"] > 1 and "GLOO_SOCKET_IFNAME" in os.environ  # in recipes.launch.two_nodes
+    reads_lo = rank == 0 and not two_nodes  # the machine's (or shaped namespace's) loopback: all ranks' bytes
+    reads_node = two_nodes and int(os.environ["LOCAL_RANK"]) == 0  # this node's veth and loopback
+    veth = os.environ.get("GLOO_SOCKET_IFNAME", "")
     spec = cfg["variant"]
     warmup, steps = cfg["warmup"], cfg["steps"]
     total = warmup + steps
@@ -175,7 +231,8 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
             comm = getattr(trainer.strategy, "comm", None)
             c = comm.counters if comm is not None else None
             return {
-                "lo": read_loopback_bytes() if rank == 0 else None,
+                "lo": read_loopback_bytes() if reads_lo else None,
+                "node": {"veth": read_interface_bytes(veth), "lo": read_loopback_bytes()} if reads_node else None,
                 "counter_bytes": dict(c.bytes_by_purpose) if c else None,
                 "counter_seconds": dict(c.seconds_by_purpose) if c else None,
                 "counter_calls": dict(c.calls_by_purpose) if c else None,
@@ -191,14 +248,14 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
             if trainer.global_step == warmup:  # first measured step: counters before the clock starts
                 self.start = self.snapshot(trainer)
             self._bytes0 = self.bytes_now(trainer)
-            lo = read_loopback_bytes() if rank == 0 else None
+            lo = read_loopback_bytes() if reads_lo else None
             self._lo0 = lo[1] if lo else 0
             self._t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
             self.times.append(time.perf_counter() - self._t0)
             self.step_bytes.append(self.bytes_now(trainer) - self._bytes0)
-            lo = read_loopback_bytes() if rank == 0 else None
+            lo = read_loopback_bytes() if reads_lo else None
             self.step_lo.append(lo[1] - self._lo0 if lo else 0)
             if trainer.global_step == total:  # last measured step done
                 self.end = self.snapshot(trainer)
@@ -214,10 +271,13 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
 
         algorithm_cls = PeriodicAveraging if spec["algorithm"] == "periodic" else DiLoCo
         callbacks.append(algorithm_cls(spec["H"], fragments=spec["fragments"], overlap_steps=spec["overlap_steps"]))
-        strategy = LocalSGDStrategy(comm_dtype=spec["comm_dtype"], timeout=timeout)
+        if spec.get("within_node"):  # replica groups: one replica per node
+            strategy = LocalSGDStrategy(within_node=spec["within_node"], comm_dtype=spec["comm_dtype"], timeout=timeout)
+        else:
+            strategy = LocalSGDStrategy(comm_dtype=spec["comm_dtype"], timeout=timeout)
     elif kind == "localsgd":
         strategy = LocalSGDStrategy(sync_every=spec["H"], comm_dtype=spec["comm_dtype"], timeout=timeout)
-    elif kind == "ddp":
+    elif kind in ("ddp", "node_ddp"):  # node_ddp: the same, in a job of this node's ranks only
         strategy = DDPStrategy(timeout=timeout)
     elif kind == "postlocal":
         from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import (
@@ -239,8 +299,8 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
     timer = StepTimer()
     trainer = Trainer(
         accelerator="cpu",
-        devices=world,
-        num_nodes=1,
+        devices=per_node,  # one node: every rank (world)
+        num_nodes=world // per_node,
         strategy=strategy,
         max_steps=total,
         logger=False,
@@ -266,12 +326,23 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
     if timer.start["lo"] is not None and timer.end["lo"] is not None:
         lo = {"rx": timer.end["lo"][0] - timer.start["lo"][0], "tx": timer.end["lo"][1] - timer.start["lo"][1]}
     params = [p for p in model.parameters() if p.requires_grad]
+    extra: dict[str, Any] = {}
+    if two_nodes:
+        extra["node"] = node
+        if reads_node:
+            a, b = timer.start["node"], timer.end["node"]
+            extra["node_bytes"] = {
+                path: {"rx": b[path][0] - a[path][0], "tx": b[path][1] - a[path][1]}
+                for path in ("veth", "lo")
+                if a[path] is not None and b[path] is not None
+            }
     return {
+        **extra,
         "rank": rank,
         "step_times_all": timer.times,
         "step_times": timer.times[warmup:],
         "step_bytes": timer.step_bytes[warmup:],
-        "step_lo_bytes": timer.step_lo[warmup:] if rank == 0 else None,
+        "step_lo_bytes": timer.step_lo[warmup:] if reads_lo else None,
         "wait_seconds": trainer.strategy.comm.counters.wait_seconds if hasattr(trainer.strategy, "comm") else None,
         "window_seconds": timer.end["perf_counter"] - timer.start["perf_counter"],
         "lo_bytes": lo,
@@ -369,11 +440,21 @@ def summarize(name: str, spec: dict[str, Any], runs: list[dict[str, Any]], steps
             n_sync = len(sync_t) / world  # sync steps per rank, all repeats
             coll = out.get("counter_seconds_per_step_by_kind", {}).get("sync")
             out["collective_seconds_per_sync"] = coll * measured / n_sync if coll is not None else None
+    # two nodes: each node's first rank read its veth (cross-node) and loopback (intra-node) over the window
+    nodes = [rank["node_bytes"] for r in ok for rank in r["ranks"] if rank.get("node_bytes")]
+    if nodes:
+        per_node = world // len({rank.get("node", 0) for rank in ok[0]["ranks"]})
+        for key, path in (("cross_node", "veth"), ("intra_node", "lo")):
+            by_node = [n[path]["tx"] / steps for n in nodes if path in n]
+            out[f"{key}_bytes_per_step_per_node"] = statistics.fmean(by_node) if by_node else None
+            out[f"{key}_bytes_per_step_by_node"] = by_node
+        if out.get("counter_bytes_per_step") is not None:
+            out["counter_bytes_per_step_per_node"] = out["counter_bytes_per_step"] * per_node
     first = ok[0]["ranks"][0]
     out["num_params"] = first["num_params"]
     out["param_bytes"] = first["param_bytes"]
     out["num_float_buffers"] = first["num_float_buffers"]
-    if spec["kind"] == "localsgd":
+    if spec["kind"] == "localsgd" and not spec.get("within_node"):
         per_value = {"bfloat16": 0.5, "int8": (1 + 4 / 128) / 4, "int4": (0.5 + 4 / 128) / 4}
         out["expected_bytes_ratio_vs_ddp"] = per_value.get(spec["comm_dtype"], 1.0) / spec["H"]
     elif spec["kind"] == "floor":
@@ -385,6 +466,7 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
     """Step time / floor's and bytes per step / DDP's, in place; returns the targets' verdicts."""
     floor = summary.get("floor", {})
     ddp = summary.get("ddp", {})
+    node_ddp = summary.get("node_ddp", {})
     ddp_estimate = None
     any_ok = next((s for s in summary.values() if "param_bytes" in s), None)
     if any_ok is not None:
@@ -400,6 +482,11 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
             s["step_time_ratio_slowest_rank_vs_floor"] = (
                 s["slowest_rank_step_time_s"] / floor["slowest_rank_step_time_s"]
             )
+        if s.get("slowest_rank_step_time_s") and node_ddp.get("slowest_rank_step_time_s"):  # --nodes 2
+            s["step_time_ratio_slowest_rank_vs_node_ddp"] = (
+                s["slowest_rank_step_time_s"] / node_ddp["slowest_rank_step_time_s"]
+            )
+            s["step_time_ratio_mean_vs_node_ddp"] = s["step_time_mean_s"] / node_ddp["step_time_mean_s"]
         lo, ddp_lo = s.get("lo_bytes_per_step_per_rank"), ddp.get("lo_bytes_per_step_per_rank")
         if lo is not None and ddp_lo:
             s["bytes_ratio_lo_vs_ddp"] = lo / ddp_lo
@@ -418,6 +505,17 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
                         s["sync_extra_seconds"] - s["collective_seconds_per_sync"]
                     )
     targets: dict[str, Any] = {"ddp_bytes_per_step_estimate": ddp_estimate}
+    if ddp.get("cross_node_bytes_per_step_per_node") is not None and ddp_estimate:
+        # gloo's ring over ranks 0..m-1 laid out node by node: each node's veth carries one rank's ring
+        # traffic (its last rank's sends to the next node), its loopback the sends between its own ranks
+        targets["ddp_two_node_paths_vs_ring"] = {
+            "ring_estimate_bytes": ddp_estimate,
+            "cross_node_bytes_per_step_per_node": ddp["cross_node_bytes_per_step_per_node"],
+            "intra_node_bytes_per_step_per_node": ddp.get("intra_node_bytes_per_step_per_node"),
+            "cross_over_ring": ddp["cross_node_bytes_per_step_per_node"] / ddp_estimate,
+            "intra_over_ring_times_links": (ddp.get("intra_node_bytes_per_step_per_node") or 0.0)
+            / (ddp_estimate * max(1, world // 2 - 1)),
+        }
     h8 = summary.get("localsgd_H8", {})
     if "step_time_ratio_mean_vs_floor" in h8:
         targets["localsgd_H8_step_time_vs_floor"] = {
@@ -496,6 +594,112 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
             f"{fmt(s.get('expected_bytes_ratio_vs_ddp'), 1, 4):>8} {fmt(s.get('lo_over_counter'), 1, 3):>6}"
         )
     return "\n".join(lines)
+
+
+def table_two_nodes(summary: dict[str, dict[str, Any]]) -> str:
+    """The ``--nodes 2`` table: step time against the floor and node-local DDP, bytes per path."""
+    head = (
+        f"{'variant':<24} {'slowest ms':>10} {'x floor':>8} {'x node_ddp':>10} {'mean ms':>8} "
+        f"{'cross MB/step/node':>18} {'intra MB/step/node':>18} {'counter MB/step/rank':>20} {'(per node)':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, s in summary.items():
+        if "step_time_mean_s" not in s:
+            lines.append(f"{name:<24} FAILED")
+            continue
+        lines.append(
+            f"{name:<24} {fmt(s.get('slowest_rank_step_time_s'), 1e3, 1):>10} "
+            f"{fmt(s.get('step_time_ratio_slowest_rank_vs_floor')):>8} "
+            f"{fmt(s.get('step_time_ratio_slowest_rank_vs_node_ddp')):>10} "
+            f"{fmt(s['step_time_mean_s'], 1e3, 1):>8} "
+            f"{fmt(s.get('cross_node_bytes_per_step_per_node'), 1e-6, 3):>18} "
+            f"{fmt(s.get('intra_node_bytes_per_step_per_node'), 1e-6, 3):>18} "
+            f"{fmt(s.get('counter_bytes_per_step'), 1e-6, 3):>20} "
+            f"{fmt(s.get('counter_bytes_per_step_per_node'), 1e-6, 3):>10}"
+        )
+    return "\n".join(lines)
+
+
+def plot_two_nodes(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Step time against the floor and node-local DDP; bytes per step per node over each path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, s in summary.items() if "step_time_mean_s" in s]
+    x = list(range(len(names)))
+    w = 0.38
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for off, key, color, label in (
+        (-w / 2, "step_time_ratio_slowest_rank_vs_floor", "tab:blue", "slowest rank ÷ floor"),
+        (w / 2, "step_time_ratio_slowest_rank_vs_node_ddp", "tab:purple", "slowest rank ÷ node-local DDP"),
+    ):
+        values = [summary[n].get(key) for n in names]
+        if all(v is None for v in values):
+            continue
+        ax1.bar([i + off for i in x], [v or 0.0 for v in values], w, color=color, label=label)
+        for i, v in zip(x, values):
+            if v is not None:
+                ax1.annotate(f"{v:.2f}", (i + off, v), ha="center", va="bottom", fontsize=7)
+    ax1.axhline(1.0, color="gray", lw=0.8)
+    ax1.set_xticks(x, names, rotation=30, ha="right")
+    ax1.set_ylabel("step time ratio")
+    ax1.set_title("Step time (lower is better)")
+    ax1.legend(fontsize=8)
+    low = 1e-3  # MB; smaller values are drawn at the bottom of the log axis
+    for off, key, color, label in (
+        (-w / 2, "cross_node_bytes_per_step_per_node", "tab:red", "cross-node (veth)"),
+        (w / 2, "intra_node_bytes_per_step_per_node", "tab:green", "intra-node (loopback)"),
+    ):
+        values = [summary[n].get(key) for n in names]
+        ax2.bar([i + off for i in x], [max((v or 0.0) / 1e6, low) for v in values], w, color=color, label=label)
+    counter = [summary[n].get("counter_bytes_per_step_per_node") for n in names]
+    ax2.plot(
+        [i for i, c in zip(x, counter) if c],
+        [c / 1e6 for c in counter if c],
+        "kD",
+        ms=4,
+        label="library counter (all paths)",
+    )
+    ax2.set_yscale("log")
+    ax2.set_ylim(low, None)
+    ax2.set_xticks(x, names, rotation=30, ha="right")
+    ax2.set_ylabel("MB per step per node (log)")
+    ax2.set_title("Bytes per step per node, by path")
+    ax2.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_two_nodes(result: dict[str, Any], summary: dict[str, dict[str, Any]], json_path: Path, png: Path) -> None:
+    """The ``--nodes 2`` part of :func:`report`: plot, table and the DDP check of the bytes per path."""
+    cfg = result["config"]
+    world, nodes = cfg["world"], cfg["nodes"]
+    link = describe_node_link(cfg.get("link"))
+    title = (
+        f"{cfg['model']}, {cfg['image_size']}×{cfg['image_size']}, batch {cfg['batch_size']}/rank, {nodes} nodes × "
+        f"{world // nodes} CPU ranks (gloo), {cfg['steps']} measured steps after {cfg['warmup']}, repeats "
+        f"{cfg['repeats']}\nlink: {link}"
+    )
+    plot_two_nodes(summary, png, title)
+    print(f"\nnodes: {nodes} × {world // nodes} ranks; link: {link}")
+    print(table_two_nodes(summary))
+    print(
+        "\nslowest ms: the slowest rank's mean step; cross: veth tx of each node (sent to the other node); intra: "
+        "each node's loopback tx; counter: the library's CommCounters (LocalSGDStrategy variants)"
+    )
+    check = result["targets"].get("ddp_two_node_paths_vs_ring")
+    if check:
+        print(
+            f"ddp over {world} ranks: cross {fmt(check['cross_node_bytes_per_step_per_node'], 1e-6, 2)} MB/step/node, "
+            f"intra {fmt(check['intra_node_bytes_per_step_per_node'], 1e-6, 2)} MB/step/node; ring estimate "
+            f"2(m-1)/m*B = {fmt(check['ring_estimate_bytes'], 1e-6, 2)} MB per path (cross/ring "
+            f"{check['cross_over_ring']:.3f}, intra/ring {check['intra_over_ring_times_links']:.3f})"
+        )
+    print(f"\nwrote {json_path}\nwrote {png}\ntotal {result['total_seconds']:.0f} s")
 
 
 def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
@@ -588,7 +792,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=128, help="measured optimizer steps (a multiple of every H)")
     p.add_argument("--warmup", type=int, default=8, help="unmeasured optimizer steps first")
     p.add_argument("--repeats", type=int, default=1, help="run the whole list this many times (order rotated)")
-    p.add_argument("--world", type=int, default=2, help="processes per variant (one node, gloo, 127.0.0.1)")
+    p.add_argument(
+        "--world",
+        type=int,
+        default=None,
+        help="processes per variant (default 2: one node, gloo, 127.0.0.1; with --nodes 2: 4, as 2 nodes x 2)",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        help="2: two simulated nodes (network namespaces joined by a veth shaped at --link); see the docstring",
+    )
     p.add_argument("--variants", default=None, help="comma-separated subset of the variant names (default: all)")
     p.add_argument("--hs", default="1,8,64", help="sync periods H of the LocalSGDStrategy variants")
     p.add_argument("--bf16-h", default="8", help="H of the comm_dtype='bfloat16' variants ('' for none)")
@@ -627,8 +843,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ints = lambda s: [int(v) for v in s.split(",") if v.strip()]  # noqa: E731
     hs, bf16_h = ints(args.hs), ints(args.bf16_h)
+    two_nodes = args.nodes > 1
+    if args.world is None:
+        args.world = 4 if two_nodes else 2
     specs = variant_specs(hs, bf16_h, args.postlocal_period)
-    names = list(specs) if not args.variants else [v.strip() for v in args.variants.split(",") if v.strip()]
+    if two_nodes:
+        specs["node_ddp"] = {"kind": "node_ddp"}
+    default = TWO_NODE_VARIANTS if two_nodes and not args.variants else args.variants
+    names = list(specs) if not default else [v.strip() for v in default.split(",") if v.strip()]
     for n in names:
         if n not in specs and parse_variant(n) is not None:
             specs[n] = parse_variant(n)
@@ -636,18 +858,25 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(
             f"unknown variant(s) {unknown}; choose from {list(specs)} or spell one as "
-            "{localsgd|diloco}_H<h>[_P<fragments>][_tau<overlap>][_<bf16|int8|int4>]",
+            "[groups_]{localsgd|diloco}_H<h>[_P<fragments>][_tau<overlap>][_<bf16|int8|int4>]",
             file=sys.stderr,
         )
         return 2
-    if args.link is not None:
+    node_only = [n for n in names if n == "node_ddp" or specs[n].get("within_node")]
+    if node_only and not two_nodes:
+        print(f"{node_only} compare nodes: run them with --nodes 2", file=sys.stderr)
+        return 2
+    if args.link is not None or two_nodes:
         try:
-            check_link_support()
+            check_link_support(*(("two simulated nodes", "drop --nodes") if two_nodes else ()))
         except LinkUnavailable as err:
             print(f"skipped: {err}", file=sys.stderr)
             return 0
     if args.steps < 1 or args.warmup < 0 or args.world < 2 or args.repeats < 1:
         print("need --steps >= 1, --warmup >= 0, --world >= 2, --repeats >= 1", file=sys.stderr)
+        return 2
+    if args.world % args.nodes:
+        print(f"--world {args.world} must be a multiple of --nodes {args.nodes}", file=sys.stderr)
         return 2
     periods = {
         n: specs[n].get("H") or specs[n].get("period") for n in names if specs[n]["kind"] in ("localsgd", "postlocal")
@@ -671,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "postlocal_start": postlocal_start,
         "collective_timeout": args.collective_timeout,
-        "nodes": 1,
+        "nodes": args.nodes,
         "link": args.link,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -682,16 +911,21 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
-            bg = background_lo_rate(args.idle_probe)
+            # two nodes: the namespaces are private, nothing else talks there
+            bg = background_lo_rate(args.idle_probe) if not two_nodes else None
             load = loadavg()
             t = time.time()
+            traffic: dict[str, Any] = {}
             ranks, logs = launch_ranks(
                 "benchmarks.step_time",
                 dict(base_cfg, variant=specs[name]),
                 args.world,
-                1,
+                args.nodes,
                 timeout=timeout,
                 link=args.link,
+                node_namespaces=two_nodes,
+                independent_nodes=specs[name]["kind"] == "node_ddp",
+                traffic=traffic,
             )
             elapsed = time.time() - t
             runs[name].append(
@@ -702,6 +936,7 @@ def main(argv: list[str] | None = None) -> int:
                     "background_lo_bytes_per_s": bg,
                     "ranks": ranks,
                     "error": logs or None,
+                    **({"traffic": traffic} if two_nodes else {}),  # the whole launch's bytes per path
                 }
             )
             status = "ok" if ranks is not None else "FAILED"
@@ -727,7 +962,9 @@ def main(argv: list[str] | None = None) -> int:
             optimizer="SGD",
             data="synthetic randn, a pool of 8 batches per rank",
         ),
-        "environment": environment("timm", link=args.link),
+        "environment": dict(
+            environment("timm", link=args.link), **({"link": describe_node_link(args.link)} if two_nodes else {})
+        ),
         "notes": NOTES,
         "runs": runs,
     }
@@ -768,6 +1005,9 @@ def report(result: dict[str, Any], out_dir: Path) -> None:
     json_path = out_dir / "step_time.json"
     json_path.write_text(json.dumps(result, indent=1))
     png_path = out_dir / "step_time.png"
+    if cfg.get("nodes", 1) > 1:
+        report_two_nodes(result, summary, json_path, png_path)
+        return
     link = describe_link(cfg.get("link"))
     title = (
         f"{cfg['model']}, {cfg['image_size']}×{cfg['image_size']}, batch {cfg['batch_size']}/rank, {world} CPU "

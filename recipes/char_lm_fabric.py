@@ -38,7 +38,11 @@ def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m recipes.char_lm_fabric", description=__doc__.splitlines()[0])
-    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--devices", type=int, default=2, help="processes per node")
+    p.add_argument("--num-nodes", type=int, default=1, help="> 1: start every rank yourself (recipes.launch)")
+    p.add_argument(
+        "--within-node", choices=["ddp"], default=None, help="replica groups: DDP inside each node, the sync across"
+    )
     p.add_argument("--algorithm", choices=["periodic", "diloco"], default="diloco")
     p.add_argument("--sync-every", type=int, default=32)
     p.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo's outer Nesterov SGD")
@@ -86,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     else:
         algorithm = PeriodicAveraging(args.sync_every, overlap_steps=args.overlap_steps, fragments=args.fragments)
-    strategy = LocalSGDStrategy(algorithm=algorithm, comm_dtype=args.comm_dtype)
-    fabric = Fabric(accelerator="cpu", devices=args.devices, strategy=strategy)
+    strategy = LocalSGDStrategy(algorithm=algorithm, comm_dtype=args.comm_dtype, within_node=args.within_node)
+    fabric = Fabric(accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy)
     fabric.launch()
     torch.set_num_threads(1)
     fabric.seed_everything(args.seed)  # the same initial model everywhere (rank 0's is broadcast anyway)

@@ -20,6 +20,23 @@ iproute2 needed; without them the demo says so and stops). The link is named in 
 plot title and the results page (``docs/results/demo_<rate>.md``); the runs are then ``ddp``,
 ``localsgd`` (blocking), ``localsgd_overlap``, ``localsgd_streaming`` and ``diloco``, and the
 verdict asks ``localsgd_overlap`` to reach DDP's accuracy ``--speedup-target`` (8) times sooner.
+
+``--nodes 2`` runs every fine-tuning run on two simulated nodes (``recipes/launch.py two_nodes``:
+two network namespaces joined by a veth shaped at ``--link`` on both ends, each node's loopback
+unshaped; root and iproute2 needed) with ``--per-node`` ranks each (default 2; 1 gives today's 2
+processes), every rank started as a cluster launcher would (``NODE_RANK``, ``LOCAL_RANK``,
+``MASTER_ADDR`` = node 0's veth address, ``GLOO_SOCKET_IFNAME``; logs under
+``<results>/logs/<run>/rank<r>.log``). The runs are then ``ddp``, ``localsgd`` (per-process local
+SGD: every rank a replica), ``localsgd_overlap`` and ``localsgd_groups`` (replica groups,
+``configs/image_classification/localsgd_groups.yaml``: ``LocalSGDStrategy(within_node="ddp")``, DDP
+inside each node, the nodes' replicas averaged every 8 steps behind 7 local steps); any run named
+``<overlay>_groups`` is that overlay with ``within_node: ddp`` added to its strategy (unless
+``configs/image_classification/<overlay>_groups.yaml`` exists). The table adds the bytes each node
+sent over the link (``cross MB``, veth counters) and over its own loopback (``intra MB``), whole
+runs, beside the library's ``MB sent``; the verdict compares ``localsgd_groups`` with DDP (target
+1.3× unless ``--speedup-target``)::
+
+    python -m recipes.demo --nodes 2 --link 1gbit          # results in benchmarks/results/demo_2nodes_1gbit/
 """
 
 from __future__ import annotations
@@ -35,7 +52,16 @@ from typing import Any
 
 import yaml
 
-from .launch import describe_link, link_bits_per_second, recipe_env, shaped_link
+from .launch import (
+    LinkUnavailable,
+    check_link_support,
+    describe_link,
+    describe_node_link,
+    link_bits_per_second,
+    recipe_env,
+    run_local_ranks,
+    shaped_link,
+)
 from .measure import environment, time_held, time_to
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +69,8 @@ CONFIGS = ROOT / "configs" / "image_classification"
 DOCS = ROOT / "docs" / "results"
 DEFAULT_ALGORITHMS = "ddp,localsgd,diloco,modified_localgd,lsgd,easgd,gradalign"
 LINK_ALGORITHMS = "ddp,localsgd,localsgd_overlap,localsgd_streaming,diloco"  # the default with --link
+NODES_ALGORITHMS = "ddp,localsgd,localsgd_overlap,localsgd_groups"  # the default with --nodes 2
+GROUPS_SUFFIX = "_groups"  # <overlay>_groups: the overlay with LocalSGDStrategy(within_node="ddp")
 DEFAULT_CACHE = Path(os.environ.get("LIGHTNING_LOCALSGD_CACHE", "~/.cache/lightning-localsgd")).expanduser()
 
 
@@ -83,6 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replot", action="store_true", help="redraw the table, PNG (and --docs) from demo.json; no runs")
     p.add_argument("--link", default=None, help="run every process pair behind a shaped loopback of this rate (1gbit)")
     p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        help="2: two simulated nodes (network namespaces) joined by a veth shaped at --link; loopback inside each",
+    )
+    p.add_argument("--per-node", type=int, default=2, help="ranks per node with --nodes 2 (default 2)")
+    p.add_argument(
         "--verdict-run",
         default=None,
         help="the run the verdict compares with ddp (default localsgd; with --link localsgd_overlap)",
@@ -95,10 +131,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     shaped = args.link is not None
+    nodes = args.nodes > 1
     if shaped:
         link_bits_per_second(args.link)  # a clear error for a malformed rate, before anything runs
+    if nodes and args.per_node < 1:
+        raise SystemExit(f"--per-node must be at least 1, got {args.per_node}")
     if args.algorithms is None:
-        args.algorithms = LINK_ALGORITHMS if shaped else DEFAULT_ALGORITHMS
+        args.algorithms = NODES_ALGORITHMS if nodes else LINK_ALGORITHMS if shaped else DEFAULT_ALGORITHMS
     if args.evaluation is None:
         args.evaluation = "deferred" if shaped else "live"
     if args.evaluation == "deferred":
@@ -109,12 +148,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "consensus: drop them from --algorithms or use --evaluation live"
             )
     if args.verdict_run is None:
-        args.verdict_run = "localsgd_overlap" if shaped and "localsgd_overlap" in args.algorithms else "localsgd"
+        if nodes and "localsgd_groups" in args.algorithms.split(","):
+            args.verdict_run = "localsgd_groups"
+        else:
+            args.verdict_run = "localsgd_overlap" if shaped and "localsgd_overlap" in args.algorithms else "localsgd"
     if args.speedup_target is None:
-        args.speedup_target = 8.0 if shaped else 1.3
+        args.speedup_target = 8.0 if shaped and not nodes else 1.3
     if args.results_dir is None:
-        args.results_dir = ROOT / "benchmarks" / "results" / ("demo" if not shaped else f"demo_{args.link}")
+        args.results_dir = ROOT / "benchmarks" / "results" / results_stem(args.link, args.nodes)
     return args
+
+
+def results_stem(link: str | None, nodes: int = 1) -> str:
+    """``demo``, ``demo_<link>``, ``demo_2nodes``, ``demo_2nodes_<link>``: the results folder and docs page."""
+    stem = "demo" if nodes == 1 else f"demo_{nodes}nodes"
+    return stem if link is None else f"{stem}_{link}"
 
 
 # ---------------------------------------------------------------------------------------- stage 1
@@ -158,15 +206,21 @@ def pretrain(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- stage 2
 def overlay_for(name: str, args: argparse.Namespace, out: Path) -> Path:
-    """The algorithm's YAML, with ``sync_every`` replaced when ``--sync-every`` is given."""
+    """The algorithm's YAML, with ``sync_every`` replaced when ``--sync-every`` is given; ``<overlay>_groups``
+    (without a file of that name) is ``<overlay>`` with ``within_node: ddp`` (replica groups)."""
     src = CONFIGS / f"{name}.yaml"
+    groups = not src.is_file() and name.endswith(GROUPS_SUFFIX)
+    if groups:
+        src = CONFIGS / f"{name[: -len(GROUPS_SUFFIX)]}.yaml"
     if not src.is_file():
         raise FileNotFoundError(f"no overlay {src}: pick from {sorted(p.stem for p in CONFIGS.glob('*.yaml'))}")
-    if args.sync_every is None:
+    if args.sync_every is None and not groups:
         return src
     cfg = yaml.safe_load(src.read_text())
+    if groups:
+        cfg["trainer"]["strategy"] = replica_groups(cfg["trainer"].get("strategy"))
     for cb in cfg.get("trainer", {}).get("callbacks+", []):
-        if "sync_every" in cb.get("init_args", {}):
+        if "sync_every" in cb.get("init_args", {}) and args.sync_every is not None:
             cb["init_args"]["sync_every"] = args.sync_every
     dst = out / "configs" / f"{name}.yaml"
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -174,11 +228,23 @@ def overlay_for(name: str, args: argparse.Namespace, out: Path) -> Path:
     return dst
 
 
+def replica_groups(strategy: Any) -> dict[str, Any]:
+    """An overlay's ``trainer.strategy`` (``localsgd`` or a ``LocalSGDStrategy`` block) with ``within_node: ddp``."""
+    if strategy == "localsgd":
+        strategy = {"class_path": "lightning_localsgd.LocalSGDStrategy"}
+    if not isinstance(strategy, dict) or not str(strategy.get("class_path", "")).endswith("LocalSGDStrategy"):
+        raise ValueError(f"replica groups (<overlay>{GROUPS_SUFFIX}) need a LocalSGDStrategy overlay, got {strategy!r}")
+    return {**strategy, "init_args": {**strategy.get("init_args", {}), "within_node": "ddp"}}
+
+
 def finetune(name: str, args: argparse.Namespace, weights: Path | None) -> dict[str, Any]:
-    """One ``recipes.cli fit`` run on 2 CPU processes; returns its journal plus the process wall-clock."""
+    """One ``recipes.cli fit`` run on 2 CPU processes (``--nodes 2``: 2 nodes × ``--per-node``); returns its
+    journal plus the process wall-clock (and with ``--nodes 2`` the bytes per path, ``traffic``)."""
     out = args.results_dir
     journal = out / f"{name}.json"
     journal.unlink(missing_ok=True)
+    nodes = getattr(args, "nodes", 1)
+    per_node = 2 if nodes == 1 else args.per_node
     cmd = [
         sys.executable,
         "-m",
@@ -190,8 +256,8 @@ def finetune(name: str, args: argparse.Namespace, weights: Path | None) -> dict[
         str(overlay_for(name, args, out)),
         f"--seed_everything={args.seed}",
         "--trainer.accelerator=cpu",
-        "--trainer.devices=2",
-        "--trainer.num_nodes=1",
+        f"--trainer.devices={per_node}",
+        f"--trainer.num_nodes={nodes}",
         f"--trainer.max_steps={args.steps}",
         f"--trainer.val_check_interval={args.val_every}",
         "--trainer.num_sanity_val_steps=0",
@@ -210,6 +276,8 @@ def finetune(name: str, args: argparse.Namespace, weights: Path | None) -> dict[
     if args.evaluation == "deferred":  # RunJournal copies the replicas every --val-every steps, evaluates after the fit
         cmd += [f"--trainer.callbacks.evaluate_every={args.val_every}", "--trainer.limit_val_batches=0"]
     cmd.append("--model.pretrained=true" if weights is None else f"--model.pretrained_file={weights}")
+    if nodes > 1:
+        return finetune_on_nodes(name, args, cmd, journal, nodes, per_node)
     env = recipe_env()  # one compute thread per rank: 2 ranks on 2 cores; Lightning's popen launcher starts rank 1
     print(f"\n[stage 2] {name}: {' '.join(cmd[1:6])} ...", flush=True)
     load_before = os.getloadavg()[0]
@@ -219,6 +287,41 @@ def finetune(name: str, args: argparse.Namespace, weights: Path | None) -> dict[
         seconds = time.perf_counter() - start
     doc = json.loads(journal.read_text())
     doc.update(process_seconds=seconds, loadavg_before=load_before, loadavg_after=os.getloadavg()[0])
+    return doc
+
+
+def finetune_on_nodes(
+    name: str, args: argparse.Namespace, cmd: list[str], journal: Path, nodes: int, per_node: int
+) -> dict[str, Any]:
+    """:func:`finetune` on two simulated nodes: every rank started by ``run_local_ranks`` in its node's namespace."""
+    world = nodes * per_node
+    logs = args.results_dir / "logs" / name
+    logs.mkdir(parents=True, exist_ok=True)
+    cmd = [*cmd, "--trainer.enable_progress_bar=false"]  # the ranks write to log files
+    print(f"\n[stage 2] {name}: {' '.join(cmd[1:6])} ... on {nodes} nodes × {per_node} (logs: {logs})", flush=True)
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    traffic = run_local_ranks(
+        cmd,
+        world,
+        nodes,
+        log_dir=logs,
+        timeout=args.timeout,
+        cwd=ROOT,
+        pythonpath=ROOT,
+        link=args.link,
+        node_namespaces=True,
+    )
+    seconds = time.perf_counter() - start
+    doc = json.loads(journal.read_text())
+    doc.update(
+        process_seconds=seconds,
+        loadavg_before=load_before,
+        loadavg_after=os.getloadavg()[0],
+        nodes=nodes,
+        per_node=per_node,
+        traffic=traffic,
+    )
     return doc
 
 
@@ -256,6 +359,11 @@ def summarize(runs: dict[str, dict[str, Any]], slack: float) -> dict[str, Any]:
             "steps_to_held": time_held(recs, target, clock="step") if target is not None else None,
             "held_speedup_vs_ddp": _ratio(t_ref_held, t_held),
         }
+        traffic = doc.get("traffic")
+        if traffic:  # --nodes 2: what each node sent over the link and over its own loopback (mean over nodes)
+            cross, intra = traffic["cross_node_tx_bytes"], traffic["intra_node_tx_bytes"]
+            rows[name]["cross_MB_per_node"] = sum(cross) / len(cross) / 1e6
+            rows[name]["intra_MB_per_node"] = sum(intra) / len(intra) / 1e6
     return {"target_acc": target, "rows": rows}
 
 
@@ -269,6 +377,8 @@ ADVICE = {
     "at equal steps over 3 seeds is in docs/results/overlap_quality.md",
     "localsgd_streaming": "one validation image is 0.28 points: compare seeds (--seed 1, 2); what fragments + overlap "
     "+ int8 cost at equal steps over 3 seeds is in docs/results/overlap_quality.md",
+    "localsgd_groups": "one validation image is 0.28 points: compare seeds (--seed 1, 2); or sync more often (a "
+    "smaller `sync_every` in configs/image_classification/localsgd_groups.yaml)",
     "modified_localgd": "the proximal term pulls each replica toward its own center: lower `prox` (e.g. 0.001) "
     "or use PeriodicAveraging when the shards are iid, as here",
     "lsgd": "a pull of 0.1 every 4 steps keeps the replicas apart while the model evaluated is their average: "
@@ -300,19 +410,24 @@ def footnotes(summary: dict[str, Any]) -> list[str]:
                 f"{gap:.1f} validation image(s) below it (1 image = {IMAGE_POINTS:.2f} points; rerun with "
                 f"--seed 1 / 2 to see the spread)"
             )
-        advice = ADVICE.get(name, f"see docs/algorithms/{name}.md")
+        stem = name[: -len(GROUPS_SUFFIX)] if name.endswith(GROUPS_SUFFIX) and name not in ADVICE else name
+        advice = ADVICE.get(stem, f"see docs/algorithms/{stem}.md")
         lines.append(f"[{len(lines) + 1}] {name}: {what}. To change: {advice}.")
     return lines
 
 
-def format_table(summary: dict[str, Any], link: str | None = None) -> str:
+def format_table(summary: dict[str, Any], link: str | None = None, nodes: int = 1) -> str:
     target = summary["target_acc"]
+    paths = any("cross_MB_per_node" in r for r in summary["rows"].values())  # --nodes 2
     head = (
-        f"{'run':<16}{'final acc':>10}{'train s':>9}{'total s':>9}{'MB sent':>10}{'syncs':>7}"
+        f"{'run':<16}{'final acc':>10}{'train s':>9}{'total s':>9}{'MB sent':>10}"
+        + (f"{'cross MB':>10}{'intra MB':>10}" if paths else "")
+        + f"{'syncs':>7}"
         f"{'s to ' + (f'{100 * target:.1f}%' if target is not None else 'target'):>12}{'speedup':>9}"
         f"{'steps':>7}{'held':>7}{'ms/step':>9}{'load':>11}"
     )
-    lines = [f"link: {describe_link(link)}", head, "-" * len(head)]
+    where = f"link: {describe_link(link)}" if nodes == 1 else f"{nodes} nodes, link: {describe_node_link(link)}"
+    lines = [where, head, "-" * len(head)]
     notes = footnotes(summary)
     marked = [line.split(":", 1)[0].split("] ")[1] for line in notes]
     for name, r in summary["rows"].items():
@@ -324,9 +439,15 @@ def format_table(summary: dict[str, Any], link: str | None = None) -> str:
         held = f"{r['held_speedup_vs_ddp']:.2f}x" if r["held_speedup_vs_ddp"] is not None else "-"
         before, after = r["loadavg"]
         load = f"{before:.1f}>{after:.1f}" if before is not None else "-"
+        by_path = ""
+        if paths:
+            cross, intra = r.get("cross_MB_per_node"), r.get("intra_MB_per_node")
+            by_path = (f"{cross:>10.1f}" if cross is not None else f"{'-':>10}") + (
+                f"{intra:>10.1f}" if intra is not None else f"{'-':>10}"
+            )
         lines.append(
             f"{label:<16}{100 * r['final_acc']:>9.2f}%{r['train_seconds']:>9.1f}{total:>9}{r['MB_sent']:>10.1f}"
-            f"{int(r['syncs']):>7}{hit:>12}{speed:>9}{steps:>7}{held:>7}{r['ms_per_step']:>9.0f}{load:>11}"
+            f"{by_path}{int(r['syncs']):>7}{hit:>12}{speed:>9}{steps:>7}{held:>7}{r['ms_per_step']:>9.0f}{load:>11}"
         )
     return "\n".join(lines + (["", *notes] if notes else []))
 
@@ -345,7 +466,13 @@ def plot_series(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[flo
 
 
 def plot(
-    runs: dict[str, dict[str, Any]], target: float | None, path: Path, floor: float = 70.0, link: str | None = None
+    runs: dict[str, dict[str, Any]],
+    target: float | None,
+    path: Path,
+    floor: float = 70.0,
+    link: str | None = None,
+    nodes: int = 1,
+    per_node: int = 2,
 ) -> dict[str, Any]:
     """Accuracy against wall-clock and against MB sent; the y-axis starts at ``floor`` % (dips below are named).
 
@@ -379,7 +506,13 @@ def plot(
     ax_b.set_xlabel("MB sent per rank (log)")
     ax_b.set_xscale("log")
     ax_t.legend()
-    fig.suptitle(f"Fine-tuning on digits, 2 CPU processes (gloo), link: {describe_link(link)}")
+    if nodes == 1:
+        fig.suptitle(f"Fine-tuning on digits, 2 CPU processes (gloo), link: {describe_link(link)}")
+    else:
+        fig.suptitle(
+            f"Fine-tuning on digits, {nodes} nodes × {per_node} CPU processes (gloo)\nlink: {describe_node_link(link)}",
+            fontsize=10,
+        )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -393,6 +526,12 @@ LEGEND = (
     "MB sent: library counter for the local-SGD strategy; DDP: closed form (n−1)/n·state + 2(n−1)/n·4P per step.\n"
     "load: this machine's 1-minute load average before>after each run (2 cores; above 2 means other work "
     "competed for them, which slows every rank and hits per-step synchronization hardest)."
+)
+LEGEND_NODES = (
+    "cross MB / intra MB (--nodes 2): what each node sent over the link to the other node (its veth's tx counter) /\n"
+    "over its own loopback (between its own ranks), mean over the nodes, whole run incl. start-up and evaluation;\n"
+    "MB sent is per rank and counts both paths; under within_node='ddp' (the *_groups runs) it is the library's\n"
+    "counter, which leaves out DDP's own gradient allreduce inside the node (intra MB has it)."
 )
 
 
@@ -437,17 +576,27 @@ def write_docs(doc: dict[str, Any], table: str, verdict: str, png: Path) -> Path
     import shutil
 
     st, pre = doc["settings"], doc["pretrain"]
-    link = st.get("link")
-    stem = "demo" if link is None else f"demo_{link}"
+    link, nodes = st.get("link"), st.get("nodes", 1)
+    stem = results_stem(link, nodes)
     (DOCS / "img").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(png, DOCS / "img" / f"{stem}.png")
-    title = "`make demo`: fine-tuning on 2 CPU processes" + ("" if link is None else f", behind a {link} link")
-    command = "python -m recipes.demo --docs" + ("" if link is None else f" --link {link}")
+    if nodes == 1:
+        title = "`make demo`: fine-tuning on 2 CPU processes" + ("" if link is None else f", behind a {link} link")
+        command = "python -m recipes.demo --docs" + ("" if link is None else f" --link {link}")
+    else:
+        title = f"`make demo` on {nodes} simulated nodes × {st['per_node']} CPU processes" + (
+            "" if link is None else f", joined by a {link} link"
+        )
+        command = f"python -m recipes.demo --docs --nodes {nodes} --per-node {st['per_node']}" + (
+            "" if link is None else f" --link {link}"
+        )
+    where = f"gloo on 127.0.0.1, link: {describe_link(link)}" if nodes == 1 else f"gloo, {describe_node_link(link)}"
+    legend = LEGEND if nodes == 1 else LEGEND + "\n" + LEGEND_NODES
     cpus = doc["machine"].get("cpu_count", doc["machine"].get("cpus"))  # "cpus" in demo.json files before 2026-11-30
     text = f"""# {title}
 
 Written by `{command}` ({doc.get("date", "?")}, {cpus} CPUs,
-gloo on 127.0.0.1, link: {describe_link(link)}, {doc["demo_seconds"]:.0f} s for the whole demo). \
+{where}, {doc["demo_seconds"]:.0f} s for the whole demo). \
 Pretrained weights: {st["model"]} trained
 on MNIST-5k ({100 * pre.get("val_acc", float("nan")):.1f}% val) or the hub. Fine-tuning on scikit-learn's digits
 ({st["image_size"]}×{st["image_size"]}), {st["steps"]} optimizer steps of {st["batch_size"]} images per rank, lr
@@ -461,7 +610,7 @@ seed {st["seed"]}; every algorithm with its overlay in `configs/image_classifica
 
 {verdict}
 
-{LEGEND}
+{legend}
 
 ![accuracy vs wall-clock and vs bytes](img/{stem}.png)
 """
@@ -473,11 +622,12 @@ seed {st["seed"]}; every algorithm with its overlay in `configs/image_classifica
 def report(doc: dict[str, Any], results_dir: Path, docs: bool) -> None:
     """Print the table and the verdict; write ``demo.png`` (and with ``docs`` the results page)."""
     summary, link = doc["summary"], doc["settings"].get("link")
-    table = format_table(summary, link)
+    nodes, per_node = doc["settings"].get("nodes", 1), doc["settings"].get("per_node", 2)
+    table = format_table(summary, link, nodes)
     _, sentence = verdict_of(doc)
-    print("\n" + table + "\n\n" + sentence + "\n" + LEGEND)
+    print("\n" + table + "\n\n" + sentence + "\n" + LEGEND + ("\n" + LEGEND_NODES if nodes > 1 else ""))
     png = results_dir / "demo.png"
-    plot(doc["runs"], summary["target_acc"], png, link=link)
+    plot(doc["runs"], summary["target_acc"], png, link=link, nodes=nodes, per_node=per_node)
     print(f"Wrote {results_dir / 'demo.json'} and {png} ({doc['demo_seconds']:.0f} s).")
     if docs:
         print(f"Wrote {write_docs(doc, table, sentence, png)}")
@@ -491,6 +641,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         doc["summary"] = summarize(doc["runs"], doc["settings"]["target_slack"])
         report(doc, args.results_dir, args.docs)
         return doc
+    if args.nodes > 1:
+        try:
+            check_link_support("two simulated nodes", "drop --nodes")
+        except LinkUnavailable as err:
+            raise SystemExit(f"skipped: {err}") from err
     started = time.perf_counter()
     weights: Path | None = None
     pretrain_info: dict[str, Any] = {"source": "hub"} if args.hub else {}
@@ -505,8 +660,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pretrain_info["file"] = str(weights)
     runs = {name: finetune(name, args, weights) for name in args.algorithms.split(",")}
     summary = summarize(runs, args.target_slack)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    if args.nodes == 1:  # demo.json of one node as before
+        settings.pop("nodes")
+        settings.pop("per_node")
     doc = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": settings,
         "pretrain": pretrain_info,
         "machine": environment(link=args.link),
         "date": time.strftime("%Y-%m-%d"),

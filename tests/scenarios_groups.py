@@ -262,3 +262,34 @@ def fabric_groups(out_dir: str, devices: int, num_nodes: int, runs: list[dict[st
         out[run["name"]] = {"after": torch.stack(after), "wrapped": wrapper}
         strategy.teardown()
     return out
+
+
+def wire_main(out_dir: str, n: int, syncs: int) -> None:
+    """One rank of a replica-group mean on two simulated nodes (``python -m tests.scenarios_groups``).
+
+    Started by ``recipes.launch.run_local_ranks(..., node_namespaces=True)`` as 2 nodes × 2; writes its
+    ``CommCounters`` to ``out_dir/rank<r>.json`` so the test can hold them against the interfaces' counters.
+    """
+    import json
+
+    world, per_node = int(os.environ["WORLD_SIZE"]), 2
+    rank = int(os.environ["NODE_RANK"]) * per_node + int(os.environ["LOCAL_RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
+    created: list[Group] = []
+    node = node_groups(world, world // per_node, rank, TIMEOUT, created=created)
+    groups = replica_group(world, world // per_node, rank, node, TIMEOUT, created)
+    comm = Collectives()
+    x = torch.full((n,), float(rank // per_node))
+    for _ in range(syncs):
+        comm.mean_([x], groups)
+    assert torch.equal(x, torch.full((n,), 0.5))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(dict(comm.counters.bytes_by_purpose)))
+    for group in created:
+        dist.destroy_process_group(group.handle)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+
+    wire_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -13,6 +13,7 @@ References, each independent of the code under test:
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,3 +299,36 @@ def test_replica_groups_resume_exactly_mid_round_and_on_another_world_size(tmp_p
     for r in two:
         assert (r["run"]["initial"] - consensus).abs().max() <= 1e-12
         assert r["run"]["after"].shape == (6, N_PARAMS)  # steps 7..12
+
+
+def test_cross_node_bytes_on_two_simulated_nodes_match_the_counters_and_the_closed_form(tmp_path):
+    """2 nodes × 2 in two network namespaces (recipes.launch.two_nodes): what the veth between the nodes
+    carried equals what the counters booked as "sync" (one model per node per sync, the closed form), and
+    the node's loopback what they booked as "sync/node"; TCP/IP headers add a few percent."""
+    import json
+    import sys
+
+    from recipes.launch import LinkUnavailable, check_link_support, run_local_ranks
+
+    try:
+        check_link_support("two simulated nodes", "skip this test")
+    except LinkUnavailable as err:
+        pytest.skip(str(err))
+    n, syncs = 1_000_000, 3  # 4 MB of fp32 per sync
+    cmd = [sys.executable, "-m", "tests.scenarios_groups", str(tmp_path), str(n), str(syncs)]
+    root = Path(__file__).resolve().parents[1]
+    traffic = run_local_ranks(
+        cmd, world=4, nodes=2, log_dir=tmp_path, timeout=120, cwd=root, pythonpath=root, node_namespaces=True
+    )
+    booked = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    closed_form = syncs * (n // 2 + 2) * 4.0  # per rank: an allreduce of half the model (+2 flags) over 2 nodes
+    assert all(b["sync"] == closed_form for b in booked)
+    assert all(b["sync/node"] == syncs * (n // 2) * 4.0 for b in booked)
+    for node in range(2):
+        cross = traffic["cross_node_tx_bytes"][node]
+        intra = traffic["intra_node_tx_bytes"][node]
+        per_node = booked[2 * node]["sync"] + booked[2 * node + 1]["sync"]  # = one model per sync
+        assert per_node == syncs * (n + 4) * 4.0
+        assert 1.0 <= cross / per_node < 1.08, (cross, per_node)
+        node_gather = booked[2 * node]["sync/node"] + booked[2 * node + 1]["sync/node"]
+        assert 1.0 <= intra / node_gather < 1.08, (intra, node_gather)
