@@ -63,7 +63,13 @@ from lightning_localsgd.transport.process_group import (
     init_strategy_process_group,
     serialize_threads,
 )
-from lightning_localsgd.transport.replicas import broadcast_module_, check_within_node, node_groups, replica_group
+from lightning_localsgd.transport.replicas import (
+    broadcast_module_,
+    check_within_node,
+    counted_allreduce_hook,
+    node_groups,
+    replica_group,
+)
 
 __all__ = ["LocalSGDStrategy"]
 
@@ -252,6 +258,7 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
             self._ddp_kwargs = {**self._ddp_kwargs, "process_group": self._node_group.handle}
             wrapped = super().setup_module(module)
             self._ddp_kwargs.pop("process_group")
+            wrapped.register_comm_hook(None, counted_allreduce_hook(self._comm.counters, self._node_group))
             return wrapped
         return module  # no DDP wrapper: a backward sends nothing
 

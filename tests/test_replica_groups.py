@@ -276,6 +276,8 @@ def test_two_nodes_of_two_ranks_follow_a_plain_torch_replay_and_per_process_loca
         mine = half if r["rank"] % 2 == 0 else N_PARAMS - half
         assert r["periodic"]["bytes"]["sync"] == 3 * (mine + 2) * 8.0, r["periodic"]["bytes"]
         assert r["periodic"]["bytes"]["sync/node"] == 3 * half * 8.0
+        # DDP's own gradient allreduce inside the node, booked by the strategy's comm hook: 2·(k−1)/k·B per step
+        assert r["periodic"]["bytes"]["grad/node"] == steps * N_PARAMS * 8.0
         # ReplicaDrift: one distance per node, computed over that rank's slice of the pre-sync replica
         assert len(r["periodic"]["drifts"]) == steps
     # cross-node bytes per node per sync = one model (its two ranks' halves) + 2 flags each

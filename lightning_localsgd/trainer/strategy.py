@@ -31,7 +31,12 @@ from lightning_localsgd.trainer.replica import DEFAULT_TIMEOUT, ReplicaStrategy,
 from lightning_localsgd.trainer.sigterm import replace_sigterm_check, restore_sigterm_check, sigterm_check_at
 from lightning_localsgd.transport.collectives import Group, NonFinitePolicy
 from lightning_localsgd.transport.process_group import DEFAULT_INIT_TIMEOUT
-from lightning_localsgd.transport.replicas import check_within_node, node_groups, replica_group
+from lightning_localsgd.transport.replicas import (
+    check_within_node,
+    counted_allreduce_hook,
+    node_groups,
+    replica_group,
+)
 from lightning_localsgd.transport.tensors import BufferPolicy
 
 __all__ = ["LocalSGDStrategy"]
@@ -245,6 +250,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             self._ddp_kwargs = {**self._ddp_kwargs, "process_group": self._node_group.handle}
             self.model = self._setup_model(self.model)  # Lightning's DDP wrapper, over this node only
             self._ddp_kwargs.pop("process_group")
+            self.model.register_comm_hook(None, counted_allreduce_hook(self._comm.counters, self._node_group))
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
