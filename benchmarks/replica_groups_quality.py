@@ -25,7 +25,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def char_run(variant: str, algorithm: str, h: int, seed: int, steps: int, out: Path) -> dict[str, Any]:
     """One char-LM run of ``variant`` on 4 processes; the final validation loss on the consensus."""
     spec = VARIANTS[variant]
-    path = out / f"char_{variant}_{algorithm}_H{h}_{seed}.json"
+    path = out / f"char_{variant}_{algorithm}_H{h}_steps{steps}_{seed}.json"
+    done = path.with_suffix(".result.json")
+    if done.is_file():  # a finished run of an interrupted benchmark
+        return json.loads(done.read_text())
     cmd = [
         sys.executable,
         "-m",
@@ -76,12 +78,14 @@ def char_run(variant: str, algorithm: str, h: int, seed: int, steps: int, out: P
     start = time.perf_counter()
     run_local_ranks(cmd, world=4, nodes=spec["nodes"], log_dir=logs, timeout=3600, cwd=ROOT, pythonpath=ROOT)
     doc = json.loads(path.read_text())
-    return {
+    result = {
         "final_val_loss": doc["final_val_loss"],
         "curve": doc["curve"],
         "MB_sent": doc["MB_sent"],
         "seconds": time.perf_counter() - start,
     }
+    done.write_text(json.dumps(result))
+    return result
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -134,15 +138,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = RESULTS / args.name
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict[str, Any]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        for seed in seeds:  # interleaved: every variant of a seed before the next seed
-            runs.setdefault("ddp", []).append(char_run("ddp", "periodic", 1, seed, args.steps, work))
-            for algorithm in algorithms:
-                for variant in ("groups", "per_process"):
-                    key = f"{variant}_{algorithm}_H{h[algorithm]}"
-                    runs.setdefault(key, []).append(char_run(variant, algorithm, h[algorithm], seed, args.steps, work))
-            print(f"seed {seed} done", flush=True)
+    work = out / "runs"  # each finished run is kept: a rerun after an interruption goes on where it stopped
+    work.mkdir(exist_ok=True)
+    for seed in seeds:  # interleaved: every variant of a seed before the next seed
+        runs.setdefault("ddp", []).append(char_run("ddp", "periodic", 1, seed, args.steps, work))
+        for algorithm in algorithms:
+            for variant in ("groups", "per_process"):
+                key = f"{variant}_{algorithm}_H{h[algorithm]}"
+                runs.setdefault(key, []).append(char_run(variant, algorithm, h[algorithm], seed, args.steps, work))
+        print(f"seed {seed} done", flush=True)
     summary = summarize(runs)
     doc = {
         "environment": environment(),
