@@ -531,7 +531,7 @@ LEGEND_NODES = (
     "cross MB / intra MB (--nodes 2): what each node sent over the link to the other node (its veth's tx counter) /\n"
     "over its own loopback (between its own ranks), mean over the nodes, whole run incl. start-up and evaluation;\n"
     "MB sent is per rank and counts both paths; under within_node='ddp' (the *_groups runs) it is the library's\n"
-    "counter, which leaves out DDP's own gradient allreduce inside the node (intra MB has it)."
+    "counter: the sync across nodes ('sync'), the node's all-gather ('sync/node') and DDP's gradients ('grad/node')."
 )
 
 
