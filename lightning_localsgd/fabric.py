@@ -241,8 +241,7 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
             self._replica_world = replica_group(world, self.num_nodes, rank, node, self._timeout, self._groups)
         if self.algorithm.overlap_steps > 0 and self._replica_world.size > 1:
             if self._within_node is not None:  # its own cross and node groups
-                node = node_groups(world, self.num_nodes, rank, self._timeout, created=self._groups)
-                self._background_group = replica_group(world, self.num_nodes, rank, node, self._timeout, self._groups)
+                self._background_group = replica_group(world, self.num_nodes, rank, None, self._timeout, self._groups)
             else:
                 self._background_group = new_group(list(range(world)), rank, self._timeout)
                 self._groups.append(self._background_group)

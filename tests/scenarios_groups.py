@@ -94,7 +94,7 @@ def fit_groups(
 
     Each run: ``name``, ``groups`` (within_node="ddp", else one replica per process), ``algorithm``
     and ``kwargs`` (PeriodicAveraging or DiLoCo), ``steps``, optional ``strategy`` (more
-    LocalSGDStrategy arguments), ``model`` (TinyNet arguments), ``trainer`` (Trainer arguments),
+    LocalSGDStrategy arguments), ``trainer`` (Trainer arguments),
     ``epoch`` (batches per epoch, default ``steps``), ``resume_at`` (a checkpoint written at that
     step into ``checkpoint_dir``, resumed by a new Trainer to ``steps``), ``resume_from`` (resume
     that checkpoint), ``val_every`` (validate every that many steps), ``monitors``.
@@ -135,7 +135,7 @@ def _fit_one(run: dict[str, Any], rank: int, devices: int, num_nodes: int, out_d
     callbacks: list[Callback] = [rec, init, _algorithm(run["algorithm"], run["kwargs"])]
     if run.get("monitors"):
         callbacks += [drift, CommStats(), Keep()]
-    net = TinyNet(**run.get("model", {})).double()  # fp64 before a checkpoint is loaded (64-true converts later)
+    net = TinyNet().double()  # fp64 before a checkpoint is loaded into it (64-true converts later)
     resume_at, checkpoints = run.get("resume_at"), run.get("checkpoint_dir", out_dir)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
     if run.get("resume_from"):  # another world size's checkpoint
@@ -168,7 +168,6 @@ def _fit_one(run: dict[str, Any], rank: int, devices: int, num_nodes: int, out_d
             "drifts": drifts,
             "wrapped": init.wrapper,
             "replicas": trainer.strategy.replica_group.size,
-            "buffers": {k: b.detach().clone() for k, b in net.named_buffers()},
             "val_params": list(net.val_params),
         }
     )

@@ -34,7 +34,6 @@ from lightning_localsgd.transport.process_group import DEFAULT_INIT_TIMEOUT
 from lightning_localsgd.transport.replicas import (
     check_within_node,
     counted_allreduce_hook,
-    node_groups,
     replica_group,
 )
 from lightning_localsgd.transport.tensors import BufferPolicy
@@ -237,11 +236,6 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         if isinstance(self._layer_sync, TorchSyncBatchNorm):
             self._layer_sync = NodeSyncBatchNorm(self._node_group.handle)
 
-    def _new_replica_group(self) -> Group:
-        """A fresh replica group (its own cross and node groups) for the background thread's syncs."""
-        node = node_groups(self.world_size, self.num_nodes, self.global_rank, self._timeout, created=self._groups)
-        return replica_group(self.world_size, self.num_nodes, self.global_rank, node, self._timeout, self._groups)
-
     @override
     def configure_ddp(self) -> None:
         super().configure_ddp()  # replicas start equal (rank 0's module, or each rank's restored replica)
@@ -281,7 +275,11 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         needs_background = self._engine.algorithm.overlap_steps > 0 and self._replica_world.size > 1
         self._background_group = None  # every rank decides alike
         if needs_background:
-            self._background_group = self._new_replica_group() if self._within_node else self._new_group()
+            self._background_group = (
+                replica_group(self.world_size, self.num_nodes, self.global_rank, None, self._timeout, self._groups)
+                if self._within_node  # its own cross and node groups
+                else self._new_group()
+            )
         if self.world_size == 1 and self._fault_tolerance is None:  # a 1-process replica group syncs with others
             rank_zero_warn("LocalSGDStrategy runs on a single process: there is nothing to synchronize.")
 

@@ -603,11 +603,10 @@ class Collectives:
         args = (purpose, piece_anchor, piece_residual, nonfinite, step, refill_slice, scratch + "slice/")
         mean = self._mean_flat(part, hi - lo, cross, *args, code=code)
         gathered = self._scratch(scratch + "gathered", dtype, k * chunk, device)
-        mine = gathered[j * chunk : (j + 1) * chunk]  # this rank's slot, used as the all-gather's input
-        mine[: hi - lo].copy_(mean)
-        mine[hi - lo :].zero_()
+        send = self._scratch(scratch + "send", dtype, chunk, device)  # apart from ``gathered``: no overlap
+        send[: hi - lo].copy_(mean)
+        send[hi - lo :].zero_()
         nbytes = (k - 1) * chunk * buf.element_size()
-        send = mine.clone()  # all-gather input and output must not overlap
         gather = lambda: _all_gather_flat(gathered, send, node.handle)  # noqa: E731
         self._timed(purpose + "/node", nbytes, gather, "an all-gather inside the replica", node, device)
         local.copy_(gathered[:n])

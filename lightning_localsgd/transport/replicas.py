@@ -50,7 +50,7 @@ def replica_group(
     world_size: int,
     num_nodes: int,
     rank: int,
-    node: Group,
+    node: Group | None,
     timeout: timedelta | None,
     created: list[Group] | None = None,
 ) -> Group:
@@ -58,8 +58,9 @@ def replica_group(
 
     Every rank creates the k cross groups ``{j, j + k, j + 2k, ...}`` (local rank j of every node,
     k ranks per node), in the same order; this rank's becomes the handle of the returned group and
-    ``node`` its replica (see :class:`~lightning_localsgd.transport.collectives.Group`). With one node
-    the group holds one replica and nothing is ever sent over it.
+    ``node`` its replica (see :class:`~lightning_localsgd.transport.collectives.Group`); ``node=None``
+    creates fresh node groups too (a background thread's groups, shared with nothing else). With one
+    node the group holds one replica and nothing is ever sent over it.
     """
     if num_nodes < 1 or world_size % num_nodes:
         raise ValueError(
@@ -68,6 +69,8 @@ def replica_group(
             "every node (or fix num_nodes)"
         )
     per_node = world_size // num_nodes
+    if node is None:
+        node = node_groups(world_size, num_nodes, rank, timeout, created=created)
     if node.size != per_node:
         raise ValueError(f"this rank's node group has {node.size} ranks, expected {per_node}")
     local = rank % per_node
