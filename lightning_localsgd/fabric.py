@@ -130,6 +130,12 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         ddp_kwargs: dict[str, Any] | None = None,
     ) -> None:
         ddp_kwargs = dict(ddp_kwargs or {})
+        if within_node == "fsdp":
+            raise ValueError(
+                "within_node='fsdp' (FSDP2 inside each node) is available with the Trainer's LocalSGDStrategy only: "
+                "use lightning_localsgd.LocalSGDStrategy(within_node='fsdp') with a Trainer, or within_node='ddp' "
+                "here (docs/fsdp.md)"
+            )
         check_within_node(within_node, ddp_kwargs)
         super().__init__(
             accelerator=accelerator,

@@ -10,8 +10,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
+def whole(t: Tensor) -> Tensor:
+    """``t`` itself, or a sharded DTensor gathered whole (collective: every rank of its mesh calls it alike)."""
+    full = getattr(t, "full_tensor", None)
+    return (full() if full is not None else t).detach()
+
+
 def flat_params(module: nn.Module) -> Tensor:
-    return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+    return torch.cat([whole(p).reshape(-1).clone() for p in module.parameters()])
 
 
 class TinyNet(LightningModule):
@@ -99,7 +105,7 @@ class Recorder(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         params = list(pl_module.parameters())
         self.before_update.append(
-            (flat_params(pl_module), torch.cat([p.grad.detach().reshape(-1).clone() for p in params]))
+            (flat_params(pl_module), torch.cat([whole(p.grad).reshape(-1).clone() for p in params]))
         )
         self.buffers_before.append({k: b.detach().clone() for k, b in pl_module.named_buffers()})
 

@@ -92,7 +92,7 @@ def fit_groups(
 ) -> dict[str, Any]:
     """Fit TinyNet once per entry of ``runs`` and record it.
 
-    Each run: ``name``, ``groups`` (within_node="ddp", else one replica per process), ``algorithm``
+    Each run: ``name``, ``groups`` (within_node=``within``, default "ddp"; else one replica per process), ``algorithm``
     and ``kwargs`` (PeriodicAveraging or DiLoCo), ``steps``, optional ``strategy`` (more
     LocalSGDStrategy arguments), ``trainer`` (Trainer arguments),
     ``epoch`` (batches per epoch, default ``steps``), ``resume_at`` (a checkpoint written at that
@@ -111,8 +111,10 @@ def _fit_one(run: dict[str, Any], rank: int, devices: int, num_nodes: int, out_d
     replica, part, parts = (rank // devices, rank % devices, devices) if groups else (rank, 0, 1)
     data = Batches(replica, part, parts, run.get("epoch", run["steps"]))
 
+    within = run.get("within", "ddp") if groups else None
+
     def trainer_for(max_steps: int, callbacks: list[Callback]) -> Trainer:
-        strategy = LocalSGDStrategy(timeout=TIMEOUT, within_node="ddp" if groups else None, **run.get("strategy", {}))
+        strategy = LocalSGDStrategy(timeout=TIMEOUT, within_node=within, **run.get("strategy", {}))
         return Trainer(
             strategy=strategy,
             max_steps=max_steps,

@@ -33,12 +33,12 @@ N_PARAMS = 5 * 8 + 8 + 8 + 1  # TinyNet(5, 8): Linear(5, 8) + Linear(8, 1)
 
 # ---------------------------------------------------------------------------------------------- bad input
 def test_within_node_values_and_ddp_arguments_are_checked_at_construction():
-    with pytest.raises(ValueError, match="within_node must be None .* or 'ddp'.*'fsdp' is not available yet"):
-        LocalSGDStrategy(within_node="fsdp")
-    with pytest.raises(ValueError, match="within_node must be"):
+    with pytest.raises(ValueError, match="within_node must be None .*, 'ddp' .* or 'fsdp'"):
         LocalSGDStrategy(within_node="node")
     with pytest.raises(TypeError, match="ddp_kwargs=.* needs within_node='ddp'"):
         LocalSGDStrategy(ddp_kwargs={"find_unused_parameters": True})
+    with pytest.raises(TypeError, match="ddp_kwargs=.* needs within_node='ddp'"):
+        LocalSGDStrategy(within_node="fsdp", ddp_kwargs={"find_unused_parameters": True})
     with pytest.raises(TypeError, match=r"ddp_kwargs holds \['bucket_size'\], which DistributedDataParallel does not"):
         LocalSGDStrategy(within_node="ddp", ddp_kwargs={"bucket_size": 25})
     with pytest.raises(TypeError, match=r"ddp_kwargs holds \['process_group'\].*the strategy sets"):

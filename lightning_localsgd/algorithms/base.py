@@ -59,9 +59,11 @@ from lightning_localsgd.transport.tensors import (
     BufferPolicy,
     Fragment,
     copy_,
+    flat_layout,
     flatten,
     flatten_into,
     host_copy,
+    local,
     partition,
     snapshot,
     sync_tensors,
@@ -253,7 +255,7 @@ class ConsensusAlgorithm(Callback):
         if fresh:
             self.last_sync_step = step
         averaged, _ = self.sync_tensors()
-        self._fragments = partition(averaged, self.fragments)
+        self._fragments = partition(averaged, self.fragments, flat_layout(self.module, self.buffers))
         self.anchor = self.residual = None
         self._inflight = {}
         if self.needs_anchor():
@@ -295,7 +297,7 @@ class ConsensusAlgorithm(Callback):
             for p in params:
                 if p.grad is None:  # unused on this rank: contribute zeros, as DDP does
                     p.grad = torch.zeros_like(p)
-            self.comm.mean_([p.grad for p in params], self.world, purpose="grad", step=step)
+            self.comm.mean_([local(p.grad) for p in params], self.world, purpose="grad", step=step)
             return out
 
         return closure_with_allreduce
@@ -538,7 +540,7 @@ class ConsensusAlgorithm(Callback):
     def _named_state(self) -> dict[str, Tensor]:
         """Parameters and floating buffers by state-dict name (what evaluation averages)."""
         module = self.module
-        named = dict(module.named_parameters())
+        named = {k: local(p) for k, p in module.named_parameters()}  # a sharded parameter: this rank's shard
         if self.buffers != "local":
             named.update((k, b) for k, b in module.named_buffers() if torch.is_floating_point(b))
         return named

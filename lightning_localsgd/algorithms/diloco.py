@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from lightning_localsgd._checks import check_bool, check_number
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.transport.collectives import NonFinitePolicy
-from lightning_localsgd.transport.tensors import BufferPolicy, Fragment
+from lightning_localsgd.transport.tensors import BufferPolicy, Fragment, local_parameters
 
 __all__ = ["DiLoCo", "OuterOptimizer", "outer_optimizer_factory"]
 
@@ -203,7 +203,7 @@ class DiLoCo(ConsensusAlgorithm):
     def on_bind(self, fresh: bool) -> None:
         averaged, _ = self.sync_tensors()
         thetas = self.anchor_views()
-        trainable = {id(p) for p in self.module.parameters() if p.requires_grad}
+        trainable = {id(p) for p in local_parameters(self.module, trainable_only=True)}
         stepped = [id(t) in trainable for t in averaged]
         saved = None if self._loaded is None else self._loaded.get("outer_optimizer")
         if isinstance(saved, Mapping):  # a checkpoint written before fragments existed

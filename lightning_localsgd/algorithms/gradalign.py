@@ -134,7 +134,7 @@ class GradAlign(GradientModifier):
         if front_end.within_node is not None:
             raise ValueError(
                 f"GradAlign aligns each process's own gradient with the average; under within_node="
-                f"{front_end.within_node!r} the processes of a node share one DDP gradient. Use "
+                f"{front_end.within_node!r} the processes of a node share one gradient (DDP's or FSDP's). Use "
                 "LocalSGDStrategy(within_node=None) (one replica per process) with GradAlign"
             )
 

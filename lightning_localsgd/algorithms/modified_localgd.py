@@ -12,7 +12,16 @@ from lightning_localsgd._checks import check_bool, check_number
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.contract import StepReport
 from lightning_localsgd.transport.collectives import NonFinitePolicy
-from lightning_localsgd.transport.tensors import BufferPolicy, all_finite, copy_, flatten, snapshot, unflatten_
+from lightning_localsgd.transport.tensors import (
+    BufferPolicy,
+    all_finite,
+    copy_,
+    flatten,
+    local,
+    local_parameters,
+    snapshot,
+    unflatten_,
+)
 
 __all__ = ["ModifiedLocalGD"]
 
@@ -99,7 +108,7 @@ class ModifiedLocalGD(ConsensusAlgorithm):
         self._q: list[Tensor] | None = None  # this worker's correction (None when correction=False)
 
     def _trainable(self) -> list[Tensor]:
-        return [p for p in self.module.parameters() if p.requires_grad]
+        return local_parameters(self.module, trainable_only=True)  # a sharded parameter: this rank's shard
 
     def on_bind(self, fresh: bool) -> None:
         self._z = [self.hold(z) for z in snapshot(self._trainable())]  # overwritten by an exact resume
@@ -116,11 +125,11 @@ class ModifiedLocalGD(ConsensusAlgorithm):
                 return out
             assert self._z is not None
             with torch.no_grad():
-                params = self._trainable()
-                for p in params:
+                trainable = [p for p in self.module.parameters() if p.requires_grad]
+                for p in trainable:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                grads = [p.grad for p in params]
+                params, grads = self._trainable(), [local(p.grad) for p in trainable]
                 centers = [z.to(p, non_blocking=True) for p, z in zip(params, self._z, strict=True)]
                 scale = self.ctx.gradient_scale()
                 if scale is None:  # ∇ of (λ/2)||w − z_i||² = λw − λz_i, added in place (no model-sized temporary)

@@ -25,16 +25,31 @@ from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.algorithms.periodic import PeriodicAveraging
 from lightning_localsgd.contract import FrontEnd, SyncContext, scale_of
 from lightning_localsgd.engine import SyncEngine
-from lightning_localsgd.resume import CHECKPOINT_KEY, drop_stale_parts, rank_payload, write_part
+from lightning_localsgd.resume import CHECKPOINT_KEY, drop_stale_parts, rank_payload, to_host, write_part
 from lightning_localsgd.trainer.plugins import FaultTolerancePlugin, FaultTolerantSession
 from lightning_localsgd.trainer.replica import DEFAULT_TIMEOUT, ReplicaStrategy, loader_state
 from lightning_localsgd.trainer.sigterm import replace_sigterm_check, restore_sigterm_check, sigterm_check_at
 from lightning_localsgd.transport.collectives import Group, NonFinitePolicy
 from lightning_localsgd.transport.process_group import DEFAULT_INIT_TIMEOUT
 from lightning_localsgd.transport.replicas import (
+    broadcast_module_,
     check_within_node,
     counted_allreduce_hook,
     replica_group,
+)
+from lightning_localsgd.transport.sharding import (
+    apply_shard_policy,
+    broadcast_sharded_module_,
+    check_sharded_module,
+    full_state_dict,
+    is_sharded,
+    load_local_state_,
+    local_optimizer_state,
+    local_state_dict,
+    reshard_,
+    rewrap_optimizer_state_,
+    shard_mesh,
+    sharded_world,
 )
 from lightning_localsgd.transport.tensors import BufferPolicy
 
@@ -97,8 +112,19 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             syncs across nodes only. At a sync each of a node's k processes averages 1/k of the
             model with its peers on the other nodes, then the node all-gathers the slices: one
             model's worth per node crosses the slow link.
+            ``"fsdp"``: every node is one replica sharded with FSDP2 over the node's processes
+            (sharded replicas, docs/fsdp.md): ``configure_model`` receives ``self.device_mesh`` with
+            dimensions ``("replicate", "shard")`` and may call ``fully_shard(...,
+            mesh=self.device_mesh["shard"])`` itself; otherwise the strategy shards by its policy
+            (``fsdp_modules``). The consensus algorithm syncs each rank's shard with the same shard of
+            the other nodes, and keeps its own state per shard (1/k of the model per rank).
         ddp_kwargs: arguments of ``DistributedDataParallel`` under ``within_node="ddp"`` (what
             Lightning's ``DDPStrategy(**kwargs)`` takes, e.g. ``{"find_unused_parameters": True}``).
+        fsdp_kwargs: arguments of ``fully_shard`` under ``within_node="fsdp"`` when the strategy shards:
+            ``reshard_after_forward``, ``mp_policy``, ``offload_policy``.
+        fsdp_modules: the module classes (or class names) the strategy shards as units under
+            ``within_node="fsdp"``, e.g. ``["Block"]``; ``None``: every child of an ``nn.ModuleList`` /
+            ``nn.Sequential`` that holds parameters. Each network of the LightningModule is a root.
         fault_tolerance: :class:`~lightning_localsgd.TorchFT` (any
             :class:`~lightning_localsgd.trainer.plugins.FaultTolerancePlugin`) to make this job one
             replica group of a torchft job: syncs go through torchft rounds, groups may die and come
@@ -129,11 +155,19 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
         fault_tolerance: FaultTolerancePlugin | None = None,
-        within_node: Literal["ddp"] | None = None,
+        within_node: Literal["ddp", "fsdp"] | None = None,
         ddp_kwargs: dict[str, Any] | None = None,
+        fsdp_kwargs: dict[str, Any] | None = None,
+        fsdp_modules: list[str] | None = None,
     ) -> None:
         ddp_kwargs = dict(ddp_kwargs or {})
-        check_within_node(within_node, ddp_kwargs, fault_tolerance is not None)
+        check_within_node(within_node, ddp_kwargs, fault_tolerance is not None, fsdp_kwargs, fsdp_modules)
+        if within_node == "fsdp" and not save_replicas:
+            raise ValueError(
+                "within_node='fsdp' keeps each rank's shard of its replica and algorithm state in the rank's own "
+                "checkpoint part: save_replicas=False would lose them. Keep save_replicas=True (the checkpoint "
+                "file still holds the whole consensus model for inference)"
+            )
         super().__init__(
             comm_dtype=comm_dtype,
             bucket_mb=bucket_mb,
@@ -148,7 +182,12 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             init_timeout=init_timeout,
         )
         self._ddp_kwargs = ddp_kwargs  # DistributedDataParallel's arguments (within_node="ddp")
+        self._fsdp_kwargs = dict(fsdp_kwargs or {})  # fully_shard's arguments (within_node="fsdp")
+        self._fsdp_modules = None if fsdp_modules is None else list(fsdp_modules)
         self._within_node = within_node
+        self._mesh: Any = None  # the ("replicate", "shard") device mesh (within_node="fsdp")
+        self._resume_shards: dict[str, Tensor] | None = None  # this rank's saved shards, loaded once sharded
+        self._resume_algorithm: dict[str, Any] | None = None  # this rank's saved algorithm state (sharded)
         self._replica_world: Group = self._world_group  # the group the algorithm syncs over
         # Arguments of the default PeriodicAveraging, validated now by building it once.
         self._default_kwargs = {
@@ -204,8 +243,13 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     @property
     @override
     def within_node(self) -> str | None:
-        """``None``: every process is a replica; ``"ddp"``: every node is one (DDP inside)."""
+        """``None``: every process is a replica; ``"ddp"`` / ``"fsdp"``: every node is one (DDP / FSDP2 inside)."""
         return self._within_node
+
+    @property
+    def device_mesh(self) -> Any:
+        """The ``("replicate", "shard")`` device mesh under ``within_node="fsdp"`` (``None`` otherwise)."""
+        return self._mesh
 
     @property
     def replica_group(self) -> Group:
@@ -218,10 +262,12 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     def setup_distributed(self) -> None:
         super().setup_distributed()
         self._replica_world = self._world_group
-        if self._within_node is not None:
-            self._replica_world = replica_group(
-                self.world_size, self.num_nodes, self.global_rank, self._node_group, self._timeout, self._groups
-            )
+        args = (self.world_size, self.num_nodes, self.global_rank, self._node_group, self._timeout, self._groups)
+        if self._within_node == "ddp":
+            self._replica_world = replica_group(*args)
+        elif self._within_node == "fsdp":
+            self._replica_world = sharded_world(*args)  # checks that the world splits into equal nodes
+            self._mesh = shard_mesh(self.world_size, self.num_nodes, self.root_device.type)
 
     def _check_layer_sync(self) -> None:
         """``Trainer(sync_batchnorm=True)``: batch statistics synchronized inside the replica, never across nodes."""
@@ -238,6 +284,9 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
 
     @override
     def configure_ddp(self) -> None:
+        if self._within_node == "fsdp":
+            self._configure_fsdp()
+            return
         super().configure_ddp()  # replicas start equal (rank 0's module, or each rank's restored replica)
         if self._within_node == "ddp" and self._node_group.size > 1:
             log.debug("LocalSGDStrategy.configure_ddp: DDP over the %d processes of this node", self._node_group.size)
@@ -245,6 +294,23 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             self.model = self._setup_model(self.model)  # Lightning's DDP wrapper, over this node only
             self._ddp_kwargs.pop("process_group")
             self.model.register_comm_hook(None, counted_allreduce_hook(self._comm.counters, self._node_group))
+
+    def _configure_fsdp(self) -> None:
+        """Shard the module inside the node (the policy, or the user's ``configure_model``); replicas start equal."""
+        model, shard = self.model, self._mesh["shard"]
+        assert model is not None
+        restored, self._resume_shards = self._resume_shards, None
+        check_sharded_module(model, shard)
+        if not is_sharded(model):
+            if restored is None:  # rank 0's whole module everywhere, then sharded alike on every node
+                broadcast_module_(self._comm, model, self._world_group)
+            units = apply_shard_policy(model, shard, self._fsdp_modules, self._fsdp_kwargs)
+            log.debug("LocalSGDStrategy: sharded %s over the node's %d processes", units, self._node_group.size)
+        else:
+            if restored is None:  # node 0's shards on every node (inside a node they are one model already)
+                broadcast_sharded_module_(self._comm, model, self._replica_world, self._world_group)
+        if restored is not None:
+            load_local_state_(model, restored)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -258,6 +324,8 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     def setup_environment(self) -> None:
         super().setup_environment()
         self._bound, self._resume_state = False, None  # a new fit: loaded again if resuming
+        if self._mesh is not None:  # configure_model(self) reads self.device_mesh, as under ModelParallelStrategy
+            self.lightning_module._device_mesh = self._mesh
         if not self.fitting():
             return
         self._resolve_engine(self.lightning_module.trainer)
@@ -275,11 +343,13 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         needs_background = self._engine.algorithm.overlap_steps > 0 and self._replica_world.size > 1
         self._background_group = None  # every rank decides alike
         if needs_background:
-            self._background_group = (
-                replica_group(self.world_size, self.num_nodes, self.global_rank, None, self._timeout, self._groups)
-                if self._within_node  # its own cross and node groups
-                else self._new_group()
-            )
+            args = (self.world_size, self.num_nodes, self.global_rank, None, self._timeout, self._groups)
+            if self._within_node == "ddp":  # its own cross and node groups
+                self._background_group = replica_group(*args)
+            elif self._within_node == "fsdp":
+                self._background_group = sharded_world(*args)
+            else:
+                self._background_group = self._new_group()
         if self.world_size == 1 and self._fault_tolerance is None:  # a 1-process replica group syncs with others
             rank_zero_warn("LocalSGDStrategy runs on a single process: there is nothing to synchronize.")
 
@@ -320,6 +390,9 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             engine.observers,
             gradient_scale=lambda: scale_of(getattr(self.precision_plugin, "scaler", None)),
         )
+        if self._resume_algorithm is not None:  # sharded: this rank's own global state (its shard's anchor, ...)
+            engine.algorithm.load_state_dict(self._resume_algorithm)
+            self._resume_algorithm = None
         step = trainer.global_step if self._resume_state is None else self._resume_state.step
         log.debug("LocalSGDStrategy.setup: binding at step %d (resuming: %s)", step, self._rank_resume is not None)
         engine.bind(ctx, step, self._rank_resume)
@@ -345,18 +418,24 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             self._engine.note_loss(closure_loss)
 
     # ------------------------------------------------------------------ evaluation on the consensus
+    def _reshard(self) -> None:
+        if self._within_node == "fsdp" and self.model is not None:
+            reshard_(self.model)
+
     def _driving(self) -> bool:
         return self._bound and self.fitting()
 
     @override
     def on_validation_start(self) -> None:
         super().on_validation_start()
+        self._reshard()
         if self._driving():
             log.debug("LocalSGDStrategy.on_validation_start: the consensus goes in")
             self.algorithm.begin_evaluation(self.lightning_module.trainer.global_step)
 
     @override
     def on_validation_end(self) -> None:
+        self._reshard()  # a forward without backward leaves FSDP roots gathered
         if self._driving():
             log.debug("LocalSGDStrategy.on_validation_end: the replicas come back")
             self.algorithm.end_evaluation()
@@ -375,6 +454,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     @override
     def on_train_end(self) -> None:
         super().on_train_end()
+        self._reshard()
         if self._driving():
             log.debug("LocalSGDStrategy.on_train_end: finalize at step %d", self.lightning_module.trainer.global_step)
             restore_sigterm_check(self.lightning_module.trainer)
@@ -385,21 +465,28 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         # Called on every rank (Trainer.save_checkpoint), so collectives are allowed here.
         step, parts = self.lightning_module.trainer.global_step, False
+        sharded = self._within_node == "fsdp"
+        self._reshard()
         if self._bound:
             log.debug("LocalSGDStrategy.save_checkpoint: %s (replicas: %s)", filepath, self.save_replicas)
             algorithm = self.algorithm
             checkpoint["state_dict"] = algorithm.consensus_state_dict(checkpoint["state_dict"], step)
             parts = self.save_replicas and "optimizer_states" in checkpoint
             if parts:
+                replica = algorithm.replica_state_dict()
                 mine = rank_payload(
-                    algorithm.replica_state_dict(),
+                    local_state_dict(replica) if sharded else replica,
                     [self.optimizer_state(opt) for opt in self.optimizers],
                     algorithm.rank_state_dict(),
                 )
+                if sharded:  # the "global" state is this shard's: every rank keeps its own
+                    mine["algorithm_global"] = to_host(algorithm.state_dict())
                 loops = loader_state(checkpoint)
                 mine["loader"] = None if loops is None else loops.get("combined_loader")  # this rank's position
                 checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size, "step": step}
                 write_part(self.checkpoint_io, mine, filepath, step, self.global_rank)  # rank 0 never holds others'
+        if sharded:  # the file holds the whole consensus (for inference); every rank of a node gathers alike
+            checkpoint["state_dict"] = full_state_dict(checkpoint["state_dict"])
         super().save_checkpoint(checkpoint, filepath, storage_options)  # the file (rank 0)
         if parts:
             barrier = lambda: self.barrier("lightning_localsgd.parts")  # noqa: E731
@@ -413,9 +500,24 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         super().teardown()
 
     @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        state = super().optimizer_state(optimizer)
+        return local_optimizer_state(state) if self._within_node == "fsdp" else state
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        super().load_optimizer_state_dict(checkpoint)
+        if self._within_node == "fsdp":
+            for optimizer in self.optimizers:
+                rewrap_optimizer_state_(optimizer)
+
+    @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         self._rank_resume = None
         resume = self._resume_state
+        if self._within_node == "fsdp" and resume is not None and self._engine is not None:
+            self._load_shards(resume)
+            return
         if resume is not None and self._engine is not None:
             self._rank_resume = resume.for_rank(self.global_rank, self.world_size, self._engine.algorithm)
         if self._rank_resume is not None and self._rank_resume.exact:
@@ -429,6 +531,21 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
                 "Resume on the original world size to continue exactly."
             )
         super().load_model_state_dict(checkpoint, strict)
+
+    def _load_shards(self, resume: Any) -> None:
+        """Sharded replicas resume exactly on the same world size: each rank its own shards and state."""
+        if resume.world_size != self.world_size or not resume.has_parts:
+            raise ValueError(
+                f"this checkpoint holds sharded replicas of {resume.world_size} processes but this run has "
+                f"{self.world_size}: within_node='fsdp' resumes on the same world size and nodes only. To start "
+                "elsewhere from the consensus, load the checkpoint file's state_dict into the model and fit "
+                "without ckpt_path"
+            )
+        assert self._engine is not None
+        self._rank_resume = resume.for_rank(self.global_rank, self.world_size, self._engine.algorithm)
+        part = resume.part(self.global_rank)
+        self._resume_shards = self._rank_resume.model  # copied in once the module is sharded (configure_ddp)
+        self._resume_algorithm = part.get("algorithm_global")
 
     # ------------------------------------------------------------------ registration
     @classmethod

@@ -203,12 +203,20 @@ class Group:
     mean over such a group is split (:meth:`Collectives.mean_`): local rank j of every node averages
     slice j of the flat buffer with its peers across nodes, then each node all-gathers its slices,
     so each node sends one model's worth across nodes per sync, spread over all of its ranks.
+
+    **Sharded replicas.** When ``shards`` is set, a replica is a node whose k ranks each hold a
+    different shard of it (FSDP2 inside the node, ``LocalSGDStrategy(within_node="fsdp")``);
+    ``handle``, ``ranks`` and ``rank`` are again the cross group, whose ranks hold the same shard
+    of every replica, so a plain mean over the group is the mean of this rank's shard.
+    ``shards`` (the node) only joins the NaN/Inf verdict: a replica is skipped or refused as a
+    whole when any of its shards holds NaN/Inf.
     """
 
     handle: Any  # a torch ProcessGroup, or None for the default (world) group
     ranks: list[int]  # global ranks, in group order
     rank: int  # this process's index in ``ranks``
     node: Group | None = None  # the ranks of this rank's replica, which hold equal values (replica groups)
+    shards: Group | None = None  # the ranks holding the other shards of this rank's replica (sharded replicas)
 
     @property
     def size(self) -> int:
@@ -532,6 +540,8 @@ class Collectives:
         """
         if group.split and n >= group.node.size**2:  # type: ignore[union-attr]  # (every slice holds values)
             return self._split_mean(buf, n, group, purpose, anchor, residual, nonfinite, step, refill, scratch)
+        if code is None and group.shards is not None and group.shards.size > 1:
+            code = self._replica_code(buf[:n], group.shards, anchor, purpose)
         with torch.no_grad():
             local = buf[:n]
             base = None
@@ -546,6 +556,27 @@ class Collectives:
             if base is not None:
                 local.add_(base)
             return local
+
+    def _local_code(self, local: Tensor, base: Tensor | None) -> Tensor:
+        """This rank's NaN/Inf code for ``local``: 1 NaN/Inf, 2 a float16 delta from ``base`` beyond ±65504, else 0."""
+        code = nonfinite_flag(local)
+        wire = self.comm_dtype
+        if wire == torch.float16 and local.dtype != torch.float16 and base is not None:
+            limit = torch.finfo(wire).max  # the delta would overflow the wire dtype (float16)
+            overflow = ((local - base).abs().amax() > limit).to(torch.float32)
+            code = torch.where(code > 0, code, 2.0 * overflow)
+        return code
+
+    def _replica_code(
+        self, local: Tensor, shards: Group, anchor: Tensor | Sequence[Tensor] | None, purpose: str
+    ) -> Tensor:
+        """The NaN/Inf code of this rank's whole replica: the largest over its shards (one 4-byte allreduce)."""
+        base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
+        code = self._local_code(local, base).reshape(1).to(torch.float32)
+        nbytes = 2.0 * (shards.size - 1) / shards.size * code.element_size()
+        verdict = lambda: dist.all_reduce(code, op=dist.ReduceOp.MAX, group=shards.handle)  # noqa: E731
+        self._timed(purpose + "/node", nbytes, verdict, "an allreduce of NaN/Inf flags inside the replica", shards)
+        return code[0]
 
     def _split_mean(
         self,
@@ -581,12 +612,7 @@ class Collectives:
         k, j, m = node.size, node.rank, group.size
         local, dtype, device = buf[:n], buf.dtype, buf.device
         base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
-        code = nonfinite_flag(local)
-        wire = self.comm_dtype
-        if wire == torch.float16 and dtype != torch.float16 and base is not None:
-            limit = torch.finfo(wire).max  # the delta would overflow the wire dtype (float16)
-            overflow = ((local - base).abs().amax() > limit).to(torch.float32)
-            code = torch.where(code > 0, code, 2.0 * overflow)
+        code = self._local_code(local, base)
         chunk = -(-n // k)
         lo, hi = min(j * chunk, n), min((j + 1) * chunk, n)
         part = self._scratch(scratch + "slice", dtype, hi - lo + m, device)  # the slice, then m flag slots

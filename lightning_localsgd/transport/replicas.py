@@ -96,19 +96,26 @@ def broadcast_module_(comm: Collectives, module: torch.nn.Module, world: Group) 
         comm.broadcast_tensors_(group, src=0, group=world, purpose="setup")
 
 
-def check_within_node(within_node: Any, ddp_kwargs: Mapping[str, Any], fault_tolerant: bool = False) -> None:
-    """Refuse, with the fix, a ``within_node`` value or DDP arguments that cannot work."""
-    if within_node not in (None, "ddp"):
-        later = " ('fsdp' is not available yet: use 'ddp')" if within_node == "fsdp" else ""
+def check_within_node(
+    within_node: Any,
+    ddp_kwargs: Mapping[str, Any],
+    fault_tolerant: bool = False,
+    fsdp_kwargs: Mapping[str, Any] | None = None,
+    fsdp_modules: Any = None,
+) -> None:
+    """Refuse, with the fix, a ``within_node`` value or DDP / FSDP arguments that cannot work."""
+    if within_node not in (None, "ddp", "fsdp"):
         raise ValueError(
-            f"within_node must be None (every process is a replica) or 'ddp' (every node is one replica, "
-            f"DDP inside it), got {within_node!r}{later}"
+            "within_node must be None (every process is a replica), 'ddp' (every node is one replica, DDP inside "
+            f"it) or 'fsdp' (every node is one replica sharded with FSDP2 inside it), got {within_node!r}"
         )
-    if ddp_kwargs and within_node is None:
+    if ddp_kwargs and within_node != "ddp":
         raise TypeError(
-            f"ddp_kwargs={dict(ddp_kwargs)} needs within_node='ddp' (without it the module is not wrapped in "
+            f"ddp_kwargs={dict(ddp_kwargs)} needs within_node='ddp' (otherwise the module is not wrapped in "
             "DistributedDataParallel): pass within_node='ddp' or drop ddp_kwargs"
         )
+    if (fsdp_kwargs or fsdp_modules is not None) and within_node != "fsdp":
+        raise TypeError("fsdp_kwargs and fsdp_modules need within_node='fsdp': pass it, or drop them")
     accepted = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module", "device_ids"}
     accepted -= {"process_group", "output_device"}
     unknown = sorted(set(ddp_kwargs) - accepted)
@@ -117,9 +124,24 @@ def check_within_node(within_node: Any, ddp_kwargs: Mapping[str, Any], fault_tol
             f"ddp_kwargs holds {unknown}, which DistributedDataParallel does not take or the strategy sets "
             f"(process_group: the node's processes; device_ids: this rank's device). It takes {sorted(accepted)}"
         )
+    from lightning_localsgd.transport.sharding import FSDP_KWARGS
+
+    unknown = sorted(set(fsdp_kwargs or {}) - set(FSDP_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"fsdp_kwargs holds {unknown}; it takes fully_shard's {list(FSDP_KWARGS)} (the mesh is the strategy's: "
+            "the node's processes)"
+        )
+    if fsdp_modules is not None and (
+        isinstance(fsdp_modules, str | type) or not all(isinstance(m, str | type) for m in fsdp_modules)
+    ):
+        raise TypeError(
+            f"fsdp_modules must be a list of module classes or class names (e.g. ['Block']), got {fsdp_modules!r}"
+        )
     if within_node is not None and fault_tolerant:
         raise ValueError(
-            "fault_tolerance with within_node='ddp' is not supported yet: use one of them (docs/multinode.md)"
+            f"fault_tolerance with within_node={within_node!r} is not supported yet: use one of them "
+            "(docs/multinode.md)"
         )
 
 

@@ -17,14 +17,18 @@ from torch import Tensor, nn
 __all__ = [
     "BUFFER_POLICIES",
     "BufferPolicy",
+    "FlatLayout",
     "Fragment",
     "all_finite",
     "copy_",
+    "flat_layout",
     "flatten",
     "flatten_into",
     "float_buffers",
     "host_copy",
     "lerp_",
+    "local",
+    "local_parameters",
     "partition",
     "pseudo_gradient",
     "snapshot",
@@ -36,6 +40,23 @@ __all__ = [
 
 BufferPolicy = Literal["average", "broadcast", "local"]
 BUFFER_POLICIES: tuple[str, ...] = ("average", "broadcast", "local")
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this rank holds: a DTensor's local shard (FSDP2), any other tensor itself.
+
+    The shard is the DTensor's own local tensor (the same object at every call, sharing storage with
+    the parameter): writing into it in place writes the parameter, so an algorithm that averages,
+    snapshots and overwrites the tensors of :func:`sync_tensors` works on shards unchanged, and a
+    sharded replica's algorithm state is 1/k of the model per rank.
+    """
+    inner = getattr(tensor, "_local_tensor", None)  # torch.distributed.tensor.DTensor
+    return tensor if inner is None else inner
+
+
+def local_parameters(module: nn.Module, trainable_only: bool = False) -> list[Tensor]:
+    """The module's parameters as this rank holds them (:func:`local`), optionally only those that require grad."""
+    return [local(p) for p in module.parameters() if p.requires_grad or not trainable_only]
 
 
 def float_buffers(module: nn.Module) -> list[Tensor]:
@@ -50,10 +71,11 @@ def float_buffers(module: nn.Module) -> list[Tensor]:
 def sync_tensors(module: nn.Module, buffers: BufferPolicy) -> tuple[list[Tensor], list[Tensor]]:
     """Split the module's state into ``(averaged, broadcast)`` tensor lists for a sync.
 
-    Parameters are always averaged; floating buffers follow ``buffers``: ``"average"`` puts them
+    Parameters are always averaged (as this rank holds them: a sharded parameter's local shard);
+    floating buffers follow ``buffers``: ``"average"`` puts them
     with the parameters, ``"broadcast"`` takes rank 0's copy, ``"local"`` leaves them out.
     """
-    params = list(module.parameters())
+    params = local_parameters(module)
     bufs = float_buffers(module)
     if buffers == "average":
         return params + bufs, []
@@ -183,28 +205,67 @@ class Fragment:
         return out
 
 
-def partition(tensors: Sequence[Tensor], parts: int) -> list[Fragment]:
+def partition(tensors: Sequence[Tensor], parts: int, layout: FlatLayout | None = None) -> list[Fragment]:
     """Cut the flat layout of ``tensors`` (module order) into ``parts`` contiguous ranges of equal size.
 
     Range k holds values ``⌊kN/P⌋ : ⌊(k+1)N/P⌋`` of the N values, so no range exceeds ⌈N/P⌉
     values; a range may end inside a tensor (tensor sizes are uneven: for resnet18 the best cut at
     tensor boundaries leaves 32% of the model in one of 4 groups).
+
+    ``layout`` (:func:`flat_layout`): the tensors are this rank's shards of a sharded replica. The
+    ranges are then cut in the *whole* model's flat layout, exactly as for the unsharded replica,
+    and each rank's fragment k is the part of range k it holds: a contiguous run of its own flat
+    layout (shards of dim-0 chunks keep the whole layout's order), possibly empty (a fragment with
+    one zero-length span then, so that every rank of a node takes part in every fragment's sync).
     """
     sizes = [t.numel() for t in tensors]
-    total = sum(sizes)
+    local_starts = [0]
+    for n in sizes:
+        local_starts.append(local_starts[-1] + n)
+    starts, total = (local_starts[:-1], local_starts[-1]) if layout is None else layout
     if parts > max(total, 1):
         raise ValueError(f"fragments={parts} but the model synchronizes only {total} values: use fragments <= {total}")
-    starts = [0]
-    for n in sizes:
-        starts.append(starts[-1] + n)
     device = tensors[0].device if tensors else torch.device("cpu")
     out = []
     for k in range(parts):
         lo, hi = k * total // parts, (k + 1) * total // parts
         spans = tuple(
-            (i, max(lo, starts[i]) - starts[i], min(hi, starts[i + 1]) - starts[i])
+            (i, max(lo, starts[i]) - starts[i], min(hi, starts[i] + sizes[i]) - starts[i])
             for i in range(len(sizes))
-            if starts[i] < hi and starts[i + 1] > lo
+            if starts[i] < hi and starts[i] + sizes[i] > lo
         )
-        out.append(Fragment(k, lo, hi - lo, spans, device))
+        if spans:
+            offset = local_starts[spans[0][0]] + spans[0][1]
+        else:  # nothing of range k on this rank: an empty run where it would be
+            i = next((i for i in range(len(sizes)) if starts[i] >= hi), max(len(sizes) - 1, 0))
+            spans = ((i, 0, 0),) if sizes else ()
+            offset = local_starts[i] if sizes else 0
+        out.append(Fragment(k, offset, sum(stop - first for _, first, stop in spans), spans, device))
     return out
+
+
+FlatLayout = tuple[list[int], int]
+"""Where each tensor of a sync list starts in the whole model's flat layout, and that layout's size."""
+
+
+def flat_layout(module: nn.Module, buffers: BufferPolicy) -> FlatLayout | None:
+    """The whole-model positions of :func:`sync_tensors`' averaged list (``None``: nothing is sharded).
+
+    A DTensor shard's values are a contiguous run of the whole parameter's (dim-0 chunks, FSDP2),
+    starting at the shard's global offset; an unsharded tensor starts where it would in the whole layout.
+    """
+    tensors = list(module.parameters()) + (float_buffers(module) if buffers == "average" else [])
+    if not any(hasattr(t, "_local_tensor") for t in tensors):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    starts, position = [], 0
+    for t in tensors:
+        start = position
+        if hasattr(t, "_local_tensor") and t.dim() > 0:
+            _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+            stride = torch.empty(t.shape, device="meta").stride()  # the whole tensor's, contiguous
+            start += sum(o * s for o, s in zip(offset, stride, strict=True))
+        starts.append(start)
+        position += t.numel()
+    return starts, position

@@ -1,0 +1,146 @@
+"""Scenarios of sharded replicas (``LocalSGDStrategy(within_node="fsdp")``), run on every rank (see tests/launch.py).
+
+The 2 nodes × 2 comparisons with ``within_node="ddp"`` reuse :func:`tests.scenarios_groups.fit_groups`
+(``"within": "fsdp"``); this file holds what only sharded replicas have: Lightning's own FSDP2
+training as the one-node reference, a user's ``configure_model``, the refusals that need a process
+group, and the per-rank state each rank keeps.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from lightning_localsgd import DiLoCo, LocalSGDStrategy
+from lightning_localsgd.transport.tensors import local
+from tests.models import Recorder, TinyNet, flat_params, loader, regression_data, trainer_kwargs
+
+TIMEOUT = timedelta(seconds=60)
+
+
+class ShardedTinyNet(TinyNet):
+    """TinyNet that shards itself in ``configure_model`` the way Lightning's FSDP2 examples do."""
+
+    def __init__(self, how: str = "shard") -> None:
+        super().__init__()
+        self.how = how
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh
+        if self.how == "hsdp":  # the whole 2-D mesh: replicate across nodes at every step (refused)
+            fully_shard(self.net, mesh=mesh)
+            return
+        if self.how == "ddp":  # a DDP wrapper around a submodule (refused)
+            self.net = nn.parallel.DistributedDataParallel(self.net)
+            return
+        dim = "data_parallel" if "data_parallel" in (mesh.mesh_dim_names or ()) else "shard"
+        fully_shard(self.net[0], mesh=mesh[dim])
+        if self.how == "partial":  # net[2]'s parameters left whole (refused)
+            return
+        fully_shard(self.net[2], mesh=mesh[dim])
+        fully_shard(self.net, mesh=mesh[dim])
+
+
+def _strategy(name: str) -> Any:
+    if name == "model_parallel":  # Lightning's FSDP2: the data-parallel dimension shards, nothing replicates
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT)
+    return LocalSGDStrategy(timeout=TIMEOUT, within_node="fsdp")
+
+
+def model_parallel_equivalence(out_dir: str, devices: int, num_nodes: int, steps: int) -> dict[str, Any]:
+    """One node of 2: Lightning's ModelParallelStrategy (FSDP2), then within_node='fsdp' with the same
+    configure_model, then within_node='fsdp' sharding by its own policy; the same data and seed."""
+    out: dict[str, Any] = {}
+    for name, model_cls in (("model_parallel", ShardedTinyNet), ("user", ShardedTinyNet), ("policy", TinyNet)):
+        seed_everything(0)
+        model = model_cls().double()
+        rec = Recorder()
+        trainer = Trainer(  # fp64 model and data; "32-true" because ModelParallelStrategy refuses "64-true"
+            strategy=_strategy(name),
+            max_steps=steps,
+            callbacks=[rec],
+            **trainer_kwargs(devices, num_nodes, precision="32-true"),
+        )
+        trainer.fit(model, loader(regression_data(64)))
+        out[name] = torch.stack(rec.after)
+        out[name + "_types"] = sorted({type(p).__name__ for p in model.parameters()})
+        if name != "model_parallel":
+            out[name + "_bytes"] = dict(trainer.strategy.comm.counters.bytes_by_purpose)
+    return out
+
+
+def refusals(out_dir: str, devices: int, num_nodes: int) -> dict[str, str]:
+    """What fit raises for modules the strategy cannot sync (every rank raises alike, before any sync)."""
+    out: dict[str, str] = {}
+    cases: dict[str, Any] = {
+        "hsdp": lambda: ShardedTinyNet("hsdp"),
+        "ddp": lambda: ShardedTinyNet("ddp"),
+        "partial": lambda: ShardedTinyNet("partial"),
+        "own_parameters": lambda: _OwnParameter(),
+    }
+    for name, make in cases.items():
+        seed_everything(0)
+        trainer = Trainer(strategy=_strategy("fsdp"), max_steps=1, **trainer_kwargs(devices, num_nodes))
+        try:
+            trainer.fit(make().double(), loader(regression_data(8)))
+            out[name] = ""
+        except (TypeError, ValueError) as err:
+            out[name] = str(err)
+    return out
+
+
+class _OwnParameter(TinyNet):
+    """A LightningModule with a parameter of its own (the policy shards submodules: refused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * super().forward(x)
+
+
+def held_state(out_dir: str, devices: int, num_nodes: int, fragments: int = 1) -> dict[str, Any]:
+    """DiLoCo int8 with overlap on 2 nodes: the numbers of values each rank holds (model shard, anchor,
+    residual, outer momentum, the overlapped sync's snapshot) and the model after training."""
+    from tests.scenarios_groups import Batches
+
+    rank = int(os.environ.get("NODE_RANK", 0)) * devices + int(os.environ.get("LOCAL_RANK", 0))
+    seed_everything(0)
+    net = TinyNet(hidden=64).double()
+    algorithm = DiLoCo(4, outer_momentum=0.9, overlap_steps=2, fragments=fragments)
+    sizes: dict[str, int] = {}
+
+    class Look(Recorder):
+        def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+            super().on_train_batch_end(trainer, pl_module, *args)
+            if algorithm._inflight:
+                sizes["inflight_sent"] = sum(f.sent.numel() for f in algorithm._inflight.values())
+
+    rec = Look()
+    strategy = LocalSGDStrategy(timeout=TIMEOUT, within_node="fsdp", comm_dtype="int8")
+    trainer = Trainer(
+        strategy=strategy,
+        max_steps=10,
+        callbacks=[rec, algorithm],
+        **trainer_kwargs(devices, num_nodes, use_distributed_sampler=False),
+    )
+    data = Batches(rank // devices, rank % devices, devices, 10)
+    trainer.fit(net, torch.utils.data.DataLoader(data, batch_size=None))
+    outer = [v for o in algorithm.outers if o is not None for s in o.state.values() for v in s.values()]
+    sizes.update(
+        model=sum(p.numel() for p in net.parameters()),
+        shard=sum(local(p).numel() for p in net.parameters()),
+        anchor=algorithm.anchor.numel(),
+        residual=algorithm.residual.numel(),
+        outer=sum(t.numel() for t in outer if isinstance(t, torch.Tensor) and t.dim() > 0),
+    )
+    return {"rank": rank, "sizes": sizes, "final": flat_params(net)}
