@@ -131,7 +131,9 @@ def variant_specs(hs: list[int], bf16_h: list[int], postlocal_period: int) -> di
     return specs
 
 
-_VARIANT = re.compile(r"^(groups_)?(localsgd|diloco)_H(\d+)(?:_P(\d+))?(?:_tau(\d+))?(?:_(bfloat16|bf16|int8|int4))?$")
+_VARIANT = re.compile(
+    r"^(groups_|fsdp_)?(localsgd|diloco)_H(\d+)(?:_P(\d+))?(?:_tau(\d+))?(?:_(bfloat16|bf16|int8|int4))?$"
+)
 
 
 def parse_variant(name: str) -> dict[str, Any] | None:
@@ -150,7 +152,7 @@ def parse_variant(name: str) -> dict[str, Any] | None:
         "comm_dtype": dtype,
     }
     if groups:
-        spec["within_node"] = "ddp"
+        spec["within_node"] = "ddp" if groups == "groups_" else "fsdp"
     return spec
 
 
@@ -204,7 +206,15 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
     class Net(LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = timm.create_model(cfg["model"], pretrained=False, num_classes=cfg["num_classes"])
+            self.model = timm.create_model(
+                cfg["model"], pretrained=False, num_classes=cfg["num_classes"], **cfg.get("model_kwargs", {})
+            )
+
+        def configure_model(self) -> None:
+            if spec["kind"] == "fsdp_all":  # Lightning's FSDP2 over every rank: the strategy's shard policy
+                from lightning_localsgd.transport.sharding import apply_shard_policy
+
+                apply_shard_policy(self, self.device_mesh["data_parallel"], None, {})
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             x, y = batch
@@ -225,6 +235,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
             self._t0 = 0.0
             self._bytes0 = 0.0
             self._lo0 = 0
+            self.held: dict[str, int] = {}
 
         @staticmethod
         def snapshot(trainer: Trainer) -> dict[str, Any]:
@@ -259,6 +270,11 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
             self.step_lo.append(lo[1] - self._lo0 if lo else 0)
             if trainer.global_step == total:  # last measured step done
                 self.end = self.snapshot(trainer)
+            if trainer.global_step > warmup:  # the tensors this rank holds: the largest count of the window
+                from benchmarks.fsdp_memory import held_bytes
+
+                now = held_bytes(trainer)
+                self.held = {k: max(v, self.held.get(k, 0)) for k, v in now.items()}
 
     seed_everything(cfg["seed"], verbose=False)  # same initial model on every rank
     model = Net()
@@ -266,6 +282,12 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
     callbacks: list[Any] = []
     if kind == "floor":
         strategy: Any = LocalSGDStrategy(sync_every=total + 1, timeout=timeout)
+    elif kind == "fsdp_floor":  # FSDP2 inside each node, nothing across nodes in the window
+        strategy = LocalSGDStrategy(sync_every=total + 1, within_node="fsdp", timeout=timeout)
+    elif kind == "fsdp_all":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, timeout=timeout)
     elif kind == "localsgd" and "algorithm" in spec:
         from lightning_localsgd import DiLoCo, PeriodicAveraging
 
@@ -349,6 +371,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         "counter_bytes": delta("counter_bytes"),
         "counter_seconds": delta("counter_seconds"),
         "counter_calls": delta("counter_calls"),
+        "held_bytes": timer.held,
         "num_params": sum(p.numel() for p in params),
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "num_float_buffers": sum(b.numel() for b in model.buffers() if b.is_floating_point()),
@@ -450,6 +473,10 @@ def summarize(name: str, spec: dict[str, Any], runs: list[dict[str, Any]], steps
             out[f"{key}_bytes_per_step_by_node"] = by_node
         if out.get("counter_bytes_per_step") is not None:
             out["counter_bytes_per_step_per_node"] = out["counter_bytes_per_step"] * per_node
+    helds = [rank["held_bytes"] for r in ok for rank in r["ranks"] if rank.get("held_bytes")]
+    if helds:  # the tensors one rank holds (benchmarks.fsdp_memory.held_bytes), the largest rank
+        out["held_bytes_max_rank"] = {k: max(h[k] for h in helds) for k in helds[0]}
+        out["held_state_bytes_max_rank"] = max(h["model"] + h["optimizer"] + h["algorithm"] for h in helds)
     first = ok[0]["ranks"][0]
     out["num_params"] = first["num_params"]
     out["param_bytes"] = first["param_bytes"]
@@ -467,6 +494,7 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
     floor = summary.get("floor", {})
     ddp = summary.get("ddp", {})
     node_ddp = summary.get("node_ddp", {})
+    fsdp_floor = summary.get("fsdp_floor", {})
     ddp_estimate = None
     any_ok = next((s for s in summary.values() if "param_bytes" in s), None)
     if any_ok is not None:
@@ -487,6 +515,11 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
                 s["slowest_rank_step_time_s"] / node_ddp["slowest_rank_step_time_s"]
             )
             s["step_time_ratio_mean_vs_node_ddp"] = s["step_time_mean_s"] / node_ddp["step_time_mean_s"]
+        if s.get("slowest_rank_step_time_s") and fsdp_floor.get("slowest_rank_step_time_s"):  # sharded replicas
+            s["step_time_ratio_slowest_rank_vs_fsdp_floor"] = (
+                s["slowest_rank_step_time_s"] / fsdp_floor["slowest_rank_step_time_s"]
+            )
+            s["step_time_ratio_mean_vs_fsdp_floor"] = s["step_time_mean_s"] / fsdp_floor["step_time_mean_s"]
         lo, ddp_lo = s.get("lo_bytes_per_step_per_rank"), ddp.get("lo_bytes_per_step_per_rank")
         if lo is not None and ddp_lo:
             s["bytes_ratio_lo_vs_ddp"] = lo / ddp_lo
@@ -599,8 +632,9 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
 def table_two_nodes(summary: dict[str, dict[str, Any]]) -> str:
     """The ``--nodes 2`` table: step time against the floor and node-local DDP, bytes per path."""
     head = (
-        f"{'variant':<24} {'slowest ms':>10} {'x floor':>8} {'x node_ddp':>10} {'mean ms':>8} "
-        f"{'cross MB/step/node':>18} {'intra MB/step/node':>18} {'counter MB/step/rank':>20} {'(per node)':>10}"
+        f"{'variant':<24} {'slowest ms':>10} {'x floor':>8} {'x node_ddp':>10} {'x fsdp_floor':>12} {'mean ms':>8} "
+        f"{'cross MB/step/node':>18} {'intra MB/step/node':>18} {'counter MB/step/rank':>20} {'(per node)':>10} "
+        f"{'state MB/rank':>13}"
     )
     lines = [head, "-" * len(head)]
     for name, s in summary.items():
@@ -611,11 +645,13 @@ def table_two_nodes(summary: dict[str, dict[str, Any]]) -> str:
             f"{name:<24} {fmt(s.get('slowest_rank_step_time_s'), 1e3, 1):>10} "
             f"{fmt(s.get('step_time_ratio_slowest_rank_vs_floor')):>8} "
             f"{fmt(s.get('step_time_ratio_slowest_rank_vs_node_ddp')):>10} "
+            f"{fmt(s.get('step_time_ratio_slowest_rank_vs_fsdp_floor')):>12} "
             f"{fmt(s['step_time_mean_s'], 1e3, 1):>8} "
             f"{fmt(s.get('cross_node_bytes_per_step_per_node'), 1e-6, 3):>18} "
             f"{fmt(s.get('intra_node_bytes_per_step_per_node'), 1e-6, 3):>18} "
             f"{fmt(s.get('counter_bytes_per_step'), 1e-6, 3):>20} "
-            f"{fmt(s.get('counter_bytes_per_step_per_node'), 1e-6, 3):>10}"
+            f"{fmt(s.get('counter_bytes_per_step_per_node'), 1e-6, 3):>10} "
+            f"{fmt(s.get('held_state_bytes_max_rank'), 2**-20, 1):>13}"
         )
     return "\n".join(lines)
 
@@ -811,6 +847,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--postlocal-period", type=int, default=8, help="model_averaging_period of post-local SGD")
     p.add_argument("--postlocal-start", type=int, default=None, help="start_localSGD_iter K (default: --warmup)")
     p.add_argument("--model", default="resnet18", help="timm model name (random init)")
+    p.add_argument(
+        "--model-kwargs", default="{}", help="JSON arguments of timm.create_model, e.g. '{\"patch_size\": 8}'"
+    )
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--num-classes", type=int, default=10)
@@ -849,6 +888,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = variant_specs(hs, bf16_h, args.postlocal_period)
     if two_nodes:
         specs["node_ddp"] = {"kind": "node_ddp"}
+        specs["fsdp_floor"] = {"kind": "fsdp_floor", "within_node": "fsdp"}
+        specs["fsdp_all"] = {"kind": "fsdp_all"}
     default = TWO_NODE_VARIANTS if two_nodes and not args.variants else args.variants
     names = list(specs) if not default else [v.strip() for v in default.split(",") if v.strip()]
     for n in names:
@@ -862,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    node_only = [n for n in names if n == "node_ddp" or specs[n].get("within_node")]
+    node_only = [n for n in names if n in ("node_ddp", "fsdp_all") or specs[n].get("within_node")]
     if node_only and not two_nodes:
         print(f"{node_only} compare nodes: run them with --nodes 2", file=sys.stderr)
         return 2
@@ -893,6 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "steps": args.steps,
         "model": args.model,
+        "model_kwargs": json.loads(args.model_kwargs),
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "num_classes": args.num_classes,

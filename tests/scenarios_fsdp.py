@@ -49,8 +49,29 @@ class ShardedTinyNet(TinyNet):
         fully_shard(self.net, mesh=mesh[dim])
 
 
+class OwnParameter(TinyNet):
+    """A LightningModule with a parameter of its own (the shard policy makes it the FSDP root)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((3,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale.sum() * super().forward(x)
+
+
+class ShardedOwnParameter(OwnParameter):
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[0], mesh=mesh)
+        fully_shard(self.net[2], mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
 def _strategy(name: str) -> Any:
-    if name == "model_parallel":  # Lightning's FSDP2: the data-parallel dimension shards, nothing replicates
+    if name.startswith("model_parallel"):  # Lightning's FSDP2: the data-parallel dimension shards, nothing replicates
         return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT)
     return LocalSGDStrategy(timeout=TIMEOUT, within_node="fsdp")
 
@@ -59,7 +80,14 @@ def model_parallel_equivalence(out_dir: str, devices: int, num_nodes: int, steps
     """One node of 2: Lightning's ModelParallelStrategy (FSDP2), then within_node='fsdp' with the same
     configure_model, then within_node='fsdp' sharding by its own policy; the same data and seed."""
     out: dict[str, Any] = {}
-    for name, model_cls in (("model_parallel", ShardedTinyNet), ("user", ShardedTinyNet), ("policy", TinyNet)):
+    cases = (
+        ("model_parallel", ShardedTinyNet),
+        ("user", ShardedTinyNet),
+        ("policy", TinyNet),
+        ("model_parallel_own", ShardedOwnParameter),  # a parameter on the LightningModule: it is the root
+        ("policy_own", OwnParameter),
+    )
+    for name, model_cls in cases:
         seed_everything(0)
         model = model_cls().double()
         rec = Recorder()
@@ -72,7 +100,7 @@ def model_parallel_equivalence(out_dir: str, devices: int, num_nodes: int, steps
         trainer.fit(model, loader(regression_data(64)))
         out[name] = torch.stack(rec.after)
         out[name + "_types"] = sorted({type(p).__name__ for p in model.parameters()})
-        if name != "model_parallel":
+        if not name.startswith("model_parallel"):
             out[name + "_bytes"] = dict(trainer.strategy.comm.counters.bytes_by_purpose)
     return out
 
@@ -84,7 +112,6 @@ def refusals(out_dir: str, devices: int, num_nodes: int) -> dict[str, str]:
         "hsdp": lambda: ShardedTinyNet("hsdp"),
         "ddp": lambda: ShardedTinyNet("ddp"),
         "partial": lambda: ShardedTinyNet("partial"),
-        "own_parameters": lambda: _OwnParameter(),
     }
     for name, make in cases.items():
         seed_everything(0)
@@ -95,17 +122,6 @@ def refusals(out_dir: str, devices: int, num_nodes: int) -> dict[str, str]:
         except (TypeError, ValueError) as err:
             out[name] = str(err)
     return out
-
-
-class _OwnParameter(TinyNet):
-    """A LightningModule with a parameter of its own (the policy shards submodules: refused)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * super().forward(x)
 
 
 def held_state(out_dir: str, devices: int, num_nodes: int, fragments: int = 1) -> dict[str, Any]:

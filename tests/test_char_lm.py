@@ -43,6 +43,16 @@ def test_diloco_config_builds_localsgd_with_diloco(tmp_path, monkeypatch):
     assert 5e5 <= sum(p.numel() for p in cli.model.parameters()) <= 2e6  # 834,304
 
 
+def test_diloco_fsdp_config_builds_sharded_replicas(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["char_lm"])
+    cli = _cli("diloco_fsdp.yaml", tmp_path)
+    strategy = cli.trainer.strategy
+    assert type(strategy) is LocalSGDStrategy
+    assert (strategy.within_node, strategy._fsdp_modules) == ("fsdp", ["Block"])
+    (diloco,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, DiLoCo)]
+    assert (diloco.sync_every, diloco.overlap_steps) == (16, 8)
+
+
 @pytest.mark.parametrize(
     "overlay, outer_type, dylu",
     [

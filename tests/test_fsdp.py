@@ -70,13 +70,12 @@ def test_algorithms_that_need_a_process_per_replica_refuse_sharded_replicas(call
 
 
 def test_modules_the_strategy_cannot_shard_or_sync_are_refused_at_setup():
-    """HSDP over the whole mesh, a DDP wrapper, a partly sharded model, parameters on the LightningModule itself."""
+    """HSDP over the whole mesh, a DDP wrapper, a partly sharded model."""
     out = run_ranks("tests.scenarios_fsdp:refusals", world=2, nodes=1)
     for r in out:
         assert "shards inside each node only: pass mesh=self.device_mesh['shard']" in r["hsdp"]
         assert "wrapped in DistributedDataParallel" in r["ddp"] and "drop the wrapper" in r["ddp"]
         assert "sharded some parameters but not ['net.2.weight', 'net.2.bias']" in r["partial"]
-        assert "registers parameters ['scale'] on itself" in r["own_parameters"]
 
 
 # ---------------------------------------------------------------------------------------------- one node
@@ -90,6 +89,9 @@ def test_one_node_is_lightning_fsdp2_step_for_step():
         assert (r["model_parallel"] - r["policy"]).abs().max() <= 1e-12
         assert r["user_types"] == r["policy_types"] == ["DTensor"]  # sharded, not whole
         assert r["policy_bytes"].get("sync", 0.0) == 0.0  # one replica: nothing crosses nodes
+        # a parameter registered on the LightningModule: the policy makes the module the root, as the user would
+        assert (r["model_parallel_own"] - r["policy_own"]).abs().max() <= 1e-12
+        assert r["policy_own_types"] == ["DTensor"]
 
 
 # ---------------------------------------------------------------------------------------------- two nodes

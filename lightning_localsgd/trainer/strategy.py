@@ -314,8 +314,9 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(self.model, DistributedDataParallel):
-            # DDP's forward and backward communicate on this thread: on NCCL one thread at a time (docs/gpu.md).
+        if isinstance(self.model, DistributedDataParallel) or self._within_node == "fsdp":
+            # DDP's or FSDP's forward and backward communicate on this thread: on NCCL one thread at a time
+            # (docs/gpu.md), so a sync in flight finishes first there; on gloo this does nothing.
             self._comm.before_collective()
         return super().training_step(*args, **kwargs)
 

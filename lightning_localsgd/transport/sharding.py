@@ -109,20 +109,16 @@ def apply_shard_policy(
     ``modules``: the classes (or class names) to shard as units, as Lightning's ``FSDPStrategy``
     takes them; ``None``: every child of an ``nn.ModuleList`` / ``nn.Sequential`` that holds
     parameters (a transformer's blocks, a ResNet stage's blocks). Each unit's parameters are
-    all-gathered together at its forward and resharded after it. The roots are ``module``'s own
-    children that hold parameters (a LightningModule's ``training_step`` calls its networks, not
-    necessarily its ``forward``, so each network is an FSDP root); parameters registered on
-    ``module`` itself are refused. Returns the names of the units and roots.
+    all-gathered together at its forward and resharded after it.
+
+    The roots hold the parameters outside the units. If ``module`` (the LightningModule) registers
+    parameters itself (a learned position table, say), ``module`` is the one root: its ``forward``
+    gathers them, so ``training_step`` must run the model through ``self(...)``. Otherwise each of
+    its children that holds parameters is a root (``training_step`` may call its networks directly).
+    Returns the names of the units and roots (``""``: ``module`` itself).
     """
     from torch.distributed.fsdp import fully_shard
 
-    own = [name for name, _ in module.named_parameters(recurse=False)]
-    if own:
-        raise ValueError(
-            f"{type(module).__name__} registers parameters {own} on itself; within_node='fsdp' shards its "
-            "submodules: move them into a submodule, or shard in configure_model with "
-            "fully_shard(..., mesh=self.device_mesh['shard'])"
-        )
     units: list[tuple[str, nn.Module]] = []
     if modules is None:
         for parent_name, parent in module.named_modules():
@@ -133,14 +129,20 @@ def apply_shard_policy(
     else:
         classes = list(modules)
         units = [(name, m) for name, m in module.named_modules() if m is not module and _matches(m, classes)]
+        if not units:
+            found = sorted({type(m).__name__ for m in module.modules()})
+            raise ValueError(f"fsdp_modules={classes} matches no module of the model; its classes are {found}")
     for _, unit in reversed(units):  # named_modules is pre-order: children come after parents
         fully_shard(unit, mesh=mesh, **fsdp_kwargs)
-    sharded = {id(m) for _, m in units}
-    roots = [
-        (name, child)
-        for name, child in module.named_children()
-        if id(child) not in sharded and any(True for _ in child.parameters())
-    ]
+    if any(True for _ in module.parameters(recurse=False)):
+        roots = [("", module)]
+    else:
+        sharded = {id(m) for _, m in units}
+        roots = [
+            (name, child)
+            for name, child in module.named_children()
+            if id(child) not in sharded and any(True for _ in child.parameters())
+        ]
     for _, root in roots:
         fully_shard(root, mesh=mesh, **fsdp_kwargs)
     return [name for name, _ in units + roots]
