@@ -160,3 +160,35 @@ def held_state(out_dir: str, devices: int, num_nodes: int, fragments: int = 1) -
         outer=sum(t.numel() for t in outer if isinstance(t, torch.Tensor) and t.dim() > 0),
     )
     return {"rank": rank, "sizes": sizes, "final": flat_params(net)}
+
+
+def validate_after_fit(out_dir: str, devices: int, num_nodes: int) -> dict[str, Any]:
+    """fit (2 nodes × 2, H = 4, 6 steps: mid-round at the end), then trainer.validate on the returned model."""
+    from tests.scenarios_groups import Batches, node_batch
+
+    rank = int(os.environ.get("NODE_RANK", 0)) * devices + int(os.environ.get("LOCAL_RANK", 0))
+    seed_everything(0)
+    net = TinyNet().double()
+    trainer = Trainer(
+        strategy=LocalSGDStrategy(timeout=TIMEOUT, within_node="fsdp", sync_every=4),
+        max_steps=6,
+        **trainer_kwargs(devices, num_nodes, use_distributed_sampler=False),
+    )
+    data = torch.utils.data.DataLoader(Batches(rank // devices, rank % devices, devices, 6), batch_size=None)
+    trainer.fit(net, data)
+    final = flat_params(net)
+    val = torch.utils.data.DataLoader([node_batch(99, 0)], batch_size=None)
+    trainer.validate(net, val, verbose=False)
+    out = {"rank": rank, "final": final, "validated": net.val_params[-1], "after": flat_params(net)}
+    # the checkpoint file's consensus loaded into a freshly sharded model (configure_model), validated
+    path = os.path.join(out_dir, "final.ckpt")
+    trainer.save_checkpoint(path)
+    seed_everything(1)
+    fresh = ShardedTinyNet().double()
+    tester = Trainer(
+        strategy=LocalSGDStrategy(timeout=TIMEOUT, within_node="fsdp"),
+        **trainer_kwargs(devices, num_nodes, use_distributed_sampler=False),
+    )
+    tester.validate(fresh, val, ckpt_path=path, verbose=False)
+    out["loaded"] = fresh.val_params[-1]
+    return out

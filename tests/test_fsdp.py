@@ -104,11 +104,13 @@ def test_two_nodes_of_sharded_replicas_equal_ddp_inside_and_the_plain_torch_repl
         "diloco_overlap": ("diloco", {**diloco, "overlap_steps": 2}),
         "diloco_streaming": ("diloco", {**diloco, "overlap_steps": 1, "fragments": 2}),
         "modified_localgd": ("modified_localgd", {"sync_every": h, "prox": 0.3}),
+        "easgd": ("easgd", {"sync_every": h, "beta": 0.5}),
     }
     runs = []
     for within in ("ddp", "fsdp"):
         for name, (algorithm, kwargs) in variants.items():
-            runs.append({"name": f"{within}_{name}", "within": within, "algorithm": algorithm, "kwargs": kwargs})
+            run = {"name": f"{within}_{name}", "within": within, "algorithm": algorithm, "kwargs": kwargs}
+            runs.append({**run, "monitors": name == "periodic"})
         runs.append(
             {
                 "name": f"{within}_validate",
@@ -129,6 +131,12 @@ def test_two_nodes_of_sharded_replicas_equal_ddp_inside_and_the_plain_torch_repl
             assert r[f"fsdp_{name}"]["wrapped"] == "TinyNet" and r[f"fsdp_{name}"]["replicas"] == 2
             gap = (r[f"fsdp_{name}"]["after"] - r[f"ddp_{name}"]["after"]).abs().max()
             assert gap <= 1e-10, (name, r["rank"], float(gap))
+    # ReplicaDrift: one distance per node, the whole replica's (the shards' squares summed inside the node)
+    for r in ranks:
+        fsdp, ddp = r["fsdp_periodic"]["drifts"], r["ddp_periodic"]["drifts"]
+        assert len(fsdp) == steps and sum(bool(d) for d in fsdp) == steps - h + 1  # from the first sync on
+        for a, b in zip(fsdp, ddp, strict=True):
+            assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-9 for k in a), (a, b)
     # the plain-torch replay: each node one SGD step on its whole batch, the nodes averaged every 4th step
     history = _replay_periodic(ranks[0]["fsdp_periodic"]["initial"], steps, h)
     for r in ranks:
@@ -186,3 +194,13 @@ def test_sharded_replicas_resume_exactly_mid_round_and_export_the_whole_consensu
     other = [{**run, "name": "run", "steps": 12, "epoch": 6, "resume_from": str(tmp_path / "epoch=0-step=6.ckpt")}]
     with pytest.raises(RuntimeError, match="resumes on the same world size and nodes only"):
         run_ranks("tests.scenarios_groups:fit_groups", world=2, nodes=1, runs=other)
+
+
+def test_validate_after_fit_and_a_checkpoint_loaded_into_a_sharded_model_see_the_consensus():
+    """After fit (ended mid-round: the last sync is fit's own) every rank holds the consensus; trainer.validate
+    on the sharded model and a fresh model sharded in configure_model loading the checkpoint file both see it."""
+    out = run_ranks("tests.scenarios_fsdp:validate_after_fit", world=4, nodes=2)
+    for r in out:
+        assert torch.equal(r["final"], out[0]["final"])  # every rank, both nodes
+        assert torch.equal(r["validated"], r["final"]) and torch.equal(r["after"], r["final"])
+        assert torch.equal(r["loaded"], r["final"])

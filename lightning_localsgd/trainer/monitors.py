@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_localsgd.contract import FrontEnd, SyncEvent, SyncObserver
@@ -73,7 +72,12 @@ class ReplicaDrift(SyncObserver):
             _localsgd_strategy(trainer, type(self).__name__)
 
     def on_sync(self, event: SyncEvent) -> None:
-        dist_local = torch.linalg.vector_norm((event.local - event.mean).double()).reshape(1).float()
+        square = (event.local - event.mean).double().square().sum().reshape(1)
+        shards = event.group.shards
+        if shards is not None and shards.size > 1:  # sharded replicas: this rank saw its shard; the replica's sum
+            event.comm.mean_([square], shards, purpose="monitor")
+            square.mul_(shards.size)
+        dist_local = square.sqrt().float()
         all_d = event.comm.all_gather(dist_local, event.group, purpose="monitor").flatten()
         prefix = "replica_drift/node_" if event.node else "replica_drift/"
         self.last[prefix + "mean"] = float(all_d.mean())

@@ -43,6 +43,7 @@ from lightning_localsgd.transport.sharding import (
     check_sharded_module,
     full_state_dict,
     is_sharded,
+    load_full_state_dict_,
     load_local_state_,
     local_optimizer_state,
     local_state_dict,
@@ -373,6 +374,9 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
 
     @override
     def setup(self, trainer: Trainer) -> None:
+        if self._within_node == "fsdp" and trainer.state.fn != TrainerFn.FITTING and is_sharded(self.model):
+            self._setup_sharded_evaluation(trainer)
+            return
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
@@ -398,6 +402,18 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         log.debug("LocalSGDStrategy.setup: binding at step %d (resuming: %s)", step, self._rank_resume is not None)
         engine.bind(ctx, step, self._rank_resume)
         self._bound, self._resume_state = True, None
+
+    def _setup_sharded_evaluation(self, trainer: Trainer) -> None:
+        """validate/test/predict with a sharded module (after fit, or sharded in configure_model): DDPStrategy's
+        setup would broadcast whole tensors; node 0's shards go to the same shard of every node instead."""
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self._reshard()
+        check_sharded_module(self.model, self._mesh["shard"])
+        broadcast_sharded_module_(self._comm, self.model, self._replica_world, self._world_group)
+        self.setup_precision_plugin()
 
     # ------------------------------------------------------------------ the training step
     @override
@@ -518,6 +534,9 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         resume = self._resume_state
         if self._within_node == "fsdp" and resume is not None and self._engine is not None:
             self._load_shards(resume)
+            return
+        if self._within_node == "fsdp" and self.lightning_module is not None and is_sharded(self.lightning_module):
+            load_full_state_dict_(self.lightning_module, checkpoint["state_dict"], strict)  # the whole consensus
             return
         if resume is not None and self._engine is not None:
             self._rank_resume = resume.for_rank(self.global_rank, self.world_size, self._engine.algorithm)

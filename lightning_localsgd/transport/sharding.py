@@ -37,6 +37,7 @@ __all__ = [
     "check_sharded_module",
     "full_state_dict",
     "is_sharded",
+    "load_full_state_dict_",
     "load_local_state_",
     "local_optimizer_state",
     "local_state_dict",
@@ -251,6 +252,14 @@ def load_local_state_(module: nn.Module, state: Mapping[str, Tensor], strict: bo
                     "resume with the same model, world size and nodes"
                 )
             mine.copy_(saved)
+
+
+def load_full_state_dict_(module: nn.Module, state: Mapping[str, Any], strict: bool = True) -> None:
+    """Load a whole (unsharded) state dict, such as a checkpoint file's consensus, into a sharded ``module``:
+    each rank keeps its shard of every tensor (``torch.distributed.checkpoint.state_dict``)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def local_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
