@@ -103,6 +103,7 @@ def test_two_nodes_of_sharded_replicas_equal_ddp_inside_and_the_plain_torch_repl
         "diloco": ("diloco", diloco),
         "diloco_overlap": ("diloco", {**diloco, "overlap_steps": 2}),
         "diloco_streaming": ("diloco", {**diloco, "overlap_steps": 1, "fragments": 2}),
+        "diloco_offload": ("diloco", {**diloco, "overlap_steps": 2, "offload": True}),  # shard state in host memory
         "modified_localgd": ("modified_localgd", {"sync_every": h, "prox": 0.3}),
         "easgd": ("easgd", {"sync_every": h, "beta": 0.5}),
     }
