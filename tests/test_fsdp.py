@@ -17,10 +17,9 @@ from datetime import timedelta
 import pytest
 import torch
 
-from lightning_localsgd import DiLoCo, GradAlign, LeaderSGD, LocalSGDStrategy, PeriodicAveraging
-from lightning_localsgd.contract import FrontEnd
+from lightning_localsgd import LocalSGDStrategy
 from lightning_localsgd.transport.collectives import Group
-from lightning_localsgd.transport.sharding import sharded_world
+from lightning_localsgd.transport.replicas import replica_group
 from tests.launch import run_ranks
 from tests.test_replica_groups import N_PARAMS, _replay_periodic
 
@@ -45,28 +44,7 @@ def test_fsdp_arguments_are_checked_at_construction():
     with pytest.raises(ValueError, match="available with the Trainer's LocalSGDStrategy only"):
         FabricStrategy(within_node="fsdp")
     with pytest.raises(ValueError, match="5 processes do not divide into 2 nodes"):
-        sharded_world(5, 2, 0, Group(None, [0, 1], 0), timedelta(seconds=1))
-
-
-class _ShardedFrontEnd(FrontEnd):
-    comm = None  # type: ignore[assignment]
-    algorithm = None
-    loss_scaling = False
-    within_node = "fsdp"  # type: ignore[assignment]
-
-
-@pytest.mark.parametrize(
-    ("callback", "message"),
-    [
-        (LeaderSGD(4), "LeaderSGD elects the process with the lowest training loss.*within_node=None"),
-        (GradAlign(0.1), "share one gradient \\(DDP's or FSDP's\\)"),
-        (PeriodicAveraging(4, node_sync_every=2), "drop node_sync_every"),
-    ],
-)
-def test_algorithms_that_need_a_process_per_replica_refuse_sharded_replicas(callback, message):
-    with pytest.raises(ValueError, match=message):
-        callback.check_front_end(_ShardedFrontEnd())
-    DiLoCo(4, overlap_steps=2, fragments=2).check_front_end(_ShardedFrontEnd())
+        replica_group(5, 2, 0, Group(None, [0, 1], 0), timedelta(seconds=1))  # sharded replicas' groups too
 
 
 def test_modules_the_strategy_cannot_shard_or_sync_are_refused_at_setup():

@@ -56,22 +56,30 @@ class _GroupsFrontEnd(FrontEnd):
     comm = None  # type: ignore[assignment]
     algorithm = None
     loss_scaling = False
-    within_node = "ddp"  # type: ignore[assignment]
+
+    def __init__(self, within_node: str) -> None:
+        self._within = within_node
+
+    @property
+    def within_node(self) -> str | None:
+        return self._within
 
 
+@pytest.mark.parametrize("within_node", ["ddp", "fsdp"])
 @pytest.mark.parametrize(
     ("callback", "message"),
     [
         (LeaderSGD(4), "LeaderSGD elects the process with the lowest training loss.*within_node=None"),
-        (GradAlign(0.1), "GradAlign aligns each process's own gradient.*within_node=None"),
+        (GradAlign(0.1), "GradAlign aligns each process's own gradient.*share one gradient \\(DDP's or FSDP's\\)"),
         (PeriodicAveraging(4, node_sync_every=2), "drop node_sync_every"),
     ],
 )
-def test_algorithms_that_cannot_use_replica_groups_refuse_at_setup(callback, message):
+def test_algorithms_that_cannot_use_replica_groups_refuse_at_setup(callback, message, within_node):
+    """Replica groups (DDP inside) and sharded replicas (FSDP2 inside) alike."""
     with pytest.raises(ValueError, match=message):
-        callback.check_front_end(_GroupsFrontEnd())
-    PeriodicAveraging(4).check_front_end(_GroupsFrontEnd())  # the others accept
-    DiLoCo(4, overlap_steps=2).check_front_end(_GroupsFrontEnd())
+        callback.check_front_end(_GroupsFrontEnd(within_node))
+    PeriodicAveraging(4).check_front_end(_GroupsFrontEnd(within_node))  # the others accept
+    DiLoCo(4, overlap_steps=2, fragments=2).check_front_end(_GroupsFrontEnd(within_node))
 
 
 def test_sync_batchnorm_synchronizes_inside_the_node_only_and_is_refused_per_process():

@@ -50,7 +50,7 @@ from lightning_localsgd.transport.sharding import (
     reshard_,
     rewrap_optimizer_state_,
     shard_mesh,
-    sharded_world,
+    sharded_group,
 )
 from lightning_localsgd.transport.tensors import BufferPolicy
 
@@ -267,7 +267,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         if self._within_node == "ddp":
             self._replica_world = replica_group(*args)
         elif self._within_node == "fsdp":
-            self._replica_world = sharded_world(*args)  # checks that the world splits into equal nodes
+            self._replica_world = sharded_group(replica_group(*args))  # the cross group; equal nodes checked
             self._mesh = shard_mesh(self.world_size, self.num_nodes, self.root_device.type)
 
     def _check_layer_sync(self) -> None:
@@ -349,7 +349,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             if self._within_node == "ddp":  # its own cross and node groups
                 self._background_group = replica_group(*args)
             elif self._within_node == "fsdp":
-                self._background_group = sharded_world(*args)
+                self._background_group = sharded_group(replica_group(*args))
             else:
                 self._background_group = self._new_group()
         if self.world_size == 1 and self._fault_tolerance is None:  # a 1-process replica group syncs with others

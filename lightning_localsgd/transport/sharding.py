@@ -19,14 +19,12 @@ checkpoints (each rank keeps its own shard; the consensus is exported whole).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import timedelta
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_localsgd.transport.collectives import Collectives, Group
-from lightning_localsgd.transport.replicas import replica_group
 from lightning_localsgd.transport.tensors import local
 
 __all__ = [
@@ -45,7 +43,6 @@ __all__ = [
     "rewrap_optimizer_state_",
     "shard_mesh",
     "sharded_group",
-    "sharded_world",
 ]
 
 MESH_DIMS = ("replicate", "shard")
@@ -80,19 +77,6 @@ def sharded_group(cross: Group) -> Group:
     replica's group: the same cross ranks, whose values are shards (no split), with the node as ``shards``."""
     assert cross.node is not None
     return Group(cross.handle, cross.ranks, cross.rank, shards=cross.node)
-
-
-def sharded_world(
-    world_size: int,
-    num_nodes: int,
-    rank: int,
-    node: Group | None,
-    timeout: timedelta | None,
-    created: list[Group] | None = None,
-) -> Group:
-    """The group a consensus algorithm syncs a shard over (``node=None``: fresh node groups, for a background
-    thread)."""
-    return sharded_group(replica_group(world_size, num_nodes, rank, node, timeout, created))
 
 
 def _matches(module: nn.Module, classes: Iterable[type | str]) -> bool:
