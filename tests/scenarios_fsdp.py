@@ -17,8 +17,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from lightning_localsgd import DiLoCo, LocalSGDStrategy
-from lightning_localsgd.transport.tensors import local
+from lightning_localsgd import LocalSGDStrategy
 from tests.models import Recorder, TinyNet, flat_params, loader, regression_data, trainer_kwargs
 
 TIMEOUT = timedelta(seconds=60)
@@ -122,44 +121,6 @@ def refusals(out_dir: str, devices: int, num_nodes: int) -> dict[str, str]:
         except (TypeError, ValueError) as err:
             out[name] = str(err)
     return out
-
-
-def held_state(out_dir: str, devices: int, num_nodes: int, fragments: int = 1) -> dict[str, Any]:
-    """DiLoCo int8 with overlap on 2 nodes: the numbers of values each rank holds (model shard, anchor,
-    residual, outer momentum, the overlapped sync's snapshot) and the model after training."""
-    from tests.scenarios_groups import Batches
-
-    rank = int(os.environ.get("NODE_RANK", 0)) * devices + int(os.environ.get("LOCAL_RANK", 0))
-    seed_everything(0)
-    net = TinyNet(hidden=64).double()
-    algorithm = DiLoCo(4, outer_momentum=0.9, overlap_steps=2, fragments=fragments)
-    sizes: dict[str, int] = {}
-
-    class Look(Recorder):
-        def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
-            super().on_train_batch_end(trainer, pl_module, *args)
-            if algorithm._inflight:
-                sizes["inflight_sent"] = sum(f.sent.numel() for f in algorithm._inflight.values())
-
-    rec = Look()
-    strategy = LocalSGDStrategy(timeout=TIMEOUT, within_node="fsdp", comm_dtype="int8")
-    trainer = Trainer(
-        strategy=strategy,
-        max_steps=10,
-        callbacks=[rec, algorithm],
-        **trainer_kwargs(devices, num_nodes, use_distributed_sampler=False),
-    )
-    data = Batches(rank // devices, rank % devices, devices, 10)
-    trainer.fit(net, torch.utils.data.DataLoader(data, batch_size=None))
-    outer = [v for o in algorithm.outers if o is not None for s in o.state.values() for v in s.values()]
-    sizes.update(
-        model=sum(p.numel() for p in net.parameters()),
-        shard=sum(local(p).numel() for p in net.parameters()),
-        anchor=algorithm.anchor.numel(),
-        residual=algorithm.residual.numel(),
-        outer=sum(t.numel() for t in outer if isinstance(t, torch.Tensor) and t.dim() > 0),
-    )
-    return {"rank": rank, "sizes": sizes, "final": flat_params(net)}
 
 
 def validate_after_fit(out_dir: str, devices: int, num_nodes: int) -> dict[str, Any]:

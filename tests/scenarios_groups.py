@@ -31,6 +31,7 @@ from lightning_localsgd import (
 )
 from lightning_localsgd.transport.collectives import Collectives, Group
 from lightning_localsgd.transport.replicas import node_groups, replica_group
+from lightning_localsgd.transport.tensors import local
 from tests.models import Recorder, TinyNet, flat_params, trainer_kwargs
 
 TIMEOUT = timedelta(seconds=60)
@@ -134,7 +135,15 @@ def _fit_one(run: dict[str, Any], rank: int, devices: int, num_nodes: int, out_d
         def on_train_batch_end(self, *args: Any) -> None:
             drifts.append(dict(drift.last))
 
-    callbacks: list[Callback] = [rec, init, _algorithm(run["algorithm"], run["kwargs"])]
+    algorithm = _algorithm(run["algorithm"], run["kwargs"])
+    held: dict[str, int] = {"inflight_sent": 0}  # the values the algorithm holds (sharded replicas: per shard)
+
+    class Held(Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            sent = sum(f.sent.numel() for f in getattr(algorithm, "_inflight", {}).values())
+            held["inflight_sent"] = max(held["inflight_sent"], sent)
+
+    callbacks: list[Callback] = [rec, init, algorithm, Held()]
     if run.get("monitors"):
         callbacks += [drift, CommStats(), Keep()]
     net = TinyNet().double()  # fp64 before a checkpoint is loaded into it (64-true converts later)
@@ -171,6 +180,20 @@ def _fit_one(run: dict[str, Any], rank: int, devices: int, num_nodes: int, out_d
             "wrapped": init.wrapper,
             "replicas": trainer.strategy.replica_group.size,
             "val_params": list(net.val_params),
+            "shard_numel": sum(local(p).numel() for p in net.parameters()),
+            "held": {
+                **held,
+                "anchor": 0 if algorithm.anchor is None else algorithm.anchor.numel(),
+                "residual": 0 if algorithm.residual is None else algorithm.residual.numel(),
+                "outer": sum(
+                    v.numel()
+                    for o in getattr(algorithm, "outers", [])
+                    if o is not None
+                    for state in o.state.values()
+                    for v in state.values()
+                    if torch.is_tensor(v) and v.dim() > 0
+                ),
+            },
         }
     )
     return out

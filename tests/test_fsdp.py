@@ -43,6 +43,11 @@ def test_fsdp_arguments_are_checked_at_construction():
 
     with pytest.raises(ValueError, match="available with the Trainer's LocalSGDStrategy only"):
         FabricStrategy(within_node="fsdp")
+    from lightning_localsgd.transport.sharding import apply_shard_policy
+    from tests.models import TinyNet
+
+    with pytest.raises(ValueError, match=r"fsdp_modules=\['Block'\] matches no module of the model; its classes are"):
+        apply_shard_policy(TinyNet(), None, ["Block"], {})  # before any sharding: nothing half-done
     with pytest.raises(ValueError, match="5 processes do not divide into 2 nodes"):
         replica_group(5, 2, 0, Group(None, [0, 1], 0), timedelta(seconds=1))  # sharded replicas' groups too
 
@@ -110,6 +115,15 @@ def test_two_nodes_of_sharded_replicas_equal_ddp_inside_and_the_plain_torch_repl
             assert r[f"fsdp_{name}"]["wrapped"] == "TinyNet" and r[f"fsdp_{name}"]["replicas"] == 2
             gap = (r[f"fsdp_{name}"]["after"] - r[f"ddp_{name}"]["after"]).abs().max()
             assert gap <= 1e-10, (name, r["rank"], float(gap))
+    # every model-sized tensor the algorithm holds is this rank's shard: FSDP2's dim-0 chunks of TinyNet(5, 8)
+    # give rank 0 4×5 + 4 + 1×8 + 1 = 33 of the 57 values and rank 1 the other 24 (the 1-row layer is rank 0's)
+    for r in ranks:
+        mine = 33 if r["rank"] % 2 == 0 else N_PARAMS - 33
+        assert r["fsdp_diloco_overlap"]["shard_numel"] == mine and r["ddp_diloco_overlap"]["shard_numel"] == N_PARAMS
+        for name, keys in (("diloco_overlap", ("anchor", "outer", "inflight_sent")), ("int8", ("anchor", "residual"))):
+            for key in keys:
+                assert r[f"fsdp_{name}"]["held"][key] == mine, (name, key, r[f"fsdp_{name}"]["held"])
+        assert r["ddp_diloco_overlap"]["held"]["anchor"] == N_PARAMS  # a whole replica: the whole model
     # ReplicaDrift: one distance per node, the whole replica's (the shards' squares summed inside the node)
     for r in ranks:
         fsdp, ddp = r["fsdp_periodic"]["drifts"], r["ddp_periodic"]["drifts"]
@@ -138,21 +152,6 @@ def test_two_nodes_of_sharded_replicas_equal_ddp_inside_and_the_plain_torch_repl
     assert per_node == ranks[0]["ddp_periodic"]["bytes"]["sync"] + ranks[1]["ddp_periodic"]["bytes"]["sync"]
     assert ranks[0]["fsdp_periodic"]["bytes"]["sync/node"] == 3 * 4.0
     assert ranks[0]["ddp_periodic"]["bytes"]["sync/node"] > 3 * 4.0  # DDP inside all-gathers the slices
-
-
-def test_each_rank_holds_one_kth_of_the_model_and_of_the_algorithm_state():
-    """DiLoCo int8 with overlap on 2 nodes × 2: shard, anchor, residual, outer momentum and the overlapped
-    sync's snapshot are each this rank's shard (FSDP2's dim-0 chunks: 257 + 192 of 449 values)."""
-    out = run_ranks("tests.scenarios_fsdp:held_state", world=4, nodes=2)
-    model = 64 * 5 + 64 + 64 + 1  # TinyNet(hidden=64)
-    shard0 = 32 * 5 + 32 + 64 + 1  # rank 0: half of each dim-0, and the whole 1-row output layer
-    for r in out:
-        sizes = r["sizes"]
-        mine = shard0 if r["rank"] % 2 == 0 else model - shard0
-        assert sizes["model"] == model and sizes["shard"] == mine
-        for key in ("anchor", "residual", "outer", "inflight_sent"):
-            assert sizes[key] == mine, (key, sizes)
-    assert all(torch.equal(r["final"], out[0]["final"]) for r in out)  # the end of fit leaves the consensus
 
 
 def test_sharded_replicas_resume_exactly_mid_round_and_export_the_whole_consensus(tmp_path):
