@@ -146,8 +146,10 @@ EXPECTED_RETIREMENT = "device meshes of the scenario's world are kept alive by t
 
 
 def meshes_alive() -> bool:
-    """Whether a DeviceMesh outlived its scenario. torch caches DTensor specs by mesh *layout*, so a mesh made
-    later over the next world would come back with this world's dead process groups: the pool is retired."""
+    """Whether a DeviceMesh outlived its scenario. Then the pool is retired: seen with torch 2.14, a parameter
+    sharded over a mesh made in the next scenario's world reported this world's (dead) process groups, so a
+    torch cache keys meshes by their layout (clearing DTensor's redistribution-plan and sharding-propagation
+    caches did not help). A process that runs one job, as in real use, never meets it."""
     mesh_module = sys.modules.get("torch.distributed.device_mesh")
     mesh_class = getattr(mesh_module, "DeviceMesh", None)
     if not isinstance(mesh_class, type):
