@@ -33,3 +33,46 @@ def test_sizes_and_bad_lengths():
     assert packet_bytes(1024, "int4") == 512 + 4 * 8  # 0.53 bytes per value: 0.133 of fp32
     with pytest.raises(ValueError, match="multiple of 128"):
         quantize(torch.zeros(100), "int8")
+
+
+def _reference_packet(values: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The packet in a few lines of plain torch (the module docstring's formula, one expression per step)."""
+    levels = LEVELS[fmt]
+    blocks = values.float().view(-1, BLOCK)
+    scales = blocks.abs().amax(dim=1) / levels
+    inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    q = (blocks * inverse.unsqueeze(1)).round().clamp(-levels, levels).to(torch.int8).view(-1)
+    if fmt == "int4":
+        nibbles = (q + 8).to(torch.uint8).view(-1, 2)
+        ints = nibbles[:, 0] | (nibbles[:, 1] << 4)
+    else:
+        ints = q.view(torch.uint8)
+    return torch.cat([ints, scales.view(torch.uint8)])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_packets_are_the_reference_bytes_across_chunk_boundaries(fmt, dtype, monkeypatch):
+    """quantize/dequantize work in chunks of CHUNK values into preallocated buffers: the bytes and the values
+    equal the plain-torch formula, with chunks that end inside the vector and a last partial chunk."""
+    import lightning_localsgd.transport.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "CHUNK", 3 * BLOCK)  # 10 blocks: chunks of 3, 3, 3, 1
+    g = torch.Generator().manual_seed(1)
+    v = (torch.randn(10 * BLOCK, generator=g, dtype=torch.float64) * 3).to(dtype)
+    v[2 * BLOCK : 3 * BLOCK] = 0  # a block of zeros: scale 0
+    packet = quantize(v, fmt)
+    expected = _reference_packet(v, fmt)
+    assert torch.equal(packet, expected)
+    out = torch.full((packet_bytes(v.numel(), fmt),), 255, dtype=torch.uint8)
+    assert quantize(v, fmt, out=out) is out and torch.equal(out, expected)
+    n_ints = v.numel() if fmt == "int8" else v.numel() // 2
+    scales = expected[n_ints:].view(torch.float32).double()
+    if fmt == "int8":
+        q = expected[:n_ints].view(torch.int8).double()
+    else:
+        q = torch.stack([(expected[:n_ints] & 15).double() - 8, (expected[:n_ints] >> 4).double() - 8], 1).view(-1)
+    values = (q.view(-1, BLOCK) * scales.unsqueeze(1)).view(-1)
+    assert torch.equal(dequantize(packet, v.numel(), fmt, torch.float64), values)
+    back = torch.empty(v.numel())
+    assert dequantize(packet, v.numel(), fmt, out=back) is back and torch.equal(back, values.float())

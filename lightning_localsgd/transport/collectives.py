@@ -724,7 +724,9 @@ class Collectives:
         padded.zero_()
         if finite:
             padded[:n].copy_(local).add_(residual)  # what this rank owes: the delta plus the residual
-        sent = torch.cat([quantize(c, fmt) for c in padded.split(chunk)])
+        sent = torch.empty(m * packet_bytes(chunk, fmt), dtype=torch.uint8, device=local.device)
+        for c, packet in zip(padded.split(chunk), sent.split(packet_bytes(chunk, fmt)), strict=True):
+            quantize(c, fmt, out=packet)  # straight into the packet: no concatenation
         if finite:
             residual.copy_(padded[:n]).sub_(self._dequantized(sent, chunk, fmt, dtype)[:n])
         per_packet = packet_bytes(chunk, fmt)
@@ -748,7 +750,10 @@ class Collectives:
     def _dequantized(packets: Tensor, chunk: int, fmt: IntFormat, dtype: torch.dtype) -> Tensor:
         """Consecutive packets of ``chunk`` values each, dequantized into one flat tensor."""
         size = packet_bytes(chunk, fmt)
-        return torch.cat([dequantize(p, chunk, fmt, dtype) for p in packets.split(size)])
+        out = torch.empty(packets.numel() // size * chunk, dtype=dtype, device=packets.device)
+        for p, values in zip(packets.split(size), out.split(chunk), strict=True):
+            dequantize(p, chunk, fmt, dtype, out=values)
+        return out
 
     @staticmethod
     def _check_skippable(
