@@ -30,6 +30,8 @@ from recipes.measure import environment, loadavg, time_held, time_to, time_to_in
 
 __all__ = [
     "DOCS_IMG",
+    "HELD_GROUPS",
+    "QUIET_TRAINER",
     "RESULTS",
     "ROOT",
     "TRAIN_KINDS",
@@ -38,6 +40,7 @@ __all__ = [
     "fmt",
     "fmt_spec",
     "global_rank",
+    "held_bytes",
     "interleaved_schedule",
     "launch_ranks",
     "load_text",
@@ -53,6 +56,20 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 DOCS_IMG = ROOT / "docs" / "results" / "img"
+
+QUIET_TRAINER: dict[str, Any] = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+}
+"""The Trainer arguments of a measured run: CPU, no logger, checkpoints, progress bar, summary or validation."""
+
+HELD_GROUPS = ("model", "grads", "optimizer", "algorithm", "transport")
+"""The groups :func:`held_bytes` counts."""
 
 # kinds of the library's byte counter that are training traffic (not setup, evaluation or checkpoints)
 TRAIN_KINDS = ("sync", "grad", "leader", "gradalign")
@@ -274,3 +291,59 @@ def write_report(
     print()
     print(table_text)
     print(f"\nwrote {json_path}\nwrote {png}\ntotal {result.get('total_seconds', 0):.0f} s")
+
+
+def held_bytes(trainer: Any) -> dict[str, int]:
+    """Storage bytes of the tensors this rank holds, each storage once, by group (:data:`HELD_GROUPS`): the model
+    (a sharded parameter: its shard) and buffers, the gradients, the inner optimizer's state, every tensor the
+    consensus algorithm object reaches, the transport's persistent buffers (used by benchmarks.fsdp_memory
+    and benchmarks.step_time)."""
+    import dataclasses
+
+    import torch
+
+    from lightning_localsgd.transport.tensors import local
+
+    seen: set[int] = set()
+
+    def count(tensors: list[Any]) -> int:
+        total = 0
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = local(t).untyped_storage()
+            if storage.data_ptr() == 0 or storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return total
+
+    def reach(obj: Any, depth: int = 0) -> list[Any]:
+        if depth > 6:
+            return []
+        if isinstance(obj, torch.Tensor):
+            return [obj]
+        if isinstance(obj, torch.optim.Optimizer):
+            return [v for s in obj.state.values() for v in s.values()] + [
+                p for g in obj.param_groups for p in g["params"]
+            ]
+        if isinstance(obj, dict):
+            return [t for v in obj.values() for t in reach(v, depth + 1)]
+        if isinstance(obj, list | tuple):
+            return [t for v in obj for t in reach(v, depth + 1)]
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return [t for f in dataclasses.fields(obj) for t in reach(getattr(obj, f.name), depth + 1)]
+        return []
+
+    module, strategy = trainer.lightning_module, trainer.strategy
+    algorithm = getattr(strategy, "algorithm", None)  # None: DDP, ModelParallelStrategy
+    own = {} if algorithm is None else {k: v for k, v in vars(algorithm).items() if k not in ("_ctx", "_loaded")}
+    comm = getattr(strategy, "comm", None)
+    optimizer = trainer.optimizers[0]
+    return {
+        "model": count(list(module.parameters()) + list(module.buffers())),
+        "grads": count([p.grad for p in module.parameters()]),
+        "optimizer": count([v for s in optimizer.state.values() for v in s.values()]),
+        "algorithm": count(reach(own)),
+        "transport": count([] if comm is None else list(comm._buffers.values())),
+    }

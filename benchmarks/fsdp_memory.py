@@ -4,7 +4,7 @@ Every configuration trains the same timm ViT (random init, 32×32 inputs, patch 
 optimizer steps on 2 nodes × 2 processes (gloo on 127.0.0.1; no link shaping: bytes held do not
 depend on the link) once with ``LocalSGDStrategy(within_node="ddp")`` and once with
 ``within_node="fsdp"``. After every step each rank counts the tensors it holds
-(:func:`held_bytes`): storage bytes, each storage once, in five groups:
+(:func:`benchmarks.common.held_bytes`): storage bytes, each storage once, in five groups:
 
 =============  =====================================================================================
 model          parameters (a sharded parameter: this rank's shard) and buffers
@@ -35,7 +35,8 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from benchmarks.common import RESULTS, environment, launch_ranks
+from benchmarks.common import HELD_GROUPS as GROUPS
+from benchmarks.common import QUIET_TRAINER, RESULTS, environment, held_bytes, launch_ranks
 from recipes.launch import run_rank_from_file
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -45,60 +46,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "diloco_tau2_adamw": {"algorithm": "diloco", "kwargs": {"overlap_steps": 2}, "adamw": True},
     "modified_localgd": {"algorithm": "modified_localgd", "kwargs": {"prox": 0.1}},
 }
-GROUPS = ("model", "grads", "optimizer", "algorithm", "transport")
-
-
-def held_bytes(trainer: Any) -> dict[str, int]:
-    """Storage bytes of the tensors this rank holds, by group (see the module docstring); each storage once."""
-    import dataclasses
-
-    import torch
-
-    from lightning_localsgd.transport.tensors import local
-
-    seen: set[int] = set()
-
-    def count(tensors: list[Any]) -> int:
-        total = 0
-        for t in tensors:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = local(t).untyped_storage()
-            if storage.data_ptr() == 0 or storage.data_ptr() in seen:
-                continue
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-        return total
-
-    def reach(obj: Any, depth: int = 0) -> list[Any]:
-        if depth > 6:
-            return []
-        if isinstance(obj, torch.Tensor):
-            return [obj]
-        if isinstance(obj, torch.optim.Optimizer):
-            return [v for s in obj.state.values() for v in s.values()] + [
-                p for g in obj.param_groups for p in g["params"]
-            ]
-        if isinstance(obj, dict):
-            return [t for v in obj.values() for t in reach(v, depth + 1)]
-        if isinstance(obj, list | tuple):
-            return [t for v in obj for t in reach(v, depth + 1)]
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return [t for f in dataclasses.fields(obj) for t in reach(getattr(obj, f.name), depth + 1)]
-        return []
-
-    module, strategy = trainer.lightning_module, trainer.strategy
-    algorithm = getattr(strategy, "algorithm", None)  # None: DDP, ModelParallelStrategy
-    own = {} if algorithm is None else {k: v for k, v in vars(algorithm).items() if k not in ("_ctx", "_loaded")}
-    comm = getattr(strategy, "comm", None)
-    optimizer = trainer.optimizers[0]
-    return {
-        "model": count(list(module.parameters()) + list(module.buffers())),
-        "grads": count([p.grad for p in module.parameters()]),
-        "optimizer": count([v for s in optimizer.state.values() for v in s.values()]),
-        "algorithm": count(reach(own)),
-        "transport": count([] if comm is None else list(comm._buffers.values())),
-    }
 
 
 def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -153,19 +100,13 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
     counter = Count()
     seed_everything(0, verbose=False)
     trainer = Trainer(
-        accelerator="cpu",
         devices=per_node,
         num_nodes=cfg["nodes"],
         strategy=strategy,
         max_steps=cfg["steps"],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         use_distributed_sampler=False,
         callbacks=[counter, algorithm],
+        **QUIET_TRAINER,
     )
     net = Net()
     whole = sum(p.numel() for p in net.parameters())

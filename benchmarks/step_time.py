@@ -102,7 +102,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, environment, fmt, launch_ranks, loadavg
+from benchmarks.common import QUIET_TRAINER, RESULTS, environment, fmt, held_bytes, launch_ranks, loadavg
 from recipes.launch import (
     LinkUnavailable,
     check_link_support,
@@ -271,8 +271,6 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
             if trainer.global_step == total:  # last measured step done
                 self.end = self.snapshot(trainer)
             if trainer.global_step > warmup:  # the tensors this rank holds: the largest count of the window
-                from benchmarks.fsdp_memory import held_bytes
-
                 now = held_bytes(trainer)
                 self.held = {k: max(v, self.held.get(k, 0)) for k, v in now.items()}
 
@@ -320,18 +318,12 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
 
     timer = StepTimer()
     trainer = Trainer(
-        accelerator="cpu",
         devices=per_node,  # one node: every rank (world)
         num_nodes=world // per_node,
         strategy=strategy,
         max_steps=total,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         callbacks=[timer, *callbacks],
+        **QUIET_TRAINER,
     )
     seed_everything(cfg["seed"] + rank, verbose=False)
     trainer.fit(model, torch.utils.data.DataLoader(Batches(), batch_size=None))
@@ -474,7 +466,7 @@ def summarize(name: str, spec: dict[str, Any], runs: list[dict[str, Any]], steps
         if out.get("counter_bytes_per_step") is not None:
             out["counter_bytes_per_step_per_node"] = out["counter_bytes_per_step"] * per_node
     helds = [rank["held_bytes"] for r in ok for rank in r["ranks"] if rank.get("held_bytes")]
-    if helds:  # the tensors one rank holds (benchmarks.fsdp_memory.held_bytes), the largest rank
+    if helds:  # the tensors one rank holds (benchmarks.common.held_bytes), the largest rank
         out["held_bytes_max_rank"] = {k: max(h[k] for h in helds) for k in helds[0]}
         out["held_state_bytes_max_rank"] = max(h["model"] + h["optimizer"] + h["algorithm"] for h in helds)
     first = ok[0]["ranks"][0]

@@ -540,13 +540,12 @@ class Collectives:
         """
         if group.split and n >= group.node.size**2:  # type: ignore[union-attr]  # (every slice holds values)
             return self._split_mean(buf, n, group, purpose, anchor, residual, nonfinite, step, refill, scratch)
-        if code is None and group.shards is not None and group.shards.size > 1:
-            code = self._replica_code(buf[:n], group.shards, anchor, purpose)
         with torch.no_grad():
             local = buf[:n]
-            base = None
-            if anchor is not None:
-                base = anchor if isinstance(anchor, Tensor) else flatten(anchor)
+            base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
+            if code is None and group.shards is not None and group.shards.size > 1:
+                code = self._replica_code(local, group.shards, base, purpose)
+            if base is not None:
                 local.sub_(base)  # the delta from the shared anchor travels
             if self.quantized and base is not None:
                 divisor = self._quantized_sum_(local, residual, group, purpose, nonfinite, step, scratch, code)
@@ -567,11 +566,8 @@ class Collectives:
             code = torch.where(code > 0, code, 2.0 * overflow)
         return code
 
-    def _replica_code(
-        self, local: Tensor, shards: Group, anchor: Tensor | Sequence[Tensor] | None, purpose: str
-    ) -> Tensor:
+    def _replica_code(self, local: Tensor, shards: Group, base: Tensor | None, purpose: str) -> Tensor:
         """The NaN/Inf code of this rank's whole replica: the largest over its shards (one 4-byte allreduce)."""
-        base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
         code = self._local_code(local, base).reshape(1).to(torch.float32)
         nbytes = 2.0 * (shards.size - 1) / shards.size * code.element_size()
         verdict = lambda: dist.all_reduce(code, op=dist.ReduceOp.MAX, group=shards.handle)  # noqa: E731
