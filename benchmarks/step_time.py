@@ -18,6 +18,7 @@ localsgd_H{h}_bf16  ``LocalSGDStrategy(sync_every=h, comm_dtype="bfloat16")`` fo
 Any other LocalSGD variant can be named in ``--variants``; the name is the spec::
 
     {localsgd|diloco}_H{h}[_P{fragments}][_tau{overlap_steps}][_{bfloat16|bf16|int8|int4}]
+    {localsgd|diloco}_auto      (comm_dtype, H, τ and fragments chosen by the auto-tuner)
 
 e.g. ``localsgd_H8_tau7`` (PeriodicAveraging(8, overlap_steps=7)), ``localsgd_H32_tau31_int8``,
 ``localsgd_H8_P4`` (4 staggered fragments), ``diloco_H32_P4_tau3_int8`` (Streaming DiLoCo).
@@ -138,6 +139,16 @@ _VARIANT = re.compile(
 
 def parse_variant(name: str) -> dict[str, Any] | None:
     """The spec a variant name spells (see the module docstring), or ``None``."""
+    auto = re.match(r"^(localsgd|diloco)_auto$", name)
+    if auto is not None:  # everything left to the auto-tuner (docs/autotune.md)
+        return {
+            "kind": "localsgd",
+            "algorithm": "periodic" if auto.group(1) == "localsgd" else "diloco",
+            "H": "auto",
+            "fragments": "auto",
+            "overlap_steps": "auto",
+            "comm_dtype": "auto",
+        }
     m = _VARIANT.match(name)
     if m is None:
         return None
@@ -367,6 +378,7 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
         "num_params": sum(p.numel() for p in params),
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "num_float_buffers": sum(b.numel() for b in model.buffers() if b.is_floating_point()),
+        "tuning": getattr(getattr(trainer.strategy, "algorithm", None), "tuning_record", None),
     }
 
 
@@ -914,6 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     periods = {
         n: specs[n].get("H") or specs[n].get("period") for n in names if specs[n]["kind"] in ("localsgd", "postlocal")
     }
+    periods = {n: h for n, h in periods.items() if isinstance(h, int)}  # "auto": the tuner's
     uneven = {n: h for n, h in periods.items() if args.steps % h}
     if uneven:
         print(

@@ -41,6 +41,7 @@ from lightning_localsgd.engine import SyncEngine
 from lightning_localsgd.fault_tolerance import FaultToleranceError, TorchFT, start_lighthouse
 from lightning_localsgd.trainer import CommStats, LocalSGDStrategy, ReplicaDrift
 from lightning_localsgd.transport import CollectiveError, CommCounters, NonFiniteReplicaError
+from lightning_localsgd.tuning import AutoTune
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "AsyncLocalSGDStrategy",
     "AsyncTrainingError",
     "AtomicCheckpointIO",
+    "AutoTune",
     "CollectiveError",
     "CommCounters",
     "CommStats",

@@ -119,6 +119,7 @@ class SyncContext:
         node: the ranks of this node (``world`` on one node).
         background: a group reserved for syncs that overlap local steps (``None`` when nothing overlaps).
         observers: told about every sync.
+        everyone: every process of the job (what the auto-tuner agrees over); ``None``: ``world``.
         gradient_scale: ``gradient_scale()`` is the factor the gradients of the step's closure carry
             (fp16 loss scaling's current scale, a tensor on the device: reading it costs no host
             synchronization), or ``None`` when they are unscaled. An algorithm that adds a term to
@@ -133,6 +134,7 @@ class SyncContext:
     background: Group | None = None
     observers: Sequence[SyncObserver] = field(default_factory=tuple)
     gradient_scale: Callable[[], Tensor | None] = field(default=lambda: None)
+    everyone: Group | None = None
 
     def notify(self, event: SyncEvent) -> None:
         for observer in self.observers:

@@ -22,6 +22,7 @@ from lightning_localsgd.contract import FrontEnd, GradientModifier, StepReport, 
 # RankResume/ResumeState lived here before 0.2: imported by name for old code (`from ...engine import ResumeState`).
 from lightning_localsgd.resume import CHECKPOINT_KEY, RankResume, ResumeState, average_optimizer_states  # noqa: F401
 from lightning_localsgd.transport.collectives import Collectives
+from lightning_localsgd.tuning.tuner import AutoTuner
 
 __all__ = ["SyncEngine", "WaitsForBackgroundSyncs", "reset_nonfinite_state"]
 
@@ -33,6 +34,7 @@ class SyncEngine:
         algorithm: the consensus algorithm.
         modifier: a gradient modifier (e.g. GradAlign) or ``None``.
         observers: told about every sync (e.g. ReplicaDrift).
+        tuner: the auto-tuner, for what was left to it (``comm_dtype="auto"``, ``sync_every="auto"``, ...).
     """
 
     def __init__(
@@ -40,10 +42,12 @@ class SyncEngine:
         algorithm: ConsensusAlgorithm,
         modifier: GradientModifier | None = None,
         observers: Sequence[SyncObserver] = (),
+        tuner: AutoTuner | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.modifier = modifier
         self.observers = tuple(observers)
+        self.tuner = tuner if tuner is not None else AutoTuner()
         self.last_loss: Tensor | None = None  # what backward saw in the current step
 
     @staticmethod
@@ -66,9 +70,11 @@ class SyncEngine:
         self.algorithm.check_front_end(front_end)
         if self.modifier is not None:
             self.modifier.check_front_end(front_end)
+        self.tuner.check(self.algorithm, self.modifier)
 
     def bind(self, ctx: SyncContext, step: int, restored: RankResume | None) -> None:
         """Hand the context to everyone; ``restored`` is this rank's slice of a checkpoint (or ``None``)."""
+        self.tuner.prepare(ctx, self.algorithm, step)
         self.algorithm.bind(ctx, step, None if restored is None else restored.algorithm)
         if self.modifier is not None:
             self.modifier.bind(ctx)
@@ -95,6 +101,7 @@ class SyncEngine:
         self.last_loss = None  # the next step's backward sets it again
         syncs = self.algorithm.num_syncs
         self.algorithm.after_step(step, report)
+        self.tuner.after_step(step)
         if optimizer is not None and self.algorithm.nonfinite == "skip" and self.algorithm.num_syncs != syncs:
             reset_nonfinite_state(optimizer)
         return out

@@ -70,6 +70,8 @@ from lightning_localsgd.transport.replicas import (
     node_groups,
     replica_group,
 )
+from lightning_localsgd.tuning.model import AutoTune
+from lightning_localsgd.tuning.tuner import may_overlap, tuner_for
 
 __all__ = ["LocalSGDStrategy"]
 
@@ -105,6 +107,8 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
             and the algorithm syncs across nodes; see the Trainer's ``LocalSGDStrategy`` and
             docs/multinode.md).
         ddp_kwargs: arguments of ``DistributedDataParallel`` under ``within_node="ddp"``.
+        autotune: the auto-tuner's bounds and target (:class:`~lightning_localsgd.AutoTune`), for
+            ``comm_dtype="auto"`` and an algorithm given ``"auto"`` settings (docs/autotune.md).
         accelerator, parallel_devices, cluster_environment, precision, process_group_backend,
         start_method: as in Fabric's ``DDPStrategy``.
     """
@@ -128,8 +132,11 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         init_timeout: timedelta = DEFAULT_INIT_TIMEOUT,
         within_node: Literal["ddp"] | None = None,
         ddp_kwargs: dict[str, Any] | None = None,
+        autotune: AutoTune | None = None,
     ) -> None:
         ddp_kwargs = dict(ddp_kwargs or {})
+        tuner = tuner_for(comm_dtype, autotune)
+        comm_dtype = None if tuner.tune_format else comm_dtype
         if within_node == "fsdp":
             raise ValueError(
                 "within_node='fsdp' (FSDP2 inside each node) is available with the Trainer's LocalSGDStrategy only: "
@@ -162,7 +169,7 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         self.init_timeout = check_seconds("init_timeout", init_timeout)
         if timeout is not None:
             check_seconds("timeout", timeout)
-        self._engine = SyncEngine(algorithm, gradient_modifier, observers)
+        self._engine = SyncEngine(algorithm, gradient_modifier, observers, tuner)
         self._comm = Collectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
         self.save_replicas = check_bool("save_replicas", save_replicas)
         self._within_node = within_node
@@ -245,7 +252,7 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         if self._within_node is not None:
             node = self._node_group
             self._replica_world = replica_group(world, self.num_nodes, rank, node, self._timeout, self._groups)
-        if self.algorithm.overlap_steps > 0 and self._replica_world.size > 1:
+        if may_overlap(self.algorithm) and self._replica_world.size > 1:
             if self._within_node is not None:  # its own cross and node groups
                 self._background_group = replica_group(world, self.num_nodes, rank, None, self._timeout, self._groups)
             else:
@@ -284,6 +291,7 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
             self._background_group,
             self._engine.observers,
             gradient_scale=lambda: scale_of(getattr(self.precision, "scaler", None)),
+            everyone=self._world_group,
         )
         self._engine.bind(ctx, step, restored)
 

@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("contract",),
     ("algorithms",),
     ("resume",),
+    ("tuning",),
     ("engine",),
     ("trainer", "fabric"),
     ("asynchronous", "fault_tolerance"),

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from lightning_localsgd import (
+    AutoTune,
     DiLoCo,
     ElasticAveraging,
     GradAlign,
@@ -39,6 +40,22 @@ SETUPS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "fedga": lambda: (PeriodicAveraging(3), GradAlign(beta=0.05)),
 }
 
+# name -> (setup, the strategy's arguments): what the auto-tuner chooses (tests/test_autotune_dist.py)
+TUNED: dict[str, tuple[Callable[[], tuple[Any, Any]], dict[str, Any]]] = {
+    "auto": (
+        lambda: (PeriodicAveraging(sync_every="auto", overlap_steps="auto", fragments="auto"), None),
+        dict(comm_dtype="auto", autotune=AutoTune(measure_steps=4, retune_every=0)),
+    ),
+}
+
+
+def _setup(name: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(algorithm, modifier, strategy arguments) of a setup."""
+    if name in TUNED:
+        make, kwargs = TUNED[name]
+        return (*make(), kwargs)
+    return (*SETUPS[name](), {})
+
 
 def _data(devices: int, num_nodes: int) -> Any:
     """This rank's shard (every world-th sample), in order; both engines take it as it is."""
@@ -51,11 +68,11 @@ def trainer_run(setup: str, steps: int, devices: int, num_nodes: int) -> list[Te
     """The replica after each optimizer step (after any sync), under the Trainer."""
     seed_everything(0)
     model = TinyNet(momentum=0.9)
-    algorithm, modifier = SETUPS[setup]()
+    algorithm, modifier, strategy_kwargs = _setup(setup)
     rec = Recorder()
     callbacks = [algorithm, rec] + ([modifier] if modifier is not None else [])
     trainer = Trainer(
-        strategy=LocalSGDStrategy(timeout=TIMEOUT),
+        strategy=LocalSGDStrategy(timeout=TIMEOUT, **strategy_kwargs),
         max_steps=steps,
         callbacks=callbacks,
         **trainer_kwargs(devices, num_nodes, limit_val_batches=0, use_distributed_sampler=False),
@@ -81,8 +98,10 @@ def fabric_run(
     seed_everything(0)
     model = TinyNet(momentum=0.9)
     optimizer = model.configure_optimizers()
-    algorithm, modifier = SETUPS[setup]()
-    strategy = localsgd_fabric.LocalSGDStrategy(algorithm=algorithm, gradient_modifier=modifier, timeout=TIMEOUT)
+    algorithm, modifier, strategy_kwargs = _setup(setup)
+    strategy = localsgd_fabric.LocalSGDStrategy(
+        algorithm=algorithm, gradient_modifier=modifier, timeout=TIMEOUT, **strategy_kwargs
+    )
     fabric = Fabric(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, precision="64-true")
     fabric.launch()
     model, optimizer = fabric.setup(model, optimizer)

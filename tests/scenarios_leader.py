@@ -53,6 +53,7 @@ def _fit(
     ckpt_path: str | None = None,
     attrs: tuple[str, ...] = (),
     extra: list[Callback] | None = None,
+    strategy: LocalSGDStrategy | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Fit (TinyNet on regression data by default) and return what the tests compare."""
@@ -61,7 +62,7 @@ def _fit(
     rec, log = Recorder(), StepLog(algorithms[-1] if algorithms else None, attrs)
     callbacks = [*algorithms, rec, log, *(extra or [])]
     trainer = Trainer(
-        strategy=LocalSGDStrategy(timeout=TIMEOUT),
+        strategy=strategy if strategy is not None else LocalSGDStrategy(timeout=TIMEOUT),
         max_steps=steps,
         callbacks=callbacks,
         **trainer_kwargs(devices, num_nodes, **overrides),

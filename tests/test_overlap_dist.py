@@ -13,10 +13,12 @@ from tests.scenarios_leader import shard_batch, tinynet_start
 STEPS, LR = 10, 0.1
 
 
-def reference(steps: int, H: int, P: int, tau: int, outer: tuple[float, float] | None, alpha: float | None = None):
+def reference(
+    steps: int, H: int, P: int, tau: int, outer: tuple[float, float] | None, alpha: float | None = None, origin: int = 0
+):
     """Two plain-torch replicas (SGD lr 0.1, momentum 0.5) with staggered, overlapped fragment syncs.
 
-    Fragment p (values ⌊pN/P⌋:⌊(p+1)N/P⌋) is sent at steps s = ⌊(p+1)H/P⌋ + kH and merged at s + τ:
+    Fragment p (values ⌊pN/P⌋:⌊(p+1)N/P⌋) is sent at steps s = origin + ⌊(p+1)H/P⌋ + kH and merged at s + τ:
     x ← x + (c − x⁽ˢ⁾) (or the α-mix), with c the mean of what was sent, or for DiLoCo (outer =
     (lr, momentum), plain momentum SGD) θ ← θ − lr·buf, buf ← μ·buf + (θ − mean).
     """
@@ -60,7 +62,7 @@ def reference(steps: int, H: int, P: int, tau: int, outer: tuple[float, float] |
             if start + tau == s:
                 land(p, inflight.pop(p)[1])
         for p in range(P):
-            since = s - (p + 1) * H // P
+            since = s - origin - (p + 1) * H // P
             if since >= 0 and since % H == 0:
                 sent = [flat(m)[bounds[p] : bounds[p + 1]].clone() for m in models]
                 if tau == 0:

@@ -30,7 +30,7 @@ def test_the_top_level_names_are_the_documented_api():
         "ElasticAveraging", "GradAlign", "DelayedNesterov", "OuterSGD", "ServerOptimizer", "CommStats", "ReplicaDrift",
         "ConsensusAlgorithm", "GradientModifier", "RoundPosition", "StepReport", "SyncContext", "SyncEvent",
         "SyncObserver", "SyncEngine", "CollectiveError", "CommCounters", "NonFiniteReplicaError", "AsyncTrainingError",
-        "FaultToleranceError", "TorchFT", "start_lighthouse", "AtomicCheckpointIO",
+        "FaultToleranceError", "TorchFT", "start_lighthouse", "AtomicCheckpointIO", "AutoTune",
     }  # fmt: skip
     assert set(lightning_localsgd.__all__) == documented
     assert all(hasattr(lightning_localsgd, name) for name in documented)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import lightning_localsgd.transport.quantize as quant
 from lightning_localsgd.transport.quantize import BLOCK, LEVELS, dequantize, packet_bytes, quantize
 
 
@@ -76,3 +77,27 @@ def test_chunked_packets_are_the_reference_bytes_across_chunk_boundaries(fmt, dt
     assert torch.equal(dequantize(packet, v.numel(), fmt, torch.float64), values)
     back = torch.empty(v.numel())
     assert dequantize(packet, v.numel(), fmt, out=back) is back and torch.equal(back, values.float())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_rounding_error_and_accumulation_equal_the_two_pass_formulas(fmt, dtype, monkeypatch):
+    # what the integer transport uses instead of a second dequantization: error= is v - dequantize(packet)
+    # bit for bit, also when it overwrites the values themselves; accumulate=True adds packet after packet
+    monkeypatch.setattr(quant, "CHUNK", 4 * BLOCK)  # several chunks, the last one partial
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(11 * BLOCK, generator=gen, dtype=dtype) * torch.logspace(-3, 2, 11 * BLOCK, dtype=dtype)
+    error = torch.empty_like(values)
+    packet = quantize(values, fmt, error=error)
+    assert torch.equal(packet, _reference_packet(values, fmt))
+    assert torch.equal(error, values - dequantize(packet, values.numel(), fmt, dtype))
+    in_place = values.clone()
+    assert torch.equal(quantize(in_place, fmt, error=in_place), packet)
+    assert torch.equal(in_place, error)
+    other = quantize(values.flip(0), fmt)
+    total = dequantize(packet, values.numel(), fmt, dtype)
+    dequantize(other, values.numel(), fmt, dtype, out=total, accumulate=True)
+    expected = dequantize(packet, values.numel(), fmt, dtype) + dequantize(other, values.numel(), fmt, dtype)
+    assert torch.equal(total, expected)
+    with pytest.raises(ValueError, match=r"accumulate=True\) adds into out="):
+        dequantize(packet, values.numel(), fmt, dtype, accumulate=True)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import Callback
@@ -70,9 +70,12 @@ from lightning_localsgd.transport.tensors import (
     views,
 )
 
-__all__ = ["MERGE_RANGE", "SYNC_RANGE", "WAIT_RANGE", "ConsensusAlgorithm", "InFlight"]
+__all__ = ["MERGE_RANGE", "SYNC_RANGE", "WAIT_RANGE", "Auto", "ConsensusAlgorithm", "InFlight"]
 
 log = logging.getLogger(__name__)
+
+Auto = Literal["auto"]
+"""``"auto"``: the auto-tuner chooses this setting (docs/autotune.md)."""
 
 # Profiler ranges (torch.profiler / Kineto traces): where a sync is issued, where the training thread
 # waits for one that ran in the background, and where an overlapped sync is merged into the replica.
@@ -101,7 +104,8 @@ class ConsensusAlgorithm(Callback):
     """Base class of the algorithms that keep the replicas together (one per run).
 
     Args:
-        sync_every: optimizer steps between synchronizations (H).
+        sync_every: optimizer steps between synchronizations (H); ``"auto"``: chosen by the auto-tuner
+            (algorithms with ``tunable = True``; docs/autotune.md).
         warmup_steps: for the first ``warmup_steps`` optimizer steps gradients are averaged every
             step exactly like DDP ("post-local SGD"); local steps start afterwards.
         buffers: floating buffers (BatchNorm statistics) at a sync: ``"average"`` them,
@@ -109,8 +113,9 @@ class ConsensusAlgorithm(Callback):
         nonfinite: a replica holding NaN/Inf at a sync: ``"raise"`` an error naming the rank and
             step, or ``"skip"`` it (the others are averaged and every rank receives their mean).
         overlap_steps: τ, local steps a sync's communication overlaps (0: blocking). Only for
-            algorithms with ``overlappable = True``.
-        fragments: P, groups of tensors synced at staggered steps (1: the whole model at once).
+            algorithms with ``overlappable = True``. ``"auto"``: chosen by the auto-tuner.
+        fragments: P, groups of tensors synced at staggered steps (1: the whole model at once);
+            ``"auto"``: chosen by the auto-tuner.
         merge_alpha: how an overlapped sync is merged (see :meth:`merge`); ``None``: keep the
             local progress made during the overlap.
         offload: keep every model-sized tensor this algorithm holds between steps (the anchor,
@@ -125,19 +130,35 @@ class ConsensusAlgorithm(Callback):
     equalizes: ClassVar[bool] = True  # a whole sync leaves every replica equal (EASGD's does not)
     fault_tolerant: ClassVar[bool] = False  # all its state is global: a healing replica group can receive it
     needs_loss: ClassVar[bool] = False  # reads StepReport.loss (a device-to-host read every step): LSGD only
+    tunable: ClassVar[bool] = False  # takes "auto" for sync_every / overlap_steps / fragments (the auto-tuner)
 
     def __init__(
         self,
-        sync_every: int,
+        sync_every: int | Auto,
         *,
         warmup_steps: int = 0,
         buffers: BufferPolicy = "average",
         nonfinite: NonFinitePolicy = "raise",
-        overlap_steps: int = 0,
-        fragments: int = 1,
+        overlap_steps: int | Auto = 0,
+        fragments: int | Auto = 1,
         merge_alpha: float | None = None,
         offload: bool = False,
     ) -> None:
+        given = {"sync_every": sync_every, "overlap_steps": overlap_steps, "fragments": fragments}
+        self.auto: frozenset[str] = frozenset(k for k, v in given.items() if isinstance(v, str) and v == "auto")
+        if self.auto and not self.tunable:
+            raise ValueError(
+                f"{type(self).__name__} cannot be auto-tuned ({', '.join(sorted(self.auto))}='auto'): give numbers, "
+                "or use PeriodicAveraging or DiLoCo"
+            )
+        if self.auto - {"sync_every"} and not self.overlappable:
+            raise ValueError(
+                f"{type(self).__name__} cannot overlap or fragment its syncs: drop overlap_steps/fragments"
+            )
+        # until the tuner decides (docs/autotune.md): no sync is due, and one whole blocking sync is the schedule
+        sync_every = _PENDING if sync_every == "auto" else sync_every
+        overlap_steps = 0 if overlap_steps == "auto" else overlap_steps
+        fragments = 1 if fragments == "auto" else fragments
         self.sync_every = check_int("sync_every", sync_every)
         self.offload = check_bool("offload", offload)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
@@ -165,7 +186,7 @@ class ConsensusAlgorithm(Callback):
             )
         if merge_alpha is not None:
             check_number("merge_alpha", merge_alpha, 0, 1, example="0.5 (or None)")
-            if self.overlap_steps == 0:
+            if self.overlap_steps == 0 and "overlap_steps" not in self.auto:
                 raise ValueError("merge_alpha has no effect without overlap_steps > 0: drop it or set overlap_steps")
         self.merge_alpha = None if merge_alpha is None else float(merge_alpha)
         self.buffers: BufferPolicy = buffers
@@ -180,6 +201,13 @@ class ConsensusAlgorithm(Callback):
         self._inflight: dict[int, InFlight] = {}
         self._loaded: dict[str, Any] | None = None  # global state read from a checkpoint, applied at bind
         self._stash: dict[str, Tensor] | None = None  # replicas parked during evaluation
+        # The schedule's origin: rounds are counted from step `origin` (None: from the end of warm-up).
+        # The auto-tuner moves it to the step where it set sync_every / overlap_steps / fragments.
+        self.origin: int | None = None
+        self.awaiting_tune = bool(self.auto)  # local steps only, until the tuner's first decision
+        self.reserve_anchor = False  # keep an anchor even if needs_anchor() says no (the tuner may pick a wire)
+        self.tuning_record: dict[str, Any] | None = None  # the tuner's measurements and decision (checkpointed)
+        self.interruptions = 0  # evaluations and checkpoints so far (the tuner leaves their time out)
 
     # ================================================================== what subclasses implement
     def needs_anchor(self) -> bool:
@@ -232,12 +260,27 @@ class ConsensusAlgorithm(Callback):
             state["anchor"] = self._loaded["anchor"]
         if self._inflight:  # the averages in flight are finished now so that a resume can merge them on time
             state["inflight"] = {p: {"start": f.start, "mean": f.result().cpu()} for p, f in self._inflight.items()}
+        if self.tuning_record is not None and not self.awaiting_tune:  # the tuner's choice: a resume keeps it
+            state["schedule"] = {
+                "sync_every": self.sync_every,
+                "overlap_steps": self.overlap_steps,
+                "fragments": self.fragments,
+                "origin": self.origin,
+            }
+            state["autotune"] = self.tuning_record
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_sync_step = int(state_dict["last_sync_step"])
         self.num_syncs = int(state_dict["num_syncs"])
         self._loaded = dict(state_dict)
+        schedule = state_dict.get("schedule")
+        if schedule is not None:  # the tuned schedule (explicit arguments stay as given)
+            for name in self.auto:
+                setattr(self, name, int(schedule[name]))
+            self.origin = None if schedule["origin"] is None else int(schedule["origin"])
+            self.awaiting_tune = False
+            self.tuning_record = state_dict.get("autotune")
 
     # ================================================================== the contract
     def bind(self, ctx: SyncContext, step: int, restored: dict[str, Any] | None = None) -> None:
@@ -258,7 +301,7 @@ class ConsensusAlgorithm(Callback):
         self._fragments = partition(averaged, self.fragments, flat_layout(self.module, self.buffers))
         self.anchor = self.residual = None
         self._inflight = {}
-        if self.needs_anchor():
+        if self.needs_anchor() or self.reserve_anchor:
             self.anchor = self.hold(flatten(snapshot(averaged, device=self.anchor_device)))
             if loaded is not None and loaded.get("anchor") is not None:
                 saved = loaded["anchor"]
@@ -309,6 +352,8 @@ class ConsensusAlgorithm(Callback):
             if self.anchor is not None:  # ... and equal to the consensus
                 flatten_into(self.sync_tensors()[0], self.anchor)
             return
+        if self.awaiting_tune:
+            return  # the tuner's measuring steps: local steps only
         for p, flight in list(self._inflight.items()):
             if flight.start + self.overlap_steps == step:
                 self._finish(self._fragments[p], step)
@@ -325,12 +370,13 @@ class ConsensusAlgorithm(Callback):
 
     def position(self, step: int) -> RoundPosition:
         """Where ``step`` falls in the schedule (what a gradient modifier needs to know)."""
-        offset = step - 1 - self.warmup_steps
+        offset = step - 1 - self.schedule_start
         rounds, within = divmod(max(offset, 0), self.sync_every)
         return RoundPosition(step, self.in_warmup(step), rounds, within, self.sync_every)
 
     def begin_evaluation(self, step: int) -> None:
         """Swap the replicas for the consensus; :meth:`end_evaluation` swaps them back exactly."""
+        self.interruptions += 1
         if self._stash is not None or self.holds_consensus(step):
             return
         log.debug("%s: evaluation at step %d sees the consensus", type(self).__name__, step)
@@ -362,6 +408,7 @@ class ConsensusAlgorithm(Callback):
 
     def consensus_state_dict(self, state_dict: dict[str, Any], step: int) -> dict[str, Any]:
         """The model a checkpoint stores: the consensus (collective on every rank)."""
+        self.interruptions += 1
         if self._stash is not None or self.holds_consensus(step):
             return state_dict  # the module holds the consensus already
         self._park()
@@ -497,9 +544,15 @@ class ConsensusAlgorithm(Callback):
     def in_warmup(self, step: int) -> bool:
         return step <= self.warmup_steps
 
+    @property
+    def schedule_start(self) -> int:
+        """The step rounds are counted from: the end of warm-up, or where the auto-tuner set the schedule."""
+        return self.warmup_steps if self.origin is None else self.origin
+
     def is_due(self, step: int, every: int) -> bool:
-        """True at the steps ``warmup_steps + every, warmup_steps + 2·every, ...``."""
-        return step > self.warmup_steps and (step - self.warmup_steps) % every == 0
+        """True at the steps ``start + every, start + 2·every, ...`` (``start``: :attr:`schedule_start`)."""
+        start = self.schedule_start
+        return step > start and (step - start) % every == 0
 
     def agrees_at(self, step: int) -> bool:
         """Whether the ranks meet at ``step`` anyway: a warm-up step or the step that ends a round with its sync.
@@ -507,7 +560,7 @@ class ConsensusAlgorithm(Callback):
         The strategy lets Lightning's per-batch SIGTERM broadcast run only before these steps
         (:mod:`lightning_localsgd.trainer.sigterm`): between them a training step sends nothing.
         """
-        return self.in_warmup(step) or self.is_due(step, self.sync_every)
+        return self.in_warmup(step) or (not self.awaiting_tune and self.is_due(step, self.sync_every))
 
     def is_synced(self, step: int) -> bool:
         """Whether the replicas are equal after ``step`` (no local step since they were made equal)."""
@@ -548,11 +601,60 @@ class ConsensusAlgorithm(Callback):
     def _park(self) -> None:
         self._stash = {name: t.detach().clone() for name, t in self._named_state().items()}
 
+    # ================================================================== the auto-tuner's entry points
+    def drain_(self, step: int) -> None:
+        """Merge every sync in flight now, at ``step`` (before a schedule change; as :meth:`finalize` does)."""
+        for p in list(self._inflight):
+            self._finish(self._fragments[p], step)
+
+    @torch.no_grad()
+    def apply_schedule_(self, step: int, sync_every: int, overlap_steps: int, fragments: int) -> None:
+        """Run the schedule ``(sync_every, overlap_steps, fragments)`` from ``step`` on (the auto-tuner's choice).
+
+        Rounds count from ``step`` (:attr:`schedule_start`): fragment p next syncs at
+        ``step + ⌊(p+1)H/P⌋``. Nothing may be in flight (:meth:`drain_`). The first decision, made
+        before any sync, may also change the fragments and the wire format: the fragments are cut
+        again and the state built on them (DiLoCo's outer optimizers) is built again, fresh; the
+        anchor is still the consensus of the bind step, so it stays (or is dropped if the chosen
+        wire no longer needs one); an integer wire gets a zero residual. Later changes (re-tuning)
+        keep the fragments and the wire: they change H and τ only.
+        """
+        if self._inflight:
+            raise RuntimeError("apply_schedule_ needs no sync in flight: call drain_(step) first")
+        first = self.awaiting_tune
+        if not first and fragments != self.fragments:
+            raise ValueError("the fragments are chosen once, before the first sync: a re-tune keeps them")
+        if overlap_steps and not self.overlappable:
+            raise ValueError(f"{type(self).__name__} cannot overlap its syncs")
+        if overlap_steps >= sync_every or fragments > sync_every:
+            raise ValueError(
+                f"bad schedule: overlap_steps={overlap_steps}, fragments={fragments}, sync_every={sync_every}"
+            )
+        self.sync_every, self.overlap_steps, self.fragments = sync_every, overlap_steps, fragments
+        self.origin, self.awaiting_tune = step, False
+        if first:
+            averaged, _ = self.sync_tensors()
+            self._fragments = partition(averaged, self.fragments, flat_layout(self.module, self.buffers))
+            if self.anchor is not None and not self.needs_anchor():
+                self.anchor = None  # a full-precision wire: PeriodicAveraging keeps no anchor
+            self.residual = None
+            if self.anchor is not None and self.comm.quantized:
+                self.residual = self.hold(torch.zeros_like(self.anchor, device=averaged[0].device))
+            self.on_bind(True)
+        log.info(
+            "%s: from step %d on, sync_every=%d, overlap_steps=%d, fragments=%d",
+            type(self).__name__,
+            step,
+            sync_every,
+            overlap_steps,
+            fragments,
+        )
+
     # ================================================================== fragments and overlap
     def _fragment_due(self, fragment: Fragment, step: int) -> bool:
         """Fragment p starts its sync at ``warmup + ⌊(p+1)H/P⌋ + kH`` (P = 1: every H steps)."""
         offset = (fragment.index + 1) * self.sync_every // len(self._fragments)
-        since = step - self.warmup_steps - offset
+        since = step - self.schedule_start - offset
         return since >= 0 and since % self.sync_every == 0
 
     def whole_sync(self, step: int) -> None:
@@ -658,3 +760,6 @@ class ConsensusAlgorithm(Callback):
 
 
 check_positive_int = check_int  # the name before 0.2 (lightning_localsgd._checks.check_int)
+
+_PENDING = 1 << 30
+"""``sync_every`` until the auto-tuner decides: no sync is due (the tuner's measuring steps are local steps)."""

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_localsgd._checks import check_bool, check_number
-from lightning_localsgd.algorithms.base import ConsensusAlgorithm
+from lightning_localsgd.algorithms.base import Auto, ConsensusAlgorithm
 from lightning_localsgd.transport.collectives import NonFinitePolicy
 from lightning_localsgd.transport.tensors import BufferPolicy, Fragment, local_parameters
 
@@ -130,11 +130,12 @@ class DiLoCo(ConsensusAlgorithm):
     """
 
     overlappable = True
+    tunable = True
     fault_tolerant = True
 
     def __init__(
         self,
-        sync_every: int = 500,
+        sync_every: int | Auto = 500,
         *,
         outer_optimizer: OuterOptimizer | dict[str, Any] | None = None,
         outer_lr: float = 0.7,
@@ -144,8 +145,8 @@ class DiLoCo(ConsensusAlgorithm):
         warmup_steps: int = 0,
         buffers: BufferPolicy = "average",
         nonfinite: NonFinitePolicy = "raise",
-        overlap_steps: int = 0,
-        fragments: int = 1,
+        overlap_steps: int | Auto = 0,
+        fragments: int | Auto = 1,
         merge_alpha: float | None = None,
         offload: bool = False,
     ) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_localsgd._checks import check_int
-from lightning_localsgd.algorithms.base import ConsensusAlgorithm
+from lightning_localsgd.algorithms.base import Auto, ConsensusAlgorithm
 from lightning_localsgd.contract import FrontEnd, StepReport
 from lightning_localsgd.transport.collectives import NonFinitePolicy
 from lightning_localsgd.transport.tensors import BufferPolicy, float_buffers
@@ -73,18 +73,19 @@ class PeriodicAveraging(ConsensusAlgorithm):
     """
 
     overlappable = True
+    tunable = True
     fault_tolerant = True
 
     def __init__(
         self,
-        sync_every: int = 8,
+        sync_every: int | Auto = 8,
         *,
         node_sync_every: int | None = None,
         warmup_steps: int = 0,
         buffers: BufferPolicy = "average",
         nonfinite: NonFinitePolicy = "raise",
-        overlap_steps: int = 0,
-        fragments: int = 1,
+        overlap_steps: int | Auto = 0,
+        fragments: int | Auto = 1,
         merge_alpha: float | None = None,
         offload: bool = False,
     ) -> None:
@@ -100,6 +101,8 @@ class PeriodicAveraging(ConsensusAlgorithm):
         )
         if node_sync_every is not None:
             check_int("node_sync_every", node_sync_every)
+            if self.auto:
+                raise ValueError("node_sync_every (hierarchical averaging) is not auto-tuned: give sync_every a number")
             if node_sync_every >= sync_every or sync_every % node_sync_every != 0:
                 raise ValueError(
                     f"node_sync_every={node_sync_every} must be smaller than sync_every={sync_every} and divide it "

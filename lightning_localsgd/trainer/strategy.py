@@ -53,6 +53,8 @@ from lightning_localsgd.transport.sharding import (
     sharded_group,
 )
 from lightning_localsgd.transport.tensors import BufferPolicy
+from lightning_localsgd.tuning.model import AutoTune
+from lightning_localsgd.tuning.tuner import may_overlap, tuner_for
 
 __all__ = ["LocalSGDStrategy"]
 
@@ -97,7 +99,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         comm_dtype: what travels at a sync: ``None`` (the parameters' own dtype), ``"bfloat16"`` /
             ``"float16"`` (replica − anchor travels; the mean is added back in fp32), or ``"int8"`` /
             ``"int4"`` (replica − anchor as per-block integers with error feedback; about 0.26 / 0.13
-            of fp32's bytes).
+            of fp32's bytes); ``"auto"``: chosen by the auto-tuner from the measured link (docs/autotune.md).
         bucket_mb: largest single collective in megabytes.
         save_replicas: store every rank's replica and optimizer state in checkpoints (rank 0 holds
             them all while saving). ``False`` stores only the consensus: resume restarts every
@@ -123,6 +125,8 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             Lightning's ``DDPStrategy(**kwargs)`` takes, e.g. ``{"find_unused_parameters": True}``).
         fsdp_kwargs: arguments of ``fully_shard`` under ``within_node="fsdp"`` when the strategy shards:
             ``reshard_after_forward``, ``mp_policy``, ``offload_policy``.
+        autotune: the auto-tuner's bounds and target (:class:`~lightning_localsgd.AutoTune`), for
+            ``comm_dtype="auto"`` and an algorithm given ``"auto"`` settings (docs/autotune.md).
         fsdp_modules: the module classes (or class names) the strategy shards as units under
             ``within_node="fsdp"``, e.g. ``["Block"]``; ``None``: every child of an ``nn.ModuleList`` /
             ``nn.Sequential`` that holds parameters. Each network of the LightningModule is a root.
@@ -160,8 +164,11 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         ddp_kwargs: dict[str, Any] | None = None,
         fsdp_kwargs: dict[str, Any] | None = None,
         fsdp_modules: list[str] | None = None,
+        autotune: AutoTune | None = None,
     ) -> None:
         ddp_kwargs = dict(ddp_kwargs or {})
+        self._tuner = tuner_for(comm_dtype, autotune)
+        comm_dtype = None if self._tuner.tune_format else comm_dtype
         check_within_node(within_node, ddp_kwargs, fault_tolerance is not None, fsdp_kwargs, fsdp_modules)
         if within_node == "fsdp" and not save_replicas:
             raise ValueError(
@@ -341,8 +348,13 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         self._engine.check(self)
         self._check_layer_sync()
         if self._fault_tolerance is not None:
+            if self._tuner.active(self._engine.algorithm):
+                raise ValueError(
+                    "fault_tolerance does not combine with the auto-tuner yet: give comm_dtype and the algorithm's "
+                    "sync_every/overlap_steps/fragments numbers (docs/autotune.md)"
+                )
             self._fault_tolerance.check_supported(self._engine, self._comm)
-        needs_background = self._engine.algorithm.overlap_steps > 0 and self._replica_world.size > 1
+        needs_background = may_overlap(self._engine.algorithm) and self._replica_world.size > 1
         self._background_group = None  # every rank decides alike
         if needs_background:
             args = (self.world_size, self.num_nodes, self.global_rank, None, self._timeout, self._groups)
@@ -370,7 +382,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         else:
             algorithm = PeriodicAveraging(**self._default_kwargs)
             trainer.callbacks.append(algorithm)
-        self._engine = SyncEngine(algorithm, modifiers[0] if modifiers else None, observers)
+        self._engine = SyncEngine(algorithm, modifiers[0] if modifiers else None, observers, self._tuner)
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -394,6 +406,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             self._background_group,
             engine.observers,
             gradient_scale=lambda: scale_of(getattr(self.precision_plugin, "scaler", None)),
+            everyone=self._world_group,
         )
         if self._resume_algorithm is not None:  # sharded: this rank's own global state (its shard's anchor, ...)
             engine.algorithm.load_state_dict(self._resume_algorithm)

@@ -340,6 +340,39 @@ class Collectives:
         self._timed(purpose, nbytes, run, "an allreduce", group, flat.device)
         return flat
 
+    def all_reduce_max_(self, flat: Tensor, group: Group, purpose: str) -> Tensor:
+        """In-place elementwise MAX of a small 1-D tensor across ``group`` (measurements everyone must agree on)."""
+        if group.size == 1:
+            return flat
+        nbytes = 2.0 * (group.size - 1) / group.size * flat.numel() * flat.element_size()
+        run = lambda: dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group.handle)  # noqa: E731
+        self._timed(purpose, nbytes, run, "an allreduce (MAX)", group, flat.device)
+        return flat
+
+    def start_transfer(
+        self, numel: int, group: Group, *, calls: int, dtype: torch.dtype, device: torch.device, purpose: str
+    ) -> Future[float]:
+        """``calls`` allreduces of ``numel`` zeros over ``group`` on the background thread; the future gives their
+        seconds (the auto-tuner's probe of the link under load, while local steps go on). Every rank of the group
+        must start the same transfer."""
+        buf = torch.zeros(numel, dtype=dtype, device=device)
+        plain = Group(group.handle, group.ranks, group.rank)
+
+        def run() -> float:
+            _comm_thread.active = True
+            start = time.perf_counter()
+            for _ in range(calls):
+                self.all_reduce_sum_(buf, plain, purpose)
+            if device.type != "cpu":
+                torch.accelerator.synchronize(device)
+            return time.perf_counter() - start
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localsgd-sync")
+        future = self._executor.submit(run)
+        self._pending = [f for f in self._pending if not f.done()] + [future]
+        return future
+
     def all_to_all_(self, out: Tensor, local: Tensor, group: Group, purpose: str) -> Tensor:
         """Chunk j of ``local`` goes to the group's j-th rank; ``out`` receives every rank's chunk (group order)."""
         if group.size == 1:
@@ -720,36 +753,34 @@ class Collectives:
         padded.zero_()
         if finite:
             padded[:n].copy_(local).add_(residual)  # what this rank owes: the delta plus the residual
-        sent = torch.empty(m * packet_bytes(chunk, fmt), dtype=torch.uint8, device=local.device)
-        for c, packet in zip(padded.split(chunk), sent.split(packet_bytes(chunk, fmt)), strict=True):
-            quantize(c, fmt, out=packet)  # straight into the packet: no concatenation
-        if finite:
-            residual.copy_(padded[:n]).sub_(self._dequantized(sent, chunk, fmt, dtype)[:n])
         per_packet = packet_bytes(chunk, fmt)
+        # the packets are transient (not kept between syncs: docs/gpu.md's memory table counts model-sized buffers)
+        sent = torch.empty(m * per_packet, dtype=torch.uint8, device=local.device)
+        for c, packet in zip(padded.split(chunk), sent.split(per_packet), strict=True):
+            # straight into the packet; what rounding dropped overwrites the chunk (cache-hot: no second pass)
+            quantize(c, fmt, out=packet, error=c if finite else None)
+        if finite:
+            residual.copy_(padded[:n])  # the new residual: this rank's rounding, owed at a later sync
         received = torch.empty_like(sent)
         self.all_to_all_(received, sent, group, purpose)  # chunk j of every rank's packet lands on rank j
-        mine = self._dequantized(received, chunk, fmt, dtype).view(m, chunk).sum(dim=0)
-        summed = quantize(mine, fmt)
+        mine = padded[:chunk]  # free again: the sum of the m copies of this rank's chunk, accumulated in place
+        for i, packet in enumerate(received.split(per_packet)):
+            dequantize(packet, chunk, fmt, dtype, out=mine, accumulate=i > 0)
+        summed = torch.empty(per_packet, dtype=torch.uint8, device=local.device)
+        quantize(mine, fmt, out=summed, error=mine)  # mine: the sum's rounding, owed again by this rank
         lo = group.rank * chunk
         own = residual[lo : min(lo + chunk, n)]
-        own.add_((mine - dequantize(summed, chunk, fmt, dtype))[: own.numel()])  # the sum's rounding, owed again
-        everyone = torch.empty(m * per_packet, dtype=torch.uint8, device=local.device)
+        own.add_(mine[: own.numel()])
+        everyone = torch.empty_like(sent)
         nbytes = (m - 1) * per_packet
         gather = lambda: _all_gather_flat(everyone, summed, group.handle)  # noqa: E731
         self._timed(purpose, nbytes, gather, "an all-gather", group, local.device)
         if host is not None:  # blocking: a host read of it later must see the new values
             host.copy_(residual)
-        local.copy_(self._dequantized(everyone, chunk, fmt, dtype)[:n])
+        for packet, values in zip(everyone.split(per_packet), padded.split(chunk), strict=True):
+            dequantize(packet, chunk, fmt, dtype, out=values)  # straight into the free buffer, then one copy
+        local.copy_(padded[:n])
         return m - len(bad_ranks)
-
-    @staticmethod
-    def _dequantized(packets: Tensor, chunk: int, fmt: IntFormat, dtype: torch.dtype) -> Tensor:
-        """Consecutive packets of ``chunk`` values each, dequantized into one flat tensor."""
-        size = packet_bytes(chunk, fmt)
-        out = torch.empty(packets.numel() // size * chunk, dtype=dtype, device=packets.device)
-        for p, values in zip(packets.split(size), out.split(chunk), strict=True):
-            dequantize(p, chunk, fmt, dtype, out=values)
-        return out
 
     @staticmethod
     def _check_skippable(

@@ -53,13 +53,18 @@ def _absmax_rows_(rows: Tensor) -> Tensor:
     return rows[:, 0]
 
 
-def quantize(values: Tensor, fmt: IntFormat, out: Tensor | None = None) -> Tensor:
-    """The ``uint8`` packet of a 1-D float tensor whose length is a multiple of :data:`BLOCK` (into ``out``
+def quantize(values: Tensor, fmt: IntFormat, out: Tensor | None = None, error: Tensor | None = None) -> Tensor:
+    r"""The ``uint8`` packet of a 1-D float tensor whose length is a multiple of :data:`BLOCK` (into ``out``
     when given: :func:`packet_bytes` bytes).
 
     One sweep over chunks of :data:`CHUNK` values: |v| into a scratch chunk, its per-block maxima (the
     scales), then v·(1/s) rounded, written as int8 straight into the packet. The bytes are those of the
     formula in the module docstring (tested against a plain-torch reference).
+
+    ``error`` (a tensor of ``values``' size and dtype, may be ``values`` itself): receives
+    :math:`v - \hat v`, what rounding dropped, computed from the chunk while it is in cache. It equals
+    ``values - dequantize(packet)`` bit for bit (the same integers times the same scales in
+    ``values``' dtype), without a second pass over the packet.
     """
     n = values.numel()
     if n % BLOCK:
@@ -83,6 +88,10 @@ def quantize(values: Tensor, fmt: IntFormat, out: Tensor | None = None) -> Tenso
         inverse = torch.where(s > 0, s.reciprocal(), 0.0)
         torch.mul(chunk, inverse.unsqueeze(1), out=work)  # |v/s| <= L: rounding cannot leave [-L, L]
         q[lo * BLOCK : hi * BLOCK].copy_(work.round_().view(-1))
+        if error is not None:  # v - q·s in v's dtype: what dequantize gives back, subtracted here
+            dropped = error.reshape(-1)[lo * BLOCK : hi * BLOCK].view(-1, BLOCK)
+            kept = work.to(values.dtype).mul_(s.to(values.dtype).unsqueeze(1))
+            torch.sub(flat[lo * BLOCK : hi * BLOCK].view(-1, BLOCK), kept, out=dropped)
     if fmt == "int4":
         nibbles = (q + 8).to(torch.uint8).view(-1, 2)  # 1..15 in 4 bits
         torch.bitwise_or(nibbles[:, 0], nibbles[:, 1] << 4, out=out[:n_ints])
@@ -90,9 +99,18 @@ def quantize(values: Tensor, fmt: IntFormat, out: Tensor | None = None) -> Tenso
 
 
 def dequantize(
-    packet: Tensor, numel: int, fmt: IntFormat, dtype: torch.dtype = torch.float32, out: Tensor | None = None
+    packet: Tensor,
+    numel: int,
+    fmt: IntFormat,
+    dtype: torch.dtype = torch.float32,
+    out: Tensor | None = None,
+    accumulate: bool = False,
 ) -> Tensor:
-    """The ``numel`` values a packet of :func:`quantize` stands for, in ``dtype`` (into ``out`` when given)."""
+    """The ``numel`` values a packet of :func:`quantize` stands for, in ``dtype`` (into ``out`` when given).
+
+    ``accumulate=True`` adds them to ``out`` instead (a sum of received packets in one pass each, no
+    intermediate tensor of the whole sum's size).
+    """
     n_ints = numel if fmt == "int8" else numel // 2
     ints, scales = packet[:n_ints], packet[n_ints:].contiguous().view(torch.float32).to(dtype)
     if fmt == "int8":
@@ -102,11 +120,17 @@ def dequantize(
         high = (ints >> 4).to(torch.int8) - 8
         q = torch.stack([low, high], dim=1).view(-1)
     if out is None:
+        if accumulate:
+            raise ValueError("dequantize(accumulate=True) adds into out=: pass the tensor to add to")
         out = torch.empty(numel, dtype=dtype, device=packet.device)
     rows_per_chunk = CHUNK // BLOCK
+    scratch = torch.empty(min(CHUNK, numel), dtype=dtype, device=packet.device) if accumulate else None
     for lo in range(0, numel // BLOCK, rows_per_chunk):
         hi = min(lo + rows_per_chunk, numel // BLOCK)
         part = out[lo * BLOCK : hi * BLOCK].view(-1, BLOCK)
-        part.copy_(q[lo * BLOCK : hi * BLOCK].view(-1, BLOCK))
-        part.mul_(scales[lo:hi].unsqueeze(1))  # the same bytes give the same values on every rank
+        values = part if scratch is None else scratch[: (hi - lo) * BLOCK].view(-1, BLOCK)
+        values.copy_(q[lo * BLOCK : hi * BLOCK].view(-1, BLOCK))
+        values.mul_(scales[lo:hi].unsqueeze(1))  # the same bytes give the same values on every rank
+        if scratch is not None:
+            part.add_(values)
     return out

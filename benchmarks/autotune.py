@@ -1,0 +1,161 @@
+"""The auto-tuner against a grid of fixed settings, side by side on one shaped link (issue 24's targets).
+
+One run of :mod:`benchmarks.step_time` (2 CPU ranks, resnet18 32×32, batch 32/rank, SGD momentum 0.9)
+holds, interleaved in one list:
+
+* ``floor`` (no communication in the measured window);
+* ``localsgd_auto``: ``PeriodicAveraging(sync_every="auto", overlap_steps="auto", fragments="auto")``
+  with ``LocalSGDStrategy(comm_dtype="auto")`` and the default :class:`~lightning_localsgd.AutoTune`
+  (3 % overhead target, H in [8, 256]);
+* the grid ``{fp32, bf16, int8, int4} × τ ∈ {0, H−1} × H ∈ --grid-h`` (``localsgd_H{H}[_tau{H-1}][_fmt]``).
+
+Every variant measures ``--steps`` steps after ``--warmup`` unmeasured ones (the warm-up covers the
+tuner's measuring steps, so the auto variant is measured on its choice). Reported, slowest rank:
+
+* each variant's step time over the floor's, the best grid setting, and the auto run's step time
+  over the best's (target ≤ 1.03);
+* the tuner's choice and its measurements (from the auto run's checkpointable record);
+* the tuner's own cost: its measuring steps' time beyond the floor's (probes, the loaded transfer and
+  the blocking collectives included), as a share of a 300-step run at the floor's pace (target ≤ 2 %).
+
+Run (root, iproute2; about 1 minute per variant)::
+
+    python -m benchmarks.autotune --link 1gbit
+    python -m benchmarks.autotune --link 100mbit --grid-h 32,128
+    python -m benchmarks.autotune --link 1gbit --steps 8 --warmup 16 --grid-h 8 --name smoke   # a quick check
+
+Writes ``benchmarks/results/autotune_<link>/step_time.json`` (step_time's) and ``autotune.json``
+beside it, and prints a table. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import step_time
+from benchmarks.common import RESULTS
+
+FORMATS = {"fp32": "", "bf16": "_bf16", "int8": "_int8", "int4": "_int4"}
+RUN_STEPS = 300  # the run length the tuner's cost is stated for
+
+
+def grid(hs: list[int], formats: list[str]) -> list[str]:
+    names = []
+    for h in hs:
+        for fmt in formats:
+            for tau in (0, h - 1):
+                names.append(f"localsgd_H{h}{f'_tau{tau}' if tau else ''}{FORMATS[fmt]}")
+    return names
+
+
+def analyse(result: dict[str, Any], measure_steps: int) -> dict[str, Any]:
+    """The comparison of the auto run with the grid, from step_time's result."""
+    summary = result["summary"]
+    floor = summary["floor"]["slowest_rank_step_time_s"]
+    rows = {
+        name: s["slowest_rank_step_time_s"] / floor
+        for name, s in summary.items()
+        if name != "floor" and "slowest_rank_step_time_s" in s
+    }
+    grid_rows = {n: v for n, v in rows.items() if not n.endswith("_auto")}
+    best = min(grid_rows, key=grid_rows.get) if grid_rows else None
+    out: dict[str, Any] = {
+        "floor_step_s": floor,
+        "x_floor": rows,
+        "best_grid": best,
+        "best_grid_x_floor": grid_rows.get(best) if best else None,
+    }
+    for name in [n for n in rows if n.endswith("_auto")]:
+        ranks = [rank for run in result["runs"][name] if run["ranks"] for rank in run["ranks"]]
+        record = next((r["tuning"] for r in ranks if r.get("tuning")), None)
+        # the measuring steps: the first measure_steps steps of each rank, beyond the floor's pace
+        floor_median = summary["floor"]["step_time_median_s"]
+        spent = max(sum(r["step_times_all"][:measure_steps]) for r in ranks)
+        cost = spent - measure_steps * floor_median
+        out[name] = {
+            "x_floor": rows[name],
+            "x_best_grid": rows[name] / grid_rows[best] if best else None,
+            "decision": None if record is None else record["decision"],
+            "measurements": None if record is None else record["measurements"],
+            "history": None if record is None else record["history"],
+            "measuring_seconds": spent,
+            "measuring_cost_seconds": cost,
+            "measuring_cost_of_300_steps": cost / (RUN_STEPS * floor),
+        }
+    return out
+
+
+def table(analysis: dict[str, Any]) -> str:
+    lines = [f"{'variant':<26} {'x floor':>8}", "-" * 35]
+    for name, ratio in sorted(analysis["x_floor"].items(), key=lambda kv: kv[1]):
+        mark = " <- best grid" if name == analysis["best_grid"] else ""
+        lines.append(f"{name:<26} {ratio:>8.3f}{mark}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--link", required=True, help="shaped loopback rate, e.g. 1gbit, 100mbit, 10mbit")
+    p.add_argument("--grid-h", default="8,32,128", help="H values of the grid")
+    p.add_argument("--formats", default="fp32,bf16,int8,int4", help="wire formats of the grid")
+    p.add_argument("--steps", type=int, default=256, help="measured steps per variant")
+    p.add_argument("--warmup", type=int, default=16, help="unmeasured steps (>= the tuner's 12 measuring steps)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--name", default=None, help="results folder (default autotune_<link>)")
+    p.add_argument("--report-only", action="store_true", help="re-analyse the saved step_time.json")
+    args = p.parse_args(argv)
+    name = args.name or f"autotune_{args.link}"
+    hs = [int(h) for h in args.grid_h.split(",") if h.strip()]
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    variants = ["floor", "localsgd_auto", *grid(hs, formats)]
+    if not args.report_only:
+        code = step_time.main(
+            [
+                "--link",
+                args.link,
+                "--variants",
+                ",".join(variants),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--repeats",
+                str(args.repeats),
+                "--name",
+                name,
+                "--timeout",
+                str(1800),
+            ]
+        )
+        if code:
+            return code
+    folder: Path = RESULTS / name
+    result = json.loads((folder / "step_time.json").read_text())
+    analysis = analyse(result, measure_steps=12)
+    analysis["command"] = "python -m benchmarks.autotune " + " ".join(sys.argv[1:] if argv is None else argv)
+    analysis["link"] = args.link
+    (folder / "autotune.json").write_text(json.dumps(analysis, indent=1))
+    print(table(analysis))
+    auto = analysis.get("localsgd_auto")
+    if auto:
+        print(
+            f"\nauto: {auto['x_floor']:.3f}x floor, {auto['x_best_grid']:.3f}x the best grid setting "
+            f"({analysis['best_grid']}, {analysis['best_grid_x_floor']:.3f}x); target <= 1.03"
+        )
+        print(f"decision: {auto['decision']}")
+        print(
+            f"measuring: {auto['measuring_cost_seconds']:.2f} s beyond the floor = "
+            f"{100 * auto['measuring_cost_of_300_steps']:.2f}% of a {RUN_STEPS}-step run; target <= 2%"
+        )
+        if auto["history"]:
+            print(f"{len(auto['history'])} re-tune checks: {auto['history']}")
+    print(f"wrote {folder / 'autotune.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,433 @@
+"""AutoTuner: measures the step, the link and the wire formats, then sets the algorithm's schedule.
+
+Driven by :class:`~lightning_localsgd.engine.SyncEngine` (so the Trainer and Fabric get the same),
+at three points: before ``algorithm.bind`` (:meth:`AutoTuner.prepare`), before each optimizer
+step (:meth:`AutoTuner.before_step`) and after it (:meth:`AutoTuner.after_step`).
+
+**Measuring** (``AutoTune.measure_steps = W`` local steps after warm-up, no sync among them):
+
+1. steps 1 … W/2: the step time t (wall clock between the ends of consecutive steps; the device
+   is synchronized at both ends);
+2. at W/2, on the training thread: the latency ℓ (the median of 5 allreduces of one value), a
+   first bandwidth (one allreduce of 256 KiB) and each wire format's local work κ_f (on a sample
+   of the model's values); every rank takes the slowest rank's figures (one MAX allreduce);
+3. steps W/2 … W: a transfer of about 0.8·(W/2)·t seconds of data (at most one model) runs on the
+   background group while the steps go on: its seconds give the bandwidth β under load, and the
+   steps' slowdown gives s. When the algorithm cannot overlap (no background group), a blocking
+   transfer of about 0.25·(W/2)·t seconds gives β, and s = 0;
+4. at W: the slowest rank's figures again (one MAX allreduce), rank 0 decides
+   (:func:`~lightning_localsgd.tuning.model.decide`) and broadcasts the decision: every rank applies
+   the same schedule from step W on.
+
+**Re-tuning.** Every ``retune_every`` steps the mean time of the steps since the last check
+(evaluations and checkpoints left out) gives the measured overhead o = mean/t − 1 (the slowest
+rank's, one MAX allreduce). When it differs from the predicted overhead by more than
+``retune_threshold``, the model learns a per-round correction x += (o − predicted)·H·t and the
+decision is made again for H and τ (the wire format and the fragments stay). Syncs in flight
+are merged first.
+
+Everything it measured and chose is in :attr:`record` (also in the algorithm's checkpoint
+state, so a resume keeps the choice and skips the measuring) and in the log
+(``logging.getLogger("lightning_localsgd")``, info level).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from lightning_localsgd.algorithms.base import ConsensusAlgorithm
+from lightning_localsgd.contract import SyncContext
+from lightning_localsgd.transport.collectives import Group, parse_comm_dtype
+from lightning_localsgd.transport.quantize import BLOCK, dequantize, packet_bytes, quantize
+from lightning_localsgd.transport.tensors import sync_tensors
+from lightning_localsgd.tuning.model import FORMATS, INTEGER, AutoTune, Decision, Measurements, decide, format_name
+
+__all__ = ["PURPOSE", "AutoTuner", "may_overlap", "measure_conversions", "tuner_for"]
+
+log = logging.getLogger(__name__)
+
+PURPOSE = "tune"
+"""The counter (``CommCounters``) the tuner's own collectives are booked under."""
+
+SAMPLE = 1 << 20  # values the conversion costs are measured on (at most)
+FIRST_PROBE = 1 << 16  # values of the first, blocking bandwidth probe (256 KiB of fp32)
+
+
+class AutoTuner:
+    """Chooses what the user left to it (``comm_dtype="auto"``, ``sync_every``/``overlap_steps``/``fragments="auto"``).
+
+    Args:
+        config: bounds and targets.
+        tune_format: the strategy was given ``comm_dtype="auto"``.
+    """
+
+    def __init__(self, config: AutoTune | None = None, tune_format: bool = False) -> None:
+        if config is not None and not isinstance(config, AutoTune):
+            raise TypeError(f"autotune must be an AutoTune(...) or None, got {type(config).__name__}")
+        self.explicit = config is not None
+        self.config = config if config is not None else AutoTune()
+        self.tune_format = tune_format
+        self.record: dict[str, Any] | None = None  # {"measurements", "decision", "history"}
+        self._ctx: SyncContext | None = None
+        self._algorithm: ConsensusAlgorithm | None = None
+        self._start: int | None = None  # the step after which the measuring steps begin
+        self._marks: list[tuple[int, float]] = []  # (step, time at its end) of the measuring steps
+        self._first: dict[str, float] = {}
+        self._transfer: Future[float] | None = None
+        self._transfer_bytes = 0.0
+        self._busy: tuple[int, float] | None = None  # steps done and time while the transfer ran
+        self._check: tuple[int, float, int] | None = None  # since the last check: steps, seconds, interruptions
+        self._last_end: float | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def active(self, algorithm: ConsensusAlgorithm) -> bool:
+        return self.tune_format or bool(algorithm.auto)
+
+    def check(self, algorithm: ConsensusAlgorithm, modifier: Any) -> None:
+        """Refuse what cannot be tuned (at setup, both front ends)."""
+        low = self.config.sync_every[0]
+        if self.explicit and not self.active(algorithm):
+            raise ValueError(
+                "autotune=AutoTune(...) has no effect: nothing is left to the tuner. Pass comm_dtype='auto' and/or "
+                f"{type(algorithm).__name__}(sync_every='auto', ...), or drop autotune"
+            )
+        if modifier is not None and self.active(algorithm):
+            raise ValueError(
+                f"{type(modifier).__name__} acts on the schedule's rounds, which the auto-tuner moves: give "
+                "sync_every and comm_dtype numbers (no 'auto') with a gradient modifier"
+            )
+        if "sync_every" not in algorithm.auto:
+            low = algorithm.sync_every
+        if "overlap_steps" not in algorithm.auto and algorithm.overlap_steps >= low:
+            raise ValueError(
+                f"overlap_steps={algorithm.overlap_steps} must be smaller than every sync_every the tuner may choose "
+                f"(from {low}): raise AutoTune(sync_every=(H_min, H_max))'s H_min or lower overlap_steps"
+            )
+        if "fragments" not in algorithm.auto and algorithm.fragments > low:
+            raise ValueError(
+                f"fragments={algorithm.fragments} needs sync_every >= {algorithm.fragments}: raise H_min to at least it"
+            )
+        if self.tune_format and not type(algorithm).tunable:
+            raise ValueError(
+                f"comm_dtype='auto' is chosen with the schedule of PeriodicAveraging or DiLoCo, not "
+                f"{type(algorithm).__name__}: give comm_dtype (None, 'bfloat16', 'int8', 'int4')"
+            )
+
+    def prepare(self, ctx: SyncContext, algorithm: ConsensusAlgorithm, step: int) -> None:
+        """Before ``algorithm.bind``: restore a checkpointed choice, or get ready to measure."""
+        self._ctx, self._algorithm = ctx, algorithm
+        self._marks, self._first, self._transfer, self._busy, self._check = [], {}, None, None, None
+        if not self.active(algorithm):
+            return
+        record = algorithm.tuning_record
+        if record is not None:  # resumed after the decision: the same choice, no measuring
+            self.record = record
+            algorithm.reserve_anchor = False  # (a first bind before the checkpoint was loaded may have set it)
+            decision = Decision.from_dict(record["decision"])
+            if self.tune_format:
+                ctx.comm.comm_dtype = parse_comm_dtype(decision.comm_dtype)
+            self._check = (0, 0.0, algorithm.interruptions)
+            log.info("auto-tuner: resumed with %s", decision.describe())
+            return
+        if self.tune_format:
+            ctx.comm.comm_dtype = None  # full precision until the decision
+            algorithm.reserve_anchor = True  # the wire chosen later sends differences from it
+        algorithm.awaiting_tune = True
+        self._start = max(step, algorithm.warmup_steps)
+
+    # ------------------------------------------------------------------ the step hook
+    def after_step(self, step: int) -> None:
+        algorithm = self._algorithm
+        if algorithm is None or not self.active(algorithm):
+            return
+        now = self._now()
+        if algorithm.awaiting_tune:
+            self._measure(step, now)
+        elif self.config.retune_every:
+            self._watch(step, now)
+
+    # ------------------------------------------------------------------ measuring
+    def _now(self, synchronize: bool = False) -> float:
+        if synchronize:
+            device = self._device()
+            if device.type != "cpu":
+                torch.accelerator.synchronize(device)
+        return time.perf_counter()
+
+    def _device(self) -> torch.device:
+        assert self._algorithm is not None
+        return self._algorithm.sync_tensors()[0][0].device
+
+    def _measure(self, step: int, now: float) -> None:
+        assert self._start is not None
+        w = self.config.measure_steps
+        k = step - self._start
+        if k <= 0:
+            return
+        half = w // 2
+        if k in (1, half, w):
+            now = self._now(synchronize=True)
+        self._marks.append((step, now))
+        if k == half:
+            self._first_measurements()
+        elif k > half and self._transfer is not None and not self._transfer.done():
+            self._busy = (k - half, now - self._first["probe_started"])
+        if k == w:
+            self._decide(step)
+
+    def _values(self) -> tuple[int, torch.dtype, Group]:
+        """(values this rank sends at a whole sync, their dtype, the group they travel over)."""
+        ctx, algorithm = self._ctx, self._algorithm
+        assert ctx is not None and algorithm is not None
+        averaged, _ = sync_tensors(ctx.module, algorithm.buffers)
+        n = sum(t.numel() for t in averaged)
+        world = ctx.world
+        if world.split:
+            n = -(-n // world.node.size)  # type: ignore[union-attr]  # each rank of a replica sends its slice
+        dtype = averaged[0].dtype if algorithm.anchor is None else algorithm.anchor.dtype
+        return n, dtype, world
+
+    def _agree(self, values: list[float]) -> list[float]:
+        """The largest of each value over every process (one MAX allreduce)."""
+        ctx = self._ctx
+        assert ctx is not None
+        group = ctx.everyone or ctx.world
+        flat = torch.tensor(values, dtype=torch.float64, device=self._device())
+        ctx.comm.all_reduce_max_(flat, Group(group.handle, group.ranks, group.rank), PURPOSE)
+        return flat.tolist()
+
+    def _first_measurements(self) -> None:
+        ctx, algorithm = self._ctx, self._algorithm
+        assert ctx is not None and algorithm is not None
+        start, end = self._marks[0][1], self._marks[-1][1]
+        step_seconds = (end - start) / max(1, len(self._marks) - 1)
+        n, dtype, world = self._values()
+        device = self._device()
+        cross = Group(world.handle, world.ranks, world.rank)
+        latencies = []
+        tiny = torch.zeros(1, dtype=torch.float32, device=device)
+        for _ in range(5):
+            begin = self._now()
+            ctx.comm.all_reduce_sum_(tiny, cross, PURPOSE)
+            latencies.append(self._now(synchronize=True) - begin)
+        latency = statistics.median(latencies)
+        probe = torch.zeros(min(FIRST_PROBE, max(n, 1)), dtype=torch.float32, device=device)
+        begin = self._now()
+        ctx.comm.all_reduce_sum_(probe, cross, PURPOSE)
+        seconds = self._now(synchronize=True) - begin
+        m = cross.size
+        probe_bytes = 2.0 * (m - 1) / m * probe.numel() * 4
+        inverse_bandwidth = max(seconds - latency, 1e-6) / max(probe_bytes, 1.0)
+        convert = measure_conversions(n, dtype, device, m)
+        order = [format_name(f) for f in FORMATS]
+        agreed = self._agree([step_seconds, latency, inverse_bandwidth] + [convert[f] for f in order])
+        self._first = {"step_seconds": agreed[0], "latency": agreed[1], "inverse_bandwidth": agreed[2]}
+        self._first.update(zip(order, agreed[3:], strict=True))
+        # the loaded probe: about (W/2)·t seconds of data at the first bandwidth, at most one model, in calls of
+        # at most 4 MiB-ish (a whole number, the same on every rank: computed from agreed figures)
+        half = self.config.measure_steps - self.config.measure_steps // 2
+        background = ctx.background if ctx.background is not None and algorithm.overlappable else None
+        share = 0.8 if background is not None else 0.25  # a blocking transfer stops the steps: keep it short
+        budget = share * half * agreed[0] / agreed[2]  # bytes
+        total = max(FIRST_PROBE, min(int(budget / (2.0 * (m - 1) / m * 4)) if m > 1 else 0, n))
+        per_call = min(total, 1 << 20)
+        calls = max(1, total // per_call)
+        self._transfer_bytes = calls * 2.0 * (m - 1) / m * per_call * 4
+        self._first["probe_started"] = self._now()
+        if m > 1 and background is not None:
+            self._transfer = ctx.comm.start_transfer(
+                per_call, background, calls=calls, dtype=torch.float32, device=device, purpose=PURPOSE
+            )
+        elif m > 1:  # nothing can overlap: a blocking transfer gives the bandwidth
+            done: Future[float] = Future()
+            begin = self._now()
+            buf = torch.zeros(per_call, dtype=torch.float32, device=device)
+            for _ in range(calls):
+                ctx.comm.all_reduce_sum_(buf, cross, PURPOSE)
+            done.set_result(self._now(synchronize=True) - begin)
+            self._transfer = done
+        log.info(
+            "auto-tuner: step %.4f s, latency %.2e s, first bandwidth %.3g MB/s; probing with %.3g MB",
+            agreed[0],
+            agreed[1],
+            1e-6 / agreed[2],
+            self._transfer_bytes / 1e6,
+        )
+
+    def _decide(self, step: int) -> None:
+        ctx, algorithm = self._ctx, self._algorithm
+        assert ctx is not None and algorithm is not None
+        first = self._first
+        n, dtype, world = self._values()
+        m = world.size
+        if self._transfer is not None:
+            seconds = self._transfer.result()
+            inverse_bandwidth = max(seconds - first["latency"], 1e-6) / max(self._transfer_bytes, 1.0)
+        else:
+            inverse_bandwidth = first["inverse_bandwidth"]
+        slowdown = 0.0
+        if self._busy is not None:
+            busy_steps, busy_seconds = self._busy
+            slowdown = max(0.0, busy_seconds / (busy_steps * first["step_seconds"]) - 1.0)
+        agreed = self._agree([inverse_bandwidth, slowdown])
+        order = [format_name(f) for f in FORMATS]
+        meas = Measurements(
+            step_seconds=first["step_seconds"],
+            latency=first["latency"],
+            bandwidth=1.0 / agreed[0],
+            slowdown=agreed[1],
+            convert={f: first[f] for f in order},
+            numel=n,
+            replicas=m,
+            element_size=torch.empty((), dtype=dtype).element_size(),
+        )
+        decision = self._broadcast(self._choose(meas, algorithm, extra=0.0))
+        self._apply(step, decision, first=True)
+        self.record = {"measurements": meas.as_dict(), "decision": decision.as_dict(), "history": []}
+        algorithm.tuning_record = self.record
+        self._check = (0, 0.0, algorithm.interruptions)
+        log.info("auto-tuner: at step %d chose %s", step, decision.describe())
+        for note in decision.notes:
+            log.warning("auto-tuner: %s", note)
+
+    def _choose(self, meas: Measurements, algorithm: ConsensusAlgorithm, extra: float, keep: bool = False) -> Decision:
+        """The decision for what the user left open (``keep``: a re-tune, which keeps the wire and the fragments)."""
+        comm = self._ctx.comm if self._ctx is not None else None
+        if self.tune_format and not keep:
+            formats: Any = list(self.config.formats)
+        else:
+            current = None if comm is None else comm.comm_dtype
+            formats = _format_of(current)
+        auto = algorithm.auto
+        return decide(
+            meas,
+            self.config,
+            comm_dtype=formats,
+            sync_every=None if "sync_every" in auto else algorithm.sync_every,
+            overlap_steps=None if "overlap_steps" in auto else algorithm.overlap_steps,
+            fragments=None if ("fragments" in auto and not keep) else algorithm.fragments,
+            overlappable=algorithm.overlappable,
+            extra=extra,
+        )
+
+    def _broadcast(self, decision: Decision) -> Decision:
+        """Rank 0's decision on every process (one broadcast of four numbers)."""
+        ctx = self._ctx
+        assert ctx is not None
+        group = ctx.everyone or ctx.world
+        index = FORMATS.index(decision.comm_dtype)
+        packed = torch.tensor(
+            [index, decision.sync_every, decision.overlap_steps, decision.fragments, decision.overhead],
+            dtype=torch.float64,
+            device=self._device(),
+        )
+        ctx.comm.broadcast_(packed, group.ranks[0], Group(group.handle, group.ranks, group.rank), PURPOSE)
+        fmt, period, tau, count, predicted = packed.tolist()
+        fields = decision.as_dict()
+        fields.update(
+            comm_dtype=FORMATS[int(fmt)],
+            sync_every=int(period),
+            overlap_steps=int(tau),
+            fragments=int(count),
+            overhead=predicted,
+            met=predicted <= self.config.overhead,
+        )
+        return Decision.from_dict(fields)
+
+    def _apply(self, step: int, decision: Decision, first: bool) -> None:
+        ctx, algorithm = self._ctx, self._algorithm
+        assert ctx is not None and algorithm is not None
+        if first and self.tune_format:
+            ctx.comm.comm_dtype = parse_comm_dtype(decision.comm_dtype)
+        algorithm.drain_(step)
+        algorithm.apply_schedule_(step, decision.sync_every, decision.overlap_steps, decision.fragments)
+        if first:
+            algorithm.reserve_anchor = False
+
+    # ------------------------------------------------------------------ re-tuning
+    def _watch(self, step: int, now: float) -> None:
+        algorithm = self._algorithm
+        assert algorithm is not None and self.record is not None and self._check is not None
+        steps, seconds, interruptions = self._check
+        if self._last_end is not None and algorithm.interruptions == interruptions:
+            steps, seconds = steps + 1, seconds + (now - self._last_end)
+        self._last_end, self._check = now, (steps, seconds, algorithm.interruptions)
+        start = algorithm.schedule_start
+        if step <= start or (step - start) % self.config.retune_every:
+            return
+        meas = Measurements.from_dict(self.record["measurements"])
+        decision = Decision.from_dict(self.record["decision"])
+        mean = seconds / steps if steps else meas.step_seconds
+        (measured,) = self._agree([mean / meas.step_seconds - 1.0])
+        self._check = (0, 0.0, algorithm.interruptions)
+        entry: dict[str, Any] = {"step": step, "measured": measured, "predicted": decision.overhead}
+        if abs(measured - decision.overhead) > self.config.retune_threshold:
+            extra = decision.extra + (measured - decision.overhead) * decision.sync_every * meas.step_seconds
+            new = self._broadcast(self._choose(meas, algorithm, extra=extra, keep=True))
+            entry["decision"] = new.as_dict()
+            if (new.sync_every, new.overlap_steps) != (decision.sync_every, decision.overlap_steps):
+                self._apply(step, new, first=False)
+                log.info("auto-tuner: at step %d measured %.1f%%, re-tuned to %s", step, 100 * measured, new.describe())
+            self.record["decision"] = new.as_dict()
+        self.record["history"].append(entry)
+
+
+def tuner_for(comm_dtype: Any, autotune: AutoTune | None) -> AutoTuner:
+    """The front ends' tuner: ``comm_dtype="auto"`` leaves the wire format to it."""
+    return AutoTuner(autotune, tune_format=isinstance(comm_dtype, str) and comm_dtype == "auto")
+
+
+def may_overlap(algorithm: ConsensusAlgorithm) -> bool:
+    """Whether ``algorithm`` overlaps its syncs or may be tuned to (the front ends then make a background group)."""
+    return algorithm.overlap_steps > 0 or "overlap_steps" in algorithm.auto
+
+
+def _format_of(comm_dtype: Any) -> str | None:
+    if comm_dtype is None or isinstance(comm_dtype, str):
+        return comm_dtype
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[comm_dtype]
+
+
+def measure_conversions(numel: int, dtype: torch.dtype, device: torch.device, replicas: int) -> dict[str, float]:
+    """κ_f: seconds per value of each wire format's local work at a sync, timed on a sample of up to 2^20 values.
+
+    What is timed follows the transport (:meth:`Collectives._mean_flat`): every format copies the
+    values in and out and divides (3 passes); a reduced format also subtracts and adds back the
+    anchor; bfloat16 casts twice; an integer format quantizes this rank's values with the residual
+    and the summed chunk (1 + 1/m of the values) and dequantizes the received and gathered packets
+    (2 passes).
+    """
+    size = max(BLOCK, min(numel, SAMPLE) // BLOCK * BLOCK)
+    x = torch.randn(size, dtype=dtype, device=device)
+    buf, anchor = torch.empty_like(x), torch.zeros_like(x)
+
+    def timed(fn: Any) -> float:
+        best = float("inf")
+        for _ in range(3):
+            if device.type != "cpu":
+                torch.accelerator.synchronize(device)
+            begin = time.perf_counter()
+            fn()
+            if device.type != "cpu":
+                torch.accelerator.synchronize(device)
+            best = min(best, time.perf_counter() - begin)
+        return best
+
+    copy = timed(lambda: buf.copy_(x))
+    arith = timed(lambda: buf.sub_(anchor))
+    base = 3 * copy + arith  # in, divide, out
+    wire = torch.empty(size, dtype=torch.bfloat16, device=device)
+    cast = timed(lambda: (wire.copy_(x), buf.copy_(wire)))
+    out = {"full": base, "bfloat16": base + 2 * arith + cast}
+    for fmt in INTEGER:
+        packet = torch.empty(packet_bytes(size, fmt), dtype=torch.uint8, device=device)  # type: ignore[arg-type]
+        q = timed(lambda fmt=fmt, packet=packet: quantize(x, fmt, out=packet, error=buf))
+        dq = timed(lambda fmt=fmt, packet=packet: dequantize(packet, size, fmt, dtype, out=buf))
+        out[fmt] = base + 3 * arith + (1 + 1 / max(replicas, 1)) * q + 2 * dq
+    return {name: seconds / size for name, seconds in out.items()}

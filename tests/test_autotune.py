@@ -1,0 +1,133 @@
+"""The auto-tuner's decision function with literal measurements, and its bounds (docs/autotune.md)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lightning_localsgd import AutoTune, DiLoCo, ElasticAveraging, PeriodicAveraging
+from lightning_localsgd.tuning.model import Decision, Measurements, decide, link_seconds, overhead, wire_bytes
+from lightning_localsgd.tuning.tuner import AutoTuner
+
+# resnet18-sized: 11.25 M fp32 values (45 MB), 2 replicas, 150 ms steps, 1 Gbit/s (125 MB/s), 1 ms latency;
+# local steps 30 % slower while a transfer runs; local work 2 / 4 / 8 / 10 ns per value
+MEAS = Measurements(
+    step_seconds=0.15,
+    latency=0.001,
+    bandwidth=125e6,
+    slowdown=0.3,
+    convert={"full": 2e-9, "bfloat16": 4e-9, "int8": 8e-9, "int4": 10e-9},
+    numel=11_250_000,
+    replicas=2,
+)
+
+
+def test_wire_bytes_are_the_transports_bookings():
+    # fp32 allreduce of n values + 2 flags over 2 ranks: 2·(1/2)·(n+2)·4 bytes
+    assert wire_bytes(None, 1000, 2, 4) == 4008.0
+    assert wire_bytes("bfloat16", 1000, 2, 4) == 2004.0
+    # int8: chunk = ⌈1000/256⌉·128 = 512 values, packet 512 + 4·4 = 528 bytes, all-to-all + all-gather: 2·528,
+    # plus the 2 flags' allreduce (8 bytes)
+    assert wire_bytes("int8", 1000, 2, 4) == 2 * 528 + 8
+    assert wire_bytes("int4", 1000, 2, 4) == 2 * (256 + 16) + 8
+    assert wire_bytes(None, 1000, 1, 4) == 0.0
+    assert link_seconds(MEAS, None, MEAS.numel) == pytest.approx(0.001 + 45_000_008 / 125e6)
+
+
+def test_the_cost_model_with_literal_numbers():
+    # full precision, blocking: t_link 0.361 s + t_cpu 0.0225 s per round of H·0.15 s
+    assert overhead(MEAS, None, 86, 0, 1) == pytest.approx((0.361000064 + 0.0225) / (86 * 0.15))
+    # overlapped with τ = 4 (0.6 s ≥ 0.361 s): hidden, but 30 % slower steps while it travels, and the CPU work
+    assert overhead(MEAS, None, 30, 4, 1) == pytest.approx((0.3 * 0.361000064 + 0.0225) / (30 * 0.15))
+    # τ = 1 hides only 0.15 s of it: 0.211 s exposed
+    assert overhead(MEAS, None, 30, 1, 1) == pytest.approx((0.211000064 + 0.3 * 0.15 + 0.0225) / 4.5)
+    # the link cannot carry a round's fragments within the round: overlap is impossible
+    assert math.isinf(overhead(MEAS, None, 2, 1, 1))
+    assert overhead(MEAS, None, 86, 0, 1, extra=0.15) == pytest.approx((0.383500064 + 0.15) / (86 * 0.15))
+
+
+def test_150ms_steps_125MBps_45MB_model_pick_bfloat16_two_fragments_every_23_steps():
+    # At the smallest H meeting 3 %, H = 23, only bfloat16 meets it: overlapped, its transfer
+    # (0.181 s; per half 0.091 s) costs 0.3·0.181 + 0.045 = 0.0993 s per round (2.88 %) with P = 1, τ = 2, and
+    # 2·(0.3·0.091 + 0.0225) = 0.0996 s (2.89 %) with P = 2, τ = 1: the staler merge loses the tie-break.
+    # full: 0.3·0.361 + 0.0225 → H ≥ 30; int8: 0.3·0.0958 + 0.09 → H ≥ 27; int4: 0.3·0.0508 + 0.1125 → H ≥ 29
+    decision = decide(MEAS, AutoTune())
+    assert (decision.comm_dtype, decision.sync_every, decision.overlap_steps, decision.fragments) == (
+        "bfloat16",
+        23,
+        1,
+        2,
+    )
+    assert decision.met and decision.overhead == pytest.approx(0.0996 / 3.45, rel=1e-4)
+
+
+def test_each_fixed_argument_is_the_only_candidate():
+    # the format fixed to full precision: overlap hides the transfer from H = 30 (four fragments, τ = 1)
+    d = decide(MEAS, AutoTune(), comm_dtype=None)
+    assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == (None, 30, 1, 4)
+    # ... and blocking: H ≥ 0.3835 / (0.03·0.15) = 85.2
+    d = decide(MEAS, AutoTune(), comm_dtype=None, overlap_steps=0, fragments=1)
+    assert (d.sync_every, d.overlap_steps, d.fragments) == (86, 0, 1)
+    # an algorithm that cannot overlap: int4 blocking, 0.0508 + 0.1125 s per round, H ≥ 36.3
+    d = decide(MEAS, AutoTune(), overlappable=False)
+    assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == ("int4", 37, 0, 1)
+    # H fixed: the format and τ that are cheapest at that H are taken, H is not changed
+    d = decide(MEAS, AutoTune(), sync_every=8)
+    assert d.sync_every == 8 and not d.met and d.notes
+    d = decide(MEAS, AutoTune(), sync_every=512, overlap_steps=7, fragments=1, comm_dtype="int8")
+    assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == ("int8", 512, 7, 1)
+
+
+def test_the_bounds_and_the_formats_allowed_are_kept():
+    d = decide(MEAS, AutoTune(sync_every=(40, 64)))
+    assert d.sync_every == 40 and d.comm_dtype is None  # at H = 40 full precision already meets 3 %
+    d = decide(MEAS, AutoTune(formats=(None, "int8")))
+    assert d.comm_dtype == "int8" and d.sync_every == 27
+    d = decide(MEAS, AutoTune(sync_every=(8, 16)))  # nothing meets 3 % below 17: the cheapest, said so
+    assert not d.met and d.sync_every == 16 and "no setting meets" in d.notes[0]
+    one = Measurements(**{**MEAS.as_dict(), "replicas": 1})  # a single replica: nothing travels
+    assert decide(one, AutoTune()).sync_every == 8
+
+
+def test_records_round_trip():
+    d = decide(MEAS, AutoTune())
+    assert Decision.from_dict(d.as_dict()) == d
+    assert Measurements.from_dict(MEAS.as_dict()) == MEAS
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(sync_every=(64, 8)), "H_min must not exceed H_max"),
+        (dict(overhead=0), "overhead"),
+        (dict(overhead=-0.1), "overhead"),
+        (dict(sync_every=(0, 8)), "H_min"),
+        (dict(formats=("float8",)), "formats"),
+        (dict(measure_steps=2), "measure_steps"),
+        (dict(margin=0.5), "margin"),
+    ],
+)
+def test_bad_bounds_are_refused_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AutoTune(**kwargs)
+
+
+def test_what_cannot_be_tuned_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="cannot be auto-tuned"):
+        ElasticAveraging(sync_every="auto")
+    with pytest.raises(ValueError, match="node_sync_every"):
+        PeriodicAveraging(sync_every="auto", node_sync_every=2)
+    tuner = AutoTuner(AutoTune(sync_every=(8, 64)))
+    with pytest.raises(ValueError, match="overlap_steps=8 must be smaller"):
+        tuner.check(PeriodicAveraging(sync_every="auto", overlap_steps=8), None)
+    with pytest.raises(ValueError, match="has no effect"):
+        tuner.check(PeriodicAveraging(sync_every=8), None)  # autotune given, nothing left to it
+    with pytest.raises(ValueError, match="gradient modifier"):
+        tuner.check(DiLoCo(sync_every="auto"), object())
+    with pytest.raises(ValueError, match="comm_dtype='auto'"):
+        AutoTuner(tune_format=True).check(ElasticAveraging(sync_every=4), None)
+    with pytest.raises(TypeError, match="AutoTune"):
+        AutoTuner({"overhead": 0.05})  # type: ignore[arg-type]
+    algorithm = DiLoCo(sync_every="auto", overlap_steps="auto", fragments="auto", merge_alpha=0.5)
+    assert algorithm.auto == {"sync_every", "overlap_steps", "fragments"} and algorithm.awaiting_tune
