@@ -183,6 +183,10 @@ def run_rank(cfg: dict[str, Any]) -> dict[str, Any]:
     from lightning_localsgd import LocalSGDStrategy
 
     torch.set_num_threads(1)
+    if os.environ.get("LOCALSGD_LOG"):  # e.g. LOCALSGD_LOG=INFO: the library's log (the tuner's choices) on stderr
+        import logging
+
+        logging.basicConfig(level=os.environ["LOCALSGD_LOG"].upper())
     world = int(os.environ["WORLD_SIZE"])  # this job's: ranks per node for node_ddp (one job per node)
     per_node = cfg.get("per_node") or world // cfg["nodes"]
     node = int(os.environ.get("LOCALSGD_NODE", os.environ["NODE_RANK"]))  # the simulated node, whatever the job
@@ -452,7 +456,7 @@ def summarize(name: str, spec: dict[str, Any], runs: list[dict[str, Any]], steps
     out["peak_lo_bytes_per_step_per_rank"] = max(peaks_lo) if peaks_lo else None
     waits = [rank["wait_seconds"] for r in ok for rank in r["ranks"] if rank.get("wait_seconds") is not None]
     out["wait_seconds_total_mean_over_ranks"] = statistics.fmean(waits) if waits else None
-    if spec["kind"] == "localsgd":
+    if spec["kind"] == "localsgd" and isinstance(spec["H"], int):  # "auto": the schedule is the tuner's
         # steps that ended with a sync landing (global step s, 1-based, is step_times_all[s - 1]) vs the others
         h, warmup = spec["H"], len(ok[0]["ranks"][0]["step_times_all"]) - steps
         window = range(warmup + 1, warmup + steps + 1)
@@ -485,7 +489,7 @@ def summarize(name: str, spec: dict[str, Any], runs: list[dict[str, Any]], steps
     out["num_params"] = first["num_params"]
     out["param_bytes"] = first["param_bytes"]
     out["num_float_buffers"] = first["num_float_buffers"]
-    if spec["kind"] == "localsgd" and not spec.get("within_node"):
+    if spec["kind"] == "localsgd" and not spec.get("within_node") and isinstance(spec["H"], int):
         per_value = {"bfloat16": 0.5, "int8": (1 + 4 / 128) / 4, "int4": (0.5 + 4 / 128) / 4}
         out["expected_bytes_ratio_vs_ddp"] = per_value.get(spec["comm_dtype"], 1.0) / spec["H"]
     elif spec["kind"] == "floor":
@@ -579,7 +583,7 @@ def add_ratios(summary: dict[str, dict[str, Any]], world: int) -> dict[str, Any]
                 "median": s["step_time_ratio_median_vs_floor"],
                 "slowest_rank": s.get("step_time_ratio_slowest_rank_vs_floor"),
             }
-        if spec.get("fragments", 1) > 1:
+        if isinstance(spec.get("fragments", 1), int) and spec.get("fragments", 1) > 1:
             full = summary.get(f"localsgd_H{spec['H']}", {})
             whole = 2.0 * (world - 1) / world * s.get("param_bytes", 0) + 8.0 * (world - 1)  # one full fp32 sync
             targets[f"{name}_peak_bytes_vs_full_sync"] = {

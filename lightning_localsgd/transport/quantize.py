@@ -8,7 +8,10 @@ fp32 scale:
     \hat v_j = s_b\, q_j
 
 with :math:`L = 127` (int8) or :math:`L = 7` (int4, two values packed per byte). Round to nearest
-gives :math:`|v_j - \hat v_j| \le s_b / 2 = \max_b |v| / (2L)`. A block of zeros has scale 0.
+gives :math:`|v_j - \hat v_j| \le s_b / 2 = \max_b |v| / (2L)`. A block of zeros has scale 0, and so
+has a block whose scale would be below the smallest normal fp32 (:data:`TINY`, 1.2e-38: its largest
+|v| is under 1.5e-36): its reciprocal would overflow to inf. Such a block travels as zeros and
+error feedback keeps its values (they are owed, not lost).
 
 Bytes per value on the wire: int8 :math:`1 + 4/128 \approx 1.03` (0.258 of fp32), int4
 :math:`0.5 + 4/128 \approx 0.53` (0.133 of fp32).
@@ -24,11 +27,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "CHUNK", "LEVELS", "IntFormat", "dequantize", "packet_bytes", "quantize"]
+__all__ = ["BLOCK", "CHUNK", "LEVELS", "TINY", "IntFormat", "dequantize", "packet_bytes", "quantize"]
 
 IntFormat = Literal["int8", "int4"]
 BLOCK = 128
 LEVELS: dict[str, int] = {"int8": 127, "int4": 7}
+TINY = torch.finfo(torch.float32).tiny
+"""The smallest scale a block travels with (the smallest normal fp32); below it, the block is sent as zeros."""
 
 
 def packet_bytes(numel: int, fmt: IntFormat) -> int:
@@ -85,6 +90,7 @@ def quantize(values: Tensor, fmt: IntFormat, out: Tensor | None = None, error: T
         torch.abs(chunk, out=work)
         s = scales[lo:hi]
         torch.div(_absmax_rows_(work), levels, out=s)
+        s.masked_fill_(s < TINY, 0.0)  # a subnormal scale's reciprocal is inf: such a block travels as zeros
         inverse = torch.where(s > 0, s.reciprocal(), 0.0)
         torch.mul(chunk, inverse.unsqueeze(1), out=work)  # |v/s| <= L: rounding cannot leave [-L, L]
         q[lo * BLOCK : hi * BLOCK].copy_(work.round_().view(-1))
