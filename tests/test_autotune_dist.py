@@ -80,11 +80,15 @@ def test_retuning_checks_the_measured_overhead_and_every_rank_changes_together()
     r0, r1 = runs
     assert r0["schedule"] == r1["schedule"] and r0["record"] == r1["record"]
     history = r0["record"]["history"]
-    assert len(history) >= 3 and all("decision" in h for h in history)  # a threshold of 1e-9: every check re-tunes
-    for h in history:
+    assert len(history) >= 5  # a check every 6 steps after the decision at step 4
+    changed = [h for h in history if "decision" in h]
+    assert changed  # a threshold of 1e-9: a check off the target re-tunes while a longer H is allowed
+    for h in changed:
         d = h["decision"]
         assert d["comm_dtype"] is None and d["fragments"] == 1 and 2 <= d["sync_every"] <= 64  # only H and τ move
-        assert d["extra"] != 0.0  # the per-round correction learned from the measured overhead
+    too_short = r0["record"].get("too_short", 0)
+    if too_short < 64:  # an H measured too slow is never chosen again
+        assert r0["record"]["decision"]["sync_every"] > too_short
     assert torch.equal(r0["final"], r1["final"])  # fit ends on the consensus
 
 

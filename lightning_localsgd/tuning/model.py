@@ -91,8 +91,8 @@ class AutoTune:
             half with a background transfer running); no sync happens before they end.
         margin: a sync counts as hidden when τ steps last ``margin`` times its transfer.
         retune_every: steps between checks of the measured overhead (0: never re-tune).
-        retune_threshold: a check re-tunes H and τ when the measured overhead differs from the
-            predicted one by more than this (absolute, e.g. 0.03 = 3 points).
+        retune_threshold: a check re-tunes H and τ when the measured overhead is above or below the
+            target by more than this (absolute: 0.02 = 2 points).
     """
 
     overhead: float = 0.03
@@ -102,7 +102,7 @@ class AutoTune:
     measure_steps: int = 12
     margin: float = 1.25
     retune_every: int = 100
-    retune_threshold: float = 0.03
+    retune_threshold: float = 0.02
 
     def __post_init__(self) -> None:
         check_number("overhead", self.overhead, 0, 1, low_open=True, example="0.03 (3 %)")
@@ -122,7 +122,7 @@ class AutoTune:
         check_int("measure_steps", self.measure_steps, minimum=4)
         check_number("margin", self.margin, 1, example="1.25")
         check_int("retune_every", self.retune_every, minimum=0)
-        check_number("retune_threshold", self.retune_threshold, 0, low_open=True, example="0.03")
+        check_number("retune_threshold", self.retune_threshold, 0, low_open=True, example="0.02")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,12 @@ step (:meth:`AutoTuner.before_step`) and after it (:meth:`AutoTuner.after_step`)
    the same schedule from step W on.
 
 **Re-tuning.** Every ``retune_every`` steps the mean time of the steps since the last check
-(evaluations and checkpoints left out) gives the measured overhead o = mean/t − 1 (the slowest
-rank's, one MAX allreduce). When it differs from the predicted overhead by more than
-``retune_threshold``, the model learns a per-round correction x += (o − predicted)·H·t and the
-decision is made again for H and τ (the wire format and the fragments stay). Syncs in flight
+(evaluations and checkpoints left out) gives the measured overhead o = max(0, mean/t − 1) (the
+slowest rank's, one MAX allreduce). When o is above the target by more than ``retune_threshold``,
+the current H is marked too short for good (no later choice goes back to it or below), and the
+model learns the per-round cost it missed, x = max(x, o·H·t − C(H)); when o is below the target
+by more than the threshold, x = o·H·t − C(H) (a smaller H may be chosen, never one marked too
+short). Then H and τ are chosen again (the wire format and the fragments stay). Syncs in flight
 are merged first.
 
 Everything it measured and chose is in :attr:`record` (also in the algorithm's checkpoint
@@ -33,6 +35,7 @@ state, so a resume keeps the choice and skips the measuring) and in the log
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
@@ -46,7 +49,16 @@ from lightning_localsgd.contract import SyncContext
 from lightning_localsgd.transport.collectives import Group, parse_comm_dtype
 from lightning_localsgd.transport.quantize import BLOCK, dequantize, packet_bytes, quantize
 from lightning_localsgd.transport.tensors import sync_tensors
-from lightning_localsgd.tuning.model import FORMATS, INTEGER, AutoTune, Decision, Measurements, decide, format_name
+from lightning_localsgd.tuning.model import (
+    FORMATS,
+    INTEGER,
+    AutoTune,
+    Decision,
+    Measurements,
+    decide,
+    format_name,
+    round_cost,
+)
 
 __all__ = ["PURPOSE", "AutoTuner", "may_overlap", "measure_conversions", "tuner_for"]
 
@@ -289,14 +301,27 @@ class AutoTuner:
         )
         decision = self._broadcast(self._choose(meas, algorithm, extra=0.0))
         self._apply(step, decision, first=True)
-        self.record = {"measurements": meas.as_dict(), "decision": decision.as_dict(), "history": []}
+        self.record = {
+            "measurements": meas.as_dict(),
+            "first": decision.as_dict(),
+            "decision": decision.as_dict(),
+            "history": [],
+            "step": step,
+        }
         algorithm.tuning_record = self.record
         self._check = (0, 0.0, algorithm.interruptions)
         log.info("auto-tuner: at step %d chose %s", step, decision.describe())
         for note in decision.notes:
             log.warning("auto-tuner: %s", note)
 
-    def _choose(self, meas: Measurements, algorithm: ConsensusAlgorithm, extra: float, keep: bool = False) -> Decision:
+    def _choose(
+        self,
+        meas: Measurements,
+        algorithm: ConsensusAlgorithm,
+        extra: float,
+        keep: bool = False,
+        config: AutoTune | None = None,
+    ) -> Decision:
         """The decision for what the user left open (``keep``: a re-tune, which keeps the wire and the fragments)."""
         comm = self._ctx.comm if self._ctx is not None else None
         if self.tune_format and not keep:
@@ -307,7 +332,7 @@ class AutoTuner:
         auto = algorithm.auto
         return decide(
             meas,
-            self.config,
+            config or self.config,
             comm_dtype=formats,
             sync_every=None if "sync_every" in auto else algorithm.sync_every,
             overlap_steps=None if "overlap_steps" in auto else algorithm.overlap_steps,
@@ -364,12 +389,22 @@ class AutoTuner:
         meas = Measurements.from_dict(self.record["measurements"])
         decision = Decision.from_dict(self.record["decision"])
         mean = seconds / steps if steps else meas.step_seconds
-        (measured,) = self._agree([mean / meas.step_seconds - 1.0])
+        (measured,) = self._agree([max(0.0, mean / meas.step_seconds - 1.0)])  # not faster than the floor
         self._check = (0, 0.0, algorithm.interruptions)
         entry: dict[str, Any] = {"step": step, "measured": measured, "predicted": decision.overhead}
-        if abs(measured - decision.overhead) > self.config.retune_threshold:
-            extra = decision.extra + (measured - decision.overhead) * decision.sync_every * meas.step_seconds
-            new = self._broadcast(self._choose(meas, algorithm, extra=extra, keep=True))
+        target, threshold = self.config.overhead, self.config.retune_threshold
+        too_slow, too_fast = measured > target + threshold, measured < target - threshold
+        if too_slow:  # this H is too short for the real cost: never again, and learn what the model missed
+            self.record["too_short"] = max(self.record.get("too_short", 0), decision.sync_every)
+        low, high = self.config.sync_every
+        low = max(low, self.record.get("too_short", 0) + 1)
+        if (too_slow or too_fast) and low <= high:
+            missed = measured * decision.sync_every * meas.step_seconds - round_cost(
+                meas, decision.comm_dtype, decision.sync_every, decision.overlap_steps, decision.fragments
+            )
+            extra = max(decision.extra, missed) if too_slow else missed
+            config = dataclasses.replace(self.config, sync_every=(low, high))
+            new = self._broadcast(self._choose(meas, algorithm, extra=extra, keep=True, config=config))
             entry["decision"] = new.as_dict()
             if (new.sync_every, new.overlap_steps) != (decision.sync_every, decision.overlap_steps):
                 self._apply(step, new, first=False)
