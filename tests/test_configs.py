@@ -117,6 +117,11 @@ def test_known_overlays_values(tmp_path):
     assert cli.trainer.strategy.within_node == "ddp"
     assert (algorithm(cli).sync_every, algorithm(cli).overlap_steps) == (8, 7)
 
+    cli = parse(base, d / "localsgd_auto.yaml", tmp_path=tmp_path)  # YAML's `auto` reaches the tuner
+    algo = algorithm(cli)
+    assert algo.auto == {"sync_every", "overlap_steps", "fragments"} and algo.awaiting_tune
+    assert cli.trainer.strategy._tuner.tune_format and cli.trainer.strategy.comm.comm_dtype is None
+
     algo = algorithm(parse(base, d / "diloco.yaml", tmp_path=tmp_path))
     assert type(algo).__name__ == "DiLoCo" and algo.sync_every == 8
     outer = algo.outer_factory([torch.zeros(1, requires_grad=True)])  # the default outer SGD from the YAML values

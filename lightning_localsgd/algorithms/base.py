@@ -602,6 +602,11 @@ class ConsensusAlgorithm(Callback):
         self._stash = {name: t.detach().clone() for name, t in self._named_state().items()}
 
     # ================================================================== the auto-tuner's entry points
+    @property
+    def in_flight(self) -> int:
+        """How many fragments' syncs are in flight (started, not merged yet)."""
+        return len(self._inflight)
+
     def drain_(self, step: int) -> None:
         """Merge every sync in flight now, at ``step`` (before a schedule change; as :meth:`finalize` does)."""
         for p in list(self._inflight):

@@ -20,13 +20,15 @@ step (:meth:`AutoTuner.before_step`) and after it (:meth:`AutoTuner.after_step`)
    the same schedule from step W on.
 
 **Re-tuning.** Every ``retune_every`` steps the mean time of the steps since the last check
-(evaluations and checkpoints left out) gives the measured overhead o = max(0, mean/t − 1) (the
-slowest rank's, one MAX allreduce). When o is above the target by more than ``retune_threshold``,
-the current H is marked too short for good (no later choice goes back to it or below), and the
-model learns the per-round cost it missed, x = max(x, o·H·t − C(H)); when o is below the target
-by more than the threshold, x = o·H·t − C(H) (a smaller H may be chosen, never one marked too
-short). Then H and τ are chosen again (the wire format and the fragments stay). Syncs in flight
-are merged first.
+(evaluations and checkpoints left out) over the floor gives the measured overhead
+o = max(0, mean/floor − 1), the slowest rank's (one MAX allreduce). The floor is the median of
+that period's clean steps (nothing in flight, no sync: the machine's speed drifts) when there are
+at least :data:`MIN_CLEAN`, else the measuring steps' t. When o is above the target by more than
+``retune_threshold``, the current H is marked too short for good (no later choice goes back to it
+or below) and the model learns the per-round cost it missed, x = max(x, o·H·t − C(H)); when o is
+below the target by more than the threshold, x = o·H·t − C(H) and H may move down, at most halfway
+to the longest H marked too short (a bisection: it settles). Then H and τ are chosen again (the
+wire format and the fragments stay). Syncs in flight are merged first.
 
 Everything it measured and chose is in :attr:`record` (also in the algorithm's checkpoint
 state, so a resume keeps the choice and skips the measuring) and in the log
@@ -94,8 +96,7 @@ class AutoTuner:
         self._transfer: Future[float] | None = None
         self._transfer_bytes = 0.0
         self._busy: tuple[int, float] | None = None  # steps done and time while the transfer ran
-        self._check: tuple[int, float, int] | None = None  # since the last check: steps, seconds, interruptions
-        self._last_end: float | None = None
+        self._check: _Watch | None = None  # what the re-tuning has seen since its last check
 
     # ------------------------------------------------------------------ set-up
     def active(self, algorithm: ConsensusAlgorithm) -> bool:
@@ -144,7 +145,7 @@ class AutoTuner:
             decision = Decision.from_dict(record["decision"])
             if self.tune_format:
                 ctx.comm.comm_dtype = parse_comm_dtype(decision.comm_dtype)
-            self._check = (0, 0.0, algorithm.interruptions)
+            self._check = _Watch(interruptions=algorithm.interruptions)
             log.info("auto-tuner: resumed with %s", decision.describe())
             return
         if self.tune_format:
@@ -309,7 +310,7 @@ class AutoTuner:
             "step": step,
         }
         algorithm.tuning_record = self.record
-        self._check = (0, 0.0, algorithm.interruptions)
+        self._check = _Watch(interruptions=algorithm.interruptions)
         log.info("auto-tuner: at step %d chose %s", step, decision.describe())
         for note in decision.notes:
             log.warning("auto-tuner: %s", note)
@@ -379,27 +380,40 @@ class AutoTuner:
     def _watch(self, step: int, now: float) -> None:
         algorithm = self._algorithm
         assert algorithm is not None and self.record is not None and self._check is not None
-        steps, seconds, interruptions = self._check
-        if self._last_end is not None and algorithm.interruptions == interruptions:
-            steps, seconds = steps + 1, seconds + (now - self._last_end)
-        self._last_end, self._check = now, (steps, seconds, algorithm.interruptions)
+        watch = self._check
+        if watch.last_end is not None and algorithm.interruptions == watch.interruptions:
+            interval = now - watch.last_end
+            watch.intervals.append(interval)
+            # a clean step: nothing in flight before or after it, and no sync inside it (the floor, measured now)
+            if watch.idle and not algorithm.in_flight and algorithm.num_syncs == watch.syncs:
+                watch.clean.append(interval)
+        watch.last_end, watch.interruptions = now, algorithm.interruptions
+        watch.idle, watch.syncs = not algorithm.in_flight, algorithm.num_syncs
         start = algorithm.schedule_start
         if step <= start or (step - start) % self.config.retune_every:
             return
         meas = Measurements.from_dict(self.record["measurements"])
         decision = Decision.from_dict(self.record["decision"])
-        mean = seconds / steps if steps else meas.step_seconds
-        (measured,) = self._agree([max(0.0, mean / meas.step_seconds - 1.0)])  # not faster than the floor
-        self._check = (0, 0.0, algorithm.interruptions)
-        entry: dict[str, Any] = {"step": step, "measured": measured, "predicted": decision.overhead}
+        mean = statistics.fmean(watch.intervals) if watch.intervals else meas.step_seconds
+        # the floor: the median clean step of this period when there are enough (the machine's speed drifts),
+        # else the measuring steps' (a sync always in flight, τ = H − 1, leaves no clean step)
+        floor = statistics.median(watch.clean) if len(watch.clean) >= MIN_CLEAN else meas.step_seconds
+        measured, floor = self._agree([max(0.0, mean / floor - 1.0), floor])  # the slowest rank's
+        self._check = _Watch(interruptions=algorithm.interruptions)
+        entry: dict[str, Any] = {"step": step, "measured": measured, "predicted": decision.overhead, "floor": floor}
         target, threshold = self.config.overhead, self.config.retune_threshold
         too_slow, too_fast = measured > target + threshold, measured < target - threshold
+        low, high = self.config.sync_every
         if too_slow:  # this H is too short for the real cost: never again, and learn what the model missed
             self.record["too_short"] = max(self.record.get("too_short", 0), decision.sync_every)
-        low, high = self.config.sync_every
+            low = max(low, decision.sync_every + 1)
+        elif too_fast:  # a shorter H may do: at most halfway down to the longest H measured too short
+            low = max(low, (self.record.get("too_short", 0) + decision.sync_every + 1) // 2)
+            high = min(high, decision.sync_every)
         low = max(low, self.record.get("too_short", 0) + 1)
         if (too_slow or too_fast) and low <= high:
-            missed = measured * decision.sync_every * meas.step_seconds - round_cost(
+            meas = dataclasses.replace(meas, step_seconds=floor)
+            missed = measured * decision.sync_every * floor - round_cost(
                 meas, decision.comm_dtype, decision.sync_every, decision.overlap_steps, decision.fragments
             )
             extra = max(decision.extra, missed) if too_slow else missed
@@ -411,6 +425,22 @@ class AutoTuner:
                 log.info("auto-tuner: at step %d measured %.1f%%, re-tuned to %s", step, 100 * measured, new.describe())
             self.record["decision"] = new.as_dict()
         self.record["history"].append(entry)
+
+
+MIN_CLEAN = 8
+"""Clean steps (nothing in flight, no sync) a re-tune check needs to measure the floor afresh."""
+
+
+@dataclasses.dataclass
+class _Watch:
+    """What the re-tuning has seen since its last check."""
+
+    interruptions: int
+    intervals: list[float] = dataclasses.field(default_factory=list)  # every step's (end to end)
+    clean: list[float] = dataclasses.field(default_factory=list)  # the steps without communication
+    last_end: float | None = None
+    idle: bool = False  # nothing was in flight after the previous step
+    syncs: int = 0  # the algorithm's num_syncs after the previous step
 
 
 def tuner_for(comm_dtype: Any, autotune: AutoTune | None) -> AutoTuner:
