@@ -38,6 +38,7 @@ from typing import Any
 
 from benchmarks import step_time
 from benchmarks.common import RESULTS
+from lightning_localsgd import AutoTune
 
 FORMATS = {"fp32": "", "bf16": "_bf16", "int8": "_int8", "int4": "_int4"}
 RUN_STEPS = 300  # the run length the tuner's cost is stated for
@@ -101,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--link", required=True, help="shaped loopback rate, e.g. 1gbit, 100mbit, 10mbit")
     p.add_argument("--grid-h", default="8,32,128", help="H values of the grid")
+    p.add_argument("--variants", default=None, help="instead of the grid: these variants (floor and auto added)")
     p.add_argument("--formats", default="fp32,bf16,int8,int4", help="wire formats of the grid")
     p.add_argument("--steps", type=int, default=256, help="measured steps per variant")
-    p.add_argument("--warmup", type=int, default=16, help="unmeasured steps (>= the tuner's 12 measuring steps)")
+    p.add_argument("--warmup", type=int, default=24, help="unmeasured steps (>= the tuner's 20 measuring steps)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--name", default=None, help="results folder (default autotune_<link>)")
     p.add_argument("--report-only", action="store_true", help="re-analyse the saved step_time.json")
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     hs = [int(h) for h in args.grid_h.split(",") if h.strip()]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     variants = ["floor", "localsgd_auto", *grid(hs, formats)]
+    if args.variants:  # a focused rerun: the best settings of an earlier grid beside the auto run
+        variants = ["floor", "localsgd_auto", *[v for v in args.variants.split(",") if v.strip()]]
     if not args.report_only:
         code = step_time.main(
             [
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
     folder: Path = RESULTS / name
     result = json.loads((folder / "step_time.json").read_text())
-    analysis = analyse(result, measure_steps=12)
+    analysis = analyse(result, measure_steps=AutoTune().measure_steps)
     analysis["command"] = "python -m benchmarks.autotune " + " ".join(sys.argv[1:] if argv is None else argv)
     analysis["link"] = args.link
     (folder / "autotune.json").write_text(json.dumps(analysis, indent=1))

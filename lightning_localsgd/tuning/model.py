@@ -99,7 +99,7 @@ class AutoTune:
     sync_every: tuple[int, int] = (8, 256)
     max_fragments: int = 8
     formats: tuple[str | None, ...] = FORMATS
-    measure_steps: int = 12
+    measure_steps: int = 20
     margin: float = 1.25
     retune_every: int = 100
     retune_threshold: float = 0.02

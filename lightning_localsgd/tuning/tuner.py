@@ -6,8 +6,8 @@ step (:meth:`AutoTuner.before_step`) and after it (:meth:`AutoTuner.after_step`)
 
 **Measuring** (``AutoTune.measure_steps = W`` local steps after warm-up, no sync among them):
 
-1. steps 1 … W/2: the step time t (wall clock between the ends of consecutive steps; the device
-   is synchronized at both ends);
+1. steps 1 … W/2: the step time t (on a CPU the median time between the ends of consecutive
+   steps; on an accelerator the mean over the span, the device synchronized at both ends);
 2. at W/2, on the training thread: the latency ℓ (the median of 5 allreduces of one value), a
    first bandwidth (one allreduce of 256 KiB) and each wire format's local work κ_f (on a sample
    of the model's values); every rank takes the slowest rank's figures (one MAX allreduce);
@@ -38,6 +38,7 @@ state, so a resume keeps the choice and skips the measuring) and in the log
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import statistics
 import time
@@ -218,10 +219,13 @@ class AutoTuner:
     def _first_measurements(self) -> None:
         ctx, algorithm = self._ctx, self._algorithm
         assert ctx is not None and algorithm is not None
-        start, end = self._marks[0][1], self._marks[-1][1]
-        step_seconds = (end - start) / max(1, len(self._marks) - 1)
         n, dtype, world = self._values()
         device = self._device()
+        times = [t for _, t in self._marks]
+        if device.type == "cpu":  # the median step: robust to the spikes of a shared machine
+            step_seconds = statistics.median(b - a for a, b in itertools.pairwise(times))
+        else:  # a step returns before its kernels ran: the span between two synchronized ends
+            step_seconds = (times[-1] - times[0]) / max(1, len(times) - 1)
         cross = Group(world.handle, world.ranks, world.rank)
         latencies = []
         tiny = torch.zeros(1, dtype=torch.float32, device=device)
