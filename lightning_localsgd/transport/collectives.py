@@ -340,13 +340,14 @@ class Collectives:
         self._timed(purpose, nbytes, run, "an allreduce", group, flat.device)
         return flat
 
-    def all_reduce_max_(self, flat: Tensor, group: Group, purpose: str) -> Tensor:
-        """In-place elementwise MAX of a small 1-D tensor across ``group`` (measurements everyone must agree on)."""
+    def all_reduce_max_(self, flat: Tensor, group: Group, purpose: str, op: str = "an allreduce (MAX)") -> Tensor:
+        """In-place elementwise MAX of a small 1-D tensor across ``group`` (verdicts and measurements everyone must
+        agree on); ``op`` names it in a failure's message."""
         if group.size == 1:
             return flat
         nbytes = 2.0 * (group.size - 1) / group.size * flat.numel() * flat.element_size()
         run = lambda: dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group.handle)  # noqa: E731
-        self._timed(purpose, nbytes, run, "an allreduce (MAX)", group, flat.device)
+        self._timed(purpose, nbytes, run, op, group, flat.device)
         return flat
 
     def start_transfer(
@@ -367,9 +368,13 @@ class Collectives:
                 torch.accelerator.synchronize(device)
             return time.perf_counter() - start
 
+        return self._submit(run)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on the comm thread (one worker: background work runs in submission order)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localsgd-sync")
-        future = self._executor.submit(run)
+        future = self._executor.submit(fn, *args)
         self._pending = [f for f in self._pending if not f.done()] + [future]
         return future
 
@@ -509,11 +514,8 @@ class Collectives:
         def refill(out: Tensor) -> None:
             out.copy_(local)
 
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localsgd-sync")
         args = (buf, n, group, purpose, anchor, residual, nonfinite, step, refill, "background/")
-        future = self._executor.submit(self._background_mean, order, *args)
-        self._pending = [f for f in self._pending if not f.done()] + [future]
+        future = self._submit(self._background_mean, order, *args)
         return PendingMean(future, self.counters, order, keep=(buf, local, anchor, residual))
 
     def _background_mean(self, order: StreamOrder, *args: Any) -> Tensor:
@@ -602,9 +604,7 @@ class Collectives:
     def _replica_code(self, local: Tensor, shards: Group, base: Tensor | None, purpose: str) -> Tensor:
         """The NaN/Inf code of this rank's whole replica: the largest over its shards (one 4-byte allreduce)."""
         code = self._local_code(local, base).reshape(1).to(torch.float32)
-        nbytes = 2.0 * (shards.size - 1) / shards.size * code.element_size()
-        verdict = lambda: dist.all_reduce(code, op=dist.ReduceOp.MAX, group=shards.handle)  # noqa: E731
-        self._timed(purpose + "/node", nbytes, verdict, "an allreduce of NaN/Inf flags inside the replica", shards)
+        self.all_reduce_max_(code, shards, purpose + "/node", "an allreduce of NaN/Inf flags inside the replica")
         return code[0]
 
     def _split_mean(

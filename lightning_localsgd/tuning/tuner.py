@@ -88,7 +88,6 @@ class AutoTuner:
         self.explicit = config is not None
         self.config = config if config is not None else AutoTune()
         self.tune_format = tune_format
-        self.record: dict[str, Any] | None = None  # {"measurements", "decision", "history"}
         self._ctx: SyncContext | None = None
         self._algorithm: ConsensusAlgorithm | None = None
         self._start: int | None = None  # the step after which the measuring steps begin
@@ -98,6 +97,12 @@ class AutoTuner:
         self._transfer_bytes = 0.0
         self._busy: tuple[int, float] | None = None  # steps done and time while the transfer ran
         self._check: _Watch | None = None  # what the re-tuning has seen since its last check
+
+    @property
+    def record(self) -> dict[str, Any] | None:
+        """The measurements, the first and current decision, the re-tune history (the algorithm's ``tuning_record``,
+        which checkpoints carry); ``None`` before the first decision."""
+        return None if self._algorithm is None else self._algorithm.tuning_record
 
     # ------------------------------------------------------------------ set-up
     def active(self, algorithm: ConsensusAlgorithm) -> bool:
@@ -141,7 +146,6 @@ class AutoTuner:
             return
         record = algorithm.tuning_record
         if record is not None:  # resumed after the decision: the same choice, no measuring
-            self.record = record
             algorithm.reserve_anchor = False  # (a first bind before the checkpoint was loaded may have set it)
             decision = Decision.from_dict(record["decision"])
             if self.tune_format:
@@ -306,14 +310,13 @@ class AutoTuner:
         )
         decision = self._broadcast(self._choose(meas, algorithm, extra=0.0))
         self._apply(step, decision, first=True)
-        self.record = {
+        algorithm.tuning_record = {
             "measurements": meas.as_dict(),
             "first": decision.as_dict(),
             "decision": decision.as_dict(),
             "history": [],
             "step": step,
         }
-        algorithm.tuning_record = self.record
         self._check = _Watch(interruptions=algorithm.interruptions)
         log.info("auto-tuner: at step %d chose %s", step, decision.describe())
         for note in decision.notes:
@@ -383,7 +386,8 @@ class AutoTuner:
     # ------------------------------------------------------------------ re-tuning
     def _watch(self, step: int, now: float) -> None:
         algorithm = self._algorithm
-        assert algorithm is not None and self.record is not None and self._check is not None
+        record = self.record
+        assert algorithm is not None and record is not None and self._check is not None
         watch = self._check
         if watch.last_end is not None and algorithm.interruptions == watch.interruptions:
             interval = now - watch.last_end
@@ -396,8 +400,8 @@ class AutoTuner:
         start = algorithm.schedule_start
         if step <= start or (step - start) % self.config.retune_every:
             return
-        meas = Measurements.from_dict(self.record["measurements"])
-        decision = Decision.from_dict(self.record["decision"])
+        meas = Measurements.from_dict(record["measurements"])
+        decision = Decision.from_dict(record["decision"])
         mean = statistics.fmean(watch.intervals) if watch.intervals else meas.step_seconds
         # the floor: the median clean step of this period when there are enough (the machine's speed drifts),
         # else the measuring steps' (a sync always in flight, τ = H − 1, leaves no clean step)
@@ -409,12 +413,12 @@ class AutoTuner:
         too_slow, too_fast = measured > target + threshold, measured < target - threshold
         low, high = self.config.sync_every
         if too_slow:  # this H is too short for the real cost: never again, and learn what the model missed
-            self.record["too_short"] = max(self.record.get("too_short", 0), decision.sync_every)
+            record["too_short"] = max(record.get("too_short", 0), decision.sync_every)
             low = max(low, decision.sync_every + 1)
         elif too_fast:  # a shorter H may do: at most halfway down to the longest H measured too short
-            low = max(low, (self.record.get("too_short", 0) + decision.sync_every + 1) // 2)
+            low = max(low, (record.get("too_short", 0) + decision.sync_every + 1) // 2)
             high = min(high, decision.sync_every)
-        low = max(low, self.record.get("too_short", 0) + 1)
+        low = max(low, record.get("too_short", 0) + 1)
         if (too_slow or too_fast) and low <= high:
             meas = dataclasses.replace(meas, step_seconds=floor)
             missed = measured * decision.sync_every * floor - round_cost(
@@ -427,8 +431,8 @@ class AutoTuner:
             if (new.sync_every, new.overlap_steps) != (decision.sync_every, decision.overlap_steps):
                 self._apply(step, new, first=False)
                 log.info("auto-tuner: at step %d measured %.1f%%, re-tuned to %s", step, 100 * measured, new.describe())
-            self.record["decision"] = new.as_dict()
-        self.record["history"].append(entry)
+            record["decision"] = new.as_dict()
+        record["history"].append(entry)
 
 
 MIN_CLEAN = 8
@@ -458,9 +462,8 @@ def may_overlap(algorithm: ConsensusAlgorithm) -> bool:
 
 
 def _format_of(comm_dtype: Any) -> str | None:
-    if comm_dtype is None or isinstance(comm_dtype, str):
-        return comm_dtype
-    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[comm_dtype]
+    """A wire format's name as ``parse_comm_dtype`` takes it (``torch.bfloat16`` → ``"bfloat16"``)."""
+    return comm_dtype if comm_dtype is None or isinstance(comm_dtype, str) else str(comm_dtype).removeprefix("torch.")
 
 
 def measure_conversions(numel: int, dtype: torch.dtype, device: torch.device, replicas: int) -> dict[str, float]:
