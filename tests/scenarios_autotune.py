@@ -52,10 +52,12 @@ def tuned(
     resume: bool = False,
     folder: str | None = None,
     full_batch: bool = False,
+    forced_first: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """TinyNet (SGD lr 0.1, momentum 0.5) on this rank's shard with what ``kwargs`` leave to the tuner.
 
     ``forced[rank]``: the decision this rank's ``decide`` returns (rank 0's must win: the broadcast);
+    ``forced_first``: the first decision (the re-tunes are the tuner's own);
     ``convert_scale[rank]``: this rank's measured conversion costs are multiplied by it (the slowest
     rank's figures must win: the MAX agreement). Returns the schedule after each step, the tuner's record,
     what this rank measured itself and what ``decide`` was called with.
@@ -70,6 +72,8 @@ def tuned(
         calls.append({"measurements": meas.as_dict(), **{k: v for k, v in kw.items() if k != "comm_dtype"}})
         if forced is not None:
             return Decision(**forced[rank], overhead=0.01, met=True)
+        if forced_first is not None and len(calls) == 1:  # the first decision fixed, the re-tunes the tuner's
+            return Decision(**forced_first, overhead=0.01, met=True)
         return real_decide(meas, config, **kw)
 
     def convert(*args: Any) -> dict[str, float]:

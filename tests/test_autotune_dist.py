@@ -76,6 +76,8 @@ def test_retuning_checks_the_measured_overhead_and_every_rank_changes_together()
         kwargs=dict(sync_every="auto", overlap_steps="auto"),
         comm_dtype=None,
         autotune=dict(measure_steps=4, retune_every=6, retune_threshold=1e-9, sync_every=(2, 64)),
+        # a first choice far too short (a sync every 2 ms-steps): the re-tuning must lengthen it, whatever the timing
+        forced_first=dict(comm_dtype=None, sync_every=2, overlap_steps=0, fragments=1),
     )
     r0, r1 = runs
     assert r0["schedule"] == r1["schedule"] and r0["record"] == r1["record"]
@@ -83,6 +85,7 @@ def test_retuning_checks_the_measured_overhead_and_every_rank_changes_together()
     assert len(history) >= 5  # a check every 6 steps after the decision at step 4
     changed = [h for h in history if "decision" in h]
     assert changed  # a threshold of 1e-9: a check off the target re-tunes while a longer H is allowed
+    assert r0["record"]["too_short"] >= 2 and changed[0]["decision"]["sync_every"] > 2
     for h in changed:
         d = h["decision"]
         assert d["comm_dtype"] is None and d["fragments"] == 1 and 2 <= d["sync_every"] <= 64  # only H and τ move
