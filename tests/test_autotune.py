@@ -131,3 +131,15 @@ def test_what_cannot_be_tuned_is_refused_with_the_fix():
         AutoTuner({"overhead": 0.05})  # type: ignore[arg-type]
     algorithm = DiLoCo(sync_every="auto", overlap_steps="auto", fragments="auto", merge_alpha=0.5)
     assert algorithm.auto == {"sync_every", "overlap_steps", "fragments"} and algorithm.awaiting_tune
+
+
+def test_checks_fall_on_whole_rounds_and_a_new_setting_is_checked_after_two():
+    tuner = AutoTuner(AutoTune(retune_every=100))
+
+    def checks(period: int, until: int) -> list[int]:
+        return [k for k in range(until + 1) if tuner._due(k, period)]
+
+    assert checks(12, 400) == [24, 132, 240, 348]  # 2 rounds, then 100 rounded up to 9 rounds = 108 steps
+    assert checks(128, 700) == [256, 384, 512, 640]  # 2 rounds, then every round (128 ≥ 100)
+    assert checks(4, 300) == [16, 116, 216]  # at least 16 steps before the first, then 25 rounds
+    assert checks(1, 40) == [16]  # H = 1: 16 steps, then every 100

@@ -90,7 +90,8 @@ class AutoTune:
         measure_steps: local steps measured before the first decision (half without communication,
             half with a background transfer running); no sync happens before they end.
         margin: a sync counts as hidden when τ steps last ``margin`` times its transfer.
-        retune_every: steps between checks of the measured overhead (0: never re-tune).
+        retune_every: steps between checks of the measured overhead, rounded up to whole rounds (a new
+            setting is first checked after two rounds, at least 16 steps; 0: never re-tune).
         retune_threshold: a check re-tunes H and τ when the measured overhead is above or below the
             target by more than this (absolute: 0.02 = 2 points).
     """

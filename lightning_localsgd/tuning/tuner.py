@@ -19,7 +19,10 @@ step (:meth:`AutoTuner.before_step`) and after it (:meth:`AutoTuner.after_step`)
    (:func:`~lightning_localsgd.tuning.model.decide`) and broadcasts the decision: every rank applies
    the same schedule from step W on.
 
-**Re-tuning.** Every ``retune_every`` steps the mean time of the steps since the last check
+**Re-tuning.** Checks fall on round boundaries: the first after two rounds of a new setting (at
+least 16 steps), so that a choice the model got wrong costs two rounds, not ``retune_every``
+steps; then every ``retune_every`` steps rounded up to whole rounds. At a check the mean time of
+the steps since the last check
 (evaluations and checkpoints left out) over the floor gives the measured overhead
 o = max(0, mean/floor − 1), the slowest rank's (one MAX allreduce). The floor is the median of
 that period's clean steps (nothing in flight, no sync: the machine's speed drifts) when there are
@@ -397,8 +400,7 @@ class AutoTuner:
                 watch.clean.append(interval)
         watch.last_end, watch.interruptions = now, algorithm.interruptions
         watch.idle, watch.syncs = not algorithm.in_flight, algorithm.num_syncs
-        start = algorithm.schedule_start
-        if step <= start or (step - start) % self.config.retune_every:
+        if not self._due(step - algorithm.schedule_start, algorithm.sync_every):
             return
         meas = Measurements.from_dict(record["measurements"])
         decision = Decision.from_dict(record["decision"])
@@ -434,6 +436,26 @@ class AutoTuner:
             record["decision"] = new.as_dict()
         record["history"].append(entry)
 
+    def _due(self, elapsed: int, period: int) -> bool:
+        """Whether a check falls ``elapsed`` steps after the current schedule began (H = ``period``).
+
+        Checks fall on round boundaries, so that every check period holds whole rounds (the same
+        number of syncs): the first after :data:`FIRST_ROUNDS` rounds of a new setting (and at least
+        :data:`MIN_CHECK_STEPS` steps), so that a choice the model got wrong is seen early, then every
+        ``retune_every`` steps rounded up to whole rounds.
+        """
+        if elapsed <= 0:
+            return False
+        first = period * max(FIRST_ROUNDS, -(-MIN_CHECK_STEPS // period))
+        every = period * max(1, -(-self.config.retune_every // period))
+        return elapsed >= first and (elapsed - first) % every == 0
+
+
+FIRST_ROUNDS = 2
+"""Rounds of a new setting before its first check (one round's sync lands in the next when overlapped)."""
+
+MIN_CHECK_STEPS = 16
+"""Steps a check period holds at least (a mean over fewer is the machine's noise)."""
 
 MIN_CLEAN = 8
 """Clean steps (nothing in flight, no sync) a re-tune check needs to measure the floor afresh."""
