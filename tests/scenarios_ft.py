@@ -96,6 +96,18 @@ class DieInSync(Callback):
         session.sum_ = dying_sum
 
 
+class Listeners(Callback):
+    """The TCP listeners of this process at the end of training (the torchft manager, store and transports live)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def on_train_end(self, trainer: Trainer, *args: Any) -> None:
+        from tests.netstat import listening
+
+        self.seen = listening()
+
+
 def train_group(
     out_dir: str,
     devices: int,
@@ -115,6 +127,7 @@ def train_group(
     barrier_dir: str | None = None,
     groups: int = 3,
     gate_at: int | None = None,
+    heal_transport: str = "pg",
 ) -> dict[str, Any]:
     group, incarnation = int(os.environ["REPLICA_GROUP_ID"]), int(os.environ[INCARNATION_ENV])
     torch.set_num_threads(1)
@@ -124,10 +137,13 @@ def train_group(
         outer = functools.partial(torch.optim.SGD, lr=outer_lr, momentum=outer_momentum)
         consensus = DiLoCo(sync_every, outer_optimizer=outer)
     gate = None if barrier_dir is None else RestartGate(barrier_dir, groups, gate_at, die_group)
-    callbacks: list[Callback] = [consensus, Pace(pace)] + ([gate] if gate is not None else [])
+    listeners = Listeners()
+    callbacks: list[Callback] = [consensus, Pace(pace), listeners] + ([gate] if gate is not None else [])
     if die_at is not None and group == die_group and incarnation == 0:
         callbacks.append(DieInSync(die_at) if die_in_sync else KillSelf(die_at))
-    ft = TorchFT(min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10)
+    ft = TorchFT(
+        min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10, heal_transport=heal_transport
+    )
     strategy = LocalSGDStrategy(fault_tolerance=ft)
     trainer = Trainer(
         accelerator="cpu",
@@ -158,6 +174,8 @@ def train_group(
         "num_syncs": consensus.num_syncs,
         "history": strategy.ft_session.records(),
         "harness_pause": 0.0 if gate is None else gate.paused,
+        "listeners": listeners.seen,
+        "master_port": int(os.environ.get("MASTER_PORT", 0)),
     }
     if isinstance(consensus, DiLoCo):
         out["anchor"] = consensus.anchor.clone()

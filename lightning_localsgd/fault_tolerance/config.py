@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -43,6 +44,7 @@ from typing_extensions import override
 
 from lightning_localsgd._checks import check_int, check_seconds
 from lightning_localsgd.engine import SyncEngine
+from lightning_localsgd.fault_tolerance.binding import WILDCARDS, host_port, resolve_bind, split_host_port
 from lightning_localsgd.trainer.plugins import FaultTolerancePlugin, FaultTolerantSession
 from lightning_localsgd.transport.collectives import Collectives, Group
 
@@ -51,6 +53,7 @@ __all__ = [
     "LIGHTHOUSE_ENV",
     "REPLICA_ID_ENV",
     "FaultToleranceError",
+    "Lighthouse",
     "TorchFT",
     "require_torchft",
     "start_lighthouse",
@@ -97,8 +100,15 @@ class TorchFT(FaultTolerancePlugin):
         max_retries: failed attempts of one round (a peer died inside it) before giving up.
         backend: ``"gloo"`` (CPU, or GPU tensors through host memory) or ``"nccl"``: torchft's
             reconfigurable process group that carries the rounds.
-        hostname: the address peers reach this group's manager and checkpoint server at
-            (default: this machine's hostname).
+        hostname: the address peers reach this group's manager and store at (default: ``bind``
+            when it is an address, else this machine's host name).
+        bind: the address this group's manager and store listen on (default: the address
+            ``hostname`` resolves to, not every interface; ``"0.0.0.0"`` or ``"::"``: every
+            interface). See :mod:`lightning_localsgd.fault_tolerance.binding` for the trust model:
+            these ports must be reachable only by the job's machines.
+        heal_transport: how a healing group receives a peer's state: ``"pg"`` (torchft's
+            ``PGTransport``, over the groups' process group: no extra listener) or ``"http"``
+            (torchft's default ``HTTPTransport``: a server on every interface of each group).
     """
 
     lighthouse_addr: str | None = None
@@ -111,6 +121,8 @@ class TorchFT(FaultTolerancePlugin):
     max_retries: int = 3
     backend: Literal["gloo", "nccl"] = "gloo"
     hostname: str | None = None
+    bind: str | None = None
+    heal_transport: Literal["pg", "http"] = "pg"
     _resolved: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +137,10 @@ class TorchFT(FaultTolerancePlugin):
         check_int("max_retries", self.max_retries, minimum=0)
         if self.backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
+        if self.heal_transport not in ("pg", "http"):
+            raise ValueError(f"heal_transport must be 'pg' or 'http', got {self.heal_transport!r}")
+        if self.bind is not None and (not isinstance(self.bind, str) or not self.bind.strip()):
+            raise ValueError(f"bind must be an address such as '10.0.0.5' ('0.0.0.0': every one), got {self.bind!r}")
         self._resolved.update(
             lighthouse_addr=lighthouse,
             replica_id=str(replica_id),
@@ -191,25 +207,55 @@ class TorchFT(FaultTolerancePlugin):
 
 def start_lighthouse(
     min_replicas: int = 1,
-    bind: str = "[::]:0",
+    bind: str | None = None,
     join_timeout_ms: int = 60_000,
     quorum_tick_ms: int = 100,
     heartbeat_timeout_ms: int = 5_000,
-) -> Any:
+) -> Lighthouse:
     """Start torchft's Lighthouse in this process (same as the ``torchft_lighthouse`` command).
 
-    Returns the ``torchft.coordination.LighthouseServer``: its ``address()`` is what every group
-    passes as ``lighthouse_addr``; call ``shutdown()`` when the job is over. A group that stops
-    heartbeating is dropped from the next quorum after ``heartbeat_timeout_ms``; a quorum that
-    misses a group that still heartbeats waits up to ``join_timeout_ms`` for it.
+    Args:
+        bind: ``"host"`` or ``"host:port"`` to listen on (default: the address ``MASTER_ADDR``
+            resolves to, else this machine's host name's, on a free port; ``"[::]:0"``: every
+            interface, torchft's default). The Lighthouse hands out the groups' addresses without
+            authentication: keep it on the job's private network.
+
+    Returns a :class:`Lighthouse`: its ``address()`` is what every group passes as
+    ``lighthouse_addr``; call ``shutdown()`` when the job is over. A group that stops heartbeating
+    is dropped from the next quorum after ``heartbeat_timeout_ms``; a quorum that misses a group
+    that still heartbeats waits up to ``join_timeout_ms`` for it.
     """
     require_torchft()
     from torchft.coordination import LighthouseServer
 
-    return LighthouseServer(
-        bind=bind,
+    host, port = split_host_port(bind) if bind else (None, 0)
+    host = resolve_bind(host, os.environ.get("MASTER_ADDR") or socket.gethostname())
+    server = LighthouseServer(
+        bind=host_port(host, port),
         min_replicas=min_replicas,
         join_timeout_ms=join_timeout_ms,
         quorum_tick_ms=quorum_tick_ms,
         heartbeat_timeout_ms=heartbeat_timeout_ms,
     )
+    return Lighthouse(server, host)
+
+
+class Lighthouse:
+    """A running Lighthouse and the address groups reach it at (the bound address, not the host name).
+
+    torchft's ``LighthouseServer.address()`` advertises this machine's host name, which need not
+    resolve to the address the server is bound to; :meth:`address` gives the bound one.
+    """
+
+    def __init__(self, server: Any, host: str) -> None:
+        self.server, self.host = server, host
+
+    def address(self) -> str:
+        """``http://host:port``: what the groups pass as ``lighthouse_addr``."""
+        advertised = self.server.address()
+        if self.host in WILDCARDS:
+            return str(advertised)
+        return f"http://{host_port(self.host, int(advertised.rsplit(':', 1)[1]))}"
+
+    def shutdown(self) -> None:
+        self.server.shutdown()

@@ -34,10 +34,16 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from torch import Tensor
-from torch.distributed import TCPStore
 from typing_extensions import override
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
+from lightning_localsgd.fault_tolerance.binding import (
+    WILDCARDS,
+    bound_store,
+    check_reachable,
+    manager_bound_to,
+    resolve_bind,
+)
 from lightning_localsgd.fault_tolerance.collectives import QuorumCollectives, QuorumGroup, _QuorumHandle
 from lightning_localsgd.fault_tolerance.config import FaultToleranceError, TorchFT, require_torchft
 from lightning_localsgd.fault_tolerance.state import (
@@ -84,8 +90,9 @@ class ReplicaGroupSession(FaultTolerantSession):
         comm: the transport (a :class:`QuorumCollectives`).
         broadcast: ``broadcast(obj) -> obj`` from job rank 0 (the strategy's ``broadcast``).
 
-    Job rank 0 serves a TCPStore of its own on a free port for torchft, advertised at
-    ``config.hostname`` (default: its hostname, where torchft advertises the manager too): the
+    Job rank 0 serves a TCPStore of its own on a free port for torchft, bound to ``config.bind``
+    and advertised at ``config.hostname`` (where torchft advertises the manager too; see
+    :mod:`lightning_localsgd.fault_tolerance.binding` for the defaults and the trust model): the
     job's ranks find their manager there, and when this group is the quorum's primary the groups'
     process group meets there. A fresh store per start means a restarted group never reads the
     keys of its previous life (the stale-key problem of torchrun's agent store, see
@@ -110,13 +117,15 @@ class ReplicaGroupSession(FaultTolerantSession):
         self.quorum_timeout = config.resolved("quorum_timeout")
         self.max_attempts = config.max_retries + 1
         pg_class = ProcessGroupGloo if config.backend == "gloo" else ProcessGroupNCCL
-        hostname = config.hostname or socket.gethostname()
+        self.bind, hostname = self.addresses(config)
         self._store = None
+        port = 0
         if job.rank == 0:
-            self._store = TCPStore(hostname, 0, is_master=True, wait_for_workers=False, timeout=self.timeout)
-        host, port = broadcast(None if self._store is None else (hostname, self._store.port))
+            self._store, port = bound_store(self.bind, hostname, self.timeout)
+        host, port = broadcast(None if self._store is None else (hostname, port))
         try:
-            self.manager = self._manager(manager_module, config, pg_class, host, int(port), hostname)
+            with manager_bound_to(manager_module, self.bind):
+                self.manager = self._manager(manager_module, config, pg_class, host, int(port), hostname)
         except RuntimeError as err:  # torchft's "failed to connect to <lighthouse> within timeout"
             raise FaultToleranceError(
                 f"replica group {self.replica_id!r} could not start its torchft manager: {err}. Start the Lighthouse "
@@ -141,10 +150,32 @@ class ReplicaGroupSession(FaultTolerantSession):
         """The quorum of live replica groups: what the algorithm syncs over."""
         return self._group
 
+    @staticmethod
+    def addresses(config: TorchFT) -> tuple[str, str]:
+        """(the address this group listens on, the one peers are told to connect to); see :mod:`.binding`.
+
+        Refuses a loopback-only address while the Lighthouse is on another machine.
+        """
+        explicit = config.bind is not None and config.bind.strip("[] ") not in WILDCARDS
+        hostname = config.hostname or (config.bind.strip("[] ") if explicit else socket.gethostname())  # type: ignore[union-attr]
+        bind = resolve_bind(config.bind, hostname)
+        check_reachable(bind, config.resolved("lighthouse_addr"), f"replica group {config.resolved('replica_id')!r}")
+        return bind, hostname
+
     def _manager(self, module: Any, config: TorchFT, pg_class: Any, host: str, port: int, hostname: str) -> Any:
         """torchft's Manager of this process (a synchronous quorum: heal on the training thread, before the average)."""
+        pg = pg_class(timeout=self.timeout)
+        transport = None  # torchft's default: HTTPTransport
+        if config.heal_transport == "pg":
+            from torchft.checkpointing.pg_transport import PGTransport
+
+            device = torch.device("cpu")
+            if config.backend == "nccl":
+                device = next(iter(self.trainer.lightning_module.parameters())).device
+            transport = PGTransport(pg, timeout=self.timeout, device=device)
         return module.Manager(
-            pg=pg_class(timeout=self.timeout),
+            pg=pg,
+            checkpoint_transport=transport,
             load_state_dict=None,
             state_dict=None,
             min_replica_size=config.min_replicas,
