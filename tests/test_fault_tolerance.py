@@ -514,7 +514,7 @@ def test_survivors_keep_training_and_the_restarted_group_rejoins_equal(
         assert r["listeners"], "the test saw no listener: the torchft manager should be one"
         open_ports = [(a, p) for a, p in r["listeners"] if a in ("0.0.0.0", "::") and p != r["master_port"]]
         allowed = 1 if heal_transport == "http" and r["rank"] == 0 else 0  # torchft's checkpoint server: no bind
-        assert len(open_ports) == allowed, f"group {r['group']} rank {r['rank']} listens on every interface: {open_ports}"
+        assert len(open_ports) == allowed, f"group {r['group']}.{r['rank']} listens on every interface: {open_ports}"
 
     # every replica ends on the same model, bit for bit, and on the plain-torch replay of the run
     everyone = survivors + joiners

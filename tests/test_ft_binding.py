@@ -70,7 +70,8 @@ def test_the_manager_server_gets_the_address_and_keeps_its_port():
     with manager_bound_to(module, "::"):  # every interface: torchft's own
         module.ManagerServer(bind="[::]:0")
     assert calls[-1] == {"bind": "[::]:0"}
-    with pytest.raises(RuntimeError, match="no torchft.manager.ManagerServer"), manager_bound_to(SimpleNamespace(), "x"):
+    missing = "no torchft.manager.ManagerServer"
+    with pytest.raises(RuntimeError, match=missing), manager_bound_to(SimpleNamespace(), "x"):
         pass
 
 
