@@ -181,3 +181,108 @@ def train_group(
         out["anchor"] = consensus.anchor.clone()
         out["outer_momentum"] = consensus.outer.state_dict()["state"][0]["momentum_buffer"].clone()
     return out
+
+
+# ---------------------------------------------------------------------- a whole-job restart from FT checkpoints
+class IndexedBatch(Dataset):
+    """Batch ``i``: the group's full batch, targets scaled by ``1 + (i mod 7)/100`` (the data position matters)."""
+
+    def __init__(self, group: int, length: int) -> None:
+        self.batch, self.length = group_data(group), length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        x, y = self.batch
+        return x, y * (1.0 + (index % 7) / 100.0), index
+
+
+class IndexedGroup(LeastSquaresGroup):
+    """Least squares on :class:`IndexedBatch`, an LR halved every 4 steps (StepLR, per step); records what it saw."""
+
+    def __init__(self, group: int, lr: float, momentum: float) -> None:
+        super().__init__(group, lr, momentum)
+        self.seen: list[int] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y, index = batch
+        self.seen.append(int(index))
+        return super().training_step((x, y), batch_idx)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SaveAt(Callback):
+    """``trainer.save_checkpoint(path)`` after optimizer step ``step`` (a sync step: the replicas are the consensus)."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def train_durable(
+    out_dir: str,
+    devices: int,
+    num_nodes: int,
+    sync_every: int = 5,
+    max_steps: int = 30,
+    lr: float = 0.05,
+    momentum: float = 0.5,
+    outer_lr: float = 0.7,
+    outer_momentum: float = 0.5,
+    min_replicas: int = 2,
+    save_at: int | None = None,
+    ckpt_dir: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """One group of a DiLoCo run on :class:`IndexedBatch`: saves its own checkpoint at ``save_at``, or resumes it."""
+    group = int(os.environ["REPLICA_GROUP_ID"])
+    rank = int(os.environ["LOCAL_RANK"])
+    torch.set_num_threads(1)
+    outer = functools.partial(torch.optim.SGD, lr=outer_lr, momentum=outer_momentum)
+    consensus = DiLoCo(sync_every, outer_optimizer=outer)
+    path = None if ckpt_dir is None else os.path.join(ckpt_dir, f"group{group}.ckpt")
+    callbacks: list[Callback] = [consensus] + ([SaveAt(save_at, path)] if save_at and path else [])
+    ft = TorchFT(min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10)
+    strategy = LocalSGDStrategy(fault_tolerance=ft)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    model = IndexedGroup(group, lr, momentum)
+    shard = group * devices + rank
+    from torchdata.stateful_dataloader import StatefulDataLoader  # resumes mid-epoch where this group was
+
+    loader = StatefulDataLoader(IndexedBatch(shard, 1000), batch_size=None)
+    trainer.fit(model, loader, ckpt_path=path if resume else None)
+    optimizer = trainer.strategy.optimizers[0]
+    return {
+        "group": group,
+        "rank": rank,
+        "w": model.w.detach().clone(),
+        "momentum": optimizer.state[model.w]["momentum_buffer"].clone(),
+        "lr": optimizer.param_groups[0]["lr"],
+        "seen": model.seen,
+        "global_step": trainer.global_step,
+        "num_syncs": consensus.num_syncs,
+        "anchor": consensus.anchor.clone(),
+        "outer_momentum": consensus.outer.state_dict()["state"][0]["momentum_buffer"].clone(),
+        "history": strategy.ft_session.records(),
+    }

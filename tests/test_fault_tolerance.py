@@ -527,3 +527,58 @@ def test_survivors_keep_training_and_the_restarted_group_rejoins_equal(
         assert all(torch.equal(r["outer_momentum"], everyone[0]["outer_momentum"]) for r in everyone)
         torch.testing.assert_close(everyone[0]["anchor"], ref["theta"], rtol=0, atol=1e-10)
         torch.testing.assert_close(everyone[0]["outer_momentum"], ref["outer_momentum"], rtol=0, atol=1e-10)
+
+
+def run_durable(tmp: Path, name: str, groups: int, devices: int, **kwargs: Any) -> dict[tuple[int, int], dict]:
+    """One launch of ``groups`` groups running ``tests.scenarios_ft:train_durable``; results keyed (group, rank)."""
+    from recipes.ft_launch import run_replica_groups
+
+    root = tmp / name
+    root.mkdir()
+    args = root / "kwargs.pt"
+    torch.save(dict(min_replicas=groups, **kwargs), args)
+
+    def cmd_for(group: int, incarnation: int) -> list[str]:
+        out = root / f"g{group}"
+        out.mkdir(exist_ok=True)
+        target = "tests.scenarios_ft:train_durable"
+        return [sys.executable, "-m", "tests.worker", target, str(args), str(out), str(devices), "1"]
+
+    run_replica_groups(
+        cmd_for, groups, per_group=devices, log_dir=root, timeout=LAUNCH_TIMEOUT, min_replicas=groups, cwd=root,
+        pythonpath=ROOT,
+    )  # fmt: skip
+    return {
+        (g, r): torch.load(root / f"g{g}" / f"result{r}.pt", weights_only=False)
+        for g in range(groups)
+        for r in range(devices)
+    }
+
+
+@pytest.mark.launches
+@pytest.mark.timeout(3 * LAUNCH_TIMEOUT + 30)
+@pytest.mark.parametrize(("groups", "devices"), [(2, 1), (2, 2)], ids=["2x1", "2x2"])
+def test_a_whole_job_restart_from_ft_checkpoints_continues_the_uninterrupted_run(groups, devices):
+    """Issue 23, part 5: every group restarted from its own checkpoint (written at a sync under FT) resumes
+    torchft's step, so no group heals from another: each keeps its own inner momentum, LR schedule and data
+    position, and the run ends where the uninterrupted one does."""
+    H, steps, save_at = 5, 30, 15
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "ckpt"
+        ckpt.mkdir()
+        common: dict[str, Any] = dict(sync_every=H, ckpt_dir=str(ckpt))
+        whole = run_durable(Path(tmp), "whole", groups, devices, sync_every=H, max_steps=steps)
+        run_durable(Path(tmp), "first", groups, devices, **common, max_steps=save_at, save_at=save_at)  # ends there
+        resumed = run_durable(Path(tmp), "resumed", groups, devices, **common, max_steps=steps, resume=True)
+    for key, a in whole.items():
+        b = resumed[key]
+        join = b["history"][0]
+        assert join["kind"] == "join" and not join["healed"] and join["participants"] == groups  # level: nobody heals
+        assert join["step"] == save_at and b["global_step"] == a["global_step"] == steps
+        assert b["seen"] == a["seen"][save_at:]  # this group's own data position, not another group's
+        assert b["lr"] == a["lr"] == 0.05 * 0.5 ** (steps // 4)
+        assert b["num_syncs"] == a["num_syncs"] == steps // H
+        for name in ("w", "momentum", "anchor", "outer_momentum"):
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-12, msg=f"{key} {name}")
+    # the groups' inner momenta differ (each its own), so a collapse onto one group's state would have shown
+    assert not torch.equal(whole[(0, 0)]["momentum"], whole[(1, 0)]["momentum"])

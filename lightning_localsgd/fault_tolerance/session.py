@@ -351,6 +351,37 @@ class ReplicaGroupSession(FaultTolerantSession):
             "replica group %r healed from a peer at step %d (%s)", self.replica_id, self.round_step, self.round_kind
         )
 
+    # ------------------------------------------------------------------ durable state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """torchft's step and commit count of this group (checkpoints keep them: see :meth:`load_state_dict`)."""
+        return {"replica_id": self.replica_id, "manager": dict(self.manager.state_dict())}
+
+    @override
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume torchft's step from a checkpoint, before the join round.
+
+        torchft heals a group whose step is behind the quorum's highest. A group that starts with
+        step 0 is always behind (or, when every group does, all but one heal from that one): a
+        whole-job restart from checkpoints would collapse every group onto one group's state, its
+        inner optimizer and data position included. With the step restored, groups restarted from
+        checkpoints of the same sync are level: nobody heals, each keeps its own state. A group
+        restarted from an older checkpoint than the others' is behind and heals from them, as a
+        returning group does.
+        """
+        manager = state.get("manager")
+        if manager is None:
+            return
+        if str(state.get("replica_id")) != self.replica_id:
+            log.warning(
+                "replica group %r resumes a checkpoint written by group %r: each group should resume its own",
+                self.replica_id,
+                state.get("replica_id"),
+            )
+        step, committed = int(manager["step"]), int(manager["batches_committed"])
+        self.manager.load_state_dict({"step": step, "batches_committed": committed})
+        log.info("replica group %r resumes at torchft step %d", self.replica_id, step)
+
     # ------------------------------------------------------------------ reporting and errors
     def records(self) -> list[dict[str, Any]]:
         """Every attempt of every round so far, as dicts (for JSON)."""

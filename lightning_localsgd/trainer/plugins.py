@@ -53,6 +53,13 @@ class FaultTolerantSession(ABC):
     def shutdown(self) -> None:
         """Leave the job (the session's records stay readable)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the session, so that a whole-job restart resumes every group where it was."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - nothing to restore by default
+        """Before :meth:`join`: the state a checkpoint kept (:meth:`state_dict`)."""
+
 
 class FaultTolerancePlugin(ABC):
     """How a job joins a fault-tolerant job (``LocalSGDStrategy(fault_tolerance=...)``)."""

@@ -60,6 +60,9 @@ __all__ = ["LocalSGDStrategy"]
 
 log = logging.getLogger(__name__)
 
+FT_CHECKPOINT_KEY = "localsgd_fault_tolerance"
+"""The checkpoint entry with the fault-tolerant session's state (torchft's step): a whole-job restart resumes it."""
+
 
 class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     """Data-parallel training with local steps and periodic synchronization (``strategy="localsgd"``).
@@ -219,6 +222,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
             raise TypeError(f"fault_tolerance must be a TorchFT(...) or None, got {type(fault_tolerance).__name__}")
         self._fault_tolerance = fault_tolerance
         self._session: FaultTolerantSession | None = None
+        self._ft_resume: dict[str, Any] | None = None  # the session's state from the checkpoint being resumed
         if fault_tolerance is not None:
             self._comm = fault_tolerance.collectives(comm_dtype, bucket_mb)
 
@@ -475,6 +479,9 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
     def on_train_start(self) -> None:
         super().on_train_start()
         if self._session is not None and self._driving():  # join the live replica groups
+            if self._ft_resume is not None:  # torchft's step from the checkpoint: level groups do not heal
+                self._session.load_state_dict(self._ft_resume)
+                self._ft_resume = None
             self._session.join()
         if self._driving() and self.world_size > 1:  # no per-step message between syncs (sigterm.py)
             trainer = self.lightning_module.trainer
@@ -515,12 +522,20 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
                 mine["loader"] = None if loops is None else loops.get("combined_loader")  # this rank's position
                 checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size, "step": step}
                 write_part(self.checkpoint_io, mine, filepath, step, self.global_rank)  # rank 0 never holds others'
+            if self._session is not None:
+                checkpoint[FT_CHECKPOINT_KEY] = self._session.state_dict()
         if sharded:  # the file holds the whole consensus (for inference); every rank of a node gathers alike
             checkpoint["state_dict"] = full_state_dict(checkpoint["state_dict"])
         super().save_checkpoint(checkpoint, filepath, storage_options)  # the file (rank 0)
         if parts:
             barrier = lambda: self.barrier("lightning_localsgd.parts")  # noqa: E731
             drop_stale_parts(self.checkpoint_io, barrier, filepath, step, self.global_rank)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self._ft_resume = checkpoint.get(FT_CHECKPOINT_KEY) if self._fault_tolerance is not None else None
+        return checkpoint
 
     @override
     def teardown(self) -> None:
