@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=None, help="instead of the grid: these variants (floor and auto added)")
     p.add_argument("--formats", default="fp32,bf16,int8,int4", help="wire formats of the grid")
     p.add_argument("--steps", type=int, default=256, help="measured steps per variant")
-    p.add_argument("--warmup", type=int, default=24, help="unmeasured steps (>= the tuner's 20 measuring steps)")
+    p.add_argument("--warmup", type=int, default=32, help="unmeasured steps (>= 10 settle + 20 measuring)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--name", default=None, help="results folder (default autotune_<link>)")
     p.add_argument("--report-only", action="store_true", help="re-analyse the saved step_time.json")

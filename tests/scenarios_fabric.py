@@ -44,7 +44,7 @@ SETUPS: dict[str, Callable[[], tuple[Any, Any]]] = {
 TUNED: dict[str, tuple[Callable[[], tuple[Any, Any]], dict[str, Any]]] = {
     "auto": (
         lambda: (PeriodicAveraging(sync_every="auto", overlap_steps="auto", fragments="auto"), None),
-        dict(comm_dtype="auto", autotune=AutoTune(measure_steps=4, retune_every=0)),
+        dict(comm_dtype="auto", autotune=AutoTune(measure_steps=4, settle_steps=0, retune_every=0)),
     ),
 }
 

@@ -105,6 +105,7 @@ def test_records_round_trip():
         (dict(sync_every=(0, 8)), "H_min"),
         (dict(formats=("float8",)), "formats"),
         (dict(measure_steps=2), "measure_steps"),
+        (dict(settle_steps=-1), "settle_steps"),
         (dict(margin=0.5), "margin"),
     ],
 )
@@ -143,3 +144,36 @@ def test_checks_fall_on_whole_rounds_and_a_new_setting_is_checked_after_two():
     assert checks(128, 700) == [256, 384, 512, 640]  # 2 rounds, then every round (128 ≥ 100)
     assert checks(4, 300) == [16, 116, 216]  # at least 16 steps before the first, then 25 rounds
     assert checks(1, 40) == [16]  # H = 1: 16 steps, then every 100
+
+
+def test_a_check_does_not_trust_measuring_steps_that_ran_slow():
+    """The measuring steps ran at 170 ms, the steps since at 120 ms with a 300 ms sync every 8 and a sync always in
+    flight (no clean step): the floor is the period's median step (120 ms), not 170 ms, so the 31 % overhead is
+    seen (H = 8 marked too short, the missed cost learned) instead of a 'free' period that would shorten H."""
+    from types import SimpleNamespace
+
+    meas = Measurements(0.17, 1e-3, 125e6, 0.1, {"full": 1e-10, "bfloat16": 2e-10, "int8": 1e-9, "int4": 2e-9}, 1000, 2)
+    first = decide(meas, AutoTune(sync_every=(8, 256)), comm_dtype=None, sync_every=8, overlap_steps=1, fragments=1)
+    algorithm = SimpleNamespace(
+        interruptions=0, in_flight=True, num_syncs=0, schedule_start=0, sync_every=8, overlap_steps=1, fragments=1,
+        auto={"sync_every", "overlap_steps"}, overlappable=True,
+        tuning_record={"measurements": meas.as_dict(), "decision": first.as_dict(), "history": []},
+    )  # fmt: skip
+    tuner = AutoTuner(AutoTune(sync_every=(8, 256)))
+    tuner._algorithm, tuner._ctx = algorithm, SimpleNamespace(comm=SimpleNamespace(comm_dtype=None))  # type: ignore[assignment]
+    tuner._agree = lambda values: values  # type: ignore[method-assign]  # one process: its own figures
+    tuner._broadcast = lambda decision: decision  # type: ignore[method-assign]
+    applied: list[Decision] = []
+    tuner._apply = lambda step, decision, first: applied.append(decision)  # type: ignore[method-assign]
+    from lightning_localsgd.tuning.tuner import _Watch
+
+    tuner._check = _Watch(interruptions=0)
+    now = 0.0
+    for step in range(1, 17):
+        now += 0.12 + (0.3 if step % 8 == 0 else 0.0)
+        tuner._watch(step, now)
+    (entry,) = algorithm.tuning_record["history"]
+    assert entry["step"] == 16 and entry["floor"] == pytest.approx(0.12)
+    assert entry["measured"] == pytest.approx((15 * 0.12 + 2 * 0.3) / 15 / 0.12 - 1)  # 15 intervals, 2 syncs: 1/3
+    assert algorithm.tuning_record["too_short"] == 8
+    assert applied and applied[0].sync_every > 8 and applied[0].extra > 0

@@ -19,21 +19,22 @@ def test_every_rank_applies_rank_0s_decision_from_the_slowest_ranks_measurements
         dict(comm_dtype=None, sync_every=4, overlap_steps=1, fragments=2),
         dict(comm_dtype="int8", sync_every=8, overlap_steps=0, fragments=1),
     ]
-    w, steps = 4, 14
+    w, settle, steps = 4, 2, 14
+    start = settle + w  # the decision: after the unmeasured settle steps and the W measuring steps
     runs = run_ranks(
         "tests.scenarios_autotune:tuned",
         world=2,
         steps=steps,
         algorithm="periodic",
         kwargs=AUTO,
-        autotune=dict(measure_steps=w, retune_every=0),
+        autotune=dict(measure_steps=w, settle_steps=settle, retune_every=0),
         forced=forced,
         convert_scale=[1.0, 1000.0],
     )
     r0, r1 = runs
     for r in runs:
-        assert r["schedule"][: w - 1] == [(1 << 30, 0, 1, None, True)] * (w - 1)  # measuring: local steps only
-        assert r["schedule"][w - 1 :] == [(4, 1, 2, w, False)] * (steps - w + 1)
+        assert r["schedule"][: start - 1] == [(1 << 30, 0, 1, None, True)] * (start - 1)  # local steps only
+        assert r["schedule"][start - 1 :] == [(4, 1, 2, start, False)] * (steps - start + 1)
         assert r["comm_dtype"] is None
         assert r["record"]["decision"]["sync_every"] == 4
     assert r0["record"] == r1["record"]
@@ -41,8 +42,8 @@ def test_every_rank_applies_rank_0s_decision_from_the_slowest_ranks_measurements
     agreed = r0["record"]["measurements"]["convert"]
     assert agreed == pytest.approx(r1["own_convert"]) and agreed["int8"] > 100 * r0["own_convert"]["int8"]
     assert r0["decide_calls"][0]["measurements"]["replicas"] == 2
-    # the tuned run is the plain-torch replay of local steps until W, then fragments from W on
-    after, final = reference(steps, 4, 2, 1, None, origin=w)
+    # the tuned run is the plain-torch replay of local steps until settle + W, then fragments from there on
+    after, final = reference(steps, 4, 2, 1, None, origin=start)
     for r in range(2):
         assert (torch.stack(runs[r]["after"]) - torch.stack(after[r])).abs().max() <= 1e-12
         assert (runs[r]["final"] - final).abs().max() <= 1e-12
@@ -52,7 +53,13 @@ def test_every_rank_applies_rank_0s_decision_from_the_slowest_ranks_measurements
 def test_a_resume_keeps_the_choice_and_an_explicit_argument_is_never_changed(tmp_path):
     # real measurements: DiLoCo with H = 6 given, τ and the wire format left to the tuner
     kwargs = dict(sync_every=6, overlap_steps="auto", outer_lr=0.5, outer_momentum=0.8, nesterov=False)
-    common = dict(world=2, steps=20, algorithm="diloco", kwargs=kwargs, autotune=dict(measure_steps=4, retune_every=0))
+    common = dict(
+        world=2,
+        steps=20,
+        algorithm="diloco",
+        kwargs=kwargs,
+        autotune=dict(measure_steps=4, settle_steps=0, retune_every=0),
+    )
     common.update(folder=str(tmp_path), full_batch=True)
     first = run_ranks("tests.scenarios_autotune:tuned", save_at=12, **common)
     again = run_ranks("tests.scenarios_autotune:tuned", resume=True, **common)
@@ -75,7 +82,7 @@ def test_retuning_checks_the_measured_overhead_and_every_rank_changes_together()
         algorithm="periodic",
         kwargs=dict(sync_every="auto", overlap_steps="auto"),
         comm_dtype=None,
-        autotune=dict(measure_steps=4, retune_every=6, retune_threshold=1e-9, sync_every=(2, 64)),
+        autotune=dict(measure_steps=4, settle_steps=0, retune_every=6, retune_threshold=1e-9, sync_every=(2, 64)),
         # a first choice far too short (a sync every 2 ms-steps): the re-tuning must lengthen it, whatever the timing
         forced_first=dict(comm_dtype=None, sync_every=2, overlap_steps=0, fragments=1),
     )

@@ -89,6 +89,8 @@ class AutoTune:
         formats: the wire formats tried when ``comm_dtype="auto"`` (``None``: the parameters' dtype).
         measure_steps: local steps measured before the first decision (half without communication,
             half with a background transfer running); no sync happens before they end.
+        settle_steps: local steps left unmeasured before them (the first steps of a fit run slow:
+            allocator, data loader and compile warm-up; measured 10–60 % slow on this machine).
         margin: a sync counts as hidden when τ steps last ``margin`` times its transfer.
         retune_every: steps between checks of the measured overhead, rounded up to whole rounds (a new
             setting is first checked after two rounds, at least 16 steps; 0: never re-tune).
@@ -101,6 +103,7 @@ class AutoTune:
     max_fragments: int = 8
     formats: tuple[str | None, ...] = FORMATS
     measure_steps: int = 20
+    settle_steps: int = 10
     margin: float = 1.25
     retune_every: int = 100
     retune_threshold: float = 0.02
@@ -121,6 +124,7 @@ class AutoTune:
             raise ValueError(f"AutoTune(formats=...) takes some of {FORMATS}, got {self.formats!r}")
         object.__setattr__(self, "formats", formats)
         check_int("measure_steps", self.measure_steps, minimum=4)
+        check_int("settle_steps", self.settle_steps, minimum=0)
         check_number("margin", self.margin, 1, example="1.25")
         check_int("retune_every", self.retune_every, minimum=0)
         check_number("retune_threshold", self.retune_threshold, 0, low_open=True, example="0.02")

@@ -4,7 +4,8 @@ Driven by :class:`~lightning_localsgd.engine.SyncEngine` (so the Trainer and Fab
 at three points: before ``algorithm.bind`` (:meth:`AutoTuner.prepare`), before each optimizer
 step (:meth:`AutoTuner.before_step`) and after it (:meth:`AutoTuner.after_step`).
 
-**Measuring** (``AutoTune.measure_steps = W`` local steps after warm-up, no sync among them):
+**Measuring** (``AutoTune.measure_steps = W`` local steps after the algorithm's warm-up and
+``settle_steps`` more, which run slow at the start of a fit; no sync among them):
 
 1. steps 1 … W/2: the step time t (on a CPU the median time between the ends of consecutive
    steps; on an accelerator the mean over the span, the device synchronized at both ends);
@@ -26,10 +27,11 @@ the steps since the last check
 (evaluations and checkpoints left out) over the floor gives the measured overhead
 o = max(0, mean/floor − 1), the slowest rank's (one MAX allreduce). The floor is the median of
 that period's clean steps (nothing in flight, no sync: the machine's speed drifts) when there are
-at least :data:`MIN_CLEAN`, else the measuring steps' t. When o is above the target by more than
-``retune_threshold``, the current H is marked too short for good (no later choice goes back to it
-or below) and the model learns the per-round cost it missed, x = max(x, o·H·t − C(H)); when o is
-below the target by more than the threshold, x = o·H·t − C(H) and H may move down, at most halfway
+at least :data:`MIN_CLEAN`, else the smaller of the measuring steps' t and the period's median
+step. When o is above the target by more than ``retune_threshold``, the current H is marked too
+short for good (no later choice goes back to it or below) and the model learns the per-round cost
+it missed, x = max(x, o·H·t − C(H), 0); when o is below the target by more than the threshold,
+x = max(o·H·t − C(H), 0) (the model's cost is a lower bound) and H may move down, at most halfway
 to the longest H marked too short (a bisection: it settles). Then H and τ are chosen again (the
 wire format and the fragments stay). Syncs in flight are merged first.
 
@@ -160,7 +162,7 @@ class AutoTuner:
             ctx.comm.comm_dtype = None  # full precision until the decision
             algorithm.reserve_anchor = True  # the wire chosen later sends differences from it
         algorithm.awaiting_tune = True
-        self._start = max(step, algorithm.warmup_steps)
+        self._start = max(step, algorithm.warmup_steps) + self.config.settle_steps
 
     # ------------------------------------------------------------------ the step hook
     def after_step(self, step: int) -> None:
@@ -406,8 +408,12 @@ class AutoTuner:
         decision = Decision.from_dict(record["decision"])
         mean = statistics.fmean(watch.intervals) if watch.intervals else meas.step_seconds
         # the floor: the median clean step of this period when there are enough (the machine's speed drifts),
-        # else the measuring steps' (a sync always in flight, τ = H − 1, leaves no clean step)
-        floor = statistics.median(watch.clean) if len(watch.clean) >= MIN_CLEAN else meas.step_seconds
+        # else the measuring steps' (a sync always in flight, τ = H − 1, leaves no clean step), or this period's
+        # median step if that is faster (the measuring steps ran slow: the floor cannot exceed a typical step)
+        if len(watch.clean) >= MIN_CLEAN:
+            floor = statistics.median(watch.clean)
+        else:  # no clean steps to measure it on: the measuring steps', unless this period's median step is faster
+            floor = min(meas.step_seconds, statistics.median(watch.intervals)) if watch.intervals else meas.step_seconds
         measured, floor = self._agree([max(0.0, mean / floor - 1.0), floor])  # the slowest rank's
         self._check = _Watch(interruptions=algorithm.interruptions)
         entry: dict[str, Any] = {"step": step, "measured": measured, "predicted": decision.overhead, "floor": floor}
@@ -426,7 +432,9 @@ class AutoTuner:
             missed = measured * decision.sync_every * floor - round_cost(
                 meas, decision.comm_dtype, decision.sync_every, decision.overlap_steps, decision.fragments
             )
-            extra = max(decision.extra, missed) if too_slow else missed
+            # the model's own cost is taken as a lower bound: a correction only adds what it missed (a negative one
+            # would trust a floor measured too high, e.g. on slow first steps, and shorten H for nothing)
+            extra = max(decision.extra, missed, 0.0) if too_slow else max(missed, 0.0)
             config = dataclasses.replace(self.config, sync_every=(low, high))
             new = self._broadcast(self._choose(meas, algorithm, extra=extra, keep=True, config=config))
             entry["decision"] = new.as_dict()
