@@ -108,6 +108,29 @@ class Listeners(Callback):
         self.seen = listening()
 
 
+def group_trainer(
+    devices: int, num_nodes: int, min_replicas: int, max_steps: int, callbacks: list[Callback], heal: str = "pg"
+) -> tuple[Trainer, LocalSGDStrategy]:
+    """One replica group's Trainer under ``TorchFT`` (timeouts short enough for a test to fail fast)."""
+    ft = TorchFT(min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10, heal_transport=heal)
+    strategy = LocalSGDStrategy(fault_tolerance=ft)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    return trainer, strategy
+
+
 def train_group(
     out_dir: str,
     devices: int,
@@ -141,24 +164,7 @@ def train_group(
     callbacks: list[Callback] = [consensus, Pace(pace), listeners] + ([gate] if gate is not None else [])
     if die_at is not None and group == die_group and incarnation == 0:
         callbacks.append(DieInSync(die_at) if die_in_sync else KillSelf(die_at))
-    ft = TorchFT(
-        min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10, heal_transport=heal_transport
-    )
-    strategy = LocalSGDStrategy(fault_tolerance=ft)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer, strategy = group_trainer(devices, num_nodes, min_replicas, max_steps, callbacks, heal_transport)
     model = LeastSquaresGroup(group, lr, momentum)
     shard = group * devices + int(os.environ["LOCAL_RANK"])  # every process of every group has its own data
     trainer.fit(model, DataLoader(FullBatch(shard, 10 * max_steps), batch_size=None))
@@ -250,22 +256,7 @@ def train_durable(
     consensus = DiLoCo(sync_every, outer_optimizer=outer)
     path = None if ckpt_dir is None else os.path.join(ckpt_dir, f"group{group}.ckpt")
     callbacks: list[Callback] = [consensus] + ([SaveAt(save_at, path)] if save_at and path else [])
-    ft = TorchFT(min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10)
-    strategy = LocalSGDStrategy(fault_tolerance=ft)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer, strategy = group_trainer(devices, num_nodes, min_replicas, max_steps, callbacks)
     model = IndexedGroup(group, lr, momentum)
     shard = group * devices + rank
     from torchdata.stateful_dataloader import StatefulDataLoader  # resumes mid-epoch where this group was
