@@ -73,13 +73,14 @@ def analyse(result: dict[str, Any], measure_steps: int, settle_steps: int = 0) -
         for name, s in summary.items()
         if name != "floor" and "slowest_rank_step_time_s" in s
     }
-    grid_rows = {n: v for n, v in rows.items() if not n.endswith("_auto")}
+    floors = ("node_ddp",)  # measured beside the floor on two nodes: not a setting of the grid
+    grid_rows = {n: v for n, v in rows.items() if not n.endswith("_auto") and n not in floors}
     best = min(grid_rows, key=grid_rows.get) if grid_rows else None
     # Drift-corrected: each run's mean step over its own median step (the median step is a local step in runs
     # that sync rarely), so a launch whose local steps ran faster or slower does not count. Under-counts a setting
     # that has a sync in flight at most steps (its median is slowed too).
     own = {name: own_overhead(result["runs"][name]) for name in rows}
-    own_grid = {n: v for n, v in own.items() if not n.endswith("_auto")}
+    own_grid = {n: v for n, v in own.items() if n in grid_rows}
     own_best = min(own_grid, key=own_grid.get) if own_grid else None
     out: dict[str, Any] = {
         "floor_step_s": floor,
@@ -129,14 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=32, help="unmeasured steps (>= 10 settle + 20 measuring)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--name", default=None, help="results folder (default autotune_<link>)")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="2: two simulated nodes of 2 ranks (replica groups: DDP inside a node, the tuned sync across; the "
+        "grid's names get the groups_ prefix, node_ddp is measured beside the floor)",
+    )
     p.add_argument("--report-only", action="store_true", help="re-analyse the saved step_time.json")
     args = p.parse_args(argv)
-    name = args.name or f"autotune_{args.link}"
+    name = args.name or f"autotune_{args.link}" + ("_2nodes" if args.nodes == 2 else "")
     hs = [int(h) for h in args.grid_h.split(",") if h.strip()]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    variants = ["floor", "localsgd_auto", *grid(hs, formats)]
-    if args.variants:  # a focused rerun: the best settings of an earlier grid beside the auto run
-        variants = ["floor", "localsgd_auto", *[v for v in args.variants.split(",") if v.strip()]]
+    chosen = [v for v in (args.variants or "").split(",") if v.strip()] or grid(hs, formats)
+    prefix = "groups_" if args.nodes == 2 else ""
+    fixed = [v if v.startswith(prefix) else prefix + v for v in chosen]
+    variants = ["floor", *(["node_ddp"] if args.nodes == 2 else []), f"{prefix}localsgd_auto", *fixed]
     if not args.report_only:
         code = step_time.main(
             [
@@ -154,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 name,
                 "--timeout",
                 str(1800),
+                *(["--nodes", "2"] if args.nodes == 2 else []),
             ]
         )
         if code:
@@ -166,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     analysis["link"] = args.link
     (folder / "autotune.json").write_text(json.dumps(analysis, indent=1))
     print(table(analysis))
-    auto = analysis.get("localsgd_auto")
+    auto_name = f"{prefix}localsgd_auto"
+    auto = analysis.get(auto_name)
     if auto:
         print(
             f"\nauto: {auto['x_floor']:.3f}x floor, {auto['x_best_grid']:.3f}x the best grid setting "
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         own, own_best = analysis["x_own_median"], analysis["best_grid_own_median"]
         print(
-            f"drift-corrected (each run's mean over its own median step): auto {own['localsgd_auto']:.3f}, "
+            f"drift-corrected (each run's mean over its own median step): auto {own[auto_name]:.3f}, "
             f"best grid {own_best} {own[own_best]:.3f}: {auto['x_best_grid_own_median']:.3f}x"
         )
         print(f"decision: {auto['decision']}")

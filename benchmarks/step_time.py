@@ -18,7 +18,7 @@ localsgd_H{h}_bf16  ``LocalSGDStrategy(sync_every=h, comm_dtype="bfloat16")`` fo
 Any other LocalSGD variant can be named in ``--variants``; the name is the spec::
 
     {localsgd|diloco}_H{h}[_P{fragments}][_tau{overlap_steps}][_{bfloat16|bf16|int8|int4}]
-    {localsgd|diloco}_auto      (comm_dtype, H, τ and fragments chosen by the auto-tuner)
+    [groups_]{localsgd|diloco}_auto  (comm_dtype, H, τ and fragments chosen by the auto-tuner)
 
 e.g. ``localsgd_H8_tau7`` (PeriodicAveraging(8, overlap_steps=7)), ``localsgd_H32_tau31_int8``,
 ``localsgd_H8_P4`` (4 staggered fragments), ``diloco_H32_P4_tau3_int8`` (Streaming DiLoCo).
@@ -139,16 +139,19 @@ _VARIANT = re.compile(
 
 def parse_variant(name: str) -> dict[str, Any] | None:
     """The spec a variant name spells (see the module docstring), or ``None``."""
-    auto = re.match(r"^(localsgd|diloco)_auto$", name)
+    auto = re.match(r"^(groups_)?(localsgd|diloco)_auto$", name)
     if auto is not None:  # everything left to the auto-tuner (docs/autotune.md)
-        return {
+        tuned: dict[str, Any] = {
             "kind": "localsgd",
-            "algorithm": "periodic" if auto.group(1) == "localsgd" else "diloco",
+            "algorithm": "periodic" if auto.group(2) == "localsgd" else "diloco",
             "H": "auto",
             "fragments": "auto",
             "overlap_steps": "auto",
             "comm_dtype": "auto",
         }
+        if auto.group(1):
+            tuned["within_node"] = "ddp"
+        return tuned
     m = _VARIANT.match(name)
     if m is None:
         return None
