@@ -181,6 +181,8 @@ def _fit_one(run: dict[str, Any], rank: int, devices: int, num_nodes: int, out_d
             "replicas": trainer.strategy.replica_group.size,
             "val_params": list(net.val_params),
             "shard_numel": sum(local(p).numel() for p in net.parameters()),
+            "tuning": algorithm.tuning_record,
+            "comm_dtype": str(trainer.strategy.comm.comm_dtype),
             "held": {
                 **held,
                 "anchor": 0 if algorithm.anchor is None else algorithm.anchor.numel(),

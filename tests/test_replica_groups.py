@@ -342,3 +342,34 @@ def test_cross_node_bytes_on_two_simulated_nodes_match_the_counters_and_the_clos
         assert 1.0 <= cross / per_node < 1.08, (cross, per_node)
         node_gather = booked[2 * node]["sync/node"] + booked[2 * node + 1]["sync/node"]
         assert 1.0 <= intra / node_gather < 1.08, (intra, node_gather)
+
+
+def test_the_auto_tuner_decides_once_for_replica_groups_and_measures_the_cross_node_slice():
+    """Issue 24 with replica groups: the tuner measures on the cross-node group, counts this rank's slice of a sync,
+    and every rank of both nodes applies the one decision (the ranks of a node stay equal, bit for bit)."""
+    from lightning_localsgd import AutoTune
+
+    tune = AutoTune(measure_steps=4, settle_steps=1, retune_every=0, sync_every=(2, 6), formats=(None, "bfloat16"))
+    auto = {"sync_every": "auto", "overlap_steps": "auto", "fragments": "auto"}
+    runs = [
+        {
+            "name": "auto",
+            "algorithm": "periodic",
+            "kwargs": auto,
+            "steps": 16,
+            "strategy": {"comm_dtype": "auto", "autotune": tune},
+        }
+    ]
+    groups = run_ranks("tests.scenarios_groups:fit_groups", world=4, nodes=2, runs=runs)
+    records = [r["auto"]["tuning"] for r in groups]
+    assert all(record == records[0] for record in records)  # one decision, the same measurements everywhere
+    record = records[0]
+    assert record["step"] == 1 + 4  # after the settle step and the 4 measuring steps
+    meas, decision = record["measurements"], record["decision"]
+    assert meas["replicas"] == 2 and meas["numel"] == -(-N_PARAMS // 2)  # this rank's slice (the larger one)
+    assert 2 <= decision["sync_every"] <= 6 and decision["comm_dtype"] in (None, "bfloat16")
+    assert len({r["auto"]["comm_dtype"] for r in groups}) == 1
+    for v in range(2):  # the two ranks of a node hold the same replica after every step
+        assert torch.equal(groups[2 * v]["auto"]["after"], groups[2 * v + 1]["auto"]["after"])
+    assert all(torch.equal(r["auto"]["final"], groups[0]["auto"]["final"]) for r in groups)  # fit ends on consensus
+    assert not torch.equal(groups[0]["auto"]["after"][4], groups[2]["auto"]["after"][4])  # the nodes drifted apart

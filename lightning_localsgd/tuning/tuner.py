@@ -301,7 +301,8 @@ class AutoTuner:
         if self._busy is not None:
             busy_steps, busy_seconds = self._busy
             slowdown = max(0.0, busy_seconds / (busy_steps * first["step_seconds"]) - 1.0)
-        agreed = self._agree([inverse_bandwidth, slowdown])
+        # n differs by one value between the ranks of a replica group (each sends its slice): the largest
+        agreed = self._agree([inverse_bandwidth, slowdown, float(n)])
         order = [format_name(f) for f in FORMATS]
         meas = Measurements(
             step_seconds=first["step_seconds"],
@@ -309,7 +310,7 @@ class AutoTuner:
             bandwidth=1.0 / agreed[0],
             slowdown=agreed[1],
             convert={f: first[f] for f in order},
-            numel=n,
+            numel=int(agreed[2]),
             replicas=m,
             element_size=torch.empty((), dtype=dtype).element_size(),
         )
