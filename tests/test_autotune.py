@@ -47,31 +47,31 @@ def test_the_cost_model_with_literal_numbers():
     assert overhead(MEAS, None, 86, 0, 1, extra=0.15) == pytest.approx((0.383500064 + 0.15) / (86 * 0.15))
 
 
-def test_150ms_steps_125MBps_45MB_model_pick_bfloat16_four_fragments_every_23_steps():
+def test_150ms_steps_125MBps_45MB_model_pick_bfloat16_every_23_steps_behind_4_steps():
     # At the smallest H meeting 3 %, H = 23, only bfloat16 meets it: overlapped, its transfer (0.181 s whole,
     # 0.091 s per half, 0.046 s per quarter, 0.0235 s per eighth) hides behind τ = ⌈2.5·t_link/0.15⌉ = 4, 2, 1, 1
     # steps and costs P·(0.3·t_link + κ·n/P) per round: 0.0993 s (2.88 %) with P = 1, 0.0996 s (2.89 %) with
-    # P = 2, 4·(0.3·0.046 + 0.01125) = 0.1002 s (2.90 %) with P = 4, 0.1014 s (2.94 %) with P = 8: all meet, the
-    # smallest τ (1) wins, then the fewest fragments (4).
+    # P = 2, 0.1002 s (2.90 %) with P = 4, 0.1014 s (2.94 %) with P = 8: all meet, the fewest fragments win (1),
+    # with the τ that hides them (4).
     # full: 0.3·0.361 + 0.0225 → H ≥ 30; int8: 0.3·0.0958 + 0.09 → H ≥ 27; int4: 0.3·0.0508 + 0.1125 → H ≥ 29
     decision = decide(MEAS, AutoTune())
     assert (decision.comm_dtype, decision.sync_every, decision.overlap_steps, decision.fragments) == (
         "bfloat16",
         23,
-        1,
         4,
+        1,
     )
-    assert decision.met and decision.overhead == pytest.approx(4 * (0.3 * 0.046000032 + 0.01125) / 3.45, rel=1e-6)
-    # with the margin of 1.25 the halves hide behind one step: two fragments, τ = 1
+    assert decision.met and decision.overhead == pytest.approx((0.3 * 0.181000032 + 0.045) / 3.45, rel=1e-6)
+    # with the margin of 1.25, τ = ⌈1.25·0.181/0.15⌉ = 2
     d = decide(MEAS, AutoTune(margin=1.25))
-    assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == ("bfloat16", 23, 1, 2)
+    assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == ("bfloat16", 23, 2, 1)
 
 
 def test_each_fixed_argument_is_the_only_candidate():
-    # the format fixed to full precision: overlap hides the transfer from H = 30; only eighths (0.046 s) hide
-    # behind one step with the 2.5 margin (quarters need τ = 2, halves 4, the whole 7): P = 8, τ = 1 (2.95 %)
+    # the format fixed to full precision: overlap hides the whole transfer (0.361 s) behind τ = ⌈2.5·0.361/0.15⌉
+    # = 7 steps from H = 30 (0.3·0.361 + 0.0225 = 0.1308 s per 4.5 s round, 2.91 %)
     d = decide(MEAS, AutoTune(), comm_dtype=None)
-    assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == (None, 30, 1, 8)
+    assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == (None, 30, 7, 1)
     # ... and blocking: H ≥ 0.3835 / (0.03·0.15) = 85.2
     d = decide(MEAS, AutoTune(), comm_dtype=None, overlap_steps=0, fragments=1)
     assert (d.sync_every, d.overlap_steps, d.fragments) == (86, 0, 1)
