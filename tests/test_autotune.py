@@ -182,4 +182,11 @@ def test_a_check_does_not_trust_measuring_steps_that_ran_slow():
     assert entry["step"] == 16 and entry["floor"] == pytest.approx(0.12)
     assert entry["measured"] == pytest.approx((15 * 0.12 + 2 * 0.3) / 15 / 0.12 - 1)  # 15 intervals, 2 syncs: 1/3
     assert algorithm.tuning_record["too_short"] == 8
-    assert applied and applied[0].sync_every > 8 and applied[0].extra > 0
+    # the new schedule waits for the sync in flight to merge at its own step (no drain, no wait for a transfer)
+    assert applied == [] and algorithm.tuning_record["decision"]["sync_every"] == 8
+    tuner._watch(17, now + 0.12)  # still in flight
+    assert applied == []
+    algorithm.in_flight = False  # merged at step 18 (τ = 1)
+    tuner._watch(18, now + 0.24)
+    assert len(applied) == 1 and applied[0].sync_every > 8 and applied[0].extra > 0 and entry["applied"] == 18
+    assert algorithm.tuning_record["decision"] == applied[0].as_dict()
