@@ -557,11 +557,13 @@ def run_durable(tmp: Path, name: str, groups: int, devices: int, **kwargs: Any) 
 
 @pytest.mark.launches
 @pytest.mark.timeout(3 * LAUNCH_TIMEOUT + 30)
-@pytest.mark.parametrize(("groups", "devices"), [(2, 1), (2, 2)], ids=["2x1", "2x2"])
-def test_a_whole_job_restart_from_ft_checkpoints_continues_the_uninterrupted_run(groups, devices):
+def test_a_whole_job_restart_from_ft_checkpoints_continues_the_uninterrupted_run():
     """Issue 23, part 5: every group restarted from its own checkpoint (written at a sync under FT) resumes
     torchft's step, so no group heals from another: each keeps its own inner momentum, LR schedule and data
-    position, and the run ends where the uninterrupted one does."""
+    position, and the run ends where the uninterrupted one does. Two groups of two processes (each rank resumes its
+    own part of its group's checkpoint; one-process groups passed too when written, dropped to keep `make test`
+    under 10 minutes)."""
+    groups, devices = 2, 2
     H, steps, save_at = 5, 30, 15
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
