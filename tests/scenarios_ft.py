@@ -48,6 +48,24 @@ def loss_of(w: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return 0.5 * ((x @ w - y) ** 2).mean()
 
 
+def shared_scale_sum(values: dict[Any, Tensor], fmt: str) -> tuple[Tensor, dict[Any, Tensor]]:
+    """The integer wire of a fault-tolerant round in plain torch (the formula of ``transport/summable.py``).
+
+    ``values``: each contributor's :math:`v = x - a + r` (a multiple of 128 values). Returns
+    (:math:`s \\sum_j q_j`, each contributor's :math:`v - s q`).
+    """
+    block, levels = 128, {"int8": 127, "int4": 7}[fmt] - len(values) // 2
+    absmax = torch.zeros(next(iter(values.values())).numel() // block, dtype=torch.float64)
+    for v in values.values():
+        top = v.view(-1, block).abs().amax(1)
+        single = top.float()  # rounded up to float32
+        up = torch.where(single.double() < top, torch.nextafter(single, torch.full_like(single, float("inf"))), single)
+        absmax += up.double()
+    s = (absmax / levels).repeat_interleave(block)
+    qs = {k: torch.where(s > 0, v / torch.where(s > 0, s, 1.0), 0.0).round() for k, v in values.items()}
+    return sum(qs.values()) * s, {k: values[k] - qs[k] * s for k in values}
+
+
 class FullBatch(Dataset):
     """The same full batch at every index (``batch_size=None``): data order cannot matter."""
 
@@ -76,11 +94,12 @@ class LeastSquaresGroup(LightningModule):
 
 
 class DieInSync(Callback):
-    """SIGKILL this process inside the sync round of ``step``: after the agreement on the
-    contributors, before the values' allreduce (the survivors' attempt fails and is repeated)."""
+    """SIGKILL this process inside the sync round of ``step``, at its ``call``-th SUM over the quorum: 2 is
+    after the agreement on the contributors, before the values' allreduce (float wires); with an integer
+    wire 3 is after the scales, while the integers travel (the survivors' attempt fails and is repeated)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, call: int = 2) -> None:
+        self.step, self.call = step, call
 
     def on_train_start(self, trainer: Trainer, *args: Any) -> None:
         session = trainer.strategy.ft_session
@@ -89,7 +108,7 @@ class DieInSync(Callback):
         def dying_sum(flat: Tensor, kind: str) -> bool:
             if session.round_kind == "sync" and session.round_step == self.step:
                 calls.append(kind)
-                if len(calls) == 2:
+                if len(calls) == self.call:
                     os.kill(os.getpid(), signal.SIGKILL)
             return plain_sum(flat, kind)
 
@@ -109,11 +128,17 @@ class Listeners(Callback):
 
 
 def group_trainer(
-    devices: int, num_nodes: int, min_replicas: int, max_steps: int, callbacks: list[Callback], heal: str = "pg"
+    devices: int,
+    num_nodes: int,
+    min_replicas: int,
+    max_steps: int,
+    callbacks: list[Callback],
+    heal: str = "pg",
+    comm_dtype: str | None = None,
 ) -> tuple[Trainer, LocalSGDStrategy]:
     """One replica group's Trainer under ``TorchFT`` (timeouts short enough for a test to fail fast)."""
     ft = TorchFT(min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10, heal_transport=heal)
-    strategy = LocalSGDStrategy(fault_tolerance=ft)
+    strategy = LocalSGDStrategy(fault_tolerance=ft, comm_dtype=comm_dtype)
     trainer = Trainer(
         accelerator="cpu",
         devices=devices,
@@ -151,6 +176,7 @@ def train_group(
     groups: int = 3,
     gate_at: int | None = None,
     heal_transport: str = "pg",
+    comm_dtype: str | None = None,
 ) -> dict[str, Any]:
     group, incarnation = int(os.environ["REPLICA_GROUP_ID"]), int(os.environ[INCARNATION_ENV])
     torch.set_num_threads(1)
@@ -163,8 +189,10 @@ def train_group(
     listeners = Listeners()
     callbacks: list[Callback] = [consensus, Pace(pace), listeners] + ([gate] if gate is not None else [])
     if die_at is not None and group == die_group and incarnation == 0:
-        callbacks.append(DieInSync(die_at) if die_in_sync else KillSelf(die_at))
-    trainer, strategy = group_trainer(devices, num_nodes, min_replicas, max_steps, callbacks, heal_transport)
+        callbacks.append(DieInSync(die_at, 3 if comm_dtype else 2) if die_in_sync else KillSelf(die_at))
+    trainer, strategy = group_trainer(
+        devices, num_nodes, min_replicas, max_steps, callbacks, heal_transport, comm_dtype=comm_dtype
+    )
     model = LeastSquaresGroup(group, lr, momentum)
     shard = group * devices + int(os.environ["LOCAL_RANK"])  # every process of every group has its own data
     trainer.fit(model, DataLoader(FullBatch(shard, 10 * max_steps), batch_size=None))

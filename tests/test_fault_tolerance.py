@@ -30,7 +30,7 @@ from lightning_localsgd.fault_tolerance.config import FaultToleranceError
 from lightning_localsgd.fault_tolerance.session import ReplicaGroupSession
 from lightning_localsgd.transport.collectives import Collectives, Group, NonFiniteReplicaError
 from tests.fakes import Toy, bind_fake
-from tests.scenarios_ft import group_data, initial_weights, loss_of
+from tests.scenarios_ft import D, group_data, initial_weights, loss_of, shared_scale_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -97,12 +97,17 @@ def test_config_takes_torchft_environment_and_names_what_is_missing(monkeypatch)
         (SyncEngine(PeriodicAveraging(8, buffers="broadcast")), None, "use buffers='average' or 'local'"),
         (SyncEngine(PeriodicAveraging(8), GradAlign(4)), None, "GradAlign communicate over the fixed world"),
         (SyncEngine(PeriodicAveraging(8), None, [ReplicaDrift()]), None, "ReplicaDrift communicate"),
-        (SyncEngine(DiLoCo(8)), "int8", "comm_dtype='int8' keeps per-rank error-feedback residuals"),
+        (SyncEngine(DiLoCo(8)), "int4", "at most 13 fit, and min_replicas=2 groups of 7 process"),
     ],
 )
 def test_unsupported_setups_are_refused_with_the_fix(engine, comm_dtype, message):
     with pytest.raises(ValueError, match=message):
-        ft().check_supported(engine, Collectives(comm_dtype))
+        ft(min_replicas=2).check_supported(engine, Collectives(comm_dtype), processes=7)
+
+
+def test_the_integer_wires_are_supported():
+    for comm_dtype in ("int8", "int4"):  # 2 groups of 6: 12 processes fit int4's 4 bits
+        ft(min_replicas=2).check_supported(SyncEngine(DiLoCo(8)), Collectives(comm_dtype), processes=6)
 
 
 def fit_alone(config: TorchFT) -> None:
@@ -323,7 +328,9 @@ def replay(cfg: dict[str, Any], primary: int, join_step: int, join_source: int) 
     group's first start trains steps 1..``die_at`` and contributes to the syncs up to ``die_at``
     (not to the one it died in); its second start receives the sync of ``join_step`` (and rank r
     the inner optimizer state of ``(join_source, r)``) without contributing, then trains and
-    contributes. Everyone starts from ``primary``'s initial weights.
+    contributes. Everyone starts from ``primary``'s initial weights. With ``cfg["comm_dtype"]`` the
+    mean is the integer wire's (:func:`tests.scenarios_ft.shared_scale_sum`): each replica owes its
+    rounding to the next sync; the restarted group's replicas owe nothing.
     """
     groups, devices, H, dead = cfg["groups"], cfg["devices"], cfg["sync_every"], cfg["groups"] - 1
     died_at, in_sync = cfg["die_at"], cfg["die_in_sync"]
@@ -340,6 +347,9 @@ def replay(cfg: dict[str, Any], primary: int, join_step: int, join_source: int) 
         return g != dead or s < died_at or (s == died_at and not in_sync) or s > join_step
 
     contributors: dict[int, int] = {}
+    fmt = cfg.get("comm_dtype")  # an integer wire: shared-scale integers with error feedback (transport/summable.py)
+    anchor = initial_weights(primary)  # PeriodicAveraging's: the last consensus (DiLoCo's is θ)
+    owed = {k: torch.zeros(D, dtype=F64) for k in replicas}
     for t in range(1, cfg["max_steps"] + 1):
         for g, r in replicas:
             if trains(g, t):
@@ -351,6 +361,16 @@ def replay(cfg: dict[str, Any], primary: int, join_step: int, join_source: int) 
         members = [(g, r) for g, r in replicas if contributes(g, t)]
         contributors[t] = len(members)
         mean = torch.stack([params[k].detach() for k in members]).mean(0)
+        if fmt is not None:
+            base = theta.detach() if cfg["algorithm"] == "diloco" else anchor
+            pad = (0, 128 - D)
+            values = {k: torch.nn.functional.pad(params[k].detach() - base + owed[k], pad) for k in members}
+            summed, kept = shared_scale_sum(values, fmt)
+            mean = base + summed[:D] / len(members)
+            owed.update((k, kept[k][:D]) for k in members)
+            if t == join_step:
+                owed.update(((dead, r), torch.zeros(D, dtype=F64)) for r in range(devices))  # a new life owes nothing
+            anchor = mean.clone()
         if cfg["algorithm"] == "diloco":
             theta.grad = theta.detach() - mean
             outer.step()
@@ -440,24 +460,27 @@ def report(name: str, results: dict, runs: list, seconds: float) -> None:
 @pytest.mark.launches
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
 @pytest.mark.parametrize(
-    ("algorithm", "groups", "devices", "die_at", "die_in_sync", "heal_transport"),
+    ("algorithm", "groups", "devices", "die_at", "die_in_sync", "heal_transport", "comm_dtype"),
     [
-        ("periodic", 3, 1, 12, False, "pg"),
-        ("diloco", 3, 1, 15, True, "pg"),
-        ("periodic", 2, 2, 12, False, "pg"),
-        ("diloco", 3, 1, 12, False, "http"),
+        ("periodic", 3, 1, 12, False, "pg", None),
+        ("diloco", 3, 1, 15, True, "pg", "int4"),
+        ("periodic", 2, 2, 12, False, "pg", "int8"),
+        ("diloco", 3, 1, 12, False, "http", None),
     ],
     ids=[
         "periodic-3x1-killed-after-step-12",
-        "diloco-3x1-killed-inside-the-sync-of-step-15",
-        "periodic-2x2-killed-after-step-12",
+        "diloco-int4-3x1-killed-while-the-integers-of-step-15-travel",
+        "periodic-int8-2x2-killed-after-step-12",
         "diloco-3x1-killed-after-step-12-healed-over-http",
     ],
 )
 def test_survivors_keep_training_and_the_restarted_group_rejoins_equal(
-    algorithm, groups, devices, die_at, die_in_sync, heal_transport
+    algorithm, groups, devices, die_at, die_in_sync, heal_transport, comm_dtype
 ):
+    """Issue 23's acceptance on real torchft groups; with ``comm_dtype`` the integer wire of part 2 (the
+    survivors keep their residuals, the restarted group starts from zero: the replay models both)."""
     cfg = {
+        "comm_dtype": comm_dtype,
         "heal_transport": heal_transport,
         "algorithm": algorithm,
         "groups": groups,

@@ -14,11 +14,19 @@ which turns a sync (``purpose="sync"``) into one round of the group's
         \\quad\\text{(one SUM allreduce in the wire dtype; } a \\text{ the anchor, or 0)}
 
 over every process j of every group in the quorum (first within the job over its fixed process
-group, then across groups with ``Manager.allreduce``). A group that healed in this round (it
-just received a peer's state) has :math:`c_j = 0`: its replica is a copy, counting it would
-weight that peer twice. The step sums check that every contributor syncs at the same step
-:math:`s`. The mean is written into the tensors only after ``should_commit``; a failed attempt
-leaves them untouched and the round is repeated (a new quorum without the dead group).
+group, then across groups with ``Manager.allreduce``). With ``comm_dtype="int8"`` / ``"int4"`` the
+sum travels as integers on one shared scale per block, which a SUM allreduce can add
+(:mod:`lightning_localsgd.transport.summable`), with error feedback: each contributor adds its
+residual :math:`r_j` to its delta and keeps what rounding drops, :math:`r_j \\leftarrow v_j - s\\,q_j`,
+only when the round commits (a failed attempt re-quantizes the same :math:`v_j` with the next
+quorum's scale). A group that heals starts from a zero residual
+(:func:`~lightning_localsgd.fault_tolerance.state.restore_peer_state_`); the survivors keep theirs.
+
+A group that healed in this round (it just received a peer's state) has :math:`c_j = 0`: its
+replica is a copy, counting it would weight that peer twice. The step sums check that every
+contributor syncs at the same step :math:`s`. The mean is written into the tensors only after
+``should_commit``; a failed attempt leaves them untouched and the round is repeated (a new quorum
+without the dead group).
 
 Evaluation, checkpoint and setup averages (``purpose`` ``"eval"``, ``"checkpoint"``, ``"setup"``)
 stay inside the job: they happen at each group's own pace and need no quorum. Every other
@@ -36,6 +44,8 @@ import torch
 from torch import Tensor
 
 from lightning_localsgd.transport.collectives import Collectives, Group, NonFinitePolicy, PendingMean
+from lightning_localsgd.transport.quantize import BLOCK, IntFormat
+from lightning_localsgd.transport.summable import block_absmax, decode_sum_, encode, shared_levels, summable_bytes
 from lightning_localsgd.transport.tensors import all_finite, flatten, unflatten_
 
 if TYPE_CHECKING:
@@ -97,17 +107,18 @@ class QuorumCollectives(Collectives):
             return super().mean_(
                 tensors, job, purpose=purpose, anchor=anchor, residual=residual, nonfinite=nonfinite, step=step
             )
-        if purpose != "sync" or residual is not None or observer is not None:
+        if purpose != "sync" or observer is not None or (residual is not None and not self.quantized):
             raise self._unsupported(f"an average of purpose {purpose!r} (residual/observer)")
         if not tensors:
             return
-        self._round_mean_(tensors, group.session, anchor, nonfinite, step)
+        self._round_mean_(tensors, group.session, anchor, residual, nonfinite, step)
 
     def _round_mean_(
         self,
         tensors: Sequence[Tensor],
         session: ReplicaGroupSession,
         anchor: Tensor | Sequence[Tensor] | None,
+        residual: Tensor | None,
         nonfinite: NonFinitePolicy,
         step: int | None,
     ) -> None:
@@ -122,20 +133,62 @@ class QuorumCollectives(Collectives):
             contributes = session.contributes and (finite or nonfinite == "raise")
             count = session.agree(contributes, finite, nonfinite, device=local.device)
             wire: Tensor | None = None
+            kept: Tensor | None = None  # the integer wire's new residual, written only if the round commits
             if count is not None:
                 if base is not None:
                     local.sub_(base)
-                wire = local.to(wire_dtype) if contributes else torch.zeros_like(local, dtype=wire_dtype)
-                if not session.sum_(wire, "sync"):
-                    wire = None  # this attempt failed: this group's should_commit says False
+                if self.quantized:
+                    summed = self._integer_sum(local, base, residual, contributes, count, session)
+                    wire, kept = (None, None) if summed is None else summed
+                else:
+                    wire = local.to(wire_dtype) if contributes else torch.zeros_like(local, dtype=wire_dtype)
+                    if not session.sum_(wire, "sync"):
+                        wire = None  # this attempt failed: this group's should_commit says False
             committed = session.close_round(contributors=count if wire is not None else 0)
             if committed and wire is not None:
                 mean = wire.to(dtype).div_(float(count))
                 if base is not None:
                     mean.add_(base)
                 unflatten_(mean, tensors)
+                if kept is not None and contributes:
+                    residual.copy_(kept)  # type: ignore[union-attr]
                 return
         raise session.gave_up(attempt)
+
+    def _integer_sum(
+        self,
+        delta: Tensor,
+        base: Tensor | None,
+        residual: Tensor | None,
+        contributes: bool,
+        count: int,
+        session: ReplicaGroupSession,
+    ) -> tuple[Tensor, Tensor] | None:
+        """:math:`(s \\sum_j q_j,\\ v - s q)` of this attempt on the shared-scale integer wire; ``None``: it failed.
+
+        Two SUMs over the quorum: the per-block maxima (float64), then the integers (``uint8``); see
+        :mod:`lightning_localsgd.transport.summable`. ``residual`` is read, not written.
+        """
+        fmt: IntFormat = self.comm_dtype  # type: ignore[assignment]
+        if base is None or residual is None:
+            raise ValueError(f"comm_dtype={fmt!r} needs an anchor and an error-feedback residual: pass both to mean_")
+        levels = shared_levels(fmt, count)
+        n = delta.numel()
+        values = torch.zeros(-(-n // BLOCK) * BLOCK, dtype=delta.dtype, device=delta.device)
+        if contributes:
+            values[:n].copy_(delta).add_(residual.to(delta.device))
+        absmax = block_absmax(values)  # zeros for a process that does not contribute
+        if not session.sum_(absmax, "sync"):
+            return None
+        error = torch.empty_like(values)
+        if contributes:
+            packet = encode(values, absmax, fmt, levels, error=error)
+        else:  # zero bytes, not encoded zeros (those would carry the offset L_c)
+            packet = torch.zeros(summable_bytes(values.numel(), fmt), dtype=torch.uint8, device=delta.device)
+        if not session.sum_(packet, "sync"):
+            return None
+        summed = decode_sum_(packet, absmax, fmt, levels, count, out=values)
+        return summed[:n], error[:n]
 
     # ------------------------------------------------------------------ everything else over the quorum refuses
     @staticmethod

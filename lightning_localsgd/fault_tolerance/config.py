@@ -170,7 +170,7 @@ class TorchFT(FaultTolerancePlugin):
         return ReplicaGroupSession(self, trainer, engine.algorithm, job, comm, broadcast)
 
     @override
-    def check_supported(self, engine: SyncEngine, comm: Collectives) -> None:
+    def check_supported(self, engine: SyncEngine, comm: Collectives, processes: int = 1) -> None:
         """Refuse, with the reason and the fix, what the rounds over replica groups cannot carry."""
         algorithm = engine.algorithm
         name = type(algorithm).__name__
@@ -198,10 +198,11 @@ class TorchFT(FaultTolerancePlugin):
             raise ValueError(
                 f"{', '.join(names)} communicate over the fixed world: remove them when using fault_tolerance"
             )
-        if comm.quantized:
+        if comm.quantized and comm.comm_dtype == "int4" and self.min_replicas * processes > 13:
             raise ValueError(
-                f"comm_dtype={comm.comm_dtype!r} keeps per-rank error-feedback residuals that a returning group "
-                "cannot receive: use comm_dtype=None, 'bfloat16' or 'float16' with fault_tolerance"
+                "comm_dtype='int4' under fault_tolerance sums every contributing process's integers in 4 bits: at "
+                f"most 13 fit, and min_replicas={self.min_replicas} groups of {processes} process(es) make "
+                f"{self.min_replicas * processes}; use comm_dtype='int8' (docs/fault_tolerance.md)"
             )
 
 

@@ -15,6 +15,9 @@ quorum of a round, *before* that round's average, and holds:
 ``schedulers``   the LR schedulers' state
 ===============  ================================================================================
 
+Not sent: the integer wire's error-feedback residual (per process). A group that heals sets its own
+to zero; see :mod:`lightning_localsgd.fault_tolerance.collectives`.
+
 Everything is loaded **in place**: the anchor keeps its storage (DiLoCo's θ pieces and outer
 optimizer parameters are views of it), the outer optimizers keep their parameters.
 """
@@ -56,6 +59,10 @@ def restore_peer_state_(trainer: Trainer, algorithm: ConsensusAlgorithm, state: 
         )
     trainer.lightning_module.load_state_dict(state["module"])
     algorithm.load_shared_state_(state["algorithm"])
+    if algorithm.residual is not None:
+        # The integer wire's error feedback: what this group still owed was rounding of the replica it just
+        # replaced by the peer's; it starts again from zero, as a new group does (the peers keep theirs).
+        algorithm.residual.zero_()
     for optimizer, saved in zip(optimizers, state["optimizers"]):
         optimizer.load_state_dict(saved)
     for config, saved in zip(schedulers, state["schedulers"]):

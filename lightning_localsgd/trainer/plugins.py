@@ -69,8 +69,9 @@ class FaultTolerancePlugin(ABC):
         """The transport every sync goes through."""
 
     @abstractmethod
-    def check_supported(self, engine: SyncEngine, comm: Collectives) -> None:
-        """Raise, with the fix, for what the plugin cannot carry (an algorithm, a modifier, a transport)."""
+    def check_supported(self, engine: SyncEngine, comm: Collectives, processes: int = 1) -> None:
+        """Raise, with the fix, for what the plugin cannot carry (an algorithm, a modifier, a transport;
+        ``processes``: this job's)."""
 
     @abstractmethod
     def start(

@@ -357,7 +357,7 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
                     "fault_tolerance does not combine with the auto-tuner yet: give comm_dtype and the algorithm's "
                     "sync_every/overlap_steps/fragments numbers (docs/autotune.md)"
                 )
-            self._fault_tolerance.check_supported(self._engine, self._comm)
+            self._fault_tolerance.check_supported(self._engine, self._comm, self.world_size)
         needs_background = may_overlap(self._engine.algorithm) and self._replica_world.size > 1
         self._background_group = None  # every rank decides alike
         if needs_background:
