@@ -103,16 +103,16 @@ class DieInSync(Callback):
 
     def on_train_start(self, trainer: Trainer, *args: Any) -> None:
         session = trainer.strategy.ft_session
-        plain_sum, calls = session.sum_, []
+        plain_start, calls = session.start_sum_, []
 
-        def dying_sum(flat: Tensor, kind: str) -> bool:
+        def dying_start(flat: Tensor, kind: str) -> Any:  # every SUM over the quorum starts here
             if session.round_kind == "sync" and session.round_step == self.step:
                 calls.append(kind)
                 if len(calls) == self.call:
                     os.kill(os.getpid(), signal.SIGKILL)
-            return plain_sum(flat, kind)
+            return plain_start(flat, kind)
 
-        session.sum_ = dying_sum
+        session.start_sum_ = dying_start
 
 
 class Listeners(Callback):
@@ -177,14 +177,17 @@ def train_group(
     gate_at: int | None = None,
     heal_transport: str = "pg",
     comm_dtype: str | None = None,
+    fragments: int = 1,
+    overlap_steps: int = 0,
 ) -> dict[str, Any]:
     group, incarnation = int(os.environ["REPLICA_GROUP_ID"]), int(os.environ[INCARNATION_ENV])
     torch.set_num_threads(1)
+    schedule = {"fragments": fragments, "overlap_steps": overlap_steps}
     if algorithm == "periodic":
-        consensus: Any = PeriodicAveraging(sync_every)
+        consensus: Any = PeriodicAveraging(sync_every, **schedule)
     else:
         outer = functools.partial(torch.optim.SGD, lr=outer_lr, momentum=outer_momentum)
-        consensus = DiLoCo(sync_every, outer_optimizer=outer)
+        consensus = DiLoCo(sync_every, outer_optimizer=outer, **schedule)
     gate = None if barrier_dir is None else RestartGate(barrier_dir, groups, gate_at, die_group)
     listeners = Listeners()
     callbacks: list[Callback] = [consensus, Pace(pace), listeners] + ([gate] if gate is not None else [])
@@ -213,7 +216,8 @@ def train_group(
     }
     if isinstance(consensus, DiLoCo):
         out["anchor"] = consensus.anchor.clone()
-        out["outer_momentum"] = consensus.outer.state_dict()["state"][0]["momentum_buffer"].clone()
+        buffers = [o.state_dict()["state"][0]["momentum_buffer"] for o in consensus.outers]  # one per fragment
+        out["outer_momentum"] = torch.cat(buffers).clone()
     return out
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import Tensor
 
 from lightning_localsgd import DiLoCo, GradAlign, LocalSGDStrategy, PeriodicAveraging, ReplicaDrift, TorchFT
 from lightning_localsgd.algorithms.elastic import ElasticAveraging
@@ -91,8 +92,8 @@ def test_config_takes_torchft_environment_and_names_what_is_missing(monkeypatch)
     ("engine", "comm_dtype", "message"),
     [
         (SyncEngine(ElasticAveraging(4)), None, "supports PeriodicAveraging and DiLoCo, got ElasticAveraging"),
-        (SyncEngine(PeriodicAveraging(8, overlap_steps=2)), None, "drop overlap_steps/fragments"),
-        (SyncEngine(DiLoCo(8, fragments=2)), None, "drop overlap_steps/fragments"),
+        (SyncEngine(DiLoCo(8, fragments=2, overlap_steps=5)), None, "one torchft round at a time.*overlap_steps <= 4"),
+        (SyncEngine(PeriodicAveraging(9, fragments=4, overlap_steps=3)), None, "fragments=4 needs overlap_steps <= 2"),
         (SyncEngine(PeriodicAveraging(8, warmup_steps=3)), None, "drop warmup_steps"),
         (SyncEngine(PeriodicAveraging(8, buffers="broadcast")), None, "use buffers='average' or 'local'"),
         (SyncEngine(PeriodicAveraging(8), GradAlign(4)), None, "GradAlign communicate over the fixed world"),
@@ -105,9 +106,11 @@ def test_unsupported_setups_are_refused_with_the_fix(engine, comm_dtype, message
         ft(min_replicas=2).check_supported(engine, Collectives(comm_dtype), processes=7)
 
 
-def test_the_integer_wires_are_supported():
+def test_the_integer_wires_overlap_and_fragments_are_supported():
     for comm_dtype in ("int8", "int4"):  # 2 groups of 6: 12 processes fit int4's 4 bits
         ft(min_replicas=2).check_supported(SyncEngine(DiLoCo(8)), Collectives(comm_dtype), processes=6)
+    for algorithm in (DiLoCo(8, fragments=2, overlap_steps=4), PeriodicAveraging(8, overlap_steps=7)):
+        ft().check_supported(SyncEngine(algorithm), Collectives("int8"))  # one flight at a time
 
 
 def fit_alone(config: TorchFT) -> None:
@@ -160,7 +163,7 @@ class ScriptedSession(ReplicaGroupSession):
         self.wire: list[torch.Tensor] = []  # what this process sent, per allreduce
         self.rounds: list[tuple[int, bool]] = []  # (contributors, committed) per attempt
 
-    def open_round(self, step: int, kind: str) -> None:
+    def open_round(self, step: int, kind: str, redo: bool = False) -> None:
         if self._open:
             return
         self._open, self.round_step, self.round_kind = True, step, kind
@@ -169,6 +172,10 @@ class ScriptedSession(ReplicaGroupSession):
         if self.heal is not None:
             self._restore(self.heal)
             self.heal = None
+
+    def start_sum_(self, flat: torch.Tensor, kind: str) -> Any:
+        ok = self.sum_(flat, kind)
+        return lambda: ok
 
     def sum_(self, flat: torch.Tensor, kind: str) -> bool:
         self.wire.append(flat.clone())
@@ -326,19 +333,30 @@ def replay(cfg: dict[str, Any], primary: int, join_step: int, join_source: int) 
 
     Replica ``(g, r)`` is rank ``r`` of group ``g`` (its data: shard ``g·devices + r``). The last
     group's first start trains steps 1..``die_at`` and contributes to the syncs up to ``die_at``
-    (not to the one it died in); its second start receives the sync of ``join_step`` (and rank r
-    the inner optimizer state of ``(join_source, r)``) without contributing, then trains and
-    contributes. Everyone starts from ``primary``'s initial weights. With ``cfg["comm_dtype"]`` the
-    mean is the integer wire's (:func:`tests.scenarios_ft.shared_scale_sum`): each replica owes its
-    rounding to the next sync; the restarted group's replicas owe nothing.
+    (not to the one it died in); its second start receives a peer's state at the sync of
+    ``join_step`` (the replica and rank r's inner optimizer state of ``(join_source, r)``), takes part
+    in it without contributing, then trains and contributes. Everyone starts from ``primary``'s
+    initial weights.
+
+    ``cfg["fragments"]`` P: fragment f (values ⌊fD/P⌋:⌊(f+1)D/P⌋, its own outer optimizer) syncs at
+    steps ⌊(f+1)H/P⌋ + kH. ``cfg["overlap_steps"]`` τ: the mean of the values sent at s is merged at
+    s + τ as x ← x + (c − sent); the end of training merges what is in flight, then syncs the whole
+    model unless the replicas are equal. ``cfg["comm_dtype"]``: the mean is the integer wire's
+    (:func:`tests.scenarios_ft.shared_scale_sum`): each replica owes its rounding to the next sync of
+    the fragment; the restarted group's replicas owe nothing.
     """
     groups, devices, H, dead = cfg["groups"], cfg["devices"], cfg["sync_every"], cfg["groups"] - 1
-    died_at, in_sync = cfg["die_at"], cfg["die_in_sync"]
+    died_at, in_sync, steps = cfg["die_at"], cfg["die_in_sync"], cfg["max_steps"]
+    P, tau, fmt = cfg.get("fragments", 1), cfg.get("overlap_steps", 0), cfg.get("comm_dtype")
+    diloco = cfg["algorithm"] == "diloco"
     replicas = [(g, r) for g in range(groups) for r in range(devices)]
     params = {k: torch.nn.Parameter(initial_weights(primary)) for k in replicas}
     inner = {k: torch.optim.SGD([params[k]], lr=cfg["lr"], momentum=cfg["momentum"]) for k in replicas}
-    theta = torch.nn.Parameter(initial_weights(primary))
-    outer = torch.optim.SGD([theta], lr=cfg["outer_lr"], momentum=cfg["outer_momentum"])
+    cut = [slice(f * D // P, (f + 1) * D // P) for f in range(P)]
+    theta = [torch.nn.Parameter(initial_weights(primary)[c].clone()) for c in cut]
+    outer = [torch.optim.SGD([t], lr=cfg["outer_lr"], momentum=cfg["outer_momentum"]) for t in theta]
+    anchor = initial_weights(primary)  # PeriodicAveraging's (integer wire): the last consensus
+    owed = {k: torch.zeros(D, dtype=F64) for k in replicas}
 
     def trains(g: int, t: int) -> bool:
         return g != dead or t <= died_at or t > join_step
@@ -346,46 +364,84 @@ def replay(cfg: dict[str, Any], primary: int, join_step: int, join_source: int) 
     def contributes(g: int, s: int) -> bool:
         return g != dead or s < died_at or (s == died_at and not in_sync) or s > join_step
 
-    contributors: dict[int, int] = {}
-    fmt = cfg.get("comm_dtype")  # an integer wire: shared-scale integers with error feedback (transport/summable.py)
-    anchor = initial_weights(primary)  # PeriodicAveraging's: the last consensus (DiLoCo's is θ)
-    owed = {k: torch.zeros(D, dtype=F64) for k in replicas}
-    for t in range(1, cfg["max_steps"] + 1):
+    def takes_part(g: int, s: int) -> bool:
+        return contributes(g, s) or (g == dead and s == join_step)
+
+    def mean_of(f: int, sent: dict[tuple[int, int], Tensor], members: list[tuple[int, int]]) -> Tensor:
+        if fmt is None:
+            return torch.stack([sent[k] for k in members]).mean(0)
+        base = theta[f].detach() if diloco else anchor[cut[f]]
+        pad = (0, 128 - (cut[f].stop - cut[f].start))
+        values = {k: torch.nn.functional.pad(sent[k] - base + owed[k][cut[f]], pad) for k in members}
+        summed, kept = shared_scale_sum(values, fmt)
+        for k in members:
+            owed[k][cut[f]] = kept[k][: cut[f].stop - cut[f].start]
+        return base + summed[: cut[f].stop - cut[f].start] / len(members)
+
+    def consensus(f: int, mean: Tensor) -> Tensor:
+        if not diloco:
+            anchor[cut[f]] = mean
+            return mean
+        theta[f].grad = theta[f].detach() - mean
+        outer[f].step()
+        return theta[f].detach().clone()
+
+    contributors: dict[int, list[int]] = {}
+    flights: dict[int, tuple[int, Tensor, dict[tuple[int, int], Tensor]]] = {}  # f -> (start, mean, sent)
+    num_syncs = 0
+
+    def merge(f: int) -> None:
+        nonlocal num_syncs
+        _, mean, sent = flights.pop(f)
+        c = consensus(f, mean)
+        for k in sent:
+            params[k].data[cut[f]] += c - sent[k]
+        num_syncs += 1
+
+    def round_of(f: int, t: int, parts: list[tuple[int, int]], members: list[tuple[int, int]]) -> Tensor:
+        contributors.setdefault(t, []).append(len(members))
+        return mean_of(f, {k: params[k].detach()[cut[f]].clone() for k in parts}, members)
+
+    for t in range(1, steps + 1):
         for g, r in replicas:
             if trains(g, t):
                 inner[g, r].zero_grad()
                 loss_of(params[g, r], *group_data(g * devices + r)).backward()
                 inner[g, r].step()
-        if t % H:
-            continue
-        members = [(g, r) for g, r in replicas if contributes(g, t)]
-        contributors[t] = len(members)
-        mean = torch.stack([params[k].detach() for k in members]).mean(0)
-        if fmt is not None:
-            base = theta.detach() if cfg["algorithm"] == "diloco" else anchor
-            pad = (0, 128 - D)
-            values = {k: torch.nn.functional.pad(params[k].detach() - base + owed[k], pad) for k in members}
-            summed, kept = shared_scale_sum(values, fmt)
-            mean = base + summed[:D] / len(members)
-            owed.update((k, kept[k][:D]) for k in members)
-            if t == join_step:
-                owed.update(((dead, r), torch.zeros(D, dtype=F64)) for r in range(devices))  # a new life owes nothing
-            anchor = mean.clone()
-        if cfg["algorithm"] == "diloco":
-            theta.grad = theta.detach() - mean
-            outer.step()
-            mean = theta.detach().clone()
-        for g, r in replicas:
-            if t == join_step and g == dead:
-                inner[g, r].load_state_dict(copy.deepcopy(inner[join_source, r].state_dict()))
-            if contributes(g, t) or (t == join_step and g == dead):
-                params[g, r].data.copy_(mean)
+        for f in [f for f, flight in flights.items() if flight[0] + tau == t]:
+            merge(f)
+        for f in range(P):
+            offset = (f + 1) * H // P
+            if t < offset or (t - offset) % H:
+                continue
+            if t == join_step:  # the restarted group takes a live peer's replica and inner state, then takes part
+                for r in range(devices):
+                    params[dead, r].data.copy_(params[join_source, r].detach())
+                    inner[dead, r].load_state_dict(copy.deepcopy(inner[join_source, r].state_dict()))
+                    owed[dead, r].zero_()
+            parts = [(g, r) for g, r in replicas if takes_part(g, t)]
+            members = [(g, r) for g, r in replicas if contributes(g, t)]
+            sent = {k: params[k].detach()[cut[f]].clone() for k in parts}
+            mean = round_of(f, t, parts, members)
+            flights[f] = (t, mean, sent)
+            if tau == 0:
+                merge(f)
+    for f in list(flights):  # the end of training: merge what is in flight ...
+        merge(f)
+    if not (P == 1 and tau == 0 and steps % H == 0):  # ... then one whole sync unless the replicas are equal
+        parts = [(g, r) for g, r in replicas if takes_part(g, steps)]
+        for f in range(P):
+            c = consensus(f, round_of(f, steps, parts, parts))
+            for k in parts:
+                params[k].data[cut[f]] = c
+        num_syncs += 1
     return {
         "w": params[0, 0].detach(),
         "momentum": {k: inner[k].state[params[k]]["momentum_buffer"] for k in replicas},
-        "theta": theta.detach(),
-        "outer_momentum": outer.state[theta]["momentum_buffer"] if cfg["algorithm"] == "diloco" else None,
+        "theta": torch.cat([t.detach() for t in theta]),
+        "outer_momentum": torch.cat([o.state[t]["momentum_buffer"] for o, t in zip(outer, theta)]) if diloco else None,
         "contributors": contributors,
+        "num_syncs": num_syncs,
     }
 
 
@@ -460,32 +516,36 @@ def report(name: str, results: dict, runs: list, seconds: float) -> None:
 @pytest.mark.launches
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
 @pytest.mark.parametrize(
-    ("algorithm", "groups", "devices", "die_at", "die_in_sync", "heal_transport", "comm_dtype"),
+    ("algorithm", "groups", "devices", "die_at", "die_in_sync", "heal_transport", "comm_dtype", "schedule"),
     [
-        ("periodic", 3, 1, 12, False, "pg", None),
-        ("diloco", 3, 1, 15, True, "pg", "int4"),
-        ("periodic", 2, 2, 12, False, "pg", "int8"),
-        ("diloco", 3, 1, 12, False, "http", None),
+        ("periodic", 3, 1, 12, False, "pg", None, (5, 1, 0)),
+        ("diloco", 3, 1, 15, True, "pg", "int8", (6, 2, 3)),
+        ("diloco", 2, 2, 15, True, "pg", "int8", (6, 2, 3)),
+        ("diloco", 3, 1, 12, False, "http", None, (5, 1, 0)),
     ],
     ids=[
         "periodic-3x1-killed-after-step-12",
-        "diloco-int4-3x1-killed-while-the-integers-of-step-15-travel",
-        "periodic-int8-2x2-killed-after-step-12",
+        "diloco-int8-2-fragments-overlapped-3x1-killed-while-the-sync-of-step-15-is-in-flight",
+        "diloco-int8-2-fragments-overlapped-2x2-killed-while-the-sync-of-step-15-is-in-flight",
         "diloco-3x1-killed-after-step-12-healed-over-http",
     ],
 )
 def test_survivors_keep_training_and_the_restarted_group_rejoins_equal(
-    algorithm, groups, devices, die_at, die_in_sync, heal_transport, comm_dtype
+    algorithm, groups, devices, die_at, die_in_sync, heal_transport, comm_dtype, schedule
 ):
-    """Issue 23's acceptance on real torchft groups; with ``comm_dtype`` the integer wire of part 2 (the
-    survivors keep their residuals, the restarted group starts from zero: the replay models both)."""
+    """Issue 23's acceptance on real torchft groups. ``schedule`` = (H, fragments, overlap_steps); with overlap
+    the group dies as its integers start to travel: the survivors' round fails in flight and is redone by them
+    at its merge step from what they sent (parts 1 and 2); the replay models every case."""
+    H, fragments, overlap = schedule
     cfg = {
         "comm_dtype": comm_dtype,
+        "fragments": fragments,
+        "overlap_steps": overlap,
         "heal_transport": heal_transport,
         "algorithm": algorithm,
         "groups": groups,
         "devices": devices,
-        "sync_every": 5,
+        "sync_every": H,
         "max_steps": 60,
         "lr": 0.05,
         "momentum": 0.5,
@@ -500,7 +560,7 @@ def test_survivors_keep_training_and_the_restarted_group_rejoins_equal(
     with tempfile.TemporaryDirectory() as tmp:
         results, runs, seconds = run_groups(Path(tmp), cfg)
     report(f"{algorithm} {groups}x{devices}", results, runs, seconds)
-    dead, H, steps = groups - 1, cfg["sync_every"], cfg["max_steps"]
+    dead, steps = groups - 1, cfg["max_steps"]
     assert [[inc.returncode for inc in incs] for incs in runs] == [[0]] * dead + [[-9, 0]]  # SIGKILL, then done
     survivors = [results[(g, 0, r)] for g in range(dead) for r in range(devices)]
     joiners = [results[(dead, 1, r)] for r in range(devices)]
@@ -514,22 +574,22 @@ def test_survivors_keep_training_and_the_restarted_group_rejoins_equal(
     first = [j["history"][0] for j in joiners]
     assert all(f["kind"] == "sync" and f["healed"] and f["committed"] for f in first)
     join_step, join_source = first[0]["step"], int(first[0]["source"])
-    assert 20 < join_step <= steps and join_step % H == 0 and all(f["step"] == join_step for f in first)
+    starts = sorted(f * H // fragments + k * H for f in range(1, fragments + 1) for k in range(steps // H + 1))
+    assert 20 < join_step <= steps and join_step in starts and all(f["step"] == join_step for f in first)
     ref = replay(cfg, primary, join_step, join_source)
 
     # the survivors lost no step and committed every sync of the schedule once, with the quorum of the moment
-    schedule = list(range(H, steps + 1, H))
+    rounds = [(s, c) for s, counts in ref["contributors"].items() for c in counts]  # in the order they commit
     for r in survivors:
-        assert r["steps"] == steps and r["global_step"] == steps and r["num_syncs"] == steps // H
+        assert r["steps"] == steps and r["global_step"] == steps and r["num_syncs"] == ref["num_syncs"]
         syncs = [h for h in r["history"] if h["committed"] and h["kind"] == "sync"]
-        assert [h["step"] for h in syncs] == schedule
-        assert [h["contributors"] for h in syncs] == [ref["contributors"][s] for s in schedule]
-        alive = [s < die_at or (s == die_at and not die_in_sync) or s >= join_step for s in schedule]
+        assert [(h["step"], h["contributors"]) for h in syncs] == rounds
+        alive = [s < die_at or (s == die_at and not die_in_sync) or s >= join_step for s, _ in rounds]
         assert [h["participants"] for h in syncs] == [groups if a else groups - 1 for a in alive]
         failed = [(h["step"], h["participants"]) for h in r["history"] if not h["committed"]]
-        assert failed == ([(die_at, groups)] if die_in_sync else [])  # the round group 2 died in, then repeated
+        assert failed == ([(die_at, groups)] if die_in_sync else [])  # the round group 2 died in, then redone
     for r in joiners:
-        assert r["steps"] == steps - join_step and r["global_step"] == steps and r["num_syncs"] == steps // H
+        assert r["steps"] == steps - join_step and r["global_step"] == steps and r["num_syncs"] == ref["num_syncs"]
 
     # nothing of the fault tolerance listens on every interface (issue 23: the trust model); the job's own store
     # (Lightning's, at MASTER_PORT) is torch's and binds every interface: docs/fault_tolerance.md says so

@@ -132,11 +132,17 @@ class ThreadSession(ReplicaGroupSession):
         self.trainer = None
         self.wire: list[torch.Tensor] = []  # what this group put on the wire, per SUM
         self.summed: list[torch.Tensor] = []  # what the SUM gave back
+        self.redos: list[bool] = []  # per attempt: opened as the survivors' redo of a round that failed in flight
 
-    def open_round(self, step: int, kind: str) -> None:
+    def open_round(self, step: int, kind: str, redo: bool = False) -> None:
         if not self._open:
+            self.redos.append(redo)
             self._open, self.round_step, self.calls, self.ok = True, step, 0, True
             self.attempt = self.rounds[self.round_index][self.attempt_index]
+
+    def start_sum_(self, flat: torch.Tensor, purpose: str) -> Any:
+        ok = self.sum_(flat, purpose)
+        return lambda: ok
 
     def sum_(self, flat: torch.Tensor, purpose: str) -> bool:
         self.calls += 1
@@ -285,3 +291,64 @@ def test_a_group_that_heals_starts_from_a_zero_residual():
     restore_peer_state_(trainer, algorithm, {**peer, "optimizers": [], "schedulers": []})
     assert loaded == [{"num_syncs": 4}] and module.weight.tolist() == [[1.0, 1.0]]
     assert residual.tolist() == [0.0, 0.0, 0.0] and residual.data_ptr() == storage  # in place: fragments view it
+
+
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_an_overlapped_round_that_fails_in_flight_is_redone_by_the_survivors_from_what_they_sent(fmt):
+    """Two overlapped syncs (start at s, τ local steps, merge) of groups a, b, c; c dies while the values of
+    the second travel. Each survivor's merge is x_now + (mean − sent) with the mean of the round
+    redone by a and b from the values they sent at s (a shrink-only quorum), as the replay says."""
+    n, names = BLOCK, ("a", "b", "c")
+    rounds = [[Attempt(names)], [Attempt(names, dies="c", at=2 if fmt is None else 3), Attempt(("a", "b"))]]
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(n, generator=gen, dtype=F64)
+    sent = {(k, r): x0 + torch.randn(n, generator=gen, dtype=F64) for k in names for r in range(2)}
+    progress = {(k, r): 0.01 * torch.randn(n, generator=gen, dtype=F64) for k in names for r in range(2)}
+    merged: dict[tuple[str, int], torch.Tensor] = {}
+    sessions: dict[str, ThreadSession] = {}
+    errors: list[BaseException] = []
+
+    def group(name: str) -> None:
+        session = sessions[name] = ThreadSession(name, rounds)
+        world = QuorumGroup(_QuorumHandle(), [0], 0, session=session)
+        comm = QuorumCollectives(fmt)
+        anchor = x0.clone() if fmt else None
+        residual = torch.zeros(n, dtype=F64) if fmt else None
+        try:
+            for r in range(2):
+                flight = comm.start_mean(
+                    sent[name, r], world, anchor=anchor, residual=residual, step=10 * (r + 1), device=x0.device
+                )
+                now = sent[name, r] + progress[name, r]  # τ local steps while the values travel
+                mean = flight.wait()
+                merged[name, r] = now + (mean - sent[name, r])
+                if anchor is not None:
+                    anchor = mean.clone()
+        except Died:
+            pass
+        except BaseException as err:  # reported below
+            errors.append(err)
+            for attempt in (a for attempts in rounds for a in attempts):
+                attempt.barrier.abort()
+
+    threads = [threading.Thread(target=group, args=(k,)) for k in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert sessions["a"].redos == [False, False, True]  # round 2 failed in flight, then was redone shrink-only
+
+    # the replay: round 1 of a, b, c; round 2 of a and b, from the values they sent at its start
+    anchor, owed = x0.clone(), {k: torch.zeros(n, dtype=F64) for k in names}
+    for r, members in enumerate([names, ("a", "b")]):
+        if fmt is None:
+            mean = torch.stack([sent[k, r] for k in members]).mean(0)
+        else:
+            summed, kept = shared_scale_sum({k: sent[k, r] - anchor + owed[k] for k in members}, fmt)
+            mean = anchor + summed / len(members)
+            owed.update(kept)
+            anchor = mean
+        for k in ("a", "b"):
+            expected = sent[k, r] + progress[k, r] + (mean - sent[k, r])  # local progress kept
+            torch.testing.assert_close(merged[k, r], expected, rtol=0, atol=1e-12)

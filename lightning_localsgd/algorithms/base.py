@@ -357,6 +357,14 @@ class ConsensusAlgorithm(Callback):
         for p, flight in list(self._inflight.items()):
             if flight.start + self.overlap_steps == step:
                 self._finish(self._fragments[p], step)
+        self.syncs_due_(step)
+
+    def syncs_due_(self, step: int) -> None:
+        """Run or start the syncs the schedule has at ``step`` (after the merges due there).
+
+        Also how a replica group that joins the others at their sync of ``step`` takes part in it
+        (fault tolerance): the same blocking sync, fragment or overlapped start as theirs.
+        """
         if self.overlap_steps == 0 and len(self._fragments) == 1:
             if self.is_due(step, self.sync_every):
                 self.whole_sync(step)

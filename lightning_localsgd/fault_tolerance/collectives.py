@@ -74,6 +74,162 @@ class QuorumGroup(Group):
     session: Any = None  # ReplicaGroupSession
 
 
+@dataclass
+class Attempt:
+    """One attempt of a sync round: opened (quorum, agreement, the SUM started), then closed (commit or not).
+
+    A blocking sync opens and closes at once; an overlapped sync opens at its start step and closes
+    at its merge step, τ steps later, while torchft's process group carries the SUM.
+    """
+
+    comm: QuorumCollectives
+    session: ReplicaGroupSession
+    residual: Tensor | None
+    count: int | None = None  # processes that contribute (None: the agreement failed)
+    contributes: bool = False
+    base: Tensor | None = None  # the anchor (flat) the deltas are taken from
+    dtype: torch.dtype = torch.float32  # the mean's
+    n: int = 0
+    wire: Tensor | None = None  # what the SUM in flight sums (float values, or the integers' uint8 packet)
+    finish: Callable[[], bool] | None = None  # waits for the SUM in flight: False if it failed
+    absmax: Tensor | None = None  # the integer wire: the blocks' summed maxima
+    levels: int = 0  # ... L_c
+    scratch: Tensor | None = None  # ... the padded values; receives the decoded sum
+    error: Tensor | None = None  # ... v - s·q: the residual if the round commits
+
+    @classmethod
+    def open(
+        cls,
+        comm: QuorumCollectives,
+        session: ReplicaGroupSession,
+        tensors: Sequence[Tensor],
+        anchor: Tensor | Sequence[Tensor] | None,
+        residual: Tensor | None,
+        nonfinite: NonFinitePolicy,
+        step: int | None,
+        redo: bool = False,
+    ) -> Attempt:
+        """Quorum (may heal: the anchor changes in place), agreement, and the SUM started.
+
+        ``redo``: the round of an overlapped sync that failed in flight, done again by the survivors
+        from the values sent at its start: torchft's ``shrink_only`` quorum (nobody joins, nobody heals).
+        """
+        session.open_round(step if step is not None else -1, "sync", redo=redo)
+        self = cls(comm, session, residual)
+        base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
+        self.base = base
+        self.dtype = tensors[0].dtype if base is None else base.dtype
+        local = flatten(tensors, self.dtype)
+        self.n = local.numel()
+        finite = all_finite([local])
+        self.contributes = session.contributes and (finite or nonfinite == "raise")
+        self.count = session.agree(self.contributes, finite, nonfinite, device=local.device)
+        if self.count is None:
+            return self
+        if base is not None:
+            local.sub_(base)
+        if comm.quantized:
+            self._start_integers(local)
+        else:
+            reduced = isinstance(comm.comm_dtype, torch.dtype) and base is not None
+            wire_dtype = comm.comm_dtype if reduced else self.dtype
+            wire = local.to(wire_dtype) if self.contributes else torch.zeros_like(local, dtype=wire_dtype)
+            self.wire, self.finish = wire, session.start_sum_(wire, "sync")
+        return self
+
+    def _start_integers(self, delta: Tensor) -> None:
+        """The shared-scale integer wire (:mod:`lightning_localsgd.transport.summable`): the blocks' maxima are
+        summed now (float64), the integers start; ``residual`` is read here and written only at a commit."""
+        fmt: IntFormat = self.comm.comm_dtype  # type: ignore[assignment]
+        if self.base is None or self.residual is None:
+            raise ValueError(f"comm_dtype={fmt!r} needs an anchor and an error-feedback residual: pass both to mean_")
+        assert self.count is not None
+        self.levels = shared_levels(fmt, self.count)
+        values = torch.zeros(-(-self.n // BLOCK) * BLOCK, dtype=delta.dtype, device=delta.device)
+        if self.contributes:
+            values[: self.n].copy_(delta).add_(self.residual.to(delta.device))
+        absmax = block_absmax(values)  # zeros for a process that does not contribute
+        if not self.session.sum_(absmax, "sync"):
+            return  # failed: nothing in flight
+        error = torch.empty_like(values)
+        if self.contributes:
+            packet = encode(values, absmax, fmt, self.levels, error=error)
+        else:  # zero bytes, not encoded zeros (those would carry the offset L_c)
+            packet = torch.zeros(summable_bytes(values.numel(), fmt), dtype=torch.uint8, device=delta.device)
+        self.absmax, self.scratch, self.error = absmax, values, error
+        self.wire, self.finish = packet, self.session.start_sum_(packet, "sync")
+
+    def close(self) -> Tensor | None:
+        """Wait for the SUM, ``should_commit``; the mean (flat, full precision) if the round committed, else ``None``.
+
+        Only a committed round writes the residual (a failed one leaves it for the next attempt).
+        """
+        ok = self.finish is not None and self.finish()
+        committed = self.session.close_round(contributors=self.count if ok and self.count else 0)
+        if not (committed and ok) or self.wire is None or self.count is None:
+            return None
+        if self.comm.quantized:
+            assert self.scratch is not None and self.absmax is not None and self.error is not None
+            fmt: IntFormat = self.comm.comm_dtype  # type: ignore[assignment]
+            summed = decode_sum_(self.wire, self.absmax, fmt, self.levels, self.count, out=self.scratch)
+            mean = summed[: self.n]
+            if self.contributes:
+                self.residual.copy_(self.error[: self.n])  # type: ignore[union-attr]
+        else:
+            mean = self.wire.to(self.dtype)
+        mean = mean.div_(float(self.count))
+        if self.base is not None:
+            mean.add_(self.base)
+        return mean
+
+
+class QuorumFlight:
+    """An overlapped sync over the quorum (what :meth:`QuorumCollectives.start_quorum_mean` returns).
+
+    Its round is opened at the start step s (quorum, agreement, the SUM of the values sent in
+    torchft's background) and closed by :meth:`wait` at the merge step s + τ. If a group died while
+    the SUM was in flight, the round does not commit and is **redone by the survivors** at once,
+    from the values each sent at s (kept by the algorithm): the mean is theirs, at step s, and the
+    merge keeps each replica's local progress of the τ steps as without fault tolerance
+    (:meth:`~lightning_localsgd.algorithms.base.ConsensusAlgorithm.merge`). The residual of an
+    integer wire is written only by the attempt that commits.
+    """
+
+    def __init__(
+        self,
+        comm: QuorumCollectives,
+        session: ReplicaGroupSession,
+        sent: Tensor,
+        anchor: Tensor | None,
+        residual: Tensor | None,
+        nonfinite: NonFinitePolicy,
+        step: int,
+        device: torch.device,
+    ) -> None:
+        self.comm, self.session, self.anchor, self.residual = comm, session, anchor, residual
+        self.nonfinite, self.step = nonfinite, step
+        self.sent = sent  # the algorithm keeps it until the merge
+        self.device = device
+        self._mean: Tensor | None = None
+        joining = session.is_open  # a group joining the others' round of step s (opened by its join)
+        self.attempt = Attempt.open(comm, session, [sent.to(device)], anchor, residual, nonfinite, step)
+        if session.healed_now and not joining:
+            raise session.fell_behind()
+
+    def wait(self) -> Tensor:
+        """The mean of the round (flat): committed now, or redone by the survivors if it failed in flight."""
+        if self._mean is None:
+            mean = self.attempt.close()
+            if mean is None:
+                redo = self.sent.to(self.device, copy=True)
+                self.comm._round_mean_(
+                    [redo], self.session, self.anchor, self.residual, self.nonfinite, self.step, redo=True
+                )
+                mean = redo
+            self._mean = mean
+        return self._mean
+
+
 class QuorumCollectives(Collectives):
     """:class:`~lightning_localsgd.transport.Collectives` whose means over a :class:`QuorumGroup` are torchft rounds."""
 
@@ -121,74 +277,28 @@ class QuorumCollectives(Collectives):
         residual: Tensor | None,
         nonfinite: NonFinitePolicy,
         step: int | None,
+        redo: bool = False,
     ) -> None:
+        """Blocking rounds until one commits; the mean goes into ``tensors`` (``redo``: see :meth:`Attempt.open`)."""
         for attempt in range(1, session.max_attempts + 1):  # noqa: B007 (the else clause reports it)
-            session.open_round(step if step is not None else -1, "sync")  # may heal: the anchor changes in place
-            base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
-            dtype = tensors[0].dtype if base is None else base.dtype
-            reduced = isinstance(self.comm_dtype, torch.dtype) and base is not None
-            wire_dtype = self.comm_dtype if reduced else dtype
-            local = flatten(tensors, dtype)
-            finite = all_finite([local])
-            contributes = session.contributes and (finite or nonfinite == "raise")
-            count = session.agree(contributes, finite, nonfinite, device=local.device)
-            wire: Tensor | None = None
-            kept: Tensor | None = None  # the integer wire's new residual, written only if the round commits
-            if count is not None:
-                if base is not None:
-                    local.sub_(base)
-                if self.quantized:
-                    summed = self._integer_sum(local, base, residual, contributes, count, session)
-                    wire, kept = (None, None) if summed is None else summed
-                else:
-                    wire = local.to(wire_dtype) if contributes else torch.zeros_like(local, dtype=wire_dtype)
-                    if not session.sum_(wire, "sync"):
-                        wire = None  # this attempt failed: this group's should_commit says False
-            committed = session.close_round(contributors=count if wire is not None else 0)
-            if committed and wire is not None:
-                mean = wire.to(dtype).div_(float(count))
-                if base is not None:
-                    mean.add_(base)
+            mean = Attempt.open(self, session, tensors, anchor, residual, nonfinite, step, redo).close()
+            if mean is not None:
                 unflatten_(mean, tensors)
-                if kept is not None and contributes:
-                    residual.copy_(kept)  # type: ignore[union-attr]
                 return
         raise session.gave_up(attempt)
 
-    def _integer_sum(
+    def start_quorum_mean(
         self,
-        delta: Tensor,
-        base: Tensor | None,
-        residual: Tensor | None,
-        contributes: bool,
-        count: int,
+        sent: Tensor,
         session: ReplicaGroupSession,
-    ) -> tuple[Tensor, Tensor] | None:
-        """:math:`(s \\sum_j q_j,\\ v - s q)` of this attempt on the shared-scale integer wire; ``None``: it failed.
-
-        Two SUMs over the quorum: the per-block maxima (float64), then the integers (``uint8``); see
-        :mod:`lightning_localsgd.transport.summable`. ``residual`` is read, not written.
-        """
-        fmt: IntFormat = self.comm_dtype  # type: ignore[assignment]
-        if base is None or residual is None:
-            raise ValueError(f"comm_dtype={fmt!r} needs an anchor and an error-feedback residual: pass both to mean_")
-        levels = shared_levels(fmt, count)
-        n = delta.numel()
-        values = torch.zeros(-(-n // BLOCK) * BLOCK, dtype=delta.dtype, device=delta.device)
-        if contributes:
-            values[:n].copy_(delta).add_(residual.to(delta.device))
-        absmax = block_absmax(values)  # zeros for a process that does not contribute
-        if not session.sum_(absmax, "sync"):
-            return None
-        error = torch.empty_like(values)
-        if contributes:
-            packet = encode(values, absmax, fmt, levels, error=error)
-        else:  # zero bytes, not encoded zeros (those would carry the offset L_c)
-            packet = torch.zeros(summable_bytes(values.numel(), fmt), dtype=torch.uint8, device=delta.device)
-        if not session.sum_(packet, "sync"):
-            return None
-        summed = decode_sum_(packet, absmax, fmt, levels, count, out=values)
-        return summed[:n], error[:n]
+        anchor: Tensor | None,
+        residual: Tensor | None,
+        nonfinite: NonFinitePolicy,
+        step: int,
+        device: torch.device,
+    ) -> QuorumFlight:
+        """An overlapped sync's round: opened now, its SUM in torchft's background, committed at the merge."""
+        return QuorumFlight(self, session, sent, anchor, residual, nonfinite, step, device)
 
     # ------------------------------------------------------------------ everything else over the quorum refuses
     @staticmethod
@@ -228,9 +338,17 @@ class QuorumCollectives(Collectives):
             raise self._unsupported("gathering objects")
         return super().gather_object(obj, group, purpose)
 
-    def start_mean(self, local: Tensor, group: Group, **kwargs: Any) -> PendingMean:
+    def start_mean(self, local: Tensor, group: Group, **kwargs: Any) -> PendingMean | QuorumFlight:  # type: ignore[override]
         if isinstance(group, QuorumGroup):
-            raise self._unsupported("a background (overlapped) average")
+            return self.start_quorum_mean(
+                local,
+                group.session,
+                kwargs.get("anchor"),
+                kwargs.get("residual"),
+                kwargs.get("nonfinite", "raise"),
+                int(kwargs.get("step") or 0),
+                kwargs.get("device") or local.device,
+            )
         return super().start_mean(local, group, **kwargs)
 
     def send(self, tensor: Tensor, dst: int, group: Group, purpose: str, tag: int = 0) -> None:

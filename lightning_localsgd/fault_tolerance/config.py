@@ -179,10 +179,12 @@ class TorchFT(FaultTolerancePlugin):
                 f"fault_tolerance supports PeriodicAveraging and DiLoCo, got {name}: its state or its syncs "
                 "(per-rank state, leaders, pulls) are not carried by torchft rounds; use one of those two"
             )
-        if algorithm.overlap_steps or algorithm.fragments != 1:
+        gap = algorithm.sync_every // algorithm.fragments  # steps between two fragments' sync starts, at least
+        if algorithm.overlap_steps > gap:
             raise ValueError(
-                f"fault_tolerance needs blocking whole-model syncs: drop overlap_steps/fragments from {name} "
-                "(a sync in flight cannot be repeated when a replica group dies inside it)"
+                f"fault_tolerance runs one torchft round at a time, so an overlapped sync must merge before the next "
+                f"fragment's starts: {name}(overlap_steps={algorithm.overlap_steps}) with sync_every="
+                f"{algorithm.sync_every} and fragments={algorithm.fragments} needs overlap_steps <= {gap}"
             )
         if algorithm.warmup_steps:
             raise ValueError(

@@ -195,14 +195,22 @@ class ReplicaGroupSession(FaultTolerantSession):
         )
 
     # ------------------------------------------------------------------ rounds
-    def open_round(self, step: int, kind: str) -> None:
-        """Get a quorum for the round at ``step`` (no-op if this attempt's quorum is already held)."""
+    def open_round(self, step: int, kind: str, redo: bool = False) -> None:
+        """Get a quorum for the round at ``step`` (no-op if this attempt's quorum is already held).
+
+        ``redo``: the survivors of a round that failed in flight do it again (an overlapped sync):
+        torchft's ``shrink_only`` quorum of the groups of the previous one, without healing (a group
+        that waits to join does so at the next round, whose state it can take).
+        """
         if self._open:
             return
         self.round_step, self.round_kind = step, kind
         self._started, self._healed = time.perf_counter(), False
         try:
-            self.manager.start_quorum(timeout=self.quorum_timeout)
+            if redo:
+                self.manager.start_quorum(timeout=self.quorum_timeout, allow_heal=False, shrink_only=True)
+            else:
+                self.manager.start_quorum(timeout=self.quorum_timeout)
         except Exception as err:  # the Lighthouse's timeout or an unreachable Lighthouse
             raise FaultToleranceError(
                 f"replica group {self.replica_id!r} got no quorum for its {kind} round at step {step} within "
@@ -213,19 +221,48 @@ class ReplicaGroupSession(FaultTolerantSession):
         self._quorum_seconds = time.perf_counter() - self._started
         self._open = True
 
+    @property
+    def is_open(self) -> bool:
+        """Whether this attempt's quorum is held (a round is open)."""
+        return self._open
+
+    @property
+    def healed_now(self) -> bool:
+        """Whether this group received a peer's state in the current attempt."""
+        return self._healed
+
+    def fell_behind(self) -> FaultToleranceError:
+        return FaultToleranceError(
+            f"replica group {self.replica_id!r} fell behind the others while training with overlap_steps/fragments "
+            f"(it missed the commit of a round they made) and would merge a sync it did not start: restart this "
+            "group; it rejoins at the others' next sync"
+        )
+
     def sum_(self, flat: Tensor, purpose: str) -> bool:
         """SUM ``flat`` in place over this job, then over the quorum; False if the attempt failed."""
+        return self.start_sum_(flat, purpose)()
+
+    def start_sum_(self, flat: Tensor, purpose: str) -> Callable[[], bool]:
+        """Start the SUM of ``flat``: over this job now, then over the quorum in torchft's background.
+
+        Returns ``finish()``: waits for the SUM; False if it failed (this attempt will not commit).
+        """
         if self.job.size > 1:
             self.comm.all_reduce_sum_(flat, self.job, purpose)  # the job's fixed group: its ranks live and die together
         per_bucket = max(1, int(self.comm.bucket_mb * 2**20) // flat.element_size())
         from torch.distributed import ReduceOp
 
-        def run() -> bool:
-            works = [self.manager.allreduce(chunk, reduce_op=ReduceOp.SUM) for chunk in flat.split(per_bucket)]
-            ok = all([work.wait() for work in works])  # noqa: C419 - a list: wait for every bucket, even after a failure
-            return ok and self.manager.errored() is None
+        participants = self.manager.num_participants()
+        works = [self.manager.allreduce(chunk, reduce_op=ReduceOp.SUM) for chunk in flat.split(per_bucket)]
 
-        return self.comm.timed_sum_(flat, purpose, self.manager.num_participants(), run)
+        def finish() -> bool:
+            def run() -> bool:
+                ok = all([work.wait() for work in works])  # noqa: C419 - a list: wait for every bucket, even after a failure
+                return ok and self.manager.errored() is None
+
+            return self.comm.timed_sum_(flat, purpose, participants, run)
+
+        return finish
 
     def agree(
         self, contributes: bool, finite: bool = True, nonfinite: str = "raise", device: torch.device | None = None
@@ -306,8 +343,9 @@ class ReplicaGroupSession(FaultTolerantSession):
         for attempt in range(1, self.max_attempts + 1):  # noqa: B007 (the else clause reports it)
             self.open_round(self.trainer.global_step, "join")
             if self._adopted is not None and self._adopted[1] == "sync":
-                # The peers are in the sync of step S: take part in it like them, contributing nothing.
-                self.algorithm.whole_sync(self._adopted[0])
+                # The peers are in the sync of step S: take part in it like them, contributing nothing (with
+                # fragments: the fragment due at S; with overlap: its flight starts here and merges τ steps on).
+                self.algorithm.syncs_due_(self._adopted[0])
                 break
             count = self.agree(self.contributes)  # the barrier: healing peers fetch before anyone commits
             if self.close_round(contributors=count or 0):
@@ -320,7 +358,6 @@ class ReplicaGroupSession(FaultTolerantSession):
             self._adopted = None
             set_optimizer_steps(self.trainer, step)
             if kind == "sync":
-                self.algorithm.mark_equal(step)
                 step_schedulers(self.trainer, step)
         if kind == "join":
             equalize_job_(self.trainer, self.algorithm, self.comm, self.job)
@@ -333,8 +370,8 @@ class ReplicaGroupSession(FaultTolerantSession):
         step, kind = self._adopted
         self._adopted = None
         set_optimizer_steps(self.trainer, step - 1, ready=step)  # Lightning counts this step as completed next
-        if kind == "sync":
-            self.algorithm.mark_equal(step)
+        if kind == "sync" and self.algorithm.fragments == 1:
+            self.algorithm.mark_equal(step)  # (healing inside an overlapped sync is refused: fell_behind)
 
     def _capture(self) -> dict[str, Any]:
         return {

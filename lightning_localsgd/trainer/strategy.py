@@ -358,7 +358,10 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
                     "sync_every/overlap_steps/fragments numbers (docs/autotune.md)"
                 )
             self._fault_tolerance.check_supported(self._engine, self._comm, self.world_size)
-        needs_background = may_overlap(self._engine.algorithm) and self._replica_world.size > 1
+        # (under fault tolerance an overlapped sync's SUM runs in torchft's process group: no group of ours)
+        needs_background = (
+            may_overlap(self._engine.algorithm) and self._replica_world.size > 1 and self._fault_tolerance is None
+        )
         self._background_group = None  # every rank decides alike
         if needs_background:
             args = (self.world_size, self.num_nodes, self.global_rank, None, self._timeout, self._groups)
