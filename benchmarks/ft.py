@@ -4,6 +4,8 @@
     python -m benchmarks.ft --seeds 0 --algorithms periodic --name smoke
     python -m benchmarks.ft --report-only --docs     # table, plot and page data again from the JSON
     python -m benchmarks.ft --merge a/ft.partial.json b/ft.json --docs   # pool the runs of several invocations
+    python -m benchmarks.ft --matrix --name ft_matrix --docs   # the fault matrix rows: a group killed while
+        # its overlapped sync is in flight, while it heals, while it writes a checkpoint; the Lighthouse down
 
 Each run is a torchft Lighthouse (in this process, ``--heartbeat-ms``) and 3 replica groups of one
 CPU process (recipes/ft_launch.py). Every group trains a 16-32-4 tanh MLP on its own 1024 samples of
@@ -57,16 +59,48 @@ def blobs(seed: int, n: int, stream: int) -> tuple[Any, Any]:
     return centers[y] + torch.randn(n, 16, generator=gen), y
 
 
+FAULT_KINDS = ("after_step", "in_flight", "checkpoint", "heal", "lighthouse")
+"""What happens in a fault run: group 2 SIGKILLed after step ``die_at`` (``after_step``); as the integers of
+its overlapped sync of step ``die_at`` start to travel (``in_flight``, algorithm ``diloco_overlap``); in the
+middle of writing the checkpoint of the first save at or after ``die_at`` (``checkpoint``: it restarts from
+its newest complete one); after ``die_at`` and then again while it heals on its return (``heal``); or the
+Lighthouse shut down when group 0 reaches ``die_at`` and started again on its address ``lighthouse_down_s``
+later (``lighthouse``)."""
+
+
+def fault_kind(cfg: dict[str, Any]) -> str | None:
+    """The run's fault (``None``: no fault); the JSON of earlier versions says ``fault: true`` for ``after_step``."""
+    fault = cfg.get("fault")
+    return "after_step" if fault is True else (fault or None)
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint completed in ``folder`` (a torn temporary file is hidden: ``.name.tmp-...``)."""
+    done = [p for p in folder.glob("*.ckpt") if not p.name.startswith(".")]
+    return max(done, key=lambda p: p.stat().st_mtime) if done else None
+
+
 def run_group(cfg: dict[str, Any]) -> None:
     import torch
     from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_localsgd import DiLoCo, LocalSGDStrategy, PeriodicAveraging, TorchFT
-    from recipes.ft_launch import INCARNATION_ENV, KillSelf, Pace, RestartGate
+    from lightning_localsgd import AtomicCheckpointIO, DiLoCo, LocalSGDStrategy, PeriodicAveraging, TorchFT
+    from recipes.ft_launch import (
+        INCARNATION_ENV,
+        KillInSync,
+        KillSelf,
+        KillWhileHealing,
+        Pace,
+        RestartGate,
+        TornCheckpointIO,
+        Touch,
+    )
 
     group, incarnation = int(os.environ["REPLICA_GROUP_ID"]), int(os.environ[INCARNATION_ENV])
+    kind = fault_kind(cfg)
     torch.set_num_threads(1)
     torch.manual_seed(cfg["seed"] * 100 + group)
 
@@ -83,23 +117,44 @@ def run_group(cfg: dict[str, Any]) -> None:
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
+    comm_dtype = None
     if cfg["algorithm"] == "periodic":
         algorithm: Any = PeriodicAveraging(cfg["sync_every"])
-    else:
+    elif cfg["algorithm"] == "diloco":
         algorithm = DiLoCo(cfg["sync_every"], outer_lr=0.7, outer_momentum=0.5)
-    gate = RestartGate(cfg["dir"], 3, cfg["gate_at"] if cfg["fault"] else None, restarting=2)
+    else:  # "diloco_overlap": 2 fragments, each overlapped over half a period, int8 on the wire
+        overlap = cfg["sync_every"] // 2
+        algorithm = DiLoCo(cfg["sync_every"], outer_lr=0.7, outer_momentum=0.5, fragments=2, overlap_steps=overlap)
+        comm_dtype = "int8"
+    restarting = kind in ("after_step", "in_flight", "checkpoint", "heal")
+    second = (cfg["gate_at"] + 50, 2) if kind == "heal" else None  # the start after the one killed while healing
+    gate = RestartGate(cfg["dir"], 3, cfg["gate_at"] if restarting else None, restarting=2, second=second)
     callbacks = [algorithm, Pace(cfg["pace"]), gate]
-    if cfg["fault"] and group == 2 and incarnation == 0:
-        callbacks.append(KillSelf(cfg["die_at"], Path(cfg["dir"]) / "killed_at"))
-    ft = TorchFT(min_replicas=2, timeout=30, quorum_timeout=300)
+    record = Path(cfg["dir"]) / "killed_at"
+    if group == 2 and incarnation == 0 and kind in ("after_step", "heal"):
+        callbacks.append(KillSelf(cfg["die_at"], record))
+    elif group == 2 and incarnation == 0 and kind == "in_flight":
+        callbacks.append(KillInSync(cfg["die_at"], 3, record))  # as the integers of its sync start to travel
+    elif group == 2 and incarnation == 1 and kind == "heal":
+        callbacks.append(KillWhileHealing(Path(cfg["dir"]) / "killed_healing_at"))
+    elif group == 0 and kind == "lighthouse":
+        callbacks.append(Touch(cfg["die_at"], Path(cfg["dir"]) / "lighthouse_down"))
+    checkpoint_io, resume = None, None
+    if kind == "checkpoint":  # every group writes its own checkpoints; group 2 is killed in the middle of one
+        folder = Path(cfg["dir"]) / f"ckpt{group}"
+        callbacks.append(ModelCheckpoint(dirpath=folder, every_n_train_steps=cfg["ckpt_every"], save_top_k=-1))
+        dying = group == 2 and incarnation == 0
+        checkpoint_io = TornCheckpointIO(cfg["die_at"], record) if dying else AtomicCheckpointIO()
+        resume = newest_checkpoint(folder) if incarnation > 0 else None
+    ft = TorchFT(min_replicas=2, timeout=30, quorum_timeout=cfg.get("quorum_timeout", 300))
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
-        strategy=LocalSGDStrategy(fault_tolerance=ft),
+        strategy=LocalSGDStrategy(fault_tolerance=ft, comm_dtype=comm_dtype, checkpoint_io=checkpoint_io),
         max_steps=cfg["steps"],
         callbacks=callbacks,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=kind == "checkpoint",
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
@@ -110,7 +165,7 @@ def run_group(cfg: dict[str, Any]) -> None:
     loader = DataLoader(
         TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(group)
     )
-    trainer.fit(model, loader)
+    trainer.fit(model, loader, ckpt_path=None if resume is None else str(resume))
     vx, vy = blobs(cfg["seed"], 2000, 99)
     with torch.no_grad():
         logits = model.net(vx)
@@ -126,6 +181,7 @@ def run_group(cfg: dict[str, Any]) -> None:
         "history": trainer.strategy.ft_session.records(),
         "harness_pause_s": gate.paused,
         "announced_at": gate.announced_at,
+        "resumed_from": None if resume is None else resume.name,
     }
     Path(cfg["out"]).write_text(json.dumps(out))
 
@@ -142,18 +198,28 @@ def run(cfg: dict[str, Any], log_root: Path) -> dict[str, Any]:
         path.write_text(json.dumps({**base, "out": str(tmp / f"result{group}.{incarnation}.json")}))
         return [sys.executable, "-m", "benchmarks.ft", "--worker", str(path)]
 
+    kind = fault_kind(cfg)
+    restarts = {2: 2} if kind == "heal" else ({2: 1} if kind in ("after_step", "in_flight", "checkpoint") else {})
+    outage = None
+    if kind == "lighthouse":
+        outage = (tmp / "lighthouse_down", float(cfg["lighthouse_down_s"]), tmp / "outage.json")
     load, start = os.getloadavg(), time.time()
-    runs = run_replica_groups(
-        cmd_for,
-        3,
-        log_dir=tmp,
-        timeout=cfg["run_timeout"],
-        restarts={2: 1} if cfg["fault"] else {},
-        min_replicas=2,
-        heartbeat_timeout_ms=cfg["heartbeat_ms"],
-        cwd=ROOT,
-        pythonpath=ROOT,
-    )
+    failure = None
+    try:
+        runs = run_replica_groups(
+            cmd_for,
+            3,
+            log_dir=tmp,
+            timeout=cfg["run_timeout"],
+            restarts=restarts,
+            min_replicas=2,
+            heartbeat_timeout_ms=cfg["heartbeat_ms"],
+            cwd=ROOT,
+            pythonpath=ROOT,
+            lighthouse_outage=outage,
+        )
+    except RuntimeError as err:  # the run failed (a group without restarts left): reported as such
+        failure, runs = str(err)[:4000], []
     groups = {}
     for incs in runs:
         for inc in incs:
@@ -162,15 +228,19 @@ def run(cfg: dict[str, Any], log_root: Path) -> dict[str, Any]:
             if path.exists():
                 entry.update(json.loads(path.read_text()))
             groups[f"{inc.group}.{inc.index}"] = entry
-    killed = tmp / "killed_at"
+    killed, healing = tmp / "killed_at", tmp / "killed_healing_at"
     out = {
         "config": cfg,
         "loadavg_before": load,
         "wall_s": time.time() - start,
         "groups": groups,
         "killed_at": float(killed.read_text()) if killed.exists() else None,
+        "killed_healing_at": float(healing.read_text()) if healing.exists() else None,
+        "outage": json.loads((tmp / "outage.json").read_text()) if (tmp / "outage.json").exists() else None,
+        "failure": failure,
     }
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.environ.get("LOCALSGD_KEEP_FT_LOGS"):  # set it to keep each run's logs and files
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -342,6 +412,150 @@ def merge(paths: list[str], seeds: list[int], algorithms: list[str]) -> dict[str
     }
 
 
+# ====================================================================== the fault matrix rows (issue 23, part 7)
+def matrix_row(fault: dict[str, Any], clean: dict[str, Any] | None) -> dict[str, Any]:
+    """One fault run against the no-fault run of the same algorithm and seed."""
+    cfg, groups = fault["config"], fault["groups"]
+    kind, steps = fault_kind(cfg), cfg["steps"]
+    survivors = [groups[k] for k in ("0.0", "1.0") if k in groups]
+    if kind == "lighthouse" and "2.0" in groups:
+        survivors.append(groups["2.0"])
+    row: dict[str, Any] = {
+        "seed": cfg["seed"],
+        "algorithm": cfg["algorithm"],
+        "fault": kind,
+        "failure": fault["failure"],
+    }
+    if fault["failure"] is not None or len(survivors) < 2:
+        return row
+    row["survivor_steps_lost"] = [steps - g["steps"] for g in survivors]
+    row["survivor_failed_attempts"] = [sum(not h["committed"] for h in g["history"]) for g in survivors]
+    row["longest_quorum_wait_s"] = max(h["quorum_seconds"] for g in survivors for h in g["history"])
+
+    def detection(t: float | None) -> float | None:  # the kill at t → the first quorum formed without the group
+        if t is None:
+            return None
+        formed = [
+            h["wall_time"] - h["seconds"] + h["quorum_seconds"]
+            for g in survivors
+            for h in g["history"]
+            if h["committed"] and h["kind"] == "sync" and h["participants"] == 2
+        ]
+        later = [f - t for f in formed if f > t]
+        return min(later) if later else None
+
+    row["detect_s"] = detection(fault["killed_at"])
+    row["detect_heal_kill_s"] = detection(fault["killed_healing_at"])
+    last = max((k for k in groups if k.startswith("2.")), default=None)
+    if kind != "lighthouse" and last is not None and "history" in groups[last]:
+        joiner = groups[last]
+        back = next(h for h in joiner["history"] if h["committed"])
+        row["group2_back_in_quorum_s"] = back["wall_time"] - joiner["started"]
+        row["group2_join_step"] = back["step"]
+        row["group2_resumed_from"] = joiner.get("resumed_from")
+    if fault["outage"] is not None:
+        row["lighthouse_down_s"] = fault["outage"]["up"] - fault["outage"]["down"]
+    finals = [g for g in groups.values() if "val_acc" in g]
+    row["equal_final_models"] = len({g["params_hash"] for g in finals}) == 1
+    row["val_acc_fault"] = finals[0]["val_acc"]
+    if clean is not None and clean["failure"] is None:
+        row["val_acc_no_fault"] = next(g for g in clean["groups"].values() if "val_acc" in g)["val_acc"]
+    return row
+
+
+def matrix_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| algorithm | fault | seed | kill → quorum without it (s) | survivors' steps lost | survivors' failed "
+        "attempts | group 2 back in the quorum (s) | equal final models | val acc fault / no fault |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        if r.get("failure"):
+            lines.append(f"| {r['algorithm']} | {r['fault']} | {r['seed']} | run failed: {r['failure'][:160]!r} |")
+            continue
+        detect = r.get("detect_s")
+        if r.get("detect_heal_kill_s") is not None:
+            detect = f"{detect:.2f}, heal kill {r['detect_heal_kill_s']:.2f}"
+        elif r.get("lighthouse_down_s") is not None:
+            detect = f"Lighthouse down {r['lighthouse_down_s']:.1f} s"
+        elif detect is not None:
+            detect = f"{detect:.2f}"
+        back = r.get("group2_back_in_quorum_s")
+        back = "—" if back is None else f"{back:.1f} (step {r['group2_join_step']})"
+        if r.get("group2_resumed_from"):
+            back += f", resumed {r['group2_resumed_from']}"
+        clean = r.get("val_acc_no_fault")
+        lines.append(
+            f"| {r['algorithm']} | {r['fault']} | {r['seed']} | {detect} | {sum(r['survivor_steps_lost'])} "
+            f"| {sum(r['survivor_failed_attempts'])} | {back} | {r['equal_final_models']} "
+            f"| {r['val_acc_fault']:.4f} / {'—' if clean is None else f'{clean:.4f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def matrix(args: argparse.Namespace, out_dir: Path) -> int:
+    """``--matrix``: the fault kinds of ``--scenarios`` (algorithm:fault, ...) and each algorithm's no-fault run."""
+    path = out_dir / "ft_matrix.json"
+    if args.report_only:
+        result = json.loads(path.read_text())
+    else:
+        import torch
+
+        seeds = [int(s) for s in args.seeds.split(",")]
+        scenarios = [tuple(item.split(":")) for item in args.scenarios.split(",")]
+        bad = [f for _, f in scenarios if f not in FAULT_KINDS]
+        if bad:
+            raise SystemExit(f"--scenarios: unknown fault {bad}; choose from {FAULT_KINDS}")
+        result = {"runs": [], "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
+        wanted = [(a, None) for a in dict.fromkeys(a for a, _ in scenarios)] + list(scenarios)
+        for seed in seeds:
+            for algorithm, fault in wanted:
+                cfg = {
+                    "seed": seed,
+                    "algorithm": algorithm,
+                    "fault": fault,
+                    "steps": args.steps,
+                    "sync_every": args.sync_every,
+                    "die_at": args.die_at if fault != "in_flight" else args.die_at - args.die_at % args.sync_every + 5,
+                    "gate_at": args.gate_at,
+                    "pace": args.pace,
+                    "heartbeat_ms": args.heartbeat_ms,
+                    "run_timeout": args.run_timeout,
+                    "ckpt_every": args.ckpt_every,
+                    "lighthouse_down_s": args.lighthouse_down_s,
+                    "quorum_timeout": args.quorum_timeout,
+                }
+                r = run(cfg, out_dir)
+                print(
+                    f"seed {seed} {algorithm} {fault}: {r['wall_s']:.0f} s, failure={r['failure'] is not None}",
+                    flush=True,
+                )
+                result["runs"].append(r)
+                path.write_text(json.dumps(result))
+    rows = []
+    for r in result["runs"]:
+        c = r["config"]
+        if fault_kind(c) is None:
+            continue
+        clean = next(
+            (
+                x
+                for x in result["runs"]
+                if x["config"]["seed"] == c["seed"]
+                and x["config"]["algorithm"] == c["algorithm"]
+                and fault_kind(x["config"]) is None
+            ),
+            None,
+        )
+        rows.append(matrix_row(r, clean))
+    result["rows"] = rows
+    path.write_text(json.dumps(result, indent=1))
+    print(matrix_table(rows))
+    if args.docs:
+        shutil.copy(path, DOCS / "fault_tolerance_matrix.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -363,12 +577,23 @@ def main(argv: list[str] | None = None) -> int:
         help="pool the runs of these ft.json / ft.partial.json files (same config) into <name>/ft.json and report",
     )
     p.add_argument("--docs", action="store_true")
+    p.add_argument("--matrix", action="store_true", help="the fault matrix rows of --scenarios (issue 23, part 7)")
+    p.add_argument(
+        "--scenarios",
+        default="diloco_overlap:in_flight,diloco:heal,diloco:checkpoint,diloco:lighthouse",
+        help="algorithm:fault pairs for --matrix; faults: " + ", ".join(FAULT_KINDS),
+    )
+    p.add_argument("--ckpt-every", type=int, default=20)
+    p.add_argument("--lighthouse-down-s", type=float, default=3.0)
+    p.add_argument("--quorum-timeout", type=float, default=300.0)
     args = p.parse_args(argv)
     if args.worker:
         run_group(json.loads(Path(args.worker).read_text()))
         return 0
     out_dir = RESULTS / args.name
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.matrix:
+        return matrix(args, out_dir)
     if args.report_only:
         report(json.loads((out_dir / "ft.json").read_text()), out_dir, args.docs)
         return 0

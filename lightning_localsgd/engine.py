@@ -9,11 +9,12 @@ same points; everything between those calls is the algorithms' (see
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
@@ -21,10 +22,17 @@ from lightning_localsgd.contract import FrontEnd, GradientModifier, StepReport, 
 
 # RankResume/ResumeState lived here before 0.2: imported by name for old code (`from ...engine import ResumeState`).
 from lightning_localsgd.resume import CHECKPOINT_KEY, RankResume, ResumeState, average_optimizer_states  # noqa: F401
-from lightning_localsgd.transport.collectives import Collectives
+from lightning_localsgd.transport.collectives import Collectives, Group
 from lightning_localsgd.tuning.tuner import AutoTuner
 
-__all__ = ["SyncEngine", "WaitsForBackgroundSyncs", "reset_nonfinite_state"]
+__all__ = [
+    "FaultTolerancePlugin",
+    "FaultTolerantSession",
+    "ReplicaHost",
+    "SyncEngine",
+    "WaitsForBackgroundSyncs",
+    "reset_nonfinite_state",
+]
 
 
 class SyncEngine:
@@ -164,3 +172,86 @@ def reset_nonfinite_state(optimizer: Optimizer) -> int:
             stacklevel=2,
         )
     return reset
+
+
+# ====================================================================== the front ends' fault-tolerance plug
+class ReplicaHost(ABC):
+    """What fault tolerance reads from and replaces in a front end when a replica group heals.
+
+    The Trainer's (:class:`~lightning_localsgd.trainer.plugins.TrainerHost`) and Fabric's
+    (:class:`~lightning_localsgd.fabric.FabricHost`) implement it; the torchft wing knows only this.
+    """
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The replica."""
+
+    @property
+    @abstractmethod
+    def step(self) -> int:
+        """Completed optimizer steps."""
+
+    @abstractmethod
+    def optimizers(self) -> list[Optimizer]:
+        """The inner optimizers (their state travels to a healing group)."""
+
+    @abstractmethod
+    def schedulers(self) -> list[Any]:
+        """The LR schedulers (``state_dict`` / ``load_state_dict``; their state travels too)."""
+
+    @abstractmethod
+    def set_step(self, completed: int, ready: int | None = None) -> None:
+        """Make the completed optimizer steps ``completed`` (``ready``: inside a step, what it becomes after it)."""
+
+    @abstractmethod
+    def step_schedulers(self, step: int) -> None:
+        """The per-step LR scheduler update the front end makes after optimizer step ``step``."""
+
+
+class FaultTolerantSession(ABC):
+    """One run of this job as a replica group of a larger job whose groups may die and come back."""
+
+    @property
+    @abstractmethod
+    def group(self) -> Group:
+        """The group the consensus algorithm syncs over (the live replica groups' quorum)."""
+
+    @abstractmethod
+    def join(self) -> None:
+        """Training starts: agree with the live groups on the model and the step."""
+
+    @abstractmethod
+    def after_step(self) -> None:
+        """Inside an optimizer step, after its sync: adopt what a healing changed (e.g. the step count)."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Leave the job (the session's records stay readable)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the session, so that a whole-job restart resumes every group where it was."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - nothing to restore by default
+        """Before :meth:`join`: the state a checkpoint kept (:meth:`state_dict`)."""
+
+
+class FaultTolerancePlugin(ABC):
+    """How a job joins a fault-tolerant job (``LocalSGDStrategy(fault_tolerance=...)``, Trainer or Fabric)."""
+
+    @abstractmethod
+    def collectives(self, comm_dtype: str | torch.dtype | None, bucket_mb: float) -> Collectives:
+        """The transport every sync goes through."""
+
+    @abstractmethod
+    def check_supported(self, engine: SyncEngine, comm: Collectives, processes: int = 1) -> None:
+        """Raise, with the fix, for what the plugin cannot carry (an algorithm, a modifier, a transport;
+        ``processes``: this job's)."""
+
+    @abstractmethod
+    def start(
+        self, host: ReplicaHost, engine: SyncEngine, job: Group, comm: Collectives, broadcast: Callable[[Any], Any]
+    ) -> FaultTolerantSession:
+        """A session for this run (``host``: the front end's model, optimizers, schedulers and step;
+        ``job``: this job's own ranks; ``broadcast``: from job rank 0)."""

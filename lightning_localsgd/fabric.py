@@ -21,11 +21,30 @@ The same algorithm objects as under the Trainer, driven by the same
 
 GradAlign re-runs the step's forward/backward, so under Fabric it needs the step's closure:
 ``optimizer.step(lambda: fabric.backward(loss_fn(model(batch))))``.
+
+Fault tolerance (torchft, docs/fault_tolerance.md) works as under the Trainer: each Fabric job is one
+replica group::
+
+    strategy = LocalSGDStrategy(algorithm=DiLoCo(64), fault_tolerance=TorchFT(min_replicas=2))
+    fabric = Fabric(devices=8, strategy=strategy)
+    fabric.launch()
+    model, optimizer = fabric.setup(model, optimizer)
+    scheduler = strategy.register_scheduler(torch.optim.lr_scheduler.StepLR(optimizer, 100))  # travels when healing
+    state = {"model": model, "optimizer": optimizer}
+    if resume: fabric.load(path, state)                     # torchft's step comes back with it
+    while strategy.step < max_steps:                        # a returning group starts at the others' step
+        loss = loss_fn(model(next(batches)))                # the first forward joins the live groups
+        fabric.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    strategy.finalize()
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
@@ -47,7 +66,13 @@ from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.algorithms.periodic import PeriodicAveraging
 from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
 from lightning_localsgd.contract import FrontEnd, GradientModifier, SyncContext, SyncObserver, scale_of
-from lightning_localsgd.engine import SyncEngine, WaitsForBackgroundSyncs
+from lightning_localsgd.engine import (
+    FaultTolerancePlugin,
+    FaultTolerantSession,
+    ReplicaHost,
+    SyncEngine,
+    WaitsForBackgroundSyncs,
+)
 from lightning_localsgd.resume import (
     CHECKPOINT_KEY,
     ResumeState,
@@ -73,7 +98,9 @@ from lightning_localsgd.transport.replicas import (
 from lightning_localsgd.tuning.model import AutoTune
 from lightning_localsgd.tuning.tuner import may_overlap, tuner_for
 
-__all__ = ["LocalSGDStrategy"]
+__all__ = ["FabricHost", "LocalSGDStrategy"]
+
+FT_CHECKPOINT_KEY = "localsgd_fault_tolerance"  # (the Trainer's key too: trainer/strategy.py)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +136,10 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         ddp_kwargs: arguments of ``DistributedDataParallel`` under ``within_node="ddp"``.
         autotune: the auto-tuner's bounds and target (:class:`~lightning_localsgd.AutoTune`), for
             ``comm_dtype="auto"`` and an algorithm given ``"auto"`` settings (docs/autotune.md).
+        fault_tolerance: :class:`~lightning_localsgd.TorchFT` makes this job one replica group of a
+            fault-tolerant job (docs/fault_tolerance.md): the first forward pass joins the live groups
+            (a returning group heals: model, optimizer, :meth:`register_scheduler`'d schedulers and
+            :attr:`step` become a live peer's); ``fabric.save`` keeps torchft's step.
         accelerator, parallel_devices, cluster_environment, precision, process_group_backend,
         start_method: as in Fabric's ``DDPStrategy``.
     """
@@ -133,6 +164,7 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         within_node: Literal["ddp"] | None = None,
         ddp_kwargs: dict[str, Any] | None = None,
         autotune: AutoTune | None = None,
+        fault_tolerance: FaultTolerancePlugin | None = None,
     ) -> None:
         ddp_kwargs = dict(ddp_kwargs or {})
         tuner = tuner_for(comm_dtype, autotune)
@@ -143,7 +175,9 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
                 "use lightning_localsgd.LocalSGDStrategy(within_node='fsdp') with a Trainer, or within_node='ddp' "
                 "here (docs/fsdp.md)"
             )
-        check_within_node(within_node, ddp_kwargs)
+        if fault_tolerance is not None and not isinstance(fault_tolerance, FaultTolerancePlugin):
+            raise TypeError(f"fault_tolerance must be a TorchFT(...) or None, got {type(fault_tolerance).__name__}")
+        check_within_node(within_node, ddp_kwargs, fault_tolerance is not None)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -169,8 +203,23 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         self.init_timeout = check_seconds("init_timeout", init_timeout)
         if timeout is not None:
             check_seconds("timeout", timeout)
+        if fault_tolerance is not None and tuner.active(algorithm):
+            raise ValueError(
+                "fault_tolerance does not combine with the auto-tuner yet: give comm_dtype and the algorithm's "
+                "sync_every/overlap_steps/fragments numbers (docs/autotune.md)"
+            )
         self._engine = SyncEngine(algorithm, gradient_modifier, observers, tuner)
-        self._comm = Collectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
+        self._fault_tolerance = fault_tolerance
+        if fault_tolerance is not None:
+            self._comm = fault_tolerance.collectives(comm_dtype, bucket_mb)
+        else:
+            self._comm = Collectives(comm_dtype=comm_dtype, bucket_mb=bucket_mb)
+        self._session: FaultTolerantSession | None = None
+        self._joined = False
+        self._ft_resume: dict[str, Any] | None = None
+        self._optimizer_list: list[Optimizer] = []
+        self._schedulers: list[Any] = []
+        self._pending_step: int | None = None  # a healing inside a step: the step count it ends at
         self.save_replicas = check_bool("save_replicas", save_replicas)
         self._within_node = within_node
         self._world_group = Group(None, [0], 0)
@@ -219,8 +268,22 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
 
     @property
     def step(self) -> int:
-        """Completed optimizer steps (restored by ``fabric.load``)."""
+        """Completed optimizer steps (restored by ``fabric.load``; under fault tolerance a returning group's
+        becomes the others' when it joins)."""
         return self._step
+
+    @property
+    def ft_session(self) -> FaultTolerantSession | None:
+        """The fault-tolerant session (``None`` without ``fault_tolerance``)."""
+        return self._session
+
+    def register_scheduler(self, scheduler: Any) -> Any:
+        """An LR scheduler stepped once per optimizer step whose state should travel when a replica group heals
+        (fault tolerance); returns it. Without fault tolerance it is only kept."""
+        if not callable(getattr(scheduler, "state_dict", None)) or not callable(getattr(scheduler, "step", None)):
+            raise TypeError(f"register_scheduler takes an LR scheduler (state_dict, step), got {type(scheduler)}")
+        self._schedulers.append(scheduler)
+        return scheduler
 
     @property
     @override
@@ -246,13 +309,16 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
             world,
             type(self.algorithm).__name__,
         )
+        if self._fault_tolerance is not None:
+            self._fault_tolerance.check_supported(self._engine, self._comm, world)
         self._world_group = Group(None, list(range(world)), rank)
         self._node_group = node_groups(world, self.num_nodes, rank, self._timeout, created=self._groups)
         self._replica_world = self._world_group
         if self._within_node is not None:
             node = self._node_group
             self._replica_world = replica_group(world, self.num_nodes, rank, node, self._timeout, self._groups)
-        if may_overlap(self.algorithm) and self._replica_world.size > 1:
+        # (under fault tolerance an overlapped sync's SUM runs in torchft's process group: no group of ours)
+        if may_overlap(self.algorithm) and self._replica_world.size > 1 and self._fault_tolerance is None:
             if self._within_node is not None:  # its own cross and node groups
                 self._background_group = replica_group(world, self.num_nodes, rank, None, self._timeout, self._groups)
             else:
@@ -265,6 +331,12 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
             raise ValueError("lightning_localsgd.fabric.LocalSGDStrategy drives one model: call fabric.setup once")
         broadcast_module_(self._comm, module, self._world_group)  # replicas start equal
         self._module = module
+        if self._fault_tolerance is not None:  # the world is the quorum of replica groups
+            self._session = self._fault_tolerance.start(
+                FabricHost(self), self._engine, self._world_group, self._comm, self.broadcast
+            )
+            module.register_forward_pre_hook(self._join_before_forward)
+            self._replica_world = self._session.group
         self._bind(self._step, None)
         if self._within_node == "ddp" and self._node_group.size > 1:  # DDP over this node's processes only
             self._ddp_kwargs = {**self._ddp_kwargs, "process_group": self._node_group.handle}
@@ -279,7 +351,23 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         self._optimizers += 1
         if self._optimizers > 1:
             raise ValueError("LocalSGDStrategy supports exactly one optimizer: combine parameter groups into one")
+        self._optimizer_list.append(optimizer)
         return optimizer
+
+    def _join_before_forward(self, module: Module, args: Any) -> None:
+        """The first forward pass under fault tolerance joins the live groups (after ``fabric.load``, before any
+        gradient: a returning group computes its first step on the model it healed to)."""
+        self.join()
+
+    def join(self) -> None:
+        """Join the live replica groups now (fault tolerance; the first forward pass does it)."""
+        if self._session is None or self._joined:
+            return
+        self._joined = True
+        if self._ft_resume is not None:
+            self._session.load_state_dict(self._ft_resume)
+            self._ft_resume = None
+        self._session.join()
 
     def _bind(self, step: int, restored: Any) -> None:
         assert self._module is not None
@@ -307,9 +395,12 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
         # Without a closure, fabric.backward already ran: the step's closure only hands back its loss.
         closure: Callable[[], Any] = kwargs.pop("closure", None) or (lambda: self._engine.last_loss)
+        self.join()  # (normally done by the first forward pass)
         step = self._step + 1
         out = self._engine.step(step, closure, lambda wrapped: self._run_step(optimizer, wrapped, **kwargs), optimizer)
-        self._step = step
+        if self._session is not None:
+            self._session.after_step()
+        self._step, self._pending_step = (step if self._pending_step is None else self._pending_step), None
         return out
 
     def _run_step(self, optimizer: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
@@ -352,9 +443,11 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         algorithm, module = self.algorithm, self._module
         assert module is not None, "fabric.setup(model, optimizer) first"
         log.debug("fabric LocalSGDStrategy.save_checkpoint: %s at step %d", path, self._step)
-        extra = {
+        extra: dict[str, Any] = {
             CHECKPOINT_KEY: {"step": self._step, "algorithm": algorithm.state_dict(), "world_size": self.world_size}
         }
+        if self._session is not None:  # torchft's step: a whole-job restart resumes every group where it was
+            extra[FT_CHECKPOINT_KEY] = self._session.state_dict()
         if self.save_replicas:  # every rank writes its own part: rank 0 never holds the others' (resume.py)
             optimizers = [o for o in state.values() if isinstance(o, Optimizer)]
             mine = rank_payload(
@@ -386,6 +479,9 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
             return super().load_checkpoint(path, state, strict, weights_only)
         checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
         saved = checkpoint.pop(CHECKPOINT_KEY, None)
+        ft_state = checkpoint.pop(FT_CHECKPOINT_KEY, None)
+        if self._session is not None:
+            self._ft_resume = ft_state  # applied before the join
         if saved is None:
             raise ValueError(
                 f"{path} was not written by lightning_localsgd.fabric.LocalSGDStrategy: load it with "
@@ -418,6 +514,8 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
 
     @override
     def teardown(self) -> None:
+        if self._session is not None:
+            self._session.shutdown()
         self._comm.close()  # the background thread's syncs end first: they use the groups
         destroy_groups(self._groups)
         self._groups.clear()
@@ -437,3 +535,38 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
 
 
 LocalSGDStrategy.register_strategies(STRATEGY_REGISTRY)
+
+
+class FabricHost(ReplicaHost):
+    """The Fabric strategy's model, optimizer, registered LR schedulers and step count, for fault tolerance."""
+
+    def __init__(self, strategy: LocalSGDStrategy) -> None:
+        self.strategy = strategy
+
+    @property
+    def module(self) -> Module:
+        assert self.strategy._module is not None
+        return self.strategy._module
+
+    @property
+    def step(self) -> int:
+        return self.strategy._step
+
+    def optimizers(self) -> list[Optimizer]:
+        return list(self.strategy._optimizer_list)
+
+    def schedulers(self) -> list[Any]:
+        return list(self.strategy._schedulers)
+
+    def set_step(self, completed: int, ready: int | None = None) -> None:
+        if ready is None:
+            self.strategy._step = int(completed)
+        else:  # inside an optimizer step: the step it ends at
+            self.strategy._pending_step = int(ready)
+
+    def step_schedulers(self, step: int) -> None:
+        """The update the user's loop makes after optimizer step ``step`` (registered schedulers: once per step)."""
+        with warnings.catch_warnings():  # a joining group steps them before its own first optimizer step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            for scheduler in self.strategy._schedulers:
+                scheduler.step()

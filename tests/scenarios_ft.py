@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_localsgd import DiLoCo, LocalSGDStrategy, PeriodicAveraging, TorchFT
-from recipes.ft_launch import INCARNATION_ENV, KillSelf, Pace, RestartGate
+from recipes.ft_launch import INCARNATION_ENV, KillInSync, KillSelf, Pace, RestartGate
 
 D, N = 4, 12  # features, samples per group
 
@@ -91,28 +91,6 @@ class LeastSquaresGroup(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
-
-
-class DieInSync(Callback):
-    """SIGKILL this process inside the sync round of ``step``, at its ``call``-th SUM over the quorum: 2 is
-    after the agreement on the contributors, before the values' allreduce (float wires); with an integer
-    wire 3 is after the scales, while the integers travel (the survivors' attempt fails and is repeated)."""
-
-    def __init__(self, step: int, call: int = 2) -> None:
-        self.step, self.call = step, call
-
-    def on_train_start(self, trainer: Trainer, *args: Any) -> None:
-        session = trainer.strategy.ft_session
-        plain_start, calls = session.start_sum_, []
-
-        def dying_start(flat: Tensor, kind: str) -> Any:  # every SUM over the quorum starts here
-            if session.round_kind == "sync" and session.round_step == self.step:
-                calls.append(kind)
-                if len(calls) == self.call:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            return plain_start(flat, kind)
-
-        session.start_sum_ = dying_start
 
 
 class Listeners(Callback):
@@ -192,7 +170,7 @@ def train_group(
     listeners = Listeners()
     callbacks: list[Callback] = [consensus, Pace(pace), listeners] + ([gate] if gate is not None else [])
     if die_at is not None and group == die_group and incarnation == 0:
-        callbacks.append(DieInSync(die_at, 3 if comm_dtype else 2) if die_in_sync else KillSelf(die_at))
+        callbacks.append(KillInSync(die_at, 3 if comm_dtype else 2) if die_in_sync else KillSelf(die_at))
     trainer, strategy = group_trainer(
         devices, num_nodes, min_replicas, max_steps, callbacks, heal_transport, comm_dtype=comm_dtype
     )
@@ -218,6 +196,109 @@ def train_group(
         out["anchor"] = consensus.anchor.clone()
         buffers = [o.state_dict()["state"][0]["momentum_buffer"] for o in consensus.outers]  # one per fragment
         out["outer_momentum"] = torch.cat(buffers).clone()
+    return out
+
+
+# ---------------------------------------------------------------------- the same group under Fabric (issue 23, part 4)
+class LinearModel(nn.Module):
+    """x ↦ x·w: its forward pass is what joins the live groups under Fabric."""
+
+    def __init__(self, group: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(initial_weights(group))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.w
+
+
+def train_fabric_group(
+    out_dir: str,
+    devices: int,
+    num_nodes: int,
+    algorithm: str = "periodic",
+    sync_every: int = 5,
+    max_steps: int = 60,
+    lr: float = 0.05,
+    momentum: float = 0.5,
+    outer_lr: float = 0.7,
+    outer_momentum: float = 0.5,
+    die_group: int = 2,
+    die_at: int | None = None,
+    die_in_sync: bool = False,
+    pace: float = 0.05,
+    min_replicas: int = 2,
+    barrier_dir: str | None = None,
+    groups: int = 3,
+    gate_at: int | None = None,
+    heal_transport: str = "pg",
+    comm_dtype: str | None = None,
+    fragments: int = 1,
+    overlap_steps: int = 0,
+) -> dict[str, Any]:
+    """:func:`train_group`'s run written as a Fabric loop (``fabric.lightning_localsgd.LocalSGDStrategy``)."""
+    import time
+
+    from lightning.fabric import Fabric
+
+    from lightning_localsgd.fabric import LocalSGDStrategy as FabricLocalSGD
+
+    group, incarnation = int(os.environ["REPLICA_GROUP_ID"]), int(os.environ[INCARNATION_ENV])
+    torch.set_num_threads(1)
+    schedule = {"fragments": fragments, "overlap_steps": overlap_steps}
+    if algorithm == "periodic":
+        consensus: Any = PeriodicAveraging(sync_every, **schedule)
+    else:
+        outer = functools.partial(torch.optim.SGD, lr=outer_lr, momentum=outer_momentum)
+        consensus = DiLoCo(sync_every, outer_optimizer=outer, **schedule)
+    ft = TorchFT(
+        min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10, heal_transport=heal_transport
+    )
+    strategy = FabricLocalSGD(algorithm=consensus, fault_tolerance=ft, comm_dtype=comm_dtype)
+    fabric = Fabric(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy)
+    fabric.launch()
+    model = LinearModel(group)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    model, optimizer = fabric.setup(model, optimizer)
+    gate = None if barrier_dir is None else RestartGate(barrier_dir, groups, gate_at, die_group)
+    dies = die_at is not None and group == die_group and incarnation == 0
+    if dies and die_in_sync:
+        KillInSync(die_at, 3 if comm_dtype else 2).arm(strategy.ft_session)
+    if gate is not None:
+        gate.announce()
+    x, y = group_data(group * devices + int(os.environ["LOCAL_RANK"]))
+    steps = 0
+    while strategy.step < max_steps:
+        loss = 0.5 * ((model(x) - y) ** 2).mean()  # the first forward pass joins the live groups
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        steps += 1
+        time.sleep(pace)
+        if dies and not die_in_sync and strategy.step == die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if gate is not None:
+            gate.after_step(strategy.step)
+    strategy.finalize()
+    raw = model.module if hasattr(model, "module") else model
+    out: dict[str, Any] = {
+        "group": group,
+        "rank": int(os.environ["LOCAL_RANK"]),
+        "incarnation": incarnation,
+        "w": raw.w.detach().clone(),
+        "momentum": optimizer.state[raw.w]["momentum_buffer"].clone(),
+        "steps": steps,
+        "global_step": strategy.step,
+        "num_syncs": consensus.num_syncs,
+        "history": strategy.ft_session.records(),
+        "harness_pause": 0.0 if gate is None else gate.paused,
+        "listeners": [],
+        "master_port": int(os.environ.get("MASTER_PORT", 0)),
+    }
+    if isinstance(consensus, DiLoCo):
+        out["anchor"] = consensus.anchor.clone()
+        buffers = [o.state_dict()["state"][0]["momentum_buffer"] for o in consensus.outers]
+        out["outer_momentum"] = torch.cat(buffers).clone()
+    fabric.strategy.teardown()
     return out
 
 

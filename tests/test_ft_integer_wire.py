@@ -129,7 +129,7 @@ class ThreadSession(ReplicaGroupSession):
         self.contributes, self.round_step, self.round_kind = True, 0, "sync"
         self.manager = SimpleNamespace(errored=lambda: "a peer died")
         self._open, self._adopted, self._healed, self._source = False, None, False, ""
-        self.trainer = None
+        self.host = None
         self.wire: list[torch.Tensor] = []  # what this group put on the wire, per SUM
         self.summed: list[torch.Tensor] = []  # what the SUM gave back
         self.redos: list[bool] = []  # per attempt: opened as the survivors' redo of a round that failed in flight
@@ -282,13 +282,13 @@ def test_a_group_that_heals_starts_from_a_zero_residual():
     from lightning_localsgd.fault_tolerance.state import restore_peer_state_
 
     module = torch.nn.Linear(2, 1)
-    trainer = SimpleNamespace(lightning_module=module, strategy=SimpleNamespace(optimizers=[]), lr_scheduler_configs=[])
+    host = SimpleNamespace(module=module, optimizers=list, schedulers=list)
     loaded: list[dict[str, Any]] = []
     residual = torch.tensor([0.25, -0.5, 0.125])
     storage = residual.data_ptr()
     algorithm = SimpleNamespace(residual=residual, load_shared_state_=loaded.append)
     peer = {"module": {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}, "algorithm": {"num_syncs": 4}}
-    restore_peer_state_(trainer, algorithm, {**peer, "optimizers": [], "schedulers": []})
+    restore_peer_state_(host, algorithm, {**peer, "optimizers": [], "schedulers": []})
     assert loaded == [{"num_syncs": 4}] and module.weight.tolist() == [[1.0, 1.0]]
     assert residual.tolist() == [0.0, 0.0, 0.0] and residual.data_ptr() == storage  # in place: fragments view it
 

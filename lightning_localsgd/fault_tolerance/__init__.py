@@ -11,10 +11,10 @@ module              what it holds
 ``state``           what a healing group receives from a live peer, and how it is put in place
 ==================  ==========================================================================
 
-The wing depends on the core; the core never imports it: the strategy only knows the plugin
-interface :class:`~lightning_localsgd.trainer.plugins.FaultTolerancePlugin`, which ``TorchFT``
-implements. Before 0.2 this package was one module, ``lightning_localsgd.fault_tolerance``; its
-names are all here.
+The wing depends on the core; the core never imports it: both front ends (Trainer and Fabric)
+only know the plugin interface :class:`~lightning_localsgd.engine.FaultTolerancePlugin`, which
+``TorchFT`` implements. Before 0.2 this package was one module,
+``lightning_localsgd.fault_tolerance``; its names are all here.
 """
 
 from lightning_localsgd.fault_tolerance.config import (

@@ -29,14 +29,15 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
+from lightning_localsgd.engine import FaultTolerantSession, ReplicaHost
 from lightning_localsgd.fault_tolerance.binding import (
     WILDCARDS,
     bound_store,
@@ -46,14 +47,7 @@ from lightning_localsgd.fault_tolerance.binding import (
 )
 from lightning_localsgd.fault_tolerance.collectives import QuorumCollectives, QuorumGroup, _QuorumHandle
 from lightning_localsgd.fault_tolerance.config import FaultToleranceError, TorchFT, require_torchft
-from lightning_localsgd.fault_tolerance.state import (
-    capture_peer_state,
-    equalize_job_,
-    restore_peer_state_,
-    set_optimizer_steps,
-    step_schedulers,
-)
-from lightning_localsgd.trainer.plugins import FaultTolerantSession
+from lightning_localsgd.fault_tolerance.state import capture_peer_state, equalize_job_, restore_peer_state_
 from lightning_localsgd.transport.collectives import Group, NonFiniteReplicaError
 
 __all__ = ["STATE_KEY", "ReplicaGroupSession", "RoundRecord"]
@@ -83,8 +77,8 @@ class ReplicaGroupSession(FaultTolerantSession):
 
     Args:
         config: the :class:`~lightning_localsgd.TorchFT` settings.
-        trainer: the Trainer being fit (its module, optimizers, schedulers and step count are what
-            a healing peer receives and what healing replaces).
+        host: the front end (Trainer or Fabric): its module, optimizers, schedulers and step count
+            are what a healing peer receives and what healing replaces.
         algorithm: the bound consensus algorithm (PeriodicAveraging or DiLoCo).
         job: this job's own ranks (the fixed world of the Lightning job).
         comm: the transport (a :class:`QuorumCollectives`).
@@ -102,7 +96,7 @@ class ReplicaGroupSession(FaultTolerantSession):
     def __init__(
         self,
         config: TorchFT,
-        trainer: Trainer,
+        host: ReplicaHost,
         algorithm: ConsensusAlgorithm,
         job: Group,
         comm: QuorumCollectives,
@@ -111,7 +105,7 @@ class ReplicaGroupSession(FaultTolerantSession):
         manager_module = require_torchft()
         from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
 
-        self.config, self.trainer, self.algorithm, self.job, self.comm = config, trainer, algorithm, job, comm
+        self.config, self.host, self.algorithm, self.job, self.comm = config, host, algorithm, job, comm
         self.replica_id: str = config.resolved("replica_id")
         self.timeout = config.resolved("timeout")
         self.quorum_timeout = config.resolved("quorum_timeout")
@@ -171,7 +165,7 @@ class ReplicaGroupSession(FaultTolerantSession):
 
             device = torch.device("cpu")
             if config.backend == "nccl":
-                device = next(iter(self.trainer.lightning_module.parameters())).device
+                device = next(iter(self.host.module.parameters())).device
             transport = PGTransport(pg, timeout=self.timeout, device=device)
         return module.Manager(
             pg=pg,
@@ -206,18 +200,32 @@ class ReplicaGroupSession(FaultTolerantSession):
             return
         self.round_step, self.round_kind = step, kind
         self._started, self._healed = time.perf_counter(), False
-        try:
-            if redo:
-                self.manager.start_quorum(timeout=self.quorum_timeout, allow_heal=False, shrink_only=True)
-            else:
-                self.manager.start_quorum(timeout=self.quorum_timeout)
-        except Exception as err:  # the Lighthouse's timeout or an unreachable Lighthouse
-            raise FaultToleranceError(
-                f"replica group {self.replica_id!r} got no quorum for its {kind} round at step {step} within "
-                f"{self.quorum_timeout}: {err}. Check that the Lighthouse at {self.config.resolved('lighthouse_addr')} "
-                f"runs and that min_replicas={self.config.min_replicas} groups are alive; a returning group waits for "
-                "the others' next sync, so quorum_timeout must exceed sync_every steps."
-            ) from err
+        deadline = self._started + self.quorum_timeout.total_seconds()
+        retry = self.config.resolved("quorum_retry").total_seconds()
+        while True:
+            # One request waits at most quorum_retry, then is sent again: torchft's manager does not ask the
+            # Lighthouse again within one request, so a Lighthouse restarted on the same address is only found by
+            # a new request (docs/results/fault_tolerance.md, the fault matrix).
+            wait = timedelta(seconds=max(min(retry, deadline - time.perf_counter()), 0.001))
+            try:
+                if redo:
+                    self.manager.start_quorum(timeout=wait, allow_heal=False, shrink_only=True)
+                else:
+                    self.manager.start_quorum(timeout=wait)
+                break
+            except Exception as err:  # the Lighthouse's timeout or an unreachable Lighthouse
+                if time.perf_counter() < deadline:
+                    log.warning(
+                        "replica group %r: no quorum yet at step %d (%s); asking again", self.replica_id, step, err
+                    )
+                    continue
+                raise FaultToleranceError(
+                    f"replica group {self.replica_id!r} got no quorum for its {kind} round at step {step} within "
+                    f"{self.quorum_timeout}: {err}. Check that the Lighthouse at "
+                    f"{self.config.resolved('lighthouse_addr')} runs and that min_replicas={self.config.min_replicas} "
+                    "groups are alive; a returning group waits for the others' next sync, so quorum_timeout must "
+                    "exceed sync_every steps."
+                ) from err
         self._quorum_seconds = time.perf_counter() - self._started
         self._open = True
 
@@ -279,7 +287,7 @@ class ReplicaGroupSession(FaultTolerantSession):
         s = float(self.round_step)
         c = float(contributes)
         if device is None:
-            device = next(iter(self.trainer.lightning_module.parameters())).device
+            device = next(iter(self.host.module.parameters())).device
         meta = torch.tensor([c, float(not finite), c * s, c * s * s], dtype=torch.float64, device=device)
         if not self.sum_(meta, "sync"):
             return None
@@ -341,7 +349,7 @@ class ReplicaGroupSession(FaultTolerantSession):
     def join(self) -> None:
         """The first round of this fit: agree with the live groups on the model, then train from their step."""
         for attempt in range(1, self.max_attempts + 1):  # noqa: B007 (the else clause reports it)
-            self.open_round(self.trainer.global_step, "join")
+            self.open_round(self.host.step, "join")
             if self._adopted is not None and self._adopted[1] == "sync":
                 # The peers are in the sync of step S: take part in it like them, contributing nothing (with
                 # fragments: the fragment due at S; with overlap: its flight starts here and merges τ steps on).
@@ -356,11 +364,11 @@ class ReplicaGroupSession(FaultTolerantSession):
         if self._adopted is not None:
             step, kind = self._adopted
             self._adopted = None
-            set_optimizer_steps(self.trainer, step)
+            self.host.set_step(step)
             if kind == "sync":
-                step_schedulers(self.trainer, step)
+                self.host.step_schedulers(step)
         if kind == "join":
-            equalize_job_(self.trainer, self.algorithm, self.comm, self.job)
+            equalize_job_(self.host, self.algorithm, self.comm, self.job)
 
     @override
     def after_step(self) -> None:
@@ -369,18 +377,18 @@ class ReplicaGroupSession(FaultTolerantSession):
             return
         step, kind = self._adopted
         self._adopted = None
-        set_optimizer_steps(self.trainer, step - 1, ready=step)  # Lightning counts this step as completed next
+        self.host.set_step(step - 1, ready=step)  # the front end counts this step as completed next
         if kind == "sync" and self.algorithm.fragments == 1:
             self.algorithm.mark_equal(step)  # (healing inside an overlapped sync is refused: fell_behind)
 
     def _capture(self) -> dict[str, Any]:
         return {
             "source": self.replica_id,
-            **capture_peer_state(self.trainer, self.algorithm, self.round_step, self.round_kind),
+            **capture_peer_state(self.host, self.algorithm, self.round_step, self.round_kind),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        restore_peer_state_(self.trainer, self.algorithm, state)
+        restore_peer_state_(self.host, self.algorithm, state)
         self.round_step, self.round_kind = int(state["step"]), str(state["kind"])
         self._adopted = (self.round_step, self.round_kind)
         self._healed, self.contributes, self._source = True, False, str(state["source"])

@@ -27,37 +27,37 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
 
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
+from lightning_localsgd.engine import ReplicaHost
 from lightning_localsgd.transport.collectives import Collectives, Group
 from lightning_localsgd.transport.replicas import broadcast_module_
 
-__all__ = ["capture_peer_state", "equalize_job_", "restore_peer_state_", "set_optimizer_steps", "step_schedulers"]
+__all__ = ["capture_peer_state", "equalize_job_", "restore_peer_state_"]
 
 
-def capture_peer_state(trainer: Trainer, algorithm: ConsensusAlgorithm, step: int, kind: str) -> dict[str, Any]:
+def capture_peer_state(host: ReplicaHost, algorithm: ConsensusAlgorithm, step: int, kind: str) -> dict[str, Any]:
     """This group's state for a peer that heals (called on torchft's quorum thread, training blocked)."""
     return {
         "step": int(step),
         "kind": kind,
-        "module": trainer.lightning_module.state_dict(),
+        "module": host.module.state_dict(),
         "algorithm": algorithm.state_dict(),
-        "optimizers": [optimizer.state_dict() for optimizer in trainer.strategy.optimizers],
-        "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+        "optimizers": [optimizer.state_dict() for optimizer in host.optimizers()],
+        "schedulers": [scheduler.state_dict() for scheduler in host.schedulers()],
     }
 
 
 @torch.no_grad()
-def restore_peer_state_(trainer: Trainer, algorithm: ConsensusAlgorithm, state: dict[str, Any]) -> None:
+def restore_peer_state_(host: ReplicaHost, algorithm: ConsensusAlgorithm, state: dict[str, Any]) -> None:
     """Put a peer's captured state into this group's module, algorithm, optimizers and schedulers."""
-    optimizers, schedulers = trainer.strategy.optimizers, trainer.lr_scheduler_configs
+    optimizers, schedulers = host.optimizers(), host.schedulers()
     if len(optimizers) != len(state["optimizers"]) or len(schedulers) != len(state["schedulers"]):
         raise RuntimeError(
             f"the peer has {len(state['optimizers'])} optimizer(s) and {len(state['schedulers'])} LR scheduler(s), "
             f"this group {len(optimizers)} and {len(schedulers)}: every replica group must run the same configuration"
         )
-    trainer.lightning_module.load_state_dict(state["module"])
+    host.module.load_state_dict(state["module"])
     algorithm.load_shared_state_(state["algorithm"])
     if algorithm.residual is not None:
         # The integer wire's error feedback: what this group still owed was rounding of the replica it just
@@ -65,33 +65,11 @@ def restore_peer_state_(trainer: Trainer, algorithm: ConsensusAlgorithm, state: 
         algorithm.residual.zero_()
     for optimizer, saved in zip(optimizers, state["optimizers"]):
         optimizer.load_state_dict(saved)
-    for config, saved in zip(schedulers, state["schedulers"]):
-        config.scheduler.load_state_dict(saved)
+    for scheduler, saved in zip(schedulers, state["schedulers"]):
+        scheduler.load_state_dict(saved)
 
 
-def set_optimizer_steps(trainer: Trainer, completed: int, ready: int | None = None) -> None:
-    """Make ``trainer.global_step`` read ``completed`` (``ready``: started steps, one more inside a step)."""
-    loop = trainer.fit_loop.epoch_loop
-    if trainer.lightning_module.automatic_optimization:
-        total = loop.automatic_optimization.optim_progress.optimizer.step.total
-    else:
-        total = loop.manual_optimization.optim_step_progress.total
-    total.completed = int(completed)
-    total.ready = int(completed if ready is None else ready)
-
-
-def step_schedulers(trainer: Trainer, step: int) -> None:
-    """The per-step LR scheduler update Lightning makes after optimizer step ``step``.
-
-    A group that joins at the peers' sync of step ``step`` received schedulers captured before
-    that update (the peers make it after their sync); it makes it here.
-    """
-    for config in trainer.lr_scheduler_configs:
-        if config.interval == "step" and not config.reduce_on_plateau and step % config.frequency == 0:
-            trainer.lightning_module.lr_scheduler_step(config.scheduler, None)
-
-
-def equalize_job_(trainer: Trainer, algorithm: ConsensusAlgorithm, comm: Collectives, job: Group) -> None:
+def equalize_job_(host: ReplicaHost, algorithm: ConsensusAlgorithm, comm: Collectives, job: Group) -> None:
     """After a join round, every rank of a multi-process group takes its job rank 0's model and global state.
 
     At the first start torchft heals rank r of each group from group ``r mod m`` of the ``m`` groups
@@ -100,5 +78,5 @@ def equalize_job_(trainer: Trainer, algorithm: ConsensusAlgorithm, comm: Collect
     """
     if job.size == 1:
         return
-    broadcast_module_(comm, trainer.lightning_module, job)
+    broadcast_module_(comm, host.module, job)
     comm.broadcast_tensors_(algorithm.shared_tensors(), src=job.ranks[0], group=job, purpose="setup")

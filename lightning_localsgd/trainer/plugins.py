@@ -1,6 +1,8 @@
 """The Trainer strategy's one extension point: a fault-tolerance plugin that turns the job into a replica group.
 
-:class:`~lightning_localsgd.LocalSGDStrategy` knows only these two interfaces; the torchft wing
+The interfaces live in :mod:`lightning_localsgd.engine` (Fabric's strategy has the same plug);
+:class:`TrainerHost` is what a healing reads and replaces in a Trainer.
+:class:`~lightning_localsgd.LocalSGDStrategy` knows only these interfaces; the torchft wing
 (:mod:`lightning_localsgd.fault_tolerance`) implements them with
 :class:`~lightning_localsgd.TorchFT` and its ``ReplicaGroupSession``. The strategy calls them at
 fixed points:
@@ -20,61 +22,50 @@ strategy                    plugin / session
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Any
 
-import torch
 from lightning.pytorch import Trainer
+from torch import nn
+from torch.optim import Optimizer
 
-from lightning_localsgd.engine import SyncEngine
-from lightning_localsgd.transport.collectives import Collectives, Group
+# The interfaces lived here before Fabric got fault tolerance: imported by name for old code.
+from lightning_localsgd.engine import FaultTolerancePlugin, FaultTolerantSession, ReplicaHost
 
-__all__ = ["FaultTolerancePlugin", "FaultTolerantSession"]
+__all__ = ["FaultTolerancePlugin", "FaultTolerantSession", "ReplicaHost", "TrainerHost"]
 
 
-class FaultTolerantSession(ABC):
-    """One fit of this job as a replica group of a larger job whose groups may die and come back."""
+class TrainerHost(ReplicaHost):
+    """A Trainer's model, optimizers, LR schedulers and step count, for fault tolerance."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
 
     @property
-    @abstractmethod
-    def group(self) -> Group:
-        """The group the consensus algorithm syncs over (the live replica groups' quorum)."""
+    def module(self) -> nn.Module:
+        return self.trainer.lightning_module
 
-    @abstractmethod
-    def join(self) -> None:
-        """Training starts: agree with the live groups on the model and the step."""
+    @property
+    def step(self) -> int:
+        return self.trainer.global_step
 
-    @abstractmethod
-    def after_step(self) -> None:
-        """Inside an optimizer step, after its sync: adopt what a healing changed (e.g. the step count)."""
+    def optimizers(self) -> list[Optimizer]:
+        return list(self.trainer.strategy.optimizers)
 
-    @abstractmethod
-    def shutdown(self) -> None:
-        """Leave the job (the session's records stay readable)."""
+    def schedulers(self) -> list[Any]:
+        return [config.scheduler for config in self.trainer.lr_scheduler_configs]
 
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the session, so that a whole-job restart resumes every group where it was."""
-        return {}
+    def set_step(self, completed: int, ready: int | None = None) -> None:
+        """``trainer.global_step`` reads ``completed`` (``ready``: started steps, one more inside a step)."""
+        loop = self.trainer.fit_loop.epoch_loop
+        if self.trainer.lightning_module.automatic_optimization:
+            total = loop.automatic_optimization.optim_progress.optimizer.step.total
+        else:
+            total = loop.manual_optimization.optim_step_progress.total
+        total.completed = int(completed)
+        total.ready = int(completed if ready is None else ready)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - nothing to restore by default
-        """Before :meth:`join`: the state a checkpoint kept (:meth:`state_dict`)."""
-
-
-class FaultTolerancePlugin(ABC):
-    """How a job joins a fault-tolerant job (``LocalSGDStrategy(fault_tolerance=...)``)."""
-
-    @abstractmethod
-    def collectives(self, comm_dtype: str | torch.dtype | None, bucket_mb: float) -> Collectives:
-        """The transport every sync goes through."""
-
-    @abstractmethod
-    def check_supported(self, engine: SyncEngine, comm: Collectives, processes: int = 1) -> None:
-        """Raise, with the fix, for what the plugin cannot carry (an algorithm, a modifier, a transport;
-        ``processes``: this job's)."""
-
-    @abstractmethod
-    def start(
-        self, trainer: Trainer, engine: SyncEngine, job: Group, comm: Collectives, broadcast: Callable[[Any], Any]
-    ) -> FaultTolerantSession:
-        """A session for this fit (``job``: this job's own ranks; ``broadcast``: from job rank 0)."""
+    def step_schedulers(self, step: int) -> None:
+        """The per-step updates Lightning makes after optimizer step ``step`` (``interval="step"`` schedulers)."""
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == "step" and not config.reduce_on_plateau and step % config.frequency == 0:
+                self.trainer.lightning_module.lr_scheduler_step(config.scheduler, None)

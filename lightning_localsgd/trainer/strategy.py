@@ -26,7 +26,7 @@ from lightning_localsgd.algorithms.periodic import PeriodicAveraging
 from lightning_localsgd.contract import FrontEnd, SyncContext, scale_of
 from lightning_localsgd.engine import SyncEngine
 from lightning_localsgd.resume import CHECKPOINT_KEY, drop_stale_parts, rank_payload, to_host, write_part
-from lightning_localsgd.trainer.plugins import FaultTolerancePlugin, FaultTolerantSession
+from lightning_localsgd.trainer.plugins import FaultTolerancePlugin, FaultTolerantSession, TrainerHost
 from lightning_localsgd.trainer.replica import DEFAULT_TIMEOUT, ReplicaStrategy, loader_state
 from lightning_localsgd.trainer.sigterm import replace_sigterm_check, restore_sigterm_check, sigterm_check_at
 from lightning_localsgd.transport.collectives import Group, NonFinitePolicy
@@ -403,7 +403,8 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         assert engine is not None
         world = self._replica_world
         if self._fault_tolerance is not None:  # the world is the quorum of replica groups
-            self._session = self._fault_tolerance.start(trainer, engine, self._world_group, self._comm, self.broadcast)
+            host = TrainerHost(trainer)
+            self._session = self._fault_tolerance.start(host, engine, self._world_group, self._comm, self.broadcast)
             world = self._session.group
         ctx = SyncContext(
             self.lightning_module,
