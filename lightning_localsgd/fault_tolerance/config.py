@@ -93,9 +93,6 @@ class TorchFT(FaultTolerancePlugin):
         timeout: bound of every collective, ``should_commit`` and checkpoint transfer of a round.
         quorum_timeout: how long a group waits for a quorum. A returning group waits for the
             others' next sync, so this must exceed the time of ``sync_every`` steps.
-        quorum_retry: how long one quorum request waits before it is sent again (within
-            ``quorum_timeout``): torchft's manager asks the Lighthouse once per request, so a Lighthouse
-            that died and was restarted on its address is found by the next request.
         connect_timeout: bound of connecting to the Lighthouse and the peers' managers.
         heartbeat_interval: how often the group's manager tells the Lighthouse it is alive.
         max_retries: failed attempts of one round (a peer died inside it) before giving up.
@@ -117,7 +114,6 @@ class TorchFT(FaultTolerancePlugin):
     min_replicas: int = 1
     timeout: timedelta | float = timedelta(seconds=60)
     quorum_timeout: timedelta | float = timedelta(minutes=10)
-    quorum_retry: timedelta | float = timedelta(seconds=10)
     connect_timeout: timedelta | float = timedelta(seconds=60)
     heartbeat_interval: timedelta | float = timedelta(milliseconds=100)
     max_retries: int = 3
@@ -148,7 +144,6 @@ class TorchFT(FaultTolerancePlugin):
             replica_id=str(replica_id),
             timeout=check_seconds("timeout", self.timeout),
             quorum_timeout=check_seconds("quorum_timeout", self.quorum_timeout),
-            quorum_retry=check_seconds("quorum_retry", self.quorum_retry),
             connect_timeout=check_seconds("connect_timeout", self.connect_timeout),
             heartbeat_interval=check_seconds("heartbeat_interval", self.heartbeat_interval),
         )

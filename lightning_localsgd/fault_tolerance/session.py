@@ -29,7 +29,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -200,32 +199,22 @@ class ReplicaGroupSession(FaultTolerantSession):
             return
         self.round_step, self.round_kind = step, kind
         self._started, self._healed = time.perf_counter(), False
-        deadline = self._started + self.quorum_timeout.total_seconds()
-        retry = self.config.resolved("quorum_retry").total_seconds()
-        while True:
-            # One request waits at most quorum_retry, then is sent again: torchft's manager does not ask the
-            # Lighthouse again within one request, so a Lighthouse restarted on the same address is only found by
-            # a new request (docs/results/fault_tolerance.md, the fault matrix).
-            wait = timedelta(seconds=max(min(retry, deadline - time.perf_counter()), 0.001))
-            try:
-                if redo:
-                    self.manager.start_quorum(timeout=wait, allow_heal=False, shrink_only=True)
-                else:
-                    self.manager.start_quorum(timeout=wait)
-                break
-            except Exception as err:  # the Lighthouse's timeout or an unreachable Lighthouse
-                if time.perf_counter() < deadline:
-                    log.warning(
-                        "replica group %r: no quorum yet at step %d (%s); asking again", self.replica_id, step, err
-                    )
-                    continue
-                raise FaultToleranceError(
-                    f"replica group {self.replica_id!r} got no quorum for its {kind} round at step {step} within "
-                    f"{self.quorum_timeout}: {err}. Check that the Lighthouse at "
-                    f"{self.config.resolved('lighthouse_addr')} runs and that min_replicas={self.config.min_replicas} "
-                    "groups are alive; a returning group waits for the others' next sync, so quorum_timeout must "
-                    "exceed sync_every steps."
-                ) from err
+        try:
+            if redo:
+                self.manager.start_quorum(timeout=self.quorum_timeout, allow_heal=False, shrink_only=True)
+            else:
+                self.manager.start_quorum(timeout=self.quorum_timeout)
+        except Exception as err:  # the Lighthouse's timeout or an unreachable Lighthouse
+            # (not retried: torchft's manager keeps a failed quorum's error and raises it at every later
+            # start_quorum, so a Lighthouse restarted on its address is not found again; the fault matrix
+            # in docs/results/fault_tolerance.md measures it)
+            raise FaultToleranceError(
+                f"replica group {self.replica_id!r} got no quorum for its {kind} round at step {step} within "
+                f"{self.quorum_timeout}: {err}. Check that the Lighthouse at {self.config.resolved('lighthouse_addr')} "
+                f"runs and that min_replicas={self.config.min_replicas} groups are alive; a returning group waits for "
+                "the others' next sync, so quorum_timeout must exceed sync_every steps. If the Lighthouse died, "
+                "restart it and every group (from their checkpoints: they keep torchft's step)."
+            ) from err
         self._quorum_seconds = time.perf_counter() - self._started
         self._open = True
 
