@@ -426,7 +426,13 @@ def matrix_row(fault: dict[str, Any], clean: dict[str, Any] | None) -> dict[str,
         "fault": kind,
         "failure": fault["failure"],
     }
-    if fault["failure"] is not None or len(survivors) < 2:
+    if fault["failure"] is not None:  # the job stopped: say how, from the groups' own error
+        text = fault["failure"]
+        start = text.find("FaultToleranceError: ")
+        reason = text[start + len("FaultToleranceError: ") :].split(". Check")[0] if start >= 0 else text[:200]
+        row["failure"] = f"the job stopped after {fault['wall_s']:.0f} s: {reason}"
+        return row
+    if len(survivors) < 2:
         return row
     row["survivor_steps_lost"] = [steps - g["steps"] for g in survivors]
     row["survivor_failed_attempts"] = [sum(not h["committed"] for h in g["history"]) for g in survivors]
