@@ -251,7 +251,14 @@ class FaultTolerancePlugin(ABC):
 
     @abstractmethod
     def start(
-        self, host: ReplicaHost, engine: SyncEngine, job: Group, comm: Collectives, broadcast: Callable[[Any], Any]
+        self,
+        host: ReplicaHost,
+        engine: SyncEngine,
+        job: Group,
+        comm: Collectives,
+        broadcast: Callable[[Any], Any],
+        one_replica: bool = False,
     ) -> FaultTolerantSession:
         """A session for this run (``host``: the front end's model, optimizers, schedulers and step;
-        ``job``: this job's own ranks; ``broadcast``: from job rank 0)."""
+        ``job``: this job's own ranks; ``broadcast``: from job rank 0; ``one_replica``: the job's ranks
+        hold one replica, DDP inside, ``within_node="ddp"``)."""

@@ -178,6 +178,11 @@ class LocalSGDStrategy(WaitsForBackgroundSyncs, DDPStrategy, FrontEnd):
         if fault_tolerance is not None and not isinstance(fault_tolerance, FaultTolerancePlugin):
             raise TypeError(f"fault_tolerance must be a TorchFT(...) or None, got {type(fault_tolerance).__name__}")
         check_within_node(within_node, ddp_kwargs, fault_tolerance is not None)
+        if within_node is not None and fault_tolerance is not None:
+            raise ValueError(
+                "fault_tolerance with within_node under Fabric is not supported yet: use the Trainer's "
+                "LocalSGDStrategy(within_node='ddp', fault_tolerance=...) or drop within_node"
+            )
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,

@@ -113,10 +113,11 @@ def group_trainer(
     callbacks: list[Callback],
     heal: str = "pg",
     comm_dtype: str | None = None,
+    within_node: str | None = None,
 ) -> tuple[Trainer, LocalSGDStrategy]:
     """One replica group's Trainer under ``TorchFT`` (timeouts short enough for a test to fail fast)."""
     ft = TorchFT(min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10, heal_transport=heal)
-    strategy = LocalSGDStrategy(fault_tolerance=ft, comm_dtype=comm_dtype)
+    strategy = LocalSGDStrategy(fault_tolerance=ft, comm_dtype=comm_dtype, within_node=within_node)
     trainer = Trainer(
         accelerator="cpu",
         devices=devices,
@@ -157,6 +158,7 @@ def train_group(
     comm_dtype: str | None = None,
     fragments: int = 1,
     overlap_steps: int = 0,
+    within_node: str | None = None,
 ) -> dict[str, Any]:
     group, incarnation = int(os.environ["REPLICA_GROUP_ID"]), int(os.environ[INCARNATION_ENV])
     torch.set_num_threads(1)
@@ -172,7 +174,7 @@ def train_group(
     if die_at is not None and group == die_group and incarnation == 0:
         callbacks.append(KillInSync(die_at, 3 if comm_dtype else 2) if die_in_sync else KillSelf(die_at))
     trainer, strategy = group_trainer(
-        devices, num_nodes, min_replicas, max_steps, callbacks, heal_transport, comm_dtype=comm_dtype
+        devices, num_nodes, min_replicas, max_steps, callbacks, heal_transport, comm_dtype, within_node
     )
     model = LeastSquaresGroup(group, lr, momentum)
     shard = group * devices + int(os.environ["LOCAL_RANK"])  # every process of every group has its own data
@@ -234,6 +236,7 @@ def train_fabric_group(
     comm_dtype: str | None = None,
     fragments: int = 1,
     overlap_steps: int = 0,
+    within_node: str | None = None,
 ) -> dict[str, Any]:
     """:func:`train_group`'s run written as a Fabric loop (``fabric.lightning_localsgd.LocalSGDStrategy``)."""
     import time

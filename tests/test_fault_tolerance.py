@@ -348,6 +348,7 @@ def replay(cfg: dict[str, Any], primary: int, join_step: int, join_source: int) 
     groups, devices, H, dead = cfg["groups"], cfg["devices"], cfg["sync_every"], cfg["groups"] - 1
     died_at, in_sync, steps = cfg["die_at"], cfg["die_in_sync"], cfg["max_steps"]
     P, tau, fmt = cfg.get("fragments", 1), cfg.get("overlap_steps", 0), cfg.get("comm_dtype")
+    ddp = cfg.get("within_node") == "ddp"  # a group is one replica: DDP averages its ranks' gradients
     diloco = cfg["algorithm"] == "diloco"
     replicas = [(g, r) for g in range(groups) for r in range(devices)]
     params = {k: torch.nn.Parameter(initial_weights(primary)) for k in replicas}
@@ -371,12 +372,23 @@ def replay(cfg: dict[str, Any], primary: int, join_step: int, join_source: int) 
         if fmt is None:
             return torch.stack([sent[k] for k in members]).mean(0)
         base = theta[f].detach() if diloco else anchor[cut[f]]
-        pad = (0, 128 - (cut[f].stop - cut[f].start))
-        values = {k: torch.nn.functional.pad(sent[k] - base + owed[k][cut[f]], pad) for k in members}
-        summed, kept = shared_scale_sum(values, fmt)
-        for k in members:
-            owed[k][cut[f]] = kept[k][: cut[f].stop - cut[f].start]
-        return base + summed[: cut[f].stop - cut[f].start] / len(members)
+        size = cut[f].stop - cut[f].start
+        owes = {k: owed[k][cut[f]] for k in members}  # views: written in place
+        total = torch.zeros(size, dtype=F64)
+        chunk = -(-size // devices) if ddp else size  # DDP inside: job rank j sends slice j of the replica
+        for lo in range(0, size, chunk):
+            hi = min(lo + chunk, size)
+            pad = (0, 128 - (hi - lo))
+            values = {k: torch.nn.functional.pad((sent[k] - base + owes[k])[lo:hi], pad) for k in members}
+            summed, kept = shared_scale_sum(values, fmt)
+            total[lo:hi] = summed[: hi - lo]
+            for k in members:
+                owes[k][lo:hi] = kept[k][: hi - lo]
+        if ddp:  # every rank of a group owes what its group owes (rank j keeps slice j: the same values)
+            for g, r in replicas:
+                if r and (g, 0) in owes:
+                    owed[g, r][cut[f]] = owed[g, 0][cut[f]]
+        return base + total / len(members)
 
     def consensus(f: int, mean: Tensor) -> Tensor:
         if not diloco:
@@ -407,6 +419,13 @@ def replay(cfg: dict[str, Any], primary: int, join_step: int, join_source: int) 
             if trains(g, t):
                 inner[g, r].zero_grad()
                 loss_of(params[g, r], *group_data(g * devices + r)).backward()
+        if ddp:  # every rank of a group steps with the group's mean gradient
+            for g in range(groups):
+                mean_grad = torch.stack([params[g, r].grad for r in range(devices)]).mean(0)
+                for r in range(devices):
+                    params[g, r].grad = mean_grad.clone()
+        for g, r in replicas:
+            if trains(g, t):
                 inner[g, r].step()
         for f in [f for f, flight in flights.items() if flight[0] + tau == t]:
             merge(f)
@@ -420,7 +439,7 @@ def replay(cfg: dict[str, Any], primary: int, join_step: int, join_source: int) 
                     inner[dead, r].load_state_dict(copy.deepcopy(inner[join_source, r].state_dict()))
                     owed[dead, r].zero_()
             parts = [(g, r) for g, r in replicas if takes_part(g, t)]
-            members = [(g, r) for g, r in replicas if contributes(g, t)]
+            members = [(g, r) for g, r in replicas if contributes(g, t) and (r == 0 or not ddp)]  # a group counts once
             sent = {k: params[k].detach()[cut[f]].clone() for k in parts}
             mean = round_of(f, t, parts, members)
             flights[f] = (t, mean, sent)
@@ -431,7 +450,7 @@ def replay(cfg: dict[str, Any], primary: int, join_step: int, join_source: int) 
     if not (P == 1 and tau == 0 and steps % H == 0):  # ... then one whole sync unless the replicas are equal
         parts = [(g, r) for g, r in replicas if takes_part(g, steps)]
         for f in range(P):
-            c = consensus(f, round_of(f, steps, parts, parts))
+            c = consensus(f, round_of(f, steps, parts, [k for k in parts if k[1] == 0 or not ddp]))
             for k in parts:
                 params[k].data[cut[f]] = c
         num_syncs += 1
@@ -525,6 +544,7 @@ def report(name: str, results: dict, runs: list, seconds: float) -> None:
         ("diloco", 2, 2, 15, True, "pg", "int8", (6, 2, 3), "trainer"),
         ("diloco", 3, 1, 12, False, "http", None, (5, 1, 0), "trainer"),
         ("diloco", 3, 1, 15, True, "pg", "int8", (6, 2, 3), "fabric"),
+        ("diloco", 2, 2, 15, True, "pg", "int8", (6, 2, 3), "trainer-ddp"),
     ],
     ids=[
         "periodic-3x1-killed-after-step-12",
@@ -532,6 +552,7 @@ def report(name: str, results: dict, runs: list, seconds: float) -> None:
         "diloco-int8-2-fragments-overlapped-2x2-killed-while-the-sync-of-step-15-is-in-flight",
         "diloco-3x1-killed-after-step-12-healed-over-http",
         "fabric-diloco-int8-2-fragments-overlapped-3x1-killed-while-the-sync-of-step-15-is-in-flight",
+        "ddp-inside-diloco-int8-2-fragments-overlapped-2x2-killed-while-the-sync-of-step-15-is-in-flight",
     ],
 )
 def test_survivors_keep_training_and_the_restarted_group_rejoins_equal(
@@ -543,7 +564,8 @@ def test_survivors_keep_training_and_the_restarted_group_rejoins_equal(
     or the same run as a Fabric loop (part 4)."""
     H, fragments, overlap = schedule
     cfg = {
-        "front_end": front,
+        "front_end": "fabric" if front == "fabric" else "trainer",
+        "within_node": "ddp" if front == "trainer-ddp" else None,
         "comm_dtype": comm_dtype,
         "fragments": fragments,
         "overlap_steps": overlap,
@@ -599,7 +621,7 @@ def test_survivors_keep_training_and_the_restarted_group_rejoins_equal(
 
     # nothing of the fault tolerance listens on every interface (issue 23: the trust model); the job's own store
     # (Lightning's, at MASTER_PORT) is torch's and binds every interface: docs/fault_tolerance.md says so
-    for r in survivors + joiners if front == "trainer" else []:  # (the Fabric loop does not read its listeners)
+    for r in survivors + joiners if front != "fabric" else []:  # (the Fabric loop does not read its listeners)
         assert r["listeners"], "the test saw no listener: the torchft manager should be one"
         open_ports = [(a, p) for a, p in r["listeners"] if a in ("0.0.0.0", "::") and p != r["master_port"]]
         allowed = 1 if heal_transport == "http" and r["rank"] == 0 else 0  # torchft's checkpoint server: no bind

@@ -43,9 +43,10 @@ def test_within_node_values_and_ddp_arguments_are_checked_at_construction():
         LocalSGDStrategy(within_node="ddp", ddp_kwargs={"bucket_size": 25})
     with pytest.raises(TypeError, match=r"ddp_kwargs holds \['process_group'\].*the strategy sets"):
         LocalSGDStrategy(within_node="ddp", ddp_kwargs={"process_group": None})
-    with pytest.raises(ValueError, match="fault_tolerance with within_node='ddp' is not supported yet"):
-        ft = TorchFT(lighthouse_addr="http://127.0.0.1:29510", replica_id=0)
-        LocalSGDStrategy(within_node="ddp", fault_tolerance=ft)
+    ft = TorchFT(lighthouse_addr="http://127.0.0.1:29510", replica_id=0)
+    with pytest.raises(ValueError, match="fault_tolerance with within_node='fsdp' is not supported yet"):
+        LocalSGDStrategy(within_node="fsdp", fault_tolerance=ft)
+    assert LocalSGDStrategy(within_node="ddp", fault_tolerance=ft).within_node == "ddp"  # a group = a DDP node
     strategy = LocalSGDStrategy(within_node="ddp", ddp_kwargs={"find_unused_parameters": True, "bucket_cap_mb": 4})
     assert strategy.within_node == "ddp"
     assert strategy._ddp_kwargs == {"find_unused_parameters": True, "bucket_cap_mb": 4}

@@ -108,8 +108,12 @@ class Attempt:
         nonfinite: NonFinitePolicy,
         step: int | None,
         redo: bool = False,
+        finite: bool | None = None,
     ) -> Attempt:
         """Quorum (may heal: the anchor changes in place), agreement, and the SUM started.
+
+        ``finite``: the NaN/Inf verdict when the caller computed it on more than ``tensors`` (a slice of
+        a replica whose other slices other ranks send: every rank of the replica must agree).
 
         ``redo``: the round of an overlapped sync that failed in flight, done again by the survivors
         from the values sent at its start: torchft's ``shrink_only`` quorum (nobody joins, nobody heals).
@@ -121,7 +125,7 @@ class Attempt:
         self.dtype = tensors[0].dtype if base is None else base.dtype
         local = flatten(tensors, self.dtype)
         self.n = local.numel()
-        finite = all_finite([local])
+        finite = all_finite([local]) if finite is None else finite
         self.contributes = session.contributes and (finite or nonfinite == "raise")
         self.count = session.agree(self.contributes, finite, nonfinite, device=local.device)
         if self.count is None:
@@ -206,13 +210,19 @@ class QuorumFlight:
         step: int,
         device: torch.device,
     ) -> None:
-        self.comm, self.session, self.anchor, self.residual = comm, session, anchor, residual
+        self.comm, self.session = comm, session
         self.nonfinite, self.step = nonfinite, step
-        self.sent = sent  # the algorithm keeps it until the merge
         self.device = device
         self._mean: Tensor | None = None
         joining = session.is_open  # a group joining the others' round of step s (opened by its join)
-        self.attempt = Attempt.open(comm, session, [sent.to(device)], anchor, residual, nonfinite, step)
+        local, finite = sent.to(device), None
+        split = comm._split([local], session, anchor, residual)
+        self.place = None
+        if split is not None:  # the job is one replica: this rank's slice travels, the job gathers the mean
+            local, anchor, residual, finite, self.place = split
+        self.anchor, self.residual, self.finite = anchor, residual, finite
+        self.sent = local if split is not None else sent  # the values of the round (the algorithm keeps ``sent``)
+        self.attempt = Attempt.open(comm, session, [local], anchor, residual, nonfinite, step, finite=finite)
         if session.healed_now and not joining:
             raise session.fell_behind()
 
@@ -223,9 +233,19 @@ class QuorumFlight:
             if mean is None:
                 redo = self.sent.to(self.device, copy=True)
                 self.comm._round_mean_(
-                    [redo], self.session, self.anchor, self.residual, self.nonfinite, self.step, redo=True
+                    [redo],
+                    self.session,
+                    self.anchor,
+                    self.residual,
+                    self.nonfinite,
+                    self.step,
+                    redo=True,
+                    finite=self.finite,
+                    sliced=self.place is not None,
                 )
                 mean = redo
+            if self.place is not None:
+                mean = self.comm._gather(mean, self.place, self.session)
             self._mean = mean
         return self._mean
 
@@ -278,14 +298,59 @@ class QuorumCollectives(Collectives):
         nonfinite: NonFinitePolicy,
         step: int | None,
         redo: bool = False,
+        finite: bool | None = None,
+        sliced: bool = False,
     ) -> None:
-        """Blocking rounds until one commits; the mean goes into ``tensors`` (``redo``: see :meth:`Attempt.open`)."""
+        """Blocking rounds until one commits; the mean goes into ``tensors`` (``redo``: see :meth:`Attempt.open`).
+
+        When the whole job is one replica (``within_node="ddp"``: its ranks hold equal values), job rank j
+        averages slice j only, with rank j of the other groups, and the job all-gathers the slices.
+        """
+        split = None if sliced else self._split(tensors, session, anchor, residual)
+        if split is not None:
+            piece, piece_anchor, piece_residual, finite, place = split
+            self._round_mean_([piece], session, piece_anchor, piece_residual, nonfinite, step, redo, finite, True)
+            unflatten_(self._gather(piece, place, session), tensors)
+            return
         for attempt in range(1, session.max_attempts + 1):  # noqa: B007 (the else clause reports it)
-            mean = Attempt.open(self, session, tensors, anchor, residual, nonfinite, step, redo).close()
+            mean = Attempt.open(self, session, tensors, anchor, residual, nonfinite, step, redo, finite).close()
             if mean is not None:
                 unflatten_(mean, tensors)
                 return
         raise session.gave_up(attempt)
+
+    @staticmethod
+    def _split(
+        tensors: Sequence[Tensor],
+        session: ReplicaGroupSession,
+        anchor: Tensor | Sequence[Tensor] | None,
+        residual: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, bool, tuple[int, int, int, int]] | None:
+        """This rank's slice (and its anchor and residual slices, the replica's NaN/Inf verdict) when the job
+        is one replica; ``None`` otherwise. ``place``: (n, lo, hi, chunk) for :meth:`_gather`."""
+        job = session.job
+        if not getattr(session, "one_replica", False) or job.size == 1:
+            return None
+        base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
+        whole = flatten(tensors, tensors[0].dtype if base is None else base.dtype)
+        n, k, j = whole.numel(), job.size, job.rank
+        chunk = -(-n // k)
+        lo, hi = min(j * chunk, n), min((j + 1) * chunk, n)
+        piece = whole[lo:hi].clone()
+        return (
+            piece,
+            None if base is None else base[lo:hi],
+            None if residual is None else residual[lo:hi],
+            all_finite([whole]),
+            (n, lo, hi, chunk),
+        )
+
+    def _gather(self, piece: Tensor, place: tuple[int, int, int, int], session: ReplicaGroupSession) -> Tensor:
+        """The job's slices of the mean, all-gathered inside the job (booked as ``"sync/node"``)."""
+        n, lo, hi, chunk = place
+        send = torch.zeros(chunk, dtype=piece.dtype, device=piece.device)
+        send[: hi - lo].copy_(piece)
+        return self.all_gather(send, session.job, "sync/node").reshape(-1)[:n]
 
     def start_quorum_mean(
         self,

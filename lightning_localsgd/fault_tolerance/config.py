@@ -161,11 +161,17 @@ class TorchFT(FaultTolerancePlugin):
 
     @override
     def start(
-        self, host: ReplicaHost, engine: SyncEngine, job: Group, comm: Collectives, broadcast: Callable[[Any], Any]
+        self,
+        host: ReplicaHost,
+        engine: SyncEngine,
+        job: Group,
+        comm: Collectives,
+        broadcast: Callable[[Any], Any],
+        one_replica: bool = False,
     ) -> FaultTolerantSession:
         from lightning_localsgd.fault_tolerance.session import ReplicaGroupSession
 
-        return ReplicaGroupSession(self, host, engine.algorithm, job, comm, broadcast)
+        return ReplicaGroupSession(self, host, engine.algorithm, job, comm, broadcast, one_replica)
 
     @override
     def check_supported(self, engine: SyncEngine, comm: Collectives, processes: int = 1) -> None:

@@ -100,11 +100,14 @@ class ReplicaGroupSession(FaultTolerantSession):
         job: Group,
         comm: QuorumCollectives,
         broadcast: Callable[[Any], Any],
+        one_replica: bool = False,
     ) -> None:
         manager_module = require_torchft()
         from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
 
         self.config, self.host, self.algorithm, self.job, self.comm = config, host, algorithm, job, comm
+        # within_node="ddp": the job's ranks hold one replica (DDP inside); rank j syncs slice j of it
+        self.one_replica = bool(one_replica) and job.size > 1
         self.replica_id: str = config.resolved("replica_id")
         self.timeout = config.resolved("timeout")
         self.quorum_timeout = config.resolved("quorum_timeout")
@@ -244,7 +247,7 @@ class ReplicaGroupSession(FaultTolerantSession):
 
         Returns ``finish()``: waits for the SUM; False if it failed (this attempt will not commit).
         """
-        if self.job.size > 1:
+        if self.job.size > 1 and not self.one_replica:
             self.comm.all_reduce_sum_(flat, self.job, purpose)  # the job's fixed group: its ranks live and die together
         per_bucket = max(1, int(self.comm.bucket_mb * 2**20) // flat.element_size())
         from torch.distributed import ReduceOp

@@ -358,6 +358,11 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
                     "sync_every/overlap_steps/fragments numbers (docs/autotune.md)"
                 )
             self._fault_tolerance.check_supported(self._engine, self._comm, self.world_size)
+            if self._within_node == "ddp" and self.num_nodes > 1:
+                raise ValueError(
+                    f"fault_tolerance with within_node='ddp' makes each job one replica group of one node running "
+                    f"DDP; this job has num_nodes={self.num_nodes}: launch one job per node (each its own replica_id)"
+                )
         # (under fault tolerance an overlapped sync's SUM runs in torchft's process group: no group of ours)
         needs_background = (
             may_overlap(self._engine.algorithm) and self._replica_world.size > 1 and self._fault_tolerance is None
@@ -404,7 +409,10 @@ class LocalSGDStrategy(ReplicaStrategy, FrontEnd):
         world = self._replica_world
         if self._fault_tolerance is not None:  # the world is the quorum of replica groups
             host = TrainerHost(trainer)
-            self._session = self._fault_tolerance.start(host, engine, self._world_group, self._comm, self.broadcast)
+            one = self._within_node == "ddp"  # the job (one node, DDP inside) is one replica
+            self._session = self._fault_tolerance.start(
+                host, engine, self._world_group, self._comm, self.broadcast, one_replica=one
+            )
             world = self._session.group
         ctx = SyncContext(
             self.lightning_module,

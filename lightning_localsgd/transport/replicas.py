@@ -138,10 +138,10 @@ def check_within_node(
         raise TypeError(
             f"fsdp_modules must be a list of module classes or class names (e.g. ['Block']), got {fsdp_modules!r}"
         )
-    if within_node is not None and fault_tolerant:
+    if within_node == "fsdp" and fault_tolerant:
         raise ValueError(
-            f"fault_tolerance with within_node={within_node!r} is not supported yet: use one of them "
-            "(docs/multinode.md)"
+            "fault_tolerance with within_node='fsdp' is not supported yet: use within_node='ddp' (a replica group "
+            "is then one node running DDP) or drop one of them (docs/fault_tolerance.md)"
         )
 
 
