@@ -363,6 +363,7 @@ def train_durable(
     save_at: int | None = None,
     ckpt_dir: str | None = None,
     resume: bool = False,
+    comm_dtype: str | None = None,
 ) -> dict[str, Any]:
     """One group of a DiLoCo run on :class:`IndexedBatch`: saves its own checkpoint at ``save_at``, or resumes it."""
     group = int(os.environ["REPLICA_GROUP_ID"])
@@ -372,7 +373,7 @@ def train_durable(
     consensus = DiLoCo(sync_every, outer_optimizer=outer)
     path = None if ckpt_dir is None else os.path.join(ckpt_dir, f"group{group}.ckpt")
     callbacks: list[Callback] = [consensus] + ([SaveAt(save_at, path)] if save_at and path else [])
-    trainer, strategy = group_trainer(devices, num_nodes, min_replicas, max_steps, callbacks)
+    trainer, strategy = group_trainer(devices, num_nodes, min_replicas, max_steps, callbacks, comm_dtype=comm_dtype)
     model = IndexedGroup(group, lr, momentum)
     shard = group * devices + rank
     from torchdata.stateful_dataloader import StatefulDataLoader  # resumes mid-epoch where this group was

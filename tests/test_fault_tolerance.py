@@ -541,7 +541,6 @@ def report(name: str, results: dict, runs: list, seconds: float) -> None:
     [
         ("periodic", 3, 1, 12, False, "pg", None, (5, 1, 0), "trainer"),
         ("diloco", 3, 1, 15, True, "pg", "int8", (6, 2, 3), "trainer"),
-        ("diloco", 2, 2, 15, True, "pg", "int8", (6, 2, 3), "trainer"),
         ("diloco", 3, 1, 12, False, "http", None, (5, 1, 0), "trainer"),
         ("diloco", 3, 1, 15, True, "pg", "int8", (6, 2, 3), "fabric"),
         ("diloco", 2, 2, 15, True, "pg", "int8", (6, 2, 3), "trainer-ddp"),
@@ -549,7 +548,6 @@ def report(name: str, results: dict, runs: list, seconds: float) -> None:
     ids=[
         "periodic-3x1-killed-after-step-12",
         "diloco-int8-2-fragments-overlapped-3x1-killed-while-the-sync-of-step-15-is-in-flight",
-        "diloco-int8-2-fragments-overlapped-2x2-killed-while-the-sync-of-step-15-is-in-flight",
         "diloco-3x1-killed-after-step-12-healed-over-http",
         "fabric-diloco-int8-2-fragments-overlapped-3x1-killed-while-the-sync-of-step-15-is-in-flight",
         "ddp-inside-diloco-int8-2-fragments-overlapped-2x2-killed-while-the-sync-of-step-15-is-in-flight",
@@ -673,14 +671,14 @@ def test_a_whole_job_restart_from_ft_checkpoints_continues_the_uninterrupted_run
     torchft's step, so no group heals from another: each keeps its own inner momentum, LR schedule and data
     position, and the run ends where the uninterrupted one does. Two groups of two processes (each rank resumes its
     own part of its group's checkpoint; one-process groups passed too when written, dropped to keep `make test`
-    under 10 minutes)."""
+    under 10 minutes), on the int8 wire of part 2 (each rank's residual comes back from its part)."""
     groups, devices = 2, 2
     H, steps, save_at = 5, 30, 15
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
         ckpt.mkdir()
-        common: dict[str, Any] = dict(sync_every=H, ckpt_dir=str(ckpt))
-        whole = run_durable(Path(tmp), "whole", groups, devices, sync_every=H, max_steps=steps)
+        common: dict[str, Any] = dict(sync_every=H, ckpt_dir=str(ckpt), comm_dtype="int8")
+        whole = run_durable(Path(tmp), "whole", groups, devices, sync_every=H, max_steps=steps, comm_dtype="int8")
         run_durable(Path(tmp), "first", groups, devices, **common, max_steps=save_at, save_at=save_at)  # ends there
         resumed = run_durable(Path(tmp), "resumed", groups, devices, **common, max_steps=steps, resume=True)
     for key, a in whole.items():
