@@ -516,21 +516,9 @@ def matrix(args: argparse.Namespace, out_dir: Path) -> int:
         wanted = [(a, None) for a in dict.fromkeys(a for a, _ in scenarios)] + list(scenarios)
         for seed in seeds:
             for algorithm, fault in wanted:
-                cfg = {
-                    "seed": seed,
-                    "algorithm": algorithm,
-                    "fault": fault,
-                    "steps": args.steps,
-                    "sync_every": args.sync_every,
-                    "die_at": args.die_at if fault != "in_flight" else args.die_at - args.die_at % args.sync_every + 5,
-                    "gate_at": args.gate_at,
-                    "pace": args.pace,
-                    "heartbeat_ms": args.heartbeat_ms,
-                    "run_timeout": args.run_timeout,
-                    "ckpt_every": args.ckpt_every,
-                    "lighthouse_down_s": args.lighthouse_down_s,
-                    "quorum_timeout": args.quorum_timeout,
-                }
+                cfg = run_config(args, seed, algorithm, fault)
+                if fault == "in_flight":  # a round start of fragment 0 (offset H/2): its sync is then in flight
+                    cfg["die_at"] = args.die_at - args.die_at % args.sync_every + args.sync_every // 2
                 r = run(cfg, out_dir)
                 print(
                     f"seed {seed} {algorithm} {fault}: {r['wall_s']:.0f} s, failure={r['failure'] is not None}",
@@ -560,6 +548,25 @@ def matrix(args: argparse.Namespace, out_dir: Path) -> int:
     if args.docs:
         shutil.copy(path, DOCS / "fault_tolerance_matrix.json")
     return 0
+
+
+def run_config(args: argparse.Namespace, seed: int, algorithm: str, fault: bool | str | None) -> dict[str, Any]:
+    """One run's configuration from the command line."""
+    return {
+        "seed": seed,
+        "algorithm": algorithm,
+        "fault": fault,
+        "steps": args.steps,
+        "sync_every": args.sync_every,
+        "die_at": args.die_at,
+        "gate_at": args.gate_at,
+        "pace": args.pace,
+        "heartbeat_ms": args.heartbeat_ms,
+        "run_timeout": args.run_timeout,
+        "ckpt_every": args.ckpt_every,
+        "lighthouse_down_s": args.lighthouse_down_s,
+        "quorum_timeout": args.quorum_timeout,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -620,18 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for algorithm in algorithms:
             for fault in (True, False) if seed % 2 == 0 else (False, True):  # alternate the order
-                cfg = {
-                    "seed": seed,
-                    "algorithm": algorithm,
-                    "fault": fault,
-                    "steps": args.steps,
-                    "sync_every": args.sync_every,
-                    "die_at": args.die_at,
-                    "gate_at": args.gate_at,
-                    "pace": args.pace,
-                    "heartbeat_ms": args.heartbeat_ms,
-                    "run_timeout": args.run_timeout,
-                }
+                cfg = run_config(args, seed, algorithm, fault)
                 r = run(cfg, out_dir)
                 print(
                     f"seed {seed} {algorithm} fault={fault}: {r['wall_s']:.0f} s, load {r['loadavg_before'][0]:.1f}",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -162,12 +163,7 @@ def train_group(
 ) -> dict[str, Any]:
     group, incarnation = int(os.environ["REPLICA_GROUP_ID"]), int(os.environ[INCARNATION_ENV])
     torch.set_num_threads(1)
-    schedule = {"fragments": fragments, "overlap_steps": overlap_steps}
-    if algorithm == "periodic":
-        consensus: Any = PeriodicAveraging(sync_every, **schedule)
-    else:
-        outer = functools.partial(torch.optim.SGD, lr=outer_lr, momentum=outer_momentum)
-        consensus = DiLoCo(sync_every, outer_optimizer=outer, **schedule)
+    consensus = consensus_for(algorithm, sync_every, outer_lr, outer_momentum, fragments, overlap_steps)
     gate = None if barrier_dir is None else RestartGate(barrier_dir, groups, gate_at, die_group)
     listeners = Listeners()
     callbacks: list[Callback] = [consensus, Pace(pace), listeners] + ([gate] if gate is not None else [])
@@ -180,18 +176,45 @@ def train_group(
     shard = group * devices + int(os.environ["LOCAL_RANK"])  # every process of every group has its own data
     trainer.fit(model, DataLoader(FullBatch(shard, 10 * max_steps), batch_size=None))
     optimizer = trainer.strategy.optimizers[0]
+    return group_result(
+        model.w, optimizer, model.steps, trainer.global_step, consensus, strategy.ft_session, gate, listeners.seen
+    )
+
+
+def consensus_for(
+    algorithm: str, sync_every: int, outer_lr: float, outer_momentum: float, fragments: int, overlap_steps: int
+) -> Any:
+    """The run's PeriodicAveraging or DiLoCo (outer SGD)."""
+    schedule = {"fragments": fragments, "overlap_steps": overlap_steps}
+    if algorithm == "periodic":
+        return PeriodicAveraging(sync_every, **schedule)
+    outer = functools.partial(torch.optim.SGD, lr=outer_lr, momentum=outer_momentum)
+    return DiLoCo(sync_every, outer_optimizer=outer, **schedule)
+
+
+def group_result(
+    w: Tensor,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    global_step: int,
+    consensus: Any,
+    session: Any,
+    gate: RestartGate | None,
+    listeners: list[tuple[str, int]],
+) -> dict[str, Any]:
+    """What a group's process reports to the test (its replica, inner and outer state, rounds, harness pauses)."""
     out: dict[str, Any] = {
-        "group": group,
+        "group": int(os.environ["REPLICA_GROUP_ID"]),
         "rank": int(os.environ["LOCAL_RANK"]),
-        "incarnation": incarnation,
-        "w": model.w.detach().clone(),
-        "momentum": optimizer.state[model.w]["momentum_buffer"].clone(),
-        "steps": model.steps,
-        "global_step": trainer.global_step,
+        "incarnation": int(os.environ[INCARNATION_ENV]),
+        "w": w.detach().clone(),
+        "momentum": optimizer.state[w]["momentum_buffer"].clone(),
+        "steps": steps,
+        "global_step": global_step,
         "num_syncs": consensus.num_syncs,
-        "history": strategy.ft_session.records(),
+        "history": session.records(),
         "harness_pause": 0.0 if gate is None else gate.paused,
-        "listeners": listeners.seen,
+        "listeners": listeners,
         "master_port": int(os.environ.get("MASTER_PORT", 0)),
     }
     if isinstance(consensus, DiLoCo):
@@ -213,94 +236,52 @@ class LinearModel(nn.Module):
         return x @ self.w
 
 
-def train_fabric_group(
-    out_dir: str,
-    devices: int,
-    num_nodes: int,
-    algorithm: str = "periodic",
-    sync_every: int = 5,
-    max_steps: int = 60,
-    lr: float = 0.05,
-    momentum: float = 0.5,
-    outer_lr: float = 0.7,
-    outer_momentum: float = 0.5,
-    die_group: int = 2,
-    die_at: int | None = None,
-    die_in_sync: bool = False,
-    pace: float = 0.05,
-    min_replicas: int = 2,
-    barrier_dir: str | None = None,
-    groups: int = 3,
-    gate_at: int | None = None,
-    heal_transport: str = "pg",
-    comm_dtype: str | None = None,
-    fragments: int = 1,
-    overlap_steps: int = 0,
-    within_node: str | None = None,
-) -> dict[str, Any]:
-    """:func:`train_group`'s run written as a Fabric loop (``fabric.lightning_localsgd.LocalSGDStrategy``)."""
+def train_fabric_group(out_dir: str, devices: int, num_nodes: int, **kwargs: Any) -> dict[str, Any]:
+    """:func:`train_group`'s run (its parameters) written as a Fabric loop (``lightning_localsgd.fabric``)."""
+    import inspect
     import time
 
     from lightning.fabric import Fabric
 
     from lightning_localsgd.fabric import LocalSGDStrategy as FabricLocalSGD
 
+    bound = inspect.signature(train_group).bind(out_dir, devices, num_nodes, **kwargs)
+    bound.apply_defaults()
+    c = SimpleNamespace(**bound.arguments)
     group, incarnation = int(os.environ["REPLICA_GROUP_ID"]), int(os.environ[INCARNATION_ENV])
     torch.set_num_threads(1)
-    schedule = {"fragments": fragments, "overlap_steps": overlap_steps}
-    if algorithm == "periodic":
-        consensus: Any = PeriodicAveraging(sync_every, **schedule)
-    else:
-        outer = functools.partial(torch.optim.SGD, lr=outer_lr, momentum=outer_momentum)
-        consensus = DiLoCo(sync_every, outer_optimizer=outer, **schedule)
+    consensus = consensus_for(c.algorithm, c.sync_every, c.outer_lr, c.outer_momentum, c.fragments, c.overlap_steps)
     ft = TorchFT(
-        min_replicas=min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10, heal_transport=heal_transport
+        min_replicas=c.min_replicas, timeout=10, quorum_timeout=60, connect_timeout=10, heal_transport=c.heal_transport
     )
-    strategy = FabricLocalSGD(algorithm=consensus, fault_tolerance=ft, comm_dtype=comm_dtype)
+    strategy = FabricLocalSGD(algorithm=consensus, fault_tolerance=ft, comm_dtype=c.comm_dtype)
     fabric = Fabric(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy)
     fabric.launch()
     model = LinearModel(group)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum)
     model, optimizer = fabric.setup(model, optimizer)
-    gate = None if barrier_dir is None else RestartGate(barrier_dir, groups, gate_at, die_group)
-    dies = die_at is not None and group == die_group and incarnation == 0
-    if dies and die_in_sync:
-        KillInSync(die_at, 3 if comm_dtype else 2).arm(strategy.ft_session)
+    gate = None if c.barrier_dir is None else RestartGate(c.barrier_dir, c.groups, c.gate_at, c.die_group)
+    dies = c.die_at is not None and group == c.die_group and incarnation == 0
+    if dies and c.die_in_sync:
+        KillInSync(c.die_at, 3 if c.comm_dtype else 2).arm(strategy.ft_session)
     if gate is not None:
         gate.announce()
     x, y = group_data(group * devices + int(os.environ["LOCAL_RANK"]))
     steps = 0
-    while strategy.step < max_steps:
+    while strategy.step < c.max_steps:
         loss = 0.5 * ((model(x) - y) ** 2).mean()  # the first forward pass joins the live groups
         fabric.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
         steps += 1
-        time.sleep(pace)
-        if dies and not die_in_sync and strategy.step == die_at:
+        time.sleep(c.pace)
+        if dies and not c.die_in_sync and strategy.step == c.die_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if gate is not None:
             gate.after_step(strategy.step)
     strategy.finalize()
     raw = model.module if hasattr(model, "module") else model
-    out: dict[str, Any] = {
-        "group": group,
-        "rank": int(os.environ["LOCAL_RANK"]),
-        "incarnation": incarnation,
-        "w": raw.w.detach().clone(),
-        "momentum": optimizer.state[raw.w]["momentum_buffer"].clone(),
-        "steps": steps,
-        "global_step": strategy.step,
-        "num_syncs": consensus.num_syncs,
-        "history": strategy.ft_session.records(),
-        "harness_pause": 0.0 if gate is None else gate.paused,
-        "listeners": [],
-        "master_port": int(os.environ.get("MASTER_PORT", 0)),
-    }
-    if isinstance(consensus, DiLoCo):
-        out["anchor"] = consensus.anchor.clone()
-        buffers = [o.state_dict()["state"][0]["momentum_buffer"] for o in consensus.outers]
-        out["outer_momentum"] = torch.cat(buffers).clone()
+    out = group_result(raw.w, optimizer, steps, strategy.step, consensus, strategy.ft_session, gate, [])
     fabric.strategy.teardown()
     return out
 
