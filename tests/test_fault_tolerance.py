@@ -157,6 +157,7 @@ class ScriptedSession(ReplicaGroupSession):
     ) -> None:
         self.attempts, self.heal, self.host, self.algorithm = list(attempts), heal, host, algorithm
         self.replica_id, self.max_attempts, self.job = "me", 3, Group(None, [0], 0)
+        self.one_replica = False
         self.contributes, self.round_step, self.round_kind = True, 0, "join"
         self.manager = SimpleNamespace(errored=lambda: "scripted failure")
         self._open, self._adopted, self._healed, self._source = False, None, False, ""

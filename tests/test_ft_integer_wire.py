@@ -126,6 +126,7 @@ class ThreadSession(ReplicaGroupSession):
     def __init__(self, name: str, rounds: list[list[Attempt]]) -> None:
         self.name, self.rounds, self.round_index, self.attempt_index = name, rounds, 0, 0
         self.replica_id, self.max_attempts, self.job = name, 3, Group(None, [0], 0)
+        self.one_replica = False
         self.contributes, self.round_step, self.round_kind = True, 0, "sync"
         self.manager = SimpleNamespace(errored=lambda: "a peer died")
         self._open, self._adopted, self._healed, self._source = False, None, False, ""

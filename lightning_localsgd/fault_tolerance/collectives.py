@@ -43,7 +43,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_localsgd.transport.collectives import Collectives, Group, NonFinitePolicy, PendingMean
+from lightning_localsgd.transport.collectives import (
+    Collectives,
+    Group,
+    NonFinitePolicy,
+    PendingMean,
+    flat_anchor,
+    replica_slice,
+)
 from lightning_localsgd.transport.quantize import BLOCK, IntFormat
 from lightning_localsgd.transport.summable import block_absmax, decode_sum_, encode, shared_levels, summable_bytes
 from lightning_localsgd.transport.tensors import all_finite, flatten, unflatten_
@@ -120,7 +127,7 @@ class Attempt:
         """
         session.open_round(step if step is not None else -1, "sync", redo=redo)
         self = cls(comm, session, residual)
-        base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
+        base = flat_anchor(anchor)
         self.base = base
         self.dtype = tensors[0].dtype if base is None else base.dtype
         local = flatten(tensors, self.dtype)
@@ -221,7 +228,7 @@ class QuorumFlight:
         if split is not None:  # the job is one replica: this rank's slice travels, the job gathers the mean
             local, anchor, residual, finite, self.place = split
         self.anchor, self.residual, self.finite = anchor, residual, finite
-        self.sent = local if split is not None else sent  # the values of the round (the algorithm keeps ``sent``)
+        self.sent = local  # the values of the round (with the split: this rank's slice of them)
         self.attempt = Attempt.open(comm, session, [local], anchor, residual, nonfinite, step, finite=finite)
         if session.healed_now and not joining:
             raise session.fell_behind()
@@ -329,13 +336,12 @@ class QuorumCollectives(Collectives):
         """This rank's slice (and its anchor and residual slices, the replica's NaN/Inf verdict) when the job
         is one replica; ``None`` otherwise. ``place``: (n, lo, hi, chunk) for :meth:`_gather`."""
         job = session.job
-        if not getattr(session, "one_replica", False) or job.size == 1:
+        if not session.one_replica:
             return None
-        base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
+        base = flat_anchor(anchor)
         whole = flatten(tensors, tensors[0].dtype if base is None else base.dtype)
-        n, k, j = whole.numel(), job.size, job.rank
-        chunk = -(-n // k)
-        lo, hi = min(j * chunk, n), min((j + 1) * chunk, n)
+        n = whole.numel()
+        lo, hi, chunk = replica_slice(n, job.size, job.rank)
         piece = whole[lo:hi].clone()
         return (
             piece,
@@ -346,11 +352,9 @@ class QuorumCollectives(Collectives):
         )
 
     def _gather(self, piece: Tensor, place: tuple[int, int, int, int], session: ReplicaGroupSession) -> Tensor:
-        """The job's slices of the mean, all-gathered inside the job (booked as ``"sync/node"``)."""
-        n, lo, hi, chunk = place
-        send = torch.zeros(chunk, dtype=piece.dtype, device=piece.device)
-        send[: hi - lo].copy_(piece)
-        return self.all_gather(send, session.job, "sync/node").reshape(-1)[:n]
+        """The job's slices of the mean, all-gathered inside the job (booked as ``"sync/node"``; a new tensor)."""
+        n, _, _, chunk = place
+        return self.gather_slices(piece, n, chunk, session.job, "sync/node", "ft/").clone()
 
     def start_quorum_mean(
         self,

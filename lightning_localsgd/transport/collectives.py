@@ -67,9 +67,11 @@ __all__ = [
     "PendingMean",
     "destroy_groups",
     "device_events",
+    "flat_anchor",
     "new_group",
     "nonfinite_flag",
     "parse_comm_dtype",
+    "replica_slice",
 ]
 
 BACKGROUND_RANGE = "lightning_localsgd::sync(background)"
@@ -115,6 +117,17 @@ def device_events(device: torch.device | None) -> tuple[Any, Any] | None:
     if not hasattr(module, "Event"):
         return None
     return module.Event(enable_timing=True), module.Event(enable_timing=True)
+
+
+def flat_anchor(anchor: Tensor | Sequence[Tensor] | None) -> Tensor | None:
+    """An anchor given as one flat tensor or as a list of tensors, as one flat tensor (``None`` stays)."""
+    return None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
+
+
+def replica_slice(n: int, k: int, j: int) -> tuple[int, int, int]:
+    """``(lo, hi, chunk)``: the values ``[lo, hi)`` of n that rank j of a k-rank replica syncs (``chunk`` = ⌈n/k⌉)."""
+    chunk = -(-n // k)
+    return min(j * chunk, n), min((j + 1) * chunk, n), chunk
 
 
 def nonfinite_flag(values: Tensor) -> Tensor:
@@ -577,7 +590,7 @@ class Collectives:
             return self._split_mean(buf, n, group, purpose, anchor, residual, nonfinite, step, refill, scratch)
         with torch.no_grad():
             local = buf[:n]
-            base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
+            base = flat_anchor(anchor)
             if code is None and group.shards is not None and group.shards.size > 1:
                 code = self._replica_code(local, group.shards, base, purpose)
             if base is not None:
@@ -640,10 +653,9 @@ class Collectives:
         assert node is not None
         k, j, m = node.size, node.rank, group.size
         local, dtype, device = buf[:n], buf.dtype, buf.device
-        base = None if anchor is None else (anchor if isinstance(anchor, Tensor) else flatten(anchor))
+        base = flat_anchor(anchor)
         code = self._local_code(local, base)
-        chunk = -(-n // k)
-        lo, hi = min(j * chunk, n), min((j + 1) * chunk, n)
+        lo, hi, chunk = replica_slice(n, k, j)
         part = self._scratch(scratch + "slice", dtype, hi - lo + m, device)  # the slice, then m flag slots
         part[: hi - lo].copy_(local[lo:hi])
 
@@ -657,15 +669,20 @@ class Collectives:
         piece_residual = None if residual is None else residual[lo:hi]
         args = (purpose, piece_anchor, piece_residual, nonfinite, step, refill_slice, scratch + "slice/")
         mean = self._mean_flat(part, hi - lo, cross, *args, code=code)
-        gathered = self._scratch(scratch + "gathered", dtype, k * chunk, device)
-        send = self._scratch(scratch + "send", dtype, chunk, device)  # apart from ``gathered``: no overlap
-        send[: hi - lo].copy_(mean)
-        send[hi - lo :].zero_()
-        nbytes = (k - 1) * chunk * buf.element_size()
-        gather = lambda: _all_gather_flat(gathered, send, node.handle)  # noqa: E731
-        self._timed(purpose + "/node", nbytes, gather, "an all-gather inside the replica", node, device)
-        local.copy_(gathered[:n])
+        local.copy_(self.gather_slices(mean, n, chunk, node, purpose + "/node", scratch))
         return local
+
+    def gather_slices(self, piece: Tensor, n: int, chunk: int, node: Group, purpose: str, scratch: str = "") -> Tensor:
+        """The n values whose slice :func:`replica_slice` ``(n, k, j)`` is ``piece`` on rank j of ``node``, on every
+        rank (one all-gather of ``chunk`` values per rank); a scratch view, valid until the next call."""
+        gathered = self._scratch(scratch + "gathered", piece.dtype, node.size * chunk, piece.device)
+        send = self._scratch(scratch + "send", piece.dtype, chunk, piece.device)  # apart from ``gathered``
+        send[: piece.numel()].copy_(piece)
+        send[piece.numel() :].zero_()
+        nbytes = (node.size - 1) * chunk * piece.element_size()
+        gather = lambda: _all_gather_flat(gathered, send, node.handle)  # noqa: E731
+        self._timed(purpose, nbytes, gather, "an all-gather inside the replica", node, piece.device)
+        return gathered[:n]
 
     def _float_sum_(
         self,
