@@ -23,6 +23,7 @@ from lightning_localsgd.contract import FrontEnd, GradientModifier, StepReport, 
 # RankResume/ResumeState lived here before 0.2: imported by name for old code (`from ...engine import ResumeState`).
 from lightning_localsgd.resume import CHECKPOINT_KEY, RankResume, ResumeState, average_optimizer_states  # noqa: F401
 from lightning_localsgd.transport.collectives import Collectives, Group
+from lightning_localsgd.transport.tensors import any_nonfinite
 from lightning_localsgd.tuning.tuner import AutoTuner
 
 __all__ = [
@@ -157,7 +158,7 @@ def reset_nonfinite_state(optimizer: Optimizer) -> int:
     """
     reset = 0
     for param, state in optimizer.state.items():
-        if not bool(torch.isfinite(param).all()):
+        if bool(any_nonfinite(param)):
             continue  # not synced yet (another fragment): its state is reset when it is
         for value in state.values():
             if isinstance(value, Tensor) and value.is_floating_point() and value.shape == param.shape:

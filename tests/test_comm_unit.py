@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from lightning_localsgd.transport import collectives as comm_module
-from lightning_localsgd.transport.collectives import Collectives, Group, NonFiniteReplicaError
-from lightning_localsgd.transport.tensors import flatten, lerp_, pseudo_gradient, sync_tensors, unflatten_
+from lightning_localsgd.transport.collectives import Collectives, Group, NonFiniteReplicaError, nonfinite_flag
+from lightning_localsgd.transport.tensors import (
+    all_finite,
+    any_nonfinite,
+    flatten,
+    lerp_,
+    pseudo_gradient,
+    sync_tensors,
+    unflatten_,
+)
 
 RANK0_OF_2 = Group(handle=None, ranks=[0, 1], rank=0)
 
@@ -123,3 +131,36 @@ def test_sync_tensors_follow_the_buffer_policy():
     assert [id(t) for t in avg] == [id(t) for t in params] and [id(t) for t in bc] == [id(t) for t in floats]
     avg, bc = sync_tensors(net, "local")
     assert [id(t) for t in avg] == [id(t) for t in params] and bc == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_nonfinite_check_agrees_with_isfinite(dtype):
+    """``any_nonfinite`` (one aminmax pass) against the reference ``~isfinite(x).all()``, case by case."""
+    big = torch.finfo(dtype).max
+    cases = [
+        [0.0, 1.0, -2.0],
+        [big, big, -big],  # finite at both ends of the range: no overflow in the check
+        [1.0, float("nan"), 2.0],
+        [float("inf"), 0.0],
+        [0.0, -float("inf")],
+        [float("inf"), -float("inf")],
+        [float("nan"), float("inf")],
+        [float("inf"), float("nan")],
+        [0.0] * 999 + [float("nan")],  # the last value
+    ]
+    for values in cases:
+        x = torch.tensor(values, dtype=dtype)
+        expected = bool(~torch.isfinite(x).all())
+        assert bool(any_nonfinite(x)) is expected, values
+        assert nonfinite_flag(x).item() == float(expected) and nonfinite_flag(x).dtype == torch.float32
+        assert all_finite([torch.zeros(2), x]) is not expected
+    x = torch.randn(10_000, dtype=dtype)
+    x[torch.randperm(10_000)[:3]] = float("nan")
+    assert bool(any_nonfinite(x)) and not bool(any_nonfinite(x[~torch.isnan(x)]))
+    assert not bool(any_nonfinite(torch.empty(0, dtype=dtype)))
+
+
+def test_the_nonfinite_check_of_integers_and_empty_tensors():
+    assert not bool(any_nonfinite(torch.tensor([1, 2], dtype=torch.int64)))
+    assert not bool(any_nonfinite(torch.zeros(0, dtype=torch.uint8)))
+    assert all_finite([]) and nonfinite_flag(torch.zeros(0)).item() == 0.0

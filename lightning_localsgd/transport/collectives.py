@@ -52,7 +52,7 @@ from torch.profiler import record_function
 from lightning_localsgd._checks import check_number
 from lightning_localsgd.transport.quantize import BLOCK, IntFormat, dequantize, packet_bytes, quantize
 from lightning_localsgd.transport.streams import StreamOrder, side_stream
-from lightning_localsgd.transport.tensors import flatten, flatten_into, unflatten_
+from lightning_localsgd.transport.tensors import any_nonfinite, flatten, flatten_into, unflatten_
 
 __all__ = [
     "BACKGROUND_RANGE",
@@ -131,8 +131,8 @@ def replica_slice(n: int, k: int, j: int) -> tuple[int, int, int]:
 
 
 def nonfinite_flag(values: Tensor) -> Tensor:
-    """1.0 on the values' device if any of them is NaN/±Inf, else 0.0 (no host read)."""
-    return (~torch.isfinite(values).all()).to(torch.float32)
+    """1.0 on the values' device if any of them is NaN/±Inf, else 0.0 (no host read; see :func:`any_nonfinite`)."""
+    return any_nonfinite(values).to(torch.float32)
 
 
 class NonFiniteReplicaError(FloatingPointError):
