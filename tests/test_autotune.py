@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
+import torch
 
 from lightning_localsgd import AutoTune, DiLoCo, ElasticAveraging, PeriodicAveraging
+from lightning_localsgd.transport.collectives import DryCollectives, Group
+from lightning_localsgd.tuning import tuner as tuner_module
 from lightning_localsgd.tuning.model import Decision, Measurements, decide, link_seconds, overhead, wire_bytes
 from lightning_localsgd.tuning.tuner import AutoTuner
 
@@ -65,6 +69,21 @@ def test_150ms_steps_125MBps_45MB_model_pick_bfloat16_every_23_steps_behind_4_st
     # with the margin of 1.25, τ = ⌈1.25·0.181/0.15⌉ = 2
     d = decide(MEAS, AutoTune(margin=1.25))
     assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == ("bfloat16", 23, 2, 1)
+
+
+def test_the_overlap_bookkeeping_is_counted_for_overlapped_syncs_only():
+    # κ_overlap = 2 ns per value: 0.0225 s per overlapped sync of the whole model (snapshot, buffer, merge)
+    meas = dataclasses.replace(MEAS, convert={**MEAS.convert, "overlap": 2e-9})
+    assert overhead(meas, None, 30, 4, 1) == pytest.approx((0.3 * 0.361000064 + 0.0225 + 0.0225) / 4.5)
+    assert overhead(meas, None, 86, 0, 1) == overhead(MEAS, None, 86, 0, 1)  # a blocking sync does not pay it
+    # bfloat16 overlapped now costs 0.3·0.181 + 0.045 + 0.0225 = 0.1218 s per round: H ≥ 27.1 → 28 (2.90 %)
+    d = decide(meas, AutoTune())
+    assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == ("bfloat16", 28, 4, 1)
+    assert d.overhead == pytest.approx((0.3 * 0.181000032 + 0.045 + 0.0225) / (28 * 0.15), rel=1e-6)
+    # at 40 ns per value (0.45 s per sync) overlap never pays: int4 blocking, 0.0508 + 0.1125 s, H ≥ 36.3 → 37
+    meas = dataclasses.replace(MEAS, convert={**MEAS.convert, "overlap": 40e-9})
+    d = decide(meas, AutoTune())
+    assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == ("int4", 37, 0, 1)
 
 
 def test_each_fixed_argument_is_the_only_candidate():
@@ -190,3 +209,35 @@ def test_a_check_does_not_trust_measuring_steps_that_ran_slow():
     tuner._watch(18, now + 0.24)
     assert len(applied) == 1 and applied[0].sync_every > 8 and applied[0].extra > 0 and entry["applied"] == 18
     assert algorithm.tuning_record["decision"] == applied[0].as_dict()
+
+
+def test_the_dry_transport_runs_the_local_work_and_sends_nothing():
+    """DryCollectives: the real mean_ arithmetic over 2 ranks with this rank's values as the "sum" (a sum of one)."""
+    group = Group(None, [0, 1], 0)
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0])
+    dry = DryCollectives()
+    dry.mean_([a, b], group)
+    assert a.tolist() == [0.5, 1.0] and b.tolist() == [1.5]  # (x)/2
+    x, anchor = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.0, 1.0, 2.0])
+    dry = DryCollectives(comm_dtype="bfloat16")
+    dry.mean_([x], group, anchor=anchor)
+    assert x.tolist() == [0.5, 1.5, 3.0]  # anchor + (x − anchor)/2
+    x, residual = torch.linspace(-1, 1, 300), torch.zeros(300)
+    dry = DryCollectives(comm_dtype="int8")
+    dry.mean_([x], group, anchor=torch.zeros(300), residual=residual)
+    # an integer wire's result means nothing (the all-to-all hands back this rank's own chunks) but stays finite
+    assert bool(torch.isfinite(x).all()) and bool(torch.isfinite(residual).all()) and x.abs().max() <= 1
+    assert dry.counters.bytes_sent == 0 and dry.counters.calls == 0
+
+
+def test_timing_the_wire_formats_leaves_the_model_alone(monkeypatch):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 5))
+    before = [p.detach().clone() for p in module.parameters()]
+    monkeypatch.setattr(tuner_module, "SAMPLE", 1000)  # the first weight (1200 values) is cut to 1000
+    assert [t.numel() for t in tuner_module._sample(list(module.parameters()), 1000)] == [1000]
+    assert [t.numel() for t in tuner_module._sample(list(module.parameters()), 1300)] == [1200, 30, 70]
+    kappa = tuner_module.measure_conversions(list(module.parameters()), torch.float32, 2, 0)
+    assert list(kappa) == tuner_module.CONVERT_KEYS
+    assert all(math.isfinite(v) and v >= 0 for v in kappa.values()) and kappa["int8"] > 0
+    assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before, strict=True))

@@ -23,7 +23,6 @@ from lightning_localsgd import DiLoCo, ElasticAveraging, LeaderSGD, ModifiedLoca
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.contract import SyncContext
 from lightning_localsgd.engine import SyncEngine
-from lightning_localsgd.transport import collectives
 from lightning_localsgd.transport.collectives import Group
 from tests.fakes import FakeCollectives
 
@@ -41,6 +40,9 @@ class Wire(FakeCollectives):
 
     def all_gather(self, local: Tensor, group: Group, purpose: str) -> Tensor:
         return torch.stack([local.reshape(-1)] * group.size)
+
+    def all_gather_into_(self, out: Tensor, local: Tensor, group: Group, purpose: str, op: str = "") -> Tensor:
+        return out.copy_(local.repeat(out.numel() // local.numel()))
 
 
 def storages(root: Any, skip: set[int]) -> Iterator[tuple[str, Tensor]]:
@@ -94,24 +96,19 @@ def run(make: Callable[[], ConsensusAlgorithm], comm_dtype: Any = None, steps: i
         engine.note_loss(loss)
         return loss
 
-    original = collectives._all_gather_flat
-    collectives._all_gather_flat = lambda out, local, handle: out.copy_(local.repeat(out.numel() // local.numel()))
-    try:
-        largest = 0
-        for step in range(1, steps + 1):
-            engine.step(step, closure, lambda c: optimizer.step(c), optimizer)
-            own = {t.untyped_storage().data_ptr() for t in module.parameters()}
-            own |= {p.grad.untyped_storage().data_ptr() for p in module.parameters() if p.grad is not None}
-            own |= {
-                v.untyped_storage().data_ptr()
-                for s in optimizer.state.values()
-                for v in s.values()
-                if isinstance(v, Tensor)
-            }
-            held = sum(t.untyped_storage().nbytes() for _, t in storages(algorithm, own))
-            largest = max(largest, held)
-    finally:
-        collectives._all_gather_flat = original
+    largest = 0
+    for step in range(1, steps + 1):
+        engine.step(step, closure, lambda c: optimizer.step(c), optimizer)
+        own = {t.untyped_storage().data_ptr() for t in module.parameters()}
+        own |= {p.grad.untyped_storage().data_ptr() for p in module.parameters() if p.grad is not None}
+        own |= {
+            v.untyped_storage().data_ptr()
+            for s in optimizer.state.values()
+            for v in s.values()
+            if isinstance(v, Tensor)
+        }
+        held = sum(t.untyped_storage().nbytes() for _, t in storages(algorithm, own))
+        largest = max(largest, held)
     comm.close()
     return largest / (P * 4), module.weight.detach().clone()
 

@@ -61,6 +61,7 @@ __all__ = [
     "Collectives",
     "CommCounters",
     "CommDtype",
+    "DryCollectives",
     "Group",
     "NonFinitePolicy",
     "NonFiniteReplicaError",
@@ -427,16 +428,16 @@ class Collectives:
         if group.size == 1:
             return local.unsqueeze(0).clone()
         out = torch.empty(group.size * local.numel(), dtype=local.dtype, device=local.device)
-        nbytes = (group.size - 1) * local.numel() * local.element_size()
-        self._timed(
-            purpose,
-            nbytes,
-            lambda: _all_gather_flat(out, local.reshape(-1), group.handle),
-            "an all-gather",
-            group,
-            local.device,
-        )
+        self.all_gather_into_(out, local.reshape(-1), group, purpose)
         return out.view(group.size, local.numel())
+
+    def all_gather_into_(
+        self, out: Tensor, local: Tensor, group: Group, purpose: str, op: str = "an all-gather"
+    ) -> Tensor:
+        """Every rank's 1-D ``local`` into the flat ``out`` (group order; ``group.size`` times its values)."""
+        nbytes = (group.size - 1) * local.numel() * local.element_size()
+        self._timed(purpose, nbytes, lambda: _all_gather_flat(out, local, group.handle), op, group, local.device)
+        return out
 
     def gather_object(self, obj: Any, group: Group, purpose: str) -> list[Any] | None:
         """Every rank's picklable ``obj`` on the group's first rank (``None`` elsewhere)."""
@@ -679,9 +680,7 @@ class Collectives:
         send = self._scratch(scratch + "send", piece.dtype, chunk, piece.device)  # apart from ``gathered``
         send[: piece.numel()].copy_(piece)
         send[piece.numel() :].zero_()
-        nbytes = (node.size - 1) * chunk * piece.element_size()
-        gather = lambda: _all_gather_flat(gathered, send, node.handle)  # noqa: E731
-        self._timed(purpose, nbytes, gather, "an all-gather inside the replica", node, piece.device)
+        self.all_gather_into_(gathered, send, node, purpose, "an all-gather inside the replica")
         return gathered[:n]
 
     def _float_sum_(
@@ -788,10 +787,7 @@ class Collectives:
         lo = group.rank * chunk
         own = residual[lo : min(lo + chunk, n)]
         own.add_(mine[: own.numel()])
-        everyone = torch.empty_like(sent)
-        nbytes = (m - 1) * per_packet
-        gather = lambda: _all_gather_flat(everyone, summed, group.handle)  # noqa: E731
-        self._timed(purpose, nbytes, gather, "an all-gather", group, local.device)
+        everyone = self.all_gather_into_(torch.empty_like(sent), summed, group, purpose)
         if host is not None:  # blocking: a host read of it later must see the new values
             host.copy_(residual)
         for packet, values in zip(everyone.split(per_packet), padded.split(chunk), strict=True):
@@ -862,6 +858,39 @@ class Collectives:
         """
         what = f"a receive from {src}" if src is not None else "a receive"
         return int(self._timed(purpose, 0.0, lambda: dist.recv(tensor, src=src, group=group.handle, tag=tag), what))
+
+
+class DryCollectives(Collectives):
+    """The transport's local work with every network call replaced by the local copy it implies.
+
+    A mean over a group of m ranks here does everything :class:`Collectives` does on this rank
+    (flatten, NaN/Inf check, anchor deltas, casts, quantization, error feedback, dequantization,
+    write-back) but sends nothing: an allreduce leaves this rank's values as they are (the "sum"
+    of one), an all-to-all copies the sent chunks into the received buffer, an all-gather tiles
+    this rank's piece m times. The auto-tuner times each wire format's local work on it
+    (:func:`lightning_localsgd.tuning.tuner.measure_conversions`) with the real code, on the
+    model's own tensors. Nothing is booked in :attr:`counters`. Not for training: with a float
+    wire the "mean" it writes back is this rank's values over m (a sum of one); with an integer
+    wire, finite values of no meaning (the all-to-all hands back this rank's own chunks).
+    """
+
+    def all_reduce_sum_(self, flat: Tensor, group: Group, purpose: str) -> Tensor:
+        return flat
+
+    def all_reduce_max_(self, flat: Tensor, group: Group, purpose: str, op: str = "an allreduce (MAX)") -> Tensor:
+        return flat
+
+    def all_to_all_(self, out: Tensor, local: Tensor, group: Group, purpose: str) -> Tensor:
+        return out.copy_(local)
+
+    def all_gather_into_(
+        self, out: Tensor, local: Tensor, group: Group, purpose: str, op: str = "an all-gather"
+    ) -> Tensor:
+        out.view(group.size, local.numel()).copy_(local.unsqueeze(0).expand(group.size, -1))
+        return out
+
+    def broadcast_(self, flat: Tensor, src: int, group: Group, purpose: str) -> Tensor:
+        return flat
 
 
 def _all_gather_flat(out: Tensor, local: Tensor, handle: Any) -> None:

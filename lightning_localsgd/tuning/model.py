@@ -25,11 +25,14 @@ One fragment's sync costs the training thread
 .. math::
     \text{blocking } (\tau = 0):&\quad t_\text{link} + t_\text{cpu}\\
     \text{overlapped } (\tau > 0):&\quad \max(0,\ t_\text{link} - \tau t)
-        + s\,\min(t_\text{link}, \tau t) + t_\text{cpu}
+        + s\,\min(t_\text{link}, \tau t) + t_\text{cpu} + v\,\kappa_\text{overlap}
 
 where s is the measured slowdown of local steps while a transfer runs in the background (on a
-CPU the comm thread and the network stack take cores from the step). The CPU work is counted
-whole in both cases (it competes with the step on a CPU; on a GPU it is small). A round costs
+CPU the comm thread and the network stack take cores from the step) and κ_overlap the seconds per
+value an overlapped sync adds on the training thread (the snapshot of the values sent, the
+background buffer, the merge). The CPU work is counted whole in both cases (it competes with the
+step on a CPU; on a GPU it is small). κ_f and κ_overlap are timed by running the transport's own
+code without the network on the model's tensors (:func:`~lightning_localsgd.tuning.tuner.measure_conversions`). A round costs
 :math:`C = P\cdot(\text{one fragment's}) + x` (x: a per-round correction learned from the
 measured overhead when re-tuning, 0 at first), and its **overhead** is :math:`C / (H t)`.
 Overlap is impossible when the link cannot carry a round's fragments within the round
@@ -143,7 +146,8 @@ class Measurements:
     latency: float  # ℓ: a tiny allreduce over the replicas
     bandwidth: float  # β: bytes per second per rank (the transport's byte estimate over the seconds), under load
     slowdown: float  # s: local steps run (1 + s) times slower while a transfer runs in the background
-    convert: Mapping[str, float]  # κ_f: seconds per value of each format's local work, by format_name
+    convert: Mapping[str, float]  # κ_f: seconds per value of each format's local work, by format_name; and
+    # "overlap": κ_overlap, what an overlapped sync adds (absent from records written before 2026-12-07: 0)
     numel: int  # n: values this rank sends at a whole-model sync
     replicas: int  # m
     element_size: int = 4  # bytes per value of the parameters' dtype
@@ -223,7 +227,7 @@ def round_cost(
         if fragments * link > sync_every * t:
             return math.inf
         hidden = min(link, overlap * t)
-        one = (link - hidden) + meas.slowdown * hidden + cpu
+        one = (link - hidden) + meas.slowdown * hidden + cpu + values * meas.convert.get("overlap", 0.0)
     return max(0.0, fragments * one + extra)
 
 
