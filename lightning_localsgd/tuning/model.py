@@ -32,7 +32,8 @@ CPU the comm thread and the network stack take cores from the step) and κ_overl
 value an overlapped sync adds on the training thread (the snapshot of the values sent, the
 background buffer, the merge). The CPU work is counted whole in both cases (it competes with the
 step on a CPU; on a GPU it is small). κ_f and κ_overlap are timed by running the transport's own
-code without the network on the model's tensors (:func:`~lightning_localsgd.tuning.tuner.measure_conversions`). A round costs
+code without the network on the model's tensors
+(:func:`~lightning_localsgd.tuning.tuner.measure_conversions`). A round costs
 :math:`C = P\cdot(\text{one fragment's}) + x` (x: a per-round correction learned from the
 measured overhead when re-tuning, 0 at first), and its **overhead** is :math:`C / (H t)`.
 Overlap is impossible when the link cannot carry a round's fragments within the round
