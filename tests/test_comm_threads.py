@@ -58,3 +58,44 @@ def test_serializing_changes_no_number_of_an_overlapped_run():
     for rank, result in enumerate(run_ranks("tests.scenarios_threads:overlapped", world=2, timeout=300)):
         assert torch.equal(result[False]["params"], result[True]["params"]), rank
         assert result[False]["serialized"] == 0 and result[True]["serialized"] > 0, result
+
+
+class ProbeWire(FakeCollectives):
+    """Counts the probe's allreduces; the other rank asks to stop at its ``other_stops_at``-th flag check."""
+
+    def __init__(self, stop: threading.Event, stop_after: int | None, other_stops_at: int | None) -> None:
+        super().__init__()
+        self.stop, self.stop_after, self.other_stops_at = stop, stop_after, other_stops_at
+        self.sums, self.checks = 0, 0
+
+    def all_reduce_sum_(self, flat, group, purpose):
+        self.sums += 1
+        if self.sums == self.stop_after:
+            self.stop.set()  # this rank reaches step W while its call is on the wire
+        return flat
+
+    def all_reduce_max_(self, flat, group, purpose, op=""):
+        self.checks += 1
+        if self.checks == self.other_stops_at:
+            flat.fill_(1.0)  # the other rank's flag: the MAX is 1
+        return flat
+
+
+def test_the_link_probe_stops_where_the_ranks_agree():
+    """Collectives.start_transfer(stop=...): every rank ends after the same call, whichever rank asked."""
+    for stop_after, other_stops_at, done in [(3, None, 3), (None, 5, 5), (None, None, 40), (2, 1, 1)]:
+        stop = threading.Event()
+        comm = ProbeWire(stop, stop_after, other_stops_at)
+        future = comm.start_transfer(
+            8,
+            Group(None, [0, 1], 0),
+            calls=40,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            purpose="tune",
+            stop=stop,
+        )
+        calls, seconds = future.result(timeout=30)
+        comm.close()
+        assert (calls, comm.sums) == (done, done) and seconds >= 0
+        assert comm.checks == (done if done < 40 else 39)  # a check before every call after the first

@@ -365,22 +365,41 @@ class Collectives:
         return flat
 
     def start_transfer(
-        self, numel: int, group: Group, *, calls: int, dtype: torch.dtype, device: torch.device, purpose: str
-    ) -> Future[float]:
-        """``calls`` allreduces of ``numel`` zeros over ``group`` on the background thread; the future gives their
-        seconds (the auto-tuner's probe of the link under load, while local steps go on). Every rank of the group
-        must start the same transfer."""
+        self,
+        numel: int,
+        group: Group,
+        *,
+        calls: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        purpose: str,
+        stop: threading.Event | None = None,
+    ) -> Future[tuple[int, float]]:
+        """Up to ``calls`` allreduces of ``numel`` zeros over ``group`` on the background thread; the future gives
+        ``(calls done, their seconds)`` (the auto-tuner's probe of the link under load, while local steps go on).
+        Every rank of the group must start the same transfer.
+
+        ``stop``: set it to end the transfer early. Before each call after the first, the ranks agree whether any
+        of them has set it (one MAX allreduce of one value), so every rank stops after the same call and the
+        group is free again; the call in flight when it is set still completes.
+        """
         buf = torch.zeros(numel, dtype=dtype, device=device)
+        flag = torch.zeros(1, dtype=torch.float32, device=device)
         plain = Group(group.handle, group.ranks, group.rank)
 
-        def run() -> float:
+        def run() -> tuple[int, float]:
             _comm_thread.active = True
-            start = time.perf_counter()
+            start, done = time.perf_counter(), 0
             for _ in range(calls):
+                if stop is not None and done:
+                    flag.fill_(1.0 if stop.is_set() else 0.0)
+                    if self.all_reduce_max_(flag, plain, purpose, "an allreduce (MAX) of the probe's stop flag")[0]:
+                        break
                 self.all_reduce_sum_(buf, plain, purpose)
+                done += 1
             if device.type != "cpu":
                 torch.accelerator.synchronize(device)
-            return time.perf_counter() - start
+            return done, time.perf_counter() - start
 
         return self._submit(run)
 

@@ -13,9 +13,10 @@ step (:meth:`AutoTuner.before_step`) and after it (:meth:`AutoTuner.after_step`)
    first bandwidth (one allreduce of 256 KiB) and each wire format's local work κ_f (the
    transport's own code run without the network on copies of the model's tensors,
    :func:`measure_conversions`); every rank takes the slowest rank's figures (one MAX allreduce);
-3. steps W/2 … W: a transfer of about 0.8·(W/2)·t seconds of data (at most one model) runs on the
-   background group while the steps go on: its seconds give the bandwidth β under load, and the
-   steps' slowdown gives s. When the algorithm cannot overlap (no background group), a blocking
+3. steps W/2 … W: a transfer of about 0.8·(W/2)·t seconds of data (at most one model, in at least
+   :data:`PROBE_CALLS` calls) runs on the background group while the steps go on; it stops at W
+   (the ranks agree between calls), and the bytes of the calls done over their seconds give the
+   bandwidth β under load, the steps' slowdown gives s. When the algorithm cannot overlap (no background group), a blocking
    transfer of about 0.25·(W/2)·t seconds gives β, and s = 0;
 4. at W: the slowest rank's figures again (one MAX allreduce), rank 0 decides
    (:func:`~lightning_localsgd.tuning.model.decide`) and broadcasts the decision: every rank applies
@@ -50,6 +51,7 @@ import functools
 import itertools
 import logging
 import statistics
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -82,6 +84,7 @@ PURPOSE = "tune"
 
 SAMPLE = 1 << 21  # values the conversion costs are timed on (at most; 8 MiB of float32: ~0.1 s for all formats)
 CONVERT_KEYS = [*(format_name(f) for f in FORMATS), "overlap"]  # what measure_conversions times
+PROBE_CALLS = 8  # the loaded probe's calls at least (when it is more than FIRST_PROBE values each)
 FIRST_PROBE = 1 << 16  # values of the first, blocking bandwidth probe (256 KiB of fp32)
 
 
@@ -104,8 +107,9 @@ class AutoTuner:
         self._start: int | None = None  # the step after which the measuring steps begin
         self._marks: list[tuple[int, float]] = []  # (step, time at its end) of the measuring steps
         self._first: dict[str, float] = {}
-        self._transfer: Future[float] | None = None
-        self._transfer_bytes = 0.0
+        self._transfer: Future[tuple[int, float]] | None = None
+        self._call_bytes = 0.0  # bytes one call of the loaded probe books
+        self._stop = threading.Event()  # ends the background probe at step W
         self._busy: tuple[int, float] | None = None  # steps done and time while the transfer ran
         self._check: _Watch | None = None  # what the re-tuning has seen since its last check
         self._pending: tuple[int, Decision] | None = None  # (step decided, a re-tune) waiting for the syncs in flight
@@ -265,34 +269,38 @@ class AutoTuner:
         self._first = {"step_seconds": agreed[0], "latency": agreed[1], "inverse_bandwidth": agreed[2]}
         self._first.update(zip(order, agreed[3:], strict=True))
         # the loaded probe: about (W/2)·t seconds of data at the first bandwidth, at most one model, in calls of
-        # at most 4 MiB-ish (a whole number, the same on every rank: computed from agreed figures)
+        # at most 4 MiB and at most 1/8 of it (a whole number, the same on every rank: computed from agreed figures).
+        # The background probe stops at step W (the ranks agree after a call): a first bandwidth measured too high
+        # (a shaper's burst) makes it too large for the window, and waiting for the rest cost 0.8 s at 10 Mbit/s
         half = self.config.measure_steps - self.config.measure_steps // 2
         background = ctx.background if ctx.background is not None and algorithm.overlappable else None
         share = 0.8 if background is not None else 0.25  # a blocking transfer stops the steps: keep it short
         budget = share * half * agreed[0] / agreed[2]  # bytes
-        total = max(FIRST_PROBE, min(int(budget / (2.0 * (m - 1) / m * 4)) if m > 1 else 0, n))
-        per_call = min(total, 1 << 20)
+        per_value = 2.0 * (m - 1) / m * 4 if m > 1 else 4.0
+        total = max(FIRST_PROBE, min(int(budget / per_value), n))
+        per_call = max(1, min(total, 1 << 20, max(FIRST_PROBE, total // PROBE_CALLS)))
         calls = max(1, total // per_call)
-        self._transfer_bytes = calls * 2.0 * (m - 1) / m * per_call * 4
+        self._call_bytes = per_value * per_call
         self._first["probe_started"] = self._now()
+        self._stop = threading.Event()
         if m > 1 and background is not None:
             self._transfer = ctx.comm.start_transfer(
-                per_call, background, calls=calls, dtype=torch.float32, device=device, purpose=PURPOSE
+                per_call, background, calls=calls, dtype=torch.float32, device=device, purpose=PURPOSE, stop=self._stop
             )
         elif m > 1:  # nothing can overlap: a blocking transfer gives the bandwidth
-            done: Future[float] = Future()
+            done: Future[tuple[int, float]] = Future()
             begin = self._now()
             buf = torch.zeros(per_call, dtype=torch.float32, device=device)
             for _ in range(calls):
                 ctx.comm.all_reduce_sum_(buf, cross, PURPOSE)
-            done.set_result(self._now(synchronize=True) - begin)
+            done.set_result((calls, self._now(synchronize=True) - begin))
             self._transfer = done
         log.info(
             "auto-tuner: step %.4f s, latency %.2e s, first bandwidth %.3g MB/s; probing with %.3g MB",
             agreed[0],
             agreed[1],
             1e-6 / agreed[2],
-            self._transfer_bytes / 1e6,
+            calls * self._call_bytes / 1e6,
         )
 
     def _decide(self, step: int) -> None:
@@ -302,8 +310,10 @@ class AutoTuner:
         n, dtype, world = self._values()
         m = world.size
         if self._transfer is not None:
-            seconds = self._transfer.result()
-            inverse_bandwidth = max(seconds - first["latency"], 1e-6) / max(self._transfer_bytes, 1.0)
+            self._stop.set()  # the rest of the probe is not needed: the calls done give β
+            calls, seconds = self._transfer.result()
+            latencies = (2 * calls - 1) * first["latency"]  # each call after the first: its stop-flag allreduce
+            inverse_bandwidth = max(seconds - latencies, 1e-6) / max(calls * self._call_bytes, 1.0)
         else:
             inverse_bandwidth = first["inverse_bandwidth"]
         slowdown = 0.0
