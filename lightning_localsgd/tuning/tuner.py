@@ -16,8 +16,8 @@ step (:meth:`AutoTuner.before_step`) and after it (:meth:`AutoTuner.after_step`)
 3. steps W/2 … W: a transfer of about 0.8·(W/2)·t seconds of data (at most one model, in at least
    :data:`PROBE_CALLS` calls) runs on the background group while the steps go on; it stops at W
    (the ranks agree between calls), and the bytes of the calls done over their seconds give the
-   bandwidth β under load, the steps' slowdown gives s. When the algorithm cannot overlap (no background group), a blocking
-   transfer of about 0.25·(W/2)·t seconds gives β, and s = 0;
+   bandwidth β under load, the steps' slowdown gives s. When the algorithm cannot overlap (no
+   background group), a blocking transfer of about 0.25·(W/2)·t seconds gives β, and s = 0;
 4. at W: the slowest rank's figures again (one MAX allreduce), rank 0 decides
    (:func:`~lightning_localsgd.tuning.model.decide`) and broadcasts the decision: every rank applies
    the same schedule from step W on.
