@@ -241,3 +241,30 @@ def test_timing_the_wire_formats_leaves_the_model_alone(monkeypatch):
     assert list(kappa) == tuner_module.CONVERT_KEYS
     assert all(math.isfinite(v) and v >= 0 for v in kappa.values()) and kappa["int8"] > 0
     assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before, strict=True))
+
+
+def test_the_first_syncs_one_time_costs_are_left_out_of_the_first_check():
+    """A first decision at step 30 (H = 8, τ = 2): the first sync starts at 38 and merges at 40, its steps 1 s slower
+    (first-use costs); checks count from 40, so the first falls at 40 + 16 = 56 and sees only the later syncs."""
+    from types import SimpleNamespace
+
+    from lightning_localsgd.tuning.tuner import _Watch
+
+    meas = Measurements(0.1, 1e-3, 125e6, 0.1, {"full": 1e-10, "bfloat16": 2e-10, "int8": 1e-9, "int4": 2e-9}, 1000, 2)
+    first = decide(meas, AutoTune(), comm_dtype=None, sync_every=8, overlap_steps=2, fragments=1)
+    algorithm = SimpleNamespace(
+        interruptions=0, in_flight=False, num_syncs=0, schedule_start=30, sync_every=8, overlap_steps=2, fragments=1,
+        auto={"sync_every", "overlap_steps"}, overlappable=True,
+        tuning_record={"measurements": meas.as_dict(), "decision": first.as_dict(), "history": []},
+    )  # fmt: skip
+    tuner = AutoTuner(AutoTune(retune_threshold=0.5))  # a check that re-tunes nothing: its entry is what we read
+    tuner._algorithm = algorithm  # type: ignore[assignment]
+    tuner._agree = lambda values: values  # type: ignore[method-assign]
+    assert tuner._after_first_sync(30) == 40 and tuner._after_first_sync(37) == 40 and tuner._after_first_sync(38) == 48
+    tuner._check, tuner._origin = _Watch(interruptions=0), tuner._after_first_sync(30)
+    now = 0.0
+    for step in range(31, 57):
+        now += 0.1 + (1.0 if step in (39, 40) else 0.0)  # the first sync's steps
+        tuner._watch(step, now)
+    (entry,) = algorithm.tuning_record["history"]
+    assert entry["step"] == 56 and entry["measured"] == pytest.approx(0.0, abs=1e-9)  # 16 steps of 0.1 s

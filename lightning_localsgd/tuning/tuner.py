@@ -24,9 +24,10 @@ step (:meth:`AutoTuner.before_step`) and after it (:meth:`AutoTuner.after_step`)
 
 **Re-tuning.** Checks fall on round boundaries: the first after two rounds of a new setting (at
 least 16 steps), so that a choice the model got wrong costs two rounds, not ``retune_every``
-steps; then every ``retune_every`` steps rounded up to whole rounds. At a check the mean time of
-the steps since the last check
-(evaluations and checkpoints left out) over the floor gives the measured overhead
+steps; then every ``retune_every`` steps rounded up to whole rounds. After the first decision (and
+after a resume) the rounds are counted from the merge of the first round of syncs, whose one-time
+costs are left out (:meth:`AutoTuner._after_first_sync`). At a check the mean time of the steps
+since the last check (evaluations and checkpoints left out) over the floor gives the measured overhead
 o = max(0, mean/floor − 1), the slowest rank's (one MAX allreduce). The floor is the median of
 that period's clean steps (nothing in flight, no sync: the machine's speed drifts) when there are
 at least :data:`MIN_CLEAN`, else the smaller of the measuring steps' t and the period's median
@@ -113,6 +114,7 @@ class AutoTuner:
         self._busy: tuple[int, float] | None = None  # steps done and time while the transfer ran
         self._check: _Watch | None = None  # what the re-tuning has seen since its last check
         self._pending: tuple[int, Decision] | None = None  # (step decided, a re-tune) waiting for the syncs in flight
+        self._origin: int | None = 0  # checks count from this step, the earlier ones unmeasured (None: not known yet)
 
     @property
     def record(self) -> dict[str, Any] | None:
@@ -168,6 +170,7 @@ class AutoTuner:
             if self.tune_format:
                 ctx.comm.comm_dtype = parse_comm_dtype(decision.comm_dtype)
             self._check = _Watch(interruptions=algorithm.interruptions)
+            self._origin = None  # after the first sync of this process (set at the first step)
             log.info("auto-tuner: resumed with %s", decision.describe())
             return
         if self.tune_format:
@@ -343,6 +346,7 @@ class AutoTuner:
             "step": step,
         }
         self._check = _Watch(interruptions=algorithm.interruptions)
+        self._origin = self._after_first_sync(step)
         log.info("auto-tuner: at step %d chose %s", step, decision.describe())
         for note in decision.notes:
             log.warning("auto-tuner: %s", note)
@@ -417,6 +421,11 @@ class AutoTuner:
             self._apply_pending(step)
             return
         watch = self._check
+        if self._origin is None:
+            self._origin = self._after_first_sync(step)
+        if step <= self._origin:  # the first syncs of a process: not measured
+            watch.last_end, watch.interruptions = now, algorithm.interruptions
+            return
         if watch.last_end is not None and algorithm.interruptions == watch.interruptions:
             interval = now - watch.last_end
             watch.intervals.append(interval)
@@ -425,7 +434,7 @@ class AutoTuner:
                 watch.clean.append(interval)
         watch.last_end, watch.interruptions = now, algorithm.interruptions
         watch.idle, watch.syncs = not algorithm.in_flight, algorithm.num_syncs
-        if not self._due(step - algorithm.schedule_start, algorithm.sync_every):
+        if not self._due(step - self._origin, algorithm.sync_every):
             return
         meas = Measurements.from_dict(record["measurements"])
         decision = Decision.from_dict(record["decision"])
@@ -485,6 +494,23 @@ class AutoTuner:
         record["decision"] = new.as_dict()
         record["history"][-1]["applied"] = step
         self._check = _Watch(interruptions=algorithm.interruptions)
+        self._origin = step  # the same buffers and groups: nothing to warm up
+
+    def _after_first_sync(self, step: int) -> int:
+        """The step after which the first round of syncs that starts after ``step`` has merged.
+
+        The first syncs of a process cost more than the later ones: the transport allocates the
+        buffers it keeps, the groups run their first collective of that size (in the benchmarks the
+        steps beside the first overlapped bf16 sync of resnet18 took 0.4 s longer in all, the later
+        ones about 0.1 s). Measured in a first check, that cost made every first choice look 2–4×
+        as expensive as predicted, so the checks start after it: the next round boundary after
+        ``step``, plus τ (the last fragment's sync merges then).
+        """
+        algorithm = self._algorithm
+        assert algorithm is not None
+        start, period = algorithm.schedule_start, algorithm.sync_every
+        boundary = start + (max(step - start, 0) // period + 1) * period
+        return boundary + algorithm.overlap_steps
 
     def _due(self, elapsed: int, period: int) -> bool:
         """Whether a check falls ``elapsed`` steps after the current schedule began (H = ``period``).
