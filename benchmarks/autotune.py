@@ -16,7 +16,9 @@ tuner's measuring steps, so the auto variant is measured on its choice). Reporte
   over the best's (target ≤ 1.03);
 * the tuner's choice and its measurements (from the auto run's checkpointable record);
 * the tuner's own cost: its measuring steps' time beyond the floor's (probes, the loaded transfer and
-  the blocking collectives included), as a share of a 300-step run at the floor's pace (target ≤ 2 %).
+  the blocking collectives included), as a share of a 300-step run at the floor's pace (target ≤ 2 %):
+  against the floor's median step, and against the floor's own steps at the same positions of its
+  launch (like for like: a launch's first steps run slow whatever the variant).
 
 Run (root, iproute2; about 1 minute per variant)::
 
@@ -98,6 +100,14 @@ def analyse(result: dict[str, Any], measure_steps: int, settle_steps: int = 0) -
         window = slice(settle_steps, settle_steps + measure_steps)
         spent = max(sum(r["step_times_all"][window]) for r in ranks)
         cost = spent - measure_steps * floor_median
+
+        # like for like: the floor's own steps at the same positions of its launch (the first steps of a launch run
+        # slow whatever the variant; the slowest rank of each, mean over repeats)
+        def window_seconds(variant: str, steps: slice = window) -> float:
+            runs = [run for run in result["runs"][variant] if run["ranks"]]
+            return statistics.fmean(max(sum(r["step_times_all"][steps]) for r in run["ranks"]) for run in runs)
+
+        floor_spent, auto_spent = window_seconds("floor"), window_seconds(name)
         out[name] = {
             "x_floor": rows[name],
             "x_best_grid": rows[name] / grid_rows[best] if best else None,
@@ -108,6 +118,8 @@ def analyse(result: dict[str, Any], measure_steps: int, settle_steps: int = 0) -
             "measuring_seconds": spent,
             "measuring_cost_seconds": cost,
             "measuring_cost_of_300_steps": cost / (RUN_STEPS * floor),
+            "measuring_cost_vs_floor_steps_seconds": auto_spent - floor_spent,
+            "measuring_cost_vs_floor_steps_of_300_steps": (auto_spent - floor_spent) / (RUN_STEPS * floor),
         }
     return out
 
@@ -191,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decision: {auto['decision']}")
         print(
             f"measuring: {auto['measuring_cost_seconds']:.2f} s beyond the floor = "
-            f"{100 * auto['measuring_cost_of_300_steps']:.2f}% of a {RUN_STEPS}-step run; target <= 2%"
+            f"{100 * auto['measuring_cost_of_300_steps']:.2f}% of a {RUN_STEPS}-step run; target <= 2%; against "
+            f"the floor's own steps at the same positions: {auto['measuring_cost_vs_floor_steps_seconds']:.2f} s = "
+            f"{100 * auto['measuring_cost_vs_floor_steps_of_300_steps']:.2f}%"
         )
         if auto["history"]:
             print(f"{len(auto['history'])} re-tune checks: {auto['history']}")

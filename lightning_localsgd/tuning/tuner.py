@@ -85,7 +85,7 @@ PURPOSE = "tune"
 
 SAMPLE = 1 << 21  # values the conversion costs are timed on (at most; 8 MiB of float32: ~0.1 s for all formats)
 CONVERT_KEYS = [*(format_name(f) for f in FORMATS), "overlap"]  # what measure_conversions times
-PROBE_CALLS = 8  # the loaded probe's calls at least (when it is more than FIRST_PROBE values each)
+PROBE_CALLS = 16  # the loaded probe's calls at least (when it is more than FIRST_PROBE values each)
 FIRST_PROBE = 1 << 16  # values of the first, blocking bandwidth probe (256 KiB of fp32)
 
 
@@ -272,7 +272,7 @@ class AutoTuner:
         self._first = {"step_seconds": agreed[0], "latency": agreed[1], "inverse_bandwidth": agreed[2]}
         self._first.update(zip(order, agreed[3:], strict=True))
         # the loaded probe: about (W/2)·t seconds of data at the first bandwidth, at most one model, in calls of
-        # at most 4 MiB and at most 1/8 of it (a whole number, the same on every rank: computed from agreed figures).
+        # at most 4 MiB and 1/PROBE_CALLS of it (a whole number, the same on every rank: computed from agreed figures).
         # The background probe stops at step W (the ranks agree after a call): a first bandwidth measured too high
         # (a shaper's burst) makes it too large for the window, and waiting for the rest cost 0.8 s at 10 Mbit/s
         half = self.config.measure_steps - self.config.measure_steps // 2
