@@ -85,7 +85,8 @@ PURPOSE = "tune"
 
 SAMPLE = 1 << 21  # values the conversion costs are timed on (at most; 8 MiB of float32: ~0.1 s for all formats)
 CONVERT_KEYS = [*(format_name(f) for f in FORMATS), "overlap"]  # what measure_conversions times
-PROBE_CALLS = 16  # the loaded probe's calls at least (when it is more than FIRST_PROBE values each)
+PROBE_CALLS = 16  # the loaded probe's calls at least (when it is more than PROBE_CALL_MIN values each)
+PROBE_CALL_MIN = 1 << 12  # values of one call of the loaded probe at least (16 KiB: 13 ms at 10 Mbit/s)
 FIRST_PROBE = 1 << 16  # values of the first, blocking bandwidth probe (256 KiB of fp32)
 
 
@@ -281,7 +282,7 @@ class AutoTuner:
         budget = share * half * agreed[0] / agreed[2]  # bytes
         per_value = 2.0 * (m - 1) / m * 4 if m > 1 else 4.0
         total = max(FIRST_PROBE, min(int(budget / per_value), n))
-        per_call = max(1, min(total, 1 << 20, max(FIRST_PROBE, total // PROBE_CALLS)))
+        per_call = max(1, min(total, 1 << 20, max(PROBE_CALL_MIN, total // PROBE_CALLS)))
         calls = max(1, total // per_call)
         self._call_bytes = per_value * per_call
         self._first["probe_started"] = self._now()
