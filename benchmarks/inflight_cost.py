@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -47,7 +48,8 @@ def worker(out: str, repeats: int) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    dist.init_process_group("gloo")
+    # recipes.launch gives Lightning's variables (one node: the global rank is LOCAL_RANK)
+    dist.init_process_group("gloo", rank=int(os.environ["LOCAL_RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     rank = dist.get_rank()
     background = dist.new_group([0, 1])
     model = timm.create_model("resnet18", num_classes=10)
