@@ -6,7 +6,8 @@ loop, no Lightning). For each wire format, repeated ``--repeats`` times, rank 0 
 * ``start``: the training thread's time to start the sync (the snapshot ``flatten`` into new
   memory, then :meth:`Collectives.start_mean`: the background buffer and the hand-off);
 * ``in flight``: from the start until the background mean is done;
-* ``lost``: the local steps run meanwhile, their time beyond the median step measured just before.
+* ``lost``: the local steps run meanwhile (at least ``--tau`` of them, as a schedule with
+  ``overlap_steps=τ`` runs before its merge), their time beyond the median step measured just before.
 
 ``raw`` rows are a bare ``dist.all_reduce`` of the same bytes on the comm thread (the link and
 gloo alone); ``mean`` rows are the transport's real overlapped mean (anchor deltas, casts,
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [("raw", "bfloat16"), ("mean", "bfloat16"), ("raw", None), ("mean", None), ("mean", "int8"), ("mean", "int4")]
 
 
-def worker(out: str, repeats: int) -> None:
+def worker(out: str, repeats: int, tau: int) -> None:
     import timm
     import torch
     import torch.distributed as dist
@@ -72,6 +73,7 @@ def worker(out: str, repeats: int) -> None:
         for repeat in range(repeats + 1):  # the first of each case warms its buffers up: not kept
             base = statistics.median(step() for _ in range(6))
             comm = Collectives(comm_dtype=fmt)
+            in_flight: float | None = None
             dist.barrier()
             begin = time.perf_counter()
             if kind == "raw":
@@ -86,9 +88,11 @@ def worker(out: str, repeats: int) -> None:
                 done = pending.done
             start = time.perf_counter() - begin
             steps = []
-            while not done():
+            while not done() or len(steps) < tau:  # τ steps at least, as a schedule with overlap_steps=τ runs
+                if done() and in_flight is None:
+                    in_flight = time.perf_counter() - begin
                 steps.append(step())
-            in_flight = time.perf_counter() - begin
+            in_flight = in_flight or time.perf_counter() - begin
             comm.close()
             if repeat:
                 rows.append(
@@ -111,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--link", default="1gbit", help="shaped loopback rate (tc units), e.g. 1gbit, 100mbit")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tau", type=int, default=0, help="local steps run beside each sync at least (0: until it is done)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.repeats)
+        worker(args.worker, args.repeats, args.tau)
         return 0
     from recipes.launch import run_local_ranks
 
@@ -130,11 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             str(rows_path),
             "--repeats",
             str(args.repeats),
+            "--tau",
+            str(args.tau),
         ]
         run_local_ranks(cmd, 2, log_dir=logs, timeout=600, cwd=ROOT, pythonpath=ROOT, link=args.link)
     rows = json.loads(rows_path.read_text())
     summary = []
-    print(f"link {args.link}; rank 0; median of {args.repeats} repeats")
+    print(f"link {args.link}; rank 0; median of {args.repeats} repeats; at least {args.tau} steps beside each sync")
     print(f"{'case':16s} {'start ms':>9s} {'in flight ms':>13s} {'steps':>6s} {'lost ms':>8s} {'start+lost ms':>14s}")
     for kind, fmt in CASES:
         mine = [r for r in rows if r["kind"] == kind and r["format"] == (fmt or "fp32")]
@@ -145,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{kind + ' ' + (fmt or 'fp32'):16s} {med['start_ms']:9.0f} {med['in_flight_ms']:13.0f} "
             f"{med['steps']:6.0f} {med['lost_ms']:8.0f} {total:14.0f}"
         )
-    result = dict(link=args.link, repeats=args.repeats, rows=rows, summary=summary, command=" ".join(sys.argv))
+    result = dict(
+        link=args.link, repeats=args.repeats, tau=args.tau, rows=rows, summary=summary, command=" ".join(sys.argv)
+    )
     (out_dir / "inflight_cost.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {out_dir / 'inflight_cost.json'}")
     return 0
