@@ -58,6 +58,12 @@ def grid(hs: list[int], formats: list[str]) -> list[str]:
     return names
 
 
+def window_seconds(result: dict[str, Any], variant: str, window: slice) -> float:
+    """The slowest rank's time over the steps ``window`` of a launch of ``variant``, mean over its repeats."""
+    runs = [run for run in result["runs"][variant] if run["ranks"]]
+    return statistics.fmean(max(sum(r["step_times_all"][window]) for r in run["ranks"]) for run in runs)
+
+
 def own_overhead(runs: list[dict[str, Any]]) -> float:
     """Mean over repeats of the slowest rank's mean step over its median step."""
     ratios = [
@@ -102,14 +108,9 @@ def analyse(result: dict[str, Any], measure_steps: int, settle_steps: int = 0) -
         window = slice(settle_steps, settle_steps + measure_steps)
         spent = max(sum(r["step_times_all"][window]) for r in ranks)
         cost = spent - measure_steps * floor_median
-
         # like for like: the floor's own steps at the same positions of its launch (the first steps of a launch run
-        # slow whatever the variant; the slowest rank of each, mean over repeats)
-        def window_seconds(variant: str, steps: slice = window) -> float:
-            runs = [run for run in result["runs"][variant] if run["ranks"]]
-            return statistics.fmean(max(sum(r["step_times_all"][steps]) for r in run["ranks"]) for run in runs)
-
-        floor_spent, auto_spent = window_seconds("floor"), window_seconds(name)
+        # slow whatever the variant)
+        floor_spent, auto_spent = window_seconds(result, "floor", window), window_seconds(result, name, window)
         # the tuner's own work: each rank's window beyond its own median step in this launch, the least over the
         # ranks (the rank that never waited: a faster rank waits at the tuner's first collective for the skew
         # the unmeasured steps built up, which a fixed setting pays at its first sync instead)

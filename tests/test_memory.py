@@ -23,26 +23,17 @@ from lightning_localsgd import DiLoCo, ElasticAveraging, LeaderSGD, ModifiedLoca
 from lightning_localsgd.algorithms.base import ConsensusAlgorithm
 from lightning_localsgd.contract import SyncContext
 from lightning_localsgd.engine import SyncEngine
-from lightning_localsgd.transport.collectives import Group
-from tests.fakes import FakeCollectives
+from lightning_localsgd.transport.collectives import DryCollectives, Group
 
 P = 4096  # parameters of the model: one 64 x 64 weight, fp32
 
 
-class Wire(FakeCollectives):
-    """The other rank sends what this one sends (all-to-all and all-gather too): the integer path runs."""
-
-    def all_to_all_(self, out: Tensor, local: Tensor, group: Group, purpose: str) -> Tensor:
-        return out.copy_(local)
+class Wire(DryCollectives):
+    """The other rank sends what this one sends: the transport's local work runs (the integer path too), and the
+    allreduce doubles (the other rank's values are this rank's), so the mean is the values themselves."""
 
     def all_reduce_sum_(self, flat: Tensor, group: Group, purpose: str) -> Tensor:
-        return flat.mul_(2)  # the other rank's values are this rank's: the mean is the values themselves
-
-    def all_gather(self, local: Tensor, group: Group, purpose: str) -> Tensor:
-        return torch.stack([local.reshape(-1)] * group.size)
-
-    def all_gather_into_(self, out: Tensor, local: Tensor, group: Group, purpose: str, op: str = "") -> Tensor:
-        return out.copy_(local.repeat(out.numel() // local.numel()))
+        return flat.mul_(2)
 
 
 def storages(root: Any, skip: set[int]) -> Iterator[tuple[str, Tensor]]:

@@ -220,8 +220,9 @@ class AutoTuner:
         if k == w:
             self._decide(step)
 
-    def _values(self) -> tuple[int, torch.dtype, Group]:
-        """(values this rank sends at a whole sync, their dtype, the group they travel over)."""
+    def _values(self) -> tuple[list[Tensor], int, torch.dtype, Group]:
+        """(the tensors a sync averages, the values this rank sends of them, their dtype, the group they travel
+        over)."""
         ctx, algorithm = self._ctx, self._algorithm
         assert ctx is not None and algorithm is not None
         averaged, _ = sync_tensors(ctx.module, algorithm.buffers)
@@ -230,7 +231,7 @@ class AutoTuner:
         if world.split:
             n = -(-n // world.node.size)  # type: ignore[union-attr]  # each rank of a replica sends its slice
         dtype = averaged[0].dtype if algorithm.anchor is None else algorithm.anchor.dtype
-        return n, dtype, world
+        return averaged, n, dtype, world
 
     def _agree(self, values: list[float]) -> list[float]:
         """The largest of each value over every process (one MAX allreduce)."""
@@ -244,7 +245,7 @@ class AutoTuner:
     def _first_measurements(self) -> None:
         ctx, algorithm = self._ctx, self._algorithm
         assert ctx is not None and algorithm is not None
-        n, dtype, world = self._values()
+        averaged, n, dtype, world = self._values()
         device = self._device()
         times = [t for _, t in self._marks]
         if device.type == "cpu":  # the median step: robust to the spikes of a shared machine
@@ -266,7 +267,6 @@ class AutoTuner:
         m = cross.size
         probe_bytes = 2.0 * (m - 1) / m * probe.numel() * 4
         inverse_bandwidth = max(seconds - latency, 1e-6) / max(probe_bytes, 1.0)
-        averaged, _ = sync_tensors(ctx.module, algorithm.buffers)
         convert = measure_conversions(averaged, dtype, m, cross.rank)
         order = CONVERT_KEYS
         agreed = self._agree([step_seconds, latency, inverse_bandwidth] + [convert[f] for f in order])
@@ -311,7 +311,7 @@ class AutoTuner:
         ctx, algorithm = self._ctx, self._algorithm
         assert ctx is not None and algorithm is not None
         first = self._first
-        n, dtype, world = self._values()
+        _, n, dtype, world = self._values()
         m = world.size
         if self._transfer is not None:
             self._stop.set()  # the rest of the probe is not needed: the calls done give β
