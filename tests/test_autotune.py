@@ -86,6 +86,26 @@ def test_the_overlap_bookkeeping_is_counted_for_overlapped_syncs_only():
     assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == ("int4", 37, 0, 1)
 
 
+def test_the_tuner_overlaps_only_rounds_that_keep_up_with_the_margin():
+    # 100 Mbit/s (12.5 MB/s) and steps only 2 % slower beside a transfer: bfloat16's transfer takes
+    # 0.001 + 22.5 MB / 12.5 MB/s = 1.801 s, and overlapped it costs 0.02·1.801 + 0.045 = 0.081 s per round,
+    # which the model puts under 3 % from H = 19 (0.081 / 2.85 = 2.84 %; at H = 18, 3.0007 %), τ = 18: a round of
+    # 2.85 s would carry a sync that stays in flight up to 2.3 × 1.801 s, so the merges would wait. With the margin
+    # the tuner overlaps only where H·0.15 ≥ 2.5·1.801 s (H ≥ 31); below that, int8 (0.931 s: overlapped from
+    # H ≥ 15.5) meets 3 % first: 0.02·0.931 + 0.09 = 0.1086 s per round, H ≥ 24.1 → 25, τ = ⌈2.5·0.931/0.15⌉ = 16.
+    meas = dataclasses.replace(MEAS, bandwidth=12.5e6, slowdown=0.02)
+    assert overhead(meas, "bfloat16", 18, 17, 1) > 0.03 > overhead(meas, "bfloat16", 19, 18, 1)
+    d = decide(meas, AutoTune())
+    assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == ("int8", 25, 16, 1)
+    assert d.overhead == pytest.approx((0.02 * 0.93114016 + 0.09) / 3.75, rel=1e-6)
+    # with a margin of 1 the edge is the link's own time: bfloat16 from H = 19, τ = ⌈1.801/0.15⌉ = 13
+    d = decide(meas, AutoTune(margin=1.0))
+    assert (d.comm_dtype, d.sync_every, d.overlap_steps, d.fragments) == ("bfloat16", 19, 13, 1)
+    # an overlap the user gave is theirs: kept at the edge (only a round the link cannot carry at all is refused)
+    d = decide(meas, AutoTune(), comm_dtype="bfloat16", overlap_steps=18)
+    assert (d.sync_every, d.overlap_steps) == (19, 18)
+
+
 def test_each_fixed_argument_is_the_only_candidate():
     # the format fixed to full precision: overlap hides the whole transfer (0.361 s) behind τ = ⌈2.5·0.361/0.15⌉
     # = 7 steps from H = 30 (0.3·0.361 + 0.0225 = 0.1308 s per 4.5 s round, 2.91 %)

@@ -37,11 +37,18 @@ code without the network on the model's tensors
 :math:`C = P\cdot(\text{one fragment's}) + x` (x: a per-round correction learned from the
 measured overhead when re-tuning, 0 at first), and its **overhead** is :math:`C / (H t)`.
 Overlap is impossible when the link cannot carry a round's fragments within the round
-(:math:`P\,t_\text{link} > H t`): the syncs would queue without end.
+(:math:`P\,t_\text{link} > H t`): the syncs would queue without end. The tuner asks more of the
+settings it chooses itself: :math:`H t \ge \text{margin}\cdot P\,t_\text{link}`, the same margin
+it hides a sync with. Near the edge the model is optimistic: an overlapped sync stays in flight
+1.5–2.3× as long as its transfer alone (its conversions and gloo's copies share the cores with the
+steps), so with :math:`\tau = H-1` and :math:`P\,t_\text{link}` close to :math:`H t` the merges
+wait, which the model does not count (at 100 Mbit/s bf16 with H = 19, τ = 18 measured 8–36 % where
+it predicted 3 %, docs/results/autotune.md).
 
 **The decision.** Over every candidate the user left to the tuner (the formats allowed; H in
 ``[H_min, H_max]``; P in 1, 2, 4, … up to ``max_fragments`` and H; τ = 0, or the smallest τ ≤ H−1
-with :math:`\tau t \ge \text{margin}\cdot t_\text{link}`, else H−1), the tuner takes the smallest
+with :math:`\tau t \ge \text{margin}\cdot t_\text{link}`, else H−1, when the round keeps up with
+the margin), the tuner takes the smallest
 H whose overhead is at most the target; at that H the most precise format, then the fewest
 fragments, then the smallest τ (accuracy first: a longer round, a coarser wire and a staler merge
 each cost some; and every fragment has a fixed cost the model does not count, its launch and
@@ -246,6 +253,12 @@ def _overlaps(meas: Measurements, fmt: str | None, sync_every: int, fragments: i
     return min(needed, sync_every - 1)
 
 
+def _keeps_up(meas: Measurements, fmt: str | None, sync_every: int, fragments: int, margin: float) -> bool:
+    """Whether a round's overlapped syncs keep up with ``margin``: H·t ≥ margin·P·t_link."""
+    link = link_seconds(meas, fmt, -(-meas.numel // fragments))
+    return sync_every * meas.step_seconds >= margin * fragments * link
+
+
 def decide(
     meas: Measurements,
     config: AutoTune,
@@ -289,8 +302,10 @@ def decide(
                     continue
                 if overlap_steps is not None:
                     taus = [overlap_steps] if overlap_steps < period else []
+                elif period > 1 and _keeps_up(meas, fmt, period, count, config.margin):
+                    taus = sorted({0, _overlaps(meas, fmt, period, count, config.margin)})
                 else:
-                    taus = sorted({0, _overlaps(meas, fmt, period, count, config.margin)} if period > 1 else {0})
+                    taus = [0]
                 for tau in taus:
                     cost = overhead(meas, fmt, period, tau, count, extra)
                     if math.isinf(cost):
