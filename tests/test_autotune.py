@@ -288,3 +288,44 @@ def test_the_first_syncs_one_time_costs_are_left_out_of_the_first_check():
         tuner._watch(step, now)
     (entry,) = algorithm.tuning_record["history"]
     assert entry["step"] == 56 and entry["measured"] == pytest.approx(0.0, abs=1e-9)  # 16 steps of 0.1 s
+
+
+@pytest.mark.parametrize(
+    ("done_after", "expected"),
+    [
+        (1, 0.15 / 0.1 - 1),  # the probe ended inside the first step after W/2 (shorter than a step): that step
+        (3, (0.15 + 0.13 + 0.11) / (3 * 0.1) - 1),  # it ran through steps 1-3 after W/2, ended in the third
+        (99, (0.15 + 0.13 + 0.11 + 0.1) / (4 * 0.1) - 1),  # still running at W: all of them
+    ],
+)
+def test_the_loaded_probe_measures_the_slowdown_of_the_steps_it_ran_in(done_after, expected):
+    """W = 8: steps 1-4 at 0.1 s give t, the probe starts at the end of step 4; steps 5-8 take 0.15, 0.13, 0.11,
+    0.1 s. s is the time of the steps the probe ran in over t: a probe that ends inside step 5 (a fast link, a
+    replica's slice) still measures step 5, where before it left s at 0."""
+
+    class Probe:
+        steps = 0
+
+        def done(self) -> bool:
+            return self.steps >= done_after
+
+    tuner = AutoTuner(AutoTune(measure_steps=8))
+    probe = Probe()
+    tuner._start = 0
+
+    def first_measurements() -> None:
+        tuner._first = {"step_seconds": 0.1, "probe_started": 0.4}
+        tuner._transfer = probe  # type: ignore[assignment]
+
+    tuner._first_measurements = first_measurements  # type: ignore[method-assign]
+    seen: list[tuple[int, float] | None] = []
+    tuner._decide = lambda step: seen.append(tuner._busy)  # type: ignore[method-assign]
+    tuner._now = lambda synchronize=False: now  # type: ignore[method-assign]
+    now = 0.0
+    for step, seconds in enumerate([0.1, 0.1, 0.1, 0.1, 0.15, 0.13, 0.11, 0.1], start=1):
+        now += seconds
+        if step > 4:
+            probe.steps += 1  # the probe's progress during this step, seen at its end
+        tuner._measure(step, now)
+    ((busy_steps, busy_seconds),) = seen
+    assert busy_seconds / (busy_steps * 0.1) - 1 == pytest.approx(expected)

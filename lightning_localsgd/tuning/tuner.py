@@ -16,7 +16,8 @@ step (:meth:`AutoTuner.before_step`) and after it (:meth:`AutoTuner.after_step`)
 3. steps W/2 … W: a transfer of about 0.8·(W/2)·t seconds of data (at most one model, in at least
    :data:`PROBE_CALLS` calls) runs on the background group while the steps go on; it stops at W
    (the ranks agree between calls), and the bytes of the calls done over their seconds give the
-   bandwidth β under load, the steps' slowdown gives s. When the algorithm cannot overlap (no
+   bandwidth β under load; the slowdown of the steps it ran in (the one it ended in included: a
+   probe shorter than a step still measures s) gives s. When the algorithm cannot overlap (no
    background group), a blocking transfer of about 0.25·(W/2)·t seconds gives β, and s = 0;
 4. at W: the slowest rank's figures again (one MAX allreduce), rank 0 decides
    (:func:`~lightning_localsgd.tuning.model.decide`) and broadcasts the decision: every rank applies
@@ -113,6 +114,7 @@ class AutoTuner:
         self._call_bytes = 0.0  # bytes one call of the loaded probe books
         self._stop = threading.Event()  # ends the background probe at step W
         self._busy: tuple[int, float] | None = None  # steps done and time while the transfer ran
+        self._probing = False  # the loaded probe was in flight at the end of the last measuring step
         self._check: _Watch | None = None  # what the re-tuning has seen since its last check
         self._pending: tuple[int, Decision] | None = None  # (step decided, a re-tune) waiting for the syncs in flight
         self._origin: int | None = 0  # checks count from this step, the earlier ones unmeasured (None: not known yet)
@@ -161,7 +163,7 @@ class AutoTuner:
         """Before ``algorithm.bind``: restore a checkpointed choice, or get ready to measure."""
         self._ctx, self._algorithm = ctx, algorithm
         self._marks, self._first, self._transfer, self._busy, self._check = [], {}, None, None, None
-        self._pending = None
+        self._pending, self._probing = None, False
         if not self.active(algorithm):
             return
         record = algorithm.tuning_record
@@ -215,8 +217,12 @@ class AutoTuner:
         self._marks.append((step, now))
         if k == half:
             self._first_measurements()
-        elif k > half and self._transfer is not None and not self._transfer.done():
+            self._probing = self._transfer is not None and not self._transfer.done()
+        elif k > half and self._probing and self._transfer is not None:
+            # every step the probe ran in, the one it ended in included: a probe shorter than one step (a fast link,
+            # a replica's slice of the model) would otherwise leave no busy step, and s unmeasured (read as 0)
             self._busy = (k - half, now - self._first["probe_started"])
+            self._probing = not self._transfer.done()
         if k == w:
             self._decide(step)
 
