@@ -101,20 +101,21 @@ def analyse(result: dict[str, Any], measure_steps: int, settle_steps: int = 0) -
         "x_own_median": own,
         "best_grid_own_median": own_best,
     }
+    # the tuner's measuring steps (after the settle steps) are counted beyond the pace every step of the run pays
+    # anyway: the floor's on one node; on two nodes node_ddp's, since the DDP inside each node runs at every step of
+    # a replica-group run, the tuner's measuring steps included (against the floor it would count as the tuner's)
+    pace = "node_ddp" if "node_ddp" in summary else "floor"
+    pace_median, pace_step = summary[pace]["step_time_median_s"], summary[pace]["slowest_rank_step_time_s"]
+    window = slice(settle_steps, settle_steps + measure_steps)
+    pace_spent = window_seconds(result, pace, window)
     for name in [n for n in rows if n.endswith("_auto")]:
         ranks = [rank for run in result["runs"][name] if run["ranks"] for rank in run["ranks"]]
         record = next((r["tuning"] for r in ranks if r.get("tuning")), None)
-        # the measuring steps (after the settle steps), beyond the pace every step of this run pays anyway: the
-        # floor's on one node; on two nodes node_ddp's, since the DDP inside each node runs at every step of a
-        # replica-group run, the tuner's measuring steps included (against the floor it would count as the tuner's)
-        pace = "node_ddp" if "node_ddp" in summary else "floor"
-        pace_median = summary[pace]["step_time_median_s"]
-        window = slice(settle_steps, settle_steps + measure_steps)
         spent = max(sum(r["step_times_all"][window]) for r in ranks)
         cost = spent - measure_steps * pace_median
         # like for like: the pace's own steps at the same positions of its launch (the first steps of a launch run
         # slow whatever the variant)
-        pace_spent, auto_spent = window_seconds(result, pace, window), window_seconds(result, name, window)
+        auto_spent = window_seconds(result, name, window)
         # the tuner's own work: each rank's window beyond its own median step in this launch, the least over the
         # ranks (the rank that never waited: a faster rank waits at the tuner's first collective for the skew
         # the unmeasured steps built up, which a fixed setting pays at its first sync instead)
@@ -126,7 +127,6 @@ def analyse(result: dict[str, Any], measure_steps: int, settle_steps: int = 0) -
             for run in result["runs"][name]
             if run["ranks"]
         )
-        pace_step = summary[pace]["slowest_rank_step_time_s"]
         out[name] = {
             "x_floor": rows[name],
             "x_best_grid": rows[name] / grid_rows[best] if best else None,

@@ -246,17 +246,13 @@ def overhead(
     return round_cost(meas, fmt, sync_every, overlap, fragments, extra) / (sync_every * meas.step_seconds)
 
 
-def _overlaps(meas: Measurements, fmt: str | None, sync_every: int, fragments: int, margin: float) -> int:
-    """The smallest τ that hides a fragment's transfer with ``margin`` (H−1 when none does)."""
+def _overlap_tau(meas: Measurements, fmt: str | None, sync_every: int, fragments: int, margin: float) -> int | None:
+    """The τ the tuner offers for a round: the smallest that hides a fragment's transfer with ``margin`` (H−1
+    when none does); None when the round's syncs do not keep up with the margin (H·t < margin·P·t_link) or H = 1."""
     link = link_seconds(meas, fmt, -(-meas.numel // fragments))
-    needed = max(1, math.ceil(margin * link / meas.step_seconds))
-    return min(needed, sync_every - 1)
-
-
-def _keeps_up(meas: Measurements, fmt: str | None, sync_every: int, fragments: int, margin: float) -> bool:
-    """Whether a round's overlapped syncs keep up with ``margin``: H·t ≥ margin·P·t_link."""
-    link = link_seconds(meas, fmt, -(-meas.numel // fragments))
-    return sync_every * meas.step_seconds >= margin * fragments * link
+    if sync_every < 2 or sync_every * meas.step_seconds < margin * fragments * link:
+        return None
+    return min(max(1, math.ceil(margin * link / meas.step_seconds)), sync_every - 1)
 
 
 def decide(
@@ -302,10 +298,9 @@ def decide(
                     continue
                 if overlap_steps is not None:
                     taus = [overlap_steps] if overlap_steps < period else []
-                elif period > 1 and _keeps_up(meas, fmt, period, count, config.margin):
-                    taus = sorted({0, _overlaps(meas, fmt, period, count, config.margin)})
                 else:
-                    taus = [0]
+                    tau = _overlap_tau(meas, fmt, period, count, config.margin)
+                    taus = [0] if tau is None else [0, tau]
                 for tau in taus:
                     cost = overhead(meas, fmt, period, tau, count, extra)
                     if math.isinf(cost):
